@@ -1,0 +1,148 @@
+"""Dynamic batching: concurrent requests become one model call.
+
+Items wait in a bounded queue grouped by their options. One worker per device takes the oldest group,
+lets it fill for at most `max_wait` seconds (or not at all when it is already full), and runs it in its
+own thread, so the event loop keeps accepting, decoding and queueing while the model works: the next
+batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
+the model sees them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("docker_vit.batching")
+
+Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
+
+
+@dataclass
+class _Entry:
+    item: Any
+    future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
+
+
+class Batcher:
+    """Gathers items into batches for `predict` and resolves each caller's future with its output."""
+
+    def __init__(
+        self,
+        predict: Predict,
+        *,
+        max_batch_size: int,
+        max_wait: float,
+        max_queue: int,
+        on_batch: Callable[[int], None] = lambda size: None,
+    ) -> None:
+        self.predict = predict
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self.max_queue = max_queue
+        self.on_batch = on_batch
+        self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
+        self._queued = 0
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
+
+    @property
+    def depth(self) -> int:
+        """Items waiting for the model (not counting the batch it is running)."""
+        return self._queued
+
+    def start(self) -> None:
+        self._wake = asyncio.Event()
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="docker-vit-batcher")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for group in self._groups.values():
+            for entry in group:
+                entry.future.cancel()
+        self._groups.clear()
+        self._queued = 0
+        self._device.shutdown(wait=False, cancel_futures=True)
+
+    def submit(self, items: Sequence[Any], options: Hashable) -> list[asyncio.Future]:
+        """Queue all of one request's items, or none of them when they don't fit."""
+        if self._task is None or self._wake is None:
+            raise RuntimeError("Batcher.start() has not been called")
+        if self._queued + len(items) > self.max_queue:
+            raise QueueFull(f"the queue is full ({self._queued} images waiting)")
+        loop = asyncio.get_running_loop()
+        entries = [_Entry(item, loop.create_future()) for item in items]
+        self._groups.setdefault(options, deque()).extend(entries)
+        self._queued += len(entries)
+        self._wake.set()
+        return [entry.future for entry in entries]
+
+    async def _run(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            if not self._groups:
+                self._wake.clear()
+                continue
+            options, batch = await self._next_batch()
+            if not self._groups:
+                self._wake.clear()
+            if batch:
+                await self._execute(batch, options)
+
+    async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
+        """The oldest group, once it is full or its first item has waited `max_wait`."""
+        options, group = next(iter(self._groups.items()))
+        deadline = group[0].arrived + self.max_wait
+        while len(group) < self.max_batch_size and (delay := deadline - time.monotonic()) > 0:
+            await asyncio.sleep(min(delay, 0.001))
+        batch: list[_Entry] = []
+        while group and len(batch) < self.max_batch_size:
+            entry = group.popleft()
+            self._queued -= 1
+            if not entry.future.done():  # a caller that gave up costs nothing more
+                batch.append(entry)
+        if not group:
+            del self._groups[options]
+        return options, batch
+
+    async def _execute(self, batch: list[_Entry], options: Hashable) -> None:
+        loop = asyncio.get_running_loop()
+        self.on_batch(len(batch))
+        try:
+            outputs = await loop.run_in_executor(self._device, self.predict, [e.item for e in batch], options)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(batch)} items")
+        except Exception as exc:
+            await self._recover(batch, options, exc)
+            return
+        for entry, output in zip(batch, outputs, strict=True):
+            if not entry.future.done():
+                entry.future.set_result(output)
+
+    async def _recover(self, batch: list[_Entry], options: Hashable, exc: Exception) -> None:
+        """Split a failed batch in halves and retry, so one poison item or an out-of-memory error
+        fails only the items that really cannot run."""
+        live = [entry for entry in batch if not entry.future.done()]
+        if len(live) > 1:
+            log.warning("batch of %d failed (%s: %s); retrying in halves", len(live), type(exc).__name__, exc)
+            middle = len(live) // 2
+            await self._execute(live[:middle], options)
+            await self._execute(live[middle:], options)
+            return
+        log.error("model call failed", exc_info=exc)
+        for entry in live:
+            entry.future.set_exception(exc)

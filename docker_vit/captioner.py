@@ -1,0 +1,73 @@
+"""The captioner: Docker-ViT's own handler, the image-to-text engine behind the Handler interface."""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from docker_vit.config import Settings
+from docker_vit.engine import CaptionEngine
+from docker_vit.handler import Handler, OptionsError, Result
+from docker_vit.images import open_image
+
+
+class Generation(NamedTuple):
+    """Per-request generation options; requests with equal ones share a batch."""
+
+    num_beams: int
+    max_new_tokens: int
+
+
+class Captioner(Handler):
+    """Captions images with any AutoModelForImageTextToText model (default: vit-gpt2)."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.engine = CaptionEngine(settings.model, settings.device, settings.dtype)
+        self.name = settings.model
+
+    def load(self) -> None:
+        self.engine.load()
+
+    def describe(self) -> dict[str, Any]:
+        s = self.settings
+        return {
+            **self.engine.describe(),
+            "handler": "docker_vit.captioner:Captioner",
+            "generation": {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
+            "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": s.max_new_tokens_limit},
+        }
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        s = self.settings
+        return Generation(
+            _bounded(raw, "num_beams", s.num_beams, s.max_num_beams),
+            _bounded(raw, "max_new_tokens", s.max_new_tokens, s.max_new_tokens_limit),
+        )
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        s = self.settings
+        image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self.engine.input_size)
+        return self.engine.pixels(image)
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        num_beams, max_new_tokens = options
+        return self.engine.generate(items, num_beams, max_new_tokens)
+
+    def respond(self, output: Any) -> Result:
+        return Result(text=self.engine.text(output))
+
+
+def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int:
+    value = raw.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        number = int(value)
+        if isinstance(value, float | bool) or str(number) != str(value).strip():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise OptionsError(f"{name} must be an integer, got {value!r}") from None
+    if not 1 <= number <= limit:
+        raise OptionsError(f"{name} must be between 1 and {limit}, got {number}")
+    return number

@@ -1,0 +1,107 @@
+"""Every setting in one typed place.
+
+Settings come from three layers, strongest first: command-line flags, `DOCKER_VIT_*` environment
+variables (what containers and Runpod templates set), then the defaults below. This is the only module
+that reads the environment; everything else receives a `Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+ENV_PREFIX = "DOCKER_VIT_"
+DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
+
+# Groups decide which subcommand shows a flag: "model" options apply wherever a model runs.
+MODEL, SERVER = "model", "server"
+
+
+def _opt(default: Any, help: str, group: str = SERVER, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **extra})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The configuration of one Docker-ViT process."""
+
+    model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL)
+    handler: str = _opt("", "serve a custom handler, as module:Class (default: the captioner)", MODEL)
+    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", MODEL)
+    dtype: str = _opt("auto", "auto, float32, float16 or bfloat16", MODEL)
+    num_beams: int = _opt(4, "default beam width", MODEL)
+    max_new_tokens: int = _opt(15, "default caption length in tokens (the seed's max_length 16)", MODEL)
+    max_num_beams: int = _opt(8, "largest num_beams a request may ask for", MODEL)
+    max_new_tokens_limit: int = _opt(64, "largest max_new_tokens a request may ask for", MODEL)
+    max_batch_size: int = _opt(16, "most images in one model call", MODEL)
+    threads: int = _opt(0, "torch CPU threads (0: torch's default)", MODEL)
+    max_bytes: int = _opt(20_000_000, "largest accepted image, in bytes", MODEL)
+    max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
+
+    host: str = _opt("127.0.0.1", "address to listen on")
+    port: int = _opt(8000, "port to listen on")
+    max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill up, in milliseconds")
+    max_queue: int = _opt(256, "most images waiting for the model; beyond it requests get 503")
+    max_images: int = _opt(16, "most images in one request")
+    request_timeout: float = _opt(60.0, "seconds a request may wait for its captions (then 504)")
+    read_timeout: float = _opt(30.0, "seconds to receive a request body (then 408)")
+    idle_timeout: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
+    shutdown_timeout: float = _opt(30.0, "seconds to finish requests in flight after SIGTERM")
+    api_keys: tuple[str, ...] = _opt(
+        (), "API key clients must send as 'Authorization: Bearer KEY'", flag="--api-key"
+    )
+    log_format: str = _opt("text", "request log format: text or json", choices=("text", "json"))
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        positive = ("num_beams", "max_new_tokens", "max_num_beams", "max_new_tokens_limit", "max_batch_size")
+        positive += ("max_bytes", "max_pixels", "max_queue", "max_images", "request_timeout", "read_timeout")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+        if self.num_beams > self.max_num_beams:
+            raise ValueError(f"num_beams {self.num_beams} exceeds max_num_beams {self.max_num_beams}")
+        if self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(f"max_new_tokens exceeds max_new_tokens_limit {self.max_new_tokens_limit}")
+        if self.max_wait_ms < 0 or self.threads < 0 or self.idle_timeout < 0 or self.shutdown_timeout < 0:
+            raise ValueError("max_wait_ms, threads, idle_timeout and shutdown_timeout cannot be negative")
+        for name in ("log_format", "log_level"):
+            choices = options()[name].metadata["choices"]
+            if getattr(self, name) not in choices:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}")
+
+    @classmethod
+    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `DOCKER_VIT_*` variables from `env`, then `overrides` (flags; None is unset)."""
+        values: dict[str, Any] = {}
+        for name, spec in options().items():
+            raw = (env or {}).get(env_name(name))
+            if raw is not None and raw != "":
+                values[name] = parse(spec, raw)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+
+def options() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def parse(spec: dataclasses.Field, raw: str) -> Any:
+    """Turn one environment string into the field's type, with a message naming the variable."""
+    kind = type(spec.default)
+    try:
+        if kind is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if kind is bool:
+            return raw.strip().lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except ValueError:
+        raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

@@ -1,0 +1,125 @@
+"""The model path, top to bottom: load, pixels, tokens, text.
+
+Knows torch and transformers, nothing of HTTP. Any model that transformers' AutoModelForImageTextToText
+covers works (VisionEncoderDecoder such as vit-gpt2, BLIP, GIT); vit-gpt2-shaped models take a faster,
+token-for-token identical decode path (`docker_vit.decoding`).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    GenerationConfig,
+)
+
+try:  # TODO(lead): drop the guard once docker_vit.decoding lands
+    from docker_vit import decoding
+except ImportError:
+    decoding = None
+
+log = logging.getLogger("docker_vit.engine")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """`auto` prefers cuda, then Apple's mps, then the CPU."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto` is float16/bfloat16 on a GPU (exactness is a CPU-path promise) and float32 elsewhere."""
+    if name != "auto":
+        if name not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class CaptionEngine:
+    """One image-to-text model on one device."""
+
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto") -> None:
+        self.model_id = model
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.model: Any = None
+
+    def load(self) -> None:
+        """Read weights and processors from a Hub id (downloading once) or a local folder."""
+        model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+        self.model = model.to(self.device).eval()
+        processor = AutoProcessor.from_pretrained(self.model_id)
+        # A vit-gpt2 folder has no processor class: AutoProcessor then yields only the tokenizer.
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.image_processor = getattr(processor, "image_processor", None)
+        if self.image_processor is None:
+            self.image_processor = AutoImageProcessor.from_pretrained(self.model_id)
+        self.input_size = _input_size(self.image_processor)
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """One RGB image to the model's normalized pixel tensor (CPU work, thread-safe)."""
+        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+
+    @torch.inference_mode()
+    def generate(
+        self, pixels: Sequence[torch.Tensor], num_beams: int, max_new_tokens: int
+    ) -> list[list[int]]:
+        """A batch of pixel tensors to token ids: the same ids as the model's own `generate`."""
+        batch = torch.stack(list(pixels)).to(self.device, self.dtype)
+        config = self.generation_config(num_beams, max_new_tokens)
+        if decoding is not None and decoding.supports(self.model, config):
+            ids = decoding.generate(self.model, batch, config)
+        else:
+            ids = self.model.generate(pixel_values=batch, generation_config=config)
+        return ids.tolist()
+
+    def generation_config(self, num_beams: int, max_new_tokens: int) -> GenerationConfig:
+        config = copy.deepcopy(self.model.generation_config)
+        config.num_beams = num_beams
+        config.max_new_tokens = max_new_tokens
+        return config
+
+    def text(self, ids: list[int]) -> str:
+        """Token ids to the caption, exactly as the original service printed it."""
+        return self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.model_id,
+            "device": str(self.device),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+
+def _input_size(image_processor: Any) -> int | None:
+    """The side the processor resizes to, so intake can decode large JPEGs at a reduced scale."""
+    size = getattr(image_processor, "size", None)
+    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    sides = [get(key) for key in ("height", "width", "shortest_edge")]
+    sides = [side for side in sides if isinstance(side, int)]
+    return max(sides) if sides else None
+
+
+def download(model: str, folder: str | None = None) -> str:
+    """Fetch a model's files into the Hugging Face cache (or `folder`) so later runs need no network."""
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=model, local_dir=folder)

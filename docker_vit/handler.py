@@ -1,0 +1,100 @@
+"""The one interface between Docker-ViT and a model.
+
+The server, the batcher, the CLI and the Ray and Runpod adapters only ever talk to a `Handler`. The
+captioner is one handler; a user's model is another (`docker-vit serve --handler module:Class`).
+
+A request travels through a handler in three stages, so that CPU and device work overlap:
+`prepare` (CPU, in a thread pool, one input), `predict` (the device, one batch of items that share
+the same options) and `respond` (CPU, one output). `load` runs once, before anything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import io
+import sys
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+from docker_vit.config import Settings
+
+
+class OptionsError(ValueError):
+    """A request's options are out of bounds or malformed (HTTP 422)."""
+
+
+@dataclass
+class Result:
+    """What one input becomes: `text` answers `POST /`; `text` and `data` make its JSON entry."""
+
+    text: str
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"text": self.text, **self.data}
+
+
+class Handler:
+    """Base class for models served by Docker-ViT. Override `load`, `prepare` and `predict`.
+
+    `max_batch_size` caps how many items `predict` receives at once; None defers to the server's
+    `--max-batch-size`.
+    """
+
+    name: str = "handler"
+    max_batch_size: int | None = None
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def load(self) -> None:
+        """Load weights once; called in a background thread while the server already answers probes."""
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /v1/model` shows."""
+        return {"model": self.name, "handler": f"{type(self).__module__}:{type(self).__qualname__}"}
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        """Validate one request's options; items with equal options may share a batch."""
+        return ()
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        """Turn one request's input bytes into a model-ready item (raise ImageError for bad input)."""
+        raise NotImplementedError
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        """Run the model on a batch; return one output per item, in order."""
+        raise NotImplementedError
+
+    def respond(self, output: Any) -> Result:
+        """Turn one output into the answer a client gets."""
+        return Result(text=str(output))
+
+    def example(self) -> bytes:
+        """An input for the warm-up call that proves the model works before `/readyz` says so."""
+        buffer = io.BytesIO()
+        Image.new("RGB", (64, 64), (120, 140, 160)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+
+def load_handler(settings: Settings) -> Handler:
+    """Build the configured handler: the captioner, or a user's `module:Class`.
+
+    The current folder is importable, so `--handler examples.my_model:MyModel` works from a checkout.
+    """
+    if not settings.handler:
+        from docker_vit.captioner import Captioner
+
+        return Captioner(settings)
+    module_name, _, class_name = settings.handler.partition(":")
+    if not module_name or not class_name:
+        raise ValueError(f"--handler must look like module:Class, got {settings.handler!r}")
+    if "" not in sys.path:
+        sys.path.insert(0, "")
+    cls = getattr(importlib.import_module(module_name), class_name)
+    if not (isinstance(cls, type) and issubclass(cls, Handler)):
+        raise TypeError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")
+    return cls(settings)

@@ -1,0 +1,104 @@
+"""Image intake: untrusted bytes in, one plain RGB picture out.
+
+Everything a client can send lands here first, so every check that is cheap happens before the
+expensive full decode: the byte limit, the format allow-list, and the pixel limit read from the header
+(decompression bombs never get decoded).
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Formats worth accepting from strangers; the rest of Pillow's zoo stays closed.
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO", "ICO", "PPM", "TGA")
+WHITE = (255, 255, 255)
+
+
+class ImageError(Exception):
+    """A client's image was refused; `status` is the HTTP answer it deserves."""
+
+    status = 415
+    type = "unsupported_media_type"
+
+
+class TooLarge(ImageError):
+    status = 413
+    type = "payload_too_large"
+
+
+class NotAnImage(ImageError):
+    pass
+
+
+def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | None = None) -> Image.Image:
+    """Decode `data` into an RGB image, refusing what is too big or not a picture.
+
+    `draft` lets JPEGs decode at a reduced DCT scale when they are far larger than the model input:
+    the result stays at least twice `draft` on each side, so the model's own resize still decides
+    the pixels it sees.
+    """
+    if len(data) > max_bytes:
+        raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
+    if not data:
+        raise NotAnImage("image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            image = Image.open(io.BytesIO(data), formats=FORMATS)
+            _check_pixels(image, max_pixels)
+            if draft and image.format == "JPEG":
+                image.draft("RGB", (2 * draft, 2 * draft))
+            image.load()
+            return to_rgb(_orient(image))
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise TooLarge(str(exc)) from None
+    except Exception as exc:  # Pillow raises many types for broken files: all mean "not an image"
+        raise NotAnImage(f"cannot decode the image: {exc}") from None
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise TooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels}")
+    if width == 0 or height == 0:
+        raise NotAnImage("image has no pixels")
+
+
+def _orient(image: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation; a broken EXIF block is ignored rather than fatal."""
+    try:
+        return ImageOps.exif_transpose(image) or image
+    except Exception:
+        return image
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: alpha composited on white, deep grays scaled, not clipped."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        image = _deep_to_gray(image)
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, WHITE + (255,))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _deep_to_gray(image: Image.Image) -> Image.Image:
+    """16-bit and float grays keep their contrast: scale the value range to 0..255."""
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode == "F":
+        low, high = float(np.nanmin(values)), float(np.nanmax(values))
+        values = (values - low) / ((high - low) or 1.0) * 255.0
+    else:
+        values = values / 257.0
+    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8))

@@ -1,0 +1,225 @@
+"""The HTTP API: requests in, the service's results out. Knows nothing of torch or of any model.
+
+Routes: `POST /` (the seed's contract: multipart `file` or a raw image body, caption as text/plain),
+`POST /v1/captions` (several images, JSON answer), `GET /v1/model`, the probes `/healthz`, `/readyz`
+and `/ping`, `/metrics`, and the OpenAPI page at `/docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hmac
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from docker_vit import errors
+from docker_vit.batching import QueueFull
+from docker_vit.config import Settings
+from docker_vit.handler import Handler, OptionsError, Result, load_handler
+from docker_vit.images import ImageError
+from docker_vit.middleware import RequestContext
+from docker_vit.service import FAILED, READY, Service
+
+OPTION_PARAMS = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
+    for name in ("num_beams", "max_new_tokens")
+]
+
+
+def create_app(settings: Settings, handler: Handler | None = None) -> FastAPI:
+    """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this."""
+    service = Service(settings, handler or load_handler(settings))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        yield
+        await service.stop()
+
+    app = FastAPI(title="Docker-ViT", summary="Send a picture, get a sentence.", lifespan=lifespan)
+    app.state.service = service
+    errors.install(app)
+    app.add_middleware(
+        RequestContext,
+        metrics=service.metrics,
+        max_body=_max_body(settings),
+        read_timeout=settings.read_timeout,
+    )
+    _routes(app, service, settings)
+    return app
+
+
+def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
+    authorized = Depends(_api_key_check(settings.api_keys))
+
+    @app.post("/", response_class=PlainTextResponse, dependencies=[authorized], openapi_extra=_upload_doc())
+    async def caption(request: Request) -> PlainTextResponse:
+        """The original contract: one image (multipart `file` or an image/* body) in, its caption as text."""
+        inputs, raw = await _read_inputs(request, settings, json_allowed=False)
+        results = await _run(request, service, settings, inputs[:1], raw)
+        return PlainTextResponse(results[0].text)
+
+    @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(json=True))
+    async def captions(request: Request) -> JSONResponse:
+        """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
+        inputs, raw = await _read_inputs(request, settings, json_allowed=True)
+        results = await _run(request, service, settings, inputs, raw)
+        return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
+
+    @app.get("/v1/model")
+    async def model() -> dict[str, Any]:
+        return {**service.handler.describe(), "status": service.state}
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        body = {"status": service.state, **({"error": service.error} if service.error else {})}
+        return JSONResponse(body, status_code=200 if service.state == READY else 503)
+
+    @app.get("/ping")
+    async def ping() -> Response:
+        """Runpod's load balancer: 200 when ready, 204 while initializing, 503 when loading failed."""
+        if service.state == READY:
+            return JSONResponse({"status": "healthy"})
+        return Response(status_code=503 if service.state == FAILED else 204)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+
+def _api_key_check(keys: tuple[str, ...]) -> Any:
+    expected = [key.encode() for key in keys]
+
+    async def check(request: Request) -> None:
+        if not expected:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        matched = False
+        for key in expected:  # every key is compared, in constant time, whatever matches first
+            matched |= hmac.compare_digest(token.strip().encode(), key)
+        if scheme.lower() != "bearer" or not matched:
+            raise errors.ApiError(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+async def _read_inputs(request: Request, settings: Settings, json_allowed: bool) -> tuple[list[bytes], dict]:
+    """The request's images and options, from multipart, a raw image body, or JSON."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options: dict[str, Any] = dict(request.query_params)
+    if content_type == "multipart/form-data":
+        inputs, fields = await _read_form(request, settings)
+        options.update(fields)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        inputs = [await request.body()]
+    elif content_type == "application/json" and json_allowed:
+        inputs, fields = _read_json(await request.body())
+        options.update(fields)
+    else:
+        wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
+        raise errors.ApiError(400, f"send the image as {wanted} or an image/* body")
+    if not inputs:
+        raise errors.ApiError(400, "no image: send it in the multipart field 'file'")
+    if len(inputs) > settings.max_images:
+        raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
+    for data in inputs:
+        if len(data) > settings.max_bytes:
+            raise errors.ApiError(413, f"an image is {len(data)} bytes; the limit is {settings.max_bytes}")
+    request.state.images = len(inputs)
+    return inputs, options
+
+
+async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, str]]:
+    try:
+        form = await request.form(max_files=settings.max_images, max_fields=64)
+    except HTTPException as exc:
+        status = 413 if "Too many files" in str(exc.detail) else 400
+        raise errors.ApiError(status, f"malformed multipart body: {exc.detail}") from None
+    try:
+        files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        return [await upload.read() for upload in files], fields
+    finally:
+        await form.close()
+
+
+def _read_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise errors.ApiError(400, "the body is not valid JSON") from None
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+        raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
+    try:
+        inputs = [base64.b64decode(item.split(",")[-1], validate=True) for item in images]
+    except (binascii.Error, ValueError):
+        raise errors.ApiError(400, "an entry of 'images' is not valid base64") from None
+    return inputs, {key: value for key, value in payload.items() if key != "images"}
+
+
+async def _run(
+    request: Request, service: Service, settings: Settings, inputs: list[bytes], raw: dict
+) -> list[Result]:
+    """Run the service, answering for every way it can go wrong; stop work for clients that left."""
+    if service.state != READY:
+        detail = f": {service.error}" if service.error else ""
+        raise errors.ApiError(503, f"the model is {service.state}{detail}", headers={"Retry-After": "5"})
+    try:
+        options = service.options(raw)
+    except OptionsError as exc:
+        raise errors.ApiError(422, str(exc)) from None
+    work = asyncio.ensure_future(service.run(inputs, options))
+    gone = asyncio.ensure_future(_disconnected(request))
+    done, _ = await asyncio.wait(
+        {work, gone}, timeout=settings.request_timeout, return_when="FIRST_COMPLETED"
+    )
+    gone.cancel()
+    if work not in done:
+        work.cancel()
+        raise errors.ApiError(504, f"no answer within {settings.request_timeout:g} s")
+    try:
+        return work.result()
+    except ImageError as exc:
+        raise errors.ApiError(exc.status, str(exc), exc.type) from None
+    except QueueFull as exc:
+        raise errors.ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"}) from None
+    except Exception as exc:
+        raise errors.ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone; the body is already read, so only a disconnect arrives."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _max_body(settings: Settings) -> int:
+    """Room for every allowed image in base64 (4/3) plus multipart or JSON framing."""
+    return settings.max_bytes * settings.max_images * 4 // 3 + 1_000_000
+
+
+def _upload_doc(json: bool = False) -> dict[str, Any]:
+    content: dict[str, Any] = {
+        "multipart/form-data": {
+            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+    }
+    if json:
+        images = {"type": "array", "items": {"type": "string", "format": "byte"}}
+        content["application/json"] = {"schema": {"type": "object", "properties": {"images": images}}}
+    return {"requestBody": {"content": content, "required": True}, "parameters": OPTION_PARAMS}

@@ -1,0 +1,106 @@
+"""The running model service: load once, warm up, then turn input bytes into results through the batcher.
+
+Knows neither HTTP nor torch; the web server, the Ray and Runpod adapters all drive a `Service`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from docker_vit.batching import Batcher
+from docker_vit.config import Settings
+from docker_vit.handler import Handler, Result
+from docker_vit.metrics import Metrics
+
+log = logging.getLogger("docker_vit.service")
+
+LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+class Service:
+    """One handler, its batcher and its readiness."""
+
+    def __init__(self, settings: Settings, handler: Handler, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.handler = handler
+        self.metrics = metrics or Metrics()
+        self.state = LOADING
+        self.error: str | None = None
+        self.ready = asyncio.Event()
+        self.on_failed: Callable[[], None] = lambda: None
+        self._cpu = ThreadPoolExecutor(
+            max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare"
+        )
+        self.batcher = Batcher(
+            handler.predict,
+            max_batch_size=handler.max_batch_size or settings.max_batch_size,
+            max_wait=settings.max_wait_ms / 1000,
+            max_queue=settings.max_queue,
+            on_batch=self.metrics.batch_size.observe,
+        )
+        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+
+    async def start(self) -> None:
+        """Start batching and load the model in the background; probes answer meanwhile."""
+        self.ready = asyncio.Event()
+        self.batcher.start()
+        self._loading = asyncio.get_running_loop().create_task(self._load())
+
+    async def stop(self) -> None:
+        self._loading.cancel()
+        await self.batcher.stop()
+        self._cpu.shutdown(wait=False, cancel_futures=True)
+
+    async def _load(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            started = time.perf_counter()
+            await loop.run_in_executor(None, self.handler.load)
+            self.metrics.load_seconds.set(time.perf_counter() - started)
+            await self._warm_up()
+        except Exception as exc:
+            self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
+            log.error("loading the model failed: %s", self.error, exc_info=exc)
+            self.on_failed()
+            return
+        self.state = READY
+        self.ready.set()
+
+    async def _warm_up(self) -> None:
+        """One real call through the whole path, so the first client doesn't pay for lazy setup."""
+        started = time.perf_counter()
+        await self.run([self.handler.example()], self.handler.options({}))
+        seconds = time.perf_counter() - started
+        log.info("warm-up caption in %.2f s (%.1f images/s)", seconds, 1 / seconds)
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        return self.handler.options(raw)
+
+    async def prepare(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
+        """Decode and preprocess every input in the CPU pool; the first bad one raises."""
+        loop = asyncio.get_running_loop()
+        jobs = [loop.run_in_executor(self._cpu, self.handler.prepare, data, options) for data in inputs]
+        try:
+            return list(await asyncio.gather(*jobs))
+        except BaseException:
+            for job in jobs:
+                job.cancel()
+            raise
+
+    async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
+        """Bytes in, results out, in input order."""
+        items = await self.prepare(inputs, options)
+        futures = self.batcher.submit(items, options)
+        try:
+            outputs = await asyncio.gather(*futures)
+        finally:
+            for future in futures:
+                future.cancel()
+        self.metrics.images.inc(len(outputs))
+        return [self.handler.respond(output) for output in outputs]

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny model folders (built once per session), photos, and a served app."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import tiny_models
+from fastapi.testclient import TestClient
+
+from docker_vit.config import Settings
+from docker_vit.server import create_app
+
+PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+LOCAL_PHOTOS = Path(__file__).parent / "data"
+
+
+def photo(name: str) -> Path:
+    """A test photo from ../shared/data, or the copy in tests/data when ../shared is absent."""
+    path = PHOTOS / name
+    return path if path.exists() else LOCAL_PHOTOS / name
+
+
+@pytest.fixture(scope="session")
+def vit_gpt2_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save_vit_gpt2(tmp_path_factory.mktemp("vit-gpt2"))
+
+
+@pytest.fixture(scope="session")
+def eos_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Captions of different lengths: beams finish at different steps."""
+    return tiny_models.save_vit_gpt2(tmp_path_factory.mktemp("vit-gpt2-eos"), seed=3, eos_boost=40.0)
+
+
+@pytest.fixture(scope="session")
+def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save_blip(tmp_path_factory.mktemp("blip"))
+
+
+@pytest.fixture(scope="session")
+def git_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save_git(tmp_path_factory.mktemp("git"))
+
+
+@pytest.fixture(scope="session")
+def bulldog() -> bytes:
+    return photo("french_bulldog.jpg").read_bytes()
+
+
+@contextmanager
+def serving(settings: Settings, handler=None, wait: bool = True) -> Iterator[TestClient]:
+    """The real app in-process, lifespan included; waits until /readyz says ready."""
+    with TestClient(create_app(settings, handler), raise_server_exceptions=False) as client:
+        deadline = time.monotonic() + 60
+        while wait and client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, client.get("/readyz").json()
+            time.sleep(0.02)
+        yield client
+
+
+@pytest.fixture
+def serve(vit_gpt2_dir: Path) -> Callable[..., object]:
+    """`with serve(max_images=2) as client:` serves the tiny vit-gpt2 with those settings."""
+
+    def make(**overrides: object):
+        return serving(Settings(model=str(vit_gpt2_dir), **overrides))
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    folder = tiny_models.save_vit_gpt2(tmp_path_factory.mktemp("served"))
+    with serving(Settings(model=str(folder))) as test_client:
+        yield test_client

@@ -1,0 +1,142 @@
+"""Image intake: every awkward form becomes a plain RGB picture; everything else is refused cleanly."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from docker_vit.images import NotAnImage, TooLarge, open_image
+
+LIMITS = {"max_bytes": 20_000_000, "max_pixels": 40_000_000}
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **params)
+    return buffer.getvalue()
+
+
+def test_rgb_jpeg_passes_through(bulldog: bytes) -> None:
+    image = open_image(bulldog, **LIMITS)
+    assert image.mode == "RGB" and image.size == (640, 427)
+    assert np.array_equal(np.asarray(image), np.asarray(Image.open(io.BytesIO(bulldog)).convert("RGB")))
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    result = open_image(encode(image, "JPEG", exif=exif.tobytes()), **LIMITS)
+    assert result.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_transparency_is_composited_on_white(mode: str) -> None:
+    image = Image.new(mode, (8, 8), (0, 0) if mode == "LA" else (0, 0, 0, 0))
+    result = open_image(encode(image), **LIMITS)
+    assert result.mode == "RGB" and result.getpixel((3, 3)) == (255, 255, 255)
+
+
+def test_half_transparent_black_becomes_gray() -> None:
+    result = open_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 128))), **LIMITS)
+    assert result.getpixel((0, 0)) == (127, 127, 127)
+
+
+def test_palette_with_transparency() -> None:
+    image = Image.new("P", (6, 6), 1)
+    image.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    image.info["transparency"] = 1
+    result = open_image(encode(image, transparency=1), **LIMITS)
+    assert result.mode == "RGB" and result.getpixel((2, 2)) == (255, 255, 255)
+
+
+def test_plain_palette_keeps_its_colors() -> None:
+    image = Image.new("P", (6, 6), 1)
+    image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert open_image(encode(image), **LIMITS).getpixel((1, 1)) == (10, 200, 30)
+
+
+def test_grayscale_and_cmyk() -> None:
+    gray = open_image(encode(Image.new("L", (5, 5), 90)), **LIMITS)
+    assert gray.mode == "RGB" and gray.getpixel((0, 0)) == (90, 90, 90)
+    cmyk = open_image(encode(Image.new("CMYK", (5, 5), (0, 255, 255, 0)), "JPEG"), **LIMITS)
+    red, green, blue = cmyk.getpixel((2, 2))
+    assert cmyk.mode == "RGB" and red > 200 and green < 60 and blue < 60
+
+
+def test_sixteen_bit_gray_is_scaled_not_clipped() -> None:
+    values = np.full((4, 4), 32768, dtype=np.uint16)
+    result = open_image(encode(Image.fromarray(values)), **LIMITS)
+    assert result.getpixel((0, 0)) == (127, 127, 127)
+
+
+def test_one_bit_image() -> None:
+    result = open_image(encode(Image.new("1", (9, 9), 1)), **LIMITS)
+    assert result.getpixel((4, 4)) == (255, 255, 255)
+
+
+def test_animated_gif_uses_first_frame() -> None:
+    frames = [Image.new("RGB", (10, 10), color) for color in ((255, 0, 0), (0, 0, 255))]
+    data = encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    result = open_image(data, **LIMITS)
+    red, green, blue = result.getpixel((5, 5))
+    assert red > 200 and blue < 50
+
+
+def test_webp_and_bmp() -> None:
+    for fmt in ("WEBP", "BMP"):
+        assert open_image(encode(Image.new("RGB", (12, 12), (0, 255, 0)), fmt), **LIMITS).size == (12, 12)
+
+
+def test_byte_limit_is_checked_before_decoding(bulldog: bytes) -> None:
+    with pytest.raises(TooLarge) as info:
+        open_image(bulldog, max_bytes=1000, max_pixels=10**9)
+    assert info.value.status == 413
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG that claims a size but holds almost nothing: a decompression bomb's calling card."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+
+
+def test_pixel_limit_refuses_bombs_before_decoding() -> None:
+    with pytest.raises(TooLarge):
+        open_image(_png_header_only(50_000, 50_000), **LIMITS)
+    with pytest.raises(TooLarge):
+        open_image(encode(Image.new("RGB", (100, 100))), max_bytes=10**6, max_pixels=9_999)
+
+
+@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a"])
+def test_garbage_is_not_an_image(data: bytes) -> None:
+    with pytest.raises(NotAnImage) as info:
+        open_image(data, **LIMITS)
+    assert info.value.status == 415
+
+
+def test_truncated_jpeg_is_not_an_image(bulldog: bytes) -> None:
+    with pytest.raises(NotAnImage):
+        open_image(bulldog[: len(bulldog) // 2], **LIMITS)
+
+
+def test_unlisted_formats_are_refused() -> None:
+    with pytest.raises(NotAnImage):
+        open_image(encode(Image.new("RGB", (8, 8)), "PDF"), **LIMITS)
+
+
+def test_draft_decodes_huge_jpegs_smaller_but_never_below_twice_the_input() -> None:
+    big = encode(Image.new("RGB", (4000, 3000), (30, 90, 150)), "JPEG")
+    image = open_image(big, **LIMITS, draft=224)
+    assert 448 <= min(image.size) < 3000
+    assert open_image(big, **LIMITS).size == (4000, 3000)

@@ -1,0 +1,169 @@
+"""The HTTP API: the seed's curl contract, the JSON route, probes, and every error status."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import pytest
+from conftest import photo
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
+
+
+def original_caption(folder: Path, data: bytes, num_beams: int = 4, max_length: int = 16) -> str:
+    """What the original Flask app answered: its own code path, written out."""
+    model = VisionEncoderDecoderModel.from_pretrained(folder)
+    pixels = AutoImageProcessor.from_pretrained(folder)(
+        images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt"
+    ).pixel_values
+    ids = model.generate(pixels, num_beams=num_beams, max_length=max_length)
+    return AutoTokenizer.from_pretrained(folder).batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+def png(size: tuple[int, int] = (32, 32), color: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_curl_contract_matches_the_original_byte_for_byte(serve, vit_gpt2_dir, bulldog) -> None:
+    with serve() as client:
+        response = client.post("/", files={"file": ("image.jpg", bulldog, "image/jpeg")})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert response.text == original_caption(vit_gpt2_dir, bulldog)
+    assert response.content == original_caption(vit_gpt2_dir, bulldog).encode()
+
+
+def test_captions_end_early_like_the_original(eos_model_dir) -> None:
+    from conftest import serving
+
+    from docker_vit.config import Settings
+
+    with serving(Settings(model=str(eos_model_dir))) as client:
+        for name in PHOTOS:
+            data = photo(name).read_bytes()
+            assert client.post("/", files={"file": data}).text == original_caption(eos_model_dir, data)
+
+
+def test_raw_image_body_gives_the_same_caption(client, bulldog) -> None:
+    multipart = client.post("/", files={"file": ("a.jpg", bulldog, "image/jpeg")})
+    raw = client.post("/", content=bulldog, headers={"content-type": "image/jpeg"})
+    assert raw.status_code == 200 and raw.text == multipart.text
+
+
+def test_json_route_keeps_input_order(client) -> None:
+    datas = [photo(name).read_bytes() for name in PHOTOS]
+    singles = [client.post("/", files={"file": data}).text for data in datas]
+    response = client.post(
+        "/v1/captions", files=[("file", (f"{i}.jpg", d, "image/jpeg")) for i, d in enumerate(datas)]
+    )
+    assert response.status_code == 200
+    body = response.json()
+    assert body["model"] and [c["text"] for c in body["captions"]] == singles
+    encoded = {"images": [base64.b64encode(d).decode() for d in reversed(datas)]}
+    assert [c["text"] for c in client.post("/v1/captions", json=encoded).json()["captions"]] == singles[::-1]
+
+
+def test_generation_parameters_from_query_form_and_json(client, vit_gpt2_dir, bulldog) -> None:
+    expected = original_caption(vit_gpt2_dir, bulldog, num_beams=2, max_length=6)
+    query = client.post("/v1/captions?num_beams=2&max_new_tokens=5", files={"file": bulldog})
+    form = client.post(
+        "/v1/captions", files={"file": bulldog}, data={"num_beams": "2", "max_new_tokens": "5"}
+    )
+    body = {"images": [base64.b64encode(bulldog).decode()], "num_beams": 2, "max_new_tokens": 5}
+    as_json = client.post("/v1/captions", json=body)
+    plain = client.post("/?num_beams=2&max_new_tokens=5", files={"file": bulldog})
+    for response in (query, form, as_json):
+        assert response.json()["captions"][0]["text"] == expected
+    assert plain.text == expected
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "num_beams=0",
+        "num_beams=99",
+        "num_beams=two",
+        "max_new_tokens=0",
+        "max_new_tokens=100000",
+        "num_beams=1.5",
+    ],
+)
+def test_bad_parameters_are_422(client, query) -> None:
+    response = client.post(f"/v1/captions?{query}", files={"file": png()})
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_parameters"
+
+
+def assert_error(response, status: int) -> None:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["type"] and error["message"]
+
+
+def test_missing_or_malformed_input_is_400(client) -> None:
+    assert_error(client.post("/"), 400)
+    assert_error(client.post("/", files={"other": png()}), 400)
+    assert_error(client.post("/", content=b"hello", headers={"content-type": "text/plain"}), 400)
+    assert_error(
+        client.post("/v1/captions", content=b"{not json", headers={"content-type": "application/json"}), 400
+    )
+    assert_error(client.post("/v1/captions", json={"images": "abc"}), 400)
+    assert_error(client.post("/v1/captions", json={"images": ["%%%not base64"]}), 400)
+    assert_error(client.post("/v1/captions", json={"images": []}), 400)
+    assert_error(
+        client.post("/", content=b"--x\r\nbroken", headers={"content-type": "multipart/form-data"}), 400
+    )
+
+
+def test_undecodable_images_are_415(client, bulldog) -> None:
+    assert_error(client.post("/", files={"file": b"this is text"}), 415)
+    assert_error(client.post("/", content=bulldog[:2000], headers={"content-type": "image/jpeg"}), 415)
+    assert_error(client.post("/v1/captions", files=[("file", png()), ("file", b"garbage")]), 415)
+
+
+def test_size_limits_are_413(serve, bulldog) -> None:
+    with serve(max_bytes=10_000, max_pixels=5_000, max_images=2) as client:
+        assert_error(client.post("/", files={"file": bulldog}), 413)
+        assert_error(client.post("/", content=bulldog, headers={"content-type": "image/jpeg"}), 413)
+        assert_error(client.post("/", files={"file": png((100, 100))}), 413)
+        assert_error(client.post("/v1/captions", files=[("file", png())] * 3), 413)
+        assert client.post("/", files={"file": png((50, 50))}).status_code == 200
+
+
+def test_unknown_routes_and_methods_answer_json(client) -> None:
+    assert_error(client.get("/nope"), 404)
+    assert_error(client.get("/v1/captions"), 405)
+
+
+def test_probes_model_docs_and_metrics(client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").status_code == 200
+    assert client.get("/ping").status_code == 200
+    info = client.get("/v1/model").json()
+    assert info["device"] == "cpu" and info["dtype"] == "float32"
+    assert info["generation"] == {"num_beams": 4, "max_new_tokens": 15}
+    assert client.get("/docs").status_code == 200
+    assert "/v1/captions" in client.get("/openapi.json").json()["paths"]
+    client.post("/", files={"file": png()})
+    metrics = client.get("/metrics").text
+    for name in (
+        "docker_vit_requests_total",
+        "docker_vit_request_seconds_bucket",
+        "docker_vit_batch_size_bucket",
+        "docker_vit_queue_depth",
+        "docker_vit_images_total",
+        "docker_vit_model_load_seconds",
+    ):
+        assert name in metrics
+
+
+def test_request_id_is_echoed_or_made(client) -> None:
+    assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
+    made = client.get("/healthz").headers["x-request-id"]
+    assert len(made) == 32
