@@ -1,0 +1,159 @@
+"""Runpod serverless worker: Runpod jobs in, the same service the HTTP server runs, captions out.
+
+    python -m docker_vit.runpod                                  # the worker, as a Runpod endpoint runs it
+    python -m docker_vit.runpod --test_input '{"input": {"image": "<base64>"}}'   # the SDK's local test
+
+A job's input is `{"image": base64}` or `{"images": [base64, ...]}` (data URLs work too), optionally
+with `num_beams` and `max_new_tokens`; the output is `{"captions": [{"text": ...}], "model": ...}`, or
+`{"error": {"type": ..., "message": ...}}` with the types the HTTP API uses. The adapter only
+translates: settings (`DOCKER_VIT_*`), the handler, image intake, limits and batching all come from
+the core, so a Runpod worker and `docker-vit serve` answer alike.
+
+The service lives on its own event loop in a background thread, started at import of the worker (so
+the model loads and warms while Runpod is still starting the job loop), and concurrent jobs share
+model batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import base64
+import binascii
+import concurrent.futures
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from docker_vit import errors
+from docker_vit.batching import QueueFull
+from docker_vit.config import Settings
+from docker_vit.handler import Handler, OptionsError, load_handler
+from docker_vit.images import ImageError
+from docker_vit.service import FAILED, READY, Service
+
+OPTIONS = ("num_beams", "max_new_tokens")
+
+
+class Worker:
+    """A started `Service` and the job handler Runpod calls (`worker.handle`, async)."""
+
+    def __init__(self, settings: Settings, handler: Handler | None = None) -> None:
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="docker-vit-runpod", daemon=True)
+        self._thread.start()
+        self.service = Service(settings, handler or load_handler(settings))
+        self._submit(self.service.start()).result()
+
+    def _submit(self, coroutine: Any) -> concurrent.futures.Future:
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    async def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        """Runpod's handler: one job, answered on the service's loop whatever loop Runpod runs."""
+        return await asyncio.wrap_future(self._submit(self.process(job)))
+
+    def handle_sync(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        """The same, for callers without an event loop."""
+        return self._submit(self.process(job)).result()
+
+    async def process(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        try:
+            inputs, raw = read_job(job, self.settings)
+            await self._wait_ready()
+            try:
+                options = self.service.options(raw)
+            except OptionsError as exc:
+                raise errors.ApiError(422, str(exc)) from None
+            results = await self._run(inputs, options)
+        except errors.ApiError as exc:
+            return error(exc.type, exc.message)
+        return {"captions": [result.to_json() for result in results], "model": self.service.handler.name}
+
+    async def _wait_ready(self) -> None:
+        """Jobs that arrive during the cold start wait for the model, up to the request timeout."""
+        deadline = self.loop.time() + self.settings.request_timeout
+        while self.service.state not in (READY, FAILED) and self.loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        if self.service.state != READY:
+            detail = f": {self.service.error}" if self.service.error else ""
+            raise errors.ApiError(503, f"the model is {self.service.state}{detail}")
+
+    async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
+        try:
+            return await asyncio.wait_for(self.service.run(inputs, options), self.settings.request_timeout)
+        except ImageError as exc:
+            raise errors.ApiError(exc.status, str(exc), exc.type) from None
+        except QueueFull as exc:
+            raise errors.ApiError(503, str(exc), "overloaded") from None
+        except asyncio.TimeoutError:
+            raise errors.ApiError(504, f"no answer within {self.settings.request_timeout:g} s") from None
+        except Exception as exc:
+            raise errors.ApiError(
+                500, f"the model failed: {type(exc).__name__}: {exc}", "model_error"
+            ) from None
+
+    def close(self) -> None:
+        """Stop the service and its loop (idempotent; runs at exit, as the SDK leaves by sys.exit)."""
+        if self.loop.is_running():
+            self._submit(self.service.stop()).result(timeout=30)
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(timeout=30)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()
+
+
+def read_job(job: Mapping[str, Any], settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+    """A job's images (decoded) and generation options, or an ApiError naming what is wrong."""
+    payload = job.get("input") if isinstance(job, Mapping) else None
+    if not isinstance(payload, Mapping):
+        raise errors.ApiError(400, 'the job needs an "input" object')
+    has_one, has_many = "image" in payload, "images" in payload
+    if has_one == has_many:
+        raise errors.ApiError(400, 'input needs exactly one of "image" (base64) or "images" (list of base64)')
+    images = [payload["image"]] if has_one else payload["images"]
+    if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
+        raise errors.ApiError(400, '"image" must be a base64 string and "images" a non-empty list of them')
+    if len(images) > settings.max_images:
+        raise errors.ApiError(413, f"{len(images)} images in one job; the limit is {settings.max_images}")
+    unknown = sorted(set(payload) - {"image", "images", *OPTIONS})
+    if unknown:
+        raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
+    inputs = [decode(item, index, settings.max_bytes) for index, item in enumerate(images)]
+    return inputs, {name: payload[name] for name in OPTIONS if name in payload}
+
+
+def decode(text: str, index: int, max_bytes: int) -> bytes:
+    """Base64 (or a `data:` URL) to bytes; oversized images are refused before decoding."""
+    text = text.partition(",")[2] if text.startswith("data:") else text
+    text = "".join(text.split())
+    if len(text) // 4 * 3 > max_bytes + 3:
+        raise errors.ApiError(413, f"image {index} is over {max_bytes} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise errors.ApiError(400, f"image {index} is not valid base64") from None
+
+
+def error(type: str, message: str) -> dict[str, Any]:
+    return {"error": {"type": type, "message": message}}
+
+
+def main() -> None:
+    import runpod  # the optional extra: pip install 'docker-vit[runpod]'
+
+    settings = Settings.load(os.environ)
+    worker = Worker(settings)
+    atexit.register(worker.close)
+    runpod.serverless.start(
+        {
+            "handler": worker.handle,
+            # Concurrent jobs are what fills the batcher's model calls.
+            "concurrency_modifier": lambda current: settings.max_batch_size,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,219 @@
+"""The Runpod serverless adapter: job shapes, error objects, batching across jobs, the SDK's local mode.
+
+Most tests run the real captioner (real intake, limits, option checks, service and batcher) with the
+torch engine swapped for a stub; the last ones load a tiny random model, the last through the
+`runpod` SDK itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from docker_vit.captioner import Captioner
+from docker_vit.config import Settings
+from docker_vit.runpod import Worker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def png(width: int = 32, height: int = 24, color: tuple[int, int, int] = (200, 30, 30)) -> str:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), color).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+class StubEngine:
+    """Stands in for CaptionEngine: captions name each image's size and the options used."""
+
+    input_size = None
+
+    def __init__(self, fail_load: bool = False) -> None:
+        self.fail_load = fail_load
+        self.batches: list[int] = []
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        if self.fail_load:
+            raise OSError("no weights here")
+
+    def pixels(self, image: Image.Image) -> tuple[int, int]:
+        return image.size
+
+    def generate(self, pixels, num_beams: int, max_new_tokens: int) -> list[str]:
+        with self.lock:
+            self.batches.append(len(pixels))
+        return [f"{w}x{h} beams={num_beams} tokens={max_new_tokens}" for w, h in pixels]
+
+    def text(self, output: str) -> str:
+        return output
+
+    def describe(self) -> dict:
+        return {"model": "stub"}
+
+
+def make_worker(engine: StubEngine | None = None, **overrides) -> tuple[Worker, StubEngine]:
+    settings = Settings(
+        **{"model": "stub-model", "device": "cpu", "max_images": 4, "max_bytes": 50_000, **overrides}
+    )
+    captioner = Captioner(settings)
+    captioner.engine = engine or StubEngine()
+    return Worker(settings, captioner), captioner.engine
+
+
+@pytest.fixture
+def worker():
+    worker, _ = make_worker()
+    yield worker
+    worker.close()
+
+
+def run(worker: Worker, job: dict) -> dict:
+    """As Runpod does it: the async handler awaited on a loop of the SDK's own."""
+    return asyncio.run(worker.handle(job))
+
+
+def test_one_image(worker):
+    answer = run(worker, {"id": "1", "input": {"image": png(32, 24)}})
+    assert answer == {"captions": [{"text": "32x24 beams=4 tokens=15"}], "model": "stub-model"}
+
+
+def test_several_images_keep_their_order(worker):
+    images = [png(10 + i, 20) for i in range(3)]
+    answer = run(worker, {"input": {"images": images}})
+    assert [c["text"].split()[0] for c in answer["captions"]] == ["10x20", "11x20", "12x20"]
+
+
+def test_data_url_and_generation_options(worker):
+    job = {"input": {"image": "data:image/png;base64," + png(8, 8), "num_beams": 2, "max_new_tokens": 5}}
+    assert run(worker, job)["captions"] == [{"text": "8x8 beams=2 tokens=5"}]
+
+
+def test_sync_entry_point(worker):
+    assert worker.handle_sync({"input": {"image": png()}})["captions"][0]["text"].startswith("32x24")
+
+
+@pytest.mark.parametrize(
+    ("job", "kind"),
+    [
+        ({}, "invalid_request"),
+        ({"input": "not an object"}, "invalid_request"),
+        ({"input": {}}, "invalid_request"),
+        ({"input": {"image": png(), "images": [png()]}}, "invalid_request"),
+        ({"input": {"images": []}}, "invalid_request"),
+        ({"input": {"images": "abc"}}, "invalid_request"),
+        ({"input": {"image": 42}}, "invalid_request"),
+        ({"input": {"image": "not base64!"}}, "invalid_request"),
+        (
+            {"input": {"image": base64.b64encode(b"plain text, no picture").decode()}},
+            "unsupported_media_type",
+        ),
+        ({"input": {"images": [png()] * 5}}, "payload_too_large"),
+        ({"input": {"image": base64.b64encode(b"x" * 60_000).decode()}}, "payload_too_large"),
+        ({"input": {"image": png(), "num_beams": 99}}, "invalid_parameters"),
+        ({"input": {"image": png(), "max_new_tokens": "many"}}, "invalid_parameters"),
+        ({"input": {"image": png(), "temperature": 0.7}}, "invalid_parameters"),
+    ],
+)
+def test_bad_input_gets_an_error_object(worker, job, kind):
+    answer = run(worker, job)
+    assert set(answer) == {"error"}
+    assert answer["error"]["type"] == kind
+    assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]
+
+
+def test_decompression_bomb_is_refused_by_the_core_intake():
+    worker, engine = make_worker(max_pixels=5_000)
+    try:
+        answer = run(worker, {"input": {"image": png(100, 100)}})
+        assert answer["error"]["type"] == "payload_too_large"
+        assert engine.batches == [1]  # only the warm-up reached the model
+    finally:
+        worker.close()
+
+
+def test_failed_model_load_is_reported():
+    worker, _ = make_worker(StubEngine(fail_load=True))
+    try:
+        answer = run(worker, {"input": {"image": png()}})
+        assert answer["error"]["type"] == "unavailable"
+        assert "no weights here" in answer["error"]["message"]
+    finally:
+        worker.close()
+
+
+def test_concurrent_jobs_share_model_calls():
+    worker, engine = make_worker(max_wait_ms=200.0, max_batch_size=8)
+    try:
+        run(worker, {"input": {"image": png()}})  # after the warm-up
+
+        async def many() -> list[dict]:
+            return await asyncio.gather(*(worker.handle({"input": {"image": png(9, 9)}}) for _ in range(6)))
+
+        answers = asyncio.run(many())
+        assert all(a["captions"][0]["text"].startswith("9x9") for a in answers)
+        assert max(engine.batches[2:]) > 1, engine.batches
+    finally:
+        worker.close()
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import save_vit_gpt2
+
+    return save_vit_gpt2(tmp_path_factory.mktemp("tiny-vit-gpt2"))
+
+
+def test_tiny_model_matches_the_captioner(tiny_model):
+    settings = Settings(model=str(tiny_model), device="cpu", num_beams=2, max_new_tokens=8)
+    worker = Worker(settings)
+    try:
+        image = png(64, 48, (10, 120, 200))
+        answer = run(worker, {"input": {"image": image}})
+        reference = Captioner(settings)
+        reference.load()
+        options = reference.options({})
+        expected = reference.respond(
+            reference.predict([reference.prepare(base64.b64decode(image), options)], options)[0]
+        )
+        assert answer == {"captions": [{"text": expected.text}], "model": str(tiny_model)}
+    finally:
+        worker.close()
+
+
+def test_runpod_sdk_local_test_mode(tiny_model):
+    pytest.importorskip("runpod")
+    job = {"input": {"image": png(), "num_beams": 1}}
+    env = {**os.environ, "DOCKER_VIT_MODEL": str(tiny_model), "DOCKER_VIT_DEVICE": "cpu"}
+    done = subprocess.run(
+        [sys.executable, "-m", "docker_vit.runpod", "--test_input", json.dumps(job)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    assert "completed successfully" in log and "'captions': [{'text':" in log, log
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "docker_vit.runpod", "--test_input", json.dumps({"input": {"image": "%%"}})],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert bad.returncode == 1 and "invalid_request" in bad.stdout + bad.stderr
