@@ -1,0 +1,252 @@
+"""Exact, faster replacement for `VisionEncoderDecoderModel.generate` with a GPT-2 decoder.
+
+`supports()` says whether a generation config is one we reproduce token for token (greedy search or
+plain beam search, with EOS/pad/length-penalty/early-stopping/min-length); anything else must go to
+`model.generate`. `generate()` mirrors transformers' `_sample` (greedy) and `_beam_search` step by
+step -- same scores, same top-k calls, same finished-hypothesis bookkeeping -- so ties break the same
+way, but it runs the encoder once, computes cross-attention K/V once per image and drives the
+decoder through `Gpt2Stepper` with a preallocated cache and little Python per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from docker_vit.gpt2_cache import Gpt2Stepper
+
+# Config fields that must keep their neutral value: anything else adds a logits processor, a
+# stopping criterion, another decoding mode or extra outputs that we do not reproduce.
+_NEUTRAL = {
+    "do_sample": (None, False),
+    "num_beam_groups": (None, 1),
+    "diversity_penalty": (None, 0.0),
+    "constraints": (None,),
+    "force_words_ids": (None,),
+    "penalty_alpha": (None, 0.0),
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "encoder_no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "sequence_bias": (None,),
+    "guidance_scale": (None, 1.0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "remove_invalid_values": (None, False),
+    "exponential_decay_length_penalty": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "watermarking_config": (None,),
+    "renormalize_logits": (None, False),
+    "num_return_sequences": (None, 1),
+    "output_attentions": (None, False),
+    "output_hidden_states": (None, False),
+    "output_scores": (None, False),
+    "output_logits": (None, False),
+    "return_dict_in_generate": (None, False),
+    "max_time": (None,),
+    "stop_strings": (None,),
+    "token_healing": (None, False),
+    "prompt_lookup_num_tokens": (None,),
+    "use_mtp": (None, False),
+    "assistant_early_exit": (None,),
+    "dola_layers": (None,),
+    "low_memory": (None, False),
+    "prefill_chunk_size": (None,),
+    "cache_implementation": (None,),
+    "is_assistant": (None, False),
+}
+
+
+@dataclass
+class _Plan:
+    """The generation parameters exactly as `generate` resolves them for a 1-token decoder prompt."""
+
+    beams: int
+    max_len: int
+    min_len: int
+    start: int
+    eos: torch.Tensor | None  # 1-D
+    pad: int | None
+    length_penalty: float  # kept as given (int or float): `len ** lp` must match bit for bit
+    early_stopping: bool | str
+
+
+def _plan(model, cfg) -> _Plan:
+    """Merge `cfg` with the model defaults the way `generate` does, then resolve lengths and ids."""
+    g = model._prepare_generation_config(cfg)[0]
+    for name, allowed in _NEUTRAL.items():
+        if getattr(g, name, None) not in allowed:
+            raise ValueError(f"unsupported generation option {name}={getattr(g, name)!r}")
+    model_gc = model.generation_config
+    if g.max_new_tokens is not None:
+        max_len = g.max_new_tokens + 1
+    elif (cfg is None or cfg.max_length is None) and model_gc.max_length is None:
+        max_len = g.max_length + 1  # generate's "20 new tokens by default" rule
+        mpe = getattr(model.config, "max_position_embeddings", None)
+        max_len = min(max_len, mpe) if mpe is not None else max_len
+    else:
+        max_len = g.max_length
+    min_len = g.min_new_tokens + 1 if g.min_new_tokens is not None else (g.min_length or 0)
+    start = g.decoder_start_token_id if g.decoder_start_token_id is not None else g.bos_token_id
+    eos = None if g.eos_token_id is None else torch.tensor(g.eos_token_id, dtype=torch.long).view(-1)
+    pad = g.pad_token_id if g.pad_token_id is not None else (None if eos is None else int(eos[0]))
+    early = g.early_stopping
+    if not isinstance(start, int) or early not in (True, False, "never") or g.use_cache is False:
+        raise ValueError("unsupported start token / early_stopping / use_cache")
+    return _Plan(g.num_beams or 1, max_len, min_len, start, eos, pad, g.length_penalty, early)
+
+
+def _decoder_ok(model) -> bool:
+    """Only GPT-2 with cross-attention in every block, in eval mode, behind a pixel encoder."""
+    from transformers import GPT2LMHeadModel  # local import keeps module import cheap
+
+    dec = getattr(model, "decoder", None)
+    if not isinstance(dec, GPT2LMHeadModel) or model.training or not model.config.is_encoder_decoder:
+        return False
+    if getattr(model, "main_input_name", None) != "pixel_values":
+        return False
+    return all(hasattr(b, "crossattention") for b in dec.transformer.h)
+
+
+def supports(model, generation_config) -> bool:
+    """True when `generate` below returns exactly what `model.generate` would for this config."""
+    try:
+        if not _decoder_ok(model):
+            return False
+        p = _plan(model, generation_config)
+    except Exception:  # any surprise in the config means: let transformers handle (or reject) it
+        return False
+    n_pos = model.decoder.config.n_positions
+    vocab = model.decoder.lm_head.out_features
+    keep = max(2, 1 + (0 if p.eos is None else p.eos.numel())) * p.beams
+    return 1 < p.max_len <= n_pos + 1 and p.beams >= 1 and (p.beams == 1 or vocab >= keep)
+
+
+def _encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Encoder states as the decoder sees them (incl. the optional enc->dec projection)."""
+    enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
+    if proj_needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
+        enc = model.enc_to_dec_proj(enc)
+    return enc
+
+
+def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
+    """MinLengthLogitsProcessor: EOS is impossible before `min_len` tokens (incl. the start token)."""
+    if p.eos is None or cur_len >= p.min_len:
+        return scores
+    scores = scores.clone()
+    scores[:, p.eos.to(scores.device)] = -float("inf")
+    return scores
+
+
+@torch.inference_mode()
+def generate(model, pixel_values: torch.Tensor, generation_config) -> torch.LongTensor:
+    """Same ids as `model.generate(pixel_values=..., generation_config=...)`, computed cheaply."""
+    p = _plan(model, generation_config)
+    param = next(model.parameters())
+    px = pixel_values.to(device=param.device, dtype=param.dtype)
+    enc = _encode(model, px)
+    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1)
+    run = _greedy if p.beams == 1 else _beam_search
+    return run(stepper, p, enc.shape[0], enc.device)
+
+
+def _greedy(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device) -> torch.LongTensor:
+    """transformers' `_sample` with do_sample=False: argmax, pad after EOS, stop when all are done."""
+    out = torch.full((batch, p.max_len), p.start, dtype=torch.long, device=device)
+    eos = None if p.eos is None else p.eos.to(device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    cur = 1
+    while cur < p.max_len:
+        scores = _min_length(stepper.logits(out[:, cur - 1], cur - 1), p, cur)
+        nxt = scores.argmax(dim=-1)
+        if eos is not None:
+            nxt = torch.where(unfinished, nxt, p.pad)
+            unfinished &= ~torch.isin(nxt, eos)
+        out[:, cur] = nxt
+        cur += 1
+        if eos is not None and not bool(unfinished.any()):
+            break
+    return out[:, :cur]
+
+
+def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """`_gather_beams`: pick beams `idx` ([batch, n]) of `t` ([batch, beams, ...])."""
+    return torch.take_along_dim(t, idx.view(*idx.shape, *([1] * (t.dim() - 2))), dim=1)
+
+
+def _beam_log_probs(stepper: Gpt2Stepper, p: _Plan, run_seq: torch.Tensor, cur: int) -> torch.Tensor:
+    """Per-beam next-token log-probs, [batch, beams, vocab].
+
+    At the first step all beams of an image hold the same prefix, so one row per image is computed
+    and broadcast: beams 1.. start at -1e9 and can never be picked, exactly as in transformers.
+    """
+    batch, beams = run_seq.shape[:2]
+    if cur == 1:
+        lp = torch.log_softmax(stepper.logits(run_seq[:, 0, 0], 0), dim=-1)
+        return _min_length(lp, p, cur)[:, None, :].expand(batch, beams, -1)
+    logits = stepper.logits(run_seq[:, :, cur - 1].reshape(-1), cur - 1)
+    return _min_length(torch.log_softmax(logits, dim=-1), p, cur).view(batch, beams, -1)
+
+
+def _beam_search(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device) -> torch.LongTensor:
+    """transformers' `_beam_search` (vectorised, fixed-shape) with the same ops in the same order."""
+    k, lp_pow, early = p.beams, p.length_penalty, p.early_stopping
+    eos = None if p.eos is None else p.eos.to(device)
+    keep = max(2, 1 + (0 if eos is None else eos.numel())) * k
+    fill = -1 if eos is None else (p.pad if p.pad else int(eos[0]))  # mirrors `pad or eos[0]`
+    run_seq = torch.full((batch, k, p.max_len), fill, dtype=torch.long, device=device)
+    run_seq[:, :, 0] = p.start
+    fin_seq = run_seq.clone()
+    run_scores = torch.zeros((batch, k), dtype=torch.float, device=device)
+    run_scores[:, 1:] = -1e9
+    fin_scores = torch.full((batch, k), -1e9, dtype=torch.float, device=device)
+    fin_done = torch.zeros((batch, k), dtype=torch.bool, device=device)
+    fin_len = torch.zeros((batch, k), dtype=torch.long, device=device)  # tokens after the start
+    improvable = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    top_mask = torch.arange(keep, device=device) < k
+    offsets = torch.arange(batch, device=device)[:, None] * k
+    cur = 1
+    while True:
+        log_probs = _beam_log_probs(stepper, p, run_seq, cur)
+        vocab = log_probs.shape[-1]
+        log_probs = (log_probs + run_scores[:, :, None]).reshape(batch, -1)
+        topk_lp, topk_idx = torch.topk(log_probs, k=keep)
+        src_beam, tokens = topk_idx // vocab, topk_idx % vocab
+        cand_seq = _take(run_seq, src_beam)
+        cand_seq[:, :, cur] = tokens
+        hits = torch.zeros_like(tokens, dtype=torch.bool) if eos is None else torch.isin(tokens, eos)
+        if cur + 1 >= p.max_len:
+            hits |= True
+        # e. best `k` unfinished candidates keep running
+        cand_run = topk_lp + hits.to(torch.float32) * -1.0e9
+        nxt = torch.topk(cand_run, k=k)[1]
+        run_seq, run_scores = _take(cand_seq, nxt), _take(cand_run, nxt)
+        rows = (_take(src_beam, nxt) + offsets).view(-1)
+        # f. finished candidates among the top `k` compete with the stored hypotheses
+        did_finish = hits & top_mask[None, :]
+        scores = topk_lp / ((cur + 1 - 1) ** lp_pow)
+        batch_full = torch.all(fin_done, axis=-1, keepdims=True) & (early is True)
+        scores += batch_full.to(torch.float32) * -1.0e9
+        scores += (~improvable).to(torch.float32) * -1.0e9
+        scores += (~did_finish) * -1.0e9
+        merged = torch.topk(torch.cat((fin_scores, scores), dim=1), k=k)[1]
+        fin_seq = _take(torch.cat((fin_seq, cand_seq), dim=1), merged)
+        fin_scores = _take(torch.cat((fin_scores, scores), dim=1), merged)
+        fin_len = _take(torch.cat((fin_len, torch.full_like(tokens, cur)), dim=1), merged)
+        fin_done = _take(torch.cat((fin_done, did_finish), dim=1), merged)
+        # g. stop test (early-stopping heuristic), then move the cache to the surviving beams
+        cur += 1
+        best_len = p.max_len - 1 if (early == "never" and lp_pow > 0.0) else cur - 1
+        best = run_scores[:, :1] / (best_len**lp_pow)
+        worst = torch.where(fin_done, torch.min(fin_scores, dim=1, keepdim=True)[0], -1.0e9)
+        improvable = improvable & torch.any(best > worst, dim=-1, keepdim=True)
+        open_beams = ~(torch.all(fin_done) & (early is True))
+        if not bool(torch.any(improvable) & open_beams & ~torch.all(hits)):
+            break
+        stepper.reorder(rows // k if cur == 2 else rows, cur - 1)
+    return fin_seq[:, 0, : 1 + int(fin_len[:, 0].max())]

@@ -1,0 +1,102 @@
+"""One-token-at-a-time GPT-2 decoder with cross-attention, for beam search over images.
+
+Why this exists: `generate` expands the encoder output to every beam, so each beam recomputes the
+cross-attention keys/values and carries its own copy of them, and the self-attention cache grows by
+`torch.cat` every step. Here the cross K/V are computed once per image and the beams of an image are
+laid out as the *query length* of one attention call against them, so nothing is duplicated. The
+self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
+parameters (no copies), applied with the same ops GPT-2 uses (`addmm` for Conv1D, the module's
+LayerNorm eps and activation, SDPA with the module's scaling), so logits agree to float tolerance.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class Gpt2Stepper:
+    """Runs GPT-2 decoder steps for `batch` images x `beams` rows with preallocated caches."""
+
+    def __init__(self, decoder: torch.nn.Module, encoder_states: torch.Tensor, beams: int, max_steps: int):
+        self.gpt = decoder.transformer
+        self.lm_head = decoder.lm_head
+        self.blocks = list(self.gpt.h)
+        first = self.blocks[0].attn
+        self.heads, self.head_dim, self.dim = first.num_heads, first.head_dim, first.embed_dim
+        self.batch, self.beams = encoder_states.shape[0], beams
+        self.cross = [self._cross_kv(b.crossattention, encoder_states) for b in self.blocks]
+        rows = self.batch * beams
+        shape = (len(self.blocks), 2, rows, self.heads, max(max_steps, 1), self.head_dim)
+        self.kv = torch.empty(shape, dtype=encoder_states.dtype, device=encoder_states.device)
+
+    def _heads(self, x: torch.Tensor, groups: int) -> torch.Tensor:
+        """[groups * n, dim] -> [groups, heads, n, head_dim] (n = beams or encoder length)."""
+        return x.view(groups, -1, self.heads, self.head_dim).transpose(1, 2)
+
+    def _cross_kv(self, attn: torch.nn.Module, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-attention K/V of one layer, once per image: [batch, heads, enc_len, head_dim] each."""
+        kv = attn.c_attn(enc)  # the module's own Conv1D, exactly as GPT-2 does it
+        k, v = kv.split(self.dim, dim=2)
+        return self._heads(k.reshape(-1, self.dim), enc.shape[0]), self._heads(
+            v.reshape(-1, self.dim), enc.shape[0]
+        )
+
+    def reorder(self, rows: torch.Tensor, length: int) -> None:
+        """Make cache row i hold the history of old row rows[i] (positions < length), in place.
+
+        Gathering per layer keeps the temporary small (one layer, only the filled prefix) instead of
+        double-buffering the whole cache.
+        """
+        if length == 0:
+            return
+        for layer in self.kv:
+            filled = layer[:, :, :, :length]
+            filled.copy_(filled.index_select(1, rows))
+
+    @staticmethod
+    def _linear(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2's Conv1D forward on a 2-D input, without the module-call overhead."""
+        return torch.addmm(conv.bias, x, conv.weight)
+
+    def _self_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
+        attn = block.attn
+        h = F.layer_norm(x, (self.dim,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
+        q, k, v = self._linear(attn.c_attn, h).split(self.dim, dim=1)
+        rows = x.shape[0]
+        cache_k, cache_v = self.kv[layer, 0, :rows], self.kv[layer, 1, :rows]
+        cache_k[:, :, pos] = k.view(rows, self.heads, self.head_dim)
+        cache_v[:, :, pos] = v.view(rows, self.heads, self.head_dim)
+        q = q.view(rows, 1, self.heads, self.head_dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            q, cache_k[:, :, : pos + 1], cache_v[:, :, : pos + 1], scale=attn.scaling
+        )
+        return self._linear(attn.c_proj, out.reshape(rows, self.dim)) + x
+
+    def _cross_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
+        attn, ln = block.crossattention, block.ln_cross_attn
+        h = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
+        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # beams become the query length
+        k, v = self.cross[layer]
+        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+        return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
+
+    def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        mlp, ln = block.mlp, block.ln_2
+        h = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
+        return x + self._linear(mlp.c_proj, mlp.act(self._linear(mlp.c_fc, h)))
+
+    def logits(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
+        """Next-token logits (float32, [rows, vocab]) for the newest token of every row.
+
+        `tokens` has batch * r rows with r = beams, or r = 1 at the first step when all beams of an
+        image are still identical; cache rows are written for those rows only.
+        """
+        x = self.gpt.wte(tokens) + self.gpt.wpe.weight[pos]
+        for i, block in enumerate(self.blocks):
+            x = self._self_attention(block, i, x, pos)
+            x = self._cross_attention(block, i, x)
+            x = self._mlp(block, x)
+        ln = self.gpt.ln_f
+        x = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
+        return self.lm_head(x).float()
