@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from conftest import photo
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
+
+from docker_vit.config import Settings
+from docker_vit.handler import Handler
 
 PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
 
@@ -167,3 +172,35 @@ def test_request_id_is_echoed_or_made(client) -> None:
     assert client.get("/healthz", headers={"x-request-id": "abc-123"}).headers["x-request-id"] == "abc-123"
     made = client.get("/healthz").headers["x-request-id"]
     assert len(made) == 32
+
+
+class SlowLoading(Handler):
+    """Loads only when the test says so; answers the input's length."""
+
+    gate = threading.Event()
+
+    def load(self) -> None:
+        assert self.gate.wait(30)
+
+    def prepare(self, data: bytes, options: object) -> int:
+        return len(data)
+
+    def predict(self, items, options):
+        return items
+
+
+def test_not_ready_until_loaded_and_warmed_up() -> None:
+    from conftest import serving
+
+    with serving(Settings(), SlowLoading(Settings()), wait=False) as client:
+        assert client.get("/healthz").status_code == 200
+        assert client.get("/readyz").status_code == 503
+        assert client.get("/ping").status_code == 204
+        assert_error(client.post("/", files={"file": b"abc"}), 503)
+        SlowLoading.gate.set()
+        deadline = time.monotonic() + 10
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert client.post("/", files={"file": b"abc"}).text == "3"
+        assert client.get("/ping").json() == {"status": "healthy"}

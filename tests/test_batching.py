@@ -1,0 +1,107 @@
+"""The batcher: batches by options, bounded queue, dropped cancellations, failure isolation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from docker_vit.batching import Batcher, QueueFull
+
+
+class Recorder:
+    def __init__(self, fail_on: object = None, oom_above: int = 0, delay: float = 0.0) -> None:
+        self.calls: list[tuple[list, object]] = []
+        self.fail_on, self.oom_above, self.delay = fail_on, oom_above, delay
+        self.release = threading.Event()
+        self.release.set()
+
+    def __call__(self, items, options):
+        self.release.wait(5)
+        self.calls.append((list(items), options))
+        if self.oom_above and len(items) > self.oom_above:
+            raise type("OutOfMemoryError", (RuntimeError,), {})("CUDA out of memory")
+        if self.fail_on in items:
+            raise ValueError("poison")
+        return [f"{item}:{options}" for item in items]
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def make(predict, **kw) -> Batcher:
+    return Batcher(predict, **{"max_batch_size": 4, "max_wait": 0.05, "max_queue": 100, **kw})
+
+
+def test_concurrent_items_share_a_call_grouped_by_options() -> None:
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder)
+        batcher.start()
+        futures = batcher.submit([1, 2], "a") + batcher.submit([3], "b") + batcher.submit([4, 5, 6, 7], "a")
+        results = await asyncio.gather(*futures)
+        await batcher.stop()
+        return recorder.calls, results
+
+    calls, results = run(main())
+    assert results == ["1:a", "2:a", "3:b", "4:a", "5:a", "6:a", "7:a"]
+    assert ([1, 2, 4, 5], "a") in calls and ([3], "b") in calls and ([6, 7], "a") in calls
+
+
+def test_full_queue_refuses_whole_requests() -> None:
+    async def main():
+        batcher = make(Recorder(), max_queue=3)
+        batcher.start()
+        batcher.submit([1, 2], "a")
+        with pytest.raises(QueueFull):
+            batcher.submit([3, 4], "a")
+        assert batcher.depth == 2
+        await batcher.stop()
+
+    run(main())
+
+
+def test_cancelled_items_never_reach_the_model() -> None:
+    async def main():
+        recorder = Recorder()
+        recorder.release.clear()
+        batcher = make(recorder, max_batch_size=1, max_wait=0)
+        batcher.start()
+        first = batcher.submit(["first"], "a")
+        await asyncio.sleep(0.05)  # "first" is running; the rest wait
+        waiting = batcher.submit(["gone", "kept"], "a")
+        waiting[0].cancel()
+        recorder.release.set()
+        await asyncio.gather(*first, waiting[1])
+        await batcher.stop()
+        return recorder.calls
+
+    assert [items for items, _ in run(main())] == [["first"], ["kept"]]
+
+
+def test_a_poison_item_fails_alone() -> None:
+    async def main():
+        batcher = make(Recorder(fail_on=3))
+        batcher.start()
+        futures = batcher.submit([1, 2, 3, 4], "a")
+        return await asyncio.gather(*futures, return_exceptions=True), batcher
+
+    results, _ = run(main())
+    assert results[:2] == ["1:a", "2:a"] and results[3] == "4:a"
+    assert isinstance(results[2], ValueError)
+
+
+def test_out_of_memory_splits_the_batch() -> None:
+    async def main():
+        recorder = Recorder(oom_above=1)
+        batcher = make(recorder)
+        batcher.start()
+        results = await asyncio.gather(*batcher.submit([1, 2, 3, 4], "a"))
+        await batcher.stop()
+        return results, recorder.calls
+
+    results, calls = run(main())
+    assert results == ["1:a", "2:a", "3:a", "4:a"]
+    assert [len(items) for items, _ in calls] == [4, 2, 1, 1, 2, 1, 1]

@@ -1,0 +1,96 @@
+"""The engine: any AutoModelForImageTextToText model, parity with the model's own `generate`."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import photo, serving
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from docker_vit.config import DEFAULT_MODEL, Settings
+from docker_vit.engine import CaptionEngine, pick_device, pick_dtype
+
+PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
+
+
+def own_generate(folder: Path, data: bytes, num_beams: int = 4, max_new_tokens: int = 15) -> str:
+    """The model's own path: processor, generate, tokenizer; nothing of Docker-ViT."""
+    model = AutoModelForImageTextToText.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    pixels = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt").pixel_values
+    ids = model.generate(pixel_values=pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
+
+
+@pytest.mark.parametrize("kind", ["blip_dir", "git_dir"])
+def test_blip_and_git_serve_their_own_captions(kind: str, request: pytest.FixtureRequest) -> None:
+    folder = request.getfixturevalue(kind)
+    with serving(Settings(model=str(folder))) as client:
+        for name in PHOTOS[:2]:
+            data = photo(name).read_bytes()
+            assert client.post("/", files={"file": data}).text == own_generate(folder, data)
+        assert client.get("/v1/model").json()["model"] == str(folder)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_a_batch_equals_images_one_by_one(eos_model_dir: Path, num_beams: int) -> None:
+    engine = CaptionEngine(str(eos_model_dir))
+    engine.load()
+    pixels = [engine.pixels(Image.open(photo(name)).convert("RGB")) for name in PHOTOS]
+    together = engine.generate(pixels, num_beams, 15)
+    alone = [engine.generate([p], num_beams, 15)[0] for p in pixels]
+    assert [engine.text(ids) for ids in together] == [engine.text(ids) for ids in alone]
+    reference = engine.model.generate(
+        pixel_values=torch.stack(pixels), num_beams=num_beams, max_new_tokens=15
+    )
+    assert [engine.text(ids) for ids in together] == [engine.text(ids) for ids in reference.tolist()]
+
+
+def test_device_and_dtype_choice() -> None:
+    assert pick_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        assert pick_device("auto").type in ("cpu", "mps")
+    assert pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError):
+        pick_dtype("float8", torch.device("cpu"))
+
+
+def test_reduced_precision_is_available_on_request(vit_gpt2_dir: Path, bulldog: bytes) -> None:
+    with serving(Settings(model=str(vit_gpt2_dir), dtype="bfloat16")) as client:
+        assert client.get("/v1/model").json()["dtype"] == "bfloat16"
+        assert client.post("/", files={"file": bulldog}).status_code == 200
+
+
+def test_the_default_model_is_loaded_from_the_hub_by_id(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Everything up to the network: the real loader is asked for the seed's model id."""
+    asked: list[tuple[str, dict]] = []
+
+    def refuse(model_id, **kwargs):
+        asked.append((model_id, kwargs))
+        raise OSError("no network in tests")
+
+    monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", refuse)
+    with pytest.raises(OSError):
+        CaptionEngine(Settings().model).load()
+    assert asked == [(DEFAULT_MODEL, {"dtype": torch.float32})]
+
+
+def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(tmp_path: Path) -> None:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "DOCKER_VIT_PORT": "18731"}
+    done = subprocess.run(
+        [sys.executable, "-m", "docker_vit.cli", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "loading the model failed" in done.stderr and "connect" in done.stderr
