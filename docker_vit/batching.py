@@ -77,12 +77,16 @@ class Batcher:
         self._queued = 0
         self._device.shutdown(wait=False, cancel_futures=True)
 
+    def check_room(self, count: int) -> None:
+        """Raise QueueFull unless `count` more items fit: callers check before costly preparation too."""
+        if self._queued + count > self.max_queue:
+            raise QueueFull(f"the queue is full ({self._queued} images waiting)")
+
     def submit(self, items: Sequence[Any], options: Hashable) -> list[asyncio.Future]:
         """Queue all of one request's items, or none of them when they don't fit."""
         if self._task is None or self._wake is None:
             raise RuntimeError("Batcher.start() has not been called")
-        if self._queued + len(items) > self.max_queue:
-            raise QueueFull(f"the queue is full ({self._queued} images waiting)")
+        self.check_room(len(items))
         loop = asyncio.get_running_loop()
         entries = [_Entry(item, loop.create_future()) for item in items]
         self._groups.setdefault(options, deque()).extend(entries)

@@ -6,8 +6,9 @@ import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 log = logging.getLogger("docker_vit.errors")
 
@@ -20,10 +21,13 @@ TYPES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameters",
+    499: "client_closed_request",
     500: "internal_error",
     503: "unavailable",
     504: "timeout",
 }
+
+CLIENT_GONE = 499
 
 
 class ApiError(Exception):
@@ -61,6 +65,11 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
+        """Nobody is left to answer: not a server error. 499 (nginx's code) shows up in logs and metrics."""
+        return Response(status_code=CLIENT_GONE)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -1,7 +1,8 @@
 """What wraps every request: its id, its body limits, its log line and its metrics.
 
 A plain ASGI middleware (no BaseHTTPMiddleware) so that disconnects still reach the routes and the
-request body streams through untouched, only counted and timed.
+request body streams through untouched, only counted and timed. `header_deadline` does the same job one
+layer down, for the request headers, which uvicorn itself never times out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from docker_vit.metrics import Metrics
 log = logging.getLogger("docker_vit.access")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# A refused or stalled body may still be on its way: close the connection rather than read the rest.
+_CLOSE = {"Connection": "close"}
 
 
 class RequestContext:
@@ -50,15 +53,16 @@ class RequestContext:
 
         try:
             if _declared_length(headers) > self.max_body:
-                response = error_response(413, f"request body exceeds {self.max_body} bytes")
+                response = error_response(413, f"request body exceeds {self.max_body} bytes", headers=_CLOSE)
                 await response(scope, receive, send_with_id)
             else:
-                await self.app(scope, self._limited(receive), send_with_id)
+                await self.app(scope, self._limited(receive, started + self.read_timeout), send_with_id)
         finally:
             self._report(scope, request_id, status, time.perf_counter() - started)
 
-    def _limited(self, receive: Any) -> Any:
-        """Count body bytes as they arrive and give up on a client that stops sending."""
+    def _limited(self, receive: Any, deadline: float) -> Any:
+        """Count body bytes as they arrive and give up on a client whose body is not in by `deadline`
+        (a total, not a per-chunk wait: a trickle of bytes does not keep a request alive forever)."""
         received = 0
         complete = False
 
@@ -67,14 +71,15 @@ class RequestContext:
             if complete:  # the body is in: later calls only wait for a disconnect
                 return await receive()
             try:
-                message = await asyncio.wait_for(receive(), self.read_timeout)
-            except asyncio.TimeoutError:
-                raise ApiError(408, f"request body not received within {self.read_timeout:g} s") from None
+                message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
+            except TimeoutError:
+                text = f"request body not received within {self.read_timeout:g} s"
+                raise ApiError(408, text, headers=_CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.max_body:
-                    raise ApiError(413, f"request body exceeds {self.max_body} bytes")
+                    raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=_CLOSE)
             return message
 
         return wrapped
@@ -99,3 +104,42 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
         return int(headers.get(b"content-length", b"0"))
     except ValueError:
         return 0
+
+
+def header_deadline(timeout: float) -> type:
+    """uvicorn's HTTP protocol, closing connections whose request headers are not complete `timeout`
+    seconds after the connection opened or its previous response ended.
+
+    uvicorn times out idle keep-alive connections only after a response, and never a fresh connection
+    or a slow trickle of header bytes (slowloris): without this, such sockets stay open forever.
+    """
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+        _deadline: asyncio.TimerHandle | None = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._expect_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+        def _expect_headers(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)
+
+        def _drop_if_waiting(self, cycle: Any) -> None:
+            """No new request started since the timer was set (`cycle` unchanged): give up on it."""
+            if self.cycle is cycle and not self.transport.is_closing():
+                log.debug("closing a connection whose request headers took over %g s", timeout)
+                self.transport.close()
+
+    return HeaderDeadline

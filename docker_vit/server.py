@@ -20,6 +20,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from docker_vit import errors
 from docker_vit.batching import QueueFull
@@ -190,6 +191,8 @@ async def _run(
     gone.cancel()
     if work not in done:
         work.cancel()
+        if gone in done:
+            raise ClientDisconnect()
         raise errors.ApiError(504, f"no answer within {settings.request_timeout:g} s")
     try:
         return work.result()

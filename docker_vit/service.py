@@ -95,6 +95,7 @@ class Service:
 
     async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
         """Bytes in, results out, in input order."""
+        self.batcher.check_room(len(inputs))  # shed load before decoding, not after
         items = await self.prepare(inputs, options)
         futures = self.batcher.submit(items, options)
         try:

@@ -1,0 +1,98 @@
+"""Fast stand-in handlers for the robustness tests: no torch, behaviour the test can steer.
+
+`Echo` answers each input's text, and lets a request misbehave on purpose through its options:
+`delay` (seconds predict sleeps), `poison` (an input equal to it makes predict raise) and `oom`
+(predict raises an out-of-memory error on batches larger than it). `Pictures` decodes real images with
+the production intake. Every class can be served as `docker-vit serve --handler fake_handlers:Echo`.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+from PIL import Image
+
+from docker_vit.handler import Handler
+from docker_vit.images import open_image
+
+
+class OutOfMemoryError(RuntimeError):
+    """Shaped like torch.OutOfMemoryError (a RuntimeError subclass), without needing a GPU."""
+
+
+class Steer(NamedTuple):
+    delay: float = 0.0
+    poison: str = ""
+    oom: int = 0
+
+
+class Echo(Handler):
+    """Each input's bytes as text; `seen` records every batch predict received (thread-safe append)."""
+
+    name = "echo"
+    oom_error: type[Exception] = OutOfMemoryError
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.seen: list[list[Any]] = []
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        return Steer(float(raw.get("delay", 0)), str(raw.get("poison", "")), int(raw.get("oom", 0)))
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        return data.decode("utf-8", errors="replace")
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        steer = options if isinstance(options, Steer) else Steer()
+        self.seen.append(list(items))
+        time.sleep(steer.delay)
+        if steer.oom and len(items) > steer.oom:
+            raise self.oom_error(f"CUDA out of memory (batch of {len(items)})")
+        if steer.poison and steer.poison in items:
+            raise ValueError("this input breaks the model")
+        return list(items)
+
+    def example(self) -> bytes:
+        return b"warm-up"
+
+    def items(self) -> list[Any]:
+        """Every item that reached predict, warm-up excluded."""
+        return [item for batch in self.seen for item in batch if item != "warm-up"]
+
+
+class Gated(Echo):
+    """predict waits for `gate`, so a test decides when the model is busy and when it frees up."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        if items != ["warm-up"]:
+            self.entered.set()
+            assert self.gate.wait(30), "the test never opened the gate"
+        return super().predict(items, options)
+
+
+class Pictures(Echo):
+    """Decodes with the real image intake and answers the picture's size: the fuzz and soak target."""
+
+    name = "pictures"
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        s = self.settings
+        width, height = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels).size
+        return f"{width}x{height}"
+
+    def example(self) -> bytes:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format="PNG")  # fits under the tests' tiny pixel limits
+        return buffer.getvalue()
+
+    def items(self) -> list[Any]:
+        return [item for batch in self.seen for item in batch][1:]

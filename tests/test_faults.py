@@ -1,0 +1,141 @@
+"""Faults inside the model or from clients: they cost only the request they belong to."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from conftest import serving
+from fake_handlers import Gated, OutOfMemoryError
+
+from docker_vit.batching import Batcher
+from docker_vit.config import Settings
+
+
+def batch_behind_a_busy_model(handler: Gated, client, query: str, texts: list[str]) -> dict[str, object]:
+    """Queue `texts` while the model is busy, so they form one batch once it frees up; their answers."""
+    answers: dict[str, object] = {}
+
+    def post(text: str, params: str) -> None:
+        answers[text] = client.post(f"/?{params}", content=text.encode(), headers={"content-type": "image/x"})
+
+    blocker = threading.Thread(target=post, args=("blocker", ""))
+    blocker.start()
+    assert handler.entered.wait(10)
+    threads = [threading.Thread(target=post, args=(text, query)) for text in texts]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while client.app.state.service.batcher.depth < len(texts):
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    handler.gate.set()
+    for thread in [blocker, *threads]:
+        thread.join(10)
+    return answers
+
+
+def test_a_poison_input_fails_only_its_own_request() -> None:
+    settings = Settings(max_batch_size=8)
+    handler = Gated(settings)
+    with serving(settings, handler) as client:
+        answers = batch_behind_a_busy_model(handler, client, "poison=bad", ["a", "b", "bad", "c"])
+        assert [answers[t].text for t in ("a", "b", "c")] == ["a", "b", "c"]
+        failed = answers["bad"]
+        assert failed.status_code == 500
+        assert failed.json()["error"]["type"] == "model_error"
+        assert "ValueError" in failed.json()["error"]["message"]
+        assert sorted(handler.seen[2]) == ["a", "b", "bad", "c"]  # they really shared one batch
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/?poison=bad", content=b"d", headers={"content-type": "image/x"}).text == "d"
+
+
+@pytest.mark.parametrize("error", [OutOfMemoryError, torch.OutOfMemoryError])
+def test_out_of_memory_splits_the_batch_and_everyone_succeeds(error: type[Exception]) -> None:
+    settings = Settings(max_batch_size=8)
+    handler = Gated(settings)
+    handler.oom_error = error
+    with serving(settings, handler) as client:
+        texts = ["a", "b", "c", "d"]
+        answers = batch_behind_a_busy_model(handler, client, "oom=2", texts)
+        assert [answers[t].status_code for t in texts] == [200] * 4
+        assert [answers[t].text for t in texts] == texts
+        assert [len(batch) for batch in handler.seen[2:]] == [4, 2, 2]
+        assert client.get("/readyz").status_code == 200
+
+
+def test_a_model_that_always_fails_answers_500_and_stays_ready() -> None:
+    settings = Settings()
+    handler = Gated(settings)
+    handler.gate.set()
+    with serving(settings, handler) as client:
+        for _ in range(3):
+            response = client.post("/?poison=x", content=b"x", headers={"content-type": "image/x"})
+            assert response.status_code == 500 and response.json()["error"]["type"] == "model_error"
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/", content=b"fine", headers={"content-type": "image/x"}).text == "fine"
+        assert client.post("/v1/captions", files=[("file", b"x")], params={"poison": "x"}).status_code == 500
+
+
+def test_batcher_drops_items_whose_caller_left_before_the_model_runs() -> None:
+    gate, seen = threading.Event(), []
+
+    def predict(items, options):
+        seen.append(list(items))
+        assert gate.wait(10)
+        return items
+
+    async def scenario() -> None:
+        batcher = Batcher(predict, max_batch_size=8, max_wait=0, max_queue=10)
+        batcher.start()
+        try:
+            (busy,) = batcher.submit(["busy"], ())
+            while not seen:
+                await asyncio.sleep(0.001)
+            timed_out, disconnected, kept = (batcher.submit([name], ())[0] for name in ("t", "d", "k"))
+            timed_out.cancel()
+            disconnected.cancel()
+            assert batcher.depth == 3
+            gate.set()
+            assert await asyncio.wait_for(asyncio.gather(busy, kept), 10) == ["busy", "k"]
+            assert batcher.depth == 0
+        finally:
+            await batcher.stop()
+
+    asyncio.run(scenario())
+    assert seen == [["busy"], ["k"]]
+
+
+def test_full_queue_sheds_before_decoding() -> None:
+    """A request refused for a full queue is refused before its images are prepared."""
+    settings = Settings(max_batch_size=1, max_queue=1, max_wait_ms=0)
+    handler = Gated(settings)
+    prepared: list[bytes] = []
+    original = handler.prepare
+    handler.prepare = lambda data, options: prepared.append(data) or original(data, options)
+    with serving(settings, handler) as client:
+        answers = []
+        threads = [
+            threading.Thread(
+                target=lambda t=t: answers.append(
+                    client.post("/", content=t, headers={"content-type": "image/x"})
+                )
+            )
+            for t in (b"1", b"2")
+        ]
+        threads[0].start()
+        assert handler.entered.wait(10)
+        threads[1].start()
+        deadline = time.monotonic() + 10
+        while client.app.state.service.batcher.depth < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        refused = client.post("/", content=b"3", headers={"content-type": "image/x"})
+        assert refused.status_code == 503
+        handler.gate.set()
+        for thread in threads:
+            thread.join(10)
+    assert b"3" not in prepared and sorted(r.text for r in answers) == ["1", "2"]

@@ -1,0 +1,239 @@
+"""Every limit answers its own status; API keys guard the captioning routes and never reach the logs."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import threading
+import time
+
+import pytest
+from conftest import serving
+from fake_handlers import Echo, Gated, Pictures
+from PIL import Image
+
+from docker_vit.config import Settings
+from docker_vit.logs import JsonFormatter
+from docker_vit.server import create_app
+
+KEY, OTHER = "s3cret-key-one", "another-key-2"
+
+
+def png(size: tuple[int, int] = (16, 16)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (10, 200, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def assert_error(response, status: int, type: str | None = None) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and (type is None or error["type"] == type), error
+    return error
+
+
+def wait_for(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.005)
+
+
+def test_bytes_pixels_and_images_limits_are_413() -> None:
+    settings = Settings(max_bytes=2_000, max_pixels=40 * 40, max_images=2)
+    with serving(settings, Pictures(settings)) as client:
+        assert client.post("/", files={"file": png((40, 40))}).text == "40x40"
+        assert_error(client.post("/", files={"file": png((41, 40))}), 413, "payload_too_large")
+        noise = Image.frombytes("RGB", (30, 30), bytes(range(256)) * 11)
+        buffer = io.BytesIO()
+        noise.save(buffer, format="BMP")
+        assert_error(client.post("/", files={"file": buffer.getvalue()}), 413, "payload_too_large")
+        assert_error(client.post("/v1/captions", files=[("file", png())] * 3), 413, "payload_too_large")
+        assert client.post("/v1/captions", files=[("file", png())] * 2).status_code == 200
+
+
+def test_declared_and_streamed_bodies_over_the_limit_are_413_and_close() -> None:
+    settings = Settings(max_bytes=1_000, max_images=1)  # body limit: 1_000 * 4 // 3 + 1_000_000
+    with serving(settings, Echo(settings)) as client:
+        response = client.post("/", content=b"x" * 1_400_000, headers={"content-type": "image/png"})
+        assert_error(response, 413)
+        assert response.headers["connection"] == "close"
+
+
+def test_full_queue_is_503_with_retry_after() -> None:
+    settings = Settings(max_batch_size=1, max_queue=2, max_wait_ms=0)
+    handler = Gated(settings)
+    with serving(settings, handler) as client:
+        answers: list = []
+
+        def post(text: str) -> None:
+            answers.append(client.post("/", content=text.encode(), headers={"content-type": "image/x"}))
+
+        threads = [threading.Thread(target=post, args=(f"item{i}",)) for i in range(3)]
+        threads[0].start()
+        assert handler.entered.wait(10)  # item0 is in the model, the queue is empty
+        for thread in threads[1:]:
+            thread.start()
+        wait_for(lambda: client.app.state.service.batcher.depth == 2)
+        full = client.post("/", content=b"one too many", headers={"content-type": "image/x"})
+        assert_error(full, 503, "overloaded")
+        assert full.headers["retry-after"] == "1"
+        handler.gate.set()
+        for thread in threads:
+            thread.join(10)
+        assert sorted(r.text for r in answers) == ["item0", "item1", "item2"]
+        assert client.get("/readyz").status_code == 200
+
+
+def test_request_timeout_is_504_and_the_abandoned_item_never_runs() -> None:
+    settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=0.3)
+    handler = Gated(settings)
+    with serving(settings, handler) as client:
+        first = threading.Thread(
+            target=client.post, args=("/",), kwargs={"content": b"A", "headers": {"content-type": "image/x"}}
+        )
+        first.start()
+        assert handler.entered.wait(10)
+        late = client.post("/", content=b"B", headers={"content-type": "image/x"})
+        assert_error(late, 504, "timeout")
+        handler.gate.set()
+        first.join(10)
+        assert client.post("/", content=b"C", headers={"content-type": "image/x"}).text == "C"
+        assert handler.items() == ["A", "C"]  # B's caller was gone: the model never saw it
+
+
+def test_body_that_stops_arriving_is_408() -> None:
+    """TestClient sends bodies whole, so the stalled upload is an ASGI conversation held by hand."""
+    settings = Settings(read_timeout=0.2)
+    app = create_app(settings, Echo(settings))
+    sent: list[dict] = []
+    chunks = [{"type": "http.request", "body": b"half an ima", "more_body": True}]
+
+    async def receive() -> dict:
+        if chunks:
+            return chunks.pop()
+        await asyncio.sleep(3600)  # the client stalls
+        raise AssertionError("unreachable")
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/",
+        "raw_path": b"/",
+        "query_string": b"",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", b"1000")],
+        "http_version": "1.1",
+        "scheme": "http",
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 5000),
+        "root_path": "",
+    }
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 5))
+    start = sent[0]
+    assert start["status"] == 408
+    assert (b"connection", b"close") in start["headers"]
+    assert json.loads(sent[1]["body"])["error"]["type"] == "request_timeout"
+
+
+@pytest.mark.parametrize("source", ["flag", "env"])
+def test_api_keys_guard_captioning_routes_only(source: str) -> None:
+    if source == "flag":
+        settings = Settings(api_keys=(KEY, OTHER))
+    else:
+        settings = Settings.load({"DOCKER_VIT_API_KEYS": f"{KEY}, {OTHER}"})
+    assert settings.api_keys == (KEY, OTHER)
+    with serving(settings, Echo(settings)) as client:
+        body = {"content": b"hi", "headers": {"content-type": "image/x"}}
+        for headers in (
+            {},
+            {"authorization": "Bearer wrong"},
+            {"authorization": KEY},
+            {"authorization": "Bearer"},
+        ):
+            for route in ("/", "/v1/captions"):
+                response = client.post(route, files={"file": b"hi"}, headers=headers)
+                assert_error(response, 401, "unauthorized")
+                assert response.headers["www-authenticate"] == "Bearer"
+        for key in (KEY, OTHER):
+            auth = {"authorization": f"Bearer {key}"}
+            assert client.post("/", content=b"hi", headers={**body["headers"], **auth}).text == "hi"
+            answer = client.post(
+                "/v1/captions", files={"file": b"hi"}, headers={"authorization": f"bearer {key}"}
+            )
+            assert answer.json()["captions"] == [{"text": "hi"}]
+        for probe in ("/healthz", "/readyz", "/ping", "/metrics"):
+            assert client.get(probe).status_code == 200, probe
+
+
+def test_no_keys_means_open() -> None:
+    settings = Settings.load({"DOCKER_VIT_API_KEYS": ""})
+    with serving(settings, Echo(settings)) as client:
+        assert client.post("/", content=b"open", headers={"content-type": "image/x"}).text == "open"
+
+
+def test_keys_never_reach_the_logs_and_the_access_line_has_its_fields(caplog) -> None:
+    settings = Settings(api_keys=(KEY,))
+    caplog.set_level(logging.DEBUG)
+    with serving(settings, Echo(settings)) as client:
+        client.post("/", content=b"x", headers={"content-type": "image/x", "authorization": f"Bearer {KEY}"})
+        client.post("/", content=b"x", headers={"content-type": "image/x", "authorization": f"Bearer {KEY}x"})
+        client.post("/", content=b"x", headers={"content-type": "image/x", "authorization": KEY})
+        client.get("/nope", headers={"authorization": f"Bearer {KEY}"})
+        client.post(
+            "/v1/captions",
+            files=[("file", b"a"), ("file", b"b")],
+            headers={"authorization": f"Bearer {KEY}", "x-request-id": "trace-42"},
+        )
+    text, as_json = logging.Formatter("%(levelname)s %(name)s %(message)s"), JsonFormatter()
+    lines = [text.format(r) for r in caplog.records] + [as_json.format(r) for r in caplog.records]
+    assert lines and not [line for line in lines if KEY in line]
+    access = [json.loads(as_json.format(r)) for r in caplog.records if r.name == "docker_vit.access"]
+    access = [entry for entry in access if entry["route"] != "/readyz"]  # serving() polls it
+    assert [entry["status"] for entry in access] == [200, 401, 401, 404, 200]
+    last = access[-1]
+    assert {k: last[k] for k in ("method", "route", "status", "images", "request_id")} == {
+        "method": "POST",
+        "route": "/v1/captions",
+        "status": 200,
+        "images": 2,
+        "request_id": "trace-42",
+    }
+    assert last["duration_ms"] >= 0 and last["level"] == "info" and last["time"].endswith("Z")
+    assert access[3]["route"] == "unmatched"
+    plain = [r.getMessage() for r in caplog.records if r.name == "docker_vit.access"]
+    assert plain[-1].startswith("method=POST route=/v1/captions status=200 duration_ms=")
+    assert plain[-1].endswith("images=2 request_id=trace-42")
+
+
+def test_request_id_is_echoed_made_or_replaced_when_unsafe() -> None:
+    settings = Settings()
+    with serving(settings, Echo(settings)) as client:
+        echoed = client.post(
+            "/", content=b"x", headers={"content-type": "image/x", "x-request-id": "r-1.2:3"}
+        )
+        assert echoed.headers["x-request-id"] == "r-1.2:3"
+        assert client.post("/").headers["x-request-id"]  # errors carry one too
+        unsafe = client.get("/healthz", headers={"x-request-id": "bad id\twith spaces"}).headers[
+            "x-request-id"
+        ]
+        assert len(unsafe) == 32 and " " not in unsafe
+        assert len(client.get("/healthz", headers={"x-request-id": "x" * 500}).headers["x-request-id"]) == 32
+
+
+def test_metrics_count_routes_statuses_batches_and_images() -> None:
+    settings = Settings()
+    with serving(settings, Echo(settings)) as client:
+        client.post("/v1/captions", files=[("file", b"a"), ("file", b"b")])
+        client.post("/")
+        metrics = client.get("/metrics").text
+    assert 'docker_vit_requests_total{route="/v1/captions",status="200"} 1.0' in metrics
+    assert 'docker_vit_requests_total{route="/",status="400"} 1.0' in metrics
+    assert "docker_vit_images_total 3.0" in metrics  # the warm-up image counts too
+    assert 'docker_vit_request_seconds_count{route="/v1/captions"} 1.0' in metrics
+    assert "docker_vit_batch_size_sum" in metrics and "docker_vit_queue_depth 0.0" in metrics
+    assert "docker_vit_model_load_seconds" in metrics

@@ -1,0 +1,177 @@
+"""A real `docker-vit serve` process under hostile connections: vanishing clients, stalled uploads,
+idle sockets and slowloris headers. Meanwhile a normal client must still be answered (not hung: no
+timing target beyond a generous bound). Loopback only, bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+TESTS = Path(__file__).parent
+READ_TIMEOUT, IDLE_TIMEOUT = 1.0, 1.0
+PROMPT = 10.0  # "promptly": generous, only proves nothing hangs
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[str]:
+    port = free_port()
+    command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", "fake_handlers:Echo"]
+    command += ["--port", str(port), "--read-timeout", str(READ_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT)]
+    command += ["--max-batch-size", "1", "--max-wait-ms", "0", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert process.poll() is None, process.stderr.read().decode()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        process.stderr.close()
+
+
+def answered_promptly(url: str, text: str = "still here") -> None:
+    response = httpx.post(
+        f"{url}/", content=text.encode(), headers={"content-type": "image/x"}, timeout=PROMPT
+    )
+    assert response.status_code == 200 and response.text == text
+
+
+def connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=PROMPT)
+    return sock
+
+
+def upload_head(length: int, path: str = "/") -> bytes:
+    return (
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"Content-Length: {length}\r\n\r\n--b\r\nContent-Disposition: form-data; name=file; filename=a\r\n\r\n"
+    ).encode()
+
+
+def closed_by_server(sock: socket.socket, within: float) -> bytes:
+    """Everything the server sent until it closed the connection; fails if it is still open `within`."""
+    sock.settimeout(within)
+    received = b""
+    while chunk := sock.recv(65536):
+        received += chunk
+    return received
+
+
+def metric(url: str, name: str) -> float:
+    text = httpx.get(f"{url}/metrics", timeout=PROMPT).text
+    found = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_vanishing_clients_cost_nothing(server: str) -> None:
+    for _ in range(30):
+        sock = connect(server)
+        sock.sendall(upload_head(100_000) + b"\xff\xd8" * 500)  # half an upload, then gone
+        sock.close()
+    answered_promptly(server)
+
+
+def test_a_stalled_upload_gets_408_and_the_connection_closes(server: str) -> None:
+    stalled = [connect(server) for _ in range(5)]
+    for sock in stalled:
+        sock.sendall(upload_head(100_000) + b"\xff\xd8" * 100)
+    answered_promptly(server)
+    for sock in stalled:
+        reply = closed_by_server(sock, READ_TIMEOUT + PROMPT)
+        sock.close()
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert b"request_timeout" in reply
+
+
+def test_idle_and_slowloris_connections_are_closed_and_others_served(server: str) -> None:
+    idle = [connect(server) for _ in range(100)]
+    slow = connect(server)
+    slow.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    answered_promptly(server)
+    started = time.monotonic()
+    slow.settimeout(0.2)
+    closed = False
+    while time.monotonic() - started < READ_TIMEOUT + PROMPT:  # one header byte at a time
+        try:
+            slow.sendall(b"X")
+            if slow.recv(1) == b"":
+                closed = True
+                break
+        except TimeoutError:
+            continue
+        except OSError:  # reset by the server: closed as well
+            closed = True
+            break
+    slow.close()
+    assert closed, "a slowloris connection stayed open"
+    for sock in idle:
+        assert closed_by_server(sock, READ_TIMEOUT + PROMPT) == b""
+        sock.close()
+    answered_promptly(server)
+
+
+def test_idle_keep_alive_connections_close_after_idle_timeout(server: str) -> None:
+    sock = connect(server)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    reply = closed_by_server(sock, IDLE_TIMEOUT + PROMPT)
+    sock.close()
+    assert reply.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in reply
+
+
+def test_queued_work_of_clients_that_left_never_reaches_the_model(server: str) -> None:
+    """While one request keeps the model busy, five more queue up and hang up: the model skips them."""
+    gone = 'docker_vit_requests_total{route="/",status="499"}'
+    ran_before, gone_before = metric(server, "docker_vit_batch_size_sum"), metric(server, gone)
+    busy = connect(server)
+    busy.sendall(
+        b"POST /?delay=1.5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 4\r\n\r\nbusy"
+    )
+    deadline = time.monotonic() + PROMPT
+    while metric(server, "docker_vit_batch_size_sum") == ran_before:  # "busy" is in the model
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    leaving = [connect(server) for _ in range(5)]
+    for sock in leaving:
+        sock.sendall(
+            b"POST /?delay=1.5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 4\r\n\r\ngone"
+        )
+    while metric(server, "docker_vit_queue_depth") < 5:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    for sock in leaving:
+        sock.close()
+    assert closed_by_server(busy, IDLE_TIMEOUT + PROMPT).endswith(b"busy")
+    busy.close()
+    answered_promptly(server, "after")
+    assert metric(server, "docker_vit_batch_size_sum") == ran_before + 2  # "busy" and "after", no "gone"
+    assert metric(server, gone) == gone_before + 5  # logged and counted as 499, not as server errors
