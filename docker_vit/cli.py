@@ -66,6 +66,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from docker_vit import logs
+    from docker_vit.middleware import header_deadline
     from docker_vit.server import create_app
     from docker_vit.service import FAILED
 
@@ -75,7 +76,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         app,
         host=settings.host,
         port=settings.port,
-        timeout_keep_alive=int(settings.idle_timeout),
+        http=header_deadline(settings.read_timeout),
+        timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]  # int() turned 0.5 s into 0
         timeout_graceful_shutdown=int(settings.shutdown_timeout),
         log_config=None,
         access_log=False,
