@@ -69,6 +69,8 @@ class Settings:
             raise ValueError(f"max_new_tokens exceeds max_new_tokens_limit {self.max_new_tokens_limit}")
         if self.max_wait_ms < 0 or self.threads < 0 or self.idle_timeout < 0 or self.shutdown_timeout < 0:
             raise ValueError("max_wait_ms, threads, idle_timeout and shutdown_timeout cannot be negative")
+        if any(not key.strip() for key in self.api_keys):
+            raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
         for name in ("log_format", "log_level"):
             choices = options()[name].metadata["choices"]
             if getattr(self, name) not in choices:

@@ -237,3 +237,9 @@ def test_metrics_count_routes_statuses_batches_and_images() -> None:
     assert 'docker_vit_request_seconds_count{route="/v1/captions"} 1.0' in metrics
     assert "docker_vit_batch_size_sum" in metrics and "docker_vit_queue_depth 0.0" in metrics
     assert "docker_vit_model_load_seconds" in metrics
+
+
+@pytest.mark.parametrize("keys", [("",), ("good", "  ")])
+def test_an_empty_api_key_is_refused_at_startup(keys: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="API key"):
+        Settings(api_keys=keys)
