@@ -204,3 +204,17 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
             time.sleep(0.01)
         assert client.post("/", files={"file": b"abc"}).text == "3"
         assert client.get("/ping").json() == {"status": "healthy"}
+
+
+def test_concurrent_requests_are_batched_with_the_same_captions(serve) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    datas = [photo(name).read_bytes() for name in PHOTOS] * 2
+    with serve(max_wait_ms=300) as client:
+        alone = [client.post("/", files={"file": data}).text for data in datas[:4]]
+        with ThreadPoolExecutor(len(datas)) as pool:
+            together = list(pool.map(lambda d: client.post("/", files={"file": d}).text, datas))
+        metrics = client.get("/metrics").text
+    assert together == alone * 2
+    batches = next(line for line in metrics.splitlines() if line.startswith("docker_vit_batch_size_count"))
+    assert float(batches.split()[-1]) < 1 + 4 + len(datas)  # warm-up + singles + fewer calls than requests

@@ -1,0 +1,135 @@
+"""The `docker-vit` command as a user runs it: a real server process, the curl call, env configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import photo
+from docker_vit import cli, engine
+
+DOCKER_VIT = [sys.executable, "-m", "docker_vit.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_ready(port: int, process: subprocess.Popen, seconds: float = 90) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1]
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError("server never became ready")
+
+
+@pytest.fixture(scope="module")
+def server(vit_gpt2_dir: Path):
+    """`docker-vit serve` configured only through DOCKER_VIT_* variables."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "DOCKER_VIT_MODEL": str(vit_gpt2_dir),
+        "DOCKER_VIT_PORT": str(port),
+        "DOCKER_VIT_NUM_BEAMS": "2",
+    }
+    process = subprocess.Popen(
+        [*DOCKER_VIT, "serve"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_ready(port, process)
+        yield port, process
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_the_original_curl_call(server, vit_gpt2_dir: Path) -> None:
+    port, _ = server
+    image = photo("french_bulldog.jpg")
+    answer = subprocess.run(
+        ["curl", "-sS", "-F", f"file=@{image}", f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    ).stdout
+    local = subprocess.run(
+        [*DOCKER_VIT, "caption", str(image), "--model", str(vit_gpt2_dir), "--num-beams", "2"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    assert answer.decode() + "\n" == local
+    assert answer and not answer.endswith(b"\n")
+
+
+def test_environment_reaches_the_server(server) -> None:
+    port, _ = server
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model", timeout=10) as response:
+        info = json.load(response)
+    assert info["generation"]["num_beams"] == 2 and info["status"] == "ready"
+
+
+def test_sigterm_exits_cleanly(vit_gpt2_dir: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [*DOCKER_VIT, "serve", "--model", str(vit_gpt2_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_ready(port, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+
+
+def test_caption_prints_captions_and_json(vit_gpt2_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    paths = [str(photo("coffee.jpg")), str(photo("chelsea.jpg"))]
+    assert cli.main(["caption", paths[0], "--model", str(vit_gpt2_dir)]) == 0
+    single = capsys.readouterr().out.strip()
+    assert cli.main(["caption", *paths, "--model", str(vit_gpt2_dir), "--json"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["path"] for line in lines] == paths and lines[0]["caption"] == single
+
+
+def test_bad_options_are_usage_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_VIT_PORT", "not-a-port")
+    with pytest.raises(SystemExit) as info:
+        cli.main(["serve"])
+    assert info.value.code == 2
+
+
+def test_download_fills_the_cache_or_a_folder(
+    monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    calls = []
+
+    def fake_snapshot(repo_id: str, local_dir: str | None = None) -> str:
+        calls.append((repo_id, local_dir))
+        return local_dir or "/cache/models--x"
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    assert cli.main(["download", "nlpconnect/vit-gpt2-image-captioning", "--dir", str(tmp_path)]) == 0
+    assert calls == [("nlpconnect/vit-gpt2-image-captioning", str(tmp_path))]
+    assert capsys.readouterr().out.strip() == str(tmp_path)
+    assert engine.download("some/model") == "/cache/models--x"
