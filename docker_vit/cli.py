@@ -6,17 +6,12 @@ Every flag is generated from `Settings`, so each one also reads its `DOCKER_VIT_
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from docker_vit.config import MODEL, Settings, env_name, options
-
-if TYPE_CHECKING:
-    from docker_vit.handler import Result
+from docker_vit.captions_file import FORMATS
+from docker_vit.config import CLIENT, MODEL, SERVER, Settings, env_name, options
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -34,13 +29,23 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model over HTTP")
-    _add_settings(serve, groups=None)
+    _add_settings(serve, groups={MODEL, SERVER})
     serve.set_defaults(run=_serve)
 
-    caption = commands.add_parser("caption", help="caption image files without a server")
-    caption.add_argument("paths", nargs="+", metavar="IMAGE", help="image files")
-    caption.add_argument("--json", action="store_true", help="print one JSON object per line")
-    _add_settings(caption, groups={MODEL})
+    caption = commands.add_parser("caption", help="caption images and folders, locally or through --url")
+    caption.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)"
+    )
+    caption.add_argument(
+        "--output", "-o", metavar="FILE", help="append to FILE, skipping images already in it"
+    )
+    caption.add_argument(
+        "--format", choices=FORMATS, help="output format (default: from FILE's name, else jsonl)"
+    )
+    caption.add_argument(
+        "--json", action="store_true", help="print one JSON object per line (--format jsonl)"
+    )
+    _add_settings(caption, groups={MODEL, CLIENT})
     caption.set_defaults(run=_caption)
 
     download = commands.add_parser("download", help="fetch a model's files so later runs need no network")
@@ -86,46 +91,20 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     service = app.state.service
     service.on_failed = lambda: setattr(server, "should_exit", True)
-    # uvicorn re-raises SIGTERM once it has drained; a server that finished its requests exits 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return 1 if service.state == FAILED else 0
 
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:
-    from docker_vit import logs
-    from docker_vit.handler import load_handler
-    from docker_vit.images import ImageError
+    from docker_vit import folder, logs
 
     logs.configure("text", "warning")
-    handler = load_handler(settings)
-    handler.load()
-    options = handler.options({})
-    failures = 0
-    batch_size = handler.max_batch_size or settings.max_batch_size
-    for start in range(0, len(args.paths), batch_size):
-        paths, items = [], []
-        for path in args.paths[start : start + batch_size]:
-            try:
-                with open(path, "rb") as file:
-                    items.append(handler.prepare(file.read(), options))
-                paths.append(path)
-            except (OSError, ImageError) as exc:
-                failures += 1
-                print(f"docker-vit: skipping {path}: {exc}", file=sys.stderr)
-        outputs = handler.predict(items, options) if items else []
-        for path, output in zip(paths, outputs, strict=True):
-            _print_result(path, handler.respond(output), args.json, len(args.paths) > 1)
-    return 1 if failures else 0
-
-
-def _print_result(path: str, result: Result, as_json: bool, with_path: bool) -> None:
-    if as_json:
-        print(json.dumps({"path": path, "caption": result.text, **result.data}), flush=True)
-    elif with_path:
-        print(f"{path}: {result.text}", flush=True)
-    else:
-        print(result.text, flush=True)
+    try:
+        return folder.caption(
+            settings, args.paths, args.output, args.format or ("jsonl" if args.json else None)
+        )
+    except KeyboardInterrupt:
+        return 130
 
 
 def _download(settings: Settings, args: argparse.Namespace) -> int:

@@ -15,8 +15,9 @@ from typing import Any
 ENV_PREFIX = "DOCKER_VIT_"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 
-# Groups decide which subcommand shows a flag: "model" options apply wherever a model runs.
-MODEL, SERVER = "model", "server"
+# Groups decide which subcommand shows a flag: "model" options apply wherever a model runs; "client"
+# ones only where `docker-vit caption --url` talks to a server.
+MODEL, SERVER, CLIENT = "model", "server", "client"
 
 
 def _opt(default: Any, help: str, group: str = SERVER, **extra: Any) -> Any:
@@ -55,9 +56,14 @@ class Settings:
     log_format: str = _opt("text", "request log format: text or json", choices=("text", "json"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
+    url: str = _opt("", "caption through a Docker-ViT server at this URL, not a local model", CLIENT)
+    api_key: str = _opt("", "API key sent to --url as 'Authorization: Bearer KEY'", CLIENT)
+    concurrency: int = _opt(8, "requests in flight at once with --url", CLIENT)
+
     def __post_init__(self) -> None:
         positive = ("num_beams", "max_new_tokens", "max_num_beams", "max_new_tokens_limit", "max_batch_size")
         positive += ("max_bytes", "max_pixels", "max_queue", "max_images", "request_timeout", "read_timeout")
+        positive += ("concurrency",)
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,0 +1,161 @@
+"""The captions file that `docker-vit caption --output` writes: JSON lines or CSV, one image a record.
+
+Every record carries the model and the generation options that made it, so a file resumed with other
+options still says which caption came from where. Records are written whole and flushed as they are
+made, so a killed run leaves a valid file; at most its last line is cut short, and reopening drops that
+line (its image is captioned again). Resuming matches on `path`, exactly as the walk wrote it.
+
+Paths are str as the OS gave them; undecodable bytes travel as surrogate escapes and are written back
+as the same bytes, so even such paths resume.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, BinaryIO
+
+FORMATS = ("jsonl", "csv")
+CSV_COLUMNS = ("path", "caption", "model", "num_beams", "max_new_tokens")
+_ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
+
+
+class CaptionsFileError(Exception):
+    """The output file exists but is not a captions file this command can append to."""
+
+
+def record(path: str, caption: str, model: str, params: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
+    """One image's entry; a handler's extra fields come last and never replace the fixed ones."""
+    fixed = {"path": path, "caption": caption, "model": model, **params}
+    return {**fixed, **{key: value for key, value in data.items() if key not in fixed}}
+
+
+def format_for(path: str, chosen: str | None) -> str:
+    """The explicit `--format`, else what the file name says (`.csv`), else JSON lines."""
+    if chosen:
+        return chosen
+    return "csv" if path.lower().endswith(".csv") else "jsonl"
+
+
+def encode(entry: Mapping[str, Any], fmt: str, columns: Sequence[str] = CSV_COLUMNS) -> str:
+    """One record as one line of text (a CSV row may span lines only if a value holds a newline)."""
+    if fmt == "jsonl":
+        return json.dumps(entry, ensure_ascii=False) + "\n"
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow([entry.get(column, "") for column in columns])
+    return buffer.getvalue()
+
+
+class CaptionsFile:
+    """An output file opened for appending, knowing which paths it already holds."""
+
+    def __init__(self, path: str, fmt: str) -> None:
+        self.path = path
+        self.format = fmt
+        self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
+        self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
+        try:
+            self.done = self._resume()
+        except BaseException:
+            self._file.close()
+            raise
+        if self._file.tell() == 0 and fmt == "csv":
+            self._write(encode(dict(zip(CSV_COLUMNS, CSV_COLUMNS, strict=True)), fmt))
+
+    def write(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Append whole records and flush them, so a kill at any moment leaves complete lines."""
+        text = "".join(encode(entry, self.format, self.columns) for entry in entries)
+        if text:
+            self._write(text)
+        self.done.update(entry["path"] for entry in entries)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> CaptionsFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _write(self, text: str) -> None:
+        self._file.write(text.encode(**_ENCODING))
+        self._file.flush()
+
+    def _resume(self) -> set[str]:
+        """Read the paths already captioned and cut off a last record that a kill left unfinished."""
+        self._file.seek(0)
+        reader = _Lines(self._file)
+        done: set[str] = set()
+        if self.format == "jsonl":
+            rows = _json_rows(reader, self.path)
+        else:
+            rows = _csv_rows(reader, self.path, self.columns)
+        for row in rows:
+            path = row.get("path") if isinstance(row, dict) else None
+            if not isinstance(path, str):
+                raise CaptionsFileError(f"{self.path} has a record without a path: is it a captions file?")
+            done.add(path)
+        if reader.complete < reader.read:
+            self._file.truncate(reader.complete)
+        self._file.seek(0, os.SEEK_END)
+        return done
+
+
+class _Lines:
+    """The file's lines as text, remembering the byte offset where the last complete record ended."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self._file = file
+        self.size = os.fstat(file.fileno()).st_size
+        self.read = 0  # bytes handed out so far
+        self.complete = 0  # bytes that form complete records
+        self.ended = True  # whether the last line handed out ended with a newline
+
+    def __iter__(self) -> Iterator[str]:
+        for raw in self._file:
+            self.read += len(raw)
+            self.ended = raw.endswith(b"\n")
+            yield raw.decode(**_ENCODING)
+
+    def commit(self) -> None:
+        """The lines handed out so far form complete records."""
+        self.complete = self.read
+
+
+def _json_rows(lines: _Lines, name: str) -> Iterator[Any]:
+    for number, line in enumerate(lines, 1):
+        if not lines.ended:
+            return  # a record cut short by a kill: dropped, and its image captioned again
+        lines.commit()
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except ValueError:
+            raise CaptionsFileError(f"line {number} of {name} is not JSON: is it a captions file?") from None
+
+
+def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
+    """Rows of a CSV whose header starts with path, caption (it replaces `columns`); a quoted value
+    may span lines."""
+    reader = csv.reader(lines, strict=True)
+    header = None
+    try:
+        for row in reader:
+            if not lines.ended:
+                return  # a row cut short by a kill: dropped, and its image captioned again
+            lines.commit()
+            if header is None:
+                header = row
+                if header[:2] != ["path", "caption"]:
+                    raise CaptionsFileError(f"{name} is a CSV without the columns path, caption")
+                columns[:] = header
+            elif row:
+                yield dict(zip(header, row, strict=False))
+    except csv.Error as exc:
+        if lines.read < lines.size:  # broken in the middle, not just cut short at the end
+            raise CaptionsFileError(f"{name} is not a valid CSV file: {exc}") from None

@@ -1,0 +1,179 @@
+"""`docker-vit caption --url`: the same folder captioning, sent to a running Docker-ViT server.
+
+Standard library only (urllib and threads), so the client needs nothing beyond the core install. Each
+image is one raw-body request to `POST /v1/captions`, several in flight at once; the server's batcher
+turns concurrent requests into full batches. Answers come back in input order, so the output matches
+a local run line for line.
+
+Errors: 503/504 and dropped connections are retried (honouring Retry-After, bounded); a refused image
+(400, 413, 415, 422) or a failed one (500) is skipped with a warning; 401/403/404 stop the run, since
+every other image would meet the same answer.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+from docker_vit.captions_file import record
+from docker_vit.config import Settings
+from docker_vit.folder import CaptionError, Outcome, describe_error
+
+ATTEMPTS = 8  # tries per image while the server answers 503/504 or drops the connection
+MAX_DELAY = 30.0  # seconds, the longest wait between two tries, whatever Retry-After says
+TIMEOUT = 300.0  # seconds for one request: the server's own request_timeout answers long before
+READY_WAIT = 600.0  # seconds to wait for a server that is still loading its model
+FATAL = (401, 403, 404, 405)
+
+
+class _Skip(Exception):
+    """This image was refused or failed on the server; the others may still go through."""
+
+
+class RemoteCaptioner:
+    """Captions through `settings.url` with `settings.concurrency` requests in flight."""
+
+    def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
+        url = settings.url.rstrip("/")
+        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+            raise CaptionError(f"--url must start with http:// or https://, got {settings.url!r}")
+        self.url = url
+        self.params = dict(params)
+        self.concurrency = settings.concurrency
+        self.headers = {"Content-Type": "application/octet-stream", "Accept": "application/json"}
+        if settings.api_key:
+            self.headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._wait_ready()
+
+    def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
+        for outcome in in_order(self._caption, paths, self.concurrency):
+            yield [outcome]
+
+    def _caption(self, path: str) -> Outcome:
+        try:
+            with open(path, "rb") as file:
+                data = file.read()
+            answer = self._post(data)
+        except OSError as exc:
+            return Outcome(path, error=describe_error(exc))
+        except _Skip as exc:
+            return Outcome(path, error=str(exc))
+        entry = dict(answer["captions"][0])
+        text = entry.pop("text")
+        return Outcome(path, entry=record(path, text, answer.get("model", ""), self.params, entry))
+
+    def _post(self, data: bytes) -> dict[str, Any]:
+        query = urllib.parse.urlencode(self.params)
+        problem = ""
+        for attempt in range(ATTEMPTS):
+            request = urllib.request.Request(
+                f"{self.url}/v1/captions?{query}", data=data, headers=self.headers, method="POST"
+            )
+            try:
+                with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as exc:
+                problem = f"{exc.code} {_error(exc)[1]}"
+                if exc.code in FATAL:
+                    raise CaptionError(f"{self.url} answered {problem}") from None
+                if exc.code not in (429, 503, 504):
+                    raise _Skip(f"the server answered {problem}") from None
+                delay = _retry_after(exc, attempt)
+            except (urllib.error.URLError, OSError) as exc:
+                problem = str(getattr(exc, "reason", exc))
+                delay = _backoff(attempt)
+            time.sleep(delay)
+        raise CaptionError(f"{self.url} still failing after {ATTEMPTS} tries: {problem}")
+
+    def _wait_ready(self) -> None:
+        """Fail fast on a wrong URL; wait (bounded) while the server loads its model."""
+        deadline = time.monotonic() + READY_WAIT
+        while True:
+            try:
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=30) as response:
+                    response.read()
+                return
+            except urllib.error.HTTPError as exc:
+                body, message = _error(exc)
+                if exc.code == 404:
+                    return  # no readiness probe there (a proxy in front?): the captions will tell
+                if exc.code != 503 or body.get("status") == "failed" or time.monotonic() > deadline:
+                    detail = body.get("error") if isinstance(body.get("error"), str) else message
+                    raise CaptionError(f"{self.url} is not ready: {exc.code} {detail}") from None
+            except (urllib.error.URLError, OSError) as exc:
+                raise CaptionError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
+            time.sleep(1.0)
+
+
+def in_order(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+    """`work` over `items` in daemon threads, results yielded in input order.
+
+    At most twice `workers` results wait ahead of the one being yielded, bounding memory. Daemon
+    threads never keep Ctrl-C waiting for a slow request; closing the iterator stops the workers.
+    """
+    results: dict[int, tuple[bool, Any]] = {}
+    changed = threading.Condition()
+    room = threading.Semaphore(2 * workers)
+    indexes = iter(range(len(items)))
+    stopped = threading.Event()
+
+    def worker() -> None:
+        while room.acquire() and not stopped.is_set():
+            with changed:
+                index = next(indexes, None)
+            if index is None:
+                return
+            try:
+                result = (True, work(items[index]))
+            except BaseException as exc:  # handed to the consumer, who raises it in order
+                result = (False, exc)
+            with changed:
+                results[index] = result
+                changed.notify_all()
+
+    for _ in range(min(workers, len(items))):
+        threading.Thread(target=worker, daemon=True, name="docker-vit-client").start()
+    try:
+        for index in range(len(items)):
+            with changed:
+                while index not in results:
+                    changed.wait(timeout=0.5)
+                ok, value = results.pop(index)
+            room.release()
+            if not ok:
+                raise value
+            yield value
+    finally:
+        stopped.set()
+        for _ in range(workers):
+            room.release()
+
+
+def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:
+    try:
+        return min(max(float(exc.headers.get("Retry-After", "")), 0.0), MAX_DELAY)
+    except ValueError:
+        return _backoff(attempt)
+
+
+def _backoff(attempt: int) -> float:
+    return min(0.5 * 2**attempt, MAX_DELAY)
+
+
+def _error(exc: urllib.error.HTTPError) -> tuple[dict[str, Any], str]:
+    """The error's JSON body (read once) and its message: the server's `error.message`, else the reason."""
+    try:
+        body = json.loads(exc.read() or b"{}")
+    except (ValueError, OSError):
+        body = {}
+    finally:
+        exc.close()
+    body = body if isinstance(body, dict) else {}
+    error = body.get("error")
+    return body, str(error.get("message")) if isinstance(error, dict) else str(exc.reason)

@@ -1,0 +1,277 @@
+"""Captioning many images without a server: `docker-vit caption PATH... [--output FILE]`.
+
+Folders are walked in a stable order, images go through the configured handler in batches (or to a
+server with `--url`, see client.py), and captions go to stdout or to a captions file that a second
+run resumes. One unreadable file costs a warning line, never the run.
+
+Exit codes: 0 when every image found is captioned (in this run or an earlier one), 1 when some were
+not (skipped with a warning, or the run stopped on an error: rerun to retry them), 130 on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for, record
+from docker_vit.config import Settings
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+
+
+class CaptionError(Exception):
+    """The run cannot go on (the model failed, the server is unreachable); what is written stays."""
+
+
+@dataclass
+class Outcome:
+    """One image's fate: its record when captioned, or why it was skipped."""
+
+    path: str
+    entry: dict[str, Any] | None = None
+    error: str | None = None
+
+
+def caption(settings: Settings, paths: Sequence[str], output: str | None, fmt: str | None) -> int:
+    """The `caption` command: find images, skip those already in `output`, caption the rest."""
+    progress = Progress()
+    images = find_images(paths, progress.warn)
+    try:
+        sink = CaptionsFile(output, format_for(output, fmt)) if output else _Stdout(fmt, images, paths)
+    except (OSError, CaptionsFileError) as exc:
+        progress.warn(f"cannot use {output}: {exc}")
+        return 1
+    with sink:
+        todo = [path for path in images if path not in sink.done]
+        if not todo:
+            return 0
+        params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
+        return _run(settings, params, todo, sink, progress if output else Progress(enabled=False))
+
+
+def _run(settings: Settings, params: dict, todo: list[str], sink: Any, progress: Progress) -> int:
+    skipped = 0
+    try:
+        runner = _runner(settings, params)
+        progress.start(len(todo))
+        for outcomes in runner(todo):
+            sink.write([outcome.entry for outcome in outcomes if outcome.entry is not None])
+            for outcome in outcomes:
+                if outcome.error is not None:
+                    skipped += 1
+                    progress.warn(f"skipping {outcome.path}: {outcome.error}")
+            progress.advance(len(outcomes))
+    except KeyboardInterrupt:
+        progress.stop()
+        progress.warn("interrupted; run the same command again to caption the rest")
+        return 130
+    except (CaptionError, CaptionsFileError, OSError, ValueError, ImportError) as exc:
+        progress.stop()
+        progress.warn(str(exc))
+        return 1
+    progress.stop()
+    progress.summary(skipped)
+    return 1 if skipped else 0
+
+
+def _runner(settings: Settings, params: dict) -> Callable[[list[str]], Iterator[list[Outcome]]]:
+    if settings.url:
+        from docker_vit.client import RemoteCaptioner
+
+        return RemoteCaptioner(settings, params).run
+    return LocalCaptioner(settings, params).run
+
+
+def find_images(paths: Sequence[str], warn: Callable[[str], None]) -> list[str]:
+    """Files as given; folders walked, sorted, image extensions only, hidden entries left out.
+
+    Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
+    joined under the argument as given, so the same command finds the same strings again.
+    """
+    found: dict[str, None] = {}
+    visited: set[tuple[int, int]] = set()
+    for argument in paths:
+        path = os.path.normpath(argument)
+        found.update(dict.fromkeys(_walk(path, visited, warn) if os.path.isdir(path) else [path]))
+    return list(found)
+
+
+def _walk(root: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> Iterator[str]:
+    stack = [iter([root])]
+    while stack:
+        path = next(stack[-1], None)
+        if path is None:
+            stack.pop()
+        elif os.path.isdir(path):
+            entries = _entries(path, visited, warn)
+            stack.append(iter([os.path.join(path, name) for name in entries]))
+        elif os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+            yield path
+
+
+def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> list[str]:
+    try:
+        stat = os.stat(folder)
+        if (stat.st_dev, stat.st_ino) in visited:
+            return []
+        visited.add((stat.st_dev, stat.st_ino))
+        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    except OSError as exc:
+        warn(f"skipping folder {folder}: {exc.strerror or exc}")
+        return []
+
+
+class LocalCaptioner:
+    """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
+
+    def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
+        from docker_vit.handler import OptionsError, load_handler
+
+        self.handler = load_handler(settings)
+        self.handler.load()
+        try:
+            self.options = self.handler.options(params)
+        except OptionsError as exc:
+            raise CaptionError(str(exc)) from None
+        self.params = dict(params)
+        self.batch_size = self.handler.max_batch_size or settings.max_batch_size
+
+    def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
+        batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
+        cpu = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare")
+        try:
+            upcoming = self._submit(cpu, batches[0]) if batches else []
+            for index in range(len(batches)):
+                prepared = upcoming
+                upcoming = self._submit(cpu, batches[index + 1]) if index + 1 < len(batches) else []
+                yield self._predict(prepared)
+        finally:
+            cpu.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, cpu: ThreadPoolExecutor, batch: list[str]) -> list[tuple[str, Future]]:
+        return [(path, cpu.submit(self._prepare, path)) for path in batch]
+
+    def _prepare(self, path: str) -> Any:
+        with open(path, "rb") as file:
+            return self.handler.prepare(file.read(), self.options)
+
+    def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
+        outcomes = [Outcome(path) for path, _ in prepared]
+        ready, items = [], []
+        for outcome, (_, future) in zip(outcomes, prepared, strict=True):
+            try:
+                items.append(future.result())
+                ready.append(outcome)
+            except Exception as exc:
+                outcome.error = describe_error(exc)
+        if items:
+            try:
+                outputs = self.handler.predict(items, self.options)
+            except Exception as exc:
+                raise CaptionError(f"the model failed: {type(exc).__name__}: {exc}") from exc
+            for outcome, output in zip(ready, outputs, strict=True):
+                result = self.handler.respond(output)
+                outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
+        return outcomes
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why a file was skipped, without repeating its path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    from docker_vit.images import ImageError
+
+    return str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+
+
+class _Stdout:
+    """Captions on stdout, as before `--output` existed: text (with paths for several), JSON lines or CSV."""
+
+    def __init__(self, fmt: str | None, images: list[str], paths: Sequence[str]) -> None:
+        self.format = fmt or "text"
+        self.done: set[str] = set()
+        self.with_path = len(images) > 1 or any(os.path.isdir(path) for path in paths)
+        if self.format == "csv":
+            csv.writer(sys.stdout, lineterminator="\n").writerow(CSV_COLUMNS)
+
+    def write(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        for entry in entries:
+            if self.format != "text":
+                sys.stdout.write(encode(entry, self.format))
+            else:
+                print(f"{entry['path']}: {entry['caption']}" if self.with_path else entry["caption"])
+        sys.stdout.flush()
+
+    def __enter__(self) -> _Stdout:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout.flush()
+
+
+class Progress:
+    """One line on a terminal's stderr (done/total, images/s, time left); silent when not a terminal.
+
+    Warnings always print, as their own lines above the bar.
+    """
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = self.done = 0
+        self.started = self._drawn = 0.0
+        self._active = False
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.started, self._active = total, 0, time.monotonic(), self.enabled
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self._active and (time.monotonic() - self._drawn > 0.2 or self.done == self.total):
+            self._draw()
+
+    def warn(self, message: str) -> None:
+        self._clear()
+        print(f"docker-vit: {message}", file=self.stream, flush=True)
+        if self._active:
+            self._draw()
+
+    def stop(self) -> None:
+        if self._active:
+            self._draw()
+            self.stream.write("\n")
+            self._active = False
+
+    def summary(self, skipped: int) -> None:
+        if self.enabled:
+            seconds = time.monotonic() - self.started
+            done = self.done - skipped
+            note = f"; {skipped} skipped" if skipped else ""
+            self.warn(f"captioned {done} images in {seconds:.1f} s ({done / seconds:.1f}/s){note}")
+
+    def _clear(self) -> None:
+        if self._active:
+            self.stream.write("\r\033[K")
+
+    def _draw(self) -> None:
+        self._drawn = now = time.monotonic()
+        rate = self.done / max(now - self.started, 1e-9)
+        left = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+        width = 24
+        filled = width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        line = f"\r[{bar}] {self.done}/{self.total} {rate:.1f} images/s, {left} left"
+        self.stream.write(line + "\033[K")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"

@@ -1,0 +1,42 @@
+"""Handlers for the folder-captioning tests: no torch, deterministic captions, countable model calls.
+
+Usable in-process (`--handler folder_handlers:Digest` with tests/ on sys.path, as pytest has it) and
+from a subprocess (PYTHONPATH=tests).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Hashable, Sequence
+from typing import Any, ClassVar
+
+from docker_vit.handler import Handler
+from docker_vit.images import open_image
+
+
+class Digest(Handler):
+    """Captions a picture by a digest of its pixels, with the real image intake in front.
+
+    `batches` records the size of every predict call of every instance (tests clear it).
+    """
+
+    name = "digest"
+    batches: ClassVar[list[int]] = []
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        s = self.settings
+        image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels)
+        return hashlib.sha1(image.tobytes()).hexdigest()[:12]
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        Digest.batches.append(len(items))
+        return [f"picture {item}" for item in items]
+
+
+class Slow(Digest):
+    """A quarter of a second per batch: slow enough for a test to interrupt a run midway."""
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        time.sleep(0.25)
+        return super().predict(items, options)

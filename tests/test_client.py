@@ -1,0 +1,173 @@
+"""`docker-vit caption --url`: the same captions through a real server on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import uvicorn
+from conftest import photo
+
+from docker_vit import cli, client
+from docker_vit.config import Settings
+from docker_vit.server import create_app
+
+
+@contextmanager
+def live_server(settings: Settings) -> Iterator[str]:
+    """The real app under uvicorn in a thread, on a free loopback port; yields its URL once ready.
+
+    Ready, not just started: transformers' loading is not thread-safe, so a test must not load a
+    model in this process while the server still loads its own.
+    """
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), log_config=None, access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.started and _ready(url)):
+            assert time.monotonic() < deadline and thread.is_alive(), "the server never became ready"
+            time.sleep(0.05)
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def pictures(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("pictures")
+    for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg", "french_bulldog.jpg"):
+        (folder / "sub" if name.startswith("c") else folder).mkdir(exist_ok=True)
+        target = folder / "sub" / name if name.startswith("c") else folder / name
+        target.write_bytes(photo(name).read_bytes())
+    (folder / "broken.png").write_bytes(b"\x89PNG but not really")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def server(vit_gpt2_dir: Path) -> Iterator[str]:
+    with live_server(Settings(model=str(vit_gpt2_dir), api_keys=("sesame",), max_batch_size=4)) as url:
+        yield url
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_url_gives_the_same_output_as_a_local_run(
+    server: str, vit_gpt2_dir: Path, pictures: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    common = ["caption", str(pictures), "--num-beams", "2", "--max-new-tokens", "6"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert cli.main([*common, "-o", str(local), "--model", str(vit_gpt2_dir)]) == 1  # broken.png skipped
+    assert capsys.readouterr().err.count("skipping") == 1
+    flags = ["--url", server, "--api-key", "sesame", "--concurrency", "3"]
+    assert cli.main([*common, "-o", str(remote), *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.count("skipping") == 1 and "broken.png: the server answered 415" in err
+    assert read(remote) == read(local) and len(read(local)) == 4
+    assert read(remote)[0]["model"] == str(vit_gpt2_dir) and read(remote)[0]["num_beams"] == 2
+    (pictures / "broken.png").rename(pictures / "broken.txt")  # resume: nothing left but a skip gone
+    try:
+        assert cli.main([*common, "-o", str(remote), *flags]) == 0
+    finally:
+        (pictures / "broken.txt").rename(pictures / "broken.png")
+    assert len(read(remote)) == 4
+
+
+def test_a_wrong_api_key_stops_the_run_at_once(
+    server: str, pictures: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["caption", str(pictures), "-o", str(out), "--url", server, "--api-key", "nope"]) == 1
+    assert "401 missing or invalid API key" in capsys.readouterr().err
+    assert out.read_text() == ""
+
+
+def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound but not listening: connections are refused
+        started = time.monotonic()
+        assert cli.main(["caption", str(pictures), "--url", f"http://127.0.0.1:{port}"]) == 1
+    assert time.monotonic() - started < 10 and "cannot reach" in capsys.readouterr().err
+
+
+class _Flaky(BaseHTTPRequestHandler):
+    """Ready at once; answers 503 with Retry-After to the first two caption requests, then captions."""
+
+    refusals = 2
+
+    def do_GET(self) -> None:
+        self._answer(200, {"status": "ready"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if _Flaky.refusals > 0:
+            _Flaky.refusals -= 1
+            self._answer(503, {"error": {"type": "overloaded", "message": "busy"}}, {"Retry-After": "0"})
+        else:
+            self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption", "score": 1}]})
+
+    def _answer(self, status: int, body: dict, headers: dict | None = None) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        for key, value in {"Content-Type": "application/json", **(headers or {})}.items():
+            self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "out.csv"
+        url = f"http://127.0.0.1:{stub.server_address[1]}"
+        assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert _Flaky.refusals == 0
+    assert out.read_text().splitlines() == [
+        "path,caption,model,num_beams,max_new_tokens",
+        f"{photo('coffee.jpg')},a stub caption,stub,4,15",
+    ]
+
+
+def test_in_order_yields_in_input_order_and_raises_in_place() -> None:
+    def work(item: int) -> int:
+        time.sleep((7 - item) * 0.005)  # later items finish first
+        if item == 5:
+            raise ValueError("five")
+        return item * 10
+
+    results = client.in_order(work, list(range(8)), workers=4)
+    assert [next(results) for _ in range(5)] == [0, 10, 20, 30, 40]
+    with pytest.raises(ValueError, match="five"):
+        next(results)

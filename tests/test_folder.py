@@ -1,0 +1,237 @@
+"""`docker-vit caption PATH... [--output FILE]`: walking, output files, resume, progress, interrupts."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import photo
+from folder_handlers import Digest
+from PIL import Image
+
+from docker_vit import cli
+from docker_vit.captions_file import CaptionsFile, CaptionsFileError
+from docker_vit.folder import Progress, find_images
+
+TESTS = Path(__file__).parent
+DIGEST = ["--handler", "folder_handlers:Digest", "--max-batch-size", "3"]
+
+
+def picture(path: Path, shade: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = path.suffix.lower().lstrip(".")
+    kind = {"jpg": "JPEG", "tif": "TIFF"}.get(suffix, suffix.upper())
+    Image.new("RGB", (8, 8), (shade, 255 - shade, shade // 2)).save(path, format=kind)
+    return path
+
+
+@pytest.fixture
+def library(tmp_path: Path) -> Path:
+    """Nested folders of pictures, with things that are not pictures and one broken picture."""
+    root = tmp_path / "photos"
+    picture(root / "b.png", 10)
+    picture(root / "a.JPG", 20)
+    picture(root / "2020" / "summer" / "beach.webp", 30)
+    picture(root / "2020" / "c.gif", 40)
+    picture(root / "z" / "last.bmp", 50)
+    (root / "notes.txt").write_text("not a picture")
+    (root / "2020" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    picture(root / ".thumbnails" / "hidden.png", 60)
+    Digest.batches.clear()
+    return root
+
+
+def lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_find_images_walks_folders_in_a_stable_order(library: Path) -> None:
+    os.symlink(library, library / "2020" / "loop")  # a symlink loop ends, nothing is found twice
+    warnings: list[str] = []
+    extra = library / "notes.txt"
+    found = find_images([str(library), str(extra), str(library / "b.png")], warnings.append)
+    rel = [os.path.relpath(path, library.parent) for path in found]
+    assert rel == [
+        "photos/2020/broken.jpg",
+        "photos/2020/c.gif",
+        "photos/2020/summer/beach.webp",
+        "photos/a.JPG",
+        "photos/b.png",
+        "photos/z/last.bmp",
+        "photos/notes.txt",  # named explicitly: taken whatever its extension
+    ]
+    assert warnings == []
+    assert find_images([str(library) + "/"], print) == found[:-1]  # normalized: a trailing slash matches
+
+
+def test_jsonl_output_skips_unreadable_files_and_carries_on(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "captions.jsonl"
+    assert cli.main(["caption", str(library), "--output", str(out), *DIGEST]) == 1  # one file skipped
+    err = capsys.readouterr().err
+    assert err.count("docker-vit: skipping") == 1 and "broken.jpg: cannot decode the image" in err
+    entries = lines(out)
+    assert [Path(entry["path"]).name for entry in entries] == [
+        "c.gif",
+        "beach.webp",
+        "a.JPG",
+        "b.png",
+        "last.bmp",
+    ]
+    assert all(entry["path"].startswith(str(library) + os.sep) for entry in entries)
+    assert entries[0] == {
+        "path": str(library / "2020" / "c.gif"),
+        "caption": entries[0]["caption"],
+        "model": "digest",
+        "num_beams": 4,
+        "max_new_tokens": 15,
+    }
+    assert entries[0]["caption"].startswith("picture ")
+    assert sum(Digest.batches) == 5 and max(Digest.batches) <= 3
+
+
+def test_resume_captions_only_new_images(library: Path, tmp_path: Path) -> None:
+    out = tmp_path / "captions.jsonl"
+    cli.main(["caption", str(library), "--output", str(out), *DIGEST])
+    (library / "2020" / "broken.jpg").unlink()
+    picture(library / "2020" / "new.png", 70)
+    picture(library / "zz.tiff", 80)
+    Digest.batches.clear()
+    assert cli.main(["caption", str(library), "--output", str(out), *DIGEST]) == 0
+    assert sum(Digest.batches) == 2  # only the two new pictures reached the model
+    paths = [entry["path"] for entry in lines(out)]
+    assert len(paths) == len(set(paths)) == 7
+    Digest.batches.clear()
+    assert cli.main(["caption", str(library), "--output", str(out), *DIGEST]) == 0
+    assert Digest.batches == [] and len(lines(out)) == 7  # nothing left to do: the model never ran
+
+
+def test_csv_output_quotes_and_resumes(library: Path, tmp_path: Path) -> None:
+    picture(library / 'odd, "name".png', 90)
+    out = tmp_path / "captions.csv"  # the format follows the file name
+    cli.main(["caption", str(library), "-o", str(out), *DIGEST])
+    Digest.batches.clear()
+    picture(library / "more.png", 100)
+    cli.main(["caption", str(library), "-o", str(out), *DIGEST])
+    assert sum(Digest.batches) == 1
+    with open(out, newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert list(rows[0]) == ["path", "caption", "model", "num_beams", "max_new_tokens"]
+    assert len(rows) == 7 and len({row["path"] for row in rows}) == 7
+    assert str(library / 'odd, "name".png') in {row["path"] for row in rows}
+    assert rows[0]["model"] == "digest" and rows[0]["num_beams"] == "4"
+
+
+def test_a_cut_off_last_record_is_dropped_on_resume(tmp_path: Path) -> None:
+    fresh = {"path": "new.png", "caption": "fresh"}
+    for name, text, kept, last in [
+        ("a.jsonl", '{"path": "x.png", "caption": "a"}\n{"path": "y.p', ["x.png"], json.dumps(fresh)),
+        ("a.csv", 'path,caption\nx.png,a\n"y.png","a cap', ["x.png"], "new.png,fresh"),
+        ("b.csv", 'path,caption\nx.png,a\ny.png,"two\nlines"\nz.png,b', ["x.png", "y.png"], "new.png,fresh"),
+        ("c.csv", "path,cap", [], "new.png,fresh,,,"),  # even the header was cut: written anew
+    ]:
+        path = tmp_path / name
+        path.write_text(text)
+        with CaptionsFile(str(path), name.split(".")[1]) as file:
+            assert sorted(file.done) == kept
+            file.write([fresh])
+        assert path.read_text().splitlines()[-1] == last
+        with CaptionsFile(str(path), name.split(".")[1]) as file:
+            assert sorted(file.done) == sorted([*kept, "new.png"])
+
+
+def test_refuses_to_append_to_a_file_that_is_not_a_captions_file(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.jsonl"
+    notes.write_text("hello\nworld\n")
+    with pytest.raises(CaptionsFileError):
+        CaptionsFile(str(notes), "jsonl")
+    sheet = tmp_path / "sheet.csv"
+    sheet.write_text("name,age\nann,3\n")
+    with pytest.raises(CaptionsFileError):
+        CaptionsFile(str(sheet), "csv")
+    assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(notes), *DIGEST]) == 1
+    assert notes.read_text() == "hello\nworld\n"
+
+
+def test_stdout_keeps_the_old_behaviour(library: Path, capsys: pytest.CaptureFixture) -> None:
+    one = str(library / "b.png")
+    assert cli.main(["caption", one, *DIGEST]) == 0
+    assert capsys.readouterr().out.startswith("picture ")
+    assert cli.main(["caption", one, str(library / "a.JPG"), *DIGEST]) == 0
+    assert capsys.readouterr().out.splitlines()[0].startswith(f"{one}: picture ")
+    cli.main(["caption", str(library / "z"), *DIGEST])  # a folder always prints paths
+    assert capsys.readouterr().out.startswith(str(library / "z" / "last.bmp") + ": picture")
+    cli.main(["caption", str(library / "z"), "--json", *DIGEST])
+    assert json.loads(capsys.readouterr().out)["path"] == str(library / "z" / "last.bmp")
+    cli.main(["caption", str(library / "z"), "--format", "csv", *DIGEST])
+    assert capsys.readouterr().out.splitlines()[0] == "path,caption,model,num_beams,max_new_tokens"
+
+
+def test_the_captioner_itself_with_a_tiny_model(vit_gpt2_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    for name in ("coffee.jpg", "chelsea.jpg"):
+        (folder / name).write_bytes(photo(name).read_bytes())
+    out = tmp_path / "out.jsonl"
+    args = ["caption", str(folder), "-o", str(out), "--model", str(vit_gpt2_dir), "--num-beams", "2"]
+    assert cli.main([*args, "--max-new-tokens", "5"]) == 0
+    entries = lines(out)
+    assert [Path(entry["path"]).name for entry in entries] == ["chelsea.jpg", "coffee.jpg"]
+    assert entries[0]["model"] == str(vit_gpt2_dir) and entries[0]["num_beams"] == 2
+    assert entries[0]["max_new_tokens"] == 5 and all(isinstance(entry["caption"], str) for entry in entries)
+
+
+def test_progress_bar_on_a_terminal_and_quiet_elsewhere(library: Path, capsys: pytest.CaptureFixture) -> None:
+    stream = io.StringIO()
+    progress = Progress(stream, enabled=True)
+    progress.start(4)
+    progress.advance(2)
+    progress.warn("skipping x.png: broken")
+    progress.advance(2)
+    progress.stop()
+    text = stream.getvalue()
+    assert "2/4" in text and "4/4" in text and "images/s" in text and "left" in text
+    assert "\r\033[Kdocker-vit: skipping x.png: broken\n" in text
+    (library / "2020" / "broken.jpg").unlink()
+    assert cli.main(["caption", str(library), "-o", str(library.parent / "out.jsonl"), *DIGEST]) == 0
+    assert capsys.readouterr().err == ""  # not a terminal: not a word on stderr
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: signal.Signals) -> None:
+    folder = tmp_path / "many"
+    for index in range(24):
+        picture(folder / f"{index // 10}" / f"{index:02d}.png", index * 10)
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(folder), "-o", str(out)]
+    command += ["--handler", "folder_handlers:Slow", "--max-batch-size", "2"]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out.exists() and out.read_text().count("\n") >= 4):
+        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        time.sleep(0.02)
+    process.send_signal(sig)
+    _, err = process.communicate(timeout=30)
+    if sig == signal.SIGINT:
+        assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    else:
+        assert process.returncode == -signal.SIGKILL
+    text = out.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    done = [json.loads(line)["path"] for line in complete.splitlines()]  # every whole line is valid
+    assert 4 <= len(done) < 24
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert rerun.returncode == 0, rerun.stderr
+    paths = [entry["path"] for entry in lines(out)]
+    assert sorted(paths) == sorted(str(path) for path in folder.rglob("*.png")) and len(set(paths)) == 24
+    assert paths[: len(done)] == done  # the first run's captions were kept, not redone
