@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -91,6 +92,8 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     service = app.state.service
     service.on_failed = lambda: setattr(server, "should_exit", True)
+    # uvicorn re-raises SIGTERM once it has drained; a server that finished its requests exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
     return 1 if service.state == FAILED else 0
 
