@@ -58,8 +58,10 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise
     except Image.DecompressionBombError as exc:
         raise TooLarge(str(exc)) from None
-    except Exception as exc:  # Pillow raises many types for broken files: all mean "not an image"
+    except (OSError, SyntaxError, ValueError) as exc:
         raise NotAnImage(f"cannot decode the image: {exc}") from None
+    except Exception:  # Pillow raises many more types for broken files: all mean "not an image"
+        raise NotAnImage("cannot decode the image: not a supported image format") from None
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
