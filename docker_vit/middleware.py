@@ -22,6 +22,7 @@ log = logging.getLogger("docker_vit.access")
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # A refused or stalled body may still be on its way: close the connection rather than read the rest.
 _CLOSE = {"Connection": "close"}
+MAX_HEADER_BYTES = 64 * 1024  # request line and headers; h11 allows 16 KiB, nginx 32 KiB
 
 
 class RequestContext:
@@ -108,7 +109,7 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
 
 def header_deadline(timeout: float) -> type:
     """uvicorn's HTTP protocol, closing connections whose request headers are not complete `timeout`
-    seconds after the connection opened or its previous response ended.
+    seconds after the connection opened or its previous response ended, or run past MAX_HEADER_BYTES.
 
     uvicorn times out idle keep-alive connections only after a response, and never a fresh connection
     or a slow trickle of header bytes (slowloris): without this, such sockets stay open forever.
@@ -117,6 +118,17 @@ def header_deadline(timeout: float) -> type:
 
     class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _deadline: asyncio.TimerHandle | None = None
+        _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
+        _header_bytes = 0
+
+        def data_received(self, data: bytes) -> None:
+            """httptools sets no bound on header size: cap the bytes sent while headers are incomplete."""
+            super().data_received(data)
+            if self.cycle is self._waiting_for and not self.transport.is_closing():
+                self._header_bytes += len(data)
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+                    self.transport.close()
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -134,6 +146,7 @@ def header_deadline(timeout: float) -> type:
         def _expect_headers(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
+            self._waiting_for, self._header_bytes = self.cycle, 0
             self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)
 
         def _drop_if_waiting(self, cycle: Any) -> None:
