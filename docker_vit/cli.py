@@ -22,7 +22,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.load(os.environ, **{name: getattr(args, name, None) for name in options()})
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
-    return args.run(settings, args)
+    from docker_vit.handler import HandlerError
+
+    try:
+        return args.run(settings, args)
+    except HandlerError as exc:
+        parser.error(str(exc))
 
 
 def _parser() -> argparse.ArgumentParser:

