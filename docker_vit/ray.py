@@ -1,0 +1,148 @@
+"""Ray Serve adapter: the same HTTP app as `docker-vit serve`, run as replicas of a Ray Serve deployment.
+
+    pip install "docker-vit[ray]"
+    serve run docker_vit.ray:app model=nlpconnect/vit-gpt2-image-captioning num_gpus=1 num_replicas=2
+
+`app` is a Ray application builder: Ray's CLI hands it the `key=value` arguments (or the `args:` of a
+Serve config file). Every `Settings` field is an argument (`model`, `num_beams`, `max_new_tokens`,
+`device`, `max_batch_size`, ...), layered over the replica's own `DOCKER_VIT_*` variables; the rest
+shape the deployment (`DEPLOYMENT_ARGS`). Each replica builds the app with `server.create_app`, so the
+routes, limits, errors and metrics are those of `docker-vit serve`; Ray's proxy (port 8000 by default)
+spreads requests over the replicas, and inside each one the project's batcher gathers them into model
+calls (rather than `@serve.batch`, which would be a second batching path beside the one every other
+entry point uses, without its per-options grouping, queue limit and failed-batch splitting).
+
+Readiness is Ray's health check: Ray calls `check_health` once before routing traffic to a new
+replica, and that first call waits for the model to load and warm up; a load that failed raises, so
+Ray replaces the replica instead of sending it requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve  # the real Ray: absolute imports never resolve to this module
+
+from docker_vit.config import MODEL, SERVER, Settings, options, parse
+from docker_vit.server import create_app
+from docker_vit.service import LOADING, READY
+
+# Arguments that configure the Ray deployment rather than Docker-ViT itself, with their types.
+DEPLOYMENT_ARGS: dict[str, type] = {
+    "num_replicas": int,  # fixed replica count (or "auto": Ray's default autoscaling)
+    "min_replicas": int,  # any of these three turns autoscaling on
+    "max_replicas": int,
+    "target_ongoing_requests": float,
+    "num_gpus": float,  # per replica; fractions share a GPU between replicas
+    "num_cpus": float,  # per replica
+    "max_ongoing_requests": int,  # per replica (default: two full batches)
+    "load_timeout_s": float,  # longest model load + warm-up before the replica counts as failed
+}
+LOAD_TIMEOUT_S = 1800.0
+# Ray's proxy owns the listening socket (`serve start --http-port`, or http_options in a config file).
+NOT_UNDER_RAY = ("host", "port")
+
+
+class _ReplicaApp:
+    """The ASGI app handed to `serve.ingress`: it forwards to the FastAPI app its replica built.
+
+    Ray pickles the ingress app along with the deployment, before any replica exists, and a model
+    service cannot be pickled; so this carries nothing and pickles by name, resolving in every Ray
+    worker process (one replica each) to that process's instance, which the replica's constructor
+    fills in before Ray runs the lifespan (which starts the service) or routes any request.
+    """
+
+    app: FastAPI | None = None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if self.app is None:
+            raise RuntimeError("no replica has installed its app in this process")
+        await self.app(scope, receive, send)
+
+    def __reduce__(self) -> str:
+        return "REPLICA_APP"
+
+
+REPLICA_APP = _ReplicaApp()
+
+
+@serve.deployment(name="DockerViT")
+@serve.ingress(REPLICA_APP)
+class DockerViT:
+    """One replica: the settings loaded where it runs, its app, and Ray's health check."""
+
+    def __init__(self, overrides: Mapping[str, Any], load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
+        # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
+        settings = Settings.load(os.environ, **overrides)
+        web = create_app(settings)
+        self.service = web.state.service
+        self.load_timeout_s = load_timeout_s
+        REPLICA_APP.app = web
+
+    async def check_health(self) -> None:
+        """Raises unless the model is ready; the first call waits for the load to end either way."""
+        deadline = time.monotonic() + self.load_timeout_s
+        while self.service.state == LOADING and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if self.service.state != READY:
+            detail = f": {self.service.error}" if self.service.error else ""
+            raise RuntimeError(f"the model is {self.service.state}{detail}")
+
+
+def app(args: Mapping[str, Any]) -> serve.Application:
+    """Ray's application builder: `serve run docker_vit.ray:app model=... num_gpus=1`."""
+    overrides, deployment = split_args(args)
+    settings = Settings.load(os.environ, **overrides)  # bad arguments fail here, before any replica
+    load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
+    return DockerViT.options(**deployment_options(settings, deployment)).bind(overrides, load_timeout_s)
+
+
+def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Typed `Settings` overrides and deployment arguments from Ray's strings (or a config's values)."""
+    fields = {name: spec for name, spec in options().items() if spec.metadata["group"] in (MODEL, SERVER)}
+    unknown = sorted(set(args) - set(fields) - set(DEPLOYMENT_ARGS))
+    if unknown:
+        known = ", ".join([*(name for name in fields if name not in NOT_UNDER_RAY), *DEPLOYMENT_ARGS])
+        raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {known}")
+    taken = [name for name in NOT_UNDER_RAY if name in args]
+    if taken:
+        raise ValueError(f"{', '.join(taken)}: Ray's HTTP proxy listens (serve run --port, or http_options)")
+    overrides, deployment = {}, {}
+    for name, value in args.items():
+        text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
+        if name in fields:
+            overrides[name] = parse(fields[name], text)
+        elif name == "num_replicas" and text == "auto":
+            deployment[name] = text
+        else:
+            try:
+                deployment[name] = DEPLOYMENT_ARGS[name](text)
+            except ValueError:
+                raise ValueError(f"{name}={text!r} is not a valid {DEPLOYMENT_ARGS[name].__name__}") from None
+    return overrides, deployment
+
+
+def deployment_options(settings: Settings, deployment: Mapping[str, Any]) -> dict[str, Any]:
+    """Ray's deployment options: replicas or autoscaling, resources per replica, concurrency."""
+    scaling_keys = ("min_replicas", "max_replicas", "target_ongoing_requests")
+    scaling = {key: deployment[key] for key in scaling_keys if key in deployment}
+    actor = {key: deployment[key] for key in ("num_gpus", "num_cpus") if key in deployment}
+    result: dict[str, Any] = {
+        # One batch runs while the next one forms; more would only wait in this replica's queue
+        # instead of Ray's router, which can still send them to a less busy replica.
+        "max_ongoing_requests": deployment.get("max_ongoing_requests", 2 * settings.max_batch_size),
+        "graceful_shutdown_timeout_s": settings.shutdown_timeout,
+        "ray_actor_options": actor,
+    }
+    if scaling:
+        if "num_replicas" in deployment:
+            raise ValueError("give num_replicas or min/max_replicas (autoscaling), not both")
+        result["autoscaling_config"] = scaling
+    else:
+        result["num_replicas"] = deployment.get("num_replicas", 1)
+    return result

@@ -1,0 +1,213 @@
+"""The Ray Serve adapter: a local Ray instance serves a tiny random model through `docker_vit.ray:app`.
+
+One module-scoped Ray instance (starting Ray is slow) serves the app on a free loopback port; the
+captions are compared with those of `docker-vit serve`'s own app, concurrent requests must share
+model calls, and the last test shuts Ray down and checks that nothing is left listening.
+Without the `ray` extra the module is skipped, and pytest reports why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+ray = pytest.importorskip(
+    "ray", reason="the Ray Serve adapter needs the extra: pip install 'docker-vit[ray]'"
+)
+from conftest import photo, serving  # noqa: E402
+from ray import serve  # noqa: E402
+
+from docker_vit import ray as ray_adapter  # noqa: E402
+from docker_vit.config import Settings  # noqa: E402
+from docker_vit.service import FAILED, LOADING, READY  # noqa: E402
+
+ARGS = {"num_beams": "2", "max_new_tokens": "8", "max_wait_ms": "50", "max_batch_size": "8"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tiny_models import save_vit_gpt2
+
+    return save_vit_gpt2(tmp_path_factory.mktemp("ray-vit-gpt2"))
+
+
+@pytest.fixture(scope="module")
+def ray_url(tiny_model: Path) -> Iterator[str]:
+    """The app served by a local Ray instance (2 CPUs, no dashboard, no usage reporting)."""
+    saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # the workers inherit it: no traffic beyond loopback
+    port = free_port()
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        # serve.run returns once the replica passed its first health check: model loaded and warm.
+        serve.run(ray_adapter.app({"model": str(tiny_model), **ARGS}), name="docker-vit", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        if ray.is_initialized():  # test_shutdown_is_clean may have done it already
+            serve.shutdown()
+            ray.shutdown()
+        if saved is None:
+            os.environ.pop("RAY_USAGE_STATS_ENABLED", None)
+        else:
+            os.environ["RAY_USAGE_STATS_ENABLED"] = saved
+
+
+def post_photo(url: str, name: str = "french_bulldog.jpg") -> httpx.Response:
+    with open(photo(name), "rb") as file:
+        return httpx.post(url + "/", files={"file": (name, file, "image/jpeg")}, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def local(tiny_model: Path) -> Iterator[TestClient]:
+    """The same model and settings in `docker-vit serve`'s own app, in-process: the reference."""
+    with serving(Settings(model=str(tiny_model), num_beams=2, max_new_tokens=8)) as client:
+        yield client
+
+
+def test_caption_matches_docker_vit_serve(ray_url: str, local: TestClient) -> None:
+    reply = post_photo(ray_url)
+    with open(photo("french_bulldog.jpg"), "rb") as file:
+        expected = local.post("/", files={"file": ("bulldog.jpg", file, "image/jpeg")})
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"].startswith("text/plain")
+    assert expected.status_code == 200
+    assert reply.text == expected.text and reply.text
+
+
+def test_the_same_routes_answer(ray_url: str, local: TestClient, tiny_model: Path) -> None:
+    model = httpx.get(ray_url + "/v1/model").json()
+    assert model == local.get("/v1/model").json()
+    assert model["model"] == str(tiny_model) and model["status"] == READY
+    assert model["generation"] == {"num_beams": 2, "max_new_tokens": 8}
+    assert httpx.get(ray_url + "/readyz").json() == {"status": READY}
+    files = [
+        ("file", (name, photo(name).read_bytes(), "image/jpeg")) for name in ("coffee.jpg", "chelsea.jpg")
+    ]
+    reply = httpx.post(ray_url + "/v1/captions", files=files, timeout=60)
+    assert reply.status_code == 200
+    assert reply.json() == local.post("/v1/captions", files=files).json()
+    assert len(reply.json()["captions"]) == 2
+
+
+@pytest.mark.parametrize(
+    "request_args",
+    [
+        {"content": b"not an image", "headers": {"content-type": "image/png"}},
+        {"content": b"{}", "headers": {"content-type": "text/plain"}},
+        {"params": {"num_beams": "99"}, "files": {"file": b"\x89PNG"}},
+    ],
+    ids=["not-an-image", "wrong-content-type", "num-beams-too-large"],
+)
+def test_bad_input_gets_the_same_4xx(ray_url: str, local: TestClient, request_args: dict) -> None:
+    reply = httpx.post(ray_url + "/", **request_args)
+    expected = local.post("/", **request_args)
+    assert 400 <= reply.status_code < 500
+    assert (reply.status_code, reply.json()) == (expected.status_code, expected.json())
+
+
+def test_concurrent_requests_share_model_calls(ray_url: str) -> None:
+    def batches() -> tuple[float, float]:
+        text = httpx.get(ray_url + "/metrics").text
+        count = float(re.search(r"^docker_vit_batch_size_count (\S+)$", text, re.M).group(1))
+        ones = float(re.search(r'^docker_vit_batch_size_bucket\{le="1\.0"\} (\S+)$', text, re.M).group(1))
+        return count, ones
+
+    count_before, ones_before = batches()
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        replies = list(pool.map(lambda _: post_photo(ray_url, "astronaut.jpg"), range(12)))
+    assert [reply.status_code for reply in replies] == [200] * 12
+    assert len({reply.text for reply in replies}) == 1
+    count, ones = batches()
+    calls, single = count - count_before, ones - ones_before
+    assert calls < 12, "12 concurrent requests took 12 model calls: nothing was batched"
+    assert single < calls, "no model call held more than one image"
+
+
+def test_arguments_become_settings_and_deployment_options() -> None:
+    args = {"model": "/m", "num_beams": "3", "api_keys": ["a", "b"], "num_gpus": "0.5", "max_replicas": "4"}
+    overrides, deployment = ray_adapter.split_args(args)
+    assert overrides == {"model": "/m", "num_beams": 3, "api_keys": ("a", "b")}
+    options = ray_adapter.deployment_options(Settings(**overrides), deployment)
+    assert options["ray_actor_options"] == {"num_gpus": 0.5}
+    assert options["autoscaling_config"] == {"max_replicas": 4}
+    assert options["max_ongoing_requests"] == 2 * Settings().max_batch_size
+    assert "num_replicas" not in options
+    _, fixed = ray_adapter.split_args({"num_replicas": "auto"})
+    assert ray_adapter.deployment_options(Settings(), fixed)["num_replicas"] == "auto"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ({"modle": "x"}, "unknown argument"),
+        ({"port": "9000"}, "Ray's HTTP proxy"),
+        ({"num_beams": "many"}, "DOCKER_VIT_NUM_BEAMS"),
+        ({"num_gpus": "one"}, "num_gpus='one'"),
+        ({"num_beams": "0"}, "num_beams must be positive"),
+        ({"num_replicas": "2", "min_replicas": "1"}, "not both"),
+    ],
+)
+def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ray_adapter.app(args)
+
+
+def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
+    check = ray_adapter.DockerViT.func_or_class.check_health
+
+    async def scenario(final: str) -> str | None:
+        replica = SimpleNamespace(service=SimpleNamespace(state=LOADING, error=None), load_timeout_s=30)
+
+        async def finish_loading() -> None:
+            await asyncio.sleep(0.3)
+            replica.service.state = final
+            replica.service.error = None if final == READY else "OSError: no weights here"
+
+        loader = asyncio.ensure_future(finish_loading())
+        try:
+            await check(replica)
+        except RuntimeError as exc:
+            return str(exc)
+        finally:
+            await loader
+        return None
+
+    assert asyncio.run(scenario(READY)) is None
+    assert asyncio.run(scenario(FAILED)) == "the model is failed: OSError: no weights here"
+
+
+def test_shutdown_is_clean(ray_url: str) -> None:
+    """Runs last in this module: deleting the app, then stopping Serve and Ray, leaves nothing behind."""
+    assert post_photo(ray_url).status_code == 200
+    serve.delete("docker-vit")
+    assert "docker-vit" not in serve.status().applications
+    serve.shutdown()
+    ray.shutdown()
+    assert not ray.is_initialized()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(ray_url + "/healthz", timeout=1)
+        except httpx.TransportError:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("Ray's HTTP proxy still answers after serve.shutdown() and ray.shutdown()")
