@@ -23,7 +23,7 @@ class Captioner(Handler):
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
-        self.engine = CaptionEngine(settings.model, settings.device, settings.dtype)
+        self.engine = CaptionEngine(settings.model, settings.device, settings.dtype, settings.threads)
         self.name = settings.model
 
     def load(self) -> None:

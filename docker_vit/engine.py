@@ -21,10 +21,7 @@ from transformers import (
     GenerationConfig,
 )
 
-try:  # TODO(lead): drop the guard once docker_vit.decoding lands
-    from docker_vit import decoding
-except ImportError:
-    decoding = None
+from docker_vit import decoding
 
 log = logging.getLogger("docker_vit.engine")
 
@@ -56,14 +53,17 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 class CaptionEngine:
     """One image-to-text model on one device."""
 
-    def __init__(self, model: str, device: str = "auto", dtype: str = "auto") -> None:
+    def __init__(self, model: str, device: str = "auto", dtype: str = "auto", threads: int = 0) -> None:
         self.model_id = model
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
+        self.threads = threads
         self.model: Any = None
 
     def load(self) -> None:
         """Read weights and processors from a Hub id (downloading once) or a local folder."""
+        if self.threads:
+            torch.set_num_threads(self.threads)
         model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         processor = AutoProcessor.from_pretrained(self.model_id)
@@ -85,7 +85,7 @@ class CaptionEngine:
         """A batch of pixel tensors to token ids: the same ids as the model's own `generate`."""
         batch = torch.stack(list(pixels)).to(self.device, self.dtype)
         config = self.generation_config(num_beams, max_new_tokens)
-        if decoding is not None and decoding.supports(self.model, config):
+        if decoding.supports(self.model, config):
             ids = decoding.generate(self.model, batch, config)
         else:
             ids = self.model.generate(pixel_values=batch, generation_config=config)
