@@ -28,8 +28,13 @@ def test_environment_then_flags() -> None:
 
 
 def test_every_option_has_a_variable_and_a_flag() -> None:
-    serve = _parser()._subparsers._group_actions[0].choices["serve"]
-    flags = {flag for action in serve._actions for flag in action.option_strings}
+    commands = _parser()._subparsers._group_actions[0].choices
+    flags = {
+        flag
+        for name in ("serve", "caption")
+        for action in commands[name]._actions
+        for flag in action.option_strings
+    }
     for name, spec in options().items():
         assert env_name(name) == "DOCKER_VIT_" + name.upper()
         assert spec.metadata.get("flag", "--" + name.replace("_", "-")) in flags
