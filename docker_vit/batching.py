@@ -32,6 +32,7 @@ class _Entry:
     item: Any
     future: asyncio.Future
     arrived: float = field(default_factory=time.monotonic)
+    queued: bool = True
 
 
 class Batcher:
@@ -89,6 +90,8 @@ class Batcher:
         self.check_room(len(items))
         loop = asyncio.get_running_loop()
         entries = [_Entry(item, loop.create_future()) for item in items]
+        for entry in entries:
+            entry.future.add_done_callback(lambda _, entry=entry: self._dequeue(entry))
         self._groups.setdefault(options, deque()).extend(entries)
         self._queued += len(entries)
         self._wake.set()
@@ -116,12 +119,19 @@ class Batcher:
         batch: list[_Entry] = []
         while group and len(batch) < self.max_batch_size:
             entry = group.popleft()
-            self._queued -= 1
+            self._dequeue(entry)
             if not entry.future.done():  # a caller that gave up costs nothing more
                 batch.append(entry)
         if not group:
             del self._groups[options]
         return options, batch
+
+    def _dequeue(self, entry: _Entry) -> None:
+        """An item leaves the count when taken for a batch, or as soon as its caller gives up, so
+        abandoned requests never hold queue room that live ones need."""
+        if entry.queued:
+            entry.queued = False
+            self._queued -= 1
 
     async def _execute(self, batch: list[_Entry], options: Hashable) -> None:
         loop = asyncio.get_running_loop()

@@ -105,3 +105,25 @@ def test_out_of_memory_splits_the_batch() -> None:
     results, calls = run(main())
     assert results == ["1:a", "2:a", "3:a", "4:a"]
     assert [len(items) for items, _ in calls] == [4, 2, 1, 1, 2, 1, 1]
+
+
+def test_abandoned_items_free_their_queue_room_at_once() -> None:
+    async def main():
+        recorder = Recorder()
+        recorder.release.clear()
+        batcher = make(recorder, max_batch_size=1, max_wait=0, max_queue=2)
+        batcher.start()
+        running = batcher.submit(["running"], "a")
+        await asyncio.sleep(0.05)
+        waiting = batcher.submit(["gone", "also gone"], "a")
+        for future in waiting:
+            future.cancel()
+        await asyncio.sleep(0)
+        assert batcher.depth == 0
+        kept = batcher.submit(["kept", "too"], "a")  # fits: the abandoned two no longer count
+        recorder.release.set()
+        await asyncio.gather(*running, *kept)
+        await batcher.stop()
+        return recorder.calls
+
+    assert [items for items, _ in run(main())] == [["running"], ["kept"], ["too"]]
