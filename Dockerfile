@@ -1,0 +1,99 @@
+# Docker-ViT: an image-captioning model behind HTTP, as a container.
+#
+# CPU (default base python:3.11-slim, CPU-only torch from the PyTorch CPU index):
+#   docker build -t docker-vit .
+#   docker run -p 8000:8000 docker-vit
+#
+# NVIDIA GPU: PyPI's torch wheels bundle CUDA, so either keep the slim base and take torch from PyPI,
+#   docker build -t docker-vit:cuda --build-arg TORCH_INDEX= .
+# or start from a CUDA runtime image (python3 and python3-venv get installed when the base lacks them):
+#   docker build -t docker-vit:cuda \
+#     --build-arg BASE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 .
+#   docker run --gpus all -p 8000:8000 docker-vit:cuda
+#
+# A model baked into the image (the container then never touches the Hub):
+#   docker build -t docker-vit:vit-gpt2 --build-arg MODEL=nlpconnect/vit-gpt2-image-captioning .
+# or mounted read-only at run time:
+#   docker run -p 8000:8000 -v /path/to/model:/model:ro -e DOCKER_VIT_MODEL=/model docker-vit
+#
+# Every `docker-vit serve` option reads DOCKER_VIT_<NAME>: `-e DOCKER_VIT_PORT=9000`,
+# `-e DOCKER_VIT_DEVICE=cuda`, `-e DOCKER_VIT_NUM_BEAMS=1`, ...
+
+ARG BASE=python:3.11-slim
+FROM ${BASE}
+
+# Which torch, from where. TORCH_INDEX empty: PyPI (CUDA-enabled wheels on Linux x86_64).
+ARG TORCH_SPEC=torch
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Extra pip settings for private mirrors or wheel folders; build arguments reach RUN as environment
+# variables, so pip reads them directly, and none of them stays in the image.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ARG PIP_EXTRA_ARGS=
+# Optional extras of the package, comma-separated (e.g. "runpod" for the serverless worker).
+ARG EXTRAS=
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/home/app/.cache/huggingface \
+    DOCKER_VIT_HOST=0.0.0.0
+
+# Bases without a usable python3 + venv (CUDA runtime images) get them from the distribution.
+RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
+        apt-get update \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
+            python3 python3-venv ca-certificates \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi \
+    && python3 -m venv /opt/venv \
+    && (getent group app >/dev/null || groupadd --system --gid 10001 app) \
+    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app
+
+# Metadata first: it never changes, and every step after the big layers costs a commit.
+WORKDIR /home/app
+EXPOSE 8000
+# Healthy once the model is loaded and warm (GET /readyz answers 503 until then). Plain Python, so
+# it works on slim images without curl; it follows DOCKER_VIT_PORT.
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % (os.environ.get('DOCKER_VIT_PORT') or '8000'), timeout=4)"]
+# Exec form: the server is PID 1 and receives SIGTERM itself (graceful drain, exit 0). No --host or
+# --port here, so DOCKER_VIT_* variables keep their say.
+ENTRYPOINT ["docker-vit"]
+CMD ["serve"]
+
+# Layers from the least to the most often changing: torch, then the other dependencies (read from
+# pyproject.toml alone), then the source. Editing code rebuilds only the last, small layer.
+RUN pip install $PIP_EXTRA_ARGS \
+        ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} \
+        "$TORCH_SPEC" \
+    && python -c 'import torch; print("torch==" + torch.__version__)' > /opt/venv/torch-constraint.txt
+
+COPY pyproject.toml /src/pyproject.toml
+RUN python -c 'import importlib, os, sys; \
+toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
+p = toml.load(open("/src/pyproject.toml", "rb"))["project"]; \
+extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
+reqs = p.get("dependencies", []) + [r for e in extras for r in p["optional-dependencies"][e]]; \
+print("\n".join(reqs))' > /tmp/requirements.txt \
+    && pip install $PIP_EXTRA_ARGS -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt \
+    && rm /tmp/requirements.txt
+
+COPY . /src
+RUN pip install $PIP_EXTRA_ARGS --no-deps -c /opt/venv/torch-constraint.txt /src \
+    && pip check \
+    && rm -rf /src
+
+# Optional: a model baked into the image, so a pod or serverless worker starts without the Hub.
+ARG MODEL=
+RUN if [ -n "$MODEL" ]; then \
+        docker-vit download "$MODEL" --dir /opt/model && chmod -R a+rX /opt/model; \
+    fi
+ENV DOCKER_VIT_MODEL=${MODEL:+/opt/model}
+USER app
