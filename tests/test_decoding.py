@@ -1,0 +1,178 @@
+"""`docker_vit.decoding` must return exactly `model.generate`'s token ids, or decline via `supports`."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import photo
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    BertConfig,
+    GenerationConfig,
+    VisionEncoderDecoderConfig,
+    VisionEncoderDecoderModel,
+    ViTConfig,
+)
+
+from docker_vit import decoding
+
+PHOTOS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "french_bulldog.jpg"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls are dominated by OpenMP hand-offs, and awful when the cores are oversubscribed."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _load(folder: Path) -> VisionEncoderDecoderModel:
+    return VisionEncoderDecoderModel.from_pretrained(folder).eval()
+
+
+@pytest.fixture(scope="module")
+def plain(vit_gpt2_dir: Path) -> VisionEncoderDecoderModel:
+    return _load(vit_gpt2_dir)
+
+
+@pytest.fixture(scope="module")
+def eos_model(eos_model_dir: Path) -> VisionEncoderDecoderModel:
+    return _load(eos_model_dir)
+
+
+@pytest.fixture(scope="module")
+def sharp(vit_gpt2_dir: Path) -> VisionEncoderDecoderModel:
+    """Scaled decoder weights make peaked, image-dependent distributions; a moderate EOS boost makes
+    hypotheses finish at many different steps (the finished-beam bookkeeping path)."""
+    model = _load(vit_gpt2_dir)
+    eos = model.generation_config.eos_token_id
+    with torch.no_grad():
+        for p in model.decoder.parameters():
+            if p.dim() > 1:
+                p.mul_(4.0)
+        model.decoder.lm_head.weight[eos] += 3.0 * model.decoder.lm_head.weight[:50].mean(0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixels(vit_gpt2_dir: Path) -> torch.Tensor:
+    """Four real photos plus two random images: a batch whose rows really differ."""
+    processor = AutoImageProcessor.from_pretrained(vit_gpt2_dir)
+    images = [Image.open(photo(name)).convert("RGB") for name in PHOTOS]
+    px = processor(images=images, return_tensors="pt").pixel_values
+    torch.manual_seed(0)
+    return torch.cat([px, torch.randn(2, *px.shape[1:]) * 2.0])
+
+
+def _cfg(model: VisionEncoderDecoderModel, **kw) -> GenerationConfig:
+    ids = {k: getattr(model.generation_config, k) for k in ("decoder_start_token_id", "pad_token_id")}
+    return GenerationConfig(eos_token_id=model.generation_config.eos_token_id, **ids, **kw)
+
+
+def _mismatches(model, px: torch.Tensor, configs: list[GenerationConfig]) -> list[str]:
+    bad = []
+    for cfg in configs:
+        assert decoding.supports(model, cfg), cfg
+        want = model.generate(pixel_values=px, generation_config=cfg)
+        got = decoding.generate(model, px, cfg)
+        if want.shape != got.shape or not torch.equal(want, got):
+            bad.append(f"{cfg.num_beams=} {cfg.max_new_tokens=} {cfg.early_stopping=} {cfg.length_penalty=}")
+    return bad
+
+
+@pytest.mark.parametrize("name", ["plain", "eos_model", "sharp"])
+def test_beam_and_greedy_parity(name: str, request: pytest.FixtureRequest, pixels: torch.Tensor) -> None:
+    model = request.getfixturevalue(name)
+    configs = [_cfg(model, num_beams=1, max_new_tokens=n) for n in (1, 5, 15)]
+    for beams, new in itertools.product((2, 4, 5), (1, 5, 15)):
+        configs.append(_cfg(model, num_beams=beams, max_new_tokens=new))
+    for beams, early in itertools.product((2, 5), (True, "never")):
+        configs.append(_cfg(model, num_beams=beams, max_new_tokens=15, early_stopping=early))
+    assert _mismatches(model, pixels, configs) == []
+
+
+@pytest.mark.parametrize("penalty", [0.0, 0.5, 2.0, -1.0])
+def test_length_penalty_parity(penalty: float, sharp, eos_model, pixels: torch.Tensor) -> None:
+    configs = [
+        _cfg(m, num_beams=4, max_new_tokens=15, early_stopping=early, length_penalty=penalty)
+        for m in (sharp,)
+        for early in (False, True, "never")
+    ]
+    assert _mismatches(sharp, pixels, configs) == []
+    assert (
+        _mismatches(eos_model, pixels, [_cfg(eos_model, num_beams=3, max_length=12, length_penalty=penalty)])
+        == []
+    )
+
+
+def test_eos_really_happens(sharp, eos_model, pixels: torch.Tensor) -> None:
+    """Guard against a vacuous parity test: some captions end before max length, others don't."""
+    for model in (sharp, eos_model):
+        eos = model.generation_config.eos_token_id
+        out = decoding.generate(model, pixels, _cfg(model, num_beams=4, max_new_tokens=15))
+        ended = (out[:, 1:] == eos).any(dim=1)
+        assert ended.any(), out
+    out = decoding.generate(sharp, pixels, _cfg(sharp, num_beams=4, max_new_tokens=15))
+    assert not (out[:, 1:] == sharp.generation_config.eos_token_id).any(dim=1).all(), out
+
+
+def test_min_length_and_model_defaults(sharp, pixels: torch.Tensor) -> None:
+    """Options that reach generate through the merged config: min_new_tokens, the model's ids."""
+    configs = [
+        _cfg(sharp, num_beams=4, max_new_tokens=10, min_new_tokens=4),
+        _cfg(sharp, num_beams=1, max_new_tokens=10, min_length=6),
+        GenerationConfig(num_beams=2, max_length=9),  # ids come from model.generation_config
+    ]
+    assert _mismatches(sharp, pixels, configs) == []
+
+
+def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
+    cfg = _cfg(plain, num_beams=4, max_length=16)
+    out = decoding.generate(plain, pixels[:1], cfg)
+    assert out.dtype == torch.long and out.shape[0] == 1
+    assert torch.equal(out, plain.generate(pixel_values=pixels[:1], generation_config=cfg))
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        {"do_sample": True},
+        {"repetition_penalty": 1.2},
+        {"no_repeat_ngram_size": 2},
+        {"bad_words_ids": [[5]]},
+        {"num_return_sequences": 2},
+        {"num_beam_groups": 2, "diversity_penalty": 0.5},
+        {"forced_eos_token_id": 3},
+        {"suppress_tokens": [4]},
+        {"output_scores": True, "return_dict_in_generate": True},
+        {"max_new_tokens": None, "max_length": 1},
+        {"max_time": 5.0},
+        {"min_new_tokens": 2, "sequence_bias": {(5,): 1.0}},
+    ],
+)
+def test_declines_what_it_does_not_reproduce(option: dict, plain) -> None:
+    base = {"num_beams": 4, "max_new_tokens": 5}
+    assert decoding.supports(plain, _cfg(plain, **base))
+    assert not decoding.supports(plain, _cfg(plain, **{**base, **option}))
+
+
+def test_declines_non_gpt2_decoder_and_training_mode(plain) -> None:
+    enc = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    dec = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    dec.is_decoder = dec.add_cross_attention = True
+    bert = VisionEncoderDecoderModel(VisionEncoderDecoderConfig.from_encoder_decoder_configs(enc, dec)).eval()
+    cfg = GenerationConfig(num_beams=4, max_new_tokens=5, decoder_start_token_id=1, eos_token_id=2)
+    assert not decoding.supports(bert, cfg)
+    plain.train()
+    try:
+        assert not decoding.supports(plain, _cfg(plain, num_beams=4, max_new_tokens=5))
+    finally:
+        plain.eval()
