@@ -5,6 +5,12 @@ lets it fill for at most `max_wait` seconds (or not at all when it is already fu
 own thread, so the event loop keeps accepting, decoding and queueing while the model works: the next
 batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
 the model sees them.
+
+Two refinements keep batches full under steady load. The wait counts from the later of the oldest
+item's arrival and the moment the device became free, so clients answered by the last batch have a
+moment to send their next images. And items already accepted but still being decoded (`incoming`) are
+waited for, at most `HOLD` seconds longer, rather than left to trail behind in a batch of their own.
+A lone request pays neither: nothing else is incoming, and the device has long been free.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Any
 log = logging.getLogger("docker_vit.batching")
 
 Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
+HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being decoded
 
 
 class QueueFull(Exception):
@@ -54,6 +61,8 @@ class Batcher:
         self.on_batch = on_batch
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
+        self.incoming = 0  # items accepted and being prepared, not yet submitted
+        self._idle_since = 0.0
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
@@ -113,9 +122,12 @@ class Batcher:
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
         """The oldest group, once it is full or its first item has waited `max_wait`."""
         options, group = next(iter(self._groups.items()))
-        deadline = group[0].arrived + self.max_wait
-        while len(group) < self.max_batch_size and (delay := deadline - time.monotonic()) > 0:
-            await asyncio.sleep(min(delay, 0.001))
+        deadline = max(group[0].arrived, self._idle_since) + self.max_wait
+        while len(group) < self.max_batch_size:
+            now = time.monotonic()
+            if now >= deadline and (not self.incoming or now >= deadline + HOLD):
+                break
+            await asyncio.sleep(0.001)
         batch: list[_Entry] = []
         while group and len(batch) < self.max_batch_size:
             entry = group.popleft()
@@ -143,6 +155,8 @@ class Batcher:
         except Exception as exc:
             await self._recover(batch, options, exc)
             return
+        finally:
+            self._idle_since = time.monotonic()
         for entry, output in zip(batch, outputs, strict=True):
             if not entry.future.done():
                 entry.future.set_result(output)

@@ -96,7 +96,11 @@ class Service:
     async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
         """Bytes in, results out, in input order."""
         self.batcher.check_room(len(inputs))  # shed load before decoding, not after
-        items = await self.prepare(inputs, options)
+        self.batcher.incoming += len(inputs)
+        try:
+            items = await self.prepare(inputs, options)
+        finally:
+            self.batcher.incoming -= len(inputs)
         futures = self.batcher.submit(items, options)
         try:
             outputs = await asyncio.gather(*futures)

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from docker_vit.batching import Batcher, QueueFull
+from docker_vit.batching import HOLD, Batcher, QueueFull
 
 
 class Recorder:
@@ -127,3 +127,36 @@ def test_abandoned_items_free_their_queue_room_at_once() -> None:
         return recorder.calls
 
     assert [items for items, _ in run(main())] == [["running"], ["kept"], ["too"]]
+
+
+def test_items_still_being_decoded_join_the_batch() -> None:
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder, max_wait=0.001)
+        batcher.start()
+        batcher.incoming = 1  # a request is accepted and its image is being decoded
+        first = batcher.submit([1], "a")
+        await asyncio.sleep(0.02)  # well past max_wait, but within HOLD
+        batcher.incoming = 0
+        second = batcher.submit([2], "a")
+        results = await asyncio.gather(*first, *second)
+        await batcher.stop()
+        return results, recorder.calls
+
+    results, calls = run(main())
+    assert results == ["1:a", "2:a"] and [items for items, _ in calls] == [[1, 2]]
+
+
+def test_a_lone_item_does_not_wait_for_nothing() -> None:
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder, max_wait=0.001)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*batcher.submit([1], "a"))
+        waited = loop.time() - started
+        await batcher.stop()
+        return waited
+
+    assert run(main()) < HOLD
