@@ -14,8 +14,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import photo
+
 from docker_vit import cli, engine
 
 DOCKER_VIT = [sys.executable, "-m", "docker_vit.cli"]
