@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import logging
 
 from fastapi import FastAPI, Request
@@ -9,6 +11,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+
+from docker_vit.batching import QueueFull
+from docker_vit.handler import OptionsError
+from docker_vit.images import ImageError
 
 log = logging.getLogger("docker_vit.errors")
 
@@ -41,6 +47,31 @@ class ApiError(Exception):
         self.type = type or TYPES.get(status, "error")
         self.message = message
         self.headers = headers
+
+
+def from_service(exc: Exception) -> ApiError:
+    """What a failure inside `Service.run` means to a client: every adapter answers it the same way."""
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, ImageError):
+        return ApiError(exc.status, str(exc), exc.type)
+    if isinstance(exc, OptionsError):
+        return ApiError(422, str(exc))
+    if isinstance(exc, QueueFull):
+        return ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"})
+    return ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")
+
+
+def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
+    """One base64 image (or a `data:` URL) to bytes; oversized ones are refused before decoding."""
+    text = text.partition(",")[2] if text.startswith("data:") else text
+    text = "".join(text.split())
+    if len(text) // 4 * 3 > max_bytes + 3:
+        raise ApiError(413, f"image {index} is over {max_bytes} bytes")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"image {index} is not valid base64") from None
 
 
 def error_response(

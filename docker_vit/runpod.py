@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import atexit
-import base64
-import binascii
 import concurrent.futures
 import os
 import threading
@@ -27,10 +25,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors
-from docker_vit.batching import QueueFull
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, OptionsError, load_handler
-from docker_vit.images import ImageError
 from docker_vit.service import FAILED, READY, Service
 
 OPTIONS = ("num_beams", "max_new_tokens")
@@ -65,7 +61,7 @@ class Worker:
             try:
                 options = self.service.options(raw)
             except OptionsError as exc:
-                raise errors.ApiError(422, str(exc)) from None
+                raise errors.from_service(exc) from None
             results = await self._run(inputs, options)
         except errors.ApiError as exc:
             return error(exc.type, exc.message)
@@ -83,16 +79,10 @@ class Worker:
     async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
         try:
             return await asyncio.wait_for(self.service.run(inputs, options), self.settings.request_timeout)
-        except ImageError as exc:
-            raise errors.ApiError(exc.status, str(exc), exc.type) from None
-        except QueueFull as exc:
-            raise errors.ApiError(503, str(exc), "overloaded") from None
         except asyncio.TimeoutError:
             raise errors.ApiError(504, f"no answer within {self.settings.request_timeout:g} s") from None
         except Exception as exc:
-            raise errors.ApiError(
-                500, f"the model failed: {type(exc).__name__}: {exc}", "model_error"
-            ) from None
+            raise errors.from_service(exc) from None
 
     def close(self) -> None:
         """Stop the service and its loop (idempotent; runs at exit, as the SDK leaves by sys.exit)."""
@@ -120,20 +110,8 @@ def read_job(job: Mapping[str, Any], settings: Settings) -> tuple[list[bytes], d
     unknown = sorted(set(payload) - {"image", "images", *OPTIONS})
     if unknown:
         raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
-    inputs = [decode(item, index, settings.max_bytes) for index, item in enumerate(images)]
+    inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
     return inputs, {name: payload[name] for name in OPTIONS if name in payload}
-
-
-def decode(text: str, index: int, max_bytes: int) -> bytes:
-    """Base64 (or a `data:` URL) to bytes; oversized images are refused before decoding."""
-    text = text.partition(",")[2] if text.startswith("data:") else text
-    text = "".join(text.split())
-    if len(text) // 4 * 3 > max_bytes + 3:
-        raise errors.ApiError(413, f"image {index} is over {max_bytes} bytes")
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise errors.ApiError(400, f"image {index} is not valid base64") from None
 
 
 def error(type: str, message: str) -> dict[str, Any]:

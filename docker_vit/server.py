@@ -8,8 +8,6 @@ and `/ping`, `/metrics`, and the OpenAPI page at `/docs`.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import hmac
 import json
 from collections.abc import AsyncIterator
@@ -23,10 +21,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from docker_vit import errors
-from docker_vit.batching import QueueFull
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, OptionsError, Result, load_handler
-from docker_vit.images import ImageError
 from docker_vit.middleware import RequestContext
 from docker_vit.service import FAILED, READY, Service
 
@@ -127,7 +123,7 @@ async def _read_inputs(request: Request, settings: Settings, json_allowed: bool)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         inputs = [await request.body()]
     elif content_type == "application/json" and json_allowed:
-        inputs, fields = _read_json(await request.body())
+        inputs, fields = _read_json(await request.body(), settings.max_bytes)
         options.update(fields)
     else:
         wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
@@ -157,7 +153,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes],
         await form.close()
 
 
-def _read_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
+def _read_json(body: bytes, max_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -165,10 +161,7 @@ def _read_json(body: bytes) -> tuple[list[bytes], dict[str, Any]]:
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
-    try:
-        inputs = [base64.b64decode(item.split(",")[-1], validate=True) for item in images]
-    except (binascii.Error, ValueError):
-        raise errors.ApiError(400, "an entry of 'images' is not valid base64") from None
+    inputs = [errors.decode_base64(item, index, max_bytes) for index, item in enumerate(images)]
     return inputs, {key: value for key, value in payload.items() if key != "images"}
 
 
@@ -182,7 +175,7 @@ async def _run(
     try:
         options = service.options(raw)
     except OptionsError as exc:
-        raise errors.ApiError(422, str(exc)) from None
+        raise errors.from_service(exc) from None
     work = asyncio.ensure_future(service.run(inputs, options))
     gone = asyncio.ensure_future(_disconnected(request))
     done, _ = await asyncio.wait(
@@ -196,12 +189,8 @@ async def _run(
         raise errors.ApiError(504, f"no answer within {settings.request_timeout:g} s")
     try:
         return work.result()
-    except ImageError as exc:
-        raise errors.ApiError(exc.status, str(exc), exc.type) from None
-    except QueueFull as exc:
-        raise errors.ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"}) from None
     except Exception as exc:
-        raise errors.ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error") from None
+        raise errors.from_service(exc) from None
 
 
 async def _disconnected(request: Request) -> None:
