@@ -32,7 +32,6 @@ class Service:
         self.metrics = metrics or Metrics()
         self.state = LOADING
         self.error: str | None = None
-        self.ready = asyncio.Event()
         self.on_failed: Callable[[], None] = lambda: None
         self._cpu = ThreadPoolExecutor(
             max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare"
@@ -48,7 +47,6 @@ class Service:
 
     async def start(self) -> None:
         """Start batching and load the model in the background; probes answer meanwhile."""
-        self.ready = asyncio.Event()
         self.batcher.start()
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
@@ -70,7 +68,6 @@ class Service:
             self.on_failed()
             return
         self.state = READY
-        self.ready.set()
 
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
