@@ -151,8 +151,10 @@ def generate(model, pixel_values: torch.Tensor, generation_config) -> torch.Long
     px = pixel_values.to(device=param.device, dtype=param.dtype)
     enc = _encode(model, px)
     stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1)
+    batch, device = enc.shape[0], enc.device
+    del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search
-    return run(stepper, p, enc.shape[0], enc.device)
+    return run(stepper, p, batch, device)
 
 
 def _greedy(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device) -> torch.LongTensor:

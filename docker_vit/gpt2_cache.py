@@ -11,8 +11,17 @@ LayerNorm eps and activation, SDPA with the module's scaling), so logits agree t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
+
+VOCAB_BLOCK = 1024
+"""Output-embedding rows per matmul on CPU. One [rows, 768] x [768, 50257] product streams the whole
+154 MB embedding with poor cache reuse; 1,024-row blocks (3 MB) took 40% less time in the decode loop
+on the 2-core CPU here (benchmarks/NOTES.md). Used only where `_blocks_exact` finds the same bits."""
+
+_probed: weakref.WeakKeyDictionary[torch.nn.Module, tuple[int, bool]] = weakref.WeakKeyDictionary()
 
 
 class Gpt2Stepper:
@@ -99,4 +108,40 @@ class Gpt2Stepper:
             x = self._mlp(block, x)
         ln = self.gpt.ln_f
         x = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
-        return self.lm_head(x).float()
+        return project(self.lm_head, x).float()
+
+
+def project(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`head(x)` for the vocabulary projection, in blocks of the vocabulary where that is exact."""
+    if not _blocks_exact(head):
+        return head(x)
+    return _blocked(head.weight, x)
+
+
+def _blocked(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    for start in range(0, weight.shape[0], VOCAB_BLOCK):
+        out[:, start : start + VOCAB_BLOCK] = F.linear(x, weight[start : start + VOCAB_BLOCK])
+    return out
+
+
+def _blocks_exact(head: torch.nn.Module) -> bool:
+    """Blocking changes no arithmetic, but a BLAS may pick another kernel for a narrower matrix, so the
+    bits are compared once per model and machine: the default decode path must stay token-exact."""
+    seen = _probed.get(head)
+    if seen is None or seen[0] != VOCAB_BLOCK:
+        _probed[head] = seen = (VOCAB_BLOCK, _same_bits(head))
+    return seen[1]
+
+
+def _same_bits(head: torch.nn.Module) -> bool:
+    weight = getattr(head, "weight", None)
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    if not plain or weight.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
+        return False
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 4, 64):  # a lone greedy row, a lone image's beams, a full batch of beams
+        x = torch.randn(rows, weight.shape[1], generator=generator).to(weight.dtype)
+        if not torch.equal(F.linear(x, weight), _blocked(weight, x)):
+            return False
+    return True

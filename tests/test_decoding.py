@@ -18,7 +18,7 @@ from transformers import (
     ViTConfig,
 )
 
-from docker_vit import decoding
+from docker_vit import decoding, gpt2_cache
 
 PHOTOS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "french_bulldog.jpg"]
 
@@ -137,6 +137,28 @@ def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
     out = decoding.generate(plain, pixels[:1], cfg)
     assert out.dtype == torch.long and out.shape[0] == 1
     assert torch.equal(out, plain.generate(pixel_values=pixels[:1], generation_config=cfg))
+
+
+def test_vocabulary_in_blocks_keeps_parity(sharp, eos_model, pixels, monkeypatch) -> None:
+    """The CPU fast path for the output embedding (blocks of the vocabulary, incl. a short last one)."""
+    monkeypatch.setattr(gpt2_cache, "VOCAB_BLOCK", 64)
+    for model in (sharp, eos_model):
+        assert gpt2_cache._blocks_exact(model.decoder.lm_head), "the blocked path must really run"
+        configs = [_cfg(model, num_beams=b, max_new_tokens=15) for b in (1, 4)]
+        configs.append(_cfg(model, num_beams=3, max_new_tokens=9, early_stopping=True, length_penalty=2.0))
+        assert _mismatches(model, pixels, configs) == []
+
+
+def test_full_vocabulary_projection_is_blocked_and_exact() -> None:
+    """At vit-gpt2's size (50,257 x 768) the probe finds this CPU's bits identical, so the fast path
+    is taken; the result equals the module's own output for batch shapes the probe did not try."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(768, 50257, bias=False)
+    assert gpt2_cache._blocks_exact(head)
+    for rows in (2, 16, 40):
+        x = torch.randn(rows, 768)
+        assert torch.equal(gpt2_cache.project(head, x), head(x))
+    assert not gpt2_cache._blocks_exact(torch.nn.Linear(768, 50257))  # a bias: left to the module
 
 
 @pytest.mark.parametrize(
