@@ -143,22 +143,26 @@ def test_vocabulary_in_blocks_keeps_parity(sharp, eos_model, pixels, monkeypatch
     """The CPU fast path for the output embedding (blocks of the vocabulary, incl. a short last one)."""
     monkeypatch.setattr(gpt2_cache, "VOCAB_BLOCK", 64)
     for model in (sharp, eos_model):
-        assert gpt2_cache._blocks_exact(model.decoder.lm_head), "the blocked path must really run"
         configs = [_cfg(model, num_beams=b, max_new_tokens=15) for b in (1, 4)]
         configs.append(_cfg(model, num_beams=3, max_new_tokens=9, early_stopping=True, length_penalty=2.0))
         assert _mismatches(model, pixels, configs) == []
+        verdicts = gpt2_cache._verdicts[model.decoder.lm_head]
+        assert verdicts and all(verdicts.values()), "the blocked path must really have run"
 
 
 def test_full_vocabulary_projection_is_blocked_and_exact() -> None:
-    """At vit-gpt2's size (50,257 x 768) the probe finds this CPU's bits identical, so the fast path
-    is taken; the result equals the module's own output for batch shapes the probe did not try."""
+    """At vit-gpt2's size (50,257 x 768) the first product of a row count is checked both ways, and
+    this CPU's bits match, so the blocks are used from then on; a head with a bias is left alone."""
     torch.manual_seed(0)
     head = torch.nn.Linear(768, 50257, bias=False)
-    assert gpt2_cache._blocks_exact(head)
-    for rows in (2, 16, 40):
+    for rows in (1, 4, 16, 64):
         x = torch.randn(rows, 768)
-        assert torch.equal(gpt2_cache.project(head, x), head(x))
-    assert not gpt2_cache._blocks_exact(torch.nn.Linear(768, 50257))  # a bias: left to the module
+        assert torch.equal(gpt2_cache.project(head, x), head(x))  # checked both ways
+        assert gpt2_cache._verdicts[head][(rows, gpt2_cache.VOCAB_BLOCK)]
+        assert torch.equal(gpt2_cache.project(head, x), head(x))  # blocked
+    biased = torch.nn.Linear(768, 50257)
+    gpt2_cache.project(biased, torch.randn(2, 768))
+    assert biased not in gpt2_cache._verdicts
 
 
 @pytest.mark.parametrize(
