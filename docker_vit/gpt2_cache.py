@@ -11,10 +11,20 @@ LayerNorm eps and activation, SDPA with the module's scaling), so logits agree t
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.nn.functional as F
 
-from docker_vit.matmul import conv1d, project
+VOCAB_BLOCK = 1024
+"""Output-embedding rows per matmul on CPU. One [rows, 768] x [768, 50257] product streams the whole
+154 MB embedding with poor cache reuse; in 1,024-row blocks (3 MB) the product took ~40% less time in
+the decode loop on the 2-core CPU here (benchmarks/NOTES.md). Used only where it gives the same bits."""
+
+# Per vocabulary head: (rows, block) -> whether the blocked product matched the module's bit for bit.
+_verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], bool]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 class Gpt2Stepper:
@@ -56,10 +66,15 @@ class Gpt2Stepper:
             filled = layer[:, :, :, :length]
             filled.copy_(filled.index_select(1, rows))
 
+    @staticmethod
+    def _linear(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """GPT-2's Conv1D forward on a 2-D input, without the module-call overhead."""
+        return torch.addmm(conv.bias, x, conv.weight)
+
     def _self_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         attn = block.attn
         h = F.layer_norm(x, (self.dim,), block.ln_1.weight, block.ln_1.bias, block.ln_1.eps)
-        q, k, v = conv1d(attn.c_attn, h).split(self.dim, dim=1)
+        q, k, v = self._linear(attn.c_attn, h).split(self.dim, dim=1)
         rows = x.shape[0]
         cache_k, cache_v = self.kv[layer, 0, :rows], self.kv[layer, 1, :rows]
         cache_k[:, :, pos] = k.view(rows, self.heads, self.head_dim)
@@ -68,20 +83,20 @@ class Gpt2Stepper:
         out = F.scaled_dot_product_attention(
             q, cache_k[:, :, : pos + 1], cache_v[:, :, : pos + 1], scale=attn.scaling
         )
-        return conv1d(attn.c_proj, out.reshape(rows, self.dim)) + x
+        return self._linear(attn.c_proj, out.reshape(rows, self.dim)) + x
 
     def _cross_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
         attn, ln = block.crossattention, block.ln_cross_attn
         h = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
-        q = self._heads(conv1d(attn.q_attn, h), self.batch)  # beams become the query length
+        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # beams become the query length
         k, v = self.cross[layer]
         out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
-        return x + conv1d(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
+        return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
 
     def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         mlp, ln = block.mlp, block.ln_2
         h = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
-        return x + conv1d(mlp.c_proj, mlp.act(conv1d(mlp.c_fc, h)))
+        return x + self._linear(mlp.c_proj, mlp.act(self._linear(mlp.c_fc, h)))
 
     def logits(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Next-token logits (float32, [rows, vocab]) for the newest token of every row.
@@ -97,3 +112,31 @@ class Gpt2Stepper:
         ln = self.gpt.ln_f
         x = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
         return project(self.lm_head, x).float()
+
+
+def project(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`head(x)` for the vocabulary projection, computed in blocks of the vocabulary where that is exact.
+
+    Blocking changes no arithmetic, but a BLAS may pick another kernel for a narrower matrix, and its
+    choice depends on the shapes only. So the first product of each row count is done both ways and
+    compared; the blocked one is used for that row count from then on only if every bit matched. The
+    default decode path stays token-exact on any machine.
+    """
+    weight = getattr(head, "weight", None)
+    plain = type(head) is torch.nn.Linear and head.bias is None
+    if not plain or weight.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
+        return head(x)
+    seen = _verdicts.setdefault(head, {})
+    key = (x.shape[0], VOCAB_BLOCK)
+    if key not in seen:
+        want = head(x)
+        seen[key] = torch.equal(want, _blocked(weight, x))
+        return want
+    return _blocked(weight, x) if seen[key] else head(x)
+
+
+def _blocked(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    out = x.new_empty(x.shape[0], weight.shape[0])
+    for start in range(0, weight.shape[0], VOCAB_BLOCK):
+        out[:, start : start + VOCAB_BLOCK] = F.linear(x, weight[start : start + VOCAB_BLOCK])
+    return out

@@ -17,9 +17,8 @@ from transformers import (
     VisionEncoderDecoderModel,
     ViTConfig,
 )
-from transformers.pytorch_utils import Conv1D
 
-from docker_vit import decoding, matmul
+from docker_vit import decoding, gpt2_cache
 
 PHOTOS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "french_bulldog.jpg"]
 
@@ -142,31 +141,13 @@ def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
 
 def test_vocabulary_in_blocks_keeps_parity(sharp, eos_model, pixels, monkeypatch) -> None:
     """The CPU fast path for the output embedding (blocks of the vocabulary, incl. a short last one)."""
-    monkeypatch.setattr(matmul, "VOCAB_BLOCK", 64)
+    monkeypatch.setattr(gpt2_cache, "VOCAB_BLOCK", 64)
     for model in (sharp, eos_model):
         configs = [_cfg(model, num_beams=b, max_new_tokens=15) for b in (1, 4)]
         configs.append(_cfg(model, num_beams=3, max_new_tokens=9, early_stopping=True, length_penalty=2.0))
         assert _mismatches(model, pixels, configs) == []
-        verdicts = matmul._verdicts[model.decoder.lm_head]
+        verdicts = gpt2_cache._verdicts[model.decoder.lm_head]
         assert verdicts and all(verdicts.values()), "the blocked path must really have run"
-
-
-def test_few_rows_shared_with_a_helper_thread_keep_parity(sharp, pixels, monkeypatch) -> None:
-    """With two threads, products of a few rows are split between this thread and a helper: the
-    vocabulary's blocks, and a Conv1D's output columns from 2 rows up (same bits, same tokens)."""
-    monkeypatch.setattr(matmul, "VOCAB_BLOCK", 48)  # the helper starts at a block boundary
-    torch.set_num_threads(2)
-    try:
-        configs = [_cfg(sharp, num_beams=b, max_new_tokens=12) for b in (1, 2, 4)]
-        assert _mismatches(sharp, pixels[:1], configs) == []
-        assert _mismatches(sharp, pixels[:3], configs[:1]) == []
-    finally:
-        torch.set_num_threads(1)
-    verdicts = matmul._verdicts[sharp.decoder.lm_head]
-    assert {("blocks", rows, 48, True) for rows in (1, 2, 3, 4)} <= verdicts.keys()
-    assert all(verdicts.values())
-    halves = matmul._verdicts[sharp.decoder.transformer.h[0].mlp.c_fc]
-    assert halves == {("halves", 2): True, ("halves", 3): True, ("halves", 4): True}
 
 
 def test_encoder_in_chunks_gives_the_same_bits(plain, pixels, monkeypatch) -> None:
@@ -181,29 +162,17 @@ def test_encoder_in_chunks_gives_the_same_bits(plain, pixels, monkeypatch) -> No
 
 def test_full_vocabulary_projection_is_blocked_and_exact() -> None:
     """At vit-gpt2's size (50,257 x 768) the first product of a row count is checked both ways, and
-    this CPU's bits match, so the blocks are used from then on (likewise a Conv1D's halves); a head
-    with a bias is left alone."""
+    this CPU's bits match, so the blocks are used from then on; a head with a bias is left alone."""
     torch.manual_seed(0)
     head = torch.nn.Linear(768, 50257, bias=False)
-    for rows, threads in ((1, 1), (4, 1), (16, 1), (64, 1), (1, 2), (4, 2), (16, 2)):
-        torch.set_num_threads(threads)
+    for rows in (1, 4, 16, 64):
         x = torch.randn(rows, 768)
-        assert torch.equal(matmul.project(head, x), head(x))  # checked both ways
-        split = threads > 1 and rows <= matmul.SPLIT_ROWS
-        assert matmul._verdicts[head][("blocks", rows, matmul.VOCAB_BLOCK, split)]
-        assert torch.equal(matmul.project(head, x), head(x))  # blocked
-    torch.set_num_threads(1)
-    torch.set_num_threads(2)
-    conv = Conv1D(3072, 768)
-    for rows in (2, 4):
-        x = torch.randn(rows, 768)
-        want = torch.addmm(conv.bias, x, conv.weight)
-        assert torch.equal(matmul.conv1d(conv, x), want) and torch.equal(matmul.conv1d(conv, x), want)
-        assert matmul._verdicts[conv][("halves", rows)]
-    torch.set_num_threads(1)
+        assert torch.equal(gpt2_cache.project(head, x), head(x))  # checked both ways
+        assert gpt2_cache._verdicts[head][(rows, gpt2_cache.VOCAB_BLOCK)]
+        assert torch.equal(gpt2_cache.project(head, x), head(x))  # blocked
     biased = torch.nn.Linear(768, 50257)
-    matmul.project(biased, torch.randn(2, 768))
-    assert biased not in matmul._verdicts
+    gpt2_cache.project(biased, torch.randn(2, 768))
+    assert biased not in gpt2_cache._verdicts
 
 
 @pytest.mark.parametrize(
