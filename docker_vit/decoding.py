@@ -16,9 +16,6 @@ import torch
 
 from docker_vit.gpt2_cache import Gpt2Stepper
 
-ENCODER_CHUNK = 4
-"""Images per encoder call on a CPU (benchmarks/NOTES.md: 4 was fastest of 1, 2, 4, 8 and 16)."""
-
 # Config fields that must keep their neutral value: anything else adds a logits processor, a
 # stopping criterion, another decoding mode or extra outputs that we do not reproduce.
 _NEUTRAL = {
@@ -129,16 +126,7 @@ def supports(model, generation_config) -> bool:
 
 
 def _encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Encoder states as the decoder sees them (incl. the optional enc->dec projection).
-
-    On a CPU the encoder runs `ENCODER_CHUNK` images at a time: its activations then stay in the
-    cache between ops (a 16-image ViT-B layer moves ~40 MB per elementwise op), which made it ~8%
-    faster here. Rows do not mix in an encoder, so a chunk gives the same bits as the whole batch --
-    the property batching itself already relies on, and which the tests check.
-    """
-    if pixel_values.device.type == "cpu" and pixel_values.shape[0] > ENCODER_CHUNK:
-        chunks = pixel_values.split(ENCODER_CHUNK)
-        return torch.cat([_encode(model, chunk) for chunk in chunks])
+    """Encoder states as the decoder sees them (incl. the optional enc->dec projection)."""
     enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
     proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
     if proj_needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:

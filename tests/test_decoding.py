@@ -150,16 +150,6 @@ def test_vocabulary_in_blocks_keeps_parity(sharp, eos_model, pixels, monkeypatch
         assert verdicts and all(verdicts.values()), "the blocked path must really have run"
 
 
-def test_encoder_in_chunks_gives_the_same_bits(plain, pixels, monkeypatch) -> None:
-    """The CPU encoder runs a few images at a time; the states must equal one whole-batch call."""
-    with torch.inference_mode():
-        monkeypatch.setattr(decoding, "ENCODER_CHUNK", len(pixels))
-        whole = decoding._encode(plain, pixels)
-        monkeypatch.setattr(decoding, "ENCODER_CHUNK", 4)  # 4 + 2: a short last chunk
-        assert torch.equal(decoding._encode(plain, pixels), whole)
-    assert _mismatches(plain, pixels, [_cfg(plain, num_beams=b, max_new_tokens=15) for b in (1, 4)]) == []
-
-
 def test_full_vocabulary_projection_is_blocked_and_exact() -> None:
     """At vit-gpt2's size (50,257 x 768) the first product of a row count is checked both ways, and
     this CPU's bits match, so the blocks are used from then on; a head with a bias is left alone."""
