@@ -87,6 +87,15 @@ class Batcher:
         self._queued = 0
         self._device.shutdown(wait=False, cancel_futures=True)
 
+    async def on_device(self, fn: Callable[[], Any]) -> Any:
+        """Run `fn` (say, loading the model) on the device thread, where every batch runs.
+
+        Torch work belongs on one thread: each other thread that runs a parallel op keeps an OpenMP
+        team of its own, and with more OpenMP threads than cores GNU OpenMP stops spinning between ops
+        in every team (a lone caption took 9-25% longer with one such team alive; benchmarks/NOTES.md).
+        """
+        return await asyncio.get_running_loop().run_in_executor(self._device, fn)
+
     def check_room(self, count: int) -> None:
         """Raise QueueFull unless `count` more items fit: callers check before costly preparation too."""
         if self._queued + count > self.max_queue:

@@ -77,8 +77,12 @@ class CaptionEngine:
         self.input_size = _input_size(self.image_processor)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image to the model's normalized pixel tensor (CPU work, thread-safe)."""
-        return self.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        """One RGB image to the model's normalized pixel tensor (CPU work, thread-safe).
+
+        The processor returns numpy and the tensor shares its memory: no torch op runs on the intake
+        threads, so they start no OpenMP teams of their own (see `Batcher.on_device`)."""
+        pixels = self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
+        return torch.from_numpy(pixels)
 
     @torch.inference_mode()
     def generate(

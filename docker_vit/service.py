@@ -56,10 +56,9 @@ class Service:
         self._cpu.shutdown(wait=False, cancel_futures=True)
 
     async def _load(self) -> None:
-        loop = asyncio.get_running_loop()
         try:
             started = time.perf_counter()
-            await loop.run_in_executor(None, self.handler.load)
+            await self.batcher.on_device(self.handler.load)
             self.metrics.load_seconds.set(time.perf_counter() - started)
             await self._warm_up()
         except Exception as exc:

@@ -160,3 +160,19 @@ def test_a_lone_item_does_not_wait_for_nothing() -> None:
         return waited
 
     assert run(main()) < HOLD
+
+
+def test_on_device_runs_where_the_batches_run() -> None:
+    """Loading the model happens on the device thread, so torch's work stays on one thread."""
+
+    async def main():
+        threads: list[threading.Thread] = []
+        batcher = make(lambda items, options: threads.append(threading.current_thread()) or list(items))
+        batcher.start()
+        loaded_on = await batcher.on_device(threading.current_thread)
+        assert await asyncio.gather(*batcher.submit(["x"], None)) == ["x"]
+        await batcher.stop()
+        return loaded_on, threads
+
+    loaded_on, threads = run(main())
+    assert loaded_on is not threading.main_thread() and threads == [loaded_on]
