@@ -56,7 +56,7 @@ class Handler:
         self.settings = settings
 
     def load(self) -> None:
-        """Load weights once; called in a background thread while the server already answers probes."""
+        """Load weights once, on the thread that later runs `predict`, while the server answers probes."""
 
     def describe(self) -> dict[str, Any]:
         """What `GET /v1/model` shows."""
