@@ -6,25 +6,16 @@ cross-attention keys/values and carries its own copy of them, and the self-atten
 laid out as the *query length* of one attention call against them, so nothing is duplicated. The
 self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
 parameters (no copies), applied with the same ops GPT-2 uses (`addmm` for Conv1D, the module's
-LayerNorm eps and activation, SDPA with the module's scaling), so logits agree to float tolerance.
+LayerNorm eps and activation, SDPA with the module's scaling); on CPU the few-row products are split
+over the threads where that gives the same bits (`docker_vit.products`).
 """
 
 from __future__ import annotations
 
-import weakref
-
 import torch
 import torch.nn.functional as F
 
-VOCAB_BLOCK = 1024
-"""Output-embedding rows per matmul on CPU. One [rows, 768] x [768, 50257] product streams the whole
-154 MB embedding with poor cache reuse; in 1,024-row blocks (3 MB) the product took ~40% less time in
-the decode loop on the 2-core CPU here (benchmarks/NOTES.md). Used only where it gives the same bits."""
-
-# Per vocabulary head: (rows, block) -> whether the blocked product matched the module's bit for bit.
-_verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[int, int], bool]] = (
-    weakref.WeakKeyDictionary()
-)
+from docker_vit import products
 
 
 class Gpt2Stepper:
@@ -69,7 +60,7 @@ class Gpt2Stepper:
     @staticmethod
     def _linear(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         """GPT-2's Conv1D forward on a 2-D input, without the module-call overhead."""
-        return torch.addmm(conv.bias, x, conv.weight)
+        return products.conv1d(conv, x)
 
     def _self_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor, pos: int) -> torch.Tensor:
         attn = block.attn
@@ -111,32 +102,4 @@ class Gpt2Stepper:
             x = self._mlp(block, x)
         ln = self.gpt.ln_f
         x = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
-        return project(self.lm_head, x).float()
-
-
-def project(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`head(x)` for the vocabulary projection, computed in blocks of the vocabulary where that is exact.
-
-    Blocking changes no arithmetic, but a BLAS may pick another kernel for a narrower matrix, and its
-    choice depends on the shapes only. So the first product of each row count is done both ways and
-    compared; the blocked one is used for that row count from then on only if every bit matched. The
-    default decode path stays token-exact on any machine.
-    """
-    weight = getattr(head, "weight", None)
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    if not plain or weight.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
-        return head(x)
-    seen = _verdicts.setdefault(head, {})
-    key = (x.shape[0], VOCAB_BLOCK)
-    if key not in seen:
-        want = head(x)
-        seen[key] = torch.equal(want, _blocked(weight, x))
-        return want
-    return _blocked(weight, x) if seen[key] else head(x)
-
-
-def _blocked(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    out = x.new_empty(x.shape[0], weight.shape[0])
-    for start in range(0, weight.shape[0], VOCAB_BLOCK):
-        out[:, start : start + VOCAB_BLOCK] = F.linear(x, weight[start : start + VOCAB_BLOCK])
-    return out
+        return products.vocabulary(self.lm_head, x).float()

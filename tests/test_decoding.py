@@ -18,7 +18,7 @@ from transformers import (
     ViTConfig,
 )
 
-from docker_vit import decoding, gpt2_cache
+from docker_vit import decoding, products
 
 PHOTOS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "french_bulldog.jpg"]
 
@@ -139,30 +139,62 @@ def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
     assert torch.equal(out, plain.generate(pixel_values=pixels[:1], generation_config=cfg))
 
 
-def test_vocabulary_in_blocks_keeps_parity(sharp, eos_model, pixels, monkeypatch) -> None:
-    """The CPU fast path for the output embedding (blocks of the vocabulary, incl. a short last one)."""
-    monkeypatch.setattr(gpt2_cache, "VOCAB_BLOCK", 64)
+def test_split_products_keep_parity(sharp, eos_model, pixels, monkeypatch) -> None:
+    """The CPU fast paths (vocabulary blocks incl. a short last one, Conv1D column halves) keep every
+    token of `generate`, and really run."""
+    monkeypatch.setattr(products, "VOCAB_BLOCK", 64)
     for model in (sharp, eos_model):
         configs = [_cfg(model, num_beams=b, max_new_tokens=15) for b in (1, 4)]
         configs.append(_cfg(model, num_beams=3, max_new_tokens=9, early_stopping=True, length_penalty=2.0))
         assert _mismatches(model, pixels, configs) == []
-        verdicts = gpt2_cache._verdicts[model.decoder.lm_head]
-        assert verdicts and all(verdicts.values()), "the blocked path must really have run"
+        vocab = products._verdicts[model.decoder.lm_head]
+        assert vocab and all(vocab.values()), "the blocked path must really have run"
+        convs = [products._verdicts.get(b.mlp.c_fc, {}) for b in model.decoder.transformer.h]
+        assert all(convs) and any(any(v.values()) for v in convs), "the halves must really have run"
 
 
-def test_full_vocabulary_projection_is_blocked_and_exact() -> None:
+@pytest.mark.parametrize("rows", [1, 4, 16, 32, 64])
+def test_full_vocabulary_projection_is_blocked_and_exact(rows: int) -> None:
     """At vit-gpt2's size (50,257 x 768) the first product of a row count is checked both ways, and
     this CPU's bits match, so the blocks are used from then on; a head with a bias is left alone."""
-    torch.manual_seed(0)
+    torch.manual_seed(rows)
     head = torch.nn.Linear(768, 50257, bias=False)
-    for rows in (1, 4, 16, 64):
-        x = torch.randn(rows, 768)
-        assert torch.equal(gpt2_cache.project(head, x), head(x))  # checked both ways
-        assert gpt2_cache._verdicts[head][(rows, gpt2_cache.VOCAB_BLOCK)]
-        assert torch.equal(gpt2_cache.project(head, x), head(x))  # blocked
+    x = torch.randn(rows, 768)
+    assert torch.equal(products.vocabulary(head, x), head(x))  # checked both ways
+    assert list(products._verdicts[head].values()) == [True]
+    assert torch.equal(products.vocabulary(head, x), head(x))  # blocked
     biased = torch.nn.Linear(768, 50257)
-    gpt2_cache.project(biased, torch.randn(2, 768))
-    assert biased not in gpt2_cache._verdicts
+    products.vocabulary(biased, torch.randn(2, 768))
+    assert biased not in products._verdicts
+
+
+def test_conv1d_halves_are_exact_at_gpt2_shapes() -> None:
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    for n_out, n_in in [(2304, 768), (768, 768), (3072, 768), (768, 3072)]:
+        conv = Conv1D(n_out, n_in)
+        for rows in (1, 4, 16, 64):
+            x = torch.randn(rows, n_in)
+            want = torch.addmm(conv.bias, x, conv.weight)
+            assert torch.equal(products.conv1d(conv, x), want)  # checked both ways
+            assert torch.equal(products.conv1d(conv, x), want)  # the verdict's choice
+        assert set(products._verdicts[conv]) == {("halves", rows) for rows in (1, 4, 16, 64)}
+
+
+def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
+    """The safety net: where the split form differs in a single bit, the plain product stays."""
+    from transformers.pytorch_utils import Conv1D
+
+    monkeypatch.setattr(products, "_halves", lambda bias, x, weight: torch.addmm(bias, x, weight) * 1.0001)
+    conv = Conv1D(64, 32)
+    x = torch.randn(3, 32)
+    for _ in range(2):
+        assert torch.equal(products.conv1d(conv, x), torch.addmm(conv.bias, x, conv.weight))
+    assert products._verdicts[conv] == {("halves", 3): False}
+    odd = Conv1D(63, 32)  # no even halves: the plain product, nothing recorded
+    assert torch.equal(products.conv1d(odd, x), torch.addmm(odd.bias, x, odd.weight))
+    assert odd not in products._verdicts
 
 
 @pytest.mark.parametrize(
