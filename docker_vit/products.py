@@ -26,6 +26,10 @@ VOCAB_BLOCK = 1024
 """Output-embedding rows per block: 3 MB of weights, where the whole 154 MB matrix in one product
 had poor cache reuse."""
 
+HALVES_MAX_ROWS = 128
+"""Above this many rows one product already keeps every core busy, and the halves cost more than they
+save (at 256 rows they were 10% slower here)."""
+
 STACKED_VOCAB_MAX_ROWS = 32
 """Up to this many rows the vocabulary blocks go to the threads as one batched product; above it, one
 product per block, each already spread over the threads (the batched form was slower at 64 rows)."""
@@ -37,7 +41,7 @@ _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, bool]] = we
 def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """GPT-2's Conv1D on a 2-D input (`addmm(bias, x, weight)`), in two column halves where exact."""
     weight = conv.weight
-    if weight.device.type != "cpu" or weight.shape[1] % 2:
+    if weight.device.type != "cpu" or weight.shape[1] % 2 or x.shape[0] > HALVES_MAX_ROWS:
         return torch.addmm(conv.bias, x, weight)
     return _exact(
         conv,

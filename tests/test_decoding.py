@@ -195,6 +195,9 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     odd = Conv1D(63, 32)  # no even halves: the plain product, nothing recorded
     assert torch.equal(products.conv1d(odd, x), torch.addmm(odd.bias, x, odd.weight))
     assert odd not in products._verdicts
+    many = torch.randn(products.HALVES_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
+    assert torch.equal(products.conv1d(conv, many), torch.addmm(conv.bias, many, conv.weight))
+    assert len(products._verdicts[conv]) == 1
 
 
 @pytest.mark.parametrize(
