@@ -41,7 +41,8 @@ _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, bool]] = we
 def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """GPT-2's Conv1D on a 2-D input (`addmm(bias, x, weight)`), in two column halves where exact."""
     weight = conv.weight
-    if weight.device.type != "cpu" or weight.shape[1] % 2 or x.shape[0] > HALVES_MAX_ROWS:
+    cpu = weight.device.type == "cpu" and weight.is_contiguous()
+    if not cpu or weight.shape[1] % 2 or x.shape[0] > HALVES_MAX_ROWS:
         return torch.addmm(conv.bias, x, weight)
     return _exact(
         conv,
@@ -54,8 +55,8 @@ def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`head(x)` for the output embedding (a Linear without bias), in vocabulary blocks where exact."""
     weight = getattr(head, "weight", None)
-    plain = type(head) is torch.nn.Linear and head.bias is None
-    if not plain or weight.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
+    bare = type(head) is torch.nn.Linear and head.bias is None
+    if not bare or weight.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
         return head(x)
     stack = x.shape[0] <= STACKED_VOCAB_MAX_ROWS and weight.is_contiguous()
     blocks = _stacked if stack else _looped
@@ -70,6 +71,7 @@ def _exact(
     plain: Callable[[], torch.Tensor],
     split: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
+    """The plain product, or the split one where its first result for `key` matched every bit."""
     seen = _verdicts.setdefault(module, {})
     if key not in seen:
         want = plain()
@@ -93,7 +95,8 @@ def _stacked(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     full = count * VOCAB_BLOCK
     out = x.new_empty(rows, vocab)
     blocks = weight[:full].view(count, VOCAB_BLOCK, dim).transpose(1, 2)
-    out[:, :full] = torch.bmm(x.expand(count, rows, dim), blocks).transpose(0, 1).reshape(rows, full)
+    stacked = torch.bmm(x.expand(count, rows, dim), blocks)  # [count, rows, block]
+    out[:, :full].unflatten(1, (count, VOCAB_BLOCK)).copy_(stacked.transpose(0, 1))
     if full < vocab:
         out[:, full:] = F.linear(x, weight[full:])
     return out

@@ -195,6 +195,10 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     odd = Conv1D(63, 32)  # no even halves: the plain product, nothing recorded
     assert torch.equal(products.conv1d(odd, x), torch.addmm(odd.bias, x, odd.weight))
     assert odd not in products._verdicts
+    strided = Conv1D(64, 32)  # a weight that is a transposed view cannot be halved without a copy
+    strided.weight = torch.nn.Parameter(torch.randn(64, 32).t())
+    assert torch.equal(products.conv1d(strided, x), torch.addmm(strided.bias, x, strided.weight))
+    assert strided not in products._verdicts
     many = torch.randn(products.HALVES_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
     assert torch.equal(products.conv1d(conv, many), torch.addmm(conv.bias, many, conv.weight))
     assert len(products._verdicts[conv]) == 1
