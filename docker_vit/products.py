@@ -41,15 +41,14 @@ _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, bool]] = we
 def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """GPT-2's Conv1D on a 2-D input (`addmm(bias, x, weight)`), in two column halves where exact."""
     weight = conv.weight
+
+    def plain() -> torch.Tensor:
+        return torch.addmm(conv.bias, x, weight)
+
     cpu = weight.device.type == "cpu" and weight.is_contiguous()
     if not cpu or weight.shape[1] % 2 or x.shape[0] > HALVES_MAX_ROWS:
-        return torch.addmm(conv.bias, x, weight)
-    return _exact(
-        conv,
-        ("halves", x.shape[0]),
-        lambda: torch.addmm(conv.bias, x, weight),
-        lambda: _halves(conv.bias, x, weight),
-    )
+        return plain()
+    return _exact(conv, ("halves", x.shape[0]), plain, lambda: _halves(conv.bias, x, weight))
 
 
 def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
