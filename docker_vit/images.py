@@ -13,8 +13,13 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-# Formats worth accepting from strangers; the rest of Pillow's zoo stays closed.
-FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "MPO", "ICO", "PPM", "TGA")
+# Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
+# JPEG, comes through the JPEG opener.) Only names this Pillow registers: `Image.open` stops at the
+# first unknown name in the list, and every format after it would be refused.
+Image.init()
+FORMATS = tuple(
+    f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA") if f in Image.OPEN
+)
 WHITE = (255, 255, 255)
 
 
