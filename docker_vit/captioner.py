@@ -21,6 +21,8 @@ class Generation(NamedTuple):
 class Captioner(Handler):
     """Captions images with any AutoModelForImageTextToText model (default: vit-gpt2)."""
 
+    option_names = ("num_beams", "max_new_tokens")
+
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.engine = CaptionEngine(settings.model, settings.device, settings.dtype, settings.threads)
@@ -66,7 +68,7 @@ def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int
         number = int(value)
         if isinstance(value, float | bool) or str(number) != str(value).strip():
             raise ValueError
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise OptionsError(f"{name} must be an integer, got {value!r}") from None
     if not 1 <= number <= limit:
         raise OptionsError(f"{name} must be between 1 and {limit}, got {number}")

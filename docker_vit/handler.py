@@ -46,11 +46,13 @@ class Handler:
     """Base class for models served by Docker-ViT. Override `load`, `prepare` and `predict`.
 
     `max_batch_size` caps how many items `predict` receives at once; None defers to the server's
-    `--max-batch-size`.
+    `--max-batch-size`. `option_names` lists the request fields `options` reads: the Runpod worker
+    refuses a job with any other field and the API page lists them; None takes any field.
     """
 
     name: str = "handler"
     max_batch_size: int | None = None
+    option_names: tuple[str, ...] | None = None
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings

@@ -29,8 +29,6 @@ from docker_vit.config import Settings
 from docker_vit.handler import Handler, OptionsError, load_handler
 from docker_vit.service import FAILED, READY, Service
 
-OPTIONS = ("num_beams", "max_new_tokens")
-
 
 class Worker:
     """A started `Service` and the job handler Runpod calls (`worker.handle`, async)."""
@@ -56,7 +54,7 @@ class Worker:
 
     async def process(self, job: Mapping[str, Any]) -> dict[str, Any]:
         try:
-            inputs, raw = read_job(job, self.settings)
+            inputs, raw = read_job(job, self.settings, self.service.handler.option_names)
             await self._wait_ready()
             try:
                 options = self.service.options(raw)
@@ -94,8 +92,10 @@ class Worker:
             self.loop.close()
 
 
-def read_job(job: Mapping[str, Any], settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
-    """A job's images (decoded) and generation options, or an ApiError naming what is wrong."""
+def read_job(
+    job: Mapping[str, Any], settings: Settings, option_names: tuple[str, ...] | None = None
+) -> tuple[list[bytes], dict[str, Any]]:
+    """A job's images (decoded) and the handler's options, or an ApiError naming what is wrong."""
     payload = job.get("input") if isinstance(job, Mapping) else None
     if not isinstance(payload, Mapping):
         raise errors.ApiError(400, 'the job needs an "input" object')
@@ -107,11 +107,12 @@ def read_job(job: Mapping[str, Any], settings: Settings) -> tuple[list[bytes], d
         raise errors.ApiError(400, '"image" must be a base64 string and "images" a non-empty list of them')
     if len(images) > settings.max_images:
         raise errors.ApiError(413, f"{len(images)} images in one job; the limit is {settings.max_images}")
-    unknown = sorted(set(payload) - {"image", "images", *OPTIONS})
+    options = {name: value for name, value in payload.items() if name not in ("image", "images")}
+    unknown = sorted(set(options) - set(options if option_names is None else option_names))
     if unknown:
         raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
     inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
-    return inputs, {name: payload[name] for name in OPTIONS if name in payload}
+    return inputs, options
 
 
 def error(type: str, message: str) -> dict[str, Any]:

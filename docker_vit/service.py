@@ -15,7 +15,7 @@ from typing import Any
 
 from docker_vit.batching import Batcher
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, Result
+from docker_vit.handler import Handler, OptionsError, Result
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.service")
@@ -76,7 +76,14 @@ class Service:
         log.info("warm-up caption in %.2f s (%.1f images/s)", seconds, 1 / seconds)
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:
-        return self.handler.options(raw)
+        """The handler's reading of a request's options. They come from the client, so whatever a
+        handler raises on them as a ValueError or TypeError is the client's error, never a 500."""
+        try:
+            return self.handler.options(raw)
+        except OptionsError:
+            raise
+        except (ValueError, TypeError, OverflowError) as exc:
+            raise OptionsError(f"invalid options: {exc}") from None
 
     async def prepare(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
         """Decode and preprocess every input in the CPU pool; the first bad one raises."""

@@ -35,6 +35,7 @@ class Classifier(Handler):
 
     name = ARCHITECTURE
     max_batch_size = 32
+    option_names = ("top_k",)
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -64,11 +65,12 @@ class Classifier(Handler):
         value = raw.get("top_k")
         if value is None or value == "":
             return DEFAULT_TOP_K
-        if isinstance(value, bool) or not str(value).strip().isdigit():
+        text = str(value).strip()
+        if isinstance(value, bool) or not (text.isascii() and text.isdigit()):
             raise OptionsError(f"top_k must be an integer, got {value!r}")
-        if not 1 <= int(value) <= MAX_TOP_K:
+        if not 1 <= int(text) <= MAX_TOP_K:
             raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {value}")
-        return int(value)
+        return int(text)
 
     def prepare(self, data: bytes, options: Hashable) -> torch.Tensor:
         image = self.open_image(data, draft=RESIZE)  # the server's intake: limits, EXIF, any mode to RGB

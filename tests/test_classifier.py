@@ -65,7 +65,7 @@ def test_json_route_gives_sorted_labels_with_scores(classifier: TestClient, bull
 def test_top_k_defaults_to_five_and_is_bounded(classifier: TestClient, bulldog: bytes) -> None:
     upload = {"file": ("dog.jpg", bulldog, "image/jpeg")}
     assert len(classifier.post("/v1/captions", files=upload).json()["captions"][0]["labels"]) == 5
-    for bad in ("0", "21", "two", "1.5"):
+    for bad in ("0", "21", "two", "1.5", "\u00b2", "\u0663"):  # a superscript two, an Arabic-Indic three
         response = classifier.post(f"/v1/captions?top_k={bad}", files=upload)
         assert response.status_code == 422, (bad, response.text)
         assert response.json()["error"]["type"] == "invalid_parameters"
@@ -175,6 +175,24 @@ class Shout(Handler):
 
     def example(self) -> bytes:
         return b"warm-up"
+
+
+class Counting(Shout):
+    """Reads an option with a bare int(): the ValueError it raises on bad input is still a 422."""
+
+    def options(self, raw: object) -> int:
+        return int(raw.get("times", 1))  # type: ignore[attr-defined]
+
+    def predict(self, items: list[str], options: object) -> list[str]:
+        return [item * options for item in super().predict(items, options)]  # type: ignore[operator]
+
+
+def test_a_handler_options_error_is_the_clients_422() -> None:
+    with serving(Settings(), Counting(Settings())) as client:
+        assert client.post("/?times=2", files={"file": ("a.txt", b"ab", "text/plain")}).text == "ABAB"
+        response = client.post("/?times=two", files={"file": ("a.txt", b"ab", "text/plain")})
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["type"] == "invalid_parameters"
 
 
 def test_a_non_vision_handler_gets_the_same_routes_and_batching() -> None:

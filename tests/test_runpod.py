@@ -22,6 +22,7 @@ from PIL import Image
 
 from docker_vit.captioner import Captioner
 from docker_vit.config import Settings
+from docker_vit.handler import Handler
 from docker_vit.runpod import Worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,6 +123,7 @@ def test_sync_entry_point(worker):
         ({"input": {"image": base64.b64encode(b"x" * 60_000).decode()}}, "payload_too_large"),
         ({"input": {"image": png(), "num_beams": 99}}, "invalid_parameters"),
         ({"input": {"image": png(), "max_new_tokens": "many"}}, "invalid_parameters"),
+        ({"input": {"image": png(), "max_new_tokens": float("inf")}}, "invalid_parameters"),
         ({"input": {"image": png(), "temperature": 0.7}}, "invalid_parameters"),
     ],
 )
@@ -130,6 +132,43 @@ def test_bad_input_gets_an_error_object(worker, job, kind):
     assert set(answer) == {"error"}
     assert answer["error"]["type"] == kind
     assert isinstance(answer["error"]["message"], str) and answer["error"]["message"]
+
+
+class Counted(Handler):
+    """A custom handler with its own option, `n`: the job's other fields go to it, not to a fixed list."""
+
+    name = "counted"
+    option_names = ("n",)
+
+    def options(self, raw):
+        return int(raw.get("n", 1))
+
+    def prepare(self, data, options):
+        return data.decode()
+
+    def predict(self, items, options):
+        return [item * options for item in items]
+
+    def example(self):
+        return b"x"
+
+
+def test_a_custom_handler_gets_its_own_options():
+    worker = Worker(Settings(max_images=4), Counted(Settings()))
+    try:
+        hello = base64.b64encode(b"ab").decode()
+        assert run(worker, {"input": {"image": hello, "n": 3}}) == {
+            "captions": [{"text": "ababab"}],
+            "model": "counted",
+        }
+        refused = run(worker, {"input": {"image": hello, "num_beams": 2}})
+        assert refused["error"]["type"] == "invalid_parameters" and "num_beams" in refused["error"]["message"]
+        bad = run(
+            worker, {"input": {"image": hello, "n": "three"}}
+        )  # int() raising: still the client's error
+        assert bad["error"]["type"] == "invalid_parameters"
+    finally:
+        worker.close()
 
 
 def test_decompression_bomb_is_refused_by_the_core_intake():

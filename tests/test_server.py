@@ -97,10 +97,20 @@ def test_generation_parameters_from_query_form_and_json(client, vit_gpt2_dir, bu
         "max_new_tokens=0",
         "max_new_tokens=100000",
         "num_beams=1.5",
+        "max_new_tokens=inf",
+        "num_beams=-Infinity",
     ],
 )
 def test_bad_parameters_are_422(client, query) -> None:
     response = client.post(f"/v1/captions?{query}", files={"file": png()})
+    assert response.status_code == 422
+    assert response.json()["error"]["type"] == "invalid_parameters"
+
+
+@pytest.mark.parametrize("value", ["Infinity", "-Infinity", "1e400"])
+def test_an_infinite_json_option_is_422(client, value) -> None:
+    body = '{"images": ["aGVsbG8="], "max_new_tokens": ' + value + "}"
+    response = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
     assert response.status_code == 422
     assert response.json()["error"]["type"] == "invalid_parameters"
 
