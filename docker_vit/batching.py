@@ -34,6 +34,10 @@ class QueueFull(Exception):
     """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
 
 
+class TooManyItems(Exception):
+    """One request holds more items than the whole queue: retrying can never help (413)."""
+
+
 @dataclass
 class _Entry:
     item: Any
@@ -66,6 +70,13 @@ class Batcher:
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
+        self._device_calls = 0  # calls running on the device thread right now
+
+    @property
+    def busy(self) -> bool:
+        """A call (a batch, the model load) still runs on the device thread. A process that exits
+        normally joins that thread, so it would wait for the call to finish."""
+        return self._device_calls > 0
 
     @property
     def depth(self) -> int:
@@ -94,10 +105,19 @@ class Batcher:
         team of its own, and with more OpenMP threads than cores GNU OpenMP stops spinning between ops
         in every team (a lone caption took 9-25% longer with one such team alive; benchmarks/NOTES.md).
         """
-        return await asyncio.get_running_loop().run_in_executor(self._device, fn)
+        return await asyncio.get_running_loop().run_in_executor(self._device, self._counted, fn)
+
+    def _counted(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self._device_calls += 1
+        try:
+            return fn(*args)
+        finally:
+            self._device_calls -= 1
 
     def check_room(self, count: int) -> None:
         """Raise QueueFull unless `count` more items fit: callers check before costly preparation too."""
+        if count > self.max_queue:
+            raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
         if self._queued + count > self.max_queue:
             raise QueueFull(f"the queue is full ({self._queued} images waiting)")
 
@@ -158,7 +178,8 @@ class Batcher:
         loop = asyncio.get_running_loop()
         self.on_batch(len(batch))
         try:
-            outputs = await loop.run_in_executor(self._device, self.predict, [e.item for e in batch], options)
+            items = [e.item for e in batch]
+            outputs = await loop.run_in_executor(self._device, self._counted, self.predict, items, options)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(batch)} items")
         except Exception as exc:

@@ -105,9 +105,12 @@ def env_name(name: str) -> str:
 def parse(spec: dataclasses.Field, raw: str) -> Any:
     """Turn one environment string into the field's type, with a message naming the variable."""
     kind = type(spec.default)
+    if kind is tuple:
+        parts = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if not parts:  # say ",": read as "no API keys", it would switch the key check off unseen
+            raise ValueError(f"{env_name(spec.name)}={raw!r} holds no value")
+        return parts
     try:
-        if kind is tuple:
-            return tuple(part.strip() for part in raw.split(",") if part.strip())
         if kind is bool:
             return raw.strip().lower() in ("1", "true", "yes", "on")
         return kind(raw)

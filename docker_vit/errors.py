@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from docker_vit.batching import QueueFull
+from docker_vit.batching import QueueFull, TooManyItems
 from docker_vit.handler import OptionsError
 from docker_vit.images import ImageError
 
@@ -57,6 +57,8 @@ def from_service(exc: Exception) -> ApiError:
         return ApiError(exc.status, str(exc), exc.type)
     if isinstance(exc, OptionsError):
         return ApiError(422, str(exc))
+    if isinstance(exc, TooManyItems):
+        return ApiError(413, str(exc))
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"})
     return ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")

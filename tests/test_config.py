@@ -44,6 +44,13 @@ def test_api_keys_from_a_comma_list() -> None:
     assert Settings.load({"DOCKER_VIT_API_KEYS": "k1, k2,,"}).api_keys == ("k1", "k2")
 
 
+@pytest.mark.parametrize("value", [",", " ", " , ,"])
+def test_api_keys_that_hold_no_key_are_refused(value: str) -> None:
+    """Read as "no keys", such a value would quietly switch the key check off."""
+    with pytest.raises(ValueError, match="DOCKER_VIT_API_KEYS"):
+        Settings.load({"DOCKER_VIT_API_KEYS": value})
+
+
 @pytest.mark.parametrize(
     "env",
     [

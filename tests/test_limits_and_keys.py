@@ -87,6 +87,15 @@ def test_full_queue_is_503_with_retry_after() -> None:
         assert client.get("/readyz").status_code == 200
 
 
+def test_more_images_than_the_queue_holds_is_413_not_503() -> None:
+    """A 503 says "retry later"; a request larger than the whole queue could never get in."""
+    settings = Settings(max_queue=2, max_images=4)
+    with serving(settings, Echo(settings)) as client:
+        files = [("file", (f"{i}.png", b"x", "image/png")) for i in range(3)]
+        assert_error(client.post("/v1/captions", files=files), 413, "payload_too_large")
+        assert client.post("/v1/captions", files=files[:2]).status_code == 200
+
+
 def test_request_timeout_is_504_and_the_abandoned_item_never_runs() -> None:
     settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=0.3)
     handler = Gated(settings)
