@@ -6,6 +6,7 @@ Every flag is generated from `Settings`, so each one also reads its `DOCKER_VIT_
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -100,7 +101,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # uvicorn re-raises SIGTERM once it has drained; a server that finished its requests exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
     server.run()
-    return 1 if service.state == FAILED else 0
+    code = 1 if service.state == FAILED else 0
+    if service.batcher.busy:
+        # A model call outlived the shutdown timeout; exiting normally would join its thread and wait.
+        logging.getLogger("docker_vit").warning("exiting with a model call unfinished")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
 
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:

@@ -43,12 +43,12 @@ class RequestContext:
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
-        status = 500
+        status, answered = 500, False
 
         async def send_with_id(message: dict) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
@@ -58,6 +58,13 @@ class RequestContext:
                 await response(scope, receive, send_with_id)
             else:
                 await self.app(scope, self._limited(receive, started + self.read_timeout), send_with_id)
+        except asyncio.CancelledError:
+            # uvicorn cancels the requests still running when the shutdown timeout is up: they get a
+            # JSON answer too (uvicorn's own would be a plain-text 500)
+            if answered:
+                raise
+            response = error_response(503, "the server is shutting down", headers=_CLOSE)
+            await response(scope, receive, send_with_id)
         finally:
             self._report(scope, request_id, status, time.perf_counter() - started)
 
@@ -122,13 +129,22 @@ def header_deadline(timeout: float) -> type:
         _header_bytes = 0
 
         def data_received(self, data: bytes) -> None:
-            """httptools sets no bound on header size: cap the bytes sent while headers are incomplete."""
+            """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
+            and the size of headers that arrived whole in one chunk."""
+            waiting = self.cycle is self._waiting_for
             super().data_received(data)
-            if self.cycle is self._waiting_for and not self.transport.is_closing():
+            if not waiting or self.transport.is_closing():
+                return
+            if self.cycle is self._waiting_for:  # still incomplete
                 self._header_bytes += len(data)
-                if self._header_bytes > MAX_HEADER_BYTES:
-                    log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
-                    self.transport.close()
+                too_big = self._header_bytes > MAX_HEADER_BYTES
+            else:  # this chunk completed them: measure what was parsed
+                too_big = _head_size(self.cycle.scope) > MAX_HEADER_BYTES
+                if too_big:  # its request must not run: it reads a disconnect, not the body
+                    self.cycle.disconnected = True
+            if too_big:
+                log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+                self.transport.close()
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
@@ -156,3 +172,11 @@ def header_deadline(timeout: float) -> type:
                 self.transport.close()
 
     return HeaderDeadline
+
+
+def _head_size(scope: dict) -> int:
+    """Bytes of a parsed request line and headers, as sent (give or take the spaces)."""
+    line = (
+        len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
+    )
+    return line + 12 + sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))

@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -193,3 +195,54 @@ def test_endless_headers_are_cut_off(server: str) -> None:
     sock.close()
     assert closed and sent < 8_000_000
     answered_promptly(server)
+
+
+@pytest.mark.parametrize("size", [70_000, 100_000])
+def test_oversized_headers_in_one_chunk_are_refused(server: str, size: int) -> None:
+    """Headers over 64 KiB that arrive whole (one send) are parsed at once: they are refused all the same."""
+    sock = connect(server)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * size + b"\r\n\r\n")
+    assert closed_by_server(sock, PROMPT) == b""
+    sock.close()
+    answered_promptly(server)
+
+
+def test_shutdown_timeout_bounds_a_long_model_call() -> None:
+    """SIGTERM while a model call runs past the shutdown timeout: the caller gets a JSON 503 and the
+    process exits 0 without waiting for the call to finish."""
+    port = free_port()
+    command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", "fake_handlers:Echo"]
+    command += ["--port", str(port), "--shutdown-timeout", "1", "--log-level", "warning"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url, answers = f"http://127.0.0.1:{port}", []
+    try:
+        deadline = time.monotonic() + 60
+        while "docker_vit_batch_size_count 1.0" not in _metrics(url):  # warmed up
+            assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        slow = threading.Thread(
+            target=lambda: answers.append(
+                httpx.post(f"{url}/?delay=60", content=b"x", headers={"content-type": "image/x"}, timeout=90)
+            )
+        )
+        slow.start()
+        while "docker_vit_batch_size_count 2.0" not in _metrics(url):  # the slow call is in the model
+            assert time.monotonic() < deadline, "the slow request never reached the model"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0  # well before the 60 s call could end
+        slow.join(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+    assert answers and answers[0].status_code == 503
+    assert answers[0].json()["error"]["message"] == "the server is shutting down"
+
+
+def _metrics(url: str) -> str:
+    try:
+        return httpx.get(f"{url}/metrics", timeout=2).text
+    except httpx.TransportError:
+        return ""
