@@ -8,12 +8,14 @@ that reads the environment; everything else receives a `Settings`.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 ENV_PREFIX = "DOCKER_VIT_"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
+DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 # Groups decide which subcommand shows a flag: "model" options apply wherever a model runs; "client"
 # ones only where `docker-vit caption --url` talks to a server.
@@ -31,7 +33,12 @@ class Settings:
     model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL)
     handler: str = _opt("", "serve a custom handler, as module:Class (default: the captioner)", MODEL)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps", MODEL)
-    dtype: str = _opt("auto", "auto, float32, float16 or bfloat16", MODEL)
+    dtype: str = _opt(
+        "auto",
+        "auto, float32, float16 or bfloat16",
+        MODEL,
+        choices=("auto", "float32", "float16", "bfloat16"),
+    )
     num_beams: int = _opt(4, "default beam width", MODEL)
     max_new_tokens: int = _opt(15, "default caption length in tokens (the seed's max_length 16)", MODEL)
     max_num_beams: int = _opt(8, "largest num_beams a request may ask for", MODEL)
@@ -77,7 +84,9 @@ class Settings:
             raise ValueError("max_wait_ms, threads, idle_timeout and shutdown_timeout cannot be negative")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
-        for name in ("log_format", "log_level"):
+        if not DEVICE.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
+        for name in ("dtype", "log_format", "log_level"):
             choices = options()[name].metadata["choices"]
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}")

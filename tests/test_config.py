@@ -59,6 +59,9 @@ def test_api_keys_that_hold_no_key_are_refused(value: str) -> None:
         {"DOCKER_VIT_NUM_BEAMS": "20"},
         {"DOCKER_VIT_LOG_FORMAT": "xml"},
         {"DOCKER_VIT_MAX_BYTES": "-1"},
+        {"DOCKER_VIT_DTYPE": "int8"},
+        {"DOCKER_VIT_DEVICE": "banana"},
+        {"DOCKER_VIT_DEVICE": "cuda:x"},
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(env: dict[str, str]) -> None:
