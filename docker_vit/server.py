@@ -76,21 +76,31 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     async def model() -> dict[str, Any]:
         return {**service.handler.describe(), "status": service.state}
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    @app.api_route("/readyz", methods=["GET", "HEAD"])
     async def readyz() -> JSONResponse:
-        body = {"status": service.state, **({"error": service.error} if service.error else {})}
-        return JSONResponse(body, status_code=200 if service.state == READY else 503)
+        """`status` for probes; while not ready, the standard error object says why."""
+        if service.state == READY:
+            return JSONResponse({"status": READY})
+        why = (
+            f"the model failed to load: {service.error}"
+            if service.state == FAILED
+            else "the model is loading"
+        )
+        error = {"type": errors.TYPES[503], "message": why}
+        return JSONResponse({"status": service.state, "error": error}, status_code=503)
 
-    @app.get("/ping")
+    @app.api_route("/ping", methods=["GET", "HEAD"])
     async def ping() -> Response:
         """Runpod's load balancer: 200 when ready, 204 while initializing, 503 when loading failed."""
         if service.state == READY:
             return JSONResponse({"status": "healthy"})
-        return Response(status_code=503 if service.state == FAILED else 204)
+        if service.state == FAILED:
+            return errors.error_response(503, f"the model failed to load: {service.error}")
+        return Response(status_code=204)
 
     @app.get("/metrics")
     async def metrics() -> Response:

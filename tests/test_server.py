@@ -115,10 +115,11 @@ def test_an_infinite_json_option_is_422(client, value) -> None:
     assert response.json()["error"]["type"] == "invalid_parameters"
 
 
-def assert_error(response, status: int) -> None:
+def assert_error(response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert error["type"] and error["message"]
+    return error
 
 
 def test_missing_or_malformed_input_is_400(client) -> None:
@@ -214,6 +215,26 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
             time.sleep(0.01)
         assert client.post("/", files={"file": b"abc"}).text == "3"
         assert client.get("/ping").json() == {"status": "healthy"}
+        for probe in ("/healthz", "/readyz", "/ping"):  # load balancers may probe with HEAD
+            assert client.head(probe).status_code == 200
+
+
+class BrokenLoading(SlowLoading):
+    def load(self) -> None:
+        raise OSError("no weights here")
+
+
+def test_a_failed_load_is_reported_by_every_probe_in_json() -> None:
+    from conftest import serving
+
+    with serving(Settings(), BrokenLoading(Settings()), wait=False) as client:
+        deadline = time.monotonic() + 10
+        while client.get("/ping").status_code != 503:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert "no weights here" in assert_error(client.get("/ping"), 503)["message"]
+        assert_error(client.get("/readyz"), 503)
+        assert_error(client.post("/", files={"file": b"abc"}), 503)
 
 
 def test_concurrent_requests_are_batched_with_the_same_captions(serve) -> None:
