@@ -139,7 +139,9 @@ async def _read_inputs(request: Request, settings: Settings, json_allowed: bool)
         wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
         raise errors.ApiError(400, f"send the image as {wanted} or an image/* body")
     if not inputs:
-        raise errors.ApiError(400, "no image: send it in the multipart field 'file'")
+        raise errors.ApiError(
+            400, "no image: send it as a file in the multipart field 'file' (curl -F file=@image.jpg)"
+        )
     if len(inputs) > settings.max_images:
         raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
     for data in inputs:
