@@ -66,6 +66,8 @@ class CaptionEngine:
         """Read weights and processors from a Hub id (downloading once) or a local folder."""
         if self.threads:
             torch.set_num_threads(self.threads)
+        if self.device.type == "cpu":
+            _reuse_freed_memory()
         model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         processor = AutoProcessor.from_pretrained(self.model_id)
@@ -115,6 +117,24 @@ class CaptionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+def _reuse_freed_memory() -> None:
+    """Serve large activations from the heap instead of one fresh mapping each.
+
+    By default glibc gives every large block of the main thread a mapping of its own and unmaps it when
+    freed, so each layer faults in, and has the kernel zero, pages the layer before just gave back:
+    ~465,000 page faults per batch of 16 images, and `docker-vit caption` (which runs the model on its
+    main thread) took 1.13x as long. Worker threads (the server's device thread) mostly reuse their own
+    arena already. `_release_free_memory` still returns everything after each batch, so the memory
+    held between batches does not change (benchmarks/NOTES.md)."""
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_MAX, 0)  # no block gets a mapping of its own
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # nor is the heap shrunk in the middle of a batch
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
 
 
 def _release_free_memory() -> None:
