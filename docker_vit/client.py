@@ -77,7 +77,7 @@ class RemoteCaptioner:
             )
             try:
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
-                    return json.loads(response.read())
+                    return self._captions(response.read())
             except urllib.error.HTTPError as exc:
                 problem = f"{exc.code} {_error(exc)[1]}"
                 if exc.code in FATAL:
@@ -90,6 +90,17 @@ class RemoteCaptioner:
                 delay = _backoff(attempt)
             time.sleep(delay)
         raise CaptionError(f"{self.url} still failing after {ATTEMPTS} tries: {problem}")
+
+    def _captions(self, body: bytes) -> dict[str, Any]:
+        """The server's answer, if it has the shape of one: anything else stops the run, as every
+        other request would get the same."""
+        try:
+            answer = json.loads(body)
+            if isinstance(answer["captions"][0]["text"], str):
+                return answer
+        except (ValueError, LookupError, TypeError):
+            pass
+        raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")
 
     def _wait_ready(self) -> None:
         """Fail fast on a wrong URL; wait (bounded) while the server loads its model."""

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import ctypes
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,7 @@ from transformers import (
     AutoProcessor,
     GenerationConfig,
 )
+from transformers.utils import logging as hf_logging
 
 from docker_vit import decoding
 
@@ -68,6 +70,11 @@ class CaptionEngine:
             torch.set_num_threads(self.threads)
         if self.device.type == "cpu":
             _reuse_freed_memory()
+        if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(
+            os.path.expanduser(self.model_id)
+        ):
+            raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
+        hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
         model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         processor = AutoProcessor.from_pretrained(self.model_id)

@@ -134,7 +134,10 @@ class LocalCaptioner:
         from docker_vit.handler import OptionsError, load_handler
 
         self.handler = load_handler(settings)
-        self.handler.load()
+        try:
+            self.handler.load()
+        except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
+            raise CaptionError(f"cannot load the model: {type(exc).__name__}: {exc}") from None
         try:
             self.options = self.handler.options(params)
         except OptionsError as exc:

@@ -14,6 +14,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import photo
 
 from docker_vit import cli, engine
@@ -133,3 +134,21 @@ def test_download_fills_the_cache_or_a_folder(
     assert calls == [("nlpconnect/vit-gpt2-image-captioning", str(tmp_path))]
     assert capsys.readouterr().out.strip() == str(tmp_path)
     assert engine.download("some/model") == "/cache/models--x"
+
+
+def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    image = str(photo("coffee.jpg"))
+    assert cli.main(["caption", image, "--model", str(tmp_path / "missing")]) == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"docker-vit: cannot load the model: FileNotFoundError: no model folder at {tmp_path / 'missing'}"
+    )
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
+def test_a_device_torch_lacks_is_one_clear_line(vit_gpt2_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    assert (
+        cli.main(["caption", str(photo("coffee.jpg")), "--model", str(vit_gpt2_dir), "--device", "cuda"]) == 1
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("docker-vit: cannot load the model:") and "Traceback" not in err

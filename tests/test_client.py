@@ -160,6 +160,35 @@ def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
     ]
 
 
+class _Stranger(_Flaky):
+    """Some other server: answers 200, but not with captions."""
+
+    body: object = {"status": "ok"}
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(200, self.body)
+
+
+@pytest.mark.parametrize("body", [{"status": "ok"}, [1, 2], {"captions": []}, {"captions": [{"text": 3}]}])
+def test_a_200_without_captions_stops_the_run_with_a_clear_error(
+    body: object, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    _Stranger.body = body
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Stranger)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{stub.server_address[1]}"
+        assert (
+            cli.main(["caption", str(photo("coffee.jpg")), "-o", str(tmp_path / "o.jsonl"), "--url", url])
+            == 1
+        )
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert "did not answer with captions" in capsys.readouterr().err
+
+
 def test_in_order_yields_in_input_order_and_raises_in_place() -> None:
     def work(item: int) -> int:
         time.sleep((7 - item) * 0.005)  # later items finish first
