@@ -111,19 +111,23 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         raise ValueError(f"unknown argument(s) {', '.join(unknown)}; known: {known}")
     taken = [name for name in NOT_UNDER_RAY if name in args]
     if taken:
-        raise ValueError(f"{', '.join(taken)}: Ray's HTTP proxy listens (serve run --port, or http_options)")
+        where = "serve start --http-port PORT before serve run, or http_options in a config file"
+        raise ValueError(f"{', '.join(taken)}: Ray's HTTP proxy listens ({where})")
     overrides, deployment = {}, {}
     for name, value in args.items():
         text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
-        if name in fields:
-            overrides[name] = parse(fields[name], text)
-        elif name == "num_replicas" and text == "auto":
-            deployment[name] = text
-        else:
-            try:
-                deployment[name] = DEPLOYMENT_ARGS[name](text)
-            except ValueError:
-                raise ValueError(f"{name}={text!r} is not a valid {DEPLOYMENT_ARGS[name].__name__}") from None
+        kind = type(fields[name].default) if name in fields else DEPLOYMENT_ARGS[name]
+        try:
+            if name in fields:
+                overrides[name] = parse(fields[name], text)
+            elif name == "num_replicas" and text == "auto":
+                deployment[name] = text
+            else:
+                deployment[name] = kind(text)
+        except ValueError:  # named as the argument it is, not as the variable `parse` would name
+            raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    if deployment.get("load_timeout_s", LOAD_TIMEOUT_S) <= 0:
+        raise ValueError(f"load_timeout_s must be positive, got {deployment['load_timeout_s']}")
     return overrides, deployment
 
 

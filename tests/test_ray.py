@@ -159,7 +159,9 @@ def test_arguments_become_settings_and_deployment_options() -> None:
     [
         ({"modle": "x"}, "unknown argument"),
         ({"port": "9000"}, "Ray's HTTP proxy"),
-        ({"num_beams": "many"}, "DOCKER_VIT_NUM_BEAMS"),
+        ({"num_beams": "many"}, "num_beams='many' is not a valid int"),
+        ({"load_timeout_s": "0"}, "load_timeout_s must be positive"),
+        ({"load_timeout_s": "-5"}, "load_timeout_s must be positive"),
         ({"num_gpus": "one"}, "num_gpus='one'"),
         ({"num_beams": "0"}, "num_beams must be positive"),
         ({"num_replicas": "2", "min_replicas": "1"}, "not both"),
