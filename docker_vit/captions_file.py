@@ -3,7 +3,8 @@
 Every record carries the model and the generation options that made it, so a file resumed with other
 options still says which caption came from where. Records are written whole and flushed as they are
 made, so a killed run leaves a valid file; at most its last line is cut short, and reopening drops that
-line (its image is captioned again). Resuming matches on `path`, exactly as the walk wrote it.
+line (its image is captioned again). Resuming matches on `path`: as the walk wrote it, or the same
+file named otherwise (`docker_vit.folder`).
 
 Paths are str as the OS gave them; undecodable bytes travel as surrogate escapes and are written back
 as the same bytes, so even such paths resume.

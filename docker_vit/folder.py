@@ -48,11 +48,18 @@ def caption(settings: Settings, paths: Sequence[str], output: str | None, fmt: s
         progress.warn(f"cannot use {output}: {exc}")
         return 1
     with sink:
-        todo = [path for path in images if path not in sink.done]
+        todo = _not_done(images, sink.done)
         if not todo:
             return 0
         params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
         return _run(settings, params, todo, sink, progress if output else Progress(enabled=False))
+
+
+def _not_done(images: list[str], done: set[str]) -> list[str]:
+    """Images not in the file yet, also when it names them otherwise (relative vs absolute, through a
+    link): a recorded path is read from the current folder, as the run that wrote it most likely was."""
+    same = {os.path.realpath(path) for path in done}
+    return [path for path in images if path not in done and os.path.realpath(path) not in same]
 
 
 def _run(settings: Settings, params: dict, todo: list[str], sink: Any, progress: Progress) -> int:

@@ -115,6 +115,21 @@ def test_resume_captions_only_new_images(library: Path, tmp_path: Path) -> None:
     assert Digest.batches == [] and len(lines(out)) == 7  # nothing left to do: the model never ran
 
 
+def test_resume_knows_a_file_named_otherwise(
+    library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Relative one run, absolute the next, or through a link: still no duplicate."""
+    out = tmp_path / "captions.jsonl"
+    monkeypatch.chdir(library.parent)
+    assert cli.main(["caption", library.name, "--output", str(out), *DIGEST]) in (0, 1)
+    first = len(lines(out))
+    (tmp_path / "link").symlink_to(library)
+    Digest.batches.clear()
+    for named in (str(library), str(tmp_path / "link")):
+        assert cli.main(["caption", named, "--output", str(out), *DIGEST]) in (0, 1)
+    assert sum(Digest.batches) == 0 and len(lines(out)) == first
+
+
 def test_csv_output_quotes_and_resumes(library: Path, tmp_path: Path) -> None:
     picture(library / 'odd, "name".png', 90)
     out = tmp_path / "captions.csv"  # the format follows the file name
