@@ -11,7 +11,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
 # JPEG, comes through the JPEG opener.) Only names this Pillow registers: `Image.open` stops at the
@@ -21,6 +21,7 @@ FORMATS = tuple(
     f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA") if f in Image.OPEN
 )
 WHITE = (255, 255, 255)
+UNSUPPORTED = "cannot decode the image: not a supported image format"
 
 
 class ImageError(Exception):
@@ -63,10 +64,12 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise
     except Image.DecompressionBombError as exc:
         raise TooLarge(str(exc)) from None
+    except UnidentifiedImageError:  # its own message names an object's memory address
+        raise NotAnImage(UNSUPPORTED) from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise NotAnImage(f"cannot decode the image: {exc}") from None
     except Exception:  # Pillow raises many more types for broken files: all mean "not an image"
-        raise NotAnImage("cannot decode the image: not a supported image format") from None
+        raise NotAnImage(UNSUPPORTED) from None
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:

@@ -134,7 +134,7 @@ def test_truncated_jpeg_is_not_an_image(bulldog: bytes) -> None:
 
 
 def test_unlisted_formats_are_refused() -> None:
-    with pytest.raises(NotAnImage):
+    with pytest.raises(NotAnImage, match="^cannot decode the image: not a supported image format$"):
         open_image(encode(Image.new("RGB", (8, 8)), "PDF"), **LIMITS)
 
 
