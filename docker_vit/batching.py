@@ -6,11 +6,13 @@ own thread, so the event loop keeps accepting, decoding and queueing while the m
 batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
 the model sees them.
 
-Two refinements keep batches full under steady load. The wait counts from the later of the oldest
-item's arrival and the moment the device became free, so clients answered by the last batch have a
-moment to send their next images. And items already accepted but still being decoded (`incoming`) are
-waited for, at most `HOLD` seconds longer, rather than left to trail behind in a batch of their own.
-A lone request pays neither: nothing else is incoming, and the device has long been free.
+Two refinements keep batches full under steady load. The wait counts only time the device sits idle:
+items queued during a batch still wait `max_wait` once it ends, so clients answered by that batch
+have a moment to send their next images, while an item that has had its wait (several option groups
+queued at once: the later groups waited through the first one's) goes as soon as the device is free.
+And items already accepted but still being decoded (`incoming`) are waited for, at most `HOLD`
+seconds longer, rather than left to trail behind in a batch of their own. A lone request pays
+neither: nothing else is incoming, and the device was idle all along.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("docker_vit.batching")
@@ -42,7 +44,7 @@ class TooManyItems(Exception):
 class _Entry:
     item: Any
     future: asyncio.Future
-    arrived: float = field(default_factory=time.monotonic)
+    idle_mark: float  # the batcher's idle clock when the item arrived
     queued: bool = True
 
 
@@ -66,7 +68,8 @@ class Batcher:
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
         self.incoming = 0  # items accepted and being prepared, not yet submitted
-        self._idle_since = 0.0
+        self._idle_since: float | None = time.monotonic()  # None while a batch runs
+        self._idle_before = 0.0  # seconds of idle device before the current idle spell
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
@@ -127,7 +130,7 @@ class Batcher:
             raise RuntimeError("Batcher.start() has not been called")
         self.check_room(len(items))
         loop = asyncio.get_running_loop()
-        entries = [_Entry(item, loop.create_future()) for item in items]
+        entries = [_Entry(item, loop.create_future(), self._idle_clock()) for item in items]
         for entry in entries:
             entry.future.add_done_callback(lambda _, entry=entry: self._dequeue(entry))
         self._groups.setdefault(options, deque()).extend(entries)
@@ -148,13 +151,17 @@ class Batcher:
             if batch:
                 await self._execute(batch, options)
 
+    def _idle_clock(self) -> float:
+        """Seconds the device has sat idle since the batcher was made."""
+        spell = 0.0 if self._idle_since is None else time.monotonic() - self._idle_since
+        return self._idle_before + spell
+
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
-        """The oldest group, once it is full or its first item has waited `max_wait`."""
+        """The oldest group, once it is full or its first item has waited `max_wait` of idle device."""
         options, group = next(iter(self._groups.items()))
-        deadline = max(group[0].arrived, self._idle_since) + self.max_wait
         while len(group) < self.max_batch_size:
-            now = time.monotonic()
-            if now >= deadline and (not self.incoming or now >= deadline + HOLD):
+            waited = self._idle_clock() - group[0].idle_mark
+            if waited >= self.max_wait and (not self.incoming or waited >= self.max_wait + HOLD):
                 break
             await asyncio.sleep(0.001)
         batch: list[_Entry] = []
@@ -177,6 +184,8 @@ class Batcher:
     async def _execute(self, batch: list[_Entry], options: Hashable) -> None:
         loop = asyncio.get_running_loop()
         self.on_batch(len(batch))
+        self._idle_before = self._idle_clock()
+        self._idle_since = None
         try:
             items = [e.item for e in batch]
             outputs = await loop.run_in_executor(self._device, self._counted, self.predict, items, options)

@@ -162,6 +162,51 @@ def test_a_lone_item_does_not_wait_for_nothing() -> None:
     assert run(main()) < HOLD
 
 
+def test_option_groups_queued_together_wait_once_not_once_each() -> None:
+    """Four groups queued at once: the first waits max_wait to fill, the others have waited through it
+    and go as soon as the device is free (they used to wait max_wait again, each in turn)."""
+    wait = 0.6
+
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder, max_wait=wait)
+        batcher.start()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        futures = [future for group in "abcd" for future in batcher.submit([group], group)]
+        await asyncio.gather(*futures)
+        took = loop.time() - started
+        await batcher.stop()
+        return took, recorder.calls
+
+    took, calls = run(main())
+    assert [options for _, options in calls] == ["a", "b", "c", "d"]
+    assert wait <= took < 2.5 * wait  # once, not four times (2.4 s)
+
+
+def test_items_queued_during_a_batch_still_wait_for_company() -> None:
+    """An item that arrived while the device was busy waits max_wait once it is free, so that
+    clients answered by that batch can send their next images into the same call."""
+
+    async def main():
+        recorder = Recorder()
+        recorder.release.clear()
+        batcher = make(recorder, max_wait=0.3)
+        batcher.start()
+        first = batcher.submit([1], "a")
+        await asyncio.sleep(0.4)  # the first call is on the device, held there
+        second = batcher.submit([2], "a")
+        recorder.release.set()
+        await asyncio.gather(*first)
+        await asyncio.sleep(0.05)  # the device is free; the next client's image comes in
+        third = batcher.submit([3], "a")
+        await asyncio.gather(*second, *third)
+        await batcher.stop()
+        return [items for items, _ in recorder.calls]
+
+    assert run(main()) == [[1], [2, 3]]
+
+
 def test_on_device_runs_where_the_batches_run() -> None:
     """Loading the model happens on the device thread, so torch's work stays on one thread."""
 
