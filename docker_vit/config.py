@@ -8,6 +8,7 @@ that reads the environment; everything else receives a `Settings`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -68,6 +69,9 @@ class Settings:
     concurrency: int = _opt(8, "requests in flight at once with --url", CLIENT)
 
     def __post_init__(self) -> None:
+        for name, spec in options().items():
+            if isinstance(spec.default, float) and not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         positive = ("num_beams", "max_new_tokens", "max_num_beams", "max_new_tokens_limit", "max_batch_size")
         positive += ("max_bytes", "max_pixels", "max_queue", "max_images", "request_timeout", "read_timeout")
         positive += ("concurrency",)
