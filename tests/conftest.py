@@ -36,6 +36,13 @@ def eos_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def wordy_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Full 15-token captions that differ between the test photos, at 1 and 3 beams alike (the
+    default tiny model ends at once at 1 beam, the EOS one at every width)."""
+    return tiny_models.save_vit_gpt2(tmp_path_factory.mktemp("vit-gpt2-wordy"), seed=1, eos_boost=0.01)
+
+
+@pytest.fixture(scope="session")
 def blip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tiny_models.save_blip(tmp_path_factory.mktemp("blip"))
 
