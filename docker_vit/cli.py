@@ -68,7 +68,8 @@ def _add_settings(parser: argparse.ArgumentParser, groups: set[str] | None) -> N
             continue
         flag = spec.metadata.get("flag", "--" + name.replace("_", "-"))
         kind = type(spec.default)
-        help = f"{spec.metadata['help']} (default: {spec.default!r}; env {env_name(name)})"
+        default = f"default: {spec.default!r}; " if spec.default not in ("", ()) else ""
+        help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
         if kind is tuple:
             parser.add_argument(flag, dest=name, action="append", help=help)
         else:
@@ -126,7 +127,11 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.engine import download
 
-    print(download(args.model, args.dir))
+    try:
+        print(download(args.model, args.dir))
+    except Exception as exc:  # no network, no such repository, no room: one line, not a traceback
+        print(f"docker-vit: cannot download {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

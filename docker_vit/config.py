@@ -41,7 +41,7 @@ class Settings:
         choices=("auto", "float32", "float16", "bfloat16"),
     )
     num_beams: int = _opt(4, "default beam width", MODEL)
-    max_new_tokens: int = _opt(15, "default caption length in tokens (the seed's max_length 16)", MODEL)
+    max_new_tokens: int = _opt(15, "default caption length in tokens (the original's max_length 16)", MODEL)
     max_num_beams: int = _opt(8, "largest num_beams a request may ask for", MODEL)
     max_new_tokens_limit: int = _opt(64, "largest max_new_tokens a request may ask for", MODEL)
     max_batch_size: int = _opt(16, "most images in one model call", MODEL)
@@ -55,7 +55,7 @@ class Settings:
     max_queue: int = _opt(256, "most images waiting for the model; beyond it requests get 503")
     max_images: int = _opt(16, "most images in one request")
     request_timeout: float = _opt(60.0, "seconds a request may wait for its captions (then 504)")
-    read_timeout: float = _opt(30.0, "seconds to receive a request body (then 408)")
+    read_timeout: float = _opt(30.0, "seconds to receive a request's headers and body (then 408)")
     idle_timeout: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
     shutdown_timeout: float = _opt(30.0, "seconds to finish requests in flight after SIGTERM")
     api_keys: tuple[str, ...] = _opt(

@@ -1,6 +1,6 @@
 """Ray Serve adapter: the same HTTP app as `docker-vit serve`, run as replicas of a Ray Serve deployment.
 
-    pip install "docker-vit[ray]"
+    pip install ".[ray]"   # from the repository root
     serve run docker_vit.ray:app model=nlpconnect/vit-gpt2-image-captioning num_gpus=1 num_replicas=2
 
 `app` is a Ray application builder: Ray's CLI hands it the `key=value` arguments (or the `args:` of a

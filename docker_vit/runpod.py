@@ -120,7 +120,7 @@ def error(type: str, message: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    import runpod  # the optional extra: pip install 'docker-vit[runpod]'
+    import runpod  # the optional extra: pip install '.[runpod]'
 
     settings = Settings.load(os.environ)
     worker = Worker(settings)

@@ -76,11 +76,11 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     async def model() -> dict[str, Any]:
         return {**service.handler.describe(), "status": service.state}
 
-    @app.api_route("/healthz", methods=["GET", "HEAD"])
+    @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.api_route("/readyz", methods=["GET", "HEAD"])
+    @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.state == READY:
@@ -93,7 +93,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         error = {"type": errors.TYPES[503], "message": why}
         return JSONResponse({"status": service.state, "error": error}, status_code=503)
 
-    @app.api_route("/ping", methods=["GET", "HEAD"])
+    @app.get("/ping")
     async def ping() -> Response:
         """Runpod's load balancer: 200 when ready, 204 while initializing, 503 when loading failed."""
         if service.state == READY:
@@ -105,6 +105,10 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
+
+    for probe, answer in (("/healthz", healthz), ("/readyz", readyz), ("/ping", ping)):
+        # load balancers may probe with HEAD; one operation per route keeps the OpenAPI page clean
+        app.add_api_route(probe, answer, methods=["HEAD"], include_in_schema=False)
 
 
 def _api_key_check(keys: tuple[str, ...]) -> Any:
@@ -139,9 +143,11 @@ async def _read_inputs(request: Request, settings: Settings, json_allowed: bool)
         wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
         raise errors.ApiError(400, f"send the image as {wanted} or an image/* body")
     if not inputs:
-        raise errors.ApiError(
-            400, "no image: send it as a file in the multipart field 'file' (curl -F file=@image.jpg)"
-        )
+        how = {
+            "multipart/form-data": "as a file in the multipart field 'file' (curl -F file=@image.jpg)",
+            "application/json": 'in the "images" list',
+        }.get(content_type, "as the request body")
+        raise errors.ApiError(400, f"no image: send it {how}")
     if len(inputs) > settings.max_images:
         raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
     for data in inputs:
@@ -155,8 +161,9 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes],
     try:
         form = await request.form(max_files=settings.max_images, max_fields=64)
     except HTTPException as exc:
-        status = 413 if "Too many files" in str(exc.detail) else 400
-        raise errors.ApiError(status, f"malformed multipart body: {exc.detail}") from None
+        if "Too many files" in str(exc.detail):
+            raise errors.ApiError(413, f"more than {settings.max_images} images in one request") from None
+        raise errors.ApiError(400, f"malformed multipart body: {exc.detail}") from None
     try:
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
         fields = {key: value for key, value in form.items() if isinstance(value, str)}

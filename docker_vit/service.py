@@ -63,7 +63,8 @@ class Service:
             await self._warm_up()
         except Exception as exc:
             self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
-            log.error("loading the model failed: %s", self.error, exc_info=exc)
+            # A missing file or no network says all in its message; anything else may be a bug.
+            log.error("loading the model failed: %s", self.error, exc_info=not isinstance(exc, OSError))
             self.on_failed()
             return
         self.state = READY

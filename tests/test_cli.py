@@ -152,3 +152,12 @@ def test_a_device_torch_lacks_is_one_clear_line(vit_gpt2_dir: Path, capsys: pyte
     )
     err = capsys.readouterr().err
     assert err.startswith("docker-vit: cannot load the model:") and "Traceback" not in err
+
+
+def test_a_failed_download_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    def offline(model: str, folder: str | None = None) -> str:
+        raise OSError("no network here")
+
+    monkeypatch.setattr(engine, "download", offline)
+    assert cli.main(["download", "org/model"]) == 1
+    assert capsys.readouterr().err == "docker-vit: cannot download org/model: OSError: no network here\n"

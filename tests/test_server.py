@@ -6,6 +6,7 @@ import base64
 import io
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -148,8 +149,16 @@ def test_size_limits_are_413(serve, bulldog) -> None:
         assert_error(client.post("/", files={"file": bulldog}), 413)
         assert_error(client.post("/", content=bulldog, headers={"content-type": "image/jpeg"}), 413)
         assert_error(client.post("/", files={"file": png((100, 100))}), 413)
-        assert_error(client.post("/v1/captions", files=[("file", png())] * 3), 413)
+        many = assert_error(client.post("/v1/captions", files=[("file", png())] * 3), 413)
+        assert many["message"] == "more than 2 images in one request"
         assert client.post("/", files={"file": png((50, 50))}).status_code == 200
+
+
+def test_no_image_says_how_to_send_one_for_the_body_used(client) -> None:
+    empty = assert_error(client.post("/v1/captions", json={"images": []}), 400)
+    assert empty["message"] == 'no image: send it in the "images" list'
+    text_field = assert_error(client.post("/", data={"file": "not a file"}, files={"x": b""}), 400)
+    assert "multipart field 'file'" in text_field["message"]
 
 
 def test_unknown_routes_and_methods_answer_json(client) -> None:
@@ -165,7 +174,10 @@ def test_probes_model_docs_and_metrics(client) -> None:
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["generation"] == {"num_beams": 4, "max_new_tokens": 15}
     assert client.get("/docs").status_code == 200
-    assert "/v1/captions" in client.get("/openapi.json").json()["paths"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns of duplicate operation ids
+        paths = client.get("/openapi.json").json()["paths"]
+    assert "/v1/captions" in paths and "head" not in paths["/healthz"]
     client.post("/", files={"file": png()})
     metrics = client.get("/metrics").text
     for name in (
