@@ -68,12 +68,12 @@ class CaptionEngine:
         """Read weights and processors from a Hub id (downloading once) or a local folder."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.device.type == "cpu":
-            _reuse_freed_memory()
         if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(
             os.path.expanduser(self.model_id)
         ):
             raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
+        if self.device.type == "cpu":
+            _reuse_freed_memory()
         hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
         model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
         self.model = model.to(self.device).eval()

@@ -47,7 +47,7 @@ class Handler:
 
     `max_batch_size` caps how many items `predict` receives at once; None defers to the server's
     `--max-batch-size`. `option_names` lists the request fields `options` reads: the Runpod worker
-    refuses a job with any other field and the API page lists them; None takes any field.
+    refuses a job with any other field; None hands every field to `options`.
     """
 
     name: str = "handler"
