@@ -125,13 +125,16 @@ def main() -> None:
     settings = Settings.load(os.environ)
     worker = Worker(settings)
     atexit.register(worker.close)
-    runpod.serverless.start(
-        {
-            "handler": worker.handle,
-            # Concurrent jobs are what fills the batcher's model calls.
-            "concurrency_modifier": lambda current: settings.max_batch_size,
-        }
-    )
+    try:
+        runpod.serverless.start(
+            {
+                "handler": worker.handle,
+                # Concurrent jobs are what fills the batcher's model calls.
+                "concurrency_modifier": lambda current: settings.max_batch_size,
+            }
+        )
+    finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
+        worker.close()  # down, so a load still running is cancelled, not reported as a failure
 
 
 if __name__ == "__main__":
