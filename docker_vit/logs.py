@@ -34,3 +34,5 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     root.setLevel(level.upper())
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # it warns of every malformed multipart body a client sends; the client gets its 400 anyway
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)

@@ -8,6 +8,7 @@ layer down, for the request headers, which uvicorn itself never times out.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -145,6 +146,14 @@ def header_deadline(timeout: float) -> type:
             if too_big:
                 log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
                 self.transport.close()
+
+        def send_400_response(self, msg: str) -> None:
+            """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape."""
+            body = json.dumps({"error": {"type": "invalid_request", "message": "malformed HTTP request"}})
+            head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+            head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            self.transport.write((head + body).encode())
+            self.transport.close()
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)

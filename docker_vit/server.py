@@ -137,7 +137,8 @@ async def _read_inputs(request: Request, settings: Settings, json_allowed: bool)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         inputs = [await request.body()]
     elif content_type == "application/json" and json_allowed:
-        inputs, fields = _read_json(await request.body(), settings.max_bytes)
+        # parsing and base64 of a large body take CPU seconds: off the loop, other clients go on
+        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings.max_bytes)
         options.update(fields)
     else:
         wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
@@ -175,7 +176,7 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes],
 def _read_json(body: bytes, max_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
     try:
         payload = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise errors.ApiError(400, "the body is not valid JSON") from None
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):

@@ -116,6 +116,14 @@ def test_an_infinite_json_option_is_422(client, value) -> None:
     assert response.json()["error"]["type"] == "invalid_parameters"
 
 
+@pytest.mark.parametrize("where", ["images", "num_beams"])
+def test_json_nested_past_the_parser_is_400(client, where) -> None:
+    nested = "[" * 5000 + "]" * 5000
+    body = ('{"images": ' + nested if where == "images" else '{"images": [], "num_beams": ' + nested) + "}"
+    response = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request"
+
+
 def assert_error(response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]

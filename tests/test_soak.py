@@ -5,6 +5,7 @@ timing target beyond a generous bound). Loopback only, bounded in count and time
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -194,6 +195,26 @@ def test_endless_headers_are_cut_off(server: str) -> None:
         closed = closed_by_server(sock, PROMPT) == b""
     sock.close()
     assert closed and sent < 8_000_000
+    answered_promptly(server)
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"post / HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",  # lowercase method
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+def test_unparseable_http_gets_a_json_400(server: str, request_bytes: bytes) -> None:
+    """Bytes that are not HTTP never reach the app; their 400 still has the JSON error shape."""
+    sock = connect(server)
+    sock.sendall(request_bytes)
+    answer = closed_by_server(sock, PROMPT)
+    sock.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["type"] == "invalid_request"
     answered_promptly(server)
 
 
