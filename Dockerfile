@@ -64,9 +64,10 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % (os.environ.get('DOCKER_VIT_PORT') or '8000'), timeout=4)"]
 # Exec form: the server is PID 1 and receives SIGTERM itself (graceful drain, exit 0). No --host or
-# --port here, so DOCKER_VIT_* variables keep their say.
-ENTRYPOINT ["docker-vit"]
-CMD ["serve"]
+# --port here, so DOCKER_VIT_* variables keep their say. No entrypoint (and none inherited from a CUDA
+# base image): a start command, such as Runpod's `python -m docker_vit.runpod`, replaces all of it.
+ENTRYPOINT []
+CMD ["docker-vit", "serve"]
 
 # Layers from the least to the most often changing: torch, then the other dependencies (read from
 # pyproject.toml alone), then the source. Editing code rebuilds only the last, small layer.

@@ -81,7 +81,7 @@ class RequestContext:
                 return await receive()
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
-            except TimeoutError:
+            except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11, two on 3.10
                 text = f"request body not received within {self.read_timeout:g} s"
                 raise ApiError(408, text, headers=_CLOSE) from None
             if message["type"] == "http.request":

@@ -9,9 +9,9 @@ with `num_beams` and `max_new_tokens`; the output is `{"captions": [{"text": ...
 translates: settings (`DOCKER_VIT_*`), the handler, image intake, limits and batching all come from
 the core, so a Runpod worker and `docker-vit serve` answer alike.
 
-The service lives on its own event loop in a background thread, started at import of the worker (so
-the model loads and warms while Runpod is still starting the job loop), and concurrent jobs share
-model batches.
+The service lives on its own event loop in a background thread, started when `main` builds the
+`Worker`, before the SDK's job loop (so the model loads and warms while Runpod is still starting it),
+and concurrent jobs share model batches.
 """
 
 from __future__ import annotations
