@@ -32,6 +32,18 @@ Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
 HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being decoded
 
 
+def contained(fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` in a worker thread, where a handler's SystemExit, KeyboardInterrupt or other
+    BaseException would otherwise travel to the event loop and stop the server: it becomes an error of
+    this call alone."""
+    try:
+        return fn(*args)
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from None
+
+
 class QueueFull(Exception):
     """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
 
@@ -113,7 +125,7 @@ class Batcher:
     def _counted(self, fn: Callable[..., Any], *args: Any) -> Any:
         self._device_calls += 1
         try:
-            return fn(*args)
+            return contained(fn, *args)
         finally:
             self._device_calls -= 1
 

@@ -138,7 +138,7 @@ class LocalCaptioner:
     """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
 
     def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
-        from docker_vit.handler import OptionsError, load_handler
+        from docker_vit.handler import OptionsError, batch_size, load_handler
 
         self.handler = load_handler(settings)
         try:
@@ -150,7 +150,7 @@ class LocalCaptioner:
         except OptionsError as exc:
             raise CaptionError(str(exc)) from None
         self.params = dict(params)
-        self.batch_size = self.handler.max_batch_size or settings.max_batch_size
+        self.batch_size = batch_size(self.handler, settings)
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]

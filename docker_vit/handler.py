@@ -108,10 +108,25 @@ def load_handler(settings: Settings) -> Handler:
         sys.path.insert(0, "")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-    except ImportError as exc:
-        raise HandlerError(f"cannot import {module_name} for --handler {settings.handler}: {exc}") from exc
     except AttributeError:
         raise HandlerError(f"--handler {settings.handler}: {module_name} has no {class_name}") from None
+    except Exception as exc:  # not found, or raised while importing: either way the module is unusable
+        raise HandlerError(
+            f"cannot import {module_name} for --handler {settings.handler}: {type(exc).__name__}: {exc}"
+        ) from None
     if not (isinstance(cls, type) and issubclass(cls, Handler)):
         raise HandlerError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")
-    return cls(settings)
+    try:
+        handler = cls(settings)
+    except Exception as exc:
+        raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
+    batch_size(handler, settings)  # refuse a bad max_batch_size now, not at the first request
+    return handler
+
+
+def batch_size(handler: Handler, settings: Settings) -> int:
+    """The most items `handler.predict` receives: its own `max_batch_size`, else the setting's."""
+    size = handler.max_batch_size
+    if size is not None and (type(size) is not int or size < 0):
+        raise HandlerError(f"{type(handler).__name__}.max_batch_size must be a positive int, got {size!r}")
+    return size or settings.max_batch_size

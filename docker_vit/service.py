@@ -13,9 +13,9 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from docker_vit.batching import Batcher
+from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, OptionsError, Result
+from docker_vit.handler import Handler, OptionsError, Result, batch_size
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.service")
@@ -38,7 +38,7 @@ class Service:
         )
         self.batcher = Batcher(
             handler.predict,
-            max_batch_size=handler.max_batch_size or settings.max_batch_size,
+            max_batch_size=batch_size(handler, settings),
             max_wait=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
             on_batch=self.metrics.batch_size.observe,
@@ -89,7 +89,8 @@ class Service:
     async def prepare(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
         """Decode and preprocess every input in the CPU pool; the first bad one raises."""
         loop = asyncio.get_running_loop()
-        jobs = [loop.run_in_executor(self._cpu, self.handler.prepare, data, options) for data in inputs]
+        prepare = self.handler.prepare
+        jobs = [loop.run_in_executor(self._cpu, contained, prepare, data, options) for data in inputs]
         try:
             return list(await asyncio.gather(*jobs))
         except BaseException:

@@ -96,3 +96,31 @@ class Pictures(Echo):
 
     def items(self) -> list[Any]:
         return [item for batch in self.seen for item in batch][1:]
+
+
+class Exiting(Echo):
+    """A handler that raises what is not an Exception: SystemExit from `predict` when an input is
+    "exit", KeyboardInterrupt from `prepare` when it is "interrupt"."""
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        if data == b"interrupt":
+            raise KeyboardInterrupt
+        return super().prepare(data, options)
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        if "exit" in items:
+            raise SystemExit(4)
+        return super().predict(items, options)
+
+
+class NegativeBatch(Echo):
+    max_batch_size = -1
+
+
+class WordBatch(Echo):
+    max_batch_size = "8"  # type: ignore[assignment]
+
+
+class NoSettings(Echo):
+    def __init__(self) -> None:  # type: ignore[override]  # the interface passes settings
+        super().__init__(None)

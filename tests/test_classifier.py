@@ -115,11 +115,23 @@ def test_cli_reads_the_handler_from_the_environment() -> None:
         ("no_such_module:Model", "cannot import no_such_module"),
         ("examples.minimal_handler:Missing", "has no Missing"),
         ("docker_vit.config:Settings", "is not a docker_vit.handler.Handler subclass"),
+        ("fake_handlers:NegativeBatch", "max_batch_size must be a positive int, got -1"),
+        ("fake_handlers:WordBatch", "max_batch_size must be a positive int, got '8'"),
+        ("fake_handlers:NoSettings", "fake_handlers:NoSettings: TypeError"),
     ],
 )
 def test_a_bad_handler_is_a_clear_error(value: str, message: str) -> None:
     with pytest.raises(HandlerError, match=message):
         load_handler(Settings(handler=value))
+
+
+def test_a_module_that_fails_to_import_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "broken_handler.py").write_text("raise RuntimeError('half-written model code')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(HandlerError, match="cannot import broken_handler .*RuntimeError: half-written"):
+        load_handler(Settings(handler="broken_handler:Model"))
 
 
 @pytest.mark.parametrize("command", ["serve", "caption"])

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from conftest import serving
-from fake_handlers import Gated, OutOfMemoryError
+from fake_handlers import Exiting, Gated, OutOfMemoryError
 
 from docker_vit.batching import Batcher
 from docker_vit.config import Settings
@@ -139,3 +139,15 @@ def test_full_queue_sheds_before_decoding() -> None:
         for thread in threads:
             thread.join(10)
     assert b"3" not in prepared and sorted(r.text for r in answers) == ["1", "2"]
+
+
+def test_a_handler_raising_systemexit_or_keyboardinterrupt_fails_only_its_request() -> None:
+    """Neither may travel from a worker thread to the event loop and stop the server."""
+    settings = Settings(max_wait_ms=0)
+    with serving(settings, Exiting(settings)) as client:
+        for text in ("exit", "interrupt"):
+            response = client.post("/", content=text.encode(), headers={"content-type": "image/x"})
+            assert response.status_code == 500, response.text
+            assert "the handler raised" in response.json()["error"]["message"]
+        still = client.post("/", content=b"fine", headers={"content-type": "image/x"})
+        assert still.status_code == 200 and still.text == "fine"
