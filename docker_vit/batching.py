@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -33,14 +34,16 @@ HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being de
 
 
 def contained(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)` in a worker thread, where a handler's SystemExit, KeyboardInterrupt or other
-    BaseException would otherwise travel to the event loop and stop the server: it becomes an error of
-    this call alone."""
+    """`fn(*args)`, where a handler's SystemExit, KeyboardInterrupt or other BaseException becomes an
+    error of this call alone: from a worker thread it would travel to the event loop and stop the
+    server. Only Ctrl-C itself (a KeyboardInterrupt on the main thread) goes through."""
     try:
         return fn(*args)
     except Exception:
         raise
     except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+            raise
         raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from None
 
 

@@ -19,6 +19,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
 
+from docker_vit.batching import contained
 from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for, record
 from docker_vit.config import Settings
 
@@ -181,12 +182,14 @@ class LocalCaptioner:
             except Exception as exc:
                 outcome.error = describe_error(exc)
         if items:
-            try:
-                outputs = self.handler.predict(items, self.options)
+            try:  # the handler's code, whatever it raises (SystemExit too): one line, not a traceback
+                outputs = list(contained(self.handler.predict, items, self.options))
+                if len(outputs) != len(items):
+                    raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(items)} items")
+                results = [contained(self.handler.respond, output) for output in outputs]
             except Exception as exc:
-                raise CaptionError(f"the model failed: {type(exc).__name__}: {exc}") from exc
-            for outcome, output in zip(ready, outputs, strict=True):
-                result = self.handler.respond(output)
+                raise CaptionError(f"the model failed: {type(exc).__name__}: {exc}") from None
+            for outcome, result in zip(ready, results, strict=True):
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
         return outcomes
 

@@ -250,3 +250,17 @@ def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: sign
     paths = [entry["path"] for entry in lines(out)]
     assert sorted(paths) == sorted(str(path) for path in folder.rglob("*.png")) and len(set(paths)) == 24
     assert paths[: len(done)] == done  # the first run's captions were kept, not redone
+
+
+def test_a_handler_that_exits_ends_the_run_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A SystemExit from predict is the model failing, said in one line: not a silent exit code."""
+    image = tmp_path / "a.png"
+    image.write_bytes(b"exit")
+    code = cli.main(
+        ["caption", str(image), "--handler", "fake_handlers:Exiting", "-o", str(tmp_path / "o.jsonl")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1 and "the model failed: RuntimeError: the handler raised SystemExit" in err
+    assert "Traceback" not in err
