@@ -90,8 +90,7 @@ class DockerViT:
         while self.service.state == LOADING and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if self.service.state != READY:
-            detail = f": {self.service.error}" if self.service.error else ""
-            raise RuntimeError(f"the model is {self.service.state}{detail}")
+            raise RuntimeError(self.service.not_ready)
 
 
 def app(args: Mapping[str, Any]) -> serve.Application:

@@ -71,8 +71,7 @@ class Worker:
         while self.service.state not in (READY, FAILED) and self.loop.time() < deadline:
             await asyncio.sleep(0.05)
         if self.service.state != READY:
-            detail = f": {self.service.error}" if self.service.error else ""
-            raise errors.ApiError(503, f"the model is {self.service.state}{detail}")
+            raise errors.ApiError(503, self.service.not_ready)
 
     async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
         try:

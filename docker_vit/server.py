@@ -85,12 +85,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.state == READY:
             return JSONResponse({"status": READY})
-        why = (
-            f"the model failed to load: {service.error}"
-            if service.state == FAILED
-            else "the model is loading"
-        )
-        error = {"type": errors.TYPES[503], "message": why}
+        error = {"type": errors.TYPES[503], "message": service.not_ready}
         return JSONResponse({"status": service.state, "error": error}, status_code=503)
 
     @app.get("/ping")
@@ -99,7 +94,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.state == READY:
             return JSONResponse({"status": "healthy"})
         if service.state == FAILED:
-            return errors.error_response(503, f"the model failed to load: {service.error}")
+            return errors.error_response(503, service.not_ready)
         return Response(status_code=204)
 
     @app.get("/metrics")
@@ -190,8 +185,7 @@ async def _run(
 ) -> list[Result]:
     """Run the service, answering for every way it can go wrong; stop work for clients that left."""
     if service.state != READY:
-        detail = f": {service.error}" if service.error else ""
-        raise errors.ApiError(503, f"the model is {service.state}{detail}", headers={"Retry-After": "5"})
+        raise errors.ApiError(503, service.not_ready, headers={"Retry-After": "5"})
     try:
         options = service.options(raw)
     except OptionsError as exc:

@@ -76,6 +76,12 @@ class Service:
         seconds = time.perf_counter() - started
         log.info("warm-up caption in %.2f s (%.1f images/s)", seconds, 1 / seconds)
 
+    @property
+    def not_ready(self) -> str:
+        """What a caller turned away before the model is ready reads: loading, or failed and why."""
+        detail = f": {self.error}" if self.error else ""
+        return f"the model is {self.state}{detail}"
+
     def options(self, raw: Mapping[str, Any]) -> Hashable:
         """The handler's reading of a request's options. They come from the client, so whatever a
         handler raises on them as a ValueError or TypeError is the client's error, never a 500."""

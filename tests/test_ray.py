@@ -30,7 +30,7 @@ from ray import serve  # noqa: E402
 
 from docker_vit import ray as ray_adapter  # noqa: E402
 from docker_vit.config import Settings  # noqa: E402
-from docker_vit.service import FAILED, LOADING, READY  # noqa: E402
+from docker_vit.service import FAILED, LOADING, READY, Service  # noqa: E402
 
 ARGS = {"num_beams": "2", "max_new_tokens": "8", "max_wait_ms": "50", "max_batch_size": "8"}
 
@@ -176,7 +176,10 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
     check = ray_adapter.DockerViT.func_or_class.check_health
 
     async def scenario(final: str) -> str | None:
-        replica = SimpleNamespace(service=SimpleNamespace(state=LOADING, error=None), load_timeout_s=30)
+        class StubService(SimpleNamespace):  # state and error only, and the real wording of them
+            not_ready = Service.not_ready
+
+        replica = SimpleNamespace(service=StubService(state=LOADING, error=None), load_timeout_s=30)
 
         async def finish_loading() -> None:
             await asyncio.sleep(0.3)
