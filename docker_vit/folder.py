@@ -22,6 +22,7 @@ from typing import Any, TextIO
 from docker_vit.batching import contained
 from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for, record
 from docker_vit.config import Settings
+from docker_vit.handler import OptionsError, batch_size, load_handler, predict_all, read_options, respond
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
 
@@ -139,17 +140,17 @@ class LocalCaptioner:
     """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
 
     def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
-        from docker_vit.handler import OptionsError, batch_size, load_handler
-
         self.handler = load_handler(settings)
         try:
-            self.handler.load()
+            contained(self.handler.load)
         except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
             raise CaptionError(f"cannot load the model: {type(exc).__name__}: {exc}") from None
         try:
-            self.options = self.handler.options(params)
+            self.options = read_options(self.handler, params)
         except OptionsError as exc:
             raise CaptionError(str(exc)) from None
+        except Exception as exc:
+            raise CaptionError(f"the handler's options() failed: {type(exc).__name__}: {exc}") from None
         self.params = dict(params)
         self.batch_size = batch_size(self.handler, settings)
 
@@ -170,7 +171,7 @@ class LocalCaptioner:
 
     def _prepare(self, path: str) -> Any:
         with open(path, "rb") as file:
-            return self.handler.prepare(file.read(), self.options)
+            return contained(self.handler.prepare, file.read(), self.options)
 
     def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
         outcomes = [Outcome(path) for path, _ in prepared]
@@ -183,10 +184,8 @@ class LocalCaptioner:
                 outcome.error = describe_error(exc)
         if items:
             try:  # the handler's code, whatever it raises (SystemExit too): one line, not a traceback
-                outputs = list(contained(self.handler.predict, items, self.options))
-                if len(outputs) != len(items):
-                    raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(items)} items")
-                results = [contained(self.handler.respond, output) for output in outputs]
+                outputs = predict_all(self.handler, items, self.options)
+                results = [respond(self.handler, output) for output in outputs]
             except Exception as exc:
                 raise CaptionError(f"the model failed: {type(exc).__name__}: {exc}") from None
             for outcome, result in zip(ready, results, strict=True):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import io
+import json
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 
 from PIL import Image
 
+from docker_vit.batching import contained
 from docker_vit.config import Settings
 from docker_vit.images import open_image
 
@@ -29,6 +31,11 @@ class OptionsError(ValueError):
 
 class HandlerError(ValueError):
     """`--handler` names nothing that can be served; the CLI prints it instead of a traceback."""
+
+
+class HandlerBug(RuntimeError):
+    """A handler broke the interface (an unhashable options value, a wrong output count, a `respond`
+    that is no JSON-able Result): the model's failure (500), never the client's."""
 
 
 @dataclass
@@ -130,3 +137,51 @@ def batch_size(handler: Handler, settings: Settings) -> int:
     if size is not None and (type(size) is not int or size < 0):
         raise HandlerError(f"{type(handler).__name__}.max_batch_size must be a positive int, got {size!r}")
     return size or settings.max_batch_size
+
+
+# Every front end (server, Runpod, Ray, `docker-vit caption`) calls a handler through these three, so a
+# handler's mistake is answered the same way everywhere.
+
+
+def read_options(handler: Handler, raw: Mapping[str, Any]) -> Hashable:
+    """`handler.options(raw)`. The fields come from the client, so what a handler raises on them as a
+    ValueError, TypeError or LookupError (a missing field) is the client's error: OptionsError (422)."""
+    try:
+        options = contained(handler.options, raw)
+    except OptionsError:
+        raise
+    except (ValueError, TypeError, OverflowError, LookupError) as exc:
+        raise OptionsError(f"invalid options: {type(exc).__name__}: {exc}") from None
+    try:
+        hash(options)
+    except TypeError:  # batches are grouped by options
+        raise HandlerBug(f"options() returned an unhashable {type(options).__name__}") from None
+    return options
+
+
+def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> list[Any]:
+    """`handler.predict`, as a list of exactly one output per item (a generator is run out here)."""
+    outputs = contained(handler.predict, items, options)
+    try:
+        outputs = contained(list, outputs)
+    except TypeError:
+        raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
+    if len(outputs) != len(items):
+        raise HandlerBug(f"predict returned {len(outputs)} outputs for {len(items)} items")
+    return outputs
+
+
+def respond(handler: Handler, output: Any) -> Result:
+    """`handler.respond(output)`, checked to be a Result that every front end can send as JSON."""
+    result = contained(handler.respond, output)
+    if not isinstance(result, Result):
+        raise HandlerBug(f"respond returned a {type(result).__name__}, not a Result")
+    if not isinstance(result.text, str):
+        raise HandlerBug(f"respond returned a Result whose text is a {type(result.text).__name__}")
+    if not isinstance(result.data, dict) or not all(isinstance(key, str) for key in result.data):
+        raise HandlerBug("respond returned a Result whose data is not a dict with str keys")
+    try:
+        json.dumps(result.data, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise HandlerBug(f"respond returned a Result whose data is not JSON: {exc}") from None
+    return result

@@ -26,7 +26,7 @@ from typing import Any
 
 from docker_vit import errors
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, OptionsError, load_handler
+from docker_vit.handler import Handler, load_handler
 from docker_vit.service import FAILED, READY, Service
 
 
@@ -58,7 +58,7 @@ class Worker:
             await self._wait_ready()
             try:
                 options = self.service.options(raw)
-            except OptionsError as exc:
+            except Exception as exc:  # a client's mistake (422) or the handler's (500)
                 raise errors.from_service(exc) from None
             results = await self._run(inputs, options)
         except errors.ApiError as exc:

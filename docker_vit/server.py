@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from docker_vit import errors
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, OptionsError, Result, load_handler
+from docker_vit.handler import Handler, Result, load_handler
 from docker_vit.middleware import RequestContext
 from docker_vit.service import FAILED, READY, Service
 
@@ -188,7 +188,7 @@ async def _run(
         raise errors.ApiError(503, service.not_ready, headers={"Retry-After": "5"})
     try:
         options = service.options(raw)
-    except OptionsError as exc:
+    except Exception as exc:  # a client's mistake (422) or the handler's (500)
         raise errors.from_service(exc) from None
     work = asyncio.ensure_future(service.run(inputs, options))
     gone = asyncio.ensure_future(_disconnected(request))

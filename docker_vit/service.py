@@ -11,16 +11,21 @@ import os
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, OptionsError, Result, batch_size
+from docker_vit.handler import Handler, Result, batch_size, predict_all, read_options, respond
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+
+
+class WarmUpError(RuntimeError):
+    """The first call, on the handler's own `example()`, failed: the model is not fit to serve."""
 
 
 class Service:
@@ -37,7 +42,7 @@ class Service:
             max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare"
         )
         self.batcher = Batcher(
-            handler.predict,
+            partial(predict_all, handler),
             max_batch_size=batch_size(handler, settings),
             max_wait=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
@@ -72,7 +77,13 @@ class Service:
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
         started = time.perf_counter()
-        await self.run([self.handler.example()], self.handler.options({}))
+        try:
+            await self.run([self.handler.example()], self.options({}))
+        except Exception as exc:
+            hint = ""
+            if type(self.handler).example is Handler.example:
+                hint = " (the default example() is a PNG image: a handler of other inputs overrides it)"
+            raise WarmUpError(f"the call on example() failed: {type(exc).__name__}: {exc}{hint}") from exc
         seconds = time.perf_counter() - started
         log.info("warm-up caption in %.2f s (%.1f images/s)", seconds, 1 / seconds)
 
@@ -83,14 +94,8 @@ class Service:
         return f"the model is {self.state}{detail}"
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:
-        """The handler's reading of a request's options. They come from the client, so whatever a
-        handler raises on them as a ValueError or TypeError is the client's error, never a 500."""
-        try:
-            return self.handler.options(raw)
-        except OptionsError:
-            raise
-        except (ValueError, TypeError, OverflowError) as exc:
-            raise OptionsError(f"invalid options: {exc}") from None
+        """The handler's reading of a request's options: OptionsError (422) for the client's mistakes."""
+        return read_options(self.handler, raw)
 
     async def prepare(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
         """Decode and preprocess every input in the CPU pool; the first bad one raises."""
@@ -119,4 +124,4 @@ class Service:
             for future in futures:
                 future.cancel()
         self.metrics.images.inc(len(outputs))
-        return [self.handler.respond(output) for output in outputs]
+        return [respond(self.handler, output) for output in outputs]

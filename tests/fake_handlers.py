@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from docker_vit.handler import Handler
+from docker_vit.handler import Handler, Result
 from docker_vit.images import open_image
 
 
@@ -124,3 +124,59 @@ class WordBatch(Echo):
 class NoSettings(Echo):
     def __init__(self) -> None:  # type: ignore[override]  # the interface passes settings
         super().__init__(None)
+
+
+class Misbehaving(Echo):
+    """Breaks the interface on request: option `mode` (read by `options`, `predict`) or the input text
+    (read by `respond`) names the mistake. Any other input echoes. `mode` is the subclasses' default."""
+
+    mode = ""
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        mode = raw.get("mode", self.mode)
+        if mode == "missing":
+            return raw["size"]  # KeyError: a field the client left out
+        if mode == "unhashable":
+            return ["a", "list"]
+        if mode == "crash":
+            raise RuntimeError("options are broken")
+        return mode
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Any:
+        if options == "generator":
+            return (item.upper() for item in items)
+        if options == "short":
+            return list(items)[1:]
+        if options == "nothing":
+            return None
+        return list(items)
+
+    def respond(self, output: Any) -> Any:
+        broken = {
+            "plain-string": output,
+            "number-text": Result(text=123),  # type: ignore[arg-type]
+            "nan-data": Result(text="x", data={"score": float("nan")}),
+            "object-data": Result(text="x", data={"thing": object()}),
+        }
+        return broken.get(output, Result(text=output))
+
+
+class OptionsCrash(Misbehaving):
+    mode = "crash"
+
+
+class OptionsUnhashable(Misbehaving):
+    mode = "unhashable"
+
+
+class ShortPredict(Misbehaving):
+    mode = "short"
+
+
+class TextOnly(Echo):
+    """A text handler that kept the default (PNG) `example()`: its warm-up cannot decode it."""
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        return data.decode("utf-8")
+
+    example = Handler.example

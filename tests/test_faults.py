@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 from conftest import serving
-from fake_handlers import Exiting, Gated, OutOfMemoryError
+from fake_handlers import Exiting, Gated, Misbehaving, OutOfMemoryError, TextOnly
 
 from docker_vit.batching import Batcher
 from docker_vit.config import Settings
@@ -151,3 +151,44 @@ def test_a_handler_raising_systemexit_or_keyboardinterrupt_fails_only_its_reques
             assert "the handler raised" in response.json()["error"]["message"]
         still = client.post("/", content=b"fine", headers={"content-type": "image/x"})
         assert still.status_code == 200 and still.text == "fine"
+
+
+RESPOND_MISTAKES = ["plain-string", "number-text", "nan-data", "object-data"]
+
+
+def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> None:
+    """Its mistakes are a 500 model_error naming them (both routes alike), a missing option field is
+    the client's 422, and the server keeps serving."""
+    settings = Settings(max_wait_ms=0)
+    with serving(settings, Misbehaving(settings)) as client:
+        for text in RESPOND_MISTAKES:
+            plain = client.post("/", content=text.encode(), headers={"content-type": "image/x"})
+            listed = client.post("/v1/captions", files=[("file", text.encode())])
+            for response in (plain, listed):
+                assert response.status_code == 500, (text, response.text)
+                assert response.json()["error"]["type"] == "model_error"
+                assert "respond returned" in response.json()["error"]["message"]
+        for mode, status, words in [
+            ("missing", 422, "KeyError"),
+            ("unhashable", 500, "unhashable"),
+            ("crash", 500, "options are broken"),
+            ("short", 500, "0 outputs for 1 items"),
+            ("nothing", 500, "not a sequence"),
+        ]:
+            response = client.post(f"/?mode={mode}", content=b"a", headers={"content-type": "image/x"})
+            assert response.status_code == status, (mode, response.text)
+            assert words in response.json()["error"]["message"]
+        made = client.post("/?mode=generator", content=b"ab", headers={"content-type": "image/x"})
+        assert made.status_code == 200 and made.text == "AB"
+        assert client.post("/", content=b"fine", headers={"content-type": "image/x"}).text == "fine"
+
+
+def test_a_text_handler_left_with_the_default_example_says_why_it_failed() -> None:
+    settings = Settings()
+    with serving(settings, TextOnly(settings), wait=False) as client:
+        deadline = time.monotonic() + 10
+        while client.app.state.service.state == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        message = client.get("/readyz").json()["error"]["message"]
+        assert "UnicodeDecodeError" in message and "overrides it" in message

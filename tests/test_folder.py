@@ -264,3 +264,25 @@ def test_a_handler_that_exits_ends_the_run_with_one_line(
     err = capsys.readouterr().err
     assert code == 1 and "the model failed: RuntimeError: the handler raised SystemExit" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("text", "handler", "words"),
+    [
+        ("plain-string", "Misbehaving", "respond returned a str, not a Result"),
+        ("nan-data", "Misbehaving", "data is not JSON"),
+        ("a", "OptionsCrash", "options() failed: RuntimeError: options are broken"),
+        ("a", "OptionsUnhashable", "unhashable list"),
+        ("a", "ShortPredict", "0 outputs for 1 items"),
+    ],
+)
+def test_a_handler_breaking_the_interface_ends_the_run_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, text: str, handler: str, words: str
+) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(text.encode())
+    out = tmp_path / "o.jsonl"
+    code = cli.main(["caption", str(image), "--handler", f"fake_handlers:{handler}", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and words in err, err
+    assert "Traceback" not in err

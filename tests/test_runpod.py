@@ -256,3 +256,25 @@ def test_runpod_sdk_local_test_mode(tiny_model):
         timeout=180,
     )
     assert bad.returncode == 1 and "invalid_request" in bad.stdout + bad.stderr
+
+
+def test_a_handler_breaking_the_interface_is_answered_as_the_server_answers_it():
+    from fake_handlers import Misbehaving
+
+    worker = Worker(Settings(max_wait_ms=0), Misbehaving(Settings()))
+    try:
+        for text in ("plain-string", "number-text", "nan-data", "object-data"):
+            answer = run(worker, {"input": {"image": base64.b64encode(text.encode()).decode()}})
+            assert (
+                answer["error"]["type"] == "model_error" and "respond returned" in answer["error"]["message"]
+            )
+        one = base64.b64encode(b"a").decode()
+        for mode, kind in [
+            ("missing", "invalid_parameters"),
+            ("unhashable", "model_error"),
+            ("crash", "model_error"),
+        ]:
+            assert run(worker, {"input": {"image": one, "mode": mode}})["error"]["type"] == kind
+        assert run(worker, {"input": {"image": one, "mode": "generator"}})["captions"] == [{"text": "A"}]
+    finally:
+        worker.close()
