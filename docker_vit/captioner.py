@@ -7,7 +7,7 @@ from typing import Any, NamedTuple
 
 from docker_vit.config import Settings
 from docker_vit.engine import CaptionEngine
-from docker_vit.handler import Handler, OptionsError, Result
+from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import open_image
 
 
@@ -69,7 +69,7 @@ def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int
         if isinstance(value, float | bool) or str(number) != str(value).strip():
             raise ValueError
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
-        raise OptionsError(f"{name} must be an integer, got {value!r}") from None
+        raise OptionsError(f"{name} must be an integer, got {shown(value)}") from None
     if not 1 <= number <= limit:
-        raise OptionsError(f"{name} must be between 1 and {limit}, got {number}")
+        raise OptionsError(f"{name} must be between 1 and {limit}, got {shown(number)}")
     return number

@@ -29,6 +29,12 @@ class OptionsError(ValueError):
     """A request's options are out of bounds or malformed (HTTP 422)."""
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """A client's value as an error message quotes it: whole when short, cut when it could be megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class HandlerError(ValueError):
     """`--handler` names nothing that can be served; the CLI prints it instead of a traceback."""
 
@@ -151,7 +157,7 @@ def read_options(handler: Handler, raw: Mapping[str, Any]) -> Hashable:
     except OptionsError:
         raise
     except (ValueError, TypeError, OverflowError, LookupError) as exc:
-        raise OptionsError(f"invalid options: {type(exc).__name__}: {exc}") from None
+        raise OptionsError(f"invalid options: {type(exc).__name__}: {str(exc)[:200]}") from None
     try:
         hash(options)
     except TypeError:  # batches are grouped by options

@@ -269,3 +269,9 @@ def test_concurrent_requests_are_batched_with_the_same_captions(serve) -> None:
     assert together == alone * 2
     batches = next(line for line in metrics.splitlines() if line.startswith("docker_vit_batch_size_count"))
     assert float(batches.split()[-1]) < 1 + 4 + len(datas)  # warm-up + singles + fewer calls than requests
+
+
+def test_a_huge_bad_option_is_not_echoed_back_whole(client) -> None:
+    response = client.post("/", data={"num_beams": "x" * 100_000}, files={"file": b"x"})
+    assert response.status_code == 422
+    assert len(response.json()["error"]["message"]) < 200
