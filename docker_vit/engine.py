@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from docker_vit import decoding
+from docker_vit import decoding, logs
 
 log = logging.getLogger("docker_vit.engine")
 
@@ -75,6 +75,7 @@ class CaptionEngine:
         if self.device.type == "cpu":
             _reuse_freed_memory()
         hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
+        logs.adopt_library_loggers()
         model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
         self.model = model.to(self.device).eval()
         processor = AutoProcessor.from_pretrained(self.model_id)

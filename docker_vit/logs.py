@@ -36,3 +36,13 @@ def configure(log_format: str = "text", level: str = "info") -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # it warns of every malformed multipart body a client sends; the client gets its 400 anyway
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+
+
+def adopt_library_loggers() -> None:
+    """transformers and huggingface_hub print through handlers of their own: beside the root's (each
+    Hub retry warning appeared twice) and past `--log-format json`. Send their records to the root's.
+    Called once they are imported, since importing them installs those handlers."""
+    for name in ("transformers", "huggingface_hub"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True

@@ -252,3 +252,23 @@ def test_metrics_count_routes_statuses_batches_and_images() -> None:
 def test_an_empty_api_key_is_refused_at_startup(keys: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="API key"):
         Settings(api_keys=keys)
+
+
+def test_library_warnings_print_once_through_the_configured_format(capsys: pytest.CaptureFixture) -> None:
+    """huggingface_hub and transformers bring handlers of their own: a Hub warning came out twice."""
+    import huggingface_hub  # noqa: F401 -- importing it installs its handler
+    import transformers  # noqa: F401
+
+    from docker_vit import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("json")
+        logs.adopt_library_loggers()
+        logging.getLogger("huggingface_hub.utils._http").warning("Retrying in 1s")
+        logging.getLogger("transformers.modeling_utils").warning("a loading remark")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    lines = capsys.readouterr().err.splitlines()
+    assert [json.loads(line)["message"] for line in lines] == ["Retrying in 1s", "a loading remark"]
