@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import threading
 import time
 from collections import OrderedDict, deque
@@ -36,15 +37,23 @@ HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being de
 def contained(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, where a handler's SystemExit, KeyboardInterrupt or other BaseException becomes an
     error of this call alone: from a worker thread it would travel to the event loop and stop the
-    server. Only Ctrl-C itself (a KeyboardInterrupt on the main thread) goes through."""
+    server. Only Ctrl-C itself goes through: a KeyboardInterrupt on the main thread while Python's own
+    SIGINT handler is installed (a server installs its own, so there it can only be the handler's)."""
     try:
         return fn(*args)
+    except (StopIteration, StopAsyncIteration) as exc:  # asyncio cannot put these in a future: a hang
+        raise RuntimeError(f"the handler raised {type(exc).__name__}") from None
     except Exception:
         raise
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and threading.current_thread() is threading.main_thread():
+        if isinstance(exc, KeyboardInterrupt) and _ctrl_c_raises():
             raise
         raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from None
+
+
+def _ctrl_c_raises() -> bool:
+    main = threading.current_thread() is threading.main_thread()
+    return main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 class QueueFull(Exception):

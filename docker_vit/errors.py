@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect
 
 from docker_vit.batching import QueueFull, TooManyItems
 from docker_vit.handler import OptionsError
-from docker_vit.images import ImageError
+from docker_vit.images import InputError
 
 log = logging.getLogger("docker_vit.errors")
 
@@ -53,7 +53,7 @@ def from_service(exc: Exception) -> ApiError:
     """What a failure inside `Service.run` means to a client: every adapter answers it the same way."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, ImageError):
+    if isinstance(exc, InputError):
         return ApiError(exc.status, str(exc), exc.type)
     if isinstance(exc, OptionsError):
         return ApiError(422, str(exc))

@@ -145,6 +145,8 @@ class LocalCaptioner:
             contained(self.handler.load)
         except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
             raise CaptionError(f"cannot load the model: {type(exc).__name__}: {exc}") from None
+        names = self.handler.option_names  # a handler with its own fields gets only those of ours
+        params = {key: value for key, value in params.items() if names is None or key in names}
         try:
             self.options = read_options(self.handler, params)
         except OptionsError as exc:
@@ -197,9 +199,9 @@ def describe_error(exc: BaseException) -> str:
     """Why a file was skipped, without repeating its path."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    from docker_vit.images import ImageError
+    from docker_vit.images import InputError
 
-    return str(exc) if isinstance(exc, ImageError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
 
 
 class _Stdout:

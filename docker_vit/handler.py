@@ -22,7 +22,9 @@ from PIL import Image
 
 from docker_vit.batching import contained
 from docker_vit.config import Settings
-from docker_vit.images import open_image
+from docker_vit.images import ImageError, InputError, open_image
+
+__all__ = ["Handler", "HandlerBug", "HandlerError", "ImageError", "InputError", "OptionsError", "Result"]
 
 
 class OptionsError(ValueError):
@@ -82,7 +84,8 @@ class Handler:
         return ()
 
     def prepare(self, data: bytes, options: Hashable) -> Any:
-        """Turn one request's input bytes into a model-ready item (raise ImageError for bad input)."""
+        """Turn one request's input bytes into a model-ready item (raise InputError or ImageError for
+        input that is the client's mistake: a 400 or a 415, not a 500)."""
         raise NotImplementedError
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
@@ -133,14 +136,29 @@ def load_handler(settings: Settings) -> Handler:
         handler = cls(settings)
     except Exception as exc:
         raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
-    batch_size(handler, settings)  # refuse a bad max_batch_size now, not at the first request
+    _check_attributes(handler, settings)  # refuse mistakes now, not at the first request
     return handler
+
+
+def _check_attributes(handler: Handler, settings: Settings) -> None:
+    title = type(handler).__name__
+    try:
+        name, names = handler.name, handler.option_names
+    except Exception as exc:
+        raise HandlerError(
+            f"{title}: reading name or option_names raised {type(exc).__name__}: {exc}"
+        ) from None
+    if not isinstance(name, str):
+        raise HandlerError(f"{title}.name must be a str, got {name!r}")
+    if names is not None and not (isinstance(names, tuple | list) and all(isinstance(n, str) for n in names)):
+        raise HandlerError(f"{title}.option_names must be a tuple of str or None, got {names!r}")
+    batch_size(handler, settings)
 
 
 def batch_size(handler: Handler, settings: Settings) -> int:
     """The most items `handler.predict` receives: its own `max_batch_size`, else the setting's."""
     size = handler.max_batch_size
-    if size is not None and (type(size) is not int or size < 0):
+    if size is not None and (type(size) is not int or size < 1):
         raise HandlerError(f"{type(handler).__name__}.max_batch_size must be a positive int, got {size!r}")
     return size or settings.max_batch_size
 
@@ -169,12 +187,29 @@ def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> li
     """`handler.predict`, as a list of exactly one output per item (a generator is run out here)."""
     outputs = contained(handler.predict, items, options)
     try:
-        outputs = contained(list, outputs)
+        each = iter(outputs)
     except TypeError:
         raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
+    outputs = contained(list, each)  # a generator's own errors keep their names
     if len(outputs) != len(items):
         raise HandlerBug(f"predict returned {len(outputs)} outputs for {len(items)} items")
     return outputs
+
+
+def description(handler: Handler) -> dict[str, Any]:
+    """`handler.describe()`, checked to be a JSON object."""
+    info = contained(handler.describe)
+    if not isinstance(info, dict) or not all(isinstance(key, str) for key in info):
+        raise HandlerBug(f"describe returned a {type(info).__name__}, not a dict with str keys")
+    _json(info, "describe returned")
+    return info
+
+
+def _json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError: a lone surrogate
+        raise HandlerBug(f"{what} something that is not JSON: {exc}") from None
 
 
 def respond(handler: Handler, output: Any) -> Result:
@@ -186,8 +221,7 @@ def respond(handler: Handler, output: Any) -> Result:
         raise HandlerBug(f"respond returned a Result whose text is a {type(result.text).__name__}")
     if not isinstance(result.data, dict) or not all(isinstance(key, str) for key in result.data):
         raise HandlerBug("respond returned a Result whose data is not a dict with str keys")
-    try:
-        json.dumps(result.data, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise HandlerBug(f"respond returned a Result whose data is not JSON: {exc}") from None
+    if "text" in result.data:
+        raise HandlerBug("respond returned a Result whose data has a 'text' key: it would hide the text")
+    _json(result.to_json(), "respond returned")
     return result

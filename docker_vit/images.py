@@ -24,7 +24,15 @@ WHITE = (255, 255, 255)
 UNSUPPORTED = "cannot decode the image: not a supported image format"
 
 
-class ImageError(Exception):
+class InputError(Exception):
+    """A client's input was refused (a 400; subclasses say otherwise). Handlers raise it from `prepare`
+    for input that is the client's mistake, so that it is answered as such and not as a 500."""
+
+    status = 400
+    type = "invalid_request"
+
+
+class ImageError(InputError):
     """A client's image was refused; `status` is the HTTP answer it deserves."""
 
     status = 415

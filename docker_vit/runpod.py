@@ -74,10 +74,16 @@ class Worker:
             raise errors.ApiError(503, self.service.not_ready)
 
     async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
+        work = asyncio.ensure_future(self.service.run(inputs, options))
+        # not wait_for: a TimeoutError the handler raises would read as our own timeout
         try:
-            return await asyncio.wait_for(self.service.run(inputs, options), self.settings.request_timeout)
-        except asyncio.TimeoutError:
-            raise errors.ApiError(504, f"no answer within {self.settings.request_timeout:g} s") from None
+            done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout)
+        finally:
+            work.cancel()  # no-op once done; stops the work when we time out or are cancelled
+        if not done:
+            raise errors.ApiError(504, f"no answer within {self.settings.request_timeout:g} s")
+        try:
+            return work.result()
         except Exception as exc:
             raise errors.from_service(exc) from None
 

@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 
 from docker_vit import errors
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, Result, load_handler
+from docker_vit.handler import Handler, Result, description, load_handler
 from docker_vit.middleware import RequestContext
 from docker_vit.service import FAILED, READY, Service
 
@@ -73,8 +73,12 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
 
     @app.get("/v1/model")
-    async def model() -> dict[str, Any]:
-        return {**service.handler.describe(), "status": service.state}
+    async def model() -> JSONResponse:
+        try:
+            info = description(service.handler)
+        except Exception as exc:
+            raise errors.from_service(exc) from None
+        return JSONResponse({**info, "status": service.state})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

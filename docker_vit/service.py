@@ -17,6 +17,7 @@ from typing import Any
 from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result, batch_size, predict_all, read_options, respond
+from docker_vit.images import InputError
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.service")
@@ -78,7 +79,7 @@ class Service:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
         started = time.perf_counter()
         try:
-            await self.run([self.handler.example()], self.options({}))
+            await self.run([contained(self.handler.example)], self.options({}))
         except Exception as exc:
             hint = ""
             if type(self.handler).example is Handler.example:
@@ -90,8 +91,7 @@ class Service:
     @property
     def not_ready(self) -> str:
         """What a caller turned away before the model is ready reads: loading, or failed and why."""
-        detail = f": {self.error}" if self.error else ""
-        return f"the model is {self.state}{detail}"
+        return f"the model failed to load: {self.error}" if self.error else f"the model is {self.state}"
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:
         """The handler's reading of a request's options: OptionsError (422) for the client's mistakes."""
@@ -115,6 +115,11 @@ class Service:
         self.batcher.incoming += len(inputs)
         try:
             items = await self.prepare(inputs, options)
+        except InputError:
+            raise
+        except Exception:
+            log.exception("prepare failed")  # the client gets a 500: the log says why
+            raise
         finally:
             self.batcher.incoming -= len(inputs)
         futures = self.batcher.submit(items, options)
@@ -124,4 +129,12 @@ class Service:
             for future in futures:
                 future.cancel()
         self.metrics.images.inc(len(outputs))
-        return [respond(self.handler, output) for output in outputs]
+        return await asyncio.get_running_loop().run_in_executor(self._cpu, self._respond, outputs)
+
+    def _respond(self, outputs: Sequence[Any]) -> list[Result]:
+        """In the CPU pool: a slow `respond` (or the check of a big result) must not stall the event loop."""
+        try:
+            return [respond(self.handler, output) for output in outputs]
+        except Exception:
+            log.exception("respond failed")
+            raise

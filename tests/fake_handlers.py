@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from docker_vit.handler import Handler, Result
+from docker_vit.handler import Handler, InputError, OptionsError, Result
 from docker_vit.images import open_image
 
 
@@ -121,6 +121,24 @@ class WordBatch(Echo):
     max_batch_size = "8"  # type: ignore[assignment]
 
 
+class ZeroBatch(Echo):
+    max_batch_size = 0
+
+
+class OneStringOfNames(Echo):
+    option_names = "shout"  # the comma forgotten: a str, not a tuple
+
+
+class NumberName(Echo):
+    name = 7  # type: ignore[assignment]
+
+
+class RaisingName(Echo):
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        raise RuntimeError("no name yet")
+
+
 class NoSettings(Echo):
     def __init__(self) -> None:  # type: ignore[override]  # the interface passes settings
         super().__init__(None)
@@ -149,7 +167,16 @@ class Misbehaving(Echo):
             return list(items)[1:]
         if options == "nothing":
             return None
+        if options == "stop":
+            raise StopIteration  # asyncio cannot carry it in a future
+        if options == "timeout":
+            raise TimeoutError("the disk was slow")  # not the server's own timeout
         return list(items)
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        if data == b"not-yours":
+            raise InputError("this input is the client's mistake")
+        return super().prepare(data, options)
 
     def respond(self, output: Any) -> Any:
         broken = {
@@ -157,8 +184,33 @@ class Misbehaving(Echo):
             "number-text": Result(text=123),  # type: ignore[arg-type]
             "nan-data": Result(text="x", data={"score": float("nan")}),
             "object-data": Result(text="x", data={"thing": object()}),
+            "text-key": Result(text="x", data={"text": "hidden"}),
+            "surrogate": Result(text="a\udcff"),
         }
+        if output == "respond-stop":
+            raise StopIteration
         return broken.get(output, Result(text=output))
+
+
+class BadDescribe(Echo):
+    def describe(self) -> dict[str, Any]:
+        raise SystemExit("describe exits")
+
+
+class StopInLoad(Echo):
+    def load(self) -> None:
+        raise StopIteration
+
+
+class OwnFields(Echo):
+    """Refuses any field but its own, as a strict handler may."""
+
+    option_names = ("shout",)
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        if set(raw) - {"shout"}:
+            raise OptionsError(f"unknown fields {sorted(set(raw) - {'shout'})}")
+        return bool(raw.get("shout"))
 
 
 class OptionsCrash(Misbehaving):

@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import threading
 import time
 
 import pytest
 import torch
 from conftest import serving
-from fake_handlers import Exiting, Gated, Misbehaving, OutOfMemoryError, TextOnly
+from fake_handlers import BadDescribe, Exiting, Gated, Misbehaving, OutOfMemoryError, StopInLoad, TextOnly
 
-from docker_vit.batching import Batcher
+from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
 
 
@@ -153,7 +154,7 @@ def test_a_handler_raising_systemexit_or_keyboardinterrupt_fails_only_its_reques
         assert still.status_code == 200 and still.text == "fine"
 
 
-RESPOND_MISTAKES = ["plain-string", "number-text", "nan-data", "object-data"]
+RESPOND_MISTAKES = ["plain-string", "number-text", "nan-data", "object-data", "text-key", "surrogate"]
 
 
 def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> None:
@@ -174,10 +175,16 @@ def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> No
             ("crash", 500, "options are broken"),
             ("short", 500, "0 outputs for 1 items"),
             ("nothing", 500, "not a sequence"),
+            ("stop", 500, "the handler raised StopIteration"),
+            ("timeout", 500, "TimeoutError: the disk was slow"),
         ]:
             response = client.post(f"/?mode={mode}", content=b"a", headers={"content-type": "image/x"})
             assert response.status_code == status, (mode, response.text)
             assert words in response.json()["error"]["message"]
+        stop = client.post("/", content=b"respond-stop", headers={"content-type": "image/x"})
+        assert stop.status_code == 500 and "StopIteration" in stop.json()["error"]["message"]
+        mine = client.post("/", content=b"not-yours", headers={"content-type": "image/x"})
+        assert mine.status_code == 400 and mine.json()["error"]["type"] == "invalid_request"
         made = client.post("/?mode=generator", content=b"ab", headers={"content-type": "image/x"})
         assert made.status_code == 200 and made.text == "AB"
         assert client.post("/", content=b"fine", headers={"content-type": "image/x"}).text == "fine"
@@ -192,3 +199,38 @@ def test_a_text_handler_left_with_the_default_example_says_why_it_failed() -> No
             time.sleep(0.01)
         message = client.get("/readyz").json()["error"]["message"]
         assert "UnicodeDecodeError" in message and "overrides it" in message
+
+
+def test_a_describe_that_fails_is_a_model_error_on_v1_model() -> None:
+    settings = Settings()
+    with serving(settings, BadDescribe(settings)) as client:
+        response = client.get("/v1/model")
+        assert response.status_code == 500 and response.json()["error"]["type"] == "model_error"
+        assert "describe exits" in response.json()["error"]["message"]
+        assert client.get("/readyz").status_code == 200
+
+
+def test_stopiteration_from_load_fails_the_load_instead_of_hanging_it() -> None:
+    settings = Settings()
+    with serving(settings, StopInLoad(settings), wait=False) as client:
+        deadline = time.monotonic() + 10
+        while client.app.state.service.state == "loading":
+            assert time.monotonic() < deadline, "the load never ended"
+            time.sleep(0.01)
+        assert "StopIteration" in client.get("/readyz").json()["error"]["message"]
+
+
+def test_keyboardinterrupt_is_ctrl_c_only_where_python_raises_it_for_sigint() -> None:
+    """On a server's main thread (its own SIGINT handler) a KeyboardInterrupt can only be the handler's."""
+
+    def interrupt() -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        contained(interrupt)
+    previous = signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        with pytest.raises(RuntimeError, match="the handler raised KeyboardInterrupt"):
+            contained(interrupt)
+    finally:
+        signal.signal(signal.SIGINT, previous)

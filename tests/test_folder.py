@@ -270,7 +270,7 @@ def test_a_handler_that_exits_ends_the_run_with_one_line(
     ("text", "handler", "words"),
     [
         ("plain-string", "Misbehaving", "respond returned a str, not a Result"),
-        ("nan-data", "Misbehaving", "data is not JSON"),
+        ("nan-data", "Misbehaving", "respond returned something that is not JSON"),
         ("a", "OptionsCrash", "options() failed: RuntimeError: options are broken"),
         ("a", "OptionsUnhashable", "unhashable list"),
         ("a", "ShortPredict", "0 outputs for 1 items"),
@@ -286,3 +286,12 @@ def test_a_handler_breaking_the_interface_ends_the_run_with_one_line(
     err = capsys.readouterr().err
     assert code == 1 and words in err, err
     assert "Traceback" not in err
+
+
+def test_a_handler_with_its_own_fields_gets_none_of_the_captioners(tmp_path: Path) -> None:
+    image = tmp_path / "a.png"
+    image.write_bytes(b"words")
+    out = tmp_path / "o.jsonl"
+    assert cli.main(["caption", str(image), "--handler", "fake_handlers:OwnFields", "-o", str(out)]) == 0
+    entry = json.loads(out.read_text())
+    assert entry["caption"] == "words" and "num_beams" not in entry

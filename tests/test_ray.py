@@ -196,7 +196,7 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
         return None
 
     assert asyncio.run(scenario(READY)) is None
-    assert asyncio.run(scenario(FAILED)) == "the model is failed: OSError: no weights here"
+    assert asyncio.run(scenario(FAILED)) == "the model failed to load: OSError: no weights here"
 
 
 def test_shutdown_is_clean(ray_url: str) -> None:

@@ -276,5 +276,7 @@ def test_a_handler_breaking_the_interface_is_answered_as_the_server_answers_it()
         ]:
             assert run(worker, {"input": {"image": one, "mode": mode}})["error"]["type"] == kind
         assert run(worker, {"input": {"image": one, "mode": "generator"}})["captions"] == [{"text": "A"}]
+        own = run(worker, {"input": {"image": one, "mode": "timeout"}})["error"]  # the handler's, not ours
+        assert own["type"] == "model_error" and "the disk was slow" in own["message"]
     finally:
         worker.close()
