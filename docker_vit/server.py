@@ -141,7 +141,9 @@ async def _read_inputs(request: Request, settings: Settings, json_allowed: bool)
         options.update(fields)
     else:
         wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
-        raise errors.ApiError(400, f"send the image as {wanted} or an image/* body")
+        raise errors.ApiError(
+            400, f"send the image as {wanted}, or an image/* or application/octet-stream body"
+        )
     if not inputs:
         how = {
             "multipart/form-data": "as a file in the multipart field 'file' (curl -F file=@image.jpg)",
