@@ -10,25 +10,42 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
-from docker_vit.captions_file import FORMATS
-from docker_vit.config import CLIENT, MODEL, SERVER, Settings, env_name, options
+from docker_vit.config import (
+    CLIENT,
+    DEFAULT_MODEL,
+    DOWNLOAD,
+    MODEL,
+    OUTPUT,
+    SERVER,
+    Settings,
+    chosen,
+    env_name,
+    options,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        settings = Settings.load(os.environ, **{name: getattr(args, name, None) for name in options()})
+    args = _parser().parse_args(argv)
+    flags = {name: getattr(args, name, None) for name in options()}
+    try:  # only the variables of this command's settings are read
+        settings = Settings.load(os.environ, args.names, **flags)
+        args.chosen = set(chosen(os.environ, args.names, **flags))
     except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
+        _fail(args.parser, exc)
     from docker_vit.handler import HandlerError
 
     try:
         return args.run(settings, args)
     except HandlerError as exc:
-        parser.error(str(exc))
+        _fail(args.parser, exc)
+
+
+def _fail(parser: argparse.ArgumentParser, exc: Exception) -> NoReturn:
+    """A bad setting in one line (argparse's own errors, a bad flag, still show the usage)."""
+    parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,44 +53,43 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model over HTTP")
-    _add_settings(serve, groups={MODEL, SERVER})
-    serve.set_defaults(run=_serve)
+    _add_settings(serve, groups={MODEL, SERVER}, run=_serve)
 
     caption = commands.add_parser("caption", help="caption images and folders, locally or through --url")
     caption.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)"
     )
-    caption.add_argument(
-        "--output", "-o", metavar="FILE", help="append to FILE, skipping images already in it"
-    )
-    caption.add_argument(
-        "--format", choices=FORMATS, help="output format (default: from FILE's name, else jsonl)"
-    )
-    caption.add_argument(
-        "--json", action="store_true", help="print one JSON object per line (--format jsonl)"
-    )
-    _add_settings(caption, groups={MODEL, CLIENT})
-    caption.set_defaults(run=_caption)
+    _add_settings(caption, groups={MODEL, CLIENT, OUTPUT}, run=_caption)
 
     download = commands.add_parser("download", help="fetch a model's files so later runs need no network")
-    download.add_argument("model", help="Hugging Face Hub id")
-    download.add_argument("--dir", default=None, help="save into this folder instead of the Hub cache")
-    download.set_defaults(run=_download)
+    download.add_argument(
+        "model", nargs="?", help=f"Hugging Face Hub id (default: {DEFAULT_MODEL}; env {env_name('model')})"
+    )
+    _add_settings(download, groups={DOWNLOAD}, run=_download, extra=("model",))
     return parser
 
 
-def _add_settings(parser: argparse.ArgumentParser, groups: set[str] | None) -> None:
-    for name, spec in options().items():
-        if groups is not None and spec.metadata["group"] not in groups:
-            continue
-        flag = spec.metadata.get("flag", "--" + name.replace("_", "-"))
+def _add_settings(
+    parser: argparse.ArgumentParser, groups: set[str], run: Callable[..., int], extra: tuple[str, ...] = ()
+) -> None:
+    """A flag per setting of `groups`; the command reads only those settings' variables (and `extra`'s)."""
+    names = [name for name, spec in options().items() if spec.metadata["group"] in groups]
+    parser.set_defaults(run=run, parser=parser, names={*names, *extra})
+    for name in names:
+        spec = options()[name]
+        flags = [spec.metadata.get("flag", "--" + name.replace("_", "-")), *spec.metadata.get("short", ())]
         kind = type(spec.default)
-        default = f"default: {spec.default!r}; " if spec.default not in ("", ()) else ""
+        default = f"default: {spec.default!r}; " if spec.default not in ("", (), False) else ""
         help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
         if kind is tuple:
-            parser.add_argument(flag, dest=name, action="append", help=help)
+            parser.add_argument(*flags, dest=name, action="append", help=help + "; repeatable")
+        elif kind is bool:
+            parser.add_argument(*flags, dest=name, action="store_true", default=None, help=help)
         else:
-            parser.add_argument(flag, dest=name, type=kind, choices=spec.metadata.get("choices"), help=help)
+            choices = spec.metadata.get("choices")
+            kind = str.lower if choices else kind  # --log-level INFO means info
+            metavar = spec.metadata.get("metavar")
+            parser.add_argument(*flags, dest=name, type=kind, choices=choices, metavar=metavar, help=help)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -92,7 +108,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         port=settings.port,
         http=header_deadline(settings.read_timeout),
         timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]  # int() turned 0.5 s into 0
-        timeout_graceful_shutdown=int(settings.shutdown_timeout),
+        timeout_graceful_shutdown=settings.shutdown_timeout,  # type: ignore[arg-type]  # int() dropped 0.9 s
         log_config=None,
         access_log=False,
     )
@@ -117,9 +133,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 
     logs.configure("text", "warning")
     try:
-        return folder.caption(
-            settings, args.paths, args.output, args.format or ("jsonl" if args.json else None)
-        )
+        return folder.caption(settings, args.paths, args.chosen)
     except KeyboardInterrupt:
         return 130
 
@@ -128,9 +142,9 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.engine import download
 
     try:
-        print(download(args.model, args.dir))
+        print(download(settings.model, settings.dir or None))
     except Exception as exc:  # no network, no such repository, no room: one line, not a traceback
-        print(f"docker-vit: cannot download {args.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"docker-vit: cannot download {settings.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
     return 0
 

@@ -50,6 +50,8 @@ class RemoteCaptioner:
         if settings.api_key:
             self.headers["Authorization"] = f"Bearer {settings.api_key}"
         self._wait_ready()
+        # records say what made each caption: the options sent, else the server's defaults
+        self.recorded = {**self._server_defaults(), **self.params}
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         for outcome in in_order(self._caption, paths, self.concurrency):
@@ -66,7 +68,7 @@ class RemoteCaptioner:
             return Outcome(path, error=str(exc))
         entry = dict(answer["captions"][0])
         text = entry.pop("text")
-        return Outcome(path, entry=record(path, text, answer.get("model", ""), self.params, entry))
+        return Outcome(path, entry=record(path, text, answer.get("model", ""), self.recorded, entry))
 
     def _post(self, data: bytes) -> dict[str, Any]:
         query = urllib.parse.urlencode(self.params)
@@ -101,6 +103,17 @@ class RemoteCaptioner:
         except (ValueError, LookupError, TypeError):
             pass
         raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")
+
+    def _server_defaults(self) -> dict[str, Any]:
+        """The captioner's generation defaults from `GET /v1/model`; nothing for other handlers."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/v1/model", timeout=30) as response:
+                generation = json.loads(response.read()).get("generation")
+        except (urllib.error.URLError, OSError, ValueError, AttributeError):
+            return {}
+        if not isinstance(generation, dict):
+            return {}
+        return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
 
     def _wait_ready(self) -> None:
         """Fail fast on a wrong URL; wait (bounded) while the server loads its model."""

@@ -10,17 +10,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from docker_vit.captions_file import FORMATS
 
 ENV_PREFIX = "DOCKER_VIT_"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 # Groups decide which subcommand shows a flag: "model" options apply wherever a model runs; "client"
-# ones only where `docker-vit caption --url` talks to a server.
-MODEL, SERVER, CLIENT = "model", "server", "client"
+# ones only where `docker-vit caption --url` talks to a server; "output" ones to `caption`'s results;
+# "download" ones to `docker-vit download`.
+MODEL, SERVER, CLIENT, OUTPUT, DOWNLOAD = "model", "server", "client", "output", "download"
 
 
 def _opt(default: Any, help: str, group: str = SERVER, **extra: Any) -> Any:
@@ -59,7 +62,7 @@ class Settings:
     idle_timeout: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
     shutdown_timeout: float = _opt(30.0, "seconds to finish requests in flight after SIGTERM")
     api_keys: tuple[str, ...] = _opt(
-        (), "API key clients must send as 'Authorization: Bearer KEY'", flag="--api-key"
+        (), "API key clients must send as 'Authorization: Bearer KEY'", flag="--api-key", metavar="KEY"
     )
     log_format: str = _opt("text", "request log format: text or json", choices=("text", "json"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
@@ -67,6 +70,13 @@ class Settings:
     url: str = _opt("", "caption through a Docker-ViT server at this URL, not a local model", CLIENT)
     api_key: str = _opt("", "API key sent to --url as 'Authorization: Bearer KEY'", CLIENT)
     concurrency: int = _opt(8, "requests in flight at once with --url", CLIENT)
+
+    output: str = _opt(
+        "", "append to FILE, skipping images already in it", OUTPUT, short=("-o",), metavar="FILE"
+    )
+    format: str = _opt("", "output format (default: from FILE's name, else jsonl)", OUTPUT, choices=FORMATS)
+    json: bool = _opt(False, "print one JSON object per line (--format jsonl)", OUTPUT)
+    dir: str = _opt("", "save into this folder instead of the Hub cache", DOWNLOAD)
 
     def __post_init__(self) -> None:
         for name, spec in options().items():
@@ -90,21 +100,31 @@ class Settings:
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
-        for name in ("dtype", "log_format", "log_level"):
-            choices = options()[name].metadata["choices"]
-            if getattr(self, name) not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}")
+        for name, spec in options().items():
+            choices, value = spec.metadata.get("choices"), getattr(self, name)
+            if choices and value not in choices and value != spec.default:
+                raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
     @classmethod
-    def load(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
-        """Defaults, then `DOCKER_VIT_*` variables from `env`, then `overrides` (flags; None is unset)."""
-        values: dict[str, Any] = {}
-        for name, spec in options().items():
-            raw = (env or {}).get(env_name(name))
-            if raw is not None and raw != "":
-                values[name] = parse(spec, raw)
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def load(
+        cls, env: Mapping[str, str] | None = None, names: Collection[str] | None = None, **overrides: Any
+    ) -> Settings:
+        """Defaults, then `DOCKER_VIT_*` variables from `env`, then `overrides` (flags; None is unset).
+
+        `names`: the settings a command uses; other variables are not read (so one meant for `serve`
+        cannot stop `caption`). None reads them all."""
+        return cls(**chosen(env, names, **overrides))
+
+
+def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, **overrides: Any) -> dict:
+    """The settings a variable or a flag sets, parsed: what differs from "left at its default"."""
+    values: dict[str, Any] = {}
+    for name, spec in options().items():
+        raw = (env or {}).get(env_name(name))
+        if raw is not None and raw != "" and (names is None or name in names):
+            values[name] = parse(spec, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
 
 
 def options() -> dict[str, dataclasses.Field]:
@@ -126,6 +146,8 @@ def parse(spec: dataclasses.Field, raw: str) -> Any:
     try:
         if kind is bool:
             return raw.strip().lower() in ("1", "true", "yes", "on")
+        if spec.metadata.get("choices"):
+            return raw.strip().lower()  # LOG_LEVEL=INFO means info
         return kind(raw)
     except ValueError:
         raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

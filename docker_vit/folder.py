@@ -14,7 +14,7 @@ import csv
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -40,8 +40,12 @@ class Outcome:
     error: str | None = None
 
 
-def caption(settings: Settings, paths: Sequence[str], output: str | None, fmt: str | None) -> int:
-    """The `caption` command: find images, skip those already in `output`, caption the rest."""
+def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:
+    """The `caption` command: find images, skip those already in `--output`, caption the rest.
+
+    `chosen`: the settings a flag or variable set. Through `--url` only those generation options are
+    sent, so the server's own defaults (and limits) hold for the rest."""
+    output, fmt = settings.output or None, settings.format or ("jsonl" if settings.json else None)
     progress = Progress()
     images = find_images(paths, progress.warn)
     try:
@@ -54,6 +58,8 @@ def caption(settings: Settings, paths: Sequence[str], output: str | None, fmt: s
         if not todo:
             return 0
         params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
+        if settings.url:
+            params = {name: value for name, value in params.items() if name in chosen}
         return _run(settings, params, todo, sink, progress if output else Progress(enabled=False))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 import threading
@@ -96,6 +97,23 @@ def test_url_gives_the_same_output_as_a_local_run(
     assert len(read(remote)) == 4
 
 
+def test_url_leaves_unset_options_to_the_servers_defaults_and_limits(
+    vit_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that allows 2 beams and 5 tokens, with beam 1 by default: the client's own defaults
+    (4 and 15) would be refused, and would override the server's choice."""
+    settings = Settings(model=str(vit_gpt2_dir), num_beams=1, max_num_beams=2, max_new_tokens=5)
+    settings = dataclasses.replace(settings, max_new_tokens_limit=5)
+    out = tmp_path / "o.jsonl"
+    with live_server(settings) as url:
+        assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
+        monkeypatch.setenv("DOCKER_VIT_NUM_BEAMS", "2")  # a variable counts as chosen, like a flag
+        assert cli.main(["caption", str(photo("chelsea.jpg")), "-o", str(out), "--url", url]) == 0
+    first, second = read(out)
+    assert (first["num_beams"], first["max_new_tokens"]) == (1, 5)
+    assert (second["num_beams"], second["max_new_tokens"]) == (2, 5)
+
+
 def test_a_wrong_api_key_stops_the_run_at_once(
     server: str, pictures: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -156,7 +174,7 @@ def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
     assert _Flaky.refusals == 0
     assert out.read_text().splitlines() == [
         "path,caption,model,num_beams,max_new_tokens",
-        f"{photo('coffee.jpg')},a stub caption,stub,4,15",
+        f"{photo('coffee.jpg')},a stub caption,stub,,",  # no options sent and no /v1/model to ask
     ]
 
 

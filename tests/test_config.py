@@ -31,7 +31,7 @@ def test_every_option_has_a_variable_and_a_flag() -> None:
     commands = _parser()._subparsers._group_actions[0].choices
     flags = {
         flag
-        for name in ("serve", "caption")
+        for name in ("serve", "caption", "download")
         for action in commands[name]._actions
         for flag in action.option_strings
     }
@@ -69,3 +69,42 @@ def test_api_keys_that_hold_no_key_are_refused(value: str) -> None:
 def test_bad_values_are_refused_with_the_variable_named(env: dict[str, str]) -> None:
     with pytest.raises(ValueError):
         Settings.load(env)
+
+
+def test_a_command_reads_only_the_variables_of_its_own_settings(
+    tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """A serve-only variable with a bad value does not stop `caption`; caption's own variables work."""
+    from docker_vit import cli, folder
+
+    seen = {}
+    monkeypatch.setattr(folder, "caption", lambda settings, paths, chosen: seen.update(s=settings) or 0)
+    monkeypatch.setenv("DOCKER_VIT_PORT", "eighty")
+    monkeypatch.setenv("DOCKER_VIT_OUTPUT", str(tmp_path / "o.csv"))
+    monkeypatch.setenv("DOCKER_VIT_FORMAT", "CSV")
+    monkeypatch.setenv("DOCKER_VIT_JSON", "1")
+    assert cli.main(["caption", "x.jpg"]) == 0
+    assert (seen["s"].output, seen["s"].format, seen["s"].json) == (str(tmp_path / "o.csv"), "csv", True)
+    with pytest.raises(SystemExit):
+        cli.main(["serve"])
+    assert (
+        capsys.readouterr().err.strip()
+        == "docker-vit serve: error: DOCKER_VIT_PORT='eighty' is not a valid int"
+    )
+
+
+def test_download_takes_its_model_and_folder_from_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from docker_vit import cli, engine
+
+    calls = []
+    monkeypatch.setattr(engine, "download", lambda model, folder: calls.append((model, folder)) or "done")
+    monkeypatch.setenv("DOCKER_VIT_MODEL", "someone/model")
+    monkeypatch.setenv("DOCKER_VIT_DIR", "/tmp/here")
+    assert cli.main(["download"]) == 0
+    assert cli.main(["download", "other/model", "--dir", "/tmp/there"]) == 0
+    assert calls == [("someone/model", "/tmp/here"), ("other/model", "/tmp/there")]
+
+
+def test_choices_are_read_in_any_case() -> None:
+    assert Settings.load({"DOCKER_VIT_LOG_LEVEL": "INFO"}).log_level == "info"
+    assert _parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
