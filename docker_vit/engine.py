@@ -76,14 +76,14 @@ class CaptionEngine:
             _reuse_freed_memory()
         hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
         logs.adopt_library_loggers()
-        model = AutoModelForImageTextToText.from_pretrained(self.model_id, dtype=self.dtype)
+        model = _pretrained(AutoModelForImageTextToText, self.model_id, dtype=self.dtype)
         self.model = model.to(self.device).eval()
-        processor = AutoProcessor.from_pretrained(self.model_id)
+        processor = _pretrained(AutoProcessor, self.model_id)
         # A vit-gpt2 folder has no processor class: AutoProcessor then yields only the tokenizer.
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", None)
         if self.image_processor is None:
-            self.image_processor = AutoImageProcessor.from_pretrained(self.model_id)
+            self.image_processor = _pretrained(AutoImageProcessor, self.model_id)
         self.input_size = _input_size(self.image_processor)
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
@@ -125,6 +125,17 @@ class CaptionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+def _pretrained(auto: Any, model_id: str, **kwargs: Any) -> Any:
+    """`auto.from_pretrained`, from the Hub cache alone when the model is there (`docker-vit download`).
+
+    Otherwise the Hub is asked about every optional file the cache lacks, each with retries: offline,
+    a cached model took minutes to start. A model not (fully) cached is fetched as usual."""
+    try:
+        return auto.from_pretrained(model_id, local_files_only=True, **kwargs)
+    except OSError:
+        return auto.from_pretrained(model_id, **kwargs)
 
 
 def _reuse_freed_memory() -> None:

@@ -82,7 +82,27 @@ def test_the_default_model_is_loaded_from_the_hub_by_id(monkeypatch: pytest.Monk
     monkeypatch.setattr(AutoModelForImageTextToText, "from_pretrained", refuse)
     with pytest.raises(OSError):
         CaptionEngine(Settings().model).load()
-    assert asked == [(DEFAULT_MODEL, {"dtype": torch.float32})]
+    # the Hub cache first (no network wanted when the model is there), then the Hub itself
+    assert asked == [
+        (DEFAULT_MODEL, {"local_files_only": True, "dtype": torch.float32}),
+        (DEFAULT_MODEL, {"dtype": torch.float32}),
+    ]
+
+
+def test_a_model_in_the_hub_cache_starts_without_asking_the_hub(vit_gpt2_dir: Path, tmp_path: Path) -> None:
+    """Asked, an unreachable Hub costs retries per optional file the cache lacks: minutes, offline."""
+    snapshot = tmp_path / "hub" / "models--someone--tiny" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    for file in vit_gpt2_dir.iterdir():
+        (snapshot / file.name).write_bytes(file.read_bytes())
+    (tmp_path / "hub" / "models--someone--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny" / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing there
+    env.pop("HF_HUB_OFFLINE", None)
+    code = "from docker_vit.engine import CaptionEngine; CaptionEngine('someone/tiny').load(); print('ok')"
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100)
+    assert done.stdout == "ok\n", done.stderr
+    assert "Retrying" not in done.stderr
 
 
 def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(tmp_path: Path) -> None:
