@@ -101,6 +101,12 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.service import FAILED
 
     logs.configure(settings.log_format, settings.log_level)
+    if not settings.api_keys and os.environ.get(env_name("api_key")):
+        logging.getLogger("docker_vit").warning(
+            "%s is the client's key (caption --url); the server reads %s: it is open to anyone",
+            env_name("api_key"),
+            env_name("api_keys"),
+        )
     app = create_app(settings)
     config = uvicorn.Config(
         app,

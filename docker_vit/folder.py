@@ -48,6 +48,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     output, fmt = settings.output or None, settings.format or ("jsonl" if settings.json else None)
     progress = Progress()
     images = find_images(paths, progress.warn)
+    if not images:
+        progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
     try:
         sink = CaptionsFile(output, format_for(output, fmt)) if output else _Stdout(fmt, images, paths)
     except (OSError, CaptionsFileError) as exc:

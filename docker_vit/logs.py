@@ -32,7 +32,7 @@ def configure(log_format: str = "text", level: str = "info") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "PIL"):  # PIL: a line per PNG chunk
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # it warns of every malformed multipart body a client sends; the client gets its 400 anyway
     logging.getLogger("python_multipart").setLevel(logging.ERROR)

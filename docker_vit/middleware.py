@@ -64,7 +64,8 @@ class RequestContext:
             # JSON answer too (uvicorn's own would be a plain-text 500)
             if answered:
                 raise
-            response = error_response(503, "the server is shutting down", headers=_CLOSE)
+            headers = {**_CLOSE, "Retry-After": "1"}  # another replica, or this one restarted, may answer
+            response = error_response(503, "the server is shutting down", headers=headers)
             await response(scope, receive, send_with_id)
         finally:
             self._report(scope, request_id, status, time.perf_counter() - started)

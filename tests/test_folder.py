@@ -295,3 +295,9 @@ def test_a_handler_with_its_own_fields_gets_none_of_the_captioners(tmp_path: Pat
     assert cli.main(["caption", str(image), "--handler", "fake_handlers:OwnFields", "-o", str(out)]) == 0
     entry = json.loads(out.read_text())
     assert entry["caption"] == "words" and "num_beams" not in entry
+
+
+def test_a_folder_without_images_says_so(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert cli.main(["caption", str(tmp_path)]) == 0
+    assert "no images found" in capsys.readouterr().err

@@ -121,6 +121,13 @@ def test_pixel_limit_refuses_bombs_before_decoding() -> None:
         open_image(encode(Image.new("RGB", (100, 100))), max_bytes=10**6, max_pixels=9_999)
 
 
+def test_a_bomb_past_pillows_own_cap_names_the_limit_that_applies() -> None:
+    with pytest.raises(TooLarge, match=r"too many pixels; the limit is 40000000$"):
+        open_image(_png_header_only(50_000, 50_000), max_bytes=10**6, max_pixels=40_000_000)
+    with pytest.raises(TooLarge, match=f"the limit is {2 * Image.MAX_IMAGE_PIXELS}$"):
+        open_image(_png_header_only(50_000, 50_000), max_bytes=10**6, max_pixels=10**10)
+
+
 @pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a"])
 def test_garbage_is_not_an_image(data: bytes) -> None:
     with pytest.raises(NotAnImage) as info:

@@ -260,6 +260,7 @@ def test_shutdown_timeout_bounds_a_long_model_call() -> None:
         process.stderr.close()
     assert answers and answers[0].status_code == 503
     assert answers[0].json()["error"]["message"] == "the server is shutting down"
+    assert answers[0].headers["retry-after"] == "1"
 
 
 def _metrics(url: str) -> str:
