@@ -150,7 +150,10 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
     try:
         print(download(settings.model, settings.dir or None))
     except Exception as exc:  # no network, no such repository, no room: one line, not a traceback
-        print(f"docker-vit: cannot download {settings.model}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        reason = " ".join(str(exc).split())  # one line, though the Hub's messages span several
+        print(
+            f"docker-vit: cannot download {settings.model}: {type(exc).__name__}: {reason}", file=sys.stderr
+        )
         return 1
     return 0
 

@@ -152,7 +152,8 @@ class LocalCaptioner:
         try:
             contained(self.handler.load)
         except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
-            raise CaptionError(f"cannot load the model: {type(exc).__name__}: {exc}") from None
+            reason = " ".join(str(exc).split())  # transformers' messages span lines
+            raise CaptionError(f"cannot load the model: {type(exc).__name__}: {reason}") from None
         names = self.handler.option_names  # a handler with its own fields gets only those of ours
         params = {key: value for key, value in params.items() if names is None or key in names}
         try:

@@ -101,7 +101,16 @@ class Service:
         """Decode and preprocess every input in the CPU pool; the first bad one raises."""
         loop = asyncio.get_running_loop()
         prepare = self.handler.prepare
-        jobs = [loop.run_in_executor(self._cpu, contained, prepare, data, options) for data in inputs]
+
+        async def one(index: int, data: bytes) -> Any:
+            try:
+                return await loop.run_in_executor(self._cpu, contained, prepare, data, options)
+            except InputError as exc:
+                if len(inputs) > 1:  # say which image of the request it was
+                    exc.args = (f"image {index}: {exc}",)
+                raise
+
+        jobs = [asyncio.ensure_future(one(index, data)) for index, data in enumerate(inputs)]
         try:
             return list(await asyncio.gather(*jobs))
         except BaseException:

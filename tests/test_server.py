@@ -275,3 +275,11 @@ def test_a_huge_bad_option_is_not_echoed_back_whole(client) -> None:
     response = client.post("/", data={"num_beams": "x" * 100_000}, files={"file": b"x"})
     assert response.status_code == 422
     assert len(response.json()["error"]["message"]) < 200
+
+
+def test_a_bad_image_among_several_is_named_by_its_place(client, bulldog: bytes) -> None:
+    response = client.post("/v1/captions", files=[("file", bulldog), ("file", b"not a picture")])
+    assert response.status_code == 415
+    assert response.json()["error"]["message"].startswith("image 1: ")
+    alone = client.post("/v1/captions", files=[("file", b"not a picture")])
+    assert not alone.json()["error"]["message"].startswith("image ")
