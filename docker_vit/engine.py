@@ -72,6 +72,7 @@ class CaptionEngine:
             os.path.expanduser(self.model_id)
         ):
             raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
+        _check_available(self.device)
         if self.device.type == "cpu":
             _reuse_freed_memory()
         hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
@@ -125,6 +126,26 @@ class CaptionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+class DeviceUnavailable(OSError):
+    """The chosen device is not on this machine, or this torch build cannot use it (a setup matter,
+    reported in one line like a missing file, not as a crash)."""
+
+
+def _check_available(device: torch.device) -> None:
+    backend = {
+        "cuda": torch.cuda,
+        "mps": getattr(torch.backends, "mps", None),
+        "xpu": getattr(torch, "xpu", None),
+    }
+    module = backend.get(device.type)
+    if device.type != "cpu" and (module is None or not module.is_available()):
+        raise DeviceUnavailable(f"device {device} is not available to torch {torch.__version__} here")
+    if device.type in ("cuda", "xpu") and device.index is not None and device.index >= module.device_count():
+        raise DeviceUnavailable(
+            f"device {device}: this machine has {module.device_count()} {device.type} device(s)"
+        )
 
 
 def _pretrained(auto: Any, model_id: str, **kwargs: Any) -> Any:

@@ -15,7 +15,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from docker_vit.config import DEFAULT_MODEL, Settings
-from docker_vit.engine import CaptionEngine, pick_device, pick_dtype
+from docker_vit.engine import CaptionEngine, DeviceUnavailable, pick_device, pick_dtype
 
 PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
 
@@ -116,3 +116,10 @@ def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(tmp_pat
     )
     assert done.returncode == 1
     assert "loading the model failed" in done.stderr and "connect" in done.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has the device")
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "mps", "xpu"])
+def test_a_device_this_machine_lacks_is_a_one_line_setup_error(vit_gpt2_dir: Path, device: str) -> None:
+    with pytest.raises(DeviceUnavailable, match=f"device {device} is not available"):
+        CaptionEngine(str(vit_gpt2_dir), device=device).load()
