@@ -163,7 +163,7 @@ def batch_size(handler: Handler, settings: Settings) -> int:
     return size or settings.max_batch_size
 
 
-# Every front end (server, Runpod, Ray, `docker-vit caption`) calls a handler through these three, so a
+# Every front end (server, Runpod, Ray, `docker-vit caption`) calls a handler through these, so a
 # handler's mistake is answered the same way everywhere.
 
 
