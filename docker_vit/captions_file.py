@@ -21,6 +21,8 @@ from typing import Any, BinaryIO
 
 FORMATS = ("jsonl", "csv")
 CSV_COLUMNS = ("path", "caption", "model", "num_beams", "max_new_tokens")
+HEADER = ",".join(CSV_COLUMNS)
+RECORD_START = '{"path": '  # how every JSON line `record` makes begins
 _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
@@ -103,6 +105,8 @@ class CaptionsFile:
         if reader.complete < reader.read:
             self._file.truncate(reader.complete)
         self._file.seek(0, os.SEEK_END)
+        if reader.complete and not reader.ended:  # a whole last record, saved without its newline
+            self._write("\n")
         return done
 
 
@@ -118,9 +122,11 @@ class _Lines:
 
     def __iter__(self) -> Iterator[str]:
         for raw in self._file:
+            first = self.read == 0
             self.read += len(raw)
             self.ended = raw.endswith(b"\n")
-            yield raw.decode(**_ENCODING)
+            line = raw.decode(**_ENCODING)
+            yield line.removeprefix("\ufeff") if first else line  # a spreadsheet's byte order mark
 
     def commit(self) -> None:
         """The lines handed out so far form complete records."""
@@ -129,15 +135,17 @@ class _Lines:
 
 def _json_rows(lines: _Lines, name: str) -> Iterator[Any]:
     for number, line in enumerate(lines, 1):
-        if not lines.ended:
-            return  # a record cut short by a kill: dropped, and its image captioned again
-        lines.commit()
         if not line.strip():
+            lines.commit()
             continue
         try:
-            yield json.loads(line)
+            row = json.loads(line)
         except ValueError:
+            if not lines.ended and line.startswith(RECORD_START):
+                return  # a record cut short by a kill: dropped, and its image captioned again
             raise CaptionsFileError(f"line {number} of {name} is not JSON: is it a captions file?") from None
+        lines.commit()
+        yield row
 
 
 def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
@@ -147,7 +155,7 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
     header = None
     try:
         for row in reader:
-            if not lines.ended:
+            if not lines.ended and (header is not None or HEADER.startswith(",".join(row))):
                 return  # a row cut short by a kill: dropped, and its image captioned again
             lines.commit()
             if header is None:
@@ -158,5 +166,5 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
             elif row:
                 yield dict(zip(header, row, strict=False))
     except csv.Error as exc:
-        if lines.read < lines.size:  # broken in the middle, not just cut short at the end
+        if lines.read < lines.size or header is None:  # broken in the middle, or no captions file at all
             raise CaptionsFileError(f"{name} is not a valid CSV file: {exc}") from None

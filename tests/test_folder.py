@@ -164,6 +164,42 @@ def test_a_cut_off_last_record_is_dropped_on_resume(tmp_path: Path) -> None:
             assert sorted(file.done) == sorted([*kept, "new.png"])
 
 
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("settings.json", '{"important": [1, 2, 3]}'),  # one line, no newline: not a cut-short record
+        ("notes.txt", "some notes without a newline"),
+        ("notes.csv", "name,value"),
+        ("quoted.csv", '"an open quote'),
+        ("two.jsonl", '{"path": "x.png", "caption": "a"}\nsome notes'),
+    ],
+)
+def test_a_file_that_is_not_a_captions_file_is_never_cut(tmp_path: Path, name: str, text: str) -> None:
+    """Only the start of a record of ours may be dropped as "cut short by a kill"."""
+    path = tmp_path / name
+    path.write_text(text)
+    fmt = "csv" if name.endswith(".csv") else "jsonl"
+    with pytest.raises(CaptionsFileError):
+        CaptionsFile(str(path), fmt)
+    assert path.read_text() == text
+
+
+def test_a_whole_last_record_without_its_newline_is_kept(tmp_path: Path) -> None:
+    path = tmp_path / "edited.jsonl"
+    path.write_text('{"path": "x.png", "caption": "a"}')
+    with CaptionsFile(str(path), "jsonl") as file:
+        assert file.done == {"x.png"}
+        file.write([{"path": "y.png", "caption": "b"}])
+    assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["x.png", "y.png"]
+
+
+def test_a_spreadsheets_byte_order_mark_does_not_hide_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "saved.csv"
+    path.write_bytes("\ufeffpath,caption\r\nx.png,a\r\n".encode())
+    with CaptionsFile(str(path), "csv") as file:
+        assert file.done == {"x.png"}
+
+
 def test_refuses_to_append_to_a_file_that_is_not_a_captions_file(tmp_path: Path) -> None:
     notes = tmp_path / "notes.jsonl"
     notes.write_text("hello\nworld\n")
