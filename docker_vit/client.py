@@ -5,9 +5,10 @@ image is one raw-body request to `POST /v1/captions`, several in flight at once;
 turns concurrent requests into full batches. Answers come back in input order, so the output matches
 a local run line for line.
 
-Errors: 503/504 and dropped connections are retried (honouring Retry-After, bounded); a refused image
-(400, 413, 415, 422) or a failed one (500) is skipped with a warning; 401/403/404 stop the run, since
-every other image would meet the same answer.
+Errors: 503/504 and dropped connections are retried (honouring Retry-After, bounded: a full queue is
+waited for, up to ten minutes an image); a refused image (400, 413, 415) or a failed one (500) is skipped
+with a warning; 401/403/404/405, 422 (the options) and 501 stop the run, since every other image would
+meet the same answer. Files over the server's byte limit are skipped without being sent.
 """
 
 from __future__ import annotations
@@ -23,13 +24,15 @@ from typing import Any
 
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.folder import CaptionError, Outcome, describe_error
+from docker_vit.folder import CaptionError, Outcome, describe_error, read_file
+from docker_vit.images import InputError
 
-ATTEMPTS = 8  # tries per image while the server answers 503/504 or drops the connection
+ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection
+BUSY_WAIT = 600.0  # seconds an image keeps being offered to a server answering 503 (queue full) or 429
 MAX_DELAY = 30.0  # seconds, the longest wait between two tries, whatever Retry-After says
 TIMEOUT = 300.0  # seconds for one request: the server's own request_timeout answers long before
 READY_WAIT = 600.0  # seconds to wait for a server that is still loading its model
-FATAL = (401, 403, 404, 405)
+FATAL = (401, 403, 404, 405, 422, 501)  # every other image would get the same answer
 
 
 class _Skip(Exception):
@@ -50,8 +53,11 @@ class RemoteCaptioner:
         if settings.api_key:
             self.headers["Authorization"] = f"Bearer {settings.api_key}"
         self._wait_ready()
+        model = self._model()
         # records say what made each caption: the options sent, else the server's defaults
-        self.recorded = {**self._server_defaults(), **self.params}
+        self.recorded = {**_generation(model), **self.params}
+        limit = model.get("limits", {}).get("max_bytes") if isinstance(model.get("limits"), dict) else None
+        self.max_bytes = limit if isinstance(limit, int) and limit > 0 else settings.max_bytes
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         for outcome in in_order(self._caption, paths, self.concurrency):
@@ -59,10 +65,8 @@ class RemoteCaptioner:
 
     def _caption(self, path: str) -> Outcome:
         try:
-            with open(path, "rb") as file:
-                data = file.read()
-            answer = self._post(data)
-        except OSError as exc:
+            answer = self._post(read_file(path, self.max_bytes))  # no upload the server would refuse
+        except (OSError, InputError) as exc:
             return Outcome(path, error=describe_error(exc))
         except _Skip as exc:
             return Outcome(path, error=str(exc))
@@ -72,8 +76,8 @@ class RemoteCaptioner:
 
     def _post(self, data: bytes) -> dict[str, Any]:
         query = urllib.parse.urlencode(self.params)
-        problem = ""
-        for attempt in range(ATTEMPTS):
+        failures, deadline = 0, time.monotonic() + BUSY_WAIT
+        while True:
             request = urllib.request.Request(
                 f"{self.url}/v1/captions?{query}", data=data, headers=self.headers, method="POST"
             )
@@ -86,12 +90,15 @@ class RemoteCaptioner:
                     raise CaptionError(f"{self.url} answered {problem}") from None
                 if exc.code not in (429, 503, 504):
                     raise _Skip(f"the server answered {problem}") from None
-                delay = _retry_after(exc, attempt)
+                failures += exc.code == 504  # a busy server (429, 503) is waited for, up to BUSY_WAIT
+                delay = _retry_after(exc, failures)
             except (urllib.error.URLError, OSError) as exc:
                 problem = str(getattr(exc, "reason", exc))
-                delay = _backoff(attempt)
+                failures += 1
+                delay = _backoff(failures)
+            if failures >= ATTEMPTS or time.monotonic() + delay > deadline:
+                raise CaptionError(f"{self.url} still failing: {problem}")
             time.sleep(delay)
-        raise CaptionError(f"{self.url} still failing after {ATTEMPTS} tries: {problem}")
 
     def _captions(self, body: bytes) -> dict[str, Any]:
         """The server's answer, if it has the shape of one: anything else stops the run, as every
@@ -104,16 +111,14 @@ class RemoteCaptioner:
             pass
         raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")
 
-    def _server_defaults(self) -> dict[str, Any]:
-        """The captioner's generation defaults from `GET /v1/model`; nothing for other handlers."""
+    def _model(self) -> dict[str, Any]:
+        """What the server says of itself (`GET /v1/model`): its defaults and limits; {} if it won't."""
         try:
             with urllib.request.urlopen(f"{self.url}/v1/model", timeout=30) as response:
-                generation = json.loads(response.read()).get("generation")
-        except (urllib.error.URLError, OSError, ValueError, AttributeError):
+                model = json.loads(response.read())
+        except (urllib.error.URLError, OSError, ValueError):
             return {}
-        if not isinstance(generation, dict):
-            return {}
-        return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
+        return model if isinstance(model, dict) else {}
 
     def _wait_ready(self) -> None:
         """Fail fast on a wrong URL; wait (bounded) while the server loads its model."""
@@ -177,6 +182,14 @@ def in_order(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> 
         stopped.set()
         for _ in range(workers):
             room.release()
+
+
+def _generation(model: Mapping[str, Any]) -> dict[str, Any]:
+    """The captioner's generation defaults; nothing for other handlers."""
+    generation = model.get("generation")
+    if not isinstance(generation, dict):
+        return {}
+    return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
 
 
 def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:

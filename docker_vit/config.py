@@ -69,7 +69,7 @@ class Settings:
 
     url: str = _opt("", "caption through a Docker-ViT server at this URL, not a local model", CLIENT)
     api_key: str = _opt("", "API key sent to --url as 'Authorization: Bearer KEY'", CLIENT)
-    concurrency: int = _opt(8, "requests in flight at once with --url", CLIENT)
+    concurrency: int = _opt(16, "requests in flight at once with --url (a server batch's worth)", CLIENT)
 
     output: str = _opt(
         "", "append to FILE, skipping images already in it", OUTPUT, short=("-o",), metavar="FILE"
@@ -90,12 +90,15 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
-        if self.num_beams > self.max_num_beams:
+        if not self.url and self.num_beams > self.max_num_beams:  # with --url, the server's limits hold
             raise ValueError(f"num_beams {self.num_beams} exceeds max_num_beams {self.max_num_beams}")
-        if self.max_new_tokens > self.max_new_tokens_limit:
-            raise ValueError(f"max_new_tokens exceeds max_new_tokens_limit {self.max_new_tokens_limit}")
-        if self.max_wait_ms < 0 or self.threads < 0 or self.idle_timeout < 0 or self.shutdown_timeout < 0:
-            raise ValueError("max_wait_ms, threads, idle_timeout and shutdown_timeout cannot be negative")
+        if not self.url and self.max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError(
+                f"max_new_tokens {self.max_new_tokens} exceeds max_new_tokens_limit {self.max_new_tokens_limit}"
+            )
+        for name in ("max_wait_ms", "threads", "idle_timeout", "shutdown_timeout"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
         if not DEVICE.fullmatch(self.device):
@@ -135,6 +138,18 @@ def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
 
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
 def parse(spec: dataclasses.Field, raw: str) -> Any:
     """Turn one environment string into the field's type, with a message naming the variable."""
     kind = type(spec.default)
@@ -145,9 +160,9 @@ def parse(spec: dataclasses.Field, raw: str) -> Any:
         return parts
     try:
         if kind is bool:
-            return raw.strip().lower() in ("1", "true", "yes", "on")
+            return _BOOLEANS[raw.strip().lower()]
         if spec.metadata.get("choices"):
             return raw.strip().lower()  # LOG_LEVEL=INFO means info
         return kind(raw)
-    except ValueError:
+    except (ValueError, KeyError):
         raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -47,7 +48,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     sent, so the server's own defaults (and limits) hold for the rest."""
     output, fmt = settings.output or None, settings.format or ("jsonl" if settings.json else None)
     progress = Progress()
-    images = find_images(paths, progress.warn)
+    unreadable: list[str] = []
+    images = find_images(paths, lambda message: unreadable.append(message) or progress.warn(message))
     if not images:
         progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
     try:
@@ -57,12 +59,13 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         return 1
     with sink:
         todo = _not_done(images, sink.done)
-        if not todo:
-            return 0
-        params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
-        if settings.url:
-            params = {name: value for name, value in params.items() if name in chosen}
-        return _run(settings, params, todo, sink, progress if output else Progress(enabled=False))
+        code = 0
+        if todo:
+            params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
+            if settings.url:
+                params = {name: value for name, value in params.items() if name in chosen}
+            code = _run(settings, params, todo, sink, progress if output else Progress(enabled=False))
+    return code if code or not unreadable else 1  # a folder left unread is images not captioned
 
 
 def _not_done(images: list[str], done: set[str]) -> list[str]:
@@ -164,6 +167,7 @@ class LocalCaptioner:
             raise CaptionError(f"the handler's options() failed: {type(exc).__name__}: {exc}") from None
         self.params = dict(params)
         self.batch_size = batch_size(self.handler, settings)
+        self.max_bytes = settings.max_bytes
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
@@ -181,8 +185,7 @@ class LocalCaptioner:
         return [(path, cpu.submit(self._prepare, path)) for path in batch]
 
     def _prepare(self, path: str) -> Any:
-        with open(path, "rb") as file:
-            return contained(self.handler.prepare, file.read(), self.options)
+        return contained(self.handler.prepare, read_file(path, self.max_bytes), self.options)
 
     def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
         outcomes = [Outcome(path) for path, _ in prepared]
@@ -202,6 +205,20 @@ class LocalCaptioner:
             for outcome, result in zip(ready, results, strict=True):
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
         return outcomes
+
+
+def read_file(path: str, limit: int) -> bytes:
+    """An image file's bytes, read no further than `limit` (a 3 GB file, a link to /dev/zero); what is
+    no regular file is refused unopened (opening a FIFO would wait for a writer for ever)."""
+    from docker_vit.images import InputError, TooLarge
+
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError("not a regular file")
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"the file is over the limit of {limit} bytes")
+    return data
 
 
 def describe_error(exc: BaseException) -> str:

@@ -78,7 +78,10 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
             info = description(service.handler)
         except Exception as exc:
             raise errors.from_service(exc) from None
-        return JSONResponse({**info, "status": service.state})
+        limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
+        request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
+        request |= {"max_images": settings.max_images, "max_queue": settings.max_queue}
+        return JSONResponse({**info, "limits": {**limits, **request}, "status": service.state})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -114,6 +114,34 @@ def test_url_leaves_unset_options_to_the_servers_defaults_and_limits(
     assert (second["num_beams"], second["max_new_tokens"]) == (2, 5)
 
 
+def test_url_holds_the_servers_limits_not_the_clients(
+    vit_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Beams past the client's own default limit go through to a server that allows them; a file over
+    the server's byte limit is skipped unsent; options the server refuses stop the run at once."""
+    big = tmp_path / "pictures" / "big.jpg"
+    big.parent.mkdir()
+    big.write_bytes(photo("coffee.jpg").read_bytes() + b"\0" * 300_000)
+    (tmp_path / "pictures" / "small.jpg").write_bytes(photo("chelsea.jpg").read_bytes())
+    settings = Settings(model=str(vit_gpt2_dir), max_num_beams=12, max_bytes=250_000, max_new_tokens=3)
+    out = tmp_path / "o.jsonl"
+    with live_server(settings) as url:
+        assert cli.main(["caption", str(big.parent), "-o", str(out), "--url", url, "--num-beams", "9"]) == 1
+        assert "big.jpg: the file is over the limit of 250000 bytes" in capsys.readouterr().err
+        assert [entry["num_beams"] for entry in read(out)] == [9]
+        refused = cli.main(["caption", str(photo("coffee.jpg")), "--url", url, "--num-beams", "13"])
+        err = capsys.readouterr().err
+        assert refused == 1 and err.count("num_beams must be between 1 and 12") == 1
+
+
+def test_url_waits_out_a_full_queue(vit_gpt2_dir: Path, pictures: Path, tmp_path: Path) -> None:
+    settings = Settings(model=str(vit_gpt2_dir), max_queue=1, max_batch_size=1, max_new_tokens=3)
+    out = tmp_path / "o.jsonl"
+    with live_server(settings) as url:
+        code = cli.main(["caption", str(pictures), "-o", str(out), "--url", url, "--concurrency", "6"])
+    assert code == 1 and len(read(out)) == 4  # broken.png skipped, every photo captioned
+
+
 def test_a_wrong_api_key_stops_the_run_at_once(
     server: str, pictures: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

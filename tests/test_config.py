@@ -64,6 +64,8 @@ def test_api_keys_that_hold_no_key_are_refused(value: str) -> None:
         {"DOCKER_VIT_DEVICE": "cuda:x"},
         {"DOCKER_VIT_MAX_WAIT_MS": "nan"},
         {"DOCKER_VIT_REQUEST_TIMEOUT": "inf"},
+        {"DOCKER_VIT_JSON": "maybe"},
+        {"DOCKER_VIT_THREADS": "-1"},
     ],
 )
 def test_bad_values_are_refused_with_the_variable_named(env: dict[str, str]) -> None:

@@ -337,3 +337,33 @@ def test_a_folder_without_images_says_so(tmp_path: Path, capsys: pytest.CaptureF
     (tmp_path / "notes.txt").write_text("not a picture")
     assert cli.main(["caption", str(tmp_path)]) == 0
     assert "no images found" in capsys.readouterr().err
+
+
+def test_a_folder_that_cannot_be_read_makes_the_exit_status_1(
+    library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Its images were not captioned: a run to repeat, like a skipped file."""
+    listdir = os.listdir
+    locked = str(library / "2020")
+
+    def refuse(path: str = ".") -> list[str]:
+        if os.fspath(path) == locked:
+            raise PermissionError(13, "Permission denied")
+        return listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refuse)
+    out = tmp_path / "o.jsonl"
+    assert cli.main(["caption", str(library), "-o", str(out), *DIGEST]) == 1
+    assert "skipping folder" in capsys.readouterr().err and len(lines(out)) == 3
+
+
+def test_a_fifo_or_an_endless_file_is_skipped_not_waited_on(library: Path, tmp_path: Path) -> None:
+    os.mkfifo(library / "pipe.jpg")
+    os.symlink("/dev/zero", library / "zero.png")
+    out = tmp_path / "o.jsonl"
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(library), "-o", str(out), *DIGEST]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "pipe.jpg: not a regular file" in done.stderr and "zero.png: not a regular file" in done.stderr
+    assert len(lines(out)) == 5
