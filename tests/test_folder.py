@@ -19,7 +19,8 @@ from PIL import Image
 
 from docker_vit import cli
 from docker_vit.captions_file import CaptionsFile, CaptionsFileError
-from docker_vit.folder import Progress, find_images
+from docker_vit.folder import find_images
+from docker_vit.progress import Progress
 
 TESTS = Path(__file__).parent
 DIGEST = ["--handler", "folder_handlers:Digest", "--max-batch-size", "3"]

@@ -1,0 +1,69 @@
+"""The progress line of `docker-vit caption`: done/total, images per second, time left."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """One line on a terminal's stderr (done/total, images/s, time left); silent when not a terminal.
+
+    Warnings always print, as their own lines above the bar.
+    """
+
+    def __init__(self, stream: TextIO | None = None, enabled: bool | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.total = self.done = 0
+        self.started = self._drawn = 0.0
+        self._active = False
+
+    def start(self, total: int) -> None:
+        self.total, self.done, self.started, self._active = total, 0, time.monotonic(), self.enabled
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self._active and (time.monotonic() - self._drawn > 0.2 or self.done == self.total):
+            self._draw()
+
+    def warn(self, message: str) -> None:
+        self._clear()
+        print(f"docker-vit: {message}", file=self.stream, flush=True)
+        if self._active:
+            self._draw()
+
+    def stop(self) -> None:
+        if self._active:
+            self._draw()
+            self.stream.write("\n")
+            self._active = False
+
+    def summary(self, skipped: int) -> None:
+        if self.enabled:
+            seconds = time.monotonic() - self.started
+            done = self.done - skipped
+            note = f"; {skipped} skipped" if skipped else ""
+            self.warn(f"captioned {done} images in {seconds:.1f} s ({done / seconds:.1f}/s){note}")
+
+    def _clear(self) -> None:
+        if self._active:
+            self.stream.write("\r\033[K")
+
+    def _draw(self) -> None:
+        self._drawn = now = time.monotonic()
+        rate = self.done / max(now - self.started, 1e-9)
+        left = _clock((self.total - self.done) / rate) if rate > 0 else "?"
+        width = 24
+        filled = width * self.done // max(self.total, 1)
+        bar = "#" * filled + "-" * (width - filled)
+        line = f"\r[{bar}] {self.done}/{self.total} {rate:.1f} images/s, {left} left"
+        self.stream.write(line + "\033[K")
+        self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
