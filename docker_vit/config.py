@@ -35,7 +35,7 @@ class Settings:
     """The configuration of one Docker-ViT process."""
 
     model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL)
-    handler: str = _opt("", "serve a custom handler, as module:Class (default: the captioner)", MODEL)
+    handler: str = _opt("", "run a custom handler, as module:Class (default: the captioner)", MODEL)
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps or xpu", MODEL)
     dtype: str = _opt(
         "auto",

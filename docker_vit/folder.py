@@ -25,7 +25,23 @@ from docker_vit.config import Settings
 from docker_vit.handler import OptionsError, batch_size, load_handler, predict_all, read_options, respond
 from docker_vit.progress import Progress
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".png",
+        ".gif",
+        ".webp",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".ico",
+        ".ppm",
+        ".tga",
+    }
+)  # what the intake decodes (images.FORMATS)
 
 
 class CaptionError(Exception):
@@ -46,7 +62,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
 
     `chosen`: the settings a flag or variable set. Through `--url` only those generation options are
     sent, so the server's own defaults (and limits) hold for the rest."""
-    output, fmt = settings.output or None, settings.format or ("jsonl" if settings.json else None)
+    output = settings.output if settings.output not in ("", "-") else None  # "-": stdout, as usual
+    fmt = settings.format or ("jsonl" if settings.json else None)
     progress = Progress()
     unreadable: list[str] = []
     images = find_images(paths, lambda message: unreadable.append(message) or progress.warn(message))

@@ -368,3 +368,12 @@ def test_a_fifo_or_an_endless_file_is_skipped_not_waited_on(library: Path, tmp_p
     assert done.returncode == 1
     assert "pipe.jpg: not a regular file" in done.stderr and "zero.png: not a regular file" in done.stderr
     assert len(lines(out)) == 5
+
+
+def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    for name in ("a.jfif", "b.ppm", "c.tga", "d.ico"):
+        image = Image.new("RGB", (8, 8), (10, 20, 30))
+        kind = {"jfif": "JPEG"}.get(name[2:], name[2:].upper())
+        image.save(tmp_path / name, format=kind)
+    assert cli.main(["caption", str(tmp_path), "-o", "-", "--json", *DIGEST]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 4 and not (Path.cwd() / "-").exists()
