@@ -1,7 +1,7 @@
 """Dynamic batching: concurrent requests become one model call.
 
-Items wait in a bounded queue grouped by their options. One worker per device takes the oldest group,
-lets it fill for at most `max_wait` seconds (or not at all when it is already full), and runs it in its
+Items wait in a bounded queue grouped by their options. One worker per device takes the group whose
+first item is oldest (so a group kept busy by steady traffic never starves another), lets it fill for at most `max_wait` seconds (or not at all when it is already full), and runs it in its
 own thread, so the event loop keeps accepting, decoding and queueing while the model works: the next
 batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
 the model sees them.
@@ -10,9 +10,10 @@ Two refinements keep batches full under steady load. The wait counts only time t
 items queued during a batch still wait `max_wait` once it ends, so clients answered by that batch
 have a moment to send their next images, while an item that has had its wait (several option groups
 queued at once: the later groups waited through the first one's) goes as soon as the device is free.
-And items already accepted but still being decoded (`incoming`) are waited for, at most `HOLD`
-seconds longer, rather than left to trail behind in a batch of their own. A lone request pays
-neither: nothing else is incoming, and the device was idle all along.
+And items of the same options already admitted but still being decoded are waited for, at most
+`HOLD` seconds longer, rather than left to trail behind in a batch of their own (not when `max_wait` is
+0: that asks for no waiting at all). A lone request pays neither: nothing else is incoming, and the
+device was idle all along. Admission counts those items too, so a burst is refused before decoding.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ import logging
 import signal
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("docker_vit.batching")
@@ -69,6 +70,7 @@ class _Entry:
     item: Any
     future: asyncio.Future
     idle_mark: float  # the batcher's idle clock when the item arrived
+    born: float = field(default_factory=time.monotonic)
     queued: bool = True
 
 
@@ -91,7 +93,7 @@ class Batcher:
         self.on_batch = on_batch
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
-        self.incoming = 0  # items accepted and being prepared, not yet submitted
+        self._incoming: Counter[Hashable] = Counter()  # admitted items still being prepared, by options
         self._idle_since: float | None = time.monotonic()  # None while a batch runs
         self._idle_before = 0.0  # seconds of idle device before the current idle spell
         self._wake: asyncio.Event | None = None
@@ -141,18 +143,29 @@ class Batcher:
         finally:
             self._device_calls -= 1
 
-    def check_room(self, count: int) -> None:
-        """Raise QueueFull unless `count` more items fit: callers check before costly preparation too."""
+    def admit(self, count: int, options: Hashable) -> None:
+        """Hold room for `count` items that are still being prepared (decoded), or raise QueueFull: load
+        is shed before the costly preparation. `withdraw` gives the room back, then `submit` queues."""
+        self._check_room(count)
+        self._incoming[options] += count
+
+    def withdraw(self, count: int, options: Hashable) -> None:
+        self._incoming[options] -= count
+        if self._incoming[options] <= 0:
+            del self._incoming[options]
+
+    def _check_room(self, count: int) -> None:
         if count > self.max_queue:
             raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
-        if self._queued + count > self.max_queue:
-            raise QueueFull(f"the queue is full ({self._queued} images waiting)")
+        taken = self._queued + self._incoming.total()
+        if taken + count > self.max_queue:
+            raise QueueFull(f"the queue is full ({taken} images waiting or being decoded)")
 
     def submit(self, items: Sequence[Any], options: Hashable) -> list[asyncio.Future]:
         """Queue all of one request's items, or none of them when they don't fit."""
         if self._task is None or self._wake is None:
             raise RuntimeError("Batcher.start() has not been called")
-        self.check_room(len(items))
+        self._check_room(len(items))
         loop = asyncio.get_running_loop()
         entries = [_Entry(item, loop.create_future(), self._idle_clock()) for item in items]
         for entry in entries:
@@ -182,10 +195,11 @@ class Batcher:
 
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
         """The oldest group, once it is full or its first item has waited `max_wait` of idle device."""
-        options, group = next(iter(self._groups.items()))
+        options, group = min(self._groups.items(), key=lambda pair: pair[1][0].born)
         while len(group) < self.max_batch_size:
             waited = self._idle_clock() - group[0].idle_mark
-            if waited >= self.max_wait and (not self.incoming or waited >= self.max_wait + HOLD):
+            held = self._incoming[options] and self.max_wait > 0 and waited < self.max_wait + HOLD
+            if waited >= self.max_wait and not held:
                 break
             await asyncio.sleep(0.001)
         batch: list[_Entry] = []

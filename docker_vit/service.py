@@ -120,8 +120,7 @@ class Service:
 
     async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
         """Bytes in, results out, in input order."""
-        self.batcher.check_room(len(inputs))  # shed load before decoding, not after
-        self.batcher.incoming += len(inputs)
+        self.batcher.admit(len(inputs), options)  # shed load before decoding, not after
         try:
             items = await self.prepare(inputs, options)
         except InputError:
@@ -130,7 +129,7 @@ class Service:
             log.exception("prepare failed")  # the client gets a 500: the log says why
             raise
         finally:
-            self.batcher.incoming -= len(inputs)
+            self.batcher.withdraw(len(inputs), options)
         futures = self.batcher.submit(items, options)
         try:
             outputs = await asyncio.gather(*futures)

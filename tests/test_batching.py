@@ -134,10 +134,10 @@ def test_items_still_being_decoded_join_the_batch() -> None:
         recorder = Recorder()
         batcher = make(recorder, max_wait=0.001)
         batcher.start()
-        batcher.incoming = 1  # a request is accepted and its image is being decoded
+        batcher.admit(1, "a")  # a request is accepted and its image is being decoded
         first = batcher.submit([1], "a")
         await asyncio.sleep(0.02)  # well past max_wait, but within HOLD
-        batcher.incoming = 0
+        batcher.withdraw(1, "a")
         second = batcher.submit([2], "a")
         results = await asyncio.gather(*first, *second)
         await batcher.stop()
@@ -221,3 +221,44 @@ def test_on_device_runs_where_the_batches_run() -> None:
 
     loaded_on, threads = run(main())
     assert loaded_on is not threading.main_thread() and threads == [loaded_on]
+
+
+def test_the_group_waiting_longest_goes_next_so_steady_traffic_starves_no_one() -> None:
+    """Group "a" never empties; "b" still goes as soon as its item is the oldest waiting."""
+
+    async def main():
+        recorder = Recorder()
+        recorder.release.clear()
+        batcher = make(recorder, max_batch_size=2, max_wait=0)
+        batcher.start()
+        futures = batcher.submit(["a1", "a2"], "a")
+        while not batcher.busy:
+            await asyncio.sleep(0.001)
+        futures += (
+            batcher.submit(["a3"], "a") + batcher.submit(["b1"], "b") + batcher.submit(["a4", "a5"], "a")
+        )
+        recorder.release.set()
+        await asyncio.gather(*futures)
+        await batcher.stop()
+        return [items for items, _ in recorder.calls]
+
+    assert run(main()) == [["a1", "a2"], ["a3", "a4"], ["b1"], ["a5"]]
+
+
+def test_items_being_decoded_count_against_the_queue_and_hold_only_their_own_group() -> None:
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder, max_queue=3, max_wait=0.001)
+        batcher.start()
+        batcher.admit(2, "a")  # two images of "a" still decoding
+        with pytest.raises(QueueFull):
+            batcher.admit(2, "b")  # refused before its own decoding starts
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await asyncio.gather(*batcher.submit([1], "b"))  # "b" waits for no decode of "a"
+        waited = loop.time() - started
+        batcher.withdraw(2, "a")
+        await batcher.stop()
+        return waited
+
+    assert run(main()) < HOLD / 2
