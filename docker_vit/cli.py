@@ -79,7 +79,8 @@ def _add_settings(
         spec = options()[name]
         flags = [spec.metadata.get("flag", "--" + name.replace("_", "-")), *spec.metadata.get("short", ())]
         kind = type(spec.default)
-        default = f"default: {spec.default!r}; " if spec.default not in ("", (), False) else ""
+        shown = spec.default not in ("", ()) and spec.default is not False  # 0 == False: test identity
+        default = f"default: {spec.default!r}; " if shown else ""
         help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
         if kind is tuple:
             parser.add_argument(*flags, dest=name, action="append", help=help + "; repeatable")
