@@ -1,9 +1,10 @@
 """Dynamic batching: concurrent requests become one model call.
 
 Items wait in a bounded queue grouped by their options. One worker per device takes the group whose
-first item is oldest (so a group kept busy by steady traffic never starves another), lets it fill for at most `max_wait` seconds (or not at all when it is already full), and runs it in its
-own thread, so the event loop keeps accepting, decoding and queueing while the model works: the next
-batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
+first item is oldest (so a group kept busy by steady traffic never starves another), lets it fill for
+at most `max_wait` seconds (or not at all when it is already full), and runs it in its own thread, so
+the event loop keeps accepting, decoding and queueing while the model works: the next batch forms
+during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
 the model sees them.
 
 Two refinements keep batches full under steady load. The wait counts only time the device sits idle:
