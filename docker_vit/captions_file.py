@@ -61,6 +61,7 @@ class CaptionsFile:
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
         try:
+            self._lock()
             self.done = self._resume()
         except BaseException:
             self._file.close()
@@ -83,6 +84,19 @@ class CaptionsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _lock(self) -> None:
+        """One run a file: two would each caption every image not yet in it, and write it twice."""
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock, as before
+            return
+        try:
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CaptionsFileError(
+                f"{self.path} is being written by another docker-vit caption run"
+            ) from None
 
     def _write(self, text: str) -> None:
         self._file.write(text.encode(**_ENCODING))

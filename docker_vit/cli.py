@@ -85,7 +85,7 @@ def _add_settings(
         if kind is tuple:
             parser.add_argument(*flags, dest=name, action="append", help=help + "; repeatable")
         elif kind is bool:
-            parser.add_argument(*flags, dest=name, action="store_true", default=None, help=help)
+            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:
             choices = spec.metadata.get("choices")
             kind = str.lower if choices else kind  # --log-level INFO means info

@@ -377,3 +377,21 @@ def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytes
         image.save(tmp_path / name, format=kind)
     assert cli.main(["caption", str(tmp_path), "-o", "-", "--json", *DIGEST]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 4 and not (Path.cwd() / "-").exists()
+
+
+def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "o.jsonl"
+    first = CaptionsFile(str(path), "jsonl")
+    try:
+        with pytest.raises(CaptionsFileError, match="another docker-vit caption run"):
+            CaptionsFile(str(path), "jsonl")
+    finally:
+        first.close()
+    with CaptionsFile(str(path), "jsonl") as again:  # free once the first run is done
+        assert again.done == set()
+
+
+def test_no_json_undoes_the_variable(library: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("DOCKER_VIT_JSON", "1")
+    assert cli.main(["caption", str(library / "b.png"), "--no-json", *DIGEST]) == 0
+    assert capsys.readouterr().out.startswith("picture ")
