@@ -167,6 +167,8 @@ class Batcher:
         if self._task is None or self._wake is None:
             raise RuntimeError("Batcher.start() has not been called")
         self._check_room(len(items))
+        if not items:
+            return []
         loop = asyncio.get_running_loop()
         entries = [_Entry(item, loop.create_future(), self._idle_clock()) for item in items]
         for entry in entries:

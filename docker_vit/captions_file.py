@@ -97,6 +97,8 @@ class CaptionsFile:
             raise CaptionsFileError(
                 f"{self.path} is being written by another docker-vit caption run"
             ) from None
+        except OSError:  # a file system without locks (some network mounts): go on unlocked
+            pass
 
     def _write(self, text: str) -> None:
         self._file.write(text.encode(**_ENCODING))
@@ -119,7 +121,7 @@ class CaptionsFile:
         if reader.complete < reader.read:
             self._file.truncate(reader.complete)
         self._file.seek(0, os.SEEK_END)
-        if reader.complete and not reader.ended:  # a whole last record, saved without its newline
+        if reader.complete == reader.read and not reader.ended:  # a whole last record, without its newline
             self._write("\n")
         return done
 
@@ -155,7 +157,7 @@ def _json_rows(lines: _Lines, name: str) -> Iterator[Any]:
         try:
             row = json.loads(line)
         except ValueError:
-            if not lines.ended and line.startswith(RECORD_START):
+            if not lines.ended and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
                 return  # a record cut short by a kill: dropped, and its image captioned again
             raise CaptionsFileError(f"line {number} of {name} is not JSON: is it a captions file?") from None
         lines.commit()

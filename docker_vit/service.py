@@ -137,10 +137,11 @@ class Service:
             for future in futures:
                 future.cancel()
         self.metrics.images.inc(len(outputs))
-        return await asyncio.get_running_loop().run_in_executor(self._cpu, self._respond, outputs)
+        return await asyncio.to_thread(self._respond, outputs)
 
     def _respond(self, outputs: Sequence[Any]) -> list[Result]:
-        """In the CPU pool: a slow `respond` (or the check of a big result) must not stall the event loop."""
+        """Off the event loop, which a slow `respond` (or the check of a big result) would stall, and
+        out of the decoding pool, where finished answers would queue behind images still decoding."""
         try:
             return [respond(self.handler, output) for output in outputs]
         except Exception:

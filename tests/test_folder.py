@@ -395,3 +395,13 @@ def test_no_json_undoes_the_variable(library: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("DOCKER_VIT_JSON", "1")
     assert cli.main(["caption", str(library / "b.png"), "--no-json", *DIGEST]) == 0
     assert capsys.readouterr().out.startswith("picture ")
+
+
+@pytest.mark.parametrize("fragment", ["{", '{"pa', '{"path"', '{"path": "b.png", "capt'])
+def test_a_record_cut_anywhere_is_dropped_without_leaving_a_blank_line(tmp_path: Path, fragment: str) -> None:
+    path = tmp_path / "o.jsonl"
+    path.write_text('{"path": "a.png", "caption": "x"}\n' + fragment)
+    with CaptionsFile(str(path), "jsonl") as file:
+        assert file.done == {"a.png"}
+        file.write([{"path": "b.png", "caption": "y"}])
+    assert path.read_text() == '{"path": "a.png", "caption": "x"}\n{"path": "b.png", "caption": "y"}\n'
