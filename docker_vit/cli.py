@@ -23,6 +23,7 @@ from docker_vit.config import (
     Settings,
     chosen,
     env_name,
+    names_of,
     options,
 )
 
@@ -73,7 +74,7 @@ def _add_settings(
     parser: argparse.ArgumentParser, groups: set[str], run: Callable[..., int], extra: tuple[str, ...] = ()
 ) -> None:
     """A flag per setting of `groups`; the command reads only those settings' variables (and `extra`'s)."""
-    names = [name for name, spec in options().items() if spec.metadata["group"] in groups]
+    names = names_of(*groups)
     parser.set_defaults(run=run, parser=parser, names={*names, *extra})
     for name in names:
         spec = options()[name]

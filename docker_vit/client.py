@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
 from docker_vit.captions_file import record
@@ -42,20 +42,22 @@ class _Skip(Exception):
 class RemoteCaptioner:
     """Captions through `settings.url` with `settings.concurrency` requests in flight."""
 
-    def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
+    def __init__(self, settings: Settings, params: Mapping[str, Any], chosen: Collection[str] = ()) -> None:
         url = settings.url.rstrip("/")
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise CaptionError(f"--url must start with http:// or https://, got {settings.url!r}")
         self.url = url
-        self.params = dict(params)
         self.concurrency = settings.concurrency
         self.headers = {"Content-Type": "application/octet-stream", "Accept": "application/json"}
         if settings.api_key:
             self.headers["Authorization"] = f"Bearer {settings.api_key}"
         self._wait_ready()
         model = self._model()
-        # records say what made each caption: the options sent, else the server's defaults
-        self.recorded = {**_generation(model), **self.params}
+        if isinstance(model.get("model"), str):  # a Docker-ViT /v1/model: its defaults hold for the rest
+            self.params = {name: value for name, value in params.items() if name in chosen}
+            self.recorded = {**_generation(model), **self.params}
+        else:  # a server that won't say its defaults gets ours, so that records stay true
+            self.params = self.recorded = dict(params)
         limit = model.get("limits", {}).get("max_bytes") if isinstance(model.get("limits"), dict) else None
         self.max_bytes = limit if isinstance(limit, int) and limit > 0 else settings.max_bytes
 
@@ -114,7 +116,8 @@ class RemoteCaptioner:
     def _model(self) -> dict[str, Any]:
         """What the server says of itself (`GET /v1/model`): its defaults and limits; {} if it won't."""
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/model", timeout=30) as response:
+            request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
+            with urllib.request.urlopen(request, timeout=30) as response:
                 model = json.loads(response.read())
         except (urllib.error.URLError, OSError, ValueError):
             return {}

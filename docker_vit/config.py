@@ -134,6 +134,14 @@ def options() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(Settings)}
 
 
+def names_of(*groups: str) -> list[str]:
+    """The settings of `groups`, in declaration order: what one command or adapter reads."""
+    return [name for name, spec in options().items() if spec.metadata["group"] in groups]
+
+
+SERVING = names_of(MODEL, SERVER)  # what a server reads: `serve`, Runpod, Ray
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 

@@ -17,6 +17,7 @@ import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from docker_vit.batching import contained
@@ -57,6 +58,9 @@ class Outcome:
     error: str | None = None
 
 
+Runner = Callable[[list[str]], Iterator[list[Outcome]]]
+
+
 def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:
     """The `caption` command: find images, skip those already in `--output`, caption the rest.
 
@@ -79,9 +83,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         code = 0
         if todo:
             params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
-            if settings.url:
-                params = {name: value for name, value in params.items() if name in chosen}
-            code = _run(settings, params, todo, sink, progress if output else Progress(enabled=False))
+            runner = partial(_runner, settings, params, chosen)
+            code = _run(runner, todo, sink, progress if output else Progress(enabled=False))
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
 
 
@@ -92,10 +95,10 @@ def _not_done(images: list[str], done: set[str]) -> list[str]:
     return [path for path in images if path not in done and os.path.realpath(path) not in same]
 
 
-def _run(settings: Settings, params: dict, todo: list[str], sink: Any, progress: Progress) -> int:
+def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progress) -> int:
     skipped = 0
     try:
-        runner = _runner(settings, params)
+        runner = make()
         progress.start(len(todo))
         for outcomes in runner(todo):
             sink.write([outcome.entry for outcome in outcomes if outcome.entry is not None])
@@ -117,11 +120,11 @@ def _run(settings: Settings, params: dict, todo: list[str], sink: Any, progress:
     return 1 if skipped else 0
 
 
-def _runner(settings: Settings, params: dict) -> Callable[[list[str]], Iterator[list[Outcome]]]:
+def _runner(settings: Settings, params: dict, chosen: Collection[str]) -> Runner:
     if settings.url:
         from docker_vit.client import RemoteCaptioner
 
-        return RemoteCaptioner(settings, params).run
+        return RemoteCaptioner(settings, params, chosen).run
     return LocalCaptioner(settings, params).run
 
 

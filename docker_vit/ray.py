@@ -28,7 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
-from docker_vit.config import MODEL, SERVER, Settings, options, parse
+from docker_vit.config import SERVING, Settings, options, parse
 from docker_vit.server import create_app
 from docker_vit.service import LOADING, READY
 
@@ -78,7 +78,7 @@ class DockerViT:
 
     def __init__(self, overrides: Mapping[str, Any], load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
-        settings = Settings.load(os.environ, **overrides)
+        settings = Settings.load(os.environ, SERVING, **overrides)
         web = create_app(settings)
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s
@@ -96,14 +96,14 @@ class DockerViT:
 def app(args: Mapping[str, Any]) -> serve.Application:
     """Ray's application builder: `serve run docker_vit.ray:app model=... num_gpus=1`."""
     overrides, deployment = split_args(args)
-    settings = Settings.load(os.environ, **overrides)  # bad arguments fail here, before any replica
+    settings = Settings.load(os.environ, SERVING, **overrides)  # bad arguments fail here, before any replica
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
     return DockerViT.options(**deployment_options(settings, deployment)).bind(overrides, load_timeout_s)
 
 
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Typed `Settings` overrides and deployment arguments from Ray's strings (or a config's values)."""
-    fields = {name: spec for name, spec in options().items() if spec.metadata["group"] in (MODEL, SERVER)}
+    fields = {name: options()[name] for name in SERVING}
     unknown = sorted(set(args) - set(fields) - set(DEPLOYMENT_ARGS))
     if unknown:
         known = ", ".join([*(name for name in fields if name not in NOT_UNDER_RAY), *DEPLOYMENT_ARGS])

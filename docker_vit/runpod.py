@@ -25,7 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors
-from docker_vit.config import Settings
+from docker_vit.config import SERVING, Settings
 from docker_vit.handler import Handler, load_handler
 from docker_vit.service import FAILED, READY, Service
 
@@ -127,7 +127,7 @@ def error(type: str, message: str) -> dict[str, Any]:
 def main() -> None:
     import runpod  # the optional extra: pip install '.[runpod]'
 
-    settings = Settings.load(os.environ)
+    settings = Settings.load(os.environ, SERVING)
     worker = Worker(settings)
     atexit.register(worker.close)
     try:

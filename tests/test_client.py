@@ -202,7 +202,7 @@ def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
     assert _Flaky.refusals == 0
     assert out.read_text().splitlines() == [
         "path,caption,model,num_beams,max_new_tokens",
-        f"{photo('coffee.jpg')},a stub caption,stub,,",  # no options sent and no /v1/model to ask
+        f"{photo('coffee.jpg')},a stub caption,stub,4,15",  # no /v1/model to ask: ours sent and recorded
     ]
 
 

@@ -110,3 +110,14 @@ def test_download_takes_its_model_and_folder_from_variables(monkeypatch: pytest.
 def test_choices_are_read_in_any_case() -> None:
     assert Settings.load({"DOCKER_VIT_LOG_LEVEL": "INFO"}).log_level == "info"
     assert _parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+
+
+def test_servers_read_no_variable_of_the_caption_command() -> None:
+    """A caption-only variable (DOCKER_VIT_URL would even lift the generation limits) is not a server's."""
+    from docker_vit.config import SERVING
+
+    env = {"DOCKER_VIT_JSON": "maybe", "DOCKER_VIT_URL": "http://x", "DOCKER_VIT_NUM_BEAMS": "4"}
+    settings = Settings.load(env, SERVING)
+    assert settings.url == "" and "url" not in SERVING and "json" not in SERVING
+    with pytest.raises(ValueError, match="exceeds max_num_beams"):
+        Settings.load({**env, "DOCKER_VIT_NUM_BEAMS": "20"}, SERVING)
