@@ -32,8 +32,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     flags = {name: getattr(args, name, None) for name in options()}
     try:  # only the variables of this command's settings are read
-        settings = Settings.load(os.environ, args.names, **flags)
-        args.chosen = set(chosen(os.environ, args.names, **flags))
+        values = chosen(os.environ, args.names, **flags)
+        settings, args.chosen = Settings(**values), set(values)
     except (ValueError, TypeError) as exc:
         _fail(args.parser, exc)
     from docker_vit.handler import HandlerError
@@ -74,10 +74,10 @@ def _add_settings(
     parser: argparse.ArgumentParser, groups: set[str], run: Callable[..., int], extra: tuple[str, ...] = ()
 ) -> None:
     """A flag per setting of `groups`; the command reads only those settings' variables (and `extra`'s)."""
-    names = names_of(*groups)
+    names, fields = names_of(*groups), options()
     parser.set_defaults(run=run, parser=parser, names={*names, *extra})
     for name in names:
-        spec = options()[name]
+        spec = fields[name]
         flags = [spec.metadata.get("flag", "--" + name.replace("_", "-")), *spec.metadata.get("short", ())]
         kind = type(spec.default)
         shown = spec.default not in ("", ()) and spec.default is not False  # 0 == False: test identity

@@ -266,11 +266,11 @@ def test_items_being_decoded_count_against_the_queue_and_hold_only_their_own_gro
 
 def test_an_empty_submission_forms_no_batch() -> None:
     async def main() -> list:
-        batcher = Batcher(lambda items, options: items, max_batch_size=4, max_wait=0, max_queue=4)
+        batcher = make(Recorder(), max_wait=0)
         batcher.start()
         futures = batcher.submit([], "a") + batcher.submit(["x"], "a")
         results = await asyncio.gather(*futures)
         await batcher.stop()
         return results
 
-    assert asyncio.run(main()) == ["x"]
+    assert run(main()) == ["x:a"]
