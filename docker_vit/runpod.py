@@ -9,9 +9,11 @@ with `num_beams` and `max_new_tokens`; the output is `{"captions": [{"text": ...
 translates: settings (`DOCKER_VIT_*`), the handler, image intake, limits and batching all come from
 the core, so a Runpod worker and `docker-vit serve` answer alike.
 
-The service lives on its own event loop in a background thread, started when `main` builds the
-`Worker`, before the SDK's job loop (so the model loads and warms while Runpod is still starting it),
-and concurrent jobs share model batches.
+The service lives on its own event loop in a background thread. `main` loads and warms the model
+before it enters the SDK's job loop, as Runpod workers do: a worker takes no job it cannot run yet,
+and one whose model failed to load exits 1 (Runpod replaces it) instead of failing every job it
+takes. Concurrent jobs share model batches; a job whose images do not fit the queue waits for room
+(Runpod's own queue is the buffer, so a queued job is never failed as `overloaded`).
 """
 
 from __future__ import annotations
@@ -20,14 +22,19 @@ import asyncio
 import atexit
 import concurrent.futures
 import os
+import sys
 import threading
 from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors
+from docker_vit.batching import QueueFull
 from docker_vit.config import SERVING, Settings
-from docker_vit.handler import Handler, load_handler
+from docker_vit.handler import Handler, HandlerError, load_handler
+from docker_vit.logs import configure
 from docker_vit.service import FAILED, READY, Service
+
+ROOM_POLL = 0.05  # seconds between looks for queue room
 
 
 class Worker:
@@ -40,6 +47,20 @@ class Worker:
         self._thread.start()
         self.service = Service(settings, handler or load_handler(settings))
         self._submit(self.service.start()).result()
+
+    def wait_ready(self) -> bool:
+        """Block until the model is loaded and warm (True) or has failed to load (False)."""
+        return self._submit(self._settled()).result()
+
+    async def _settled(self) -> bool:
+        while self.service.state not in (READY, FAILED):
+            await asyncio.sleep(0.05)
+        return self.service.state == READY
+
+    @property
+    def concurrency(self) -> int:
+        """Jobs to hold at once: enough single-image jobs to fill a model batch."""
+        return self.service.batcher.max_batch_size
 
     def _submit(self, coroutine: Any) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -74,7 +95,7 @@ class Worker:
             raise errors.ApiError(503, self.service.not_ready)
 
     async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
-        work = asyncio.ensure_future(self.service.run(inputs, options))
+        work = asyncio.ensure_future(self._when_room(inputs, options))
         # not wait_for: a TimeoutError the handler raises would read as our own timeout
         try:
             done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout)
@@ -86,6 +107,15 @@ class Worker:
             return work.result()
         except Exception as exc:
             raise errors.from_service(exc) from None
+
+    async def _when_room(self, inputs: list[bytes], options: Any) -> list[Any]:
+        """`service.run`, once the queue has room for the job's images (a job more than the whole
+        queue holds still fails at once)."""
+        while True:
+            try:
+                return await self.service.run(inputs, options)
+            except QueueFull:
+                await asyncio.sleep(ROOM_POLL)
 
     def close(self) -> None:
         """Stop the service and its loop (idempotent; runs at exit, as the SDK leaves by sys.exit)."""
@@ -125,18 +155,23 @@ def error(type: str, message: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    import runpod  # the optional extra: pip install '.[runpod]'
-
-    settings = Settings.load(os.environ, SERVING)
-    worker = Worker(settings)
+    try:
+        import runpod  # the optional extra
+    except ImportError:
+        sys.exit("docker_vit.runpod: the runpod SDK is not installed: pip install 'docker-vit[runpod]'")
+    try:
+        settings = Settings.load(os.environ, SERVING)
+        configure(settings.log_format, settings.log_level)
+        worker = Worker(settings)
+    except (ValueError, TypeError, HandlerError) as exc:
+        sys.exit(f"docker_vit.runpod: error: {exc}")
     atexit.register(worker.close)
     try:
+        if not worker.wait_ready():  # the service has logged why
+            sys.exit(1)
+        # Concurrent jobs are what fills the batcher's model calls.
         runpod.serverless.start(
-            {
-                "handler": worker.handle,
-                # Concurrent jobs are what fills the batcher's model calls.
-                "concurrency_modifier": lambda current: settings.max_batch_size,
-            }
+            {"handler": worker.handle, "concurrency_modifier": lambda _: worker.concurrency}
         )
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
         worker.close()  # down, so a load still running is cancelled, not reported as a failure

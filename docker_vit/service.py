@@ -39,9 +39,11 @@ class Service:
         self.state = LOADING
         self.error: str | None = None
         self.on_failed: Callable[[], None] = lambda: None
-        self._cpu = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare"
-        )
+        workers = os.cpu_count() or 2
+        self._cpu = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
+        # One request's images take at most all but one of the pool's threads at a time, so a request
+        # of many large images cannot make every other request's decoding wait for all of them.
+        self._cpu_share = max(1, workers - 1)
         self.batcher = Batcher(
             partial(predict_all, handler),
             max_batch_size=batch_size(handler, settings),
@@ -101,10 +103,12 @@ class Service:
         """Decode and preprocess every input in the CPU pool; the first bad one raises."""
         loop = asyncio.get_running_loop()
         prepare = self.handler.prepare
+        share = asyncio.Semaphore(self._cpu_share)
 
         async def one(index: int, data: bytes) -> Any:
             try:
-                return await loop.run_in_executor(self._cpu, contained, prepare, data, options)
+                async with share:
+                    return await loop.run_in_executor(self._cpu, contained, prepare, data, options)
             except InputError as exc:
                 if len(inputs) > 1:  # say which image of the request it was
                     exc.args = (f"image {index}: {exc}",)

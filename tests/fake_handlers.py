@@ -232,3 +232,18 @@ class TextOnly(Echo):
         return data.decode("utf-8")
 
     example = Handler.example
+
+
+class SlowBig(Echo):
+    """Preparing an input named `big...` takes a while; `prepared` records the order inputs finish."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.prepared: list[str] = []
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        text = data.decode()
+        if text.startswith("big"):
+            time.sleep(0.3)
+        self.prepared.append(text)
+        return text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import os
 import signal
 import threading
 import time
@@ -10,7 +12,16 @@ import time
 import pytest
 import torch
 from conftest import serving
-from fake_handlers import BadDescribe, Exiting, Gated, Misbehaving, OutOfMemoryError, StopInLoad, TextOnly
+from fake_handlers import (
+    BadDescribe,
+    Exiting,
+    Gated,
+    Misbehaving,
+    OutOfMemoryError,
+    SlowBig,
+    StopInLoad,
+    TextOnly,
+)
 
 from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
@@ -140,6 +151,27 @@ def test_full_queue_sheds_before_decoding() -> None:
         for thread in threads:
             thread.join(10)
     assert b"3" not in prepared and sorted(r.text for r in answers) == ["1", "2"]
+
+
+def test_a_request_of_many_slow_images_leaves_decoding_room_for_others() -> None:
+    """One request's images never take every decoding thread: another request's image is prepared
+    at once, not after all of them."""
+    handler = SlowBig(Settings())
+    with serving(Settings(max_images=64), handler) as client:
+        threads = os.cpu_count() or 2
+        bigs = [base64.b64encode(f"big{i}".encode()).decode() for i in range(2 * threads)]
+        heavy = threading.Thread(
+            target=client.post, args=("/v1/captions",), kwargs={"json": {"images": bigs}}
+        )
+        heavy.start()
+        deadline = time.monotonic() + 10
+        while client.app.state.service.batcher._incoming.total() == 0:  # the heavy request is decoding
+            assert time.monotonic() < deadline
+            time.sleep(0.002)
+        small = client.post("/", content=b"small", headers={"content-type": "image/x"})
+        heavy.join(30)
+    assert small.status_code == 200 and small.text == "small"
+    assert handler.prepared.index("small") < len(bigs) - threads, handler.prepared
 
 
 def test_a_handler_raising_systemexit_or_keyboardinterrupt_fails_only_its_request() -> None:

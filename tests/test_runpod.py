@@ -98,6 +98,10 @@ def test_several_images_keep_their_order(worker):
 def test_data_url_and_generation_options(worker):
     job = {"input": {"image": "data:image/png;base64," + png(8, 8), "num_beams": 2, "max_new_tokens": 5}}
     assert run(worker, job)["captions"] == [{"text": "8x8 beams=2 tokens=5"}]
+    assert (
+        run(worker, {"input": {"image": "DATA:image/png;base64," + png(7, 7)}})["captions"][0]["text"][:3]
+        == "7x7"
+    )
 
 
 def test_sync_entry_point(worker):
@@ -204,6 +208,61 @@ def test_concurrent_jobs_share_model_calls():
         assert max(engine.batches[2:]) > 1, engine.batches
     finally:
         worker.close()
+
+
+def test_a_job_that_does_not_fit_the_queue_waits_for_room_instead_of_failing():
+    """Runpod's queue is the buffer: a job the worker took is never failed as `overloaded`."""
+    worker, engine = make_worker(max_queue=2, max_images=2, max_batch_size=2, max_wait_ms=0.0)
+    try:
+        run(worker, {"input": {"image": png()}})
+
+        async def many() -> list[dict]:
+            jobs = ({"input": {"images": [png(5 + i, 5), png(5 + i, 6)]}} for i in range(4))
+            return await asyncio.gather(*(worker.handle(job) for job in jobs))
+
+        answers = asyncio.run(many())
+        assert [[c["text"].split()[0] for c in a["captions"]] for a in answers] == [
+            [f"{5 + i}x5", f"{5 + i}x6"] for i in range(4)
+        ]
+        assert run(worker, {"input": {"images": [png()] * 3}})["error"]["type"] == "payload_too_large"
+    finally:
+        worker.close()
+
+
+def test_the_worker_holds_a_model_batch_of_jobs():
+    worker, _ = make_worker(max_batch_size=6)
+    try:
+        assert worker.wait_ready() and worker.concurrency == 6
+    finally:
+        worker.close()
+
+
+def run_main(env: dict, job: dict | None = None) -> subprocess.CompletedProcess:
+    args = ["--test_input", json.dumps(job or {"input": {"image": png()}})]
+    return subprocess.run(
+        [sys.executable, "-m", "docker_vit.runpod", *args],
+        cwd=ROOT,
+        env={**os.environ, "DOCKER_VIT_DEVICE": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+
+def test_a_worker_whose_model_fails_to_load_exits_before_taking_a_job(tmp_path):
+    pytest.importorskip("runpod")
+    done = run_main({"DOCKER_VIT_MODEL": str(tmp_path / "missing")})
+    log = done.stdout + done.stderr
+    assert done.returncode == 1, log
+    assert "no model folder" in log and "local_test" not in log, log
+
+
+def test_bad_worker_settings_are_one_line():
+    done = run_main({"DOCKER_VIT_NUM_BEAMS": "abc"})
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        "docker_vit.runpod: error: DOCKER_VIT_NUM_BEAMS='abc' is not a valid int"
+    ]
 
 
 @pytest.fixture(scope="module")
