@@ -66,7 +66,10 @@ def from_service(exc: Exception) -> ApiError:
 
 def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
     """One base64 image (or a `data:` URL) to bytes; oversized ones are refused before decoding."""
-    text = text.partition(",")[2] if text[:5].lower() == "data:" else text  # the scheme is case-blind
+    if text[:5].lower() == "data:":  # a data URL (the scheme is case-blind): its data follow the comma
+        _, comma, text = text.partition(",")
+        if not comma:
+            raise ApiError(400, f"image {index} is a data URL without data")
     text = "".join(text.split())
     if len(text) // 4 * 3 > max_bytes + 3:
         raise ApiError(413, f"image {index} is over {max_bytes} bytes")

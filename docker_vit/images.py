@@ -21,6 +21,7 @@ FORMATS = tuple(
     f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA") if f in Image.OPEN
 )
 WHITE = (255, 255, 255)
+ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
 UNSUPPORTED = "cannot decode the image: not a supported image format"
 
 
@@ -59,6 +60,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     if not data:
         raise NotAnImage("image is empty")
+    if data[:4] == ICO_MAGIC and _ico_pixels(data) > max_pixels:
+        raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -79,6 +82,23 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise NotAnImage(f"cannot decode the image: {exc}") from None
     except Exception:  # Pillow raises many more types for broken files: all mean "not an image"
         raise NotAnImage(UNSUPPORTED) from None
+
+
+def _ico_pixels(data: bytes) -> int:
+    """The pixels of the largest picture in an ICO file, from the pictures' own headers: Pillow decodes
+    the largest one while opening the file, before its size could be checked, and the directory's
+    sizes (at most 256x256) need not be true."""
+    largest = 0
+    for start in range(6, 6 + 16 * int.from_bytes(data[4:6], "little"), 16):
+        offset = int.from_bytes(data[start + 12 : start + 16], "little")
+        head = data[offset : offset + 24]
+        if head[:8] == PNG_MAGIC:  # width and height in the IHDR chunk, big-endian
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        else:  # a DIB header; its height counts the mask too
+            width = abs(int.from_bytes(head[4:8], "little", signed=True))
+            height = abs(int.from_bytes(head[8:12], "little", signed=True))
+        largest = max(largest, width * height)
+    return largest
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
@@ -113,11 +133,18 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _deep_to_gray(image: Image.Image) -> Image.Image:
-    """16-bit and float grays keep their contrast: scale the value range to 0..255."""
-    values = np.asarray(image, dtype=np.float64)
-    if image.mode == "F":
-        low, high = float(np.nanmin(values)), float(np.nanmax(values))
-        values = (values - low) / ((high - low) or 1.0) * 255.0
-    else:
-        values = values / 257.0
-    return Image.fromarray(np.clip(np.nan_to_num(values), 0, 255).astype(np.uint8))
+    """16-bit, 32-bit and float grays keep their contrast: the value range becomes 0..255. Done in
+    the image's own integer type where it can be (a float64 copy of a 40-megapixel image is 320 MB)."""
+    values = np.asarray(image)
+    if image.mode != "F" and values.size and values.min() >= 0 and values.max() <= 65535:
+        return Image.fromarray((values // 257).astype(np.uint8))  # 16-bit values: 65535 -> 255
+    values = values.astype(np.float32)  # floats, or integers beyond 16 bits: scale min..max
+    finite = np.isfinite(values)
+    if not finite.all():
+        good = values[finite]
+        low = float(good.min()) if good.size else 0.0
+        values[~finite] = low
+    low, high = float(values.min()), float(values.max())
+    values -= low
+    values *= 255.0 / ((high - low) or 1.0)
+    return Image.fromarray(np.clip(values, 0, 255, out=values).astype(np.uint8))

@@ -137,10 +137,10 @@ async def _read_inputs(request: Request, settings: Settings, json_allowed: bool)
         inputs, fields = await _read_form(request, settings)
         options.update(fields)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
-        inputs = [await request.body()]
+        inputs = [await _read_image_body(request, settings.max_bytes)]
     elif content_type == "application/json" and json_allowed:
         # parsing and base64 of a large body take CPU seconds: off the loop, other clients go on
-        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings.max_bytes)
+        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
         options.update(fields)
     else:
         wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
@@ -177,7 +177,27 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes],
         await form.close()
 
 
-def _read_json(body: bytes, max_bytes: int) -> tuple[list[bytes], dict[str, Any]]:
+async def _read_image_body(request: Request, max_bytes: int) -> bytes:
+    """A raw body is one image: refused (413) as soon as it is longer than one image may be, not
+    after the whole request body limit has been read into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise errors.ApiError(413, f"an image is {int(declared)} bytes; the limit is {max_bytes}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise errors.ApiError(413, f"an image is over {max_bytes} bytes; the limit is {max_bytes}")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+    # Each JSON value costs the parser far more than its bytes, and it holds the interpreter lock
+    # (the event loop stops too): millions of tiny values froze the server for seconds. Base64 has no
+    # commas, so a body of images has about two per image (separator, data URL) and a few for options.
+    if body.count(b",") > 2 * settings.max_images + 64:
+        raise errors.ApiError(413, f"the JSON body holds too many values for {settings.max_images} images")
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
@@ -185,7 +205,9 @@ def _read_json(body: bytes, max_bytes: int) -> tuple[list[bytes], dict[str, Any]
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
-    inputs = [errors.decode_base64(item, index, max_bytes) for index, item in enumerate(images)]
+    if len(images) > settings.max_images:  # before decoding any of them
+        raise errors.ApiError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
+    inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
     return inputs, {key: value for key, value in payload.items() if key != "images"}
 
 

@@ -75,6 +75,27 @@ def test_sixteen_bit_gray_is_scaled_not_clipped() -> None:
     assert result.getpixel((0, 0)) == (127, 127, 127)
 
 
+def test_deeper_and_float_grays_are_scaled_over_their_range() -> None:
+    wide = np.array([[0, 1 << 20], [1 << 24, 1 << 30]], dtype=np.int32)  # 32-bit integers
+    assert [
+        open_image(encode(Image.fromarray(wide), "TIFF"), **LIMITS).getpixel(xy)[0] for xy in ((0, 0), (1, 1))
+    ] == [0, 255]
+    floats = np.array([[-1.0, np.inf], [np.nan, 1.0]], dtype=np.float32)
+    result = open_image(encode(Image.fromarray(floats), "TIFF"), **LIMITS)
+    assert result.getpixel((0, 0)) == (0, 0, 0) and result.getpixel((1, 1)) == (255, 255, 255)
+
+
+def test_an_icon_hiding_a_huge_png_is_refused_before_pillow_decodes_it() -> None:
+    """Pillow decodes an ICO's largest picture inside `Image.open`: its size is read first."""
+    picture = _png_header_only(3_000, 3_000)
+    directory = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(picture), 22)
+    with pytest.raises(TooLarge, match="icon"):
+        open_image(directory + picture, max_bytes=10**7, max_pixels=1_000_000)
+    small = io.BytesIO()
+    Image.new("RGB", (32, 32), (1, 2, 3)).save(small, format="ICO", sizes=[(32, 32)])
+    assert open_image(small.getvalue(), **LIMITS).size == (32, 32)
+
+
 def test_one_bit_image() -> None:
     result = open_image(encode(Image.new("1", (9, 9), 1)), **LIMITS)
     assert result.getpixel((4, 4)) == (255, 255, 255)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
@@ -19,6 +20,7 @@ from docker_vit.logs import JsonFormatter
 from docker_vit.server import create_app
 
 KEY, OTHER = "s3cret-key-one", "another-key-2"
+JSON = {"content-type": "application/json"}
 
 
 def png(size: tuple[int, int] = (16, 16)) -> bytes:
@@ -60,6 +62,35 @@ def test_declared_and_streamed_bodies_over_the_limit_are_413_and_close() -> None
         response = client.post("/", content=b"x" * 1_400_000, headers={"content-type": "image/png"})
         assert_error(response, 413)
         assert response.headers["connection"] == "close"
+
+
+def test_a_raw_image_body_is_refused_once_past_the_image_limit_not_the_body_limit() -> None:
+    settings = Settings(max_bytes=1_000, max_images=4)
+    with serving(settings, Echo(settings)) as client:
+        declared = client.post("/", content=b"x" * 1_001, headers={"content-type": "image/png"})
+        assert "1001 bytes; the limit is 1000" in assert_error(declared, 413, "payload_too_large")["message"]
+        streamed = client.post(
+            "/", content=iter([b"x" * 600, b"x" * 600]), headers={"content-type": "image/png"}
+        )
+        assert "over 1000 bytes" in assert_error(streamed, 413, "payload_too_large")["message"]
+        fits = client.post(
+            "/v1/captions", content=iter([b"x" * 500, b"y" * 500]), headers={"content-type": "image/x"}
+        )
+        assert fits.json()["captions"] == [{"text": "x" * 500 + "y" * 500}]
+
+
+def test_json_bodies_are_counted_before_they_are_parsed_or_decoded() -> None:
+    settings = Settings(max_images=2)
+    with serving(settings, Echo(settings)) as client:
+        tiny_values = b'{"images": [' + b"[]," * 200_000 + b"[]]}"
+        error = assert_error(client.post("/v1/captions", content=tiny_values, headers=JSON), 413)
+        assert "too many values" in error["message"]
+        not_base64 = {"images": ["%%"] * 3}  # too many images: said before any is decoded
+        assert "3 images" in assert_error(client.post("/v1/captions", json=not_base64), 413)["message"]
+        url = {"images": ["data:image/png;base64," + base64.b64encode(b"hi").decode()], "num_beams": 1}
+        assert client.post("/v1/captions", json=url).json()["captions"] == [{"text": "hi"}]
+        no_data = assert_error(client.post("/v1/captions", json={"images": ["data:image/jpeg"]}), 400)
+        assert "data URL without data" in no_data["message"]
 
 
 def test_full_queue_is_503_with_retry_after() -> None:
@@ -252,6 +283,15 @@ def test_metrics_count_routes_statuses_batches_and_images() -> None:
 def test_an_empty_api_key_is_refused_at_startup(keys: tuple[str, ...]) -> None:
     with pytest.raises(ValueError, match="API key"):
         Settings(api_keys=keys)
+
+
+@pytest.mark.parametrize("key", ["clé", "two words", " padded", "tab\tkey"])
+def test_a_key_http_cannot_carry_as_sent_is_refused_at_startup(key: str) -> None:
+    """Headers arrive as Latin-1: a UTF-8 key would never match, and a spaced one is cut by the parser."""
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Settings(api_keys=("good", key))
+    with pytest.raises(ValueError, match="printable ASCII"):
+        Settings(api_key=key)
 
 
 def test_library_warnings_print_once_through_the_configured_format(capsys: pytest.CaptureFixture) -> None:
