@@ -23,15 +23,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure(log_format: str = "text", level: str = "info") -> None:
+def configure(log_format: str = "text", level: str = "info", logger: str = "") -> None:
+    """Our format and level on the root logger; or only on `logger`, in a process whose logging is
+    someone else's (a Ray replica), where it then keeps its records to itself."""
     handler = logging.StreamHandler()
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
+    root = logging.getLogger(logger)
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    root.propagate = not logger
     for noisy in ("httpx", "httpcore", "urllib3", "filelock", "PIL"):  # PIL: a line per PNG chunk
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # it warns of every malformed multipart body a client sends; the client gets its 400 anyway

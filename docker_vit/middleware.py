@@ -29,8 +29,17 @@ MAX_HEADER_BYTES = 64 * 1024  # request line and headers; h11 allows 16 KiB, ngi
 class RequestContext:
     """Gives each request an id, enforces the body's size and arrival time, and reports its outcome."""
 
-    def __init__(self, app: Any, *, metrics: Metrics, max_body: int, read_timeout: float) -> None:
+    def __init__(
+        self,
+        app: Any,
+        *,
+        metrics: Metrics,
+        max_body: int,
+        read_timeout: float,
+        request_id_header: bool = True,
+    ) -> None:
         self.app = app
+        self.request_id_header = request_id_header
         self.metrics = metrics
         self.max_body = max_body
         self.read_timeout = read_timeout
@@ -50,7 +59,8 @@ class RequestContext:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                if self.request_id_header:
+                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
         try:

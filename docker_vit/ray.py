@@ -28,6 +28,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
+from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options, parse
 from docker_vit.server import create_app
 from docker_vit.service import LOADING, READY
@@ -41,6 +42,7 @@ DEPLOYMENT_ARGS: dict[str, type] = {
     "num_gpus": float,  # per replica; fractions share a GPU between replicas
     "num_cpus": float,  # per replica
     "max_ongoing_requests": int,  # per replica (default: two full batches)
+    "max_queued_requests": int,  # per caller (Ray's proxy) beyond which Ray answers 503 (default: max_queue)
     "load_timeout_s": float,  # longest model load + warm-up before the replica counts as failed
 }
 LOAD_TIMEOUT_S = 1800.0
@@ -79,7 +81,8 @@ class DockerViT:
     def __init__(self, overrides: Mapping[str, Any], load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
         settings = Settings.load(os.environ, SERVING, **overrides)
-        web = create_app(settings)
+        logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
+        web = create_app(settings, request_id_header=False)  # Ray's proxy answers with its own
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s
         REPLICA_APP.app = web
@@ -114,6 +117,8 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         raise ValueError(f"{', '.join(taken)}: Ray's HTTP proxy listens ({where})")
     overrides, deployment = {}, {}
     for name, value in args.items():
+        if value is None:  # `name:` left empty in a config file: unset, not the text "None"
+            continue
         text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
         kind = type(fields[name].default) if name in fields else DEPLOYMENT_ARGS[name]
         try:
@@ -139,12 +144,18 @@ def deployment_options(settings: Settings, deployment: Mapping[str, Any]) -> dic
         # One batch runs while the next one forms; more would only wait in this replica's queue
         # instead of Ray's router, which can still send them to a less busy replica.
         "max_ongoing_requests": deployment.get("max_ongoing_requests", 2 * settings.max_batch_size),
+        # Requests wait in Ray's router before a replica's own queue limit can see them: bound them too.
+        "max_queued_requests": deployment.get("max_queued_requests", settings.max_queue),
         "graceful_shutdown_timeout_s": settings.shutdown_timeout,
         "ray_actor_options": actor,
     }
     if scaling:
         if "num_replicas" in deployment:
             raise ValueError("give num_replicas or min/max_replicas (autoscaling), not both")
+        if scaling.get("min_replicas", 0) > scaling.get("max_replicas", 1):  # Ray's default max is 1
+            raise ValueError(f"min_replicas={scaling['min_replicas']} needs max_replicas as large or larger")
+        # Ray's default target (2) would scale out long before a replica's batches fill.
+        scaling.setdefault("target_ongoing_requests", settings.max_batch_size)
         result["autoscaling_config"] = scaling
     else:
         result["num_replicas"] = deployment.get("num_replicas", 1)

@@ -32,8 +32,9 @@ OPTION_PARAMS = [
 ]
 
 
-def create_app(settings: Settings, handler: Handler | None = None) -> FastAPI:
-    """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this."""
+def create_app(settings: Settings, handler: Handler | None = None, request_id_header: bool = True) -> FastAPI:
+    """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this.
+    `request_id_header=False` leaves the `X-Request-ID` answer to a proxy that sets its own (Ray's)."""
     service = Service(settings, handler or load_handler(settings))
 
     @asynccontextmanager
@@ -50,6 +51,7 @@ def create_app(settings: Settings, handler: Handler | None = None) -> FastAPI:
         metrics=service.metrics,
         max_body=_max_body(settings),
         read_timeout=settings.read_timeout,
+        request_id_header=request_id_header,
     )
     _routes(app, service, settings)
     return app

@@ -104,6 +104,20 @@ def test_sigterm_exits_cleanly(vit_gpt2_dir: Path) -> None:
     assert process.wait(30) == 0
 
 
+def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [*DOCKER_VIT, "serve", "--model", str(vit_gpt2_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_ready(port, process)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "Traceback" not in err and "Finished server process" in err
+
+
 def test_caption_prints_captions_and_json(vit_gpt2_dir: Path, capsys: pytest.CaptureFixture) -> None:
     paths = [str(photo("coffee.jpg")), str(photo("chelsea.jpg"))]
     assert cli.main(["caption", paths[0], "--model", str(vit_gpt2_dir)]) == 0

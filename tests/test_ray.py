@@ -90,6 +90,7 @@ def test_caption_matches_docker_vit_serve(ray_url: str, local: TestClient) -> No
     assert reply.headers["content-type"].startswith("text/plain")
     assert expected.status_code == 200
     assert reply.text == expected.text and reply.text
+    assert len(reply.headers.get_list("x-request-id")) == 1  # the proxy's, not a second one of ours
 
 
 def test_the_same_routes_answer(ray_url: str, local: TestClient, tiny_model: Path) -> None:
@@ -147,8 +148,9 @@ def test_arguments_become_settings_and_deployment_options() -> None:
     assert overrides == {"model": "/m", "num_beams": 3, "api_keys": ("a", "b")}
     options = ray_adapter.deployment_options(Settings(**overrides), deployment)
     assert options["ray_actor_options"] == {"num_gpus": 0.5}
-    assert options["autoscaling_config"] == {"max_replicas": 4}
+    assert options["autoscaling_config"] == {"max_replicas": 4, "target_ongoing_requests": 16}
     assert options["max_ongoing_requests"] == 2 * Settings().max_batch_size
+    assert options["max_queued_requests"] == Settings().max_queue
     assert "num_replicas" not in options
     _, fixed = ray_adapter.split_args({"num_replicas": "auto"})
     assert ray_adapter.deployment_options(Settings(), fixed)["num_replicas"] == "auto"
@@ -165,11 +167,24 @@ def test_arguments_become_settings_and_deployment_options() -> None:
         ({"num_gpus": "one"}, "num_gpus='one'"),
         ({"num_beams": "0"}, "num_beams must be positive"),
         ({"num_replicas": "2", "min_replicas": "1"}, "not both"),
+        ({"min_replicas": "3"}, "min_replicas=3 needs max_replicas"),
     ],
 )
 def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         ray_adapter.app(args)
+
+
+def test_an_argument_left_empty_in_a_config_file_is_unset_not_the_text_none() -> None:
+    overrides, deployment = ray_adapter.split_args(
+        {"api_keys": None, "model": None, "max_queued_requests": None}
+    )
+    assert overrides == {} and deployment == {}
+
+
+def test_one_request_id_header_the_proxys() -> None:
+    reply = TestClient(ray_adapter.create_app(Settings(), request_id_header=False)).get("/healthz")
+    assert reply.status_code == 200 and "x-request-id" not in reply.headers
 
 
 def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
