@@ -10,6 +10,8 @@ from docker_vit.engine import CaptionEngine
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import open_image
 
+DRAFT_SIDE = 512
+
 
 class Generation(NamedTuple):
     """Per-request generation options; requests with equal ones share a batch."""
@@ -30,6 +32,16 @@ class Captioner(Handler):
 
     def load(self) -> None:
         self.engine.load()
+        if self.settings.max_new_tokens > self._token_limit():
+            raise ValueError(
+                f"max_new_tokens {self.settings.max_new_tokens} is more than {self.settings.model} "
+                f"can generate ({self._token_limit()}: its position embeddings end there)"
+            )
+
+    def _token_limit(self) -> int:
+        """--max-new-tokens-limit, or less where the model's positions end first (a 422, not a 500)."""
+        model = self.engine.max_new_tokens
+        return min(self.settings.max_new_tokens_limit, model or self.settings.max_new_tokens_limit)
 
     def describe(self) -> dict[str, Any]:
         s = self.settings
@@ -37,20 +49,28 @@ class Captioner(Handler):
             **self.engine.describe(),
             "handler": "docker_vit.captioner:Captioner",
             "generation": {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
-            "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": s.max_new_tokens_limit},
+            "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": self._token_limit()},
         }
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:
         s = self.settings
         return Generation(
             _bounded(raw, "num_beams", s.num_beams, s.max_num_beams),
-            _bounded(raw, "max_new_tokens", s.max_new_tokens, s.max_new_tokens_limit),
+            _bounded(raw, "max_new_tokens", s.max_new_tokens, self._token_limit()),
         )
 
     def prepare(self, data: bytes, options: Hashable) -> Any:
         s = self.settings
-        image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self.engine.input_size)
+        image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self._draft())
         return self.engine.pixels(image)
+
+    def _draft(self) -> int | None:
+        """A big JPEG decodes at a reduced DCT scale, but keeps at least 2 x DRAFT_SIDE pixels a side,
+        several times what the model's own resize keeps (224 for vit-gpt2): the resize, not the draft,
+        decides the pixels, and photos of ordinary size (and every image of a small model) are decoded
+        whole, exactly as the model's processor would."""
+        size = self.engine.input_size
+        return max(size, DRAFT_SIDE) if size and self.settings.jpeg_draft else None
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         num_beams, max_new_tokens = options

@@ -52,6 +52,12 @@ class Settings:
     threads: int = _opt(0, "torch CPU threads (0: torch's default)", MODEL)
     max_bytes: int = _opt(20_000_000, "largest accepted image, in bytes", MODEL)
     max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
+    jpeg_draft: bool = _opt(
+        True,
+        "decode JPEGs of 2048 px and more at a reduced scale (no less than 1024 px) before the model's "
+        "resize; --no-jpeg-draft decodes every image whole, as the model's own processor would",
+        MODEL,
+    )
 
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")

@@ -63,29 +63,39 @@ class CaptionEngine:
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = threads
         self.model: Any = None
+        self.max_new_tokens: int | None = None  # the most the model's positions allow, once loaded
 
     def load(self) -> None:
         """Read weights and processors from a Hub id (downloading once) or a local folder."""
         if self.threads:
             torch.set_num_threads(self.threads)
-        if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(
-            os.path.expanduser(self.model_id)
-        ):
+        source = os.path.expanduser(self.model_id)  # a Hub id stays as it is
+        if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(source):
             raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
         _check_available(self.device)
         if self.device.type == "cpu":
             _reuse_freed_memory()
         hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
         logs.adopt_library_loggers()
-        model = _pretrained(AutoModelForImageTextToText, self.model_id, dtype=self.dtype)
+        try:
+            model = _pretrained(AutoModelForImageTextToText, source, dtype=self.dtype)
+        except ValueError as exc:  # not an image-to-text model: transformers lists every class it knows
+            raise ValueError(str(exc).split("Model type should be")[0].strip()) from None
+        # Every call sets max_new_tokens, which wins over a max_length the model's own config sets;
+        # left there, that max_length only makes transformers warn at every batch.
+        model.generation_config.max_length = None
         self.model = model.to(self.device).eval()
-        processor = _pretrained(AutoProcessor, self.model_id)
+        processor = _pretrained(AutoProcessor, source)
         # A vit-gpt2 folder has no processor class: AutoProcessor then yields only the tokenizer.
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.image_processor = getattr(processor, "image_processor", None)
         if self.image_processor is None:
-            self.image_processor = _pretrained(AutoImageProcessor, self.model_id)
+            self.image_processor = _pretrained(AutoImageProcessor, source)
+        _check_captioning(self.model_id, self.tokenizer, self.image_processor)
         self.input_size = _input_size(self.image_processor)
+        text = self.model.config.get_text_config(decoder=True)
+        positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
+        self.max_new_tokens = positions - 1 if isinstance(positions, int) else None  # after a start token
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """One RGB image to the model's normalized pixel tensor (CPU work, thread-safe).
@@ -182,6 +192,20 @@ def _release_free_memory() -> None:
     without this a CPU server's resident memory ratchets up to its largest batch and stays there."""
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def _check_captioning(model_id: str, tokenizer: Any, image_processor: Any) -> None:
+    """The captioner needs pixels in and a tokenizer out: say so at load, not at the first caption."""
+    if not callable(getattr(tokenizer, "decode", None)):
+        raise OSError(
+            f"{model_id} has no tokenizer (tokenizer.json or vocabulary files) to read captions with"
+        )
+    produced = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="np")
+    if "pixel_values" not in produced:
+        raise ValueError(
+            f"{model_id}'s processor gives {', '.join(produced)}, not pixel_values: the captioner serves "
+            "models that caption from the image's pixels alone (serve others with a handler of your own)"
+        )
 
 
 def _input_size(image_processor: Any) -> int | None:

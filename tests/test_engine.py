@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,8 +16,9 @@ from conftest import photo, serving
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
+from docker_vit.captioner import Captioner
 from docker_vit.config import DEFAULT_MODEL, Settings
-from docker_vit.engine import CaptionEngine, DeviceUnavailable, pick_device, pick_dtype
+from docker_vit.engine import CaptionEngine, DeviceUnavailable, _check_captioning, pick_device, pick_dtype
 
 PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
 
@@ -123,3 +126,96 @@ def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(tmp_pat
 def test_a_device_this_machine_lacks_is_a_one_line_setup_error(vit_gpt2_dir: Path, device: str) -> None:
     with pytest.raises(DeviceUnavailable, match=f"device {device} is not available"):
         CaptionEngine(str(vit_gpt2_dir), device=device).load()
+
+
+def _jpeg(size: tuple[int, int]) -> bytes:
+    noise = torch.randint(0, 256, (size[1] // 8, size[0] // 8, 3), dtype=torch.uint8).numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(noise).resize(size, Image.Resampling.BILINEAR).save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def test_photos_are_decoded_whole_unless_far_larger_than_any_model_input(
+    git_dir: Path, bulldog: bytes
+) -> None:
+    """Parity with the model's own processor holds for ordinary photos, even for a 64-px model; the
+    JPEG draft only touches images of 2048 px and more, and --no-jpeg-draft turns it off."""
+    exact, drafted = (
+        Captioner(Settings(model=str(git_dir), jpeg_draft=False)),
+        Captioner(Settings(model=str(git_dir))),
+    )
+    exact.load()
+    drafted.engine = exact.engine
+    processor = AutoProcessor.from_pretrained(git_dir)
+
+    def reference(data: bytes) -> torch.Tensor:
+        image = Image.open(io.BytesIO(data)).convert("RGB")
+        return processor(images=[image], return_tensors="pt").pixel_values[0]
+
+    options = exact.options({})
+    for data in (bulldog, _jpeg((2000, 1600))):
+        assert torch.equal(drafted.prepare(data, options), reference(data))
+    huge = _jpeg((2400, 2400))
+    assert torch.equal(exact.prepare(huge, options), reference(huge))
+    assert not torch.equal(drafted.prepare(huge, options), reference(huge))
+    image = Image.open(io.BytesIO(huge))
+    image.draft("RGB", (2 * drafted._draft(),) * 2)
+    assert image.size == (1200, 1200)  # the draft keeps at least 1024 px a side
+
+
+def test_a_model_folder_under_the_home_folder(vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(vit_gpt2_dir.parent))
+    engine = CaptionEngine(f"~/{vit_gpt2_dir.name}", device="cpu")
+    engine.load()
+    assert engine.model is not None
+
+
+def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
+    vit_gpt2_dir: Path, tmp_path: Path
+) -> None:
+    no_tokenizer = tmp_path / "no-tokenizer"
+    shutil.copytree(vit_gpt2_dir, no_tokenizer)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "special_tokens_map.json",
+    ):
+        (no_tokenizer / name).unlink(missing_ok=True)
+    with pytest.raises(OSError, match="has no tokenizer"):
+        CaptionEngine(str(no_tokenizer), device="cpu").load()
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    text_only = tmp_path / "text-only"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50)).save_pretrained(text_only)
+    with pytest.raises(ValueError) as refused:
+        CaptionEngine(str(text_only), device="cpu").load()
+    assert "GPT2Config" in str(refused.value) and len(str(refused.value)) < 300
+
+    class Patches:  # a processor of another input, as Pix2Struct's
+        def __call__(self, images, return_tensors):
+            return {"flattened_patches": None}
+
+    with pytest.raises(ValueError, match="not pixel_values"):
+        _check_captioning("pix2struct", AutoProcessor.from_pretrained(vit_gpt2_dir), Patches())
+
+
+def test_requests_stop_where_the_models_positions_do(git_dir: Path, tmp_path: Path, caplog) -> None:
+    """The tiny GIT has 64 positions: beyond 63 new tokens is a 422, not the model's IndexError; and a
+    model that sets its own max_length captions without a warning per batch."""
+    model = tmp_path / "git"
+    shutil.copytree(git_dir, model)
+    config = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**config, "max_length": 20}))
+    settings = Settings(model=str(model), max_new_tokens_limit=200, max_wait_ms=0)
+    with serving(settings) as client:
+        assert client.get("/v1/model").json()["limits"]["max_new_tokens"] == 63
+        data = photo("coffee.jpg").read_bytes()
+        assert client.post("/?max_new_tokens=100", files={"file": data}).status_code == 422
+        with caplog.at_level("WARNING"):
+            assert client.post("/?max_new_tokens=63", files={"file": data}).status_code == 200
+        assert "max_length" not in caplog.text
+    with pytest.raises(ValueError, match="more than .* can generate"):
+        Captioner(Settings(model=str(git_dir), max_new_tokens=70, max_new_tokens_limit=200)).load()

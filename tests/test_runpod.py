@@ -38,6 +38,7 @@ class StubEngine:
     """Stands in for CaptionEngine: captions name each image's size and the options used."""
 
     input_size = None
+    max_new_tokens = None
 
     def __init__(self, fail_load: bool = False) -> None:
         self.fail_load = fail_load
