@@ -6,7 +6,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from docker_vit.config import Settings
-from docker_vit.engine import CaptionEngine
+from docker_vit.engine import CaptionEngine, Unservable
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import open_image
 
@@ -33,7 +33,7 @@ class Captioner(Handler):
     def load(self) -> None:
         self.engine.load()
         if self.settings.max_new_tokens > self._token_limit():
-            raise ValueError(
+            raise Unservable(
                 f"max_new_tokens {self.settings.max_new_tokens} is more than {self.settings.model} "
                 f"can generate ({self._token_limit()}: its position embeddings end there)"
             )

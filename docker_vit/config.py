@@ -18,7 +18,7 @@ from docker_vit.captions_file import FORMATS
 
 ENV_PREFIX = "DOCKER_VIT_"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
-TOKEN = re.compile(r"[!-~]+")
+TOKEN = re.compile(r"[!-~]([ -~]*[!-~])?")
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 
 # Groups decide which subcommand shows a flag: "model" options apply wherever a model runs; "client"
@@ -108,9 +108,9 @@ class Settings:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
-        for key in (*self.api_keys, *([self.api_key] if self.api_key else [])):
+        for key in (*self.api_keys, *([self.api_key] if self.url and self.api_key else [])):
             if not TOKEN.fullmatch(key):  # HTTP carries other characters only as Latin-1: no match
-                raise ValueError("an API key must be printable ASCII without spaces")
+                raise ValueError("an API key must be printable ASCII, without spaces at either end")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
         for name, spec in options().items():

@@ -80,7 +80,7 @@ class CaptionEngine:
         try:
             model = _pretrained(AutoModelForImageTextToText, source, dtype=self.dtype)
         except ValueError as exc:  # not an image-to-text model: transformers lists every class it knows
-            raise ValueError(str(exc).split("Model type should be")[0].strip()) from None
+            raise Unservable(str(exc).split("Model type should be")[0].strip()) from None
         # Every call sets max_new_tokens, which wins over a max_length the model's own config sets;
         # left there, that max_length only makes transformers warn at every batch.
         model.generation_config.max_length = None
@@ -95,7 +95,8 @@ class CaptionEngine:
         self.input_size = _input_size(self.image_processor)
         text = self.model.config.get_text_config(decoder=True)
         positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-        self.max_new_tokens = positions - 1 if isinstance(positions, int) else None  # after a start token
+        # The start token takes position 0 and the last new token is never fed back: one per position.
+        self.max_new_tokens = positions if isinstance(positions, int) else None
 
     def pixels(self, image: Image.Image) -> torch.Tensor:
         """One RGB image to the model's normalized pixel tensor (CPU work, thread-safe).
@@ -136,6 +137,11 @@ class CaptionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+class Unservable(OSError):
+    """The model is there, but not one the captioner can serve as set up (a text-only model, no
+    tokenizer, more tokens asked than it has positions): a setup matter, said in one line."""
 
 
 class DeviceUnavailable(OSError):
@@ -197,12 +203,12 @@ def _release_free_memory() -> None:
 def _check_captioning(model_id: str, tokenizer: Any, image_processor: Any) -> None:
     """The captioner needs pixels in and a tokenizer out: say so at load, not at the first caption."""
     if not callable(getattr(tokenizer, "decode", None)):
-        raise OSError(
+        raise Unservable(
             f"{model_id} has no tokenizer (tokenizer.json or vocabulary files) to read captions with"
         )
     produced = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="np")
     if "pixel_values" not in produced:
-        raise ValueError(
+        raise Unservable(
             f"{model_id}'s processor gives {', '.join(produced)}, not pixel_values: the captioner serves "
             "models that caption from the image's pixels alone (serve others with a handler of your own)"
         )

@@ -94,9 +94,9 @@ def _ico_pixels(data: bytes) -> int:
         head = data[offset : offset + 24]
         if head[:8] == PNG_MAGIC:  # width and height in the IHDR chunk, big-endian
             width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        else:  # a DIB header; its height counts the mask too
+        else:  # a DIB header, whose height counts the picture and its mask
             width = abs(int.from_bytes(head[4:8], "little", signed=True))
-            height = abs(int.from_bytes(head[8:12], "little", signed=True))
+            height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
         largest = max(largest, width * height)
     return largest
 

@@ -155,7 +155,9 @@ def deployment_options(settings: Settings, deployment: Mapping[str, Any]) -> dic
         if scaling.get("min_replicas", 0) > scaling.get("max_replicas", 1):  # Ray's default max is 1
             raise ValueError(f"min_replicas={scaling['min_replicas']} needs max_replicas as large or larger")
         # Ray's default target (2) would scale out long before a replica's batches fill.
-        scaling.setdefault("target_ongoing_requests", settings.max_batch_size)
+        scaling.setdefault(
+            "target_ongoing_requests", min(settings.max_batch_size, result["max_ongoing_requests"])
+        )
         result["autoscaling_config"] = scaling
     else:
         result["num_replicas"] = deployment.get("num_replicas", 1)

@@ -50,7 +50,11 @@ class Worker:
 
     def wait_ready(self) -> bool:
         """Block until the model is loaded and warm (True) or has failed to load (False)."""
-        return self._submit(self._settled()).result()
+        settled = self._submit(self._settled())
+        try:
+            return settled.result()
+        finally:
+            settled.cancel()  # after Ctrl-C: nothing left pending on the loop
 
     async def _settled(self) -> bool:
         while self.service.state not in (READY, FAILED):
@@ -166,15 +170,21 @@ def main() -> None:
     except (ValueError, TypeError, HandlerError) as exc:
         sys.exit(f"docker_vit.runpod: error: {exc}")
     atexit.register(worker.close)
+    code = 0
     try:
-        if not worker.wait_ready():  # the service has logged why
-            sys.exit(1)
-        # Concurrent jobs are what fills the batcher's model calls.
-        runpod.serverless.start(
-            {"handler": worker.handle, "concurrency_modifier": lambda _: worker.concurrency}
-        )
+        if worker.wait_ready():
+            # Concurrent jobs are what fills the batcher's model calls.
+            start = {"handler": worker.handle, "concurrency_modifier": lambda _: worker.concurrency}
+            runpod.serverless.start(start)
+        else:
+            code = 1  # the service has logged why
+    except KeyboardInterrupt:  # Ctrl-C, say while the model loads
+        code = 130
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
         worker.close()  # down, so a load still running is cancelled, not reported as a failure
+    if worker.service.batcher.busy:  # a load still runs on the device thread: exiting would join it
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -247,3 +247,10 @@ class SlowBig(Echo):
             time.sleep(0.3)
         self.prepared.append(text)
         return text
+
+
+class SlowLoad(Echo):
+    """A model that takes half a minute to load."""
+
+    def load(self) -> None:
+        time.sleep(30)

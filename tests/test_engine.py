@@ -18,7 +18,14 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from docker_vit.captioner import Captioner
 from docker_vit.config import DEFAULT_MODEL, Settings
-from docker_vit.engine import CaptionEngine, DeviceUnavailable, _check_captioning, pick_device, pick_dtype
+from docker_vit.engine import (
+    CaptionEngine,
+    DeviceUnavailable,
+    Unservable,
+    _check_captioning,
+    pick_device,
+    pick_dtype,
+)
 
 PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
 
@@ -183,14 +190,14 @@ def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
         "special_tokens_map.json",
     ):
         (no_tokenizer / name).unlink(missing_ok=True)
-    with pytest.raises(OSError, match="has no tokenizer"):
+    with pytest.raises(Unservable, match="has no tokenizer"):
         CaptionEngine(str(no_tokenizer), device="cpu").load()
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     text_only = tmp_path / "text-only"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=50)).save_pretrained(text_only)
-    with pytest.raises(ValueError) as refused:
+    with pytest.raises(Unservable) as refused:
         CaptionEngine(str(text_only), device="cpu").load()
     assert "GPT2Config" in str(refused.value) and len(str(refused.value)) < 300
 
@@ -198,12 +205,12 @@ def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
         def __call__(self, images, return_tensors):
             return {"flattened_patches": None}
 
-    with pytest.raises(ValueError, match="not pixel_values"):
+    with pytest.raises(Unservable, match="not pixel_values"):
         _check_captioning("pix2struct", AutoProcessor.from_pretrained(vit_gpt2_dir), Patches())
 
 
 def test_requests_stop_where_the_models_positions_do(git_dir: Path, tmp_path: Path, caplog) -> None:
-    """The tiny GIT has 64 positions: beyond 63 new tokens is a 422, not the model's IndexError; and a
+    """The tiny GIT has 64 positions: beyond 64 new tokens is a 422, not the model's IndexError; and a
     model that sets its own max_length captions without a warning per batch."""
     model = tmp_path / "git"
     shutil.copytree(git_dir, model)
@@ -211,11 +218,11 @@ def test_requests_stop_where_the_models_positions_do(git_dir: Path, tmp_path: Pa
     (model / "generation_config.json").write_text(json.dumps({**config, "max_length": 20}))
     settings = Settings(model=str(model), max_new_tokens_limit=200, max_wait_ms=0)
     with serving(settings) as client:
-        assert client.get("/v1/model").json()["limits"]["max_new_tokens"] == 63
+        assert client.get("/v1/model").json()["limits"]["max_new_tokens"] == 64
         data = photo("coffee.jpg").read_bytes()
-        assert client.post("/?max_new_tokens=100", files={"file": data}).status_code == 422
+        assert client.post("/?max_new_tokens=65", files={"file": data}).status_code == 422
         with caplog.at_level("WARNING"):
-            assert client.post("/?max_new_tokens=63", files={"file": data}).status_code == 200
+            assert client.post("/?max_new_tokens=64", files={"file": data}).status_code == 200
         assert "max_length" not in caplog.text
-    with pytest.raises(ValueError, match="more than .* can generate"):
+    with pytest.raises(Unservable, match="more than .* can generate"):
         Captioner(Settings(model=str(git_dir), max_new_tokens=70, max_new_tokens_limit=200)).load()

@@ -94,6 +94,9 @@ def test_an_icon_hiding_a_huge_png_is_refused_before_pillow_decodes_it() -> None
     small = io.BytesIO()
     Image.new("RGB", (32, 32), (1, 2, 3)).save(small, format="ICO", sizes=[(32, 32)])
     assert open_image(small.getvalue(), **LIMITS).size == (32, 32)
+    bitmap = io.BytesIO()  # a DIB icon: its header's height counts the mask too, not the picture
+    Image.new("RGB", (64, 43), (1, 2, 3)).save(bitmap, format="ICO", sizes=[(64, 43)], bitmap_format="bmp")
+    assert open_image(bitmap.getvalue(), max_bytes=10**6, max_pixels=64 * 64).size[0] == 64
 
 
 def test_one_bit_image() -> None:

@@ -152,6 +152,10 @@ def test_arguments_become_settings_and_deployment_options() -> None:
     assert options["max_ongoing_requests"] == 2 * Settings().max_batch_size
     assert options["max_queued_requests"] == Settings().max_queue
     assert "num_replicas" not in options
+    _, few = ray_adapter.split_args({"min_replicas": "1", "max_ongoing_requests": "4"})
+    assert (
+        ray_adapter.deployment_options(Settings(), few)["autoscaling_config"]["target_ongoing_requests"] == 4
+    )
     _, fixed = ray_adapter.split_args({"num_replicas": "auto"})
     assert ray_adapter.deployment_options(Settings(), fixed)["num_replicas"] == "auto"
 

@@ -12,9 +12,11 @@ import base64
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -256,6 +258,23 @@ def test_a_worker_whose_model_fails_to_load_exits_before_taking_a_job(tmp_path):
     log = done.stdout + done.stderr
     assert done.returncode == 1, log
     assert "no model folder" in log and "local_test" not in log, log
+
+
+def test_ctrl_c_while_the_model_loads_exits_130_at_once():
+    pytest.importorskip("runpod")
+    env = {**os.environ, "DOCKER_VIT_HANDLER": "fake_handlers:SlowLoad", "PYTHONPATH": str(ROOT / "tests")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "docker_vit.runpod", "--test_input", json.dumps({"input": {"image": "eA=="}})],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(3)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=20)  # not the 30 s the load would take
+    assert process.returncode == 130 and "Traceback" not in err, err
 
 
 def test_bad_worker_settings_are_one_line():
