@@ -101,6 +101,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
         self._device_calls = 0  # calls running on the device thread right now
+        self._running: list[_Entry] = []  # the batch on the device, for stop() to answer
 
     @property
     def busy(self) -> bool:
@@ -113,17 +114,24 @@ class Batcher:
         """Items waiting for the model (not counting the batch it is running)."""
         return self._queued
 
+    @property
+    def pending(self) -> int:
+        """Items admitted and not yet in a model call: queued, or still being decoded. What the queue
+        limit counts."""
+        return self._queued + self._incoming.total()
+
     def start(self) -> None:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="docker-vit-batcher")
 
     async def stop(self) -> None:
+        running = self._running  # the batch on the device: its callers are answered too
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for group in self._groups.values():
-            for entry in group:
-                entry.future.cancel()
+        for entry in [*(e for group in self._groups.values() for e in group), *running]:
+            entry.queued = False  # counted out here: the cancellations' callbacks must not again
+            entry.future.cancel()
         self._groups.clear()
         self._queued = 0
         self._device.shutdown(wait=False, cancel_futures=True)
@@ -223,8 +231,12 @@ class Batcher:
             self._queued -= 1
 
     async def _execute(self, batch: list[_Entry], options: Hashable) -> None:
+        batch = [entry for entry in batch if not entry.future.done()]  # callers gone since: not run
+        if not batch:
+            return
         loop = asyncio.get_running_loop()
         self.on_batch(len(batch))
+        self._running = batch
         self._idle_before = self._idle_clock()
         self._idle_since = None
         try:
@@ -237,6 +249,7 @@ class Batcher:
             return
         finally:
             self._idle_since = time.monotonic()
+            self._running = []
         for entry, output in zip(batch, outputs, strict=True):
             if not entry.future.done():
                 entry.future.set_result(output)
@@ -245,11 +258,13 @@ class Batcher:
         """Split a failed batch in halves and retry, so one poison item or an out-of-memory error
         fails only the items that really cannot run."""
         live = [entry for entry in batch if not entry.future.done()]
-        if len(live) > 1:
-            log.warning("batch of %d failed (%s: %s); retrying in halves", len(live), type(exc).__name__, exc)
+        if len(batch) > 1 and live:  # callers who left meanwhile are not retried
+            log.warning(
+                "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc
+            )
             middle = len(live) // 2
-            await self._execute(live[:middle], options)
-            await self._execute(live[middle:], options)
+            for half in (live[:middle], live[middle:]):
+                await self._execute(half, options)  # drops an empty half, and callers gone since
             return
         log.error("model call failed", exc_info=exc)
         for entry in live:

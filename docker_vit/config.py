@@ -61,7 +61,11 @@ class Settings:
 
     host: str = _opt("127.0.0.1", "address to listen on")
     port: int = _opt(8000, "port to listen on")
-    max_wait_ms: float = _opt(5.0, "how long a batch may wait to fill up, in milliseconds")
+    max_wait_ms: float = _opt(
+        5.0,
+        "how long a batch may wait to fill up, in milliseconds (up to 100 ms more for images of the "
+        "same options still being decoded, unless 0)",
+    )
     max_queue: int = _opt(256, "most images waiting for the model; beyond it requests get 503")
     max_images: int = _opt(16, "most images in one request")
     request_timeout: float = _opt(60.0, "seconds a request may wait for its captions (then 504)")

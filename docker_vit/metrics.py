@@ -30,7 +30,11 @@ class Metrics:
         self.batch_size = Histogram(
             "docker_vit_batch_size", "images per model call", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("docker_vit_queue_depth", "images waiting for the model", registry=r)
+        self.queue_depth = Gauge(
+            "docker_vit_queue_depth",
+            "images admitted, decoding or queued, not yet in a model call",
+            registry=r,
+        )
         self.images = Counter("docker_vit_images", "images captioned", registry=r)
         self.load_seconds = Gauge(
             "docker_vit_model_load_seconds", "seconds spent loading the model", registry=r

@@ -39,7 +39,9 @@ class Service:
         self.state = LOADING
         self.error: str | None = None
         self.on_failed: Callable[[], None] = lambda: None
-        workers = os.cpu_count() or 2
+        workers = max(
+            2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
+        )
         self._cpu = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
         # One request's images take at most all but one of the pool's threads at a time, so a request
         # of many large images cannot make every other request's decoding wait for all of them.
@@ -51,7 +53,7 @@ class Service:
             max_queue=settings.max_queue,
             on_batch=self.metrics.batch_size.observe,
         )
-        self.metrics.queue_depth.set_function(lambda: self.batcher.depth)
+        self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
 
     async def start(self) -> None:
         """Start batching and load the model in the background; probes answer meanwhile."""

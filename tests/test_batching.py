@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 
@@ -274,3 +275,50 @@ def test_an_empty_submission_forms_no_batch() -> None:
         return results
 
     assert run(main()) == ["x:a"]
+
+
+def test_items_whose_caller_left_during_a_failed_batch_are_not_retried() -> None:
+    """A failed batch is retried in halves, without the items whose callers gave up meanwhile."""
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        futures: list[asyncio.Future] = []
+
+        class LeaveDuringFirstCall(Recorder):
+            def __call__(self, items, options):
+                if not self.calls:  # the other three callers give up while the model runs
+                    loop.call_soon_threadsafe(lambda: [f.cancel() for f in futures[1:]])
+                    time.sleep(0.05)
+                return super().__call__(items, options)
+
+        recorder = LeaveDuringFirstCall(oom_above=1)
+        batcher = make(recorder)
+        batcher.start()
+        futures.extend(batcher.submit([1, 2, 3, 4], "a"))
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.stop()
+        return results, recorder.calls
+
+    results, calls = run(main())
+    assert results[0] == "1:a" and all(isinstance(r, asyncio.CancelledError) for r in results[1:])
+    assert [items for items, _ in calls] == [[1, 2, 3, 4], [1]]
+
+
+def test_stop_answers_every_caller_and_leaves_the_counts_at_zero() -> None:
+    async def main():
+        recorder = Recorder()
+        recorder.release.clear()
+        batcher = make(recorder, max_batch_size=1, max_wait=0)
+        batcher.start()
+        running = batcher.submit(["running"], "a")
+        await asyncio.sleep(0.05)
+        queued = batcher.submit(["queued", "too"], "a")
+        batcher.admit(1, "a")
+        assert (batcher.depth, batcher.pending) == (2, 3)
+        await batcher.stop()
+        await asyncio.sleep(0)
+        recorder.release.set()
+        return [f.cancelled() for f in [*running, *queued]], batcher.depth
+
+    cancelled, depth = run(main())
+    assert cancelled == [True, True, True] and depth == 0
