@@ -81,7 +81,9 @@ RUN python -c 'import importlib, os, sys; \
 toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
 p = toml.load(open("/src/pyproject.toml", "rb"))["project"]; \
 extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
-reqs = p.get("dependencies", []) + [r for e in extras for r in p["optional-dependencies"][e]]; \
+opt = p["optional-dependencies"]; unknown = [e for e in extras if e not in opt]; \
+unknown and sys.exit("EXTRAS: no extra " + ", ".join(unknown) + " in this project; it has " + ", ".join(opt)); \
+reqs = p.get("dependencies", []) + [r for e in extras for r in opt[e]]; \
 print("\n".join(reqs))' > /tmp/requirements.txt \
     && pip install $PIP_EXTRA_ARGS -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

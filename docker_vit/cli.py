@@ -23,6 +23,7 @@ from docker_vit.config import (
     Settings,
     chosen,
     env_name,
+    named,
     names_of,
     options,
 )
@@ -35,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         values = chosen(os.environ, args.names, **flags)
         settings, args.chosen = Settings(**values), set(values)
     except (ValueError, TypeError) as exc:
-        _fail(args.parser, exc)
+        _fail(args.parser, named(exc))
     from docker_vit.handler import HandlerError
 
     try:
@@ -44,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(args.parser, exc)
 
 
-def _fail(parser: argparse.ArgumentParser, exc: Exception) -> NoReturn:
+def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:
     """A bad setting in one line (argparse's own errors, a bad flag, still show the usage)."""
     parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
@@ -84,7 +85,10 @@ def _add_settings(
         default = f"default: {spec.default!r}; " if shown else ""
         help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
         if kind is tuple:
-            parser.add_argument(*flags, dest=name, action="append", help=help + "; repeatable")
+            metavar = spec.metadata.get("metavar")
+            parser.add_argument(
+                *flags, dest=name, action="append", metavar=metavar, help=help + "; repeatable"
+            )
         elif kind is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:

@@ -156,6 +156,18 @@ def names_of(*groups: str) -> list[str]:
 SERVING = names_of(MODEL, SERVER)  # what a server reads: `serve`, Runpod, Ray
 
 
+def named(exc: Exception, flags: bool = True) -> str:
+    """A settings error with the flag and variable a user sets (or the variable alone, where there
+    are no flags) in place of the field's name."""
+    text = str(exc)
+    name = text.split(" ", 1)[0]
+    spec = options().get(name)
+    if spec is None:
+        return text
+    flag = spec.metadata.get("flag", "--" + name.replace("_", "-"))
+    return f"{flag} ({env_name(name)}){text[len(name) :]}" if flags else env_name(name) + text[len(name) :]
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 

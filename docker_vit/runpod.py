@@ -29,7 +29,7 @@ from typing import Any
 
 from docker_vit import errors
 from docker_vit.batching import QueueFull
-from docker_vit.config import SERVING, Settings
+from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError, load_handler
 from docker_vit.logs import configure
 from docker_vit.service import FAILED, READY, Service
@@ -168,7 +168,7 @@ def main() -> None:
         configure(settings.log_format, settings.log_level)
         worker = Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:
-        sys.exit(f"docker_vit.runpod: error: {exc}")
+        sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
     atexit.register(worker.close)
     code = 0
     try:

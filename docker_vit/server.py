@@ -12,6 +12,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -46,7 +47,8 @@ def create_app(settings: Settings, handler: Handler | None = None, request_id_he
         yield
         await service.stop()
 
-    app = FastAPI(title="Docker-ViT", summary="Send a picture, get a sentence.", lifespan=lifespan)
+    summary = "Send a picture, get a sentence."
+    app = FastAPI(title="Docker-ViT", summary=summary, version=_version(), lifespan=lifespan)
     app.state.service = service
     errors.install(app)
     app.add_middleware(
@@ -98,7 +100,8 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.state == READY:
             return JSONResponse({"status": READY})
         error = {"type": errors.TYPES[503], "message": service.not_ready}
-        return JSONResponse({"status": service.state, "error": error}, status_code=503)
+        headers = {"Retry-After": "5"}
+        return JSONResponse({"status": service.state, "error": error}, status_code=503, headers=headers)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -249,6 +252,13 @@ async def _disconnected(request: Request) -> None:
     """Returns once the client has gone; the body is already read, so only a disconnect arrives."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _version() -> str:
+    try:
+        return metadata.version("docker-vit")
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def _max_body(settings: Settings) -> int:

@@ -95,6 +95,38 @@ def test_a_command_reads_only_the_variables_of_its_own_settings(
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "env", "said"),
+    [
+        (
+            ["serve"],
+            {"DOCKER_VIT_PORT": "99999"},
+            "--port (DOCKER_VIT_PORT) must be between 1 and 65535, got 99999",
+        ),
+        (
+            ["caption", "x.jpg", "--num-beams", "0"],
+            {},
+            "--num-beams (DOCKER_VIT_NUM_BEAMS) must be positive, got 0",
+        ),
+        (
+            ["serve", "--api-key", " k"],
+            {},
+            "an API key must be printable ASCII, without spaces at either end",
+        ),
+    ],
+)
+def test_out_of_range_values_name_the_flag_and_variable(
+    argv: list[str], env: dict, said: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    from docker_vit import cli
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit):
+        cli.main(argv)
+    assert capsys.readouterr().err.strip() == f"docker-vit {argv[0]}: error: {said}"
+
+
 def test_download_takes_its_model_and_folder_from_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     from docker_vit import cli, engine
 

@@ -277,12 +277,17 @@ def test_ctrl_c_while_the_model_loads_exits_130_at_once():
     assert process.returncode == 130 and "Traceback" not in err, err
 
 
-def test_bad_worker_settings_are_one_line():
-    done = run_main({"DOCKER_VIT_NUM_BEAMS": "abc"})
+@pytest.mark.parametrize(
+    ("value", "said"),
+    [
+        ("abc", "DOCKER_VIT_NUM_BEAMS='abc' is not a valid int"),
+        ("0", "DOCKER_VIT_NUM_BEAMS must be positive, got 0"),
+    ],
+)
+def test_bad_worker_settings_are_one_line(value: str, said: str):
+    done = run_main({"DOCKER_VIT_NUM_BEAMS": value})
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [
-        "docker_vit.runpod: error: DOCKER_VIT_NUM_BEAMS='abc' is not a valid int"
-    ]
+    assert done.stderr.strip().splitlines() == [f"docker_vit.runpod: error: {said}"]
 
 
 @pytest.fixture(scope="module")

@@ -225,7 +225,8 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
 
     with serving(Settings(), SlowLoading(Settings()), wait=False) as client:
         assert client.get("/healthz").status_code == 200
-        assert client.get("/readyz").status_code == 503
+        not_ready = client.get("/readyz")
+        assert not_ready.status_code == 503 and not_ready.headers["retry-after"] == "5"
         assert client.get("/ping").status_code == 204
         assert_error(client.post("/", files={"file": b"abc"}), 503)
         SlowLoading.gate.set()
