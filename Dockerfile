@@ -83,7 +83,9 @@ p = toml.load(open("/src/pyproject.toml", "rb"))["project"]; \
 extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
 opt = p["optional-dependencies"]; unknown = [e for e in extras if e not in opt]; \
 unknown and sys.exit("EXTRAS: no extra " + ", ".join(unknown) + " in this project; it has " + ", ".join(opt)); \
-reqs = p.get("dependencies", []) + [r for e in extras for r in opt[e]]; \
+own = lambda r: r.replace(" ", "").startswith(p["name"] + "["); \
+extras += [x.strip() for e in extras for r in opt[e] if own(r) for x in r[r.index("[") + 1 : r.index("]")].split(",")]; \
+reqs = p.get("dependencies", []) + [r for e in dict.fromkeys(extras) for r in opt[e] if not own(r)]; \
 print("\n".join(reqs))' > /tmp/requirements.txt \
     && pip install $PIP_EXTRA_ARGS -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -101,7 +101,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
         self._device_calls = 0  # calls running on the device thread right now
-        self._running: list[_Entry] = []  # the batch on the device, for stop() to answer
+        self._running: list[_Entry] = []  # the batch taken for the device, for stop() to answer
 
     @property
     def busy(self) -> bool:
@@ -131,7 +131,7 @@ class Batcher:
             await asyncio.gather(self._task, return_exceptions=True)
         for entry in [*(e for group in self._groups.values() for e in group), *running]:
             entry.queued = False  # counted out here: the cancellations' callbacks must not again
-            entry.future.cancel()
+            entry.future.cancel()  # no-op for the answered ones
         self._groups.clear()
         self._queued = 0
         self._device.shutdown(wait=False, cancel_futures=True)
@@ -196,8 +196,11 @@ class Batcher:
             options, batch = await self._next_batch()
             if not self._groups:
                 self._wake.clear()
-            if batch:
+            self._running = batch  # with the retried halves of it, should it fail: for stop() to answer
+            try:
                 await self._execute(batch, options)
+            finally:
+                self._running = []
 
     def _idle_clock(self) -> float:
         """Seconds the device has sat idle since the batcher was made."""
@@ -236,7 +239,6 @@ class Batcher:
             return
         loop = asyncio.get_running_loop()
         self.on_batch(len(batch))
-        self._running = batch
         self._idle_before = self._idle_clock()
         self._idle_since = None
         try:
@@ -249,7 +251,6 @@ class Batcher:
             return
         finally:
             self._idle_since = time.monotonic()
-            self._running = []
         for entry, output in zip(batch, outputs, strict=True):
             if not entry.future.done():
                 entry.future.set_result(output)

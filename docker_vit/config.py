@@ -112,9 +112,11 @@ class Settings:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
-        for key in (*self.api_keys, *([self.api_key] if self.url and self.api_key else [])):
-            if not TOKEN.fullmatch(key):  # HTTP carries other characters only as Latin-1: no match
-                raise ValueError("an API key must be printable ASCII, without spaces at either end")
+        # HTTP carries other characters only as Latin-1 (no match), and blanks at either end are not sent
+        if any(not TOKEN.fullmatch(key) for key in self.api_keys):
+            raise ValueError("api_keys holds a key that is not printable ASCII or has blanks at either end")
+        if self.url and self.api_key and not TOKEN.fullmatch(self.api_key):
+            raise ValueError("api_key is not printable ASCII or has blanks at either end")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
         for name, spec in options().items():
@@ -158,14 +160,16 @@ SERVING = names_of(MODEL, SERVER)  # what a server reads: `serve`, Runpod, Ray
 
 def named(exc: Exception, flags: bool = True) -> str:
     """A settings error with the flag and variable a user sets (or the variable alone, where there
-    are no flags) in place of the field's name."""
-    text = str(exc)
-    name = text.split(" ", 1)[0]
-    spec = options().get(name)
-    if spec is None:
-        return text
-    flag = spec.metadata.get("flag", "--" + name.replace("_", "-"))
-    return f"{flag} ({env_name(name)}){text[len(name) :]}" if flags else env_name(name) + text[len(name) :]
+    are no flags) in place of each setting's name: the first word, and any name with an underscore."""
+
+    def user_name(match: re.Match) -> str:
+        name = match.group(0)
+        if name not in options():
+            return name
+        flag = options()[name].metadata.get("flag", "--" + name.replace("_", "-"))
+        return f"{flag} ({env_name(name)})" if flags else env_name(name)
+
+    return re.sub(r"^[a-z]+\b|\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
 
 
 def env_name(name: str) -> str:

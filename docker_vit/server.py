@@ -34,6 +34,17 @@ OPTION_PARAMS = [
 
 
 MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
+MAX_DIGITS = 100  # an integer's, in JSON: turning 4,000 digits into an int takes the interpreter's lock
+
+
+class _LongNumber(ValueError):
+    pass
+
+
+def _short_int(text: str) -> int:
+    if len(text) > MAX_DIGITS:
+        raise _LongNumber
+    return int(text)
 
 
 def create_app(settings: Settings, handler: Handler | None = None, request_id_header: bool = True) -> FastAPI:
@@ -209,7 +220,9 @@ def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, 
             413, f"the JSON body holds more than {MAX_JSON_COMMAS} values besides its images"
         )
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_int=_short_int)
+    except _LongNumber:
+        raise errors.ApiError(422, f"a number in the JSON body has more than {MAX_DIGITS} digits") from None
     except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
         raise errors.ApiError(400, "the body is not valid JSON") from None
     images = payload.get("images") if isinstance(payload, dict) else None

@@ -322,3 +322,28 @@ def test_stop_answers_every_caller_and_leaves_the_counts_at_zero() -> None:
 
     cancelled, depth = run(main())
     assert cancelled == [True, True, True] and depth == 0
+
+
+def test_stop_during_a_failed_batchs_retries_answers_all_of_it() -> None:
+    """The halves not on the device yet belong to the batch too: every caller gets an answer."""
+
+    async def main():
+        gate = threading.Event()
+
+        class FailThenBlock(Recorder):
+            def __call__(self, items, options):
+                self.calls.append(list(items))
+                if len(items) > 1:
+                    raise RuntimeError("CUDA out of memory")
+                gate.wait(5)
+                return [f"{items[0]}:{options}"]
+
+        batcher = make(FailThenBlock(), max_wait=0)
+        batcher.start()
+        futures = batcher.submit([0, 1, 2, 3], "a")
+        await asyncio.sleep(0.3)  # [0, 1, 2, 3] and [0, 1] failed; [0] is on the device
+        await batcher.stop()
+        gate.set()
+        return [future.cancelled() for future in futures]
+
+    assert run(main()) == [True, True, True, True]

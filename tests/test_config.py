@@ -111,7 +111,12 @@ def test_a_command_reads_only_the_variables_of_its_own_settings(
         (
             ["serve", "--api-key", " k"],
             {},
-            "an API key must be printable ASCII, without spaces at either end",
+            "--api-key (DOCKER_VIT_API_KEYS) holds a key that is not printable ASCII or has blanks at either end",
+        ),
+        (
+            ["serve", "--max-num-beams", "2"],
+            {},
+            "--num-beams (DOCKER_VIT_NUM_BEAMS) 4 exceeds --max-num-beams (DOCKER_VIT_MAX_NUM_BEAMS) 2",
         ),
     ],
 )

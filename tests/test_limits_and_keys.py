@@ -88,6 +88,9 @@ def test_json_bodies_are_counted_before_they_are_parsed_or_decoded() -> None:
         one = base64.b64encode(b"hi").decode()
         prompt = {"images": [one], "prompt": ", ".join(["thing"] * 500), "labels": list(range(500))}
         assert client.post("/v1/captions", json=prompt).json()["captions"] == [{"text": "hi"}]
+        digits = b'{"images": ["' + one.encode() + b'"], "x": [' + b"9" * 4000 + b"]}"
+        answer = client.post("/v1/captions", content=digits, headers=JSON)
+        assert "more than 100 digits" in assert_error(answer, 422)["message"]
         not_base64 = {"images": ["%%"] * 3}  # too many images: said before any is decoded
         assert "3 images" in assert_error(client.post("/v1/captions", json=not_base64), 413)["message"]
         url = {"images": ["data:image/png;base64," + base64.b64encode(b"hi").decode()], "num_beams": 1}
