@@ -23,6 +23,7 @@ from docker_vit.config import (
     Settings,
     chosen,
     env_name,
+    flag_name,
     named,
     names_of,
     options,
@@ -79,13 +80,13 @@ def _add_settings(
     parser.set_defaults(run=run, parser=parser, names={*names, *extra})
     for name in names:
         spec = fields[name]
-        flags = [spec.metadata.get("flag", "--" + name.replace("_", "-")), *spec.metadata.get("short", ())]
+        flags = [flag_name(name), *spec.metadata.get("short", ())]
         kind = type(spec.default)
         shown = spec.default not in ("", ()) and spec.default is not False  # 0 == False: test identity
         default = f"default: {spec.default!r}; " if shown else ""
         help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
+        metavar = spec.metadata.get("metavar")
         if kind is tuple:
-            metavar = spec.metadata.get("metavar")
             parser.add_argument(
                 *flags, dest=name, action="append", metavar=metavar, help=help + "; repeatable"
             )
@@ -94,7 +95,6 @@ def _add_settings(
         else:
             choices = spec.metadata.get("choices")
             kind = str.lower if choices else kind  # --log-level INFO means info
-            metavar = spec.metadata.get("metavar")
             parser.add_argument(*flags, dest=name, type=kind, choices=choices, metavar=metavar, help=help)
 
 

@@ -166,14 +166,17 @@ def named(exc: Exception, flags: bool = True) -> str:
         name = match.group(0)
         if name not in options():
             return name
-        flag = options()[name].metadata.get("flag", "--" + name.replace("_", "-"))
-        return f"{flag} ({env_name(name)})" if flags else env_name(name)
+        return f"{flag_name(name)} ({env_name(name)})" if flags else env_name(name)
 
     return re.sub(r"^[a-z]+\b|\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
 
 
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
+
+
+def flag_name(name: str) -> str:
+    return options()[name].metadata.get("flag", "--" + name.replace("_", "-"))
 
 
 _BOOLEANS = {

@@ -19,9 +19,7 @@ Ray replaces the replica instead of sending it requests.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -31,7 +29,6 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options, parse
 from docker_vit.server import create_app
-from docker_vit.service import LOADING, READY
 
 # Arguments that configure the Ray deployment rather than Docker-ViT itself, with their types.
 DEPLOYMENT_ARGS: dict[str, type] = {
@@ -89,10 +86,7 @@ class DockerViT:
 
     async def check_health(self) -> None:
         """Raises unless the model is ready; the first call waits for the load to end either way."""
-        deadline = time.monotonic() + self.load_timeout_s
-        while self.service.state == LOADING and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if self.service.state != READY:
+        if not await self.service.settled(self.load_timeout_s):
             raise RuntimeError(self.service.not_ready)
 
 

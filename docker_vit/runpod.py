@@ -32,7 +32,7 @@ from docker_vit.batching import QueueFull
 from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError, load_handler
 from docker_vit.logs import configure
-from docker_vit.service import FAILED, READY, Service
+from docker_vit.service import Service
 
 ROOM_POLL = 0.05  # seconds between looks for queue room
 
@@ -50,16 +50,11 @@ class Worker:
 
     def wait_ready(self) -> bool:
         """Block until the model is loaded and warm (True) or has failed to load (False)."""
-        settled = self._submit(self._settled())
+        settled = self._submit(self.service.settled())
         try:
             return settled.result()
         finally:
             settled.cancel()  # after Ctrl-C: nothing left pending on the loop
-
-    async def _settled(self) -> bool:
-        while self.service.state not in (READY, FAILED):
-            await asyncio.sleep(0.05)
-        return self.service.state == READY
 
     @property
     def concurrency(self) -> int:
@@ -92,10 +87,7 @@ class Worker:
 
     async def _wait_ready(self) -> None:
         """Jobs that arrive during the cold start wait for the model, up to the request timeout."""
-        deadline = self.loop.time() + self.settings.request_timeout
-        while self.service.state not in (READY, FAILED) and self.loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        if self.service.state != READY:
+        if not await self.service.settled(self.settings.request_timeout):
             raise errors.ApiError(503, self.service.not_ready)
 
     async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:

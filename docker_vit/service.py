@@ -92,6 +92,14 @@ class Service:
         seconds = time.perf_counter() - started
         log.info("warm-up caption in %.2f s (%.1f images/s)", seconds, 1 / seconds)
 
+    async def settled(self, timeout: float = float("inf")) -> bool:
+        """Wait for the load to end, at most `timeout` seconds: True once the model is ready. Polled,
+        so a caller on another event loop (a Ray health check, a Runpod job) can wait too."""
+        deadline = time.monotonic() + timeout
+        while self.state == LOADING and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.state == READY
+
     @property
     def not_ready(self) -> str:
         """What a caller turned away before the model is ready reads: loading, or failed and why."""

@@ -195,8 +195,9 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
     check = ray_adapter.DockerViT.func_or_class.check_health
 
     async def scenario(final: str) -> str | None:
-        class StubService(SimpleNamespace):  # state and error only, and the real wording of them
+        class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
             not_ready = Service.not_ready
+            settled = Service.settled
 
         replica = SimpleNamespace(service=StubService(state=LOADING, error=None), load_timeout_s=30)
 
