@@ -91,28 +91,27 @@ def test_environment_reaches_the_server(server) -> None:
     assert info["generation"]["num_beams"] == 2 and info["status"] == "ready"
 
 
-def test_sigterm_exits_cleanly(vit_gpt2_dir: Path) -> None:
+def ready_server(model: Path) -> subprocess.Popen:
+    """`docker-vit serve --model MODEL` on a free port, once it answers /readyz."""
     port = free_port()
     process = subprocess.Popen(
-        [*DOCKER_VIT, "serve", "--model", str(vit_gpt2_dir), "--port", str(port)],
+        [*DOCKER_VIT, "serve", "--model", str(model), "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     wait_ready(port, process)
+    return process
+
+
+def test_sigterm_exits_cleanly(vit_gpt2_dir: Path) -> None:
+    process = ready_server(vit_gpt2_dir)
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
 
 
 def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None:
-    port = free_port()
-    process = subprocess.Popen(
-        [*DOCKER_VIT, "serve", "--model", str(vit_gpt2_dir), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    wait_ready(port, process)
+    process = ready_server(vit_gpt2_dir)
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130 and "Traceback" not in err and "Finished server process" in err
