@@ -19,6 +19,7 @@ Ray replaces the replica instead of sending it requests.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -28,6 +29,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options, parse
+from docker_vit.handler import batch_size, load_handler
 from docker_vit.server import create_app
 
 # Arguments that configure the Ray deployment rather than Docker-ViT itself, with their types.
@@ -94,8 +96,10 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     """Ray's application builder: `serve run docker_vit.ray:app model=... num_gpus=1`."""
     overrides, deployment = split_args(args)
     settings = Settings.load(os.environ, SERVING, **overrides)  # bad arguments fail here, before any replica
+    batch = batch_size(load_handler(settings), settings)  # a handler's own batch size sizes concurrency
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
-    return DockerViT.options(**deployment_options(settings, deployment)).bind(overrides, load_timeout_s)
+    options = deployment_options(settings, deployment, batch)
+    return DockerViT.options(**options).bind(overrides, load_timeout_s)
 
 
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -124,20 +128,29 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
                 deployment[name] = kind(text)
         except ValueError:  # named as the argument it is, not as the variable `parse` would name
             raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    for name, value in deployment.items():  # Ray checks its own options, but not for nan or inf
+        if name != "num_replicas" and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")
     if deployment.get("load_timeout_s", LOAD_TIMEOUT_S) <= 0:
         raise ValueError(f"load_timeout_s must be positive, got {deployment['load_timeout_s']}")
     return overrides, deployment
 
 
-def deployment_options(settings: Settings, deployment: Mapping[str, Any]) -> dict[str, Any]:
-    """Ray's deployment options: replicas or autoscaling, resources per replica, concurrency."""
+def deployment_options(
+    settings: Settings, deployment: Mapping[str, Any], batch: int | None = None
+) -> dict[str, Any]:
+    """Ray's deployment options: replicas or autoscaling, resources per replica, concurrency.
+
+    `batch` is the most images one model call takes (the handler's own `max_batch_size`, else the
+    setting's)."""
+    batch = batch or settings.max_batch_size
     scaling_keys = ("min_replicas", "max_replicas", "target_ongoing_requests")
     scaling = {key: deployment[key] for key in scaling_keys if key in deployment}
     actor = {key: deployment[key] for key in ("num_gpus", "num_cpus") if key in deployment}
     result: dict[str, Any] = {
         # One batch runs while the next one forms; more would only wait in this replica's queue
         # instead of Ray's router, which can still send them to a less busy replica.
-        "max_ongoing_requests": deployment.get("max_ongoing_requests", 2 * settings.max_batch_size),
+        "max_ongoing_requests": deployment.get("max_ongoing_requests", 2 * batch),
         # Requests wait in Ray's router before a replica's own queue limit can see them: bound them too.
         "max_queued_requests": deployment.get("max_queued_requests", settings.max_queue),
         "graceful_shutdown_timeout_s": settings.shutdown_timeout,
@@ -149,9 +162,7 @@ def deployment_options(settings: Settings, deployment: Mapping[str, Any]) -> dic
         if scaling.get("min_replicas", 0) > scaling.get("max_replicas", 1):  # Ray's default max is 1
             raise ValueError(f"min_replicas={scaling['min_replicas']} needs max_replicas as large or larger")
         # Ray's default target (2) would scale out long before a replica's batches fill.
-        scaling.setdefault(
-            "target_ongoing_requests", min(settings.max_batch_size, result["max_ongoing_requests"])
-        )
+        scaling.setdefault("target_ongoing_requests", min(batch, result["max_ongoing_requests"]))
         result["autoscaling_config"] = scaling
     else:
         result["num_replicas"] = deployment.get("num_replicas", 1)

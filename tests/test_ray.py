@@ -172,11 +172,21 @@ def test_arguments_become_settings_and_deployment_options() -> None:
         ({"num_beams": "0"}, "num_beams must be positive"),
         ({"num_replicas": "2", "min_replicas": "1"}, "not both"),
         ({"min_replicas": "3"}, "min_replicas=3 needs max_replicas"),
+        ({"load_timeout_s": "nan"}, "load_timeout_s must be a finite number"),
+        ({"target_ongoing_requests": "inf"}, "target_ongoing_requests must be a finite number"),
+        ({"handler": "no_such_module:Handler"}, "cannot import no_such_module"),
     ],
 )
 def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         ray_adapter.app(args)
+
+
+def test_a_handlers_own_batch_size_sizes_the_replicas_concurrency() -> None:
+    application = ray_adapter.app({"handler": "examples.minimal_handler:ColorNamer", "min_replicas": "1"})
+    deployment = application._bound_deployment  # the options Ray will deploy with
+    assert deployment.max_ongoing_requests == 2 * 64  # ColorNamer.max_batch_size, not the setting's 16
+    assert deployment._deployment_config.autoscaling_config.target_ongoing_requests == 64
 
 
 def test_an_argument_left_empty_in_a_config_file_is_unset_not_the_text_none() -> None:
