@@ -128,10 +128,12 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
 
 def header_deadline(timeout: float) -> type:
     """uvicorn's HTTP protocol, closing connections whose request headers are not complete `timeout`
-    seconds after the connection opened or its previous response ended, or run past MAX_HEADER_BYTES.
+    seconds after the connection opened, or after the first bytes of a keep-alive connection's next
+    request, or that run past MAX_HEADER_BYTES.
 
-    uvicorn times out idle keep-alive connections only after a response, and never a fresh connection
-    or a slow trickle of header bytes (slowloris): without this, such sockets stay open forever.
+    uvicorn times out an idle keep-alive connection (`--idle-timeout`), but never a fresh connection
+    or a slow trickle of header bytes (slowloris): without this, such sockets stay open forever. A
+    pipelined request whose headers came in with an earlier one's is not timed again.
     """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
@@ -144,6 +146,8 @@ def header_deadline(timeout: float) -> type:
             """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
             and the size of headers that arrived whole in one chunk."""
             waiting = self.cycle is self._waiting_for
+            if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
+                self._arm()
             super().data_received(data)
             if not waiting or self.transport.is_closing():
                 return
@@ -169,21 +173,31 @@ def header_deadline(timeout: float) -> type:
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
             self._expect_headers()
+            self._arm()
 
         def on_response_complete(self) -> None:
+            """Idle time until the next request is uvicorn's keep-alive timeout; its headers are timed
+            from its first bytes on."""
             super().on_response_complete()
             self._expect_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
+            self._disarm()
             super().connection_lost(exc)
 
         def _expect_headers(self) -> None:
+            self._disarm()
+            if self.cycle is not None and not self.cycle.response_complete:
+                return  # a pipelined request's headers are in: it runs, or waits for its turn
+            self._waiting_for, self._header_bytes = self.cycle, 0
+
+        def _arm(self) -> None:
+            self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)
+
+        def _disarm(self) -> None:
             if self._deadline is not None:
                 self._deadline.cancel()
-            self._waiting_for, self._header_bytes = self.cycle, 0
-            self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)
+                self._deadline = None
 
         def _drop_if_waiting(self, cycle: Any) -> None:
             """No new request started since the timer was set (`cycle` unchanged): give up on it."""

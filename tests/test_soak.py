@@ -33,9 +33,13 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server() -> Iterator[str]:
+    yield from serving(READ_TIMEOUT, IDLE_TIMEOUT)
+
+
+def serving(read_timeout: float, idle_timeout: float) -> Iterator[str]:
     port = free_port()
     command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", "fake_handlers:Echo"]
-    command += ["--port", str(port), "--read-timeout", str(READ_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT)]
+    command += ["--port", str(port), "--read-timeout", str(read_timeout), "--idle-timeout", str(idle_timeout)]
     command += ["--max-batch-size", "1", "--max-wait-ms", "0", "--log-level", "warning"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -149,6 +153,45 @@ def test_idle_keep_alive_connections_close_after_idle_timeout(server: str) -> No
     reply = closed_by_server(sock, IDLE_TIMEOUT + PROMPT)
     sock.close()
     assert reply.startswith(b"HTTP/1.1 200") and b'{"status":"ok"}' in reply
+
+
+def test_pipelined_requests_are_not_timed_as_headers_again(server: str) -> None:
+    """Two requests sent at once, each slower than the header timeout, the second with a body larger
+    than any header limit: both are answered in turn on the one connection."""
+    body = b"a" * 100_000
+    first = b"POST /?delay=1.5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 5\r\n\r\nfirst"
+    second = b"POST /?delay=1.5 HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\n"
+    second += f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body
+    sock = connect(server)
+    sock.sendall(first + second)
+    reply = closed_by_server(sock, 3 * PROMPT)
+    sock.close()
+    assert reply.count(b"HTTP/1.1 200") == 2, reply[:300]
+    assert b"\r\n\r\nfirst" in reply and reply.endswith(body)
+
+
+def test_an_idle_timeout_longer_than_the_read_timeout_holds() -> None:
+    for url in serving(read_timeout=1.0, idle_timeout=4.0):
+        sock = connect(url)
+        request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        sock.sendall(request)
+        assert one_reply(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(2.5)  # idle past the read timeout, within the idle timeout
+        sock.sendall(request)
+        assert one_reply(sock).startswith(b"HTTP/1.1 200"), "the kept-alive connection was closed"
+        sock.close()
+
+
+def one_reply(sock: socket.socket) -> bytes:
+    """One whole response (head and Content-Length bytes of body) from a kept-alive connection."""
+    received = b""
+    while b"\r\n\r\n" not in received and (chunk := sock.recv(65536)):
+        received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    length = int(re.search(rb"content-length: (\d+)", head, re.IGNORECASE).group(1))
+    while len(body) < length and (chunk := sock.recv(65536)):
+        body += chunk
+    return head + b"\r\n\r\n" + body
 
 
 def test_queued_work_of_clients_that_left_never_reaches_the_model(server: str) -> None:
