@@ -13,6 +13,7 @@ meet the same answer. Files over the server's byte limit are skipped without bei
 
 from __future__ import annotations
 
+import http.client
 import json
 import threading
 import time
@@ -94,8 +95,8 @@ class RemoteCaptioner:
                     raise _Skip(f"the server answered {problem}") from None
                 failures += exc.code == 504  # a busy server (429, 503) is waited for, up to BUSY_WAIT
                 delay = _retry_after(exc, failures)
-            except (urllib.error.URLError, OSError) as exc:
-                problem = str(getattr(exc, "reason", exc))
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                problem = _problem(exc)  # a dropped connection or a cut-off answer: try again
                 failures += 1
                 delay = _backoff(failures)
             if failures >= ATTEMPTS or time.monotonic() + delay > deadline:
@@ -119,7 +120,7 @@ class RemoteCaptioner:
             request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
             with urllib.request.urlopen(request, timeout=30) as response:
                 model = json.loads(response.read())
-        except (urllib.error.URLError, OSError, ValueError):
+        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
             return {}
         return model if isinstance(model, dict) else {}
 
@@ -138,8 +139,8 @@ class RemoteCaptioner:
                 if exc.code != 503 or body.get("status") == "failed" or time.monotonic() > deadline:
                     detail = body.get("error") if isinstance(body.get("error"), str) else message
                     raise CaptionError(f"{self.url} is not ready: {exc.code} {detail}") from None
-            except (urllib.error.URLError, OSError) as exc:
-                raise CaptionError(f"cannot reach {self.url}: {getattr(exc, 'reason', exc)}") from None
+            except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
+                raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}") from None
             time.sleep(1.0)
 
 
@@ -202,6 +203,13 @@ def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:
         return _backoff(attempt)
 
 
+def _problem(exc: Exception) -> str:
+    """What went wrong with a connection, in words: the reason, or what kind of broken answer came."""
+    if isinstance(exc, http.client.HTTPException):
+        return f"not a complete HTTP answer ({type(exc).__name__})"
+    return str(getattr(exc, "reason", exc))
+
+
 def _backoff(attempt: int) -> float:
     return min(0.5 * 2**attempt, MAX_DELAY)
 
@@ -210,7 +218,7 @@ def _error(exc: urllib.error.HTTPError) -> tuple[dict[str, Any], str]:
     """The error's JSON body (read once) and its message: the server's `error.message`, else the reason."""
     try:
         body = json.loads(exc.read() or b"{}")
-    except (ValueError, OSError):
+    except (ValueError, OSError, http.client.HTTPException):
         body = {}
     finally:
         exc.close()

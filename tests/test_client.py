@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import socket
@@ -233,6 +234,56 @@ def test_a_200_without_captions_stops_the_run_with_a_clear_error(
         stub.shutdown()
         stub.server_close()
     assert "did not answer with captions" in capsys.readouterr().err
+
+
+class _CutShort(_Flaky):
+    """Its first caption answer breaks off after 14 of the 500 bytes it announced; then it captions."""
+
+    cuts = 1
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if _CutShort.cuts > 0:
+            _CutShort.cuts -= 1
+            self.send_response(200)
+            self.send_header("Content-Length", "500")
+            self.end_headers()
+            self.wfile.write(b'{"captions": [')
+            self.close_connection = True
+        else:
+            self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+
+
+def test_an_answer_cut_short_is_retried(tmp_path: Path) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "out.jsonl"
+        url = f"http://127.0.0.1:{stub.server_address[1]}"
+        assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert _CutShort.cuts == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
+
+
+def test_a_peer_that_does_not_speak_http_is_one_line(capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+
+        def greet() -> None:  # an SSH server, say
+            with contextlib.suppress(OSError):
+                while True:
+                    peer, _ = listener.accept()
+                    peer.sendall(b"SSH-2.0-OpenSSH_9.6\r\n")
+                    peer.close()
+
+        threading.Thread(target=greet, daemon=True).start()
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        assert cli.main(["caption", str(photo("coffee.jpg")), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "cannot reach" in err and "not a complete HTTP answer" in err and "Traceback" not in err
 
 
 def test_in_order_yields_in_input_order_and_raises_in_place() -> None:
