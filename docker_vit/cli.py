@@ -129,12 +129,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     service.on_failed = lambda: setattr(server, "should_exit", True)
     # uvicorn re-raises SIGTERM once it has drained; a server that finished its requests exits 0.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    interrupted = False
+    interrupted, refused = False, None
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C, which uvicorn re-raises once it has drained: no traceback
         interrupted = True
-    code = 1 if service.state == FAILED else 130 if interrupted else 0
+    except SystemExit as exc:  # uvicorn could not listen (say, the port is taken); it logged why
+        refused = exc.code if isinstance(exc.code, int) and exc.code else 1
+    code = refused or (1 if service.state == FAILED else 130 if interrupted else 0)
     if service.batcher.busy:
         # A model call outlived the shutdown timeout; exiting normally would join its thread and wait.
         logging.getLogger("docker_vit").warning("exiting with a model call unfinished")

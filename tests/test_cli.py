@@ -117,6 +117,23 @@ def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None
     assert process.returncode == 130 and "Traceback" not in err and "Finished server process" in err
 
 
+def test_a_taken_port_ends_serve_at_once_while_the_model_loads() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        command = [*DOCKER_VIT, "serve", "--handler", "fake_handlers:SlowLoad"]  # a 30 s load
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+        process = subprocess.run(
+            [*command, "--port", str(taken.getsockname()[1])],
+            capture_output=True,
+            text=True,
+            timeout=25,
+            env=env,
+        )
+    assert process.returncode != 0 and "address already in use" in process.stderr
+    assert "Traceback" not in process.stderr
+
+
 def test_caption_prints_captions_and_json(vit_gpt2_dir: Path, capsys: pytest.CaptureFixture) -> None:
     paths = [str(photo("coffee.jpg")), str(photo("chelsea.jpg"))]
     assert cli.main(["caption", paths[0], "--model", str(vit_gpt2_dir)]) == 0
