@@ -241,16 +241,19 @@ class Batcher:
         self.on_batch(len(batch))
         self._idle_before = self._idle_clock()
         self._idle_since = None
+        failure: Exception | None = None
         try:
             items = [e.item for e in batch]
             outputs = await loop.run_in_executor(self._device, self._counted, self.predict, items, options)
             if len(outputs) != len(batch):
                 raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(batch)} items")
         except Exception as exc:
-            await self._recover(batch, options, exc)
-            return
+            failure = exc
         finally:
             self._idle_since = time.monotonic()
+        if failure is not None:  # retried outside the except block, which would hold the failure's frames
+            await self._recover(batch, options, failure)
+            return
         for entry, output in zip(batch, outputs, strict=True):
             if not entry.future.done():
                 entry.future.set_result(output)
@@ -263,6 +266,7 @@ class Batcher:
             log.warning(
                 "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc
             )
+            _drop_frames(exc)  # the failed call's memory (activations, caches) must be free for the halves
             middle = len(live) // 2
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
@@ -270,3 +274,13 @@ class Batcher:
         log.error("model call failed", exc_info=exc)
         for entry in live:
             entry.future.set_exception(exc)
+
+
+def _drop_frames(exc: BaseException | None) -> None:
+    """Forget the stack frames of a failure (and of those it chained): their local variables, such as
+    an out-of-memory batch's tensors, are freed instead of living as long as the exception."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        exc.__traceback__ = None
+        exc = exc.__cause__ or exc.__context__

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import weakref
 
 import pytest
 
@@ -106,6 +107,34 @@ def test_out_of_memory_splits_the_batch() -> None:
     results, calls = run(main())
     assert results == ["1:a", "2:a", "3:a", "4:a"]
     assert [len(items) for items, _ in calls] == [4, 2, 1, 1, 2, 1, 1]
+
+
+def test_a_failed_batchs_memory_is_free_before_its_halves_run() -> None:
+    """What the failed call held (its frames' locals: activations, caches) must not live on, through
+    the exception's traceback, while the smaller retries need that memory."""
+    held: list[weakref.ref] = []
+    alive_at_retry: list[bool] = []
+
+    class Activations:
+        pass
+
+    def predict(items, options):
+        if len(items) == 1:
+            alive_at_retry.append(held[0]() is not None)
+            return items
+        activations = Activations()  # a local of the failing frame, as a model's tensors are
+        held.append(weakref.ref(activations))
+        raise MemoryError("out of memory")
+
+    async def main():
+        batcher = make(predict)
+        batcher.start()
+        results = await asyncio.gather(*batcher.submit([1, 2], "a"))
+        await batcher.stop()
+        return results
+
+    assert run(main()) == [1, 2]
+    assert alive_at_retry == [False, False]  # freed before the halves ran, not held by the failure
 
 
 def test_abandoned_items_free_their_queue_room_at_once() -> None:
