@@ -23,6 +23,8 @@ FORMATS = tuple(
 WHITE = (255, 255, 255)
 ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
 UNSUPPORTED = "cannot decode the image: not a supported image format"
+MAX_JPEG_SCANS = 256  # each scan of a progressive JPEG is a pass over the whole picture; cameras write ~10
+MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
 
 
 class InputError(Exception):
@@ -62,6 +64,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise NotAnImage("image is empty")
     if data[:4] == ICO_MAGIC and _ico_pixels(data) > max_pixels:
         raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}")
+    _check_decoding_work(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -99,6 +102,42 @@ def _ico_pixels(data: bytes) -> int:
             height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
         largest = max(largest, width * height)
     return largest
+
+
+def _check_decoding_work(data: bytes) -> None:
+    """Refuse files whose decoding costs far more than their pixels and bytes suggest: a JPEG of
+    thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
+    all the while holding a decode thread that other clients' images need."""
+    if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
+        raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
+    if data[:8] == PNG_MAGIC and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
+        raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+
+
+def _jpeg_scans(data: bytes) -> int:
+    """Start-of-scan markers from the first scan on (entropy-coded data escapes every 0xFF, so a
+    marker's two bytes cannot occur inside it); the segments before it are skipped by their lengths."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xDA:
+            return data.count(b"\xff\xda", pos)
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            pos += 2
+        else:
+            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+    return 0
+
+
+def _png_chunks(data: bytes, stop: int) -> int:
+    """Chunks in a PNG, counted up to `stop`: each is 12 bytes of framing around its length's data."""
+    count, pos = 0, len(PNG_MAGIC)
+    while pos + 8 <= len(data) and count < stop:
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+        count += 1
+    return count
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:

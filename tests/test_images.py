@@ -126,12 +126,13 @@ def test_byte_limit_is_checked_before_decoding(bulldog: bytes) -> None:
     assert info.value.status == 413
 
 
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """One PNG chunk: length, kind, body, CRC."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG that claims a size but holds almost nothing: a decompression bomb's calling card."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return (
         b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
@@ -143,6 +144,29 @@ def test_pixel_limit_refuses_bombs_before_decoding() -> None:
         open_image(_png_header_only(50_000, 50_000), **LIMITS)
     with pytest.raises(TooLarge):
         open_image(encode(Image.new("RGB", (100, 100))), max_bytes=10**6, max_pixels=9_999)
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding() -> None:
+    """Each scan is a pass over the whole picture: 30,000 empty ones took 22 s from 316 KB."""
+    progressive = encode(Image.new("RGB", (64, 64), (10, 120, 200)), "JPEG", progressive=True)
+    assert open_image(progressive, **LIMITS).size == (64, 64)  # ~10 scans: fine
+    empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
+    with pytest.raises(TooLarge, match="scans; the limit is 256"):
+        open_image(progressive[:-2] + empty_scan * 3000 + b"\xff\xd9", **LIMITS)
+
+
+def test_a_png_of_tiny_chunks_is_refused_before_decoding() -> None:
+    """Pillow reads chunks one by one in Python: a 20 MB file of tiny ones kept a thread ~20 s."""
+    image = Image.new("L", (64, 64), 99)
+    pixels = zlib.compress(
+        b"".join(b"\x00" + bytes(image.tobytes()[y * 64 : y * 64 + 64]) for y in range(64))
+    )
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 64, 64, 8, 0, 0, 0, 0))
+    few = head + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+    assert open_image(few, **LIMITS).getpixel((5, 5)) == (99, 99, 99)
+    tiny = b"".join(chunk(b"tEXt", b"k\x00v") for _ in range(60_000))
+    with pytest.raises(TooLarge, match="more than 50000 chunks"):
+        open_image(head + tiny + chunk(b"IDAT", pixels) + chunk(b"IEND", b""), **LIMITS)
 
 
 def test_a_bomb_past_pillows_own_cap_names_the_limit_that_applies() -> None:
