@@ -73,8 +73,9 @@ class Worker:
         return self._submit(self.process(job)).result()
 
     async def process(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        try:
-            inputs, raw = read_job(job, self.settings, self.service.handler.option_names)
+        try:  # base64 of up to max_images x max_bytes: decoded off the loop that runs the batches
+            names = self.service.handler.option_names
+            inputs, raw = await asyncio.to_thread(read_job, job, self.settings, names)
             await self._wait_ready()
             try:
                 options = self.service.options(raw)

@@ -9,6 +9,7 @@ the production intake. Every class can be served as `docker-vit serve --handler 
 from __future__ import annotations
 
 import io
+import sys
 import threading
 import time
 from collections.abc import Hashable, Mapping, Sequence
@@ -253,4 +254,5 @@ class SlowLoad(Echo):
     """A model that takes half a minute to load."""
 
     def load(self) -> None:
+        print("slow load started", file=sys.stderr, flush=True)  # tests wait for this line
         time.sleep(30)

@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -105,6 +104,22 @@ def test_data_url_and_generation_options(worker):
         run(worker, {"input": {"image": "DATA:image/png;base64," + png(7, 7)}})["captions"][0]["text"][:3]
         == "7x7"
     )
+
+
+def test_base64_is_decoded_off_the_loop_that_runs_the_batches(worker, monkeypatch):
+    """Up to max_images x max_bytes of base64: decoded on the loop, it stalled every other job."""
+    from docker_vit import errors
+
+    threads = []
+    real = errors.decode_base64
+
+    def recording(*args, **kwargs):
+        threads.append(threading.current_thread())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(errors, "decode_base64", recording)
+    assert run(worker, {"input": {"image": png(5, 5)}})["captions"][0]["text"].startswith("5x5")
+    assert threads and worker._thread not in threads
 
 
 def test_sync_entry_point(worker):
@@ -271,10 +286,14 @@ def test_ctrl_c_while_the_model_loads_exits_130_at_once():
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(3)
+    seen = ""
+    while "slow load started" not in seen:  # the SDK's import alone can take seconds: wait for the load
+        line = process.stderr.readline()
+        assert line, "the worker ended before loading"
+        seen += line
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=20)  # not the 30 s the load would take
-    assert process.returncode == 130 and "Traceback" not in err, err
+    assert process.returncode == 130 and "Traceback" not in seen + err, seen + err
 
 
 @pytest.mark.parametrize(
