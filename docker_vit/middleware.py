@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from docker_vit.errors import ApiError, error_response
+from docker_vit.errors import CLIENT_GONE, ApiError, error_response
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.access")
@@ -36,10 +36,10 @@ class RequestContext:
         metrics: Metrics,
         max_body: int,
         read_timeout: float,
-        request_id_header: bool = True,
+        proxied: bool = False,
     ) -> None:
         self.app = app
-        self.request_id_header = request_id_header
+        self.proxied = proxied  # Ray's proxy: it sets X-Request-ID, and cancels requests whose client left
         self.metrics = metrics
         self.max_body = max_body
         self.read_timeout = read_timeout
@@ -59,7 +59,7 @@ class RequestContext:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
-                if self.request_id_header:
+                if not self.proxied:
                     message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
             await send(message)
 
@@ -71,8 +71,11 @@ class RequestContext:
                 await self.app(scope, self._limited(receive, started + self.read_timeout), send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when the shutdown timeout is up: they get a
-            # JSON answer too (uvicorn's own would be a plain-text 500)
-            if answered:
+            # JSON answer too (uvicorn's own would be a plain-text 500). Behind a proxy a cancelled
+            # request is a client that left: nobody is there to answer.
+            if self.proxied and not answered:
+                status = CLIENT_GONE
+            if answered or self.proxied:
                 raise
             headers = {**_CLOSE, "Retry-After": "1"}  # another replica, or this one restarted, may answer
             response = error_response(503, "the server is shutting down", headers=headers)

@@ -81,7 +81,7 @@ class DockerViT:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
         settings = Settings.load(os.environ, SERVING, **overrides)
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
-        web = create_app(settings, request_id_header=False)  # Ray's proxy answers with its own
+        web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s
         REPLICA_APP.app = web

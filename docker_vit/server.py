@@ -47,9 +47,10 @@ def _short_int(text: str) -> int:
     return int(text)
 
 
-def create_app(settings: Settings, handler: Handler | None = None, request_id_header: bool = True) -> FastAPI:
+def create_app(settings: Settings, handler: Handler | None = None, proxied: bool = False) -> FastAPI:
     """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this.
-    `request_id_header=False` leaves the `X-Request-ID` answer to a proxy that sets its own (Ray's)."""
+    `proxied`: behind a proxy (Ray Serve's) that answers with its own `X-Request-ID` and cancels a
+    request whose client left."""
     service = Service(settings, handler or load_handler(settings))
 
     @asynccontextmanager
@@ -67,7 +68,7 @@ def create_app(settings: Settings, handler: Handler | None = None, request_id_he
         metrics=service.metrics,
         max_body=_max_body(settings),
         read_timeout=settings.read_timeout,
-        request_id_header=request_id_header,
+        proxied=proxied,
     )
     _routes(app, service, settings)
     return app
@@ -246,10 +247,16 @@ async def _run(
         raise errors.from_service(exc) from None
     work = asyncio.ensure_future(service.run(inputs, options))
     gone = asyncio.ensure_future(_disconnected(request))
-    done, _ = await asyncio.wait(
-        {work, gone}, timeout=settings.request_timeout, return_when="FIRST_COMPLETED"
-    )
-    gone.cancel()
+    gone.add_done_callback(lambda task: task.cancelled() or task.exception())  # nobody else reads it
+    try:
+        done, _ = await asyncio.wait(
+            {work, gone}, timeout=settings.request_timeout, return_when="FIRST_COMPLETED"
+        )
+    except asyncio.CancelledError:  # this request was cancelled (Ray does it when its client leaves)
+        work.cancel()  # its images leave the queue
+        raise
+    finally:
+        gone.cancel()
     if work not in done:
         work.cancel()
         if gone in done:

@@ -266,3 +266,56 @@ def test_keyboardinterrupt_is_ctrl_c_only_where_python_raises_it_for_sigint() ->
             contained(interrupt)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_behind_a_proxy_a_cancelled_request_is_a_client_gone_and_its_image_never_runs() -> None:
+    """Ray's proxy cancels a replica's request when its client leaves: no 503 "shutting down" is
+    logged for it, and its queued image leaves the queue instead of reaching the model."""
+    from docker_vit.server import create_app
+
+    settings = Settings(handler="fake_handlers:Echo", max_batch_size=1, max_wait_ms=0)
+    app = create_app(settings, proxied=True)
+    service = app.state.service
+
+    async def post(text: str, sent: list) -> None:
+        scope = {
+            "type": "http", "method": "POST", "path": "/", "raw_path": b"/", "query_string": b"delay=1",
+            "headers": [(b"content-type", b"image/x"), (b"content-length", str(len(text)).encode())],
+            "http_version": "1.1", "scheme": "http", "server": ("test", 80), "client": ("c", 1), "root_path": "",
+        }  # fmt: skip
+        messages = [{"type": "http.request", "body": text.encode(), "more_body": False}]
+
+        async def receive() -> dict:
+            if messages:
+                return messages.pop()
+            await asyncio.Event().wait()  # the client stays connected
+            return {}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await app(scope, receive, send)
+
+    async def scenario() -> tuple[list, list]:
+        async with app.router.lifespan_context(app):
+            assert await service.settled(30)
+            slow_sent, gone_sent = [], []
+            slow = asyncio.ensure_future(post("slow", slow_sent))
+            while ["slow"] not in service.handler.seen:  # the model is busy with it
+                await asyncio.sleep(0.01)
+            gone = asyncio.ensure_future(post("gone", gone_sent))
+            while service.batcher.depth < 1:
+                await asyncio.sleep(0.01)
+            gone.cancel()
+            await asyncio.gather(gone, return_exceptions=True)
+            await slow
+            await asyncio.sleep(0.2)  # time for a leaked image to reach the model
+            return slow_sent, gone_sent
+
+    slow_sent, gone_sent = asyncio.run(scenario())
+    assert slow_sent[0]["status"] == 200 and gone_sent == []
+    assert service.handler.items() == ["slow"] and service.batcher.depth == 0
+    metrics = service.metrics.render().decode()
+    assert (
+        'docker_vit_requests_total{route="/",status="499"} 1.0' in metrics and 'status="503"' not in metrics
+    )

@@ -197,7 +197,7 @@ def test_an_argument_left_empty_in_a_config_file_is_unset_not_the_text_none() ->
 
 
 def test_one_request_id_header_the_proxys() -> None:
-    reply = TestClient(ray_adapter.create_app(Settings(), request_id_header=False)).get("/healthz")
+    reply = TestClient(ray_adapter.create_app(Settings(), proxied=True)).get("/healthz")
     assert reply.status_code == 200 and "x-request-id" not in reply.headers
 
 
