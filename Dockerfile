@@ -95,10 +95,13 @@ RUN pip install $PIP_EXTRA_ARGS --no-deps -c /opt/venv/torch-constraint.txt /src
     && pip check \
     && rm -rf /src
 
-# Optional: a model baked into the image, so a pod or serverless worker starts without the Hub.
+# Optional: a model baked into the image, so a pod or serverless worker starts without the Hub. The
+# download runs as root: what it leaves in the Hub cache (HF_HOME) goes to the app user, whose later
+# downloads of other models would otherwise find a cache it cannot write.
 ARG MODEL=
 RUN if [ -n "$MODEL" ]; then \
-        docker-vit download "$MODEL" --dir /opt/model && chmod -R a+rX /opt/model; \
+        docker-vit download "$MODEL" --dir /opt/model && chmod -R a+rX /opt/model \
+        && chown -R app:app /home/app; \
     fi
 ENV DOCKER_VIT_MODEL=${MODEL:+/opt/model}
 USER app
