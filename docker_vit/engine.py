@@ -72,6 +72,8 @@ class CaptionEngine:
         source = os.path.expanduser(self.model_id)  # a Hub id stays as it is
         if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(source):
             raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
+        if os.path.isdir(source):
+            _check_readable(source)
         _check_available(self.device)
         if self.device.type == "cpu":
             _reuse_freed_memory()
@@ -162,6 +164,17 @@ def _check_available(device: torch.device) -> None:
         raise DeviceUnavailable(
             f"device {device}: this machine has {module.device_count()} {device.type} device(s)"
         )
+
+
+def _check_readable(folder: str) -> None:
+    """A mounted folder whose files this user cannot read (say, a 0600 `model.safetensors` of another
+    user, as transformers saves it) made transformers report the file as missing."""
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and not os.access(path, os.R_OK):
+            raise PermissionError(
+                f"cannot read {path}: permission denied (make the folder readable: chmod -R a+rX)"
+            )
 
 
 def _pretrained(auto: Any, model_id: str, **kwargs: Any) -> Any:

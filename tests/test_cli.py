@@ -175,6 +175,19 @@ def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pyte
     )
 
 
+def test_a_model_file_this_user_cannot_read_is_named_as_such(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mounted folder with another user's 0600 weights (tests run as root, who reads anything)."""
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    monkeypatch.setattr("os.access", lambda path, mode: not str(path).endswith(".safetensors"))
+    assert cli.main(["caption", str(photo("coffee.jpg")), "--model", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"docker-vit: cannot load the model: PermissionError: cannot read {tmp_path}")
+    assert "chmod -R a+rX" in err and "\n" not in err
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a torch without CUDA")
 def test_a_device_torch_lacks_is_one_clear_line(vit_gpt2_dir: Path, capsys: pytest.CaptureFixture) -> None:
     assert (
