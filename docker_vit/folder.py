@@ -11,6 +11,7 @@ not (skipped with a warning, or the run stopped on an error: rerun to retry them
 from __future__ import annotations
 
 import csv
+import io
 import os
 import stat
 import sys
@@ -257,6 +258,8 @@ class _Stdout:
         self.format = fmt or "text"
         self.done: set[str] = set()
         self.with_path = len(images) > 1 or any(os.path.isdir(path) for path in paths)
+        if isinstance(sys.stdout, io.TextIOWrapper):  # a name that is not UTF-8 goes out as its bytes,
+            sys.stdout.reconfigure(errors="surrogateescape")  # as in an output file, not as an error
         if self.format == "csv":
             csv.writer(sys.stdout, lineterminator="\n").writerow(CSV_COLUMNS)
 

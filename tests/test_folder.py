@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -368,6 +369,20 @@ def test_a_fifo_or_an_endless_file_is_skipped_not_waited_on(library: Path, tmp_p
     assert done.returncode == 1
     assert "pipe.jpg: not a regular file" in done.stderr and "zero.png: not a regular file" in done.stderr
     assert len(lines(out)) == 5
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"], ["--format", "csv"]])
+def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path, fmt: list[str]) -> None:
+    """On stdout too (a strict UTF-8 stdout could not print it, and the whole run stopped)."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    shutil.copy(picture(tmp_path / "x.png", 70), os.path.join(os.fsencode(folder), b"caf\xe9.png"))
+    picture(folder / "z.png", 80)
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(folder), *fmt, *DIGEST]
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONIOENCODING": "utf-8"}
+    done = subprocess.run(command, env=env, capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert b"caf\xe9.png" in done.stdout and b"z.png" in done.stdout
 
 
 def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
