@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from docker_vit.images import NotAnImage, TooLarge, open_image
+from docker_vit.images import InputError, NotAnImage, TooLarge, open_image
 
 LIMITS = {"max_bytes": 20_000_000, "max_pixels": 40_000_000}
 
@@ -176,7 +176,13 @@ def test_a_bomb_past_pillows_own_cap_names_the_limit_that_applies() -> None:
         open_image(_png_header_only(50_000, 50_000), max_bytes=10**6, max_pixels=10**10)
 
 
-@pytest.mark.parametrize("data", [b"", b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a"])
+def test_no_bytes_at_all_is_missing_input() -> None:
+    with pytest.raises(InputError) as info:
+        open_image(b"", **LIMITS)
+    assert info.value.status == 400 and not isinstance(info.value, NotAnImage)
+
+
+@pytest.mark.parametrize("data", [b"not an image at all", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"GIF89a"])
 def test_garbage_is_not_an_image(data: bytes) -> None:
     with pytest.raises(NotAnImage) as info:
         open_image(data, **LIMITS)
