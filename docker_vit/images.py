@@ -158,10 +158,12 @@ def _orient(image: Image.Image) -> Image.Image:
 
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: alpha composited on white, deep grays scaled, not clipped."""
+    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):  # a transparent color (tRNS)
+        image = image.convert("RGBA")
     if image.mode == "RGB":
         return image
     if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+        image = image.convert("RGB")
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
         image = _deep_to_gray(image)
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from docker_vit.images import InputError, NotAnImage, TooLarge, open_image
+from docker_vit.images import WHITE, InputError, NotAnImage, TooLarge, open_image
 
 LIMITS = {"max_bytes": 20_000_000, "max_pixels": 40_000_000}
 
@@ -53,6 +53,15 @@ def test_palette_with_transparency() -> None:
     image.info["transparency"] = 1
     result = open_image(encode(image, transparency=1), **LIMITS)
     assert result.mode == "RGB" and result.getpixel((2, 2)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(("mode", "clear"), [("L", 0), ("RGB", (0, 0, 0))])
+def test_a_transparent_color_of_a_gray_or_rgb_png_is_composited_on_white(mode: str, clear: object) -> None:
+    image = Image.new(mode, (8, 8), clear)
+    image.putpixel((1, 1), 200 if mode == "L" else (200, 10, 10))
+    result = open_image(encode(image, transparency=clear), **LIMITS)
+    assert result.getpixel((0, 0)) == WHITE
+    assert result.getpixel((1, 1)) == ((200, 200, 200) if mode == "L" else (200, 10, 10))
 
 
 def test_plain_palette_keeps_its_colors() -> None:
