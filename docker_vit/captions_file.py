@@ -47,8 +47,11 @@ def encode(entry: Mapping[str, Any], fmt: str, columns: Sequence[str] = CSV_COLU
     """One record as one line of text (a CSV row may span lines only if a value holds a newline)."""
     if fmt == "jsonl":
         return json.dumps(entry, ensure_ascii=False) + "\n"
+    row = [entry.get(column, "") for column in columns]
+    # csv quotes a field holding "\n" (the line end here) but not a lone "\r", which its reader refuses
+    quoting = csv.QUOTE_ALL if any("\r" in str(value) for value in row) else csv.QUOTE_MINIMAL
     buffer = io.StringIO()
-    csv.writer(buffer, lineterminator="\n").writerow([entry.get(column, "") for column in columns])
+    csv.writer(buffer, lineterminator="\n", quoting=quoting).writerow(row)
     return buffer.getvalue()
 
 

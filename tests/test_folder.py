@@ -195,6 +195,14 @@ def test_a_whole_last_record_without_its_newline_is_kept(tmp_path: Path) -> None
     assert [json.loads(line)["path"] for line in path.read_text().splitlines()] == ["x.png", "y.png"]
 
 
+def test_a_carriage_return_in_a_name_or_caption_resumes_from_csv(tmp_path: Path) -> None:
+    path = tmp_path / "out.csv"
+    with CaptionsFile(str(path), "csv") as file:
+        file.write([{"path": "a\rb.png", "caption": "one\rtwo"}, {"path": "c.png", "caption": "c"}])
+    with CaptionsFile(str(path), "csv") as file:
+        assert file.done == {"a\rb.png", "c.png"}
+
+
 def test_a_spreadsheets_byte_order_mark_does_not_hide_the_header(tmp_path: Path) -> None:
     path = tmp_path / "saved.csv"
     path.write_bytes("\ufeffpath,caption\r\nx.png,a\r\n".encode())
