@@ -33,7 +33,9 @@ IMAGE_EXTENSIONS = frozenset(
         ".jpeg",
         ".jpe",
         ".jfif",
+        ".mpo",
         ".png",
+        ".apng",
         ".gif",
         ".webp",
         ".bmp",
@@ -41,6 +43,9 @@ IMAGE_EXTENSIONS = frozenset(
         ".tiff",
         ".ico",
         ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
         ".tga",
     }
 )  # what the intake decodes (images.FORMATS)

@@ -394,12 +394,15 @@ def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path, fm
 
 
 def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    for name in ("a.jfif", "b.ppm", "c.tga", "d.ico"):
+    names = ("a.jfif", "b.ppm", "c.tga", "d.ico", "e.mpo", "f.apng", "g.pgm", "h.pbm", "i.pnm")
+    for name in names:
         image = Image.new("RGB", (8, 8), (10, 20, 30))
-        kind = {"jfif": "JPEG"}.get(name[2:], name[2:].upper())
-        image.save(tmp_path / name, format=kind)
+        kind = {"jfif": "JPEG", "mpo": "JPEG", "apng": "PNG", "pgm": "PPM", "pbm": "PPM", "pnm": "PPM"}
+        image.convert("L" if name[2:] in ("pgm", "pbm") else "RGB").save(
+            tmp_path / name, format=kind.get(name[2:], name[2:].upper())
+        )
     assert cli.main(["caption", str(tmp_path), "-o", "-", "--json", *DIGEST]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 4 and not (Path.cwd() / "-").exists()
+    assert len(capsys.readouterr().out.splitlines()) == len(names) and not (Path.cwd() / "-").exists()
 
 
 def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
