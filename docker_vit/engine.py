@@ -81,19 +81,21 @@ class CaptionEngine:
         logs.adopt_library_loggers()
         try:
             model = _pretrained(AutoModelForImageTextToText, source, dtype=self.dtype)
-        except ValueError as exc:  # not an image-to-text model: transformers lists every class it knows
-            raise Unservable(str(exc).split("Model type should be")[0].strip()) from None
+            processor = _pretrained(AutoProcessor, source)
+            # A vit-gpt2 folder has no processor class: AutoProcessor then yields only the tokenizer.
+            self.image_processor = getattr(processor, "image_processor", None)
+            if self.image_processor is None:
+                self.image_processor = _pretrained(AutoImageProcessor, source)
+        except OSError:  # no such model, no network, unreadable: their messages say so
+            raise
+        except Exception as exc:  # not an image-to-text model, a broken file or config: one line
+            raise Unservable(f"cannot read {self.model_id}: {_one_line(exc)}") from exc
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        _check_captioning(self.model_id, self.tokenizer, self.image_processor, model.config)
         # Every call sets max_new_tokens, which wins over a max_length the model's own config sets;
         # left there, that max_length only makes transformers warn at every batch.
         model.generation_config.max_length = None
         self.model = model.to(self.device).eval()
-        processor = _pretrained(AutoProcessor, source)
-        # A vit-gpt2 folder has no processor class: AutoProcessor then yields only the tokenizer.
-        self.tokenizer = getattr(processor, "tokenizer", processor)
-        self.image_processor = getattr(processor, "image_processor", None)
-        if self.image_processor is None:
-            self.image_processor = _pretrained(AutoImageProcessor, source)
-        _check_captioning(self.model_id, self.tokenizer, self.image_processor)
         self.input_size = _input_size(self.image_processor)
         text = self.model.config.get_text_config(decoder=True)
         positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
@@ -213,11 +215,27 @@ def _release_free_memory() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def _check_captioning(model_id: str, tokenizer: Any, image_processor: Any) -> None:
+def _one_line(exc: Exception) -> str:
+    """An error as one short line (transformers' "not an image-to-text model" lists every model type)."""
+    text = " ".join(str(exc).split("Model type should be")[0].split())
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def _check_captioning(model_id: str, tokenizer: Any, image_processor: Any, config: Any = None) -> None:
     """The captioner needs pixels in and a tokenizer out: say so at load, not at the first caption."""
     if not callable(getattr(tokenizer, "decode", None)):
         raise Unservable(
             f"{model_id} has no tokenizer (tokenizer.json or vocabulary files) to read captions with"
+        )
+    # Without its vocabulary files transformers makes a tokenizer of a few tokens, and every caption
+    # would come out empty.
+    text = config.get_text_config(decoder=True) if config is not None else None
+    vocab = getattr(text, "vocab_size", None)
+    size = len(tokenizer) if hasattr(tokenizer, "__len__") else None
+    if isinstance(vocab, int) and size is not None and size < vocab // 2:
+        raise Unservable(
+            f"{model_id}'s tokenizer knows {size} tokens but the model writes {vocab}: "
+            "its tokenizer files (tokenizer.json or vocabulary files) are missing or not this model's"
         )
     produced = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="np")
     if "pixel_values" not in produced:

@@ -209,6 +209,31 @@ def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
         _check_captioning("pix2struct", AutoProcessor.from_pretrained(vit_gpt2_dir), Patches())
 
 
+@pytest.mark.parametrize(
+    "damage",
+    ["no tokenizer.json", "weights cut short", "empty preprocessor config"],
+)
+def test_a_damaged_model_folder_fails_to_load_in_one_line(
+    vit_gpt2_dir: Path, tmp_path: Path, damage: str
+) -> None:
+    """Not a model that serves empty captions (a tokenizer of a few tokens), nor a traceback."""
+    folder = tmp_path / "damaged"
+    shutil.copytree(vit_gpt2_dir, folder)
+    if damage == "no tokenizer.json":
+        (folder / "tokenizer.json").unlink()
+        expected = "tokenizer knows"
+    elif damage == "weights cut short":
+        weights = folder / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:5000])
+        expected = "cannot read"
+    else:
+        (folder / "preprocessor_config.json").write_text("{}")
+        expected = "cannot read"
+    with pytest.raises(Unservable, match=expected) as refused:
+        CaptionEngine(str(folder), device="cpu").load()
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 500
+
+
 def test_requests_stop_where_the_models_positions_do(git_dir: Path, tmp_path: Path, caplog) -> None:
     """The tiny GIT has 64 positions: beyond 64 new tokens is a 422, not the model's IndexError; and a
     model that sets its own max_length captions without a warning per batch."""
