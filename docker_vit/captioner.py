@@ -28,7 +28,8 @@ class Captioner(Handler):
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
         self.engine = CaptionEngine(settings.model, settings.device, settings.dtype, settings.threads)
-        self.name = settings.model
+        if type(self).name == Handler.name:  # a subclass that names itself keeps its name
+            self.name = settings.model
 
     def load(self) -> None:
         self.engine.load()
@@ -47,7 +48,7 @@ class Captioner(Handler):
         s = self.settings
         return {
             **self.engine.describe(),
-            "handler": "docker_vit.captioner:Captioner",
+            "handler": f"{type(self).__module__}:{type(self).__qualname__}",
             "generation": {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
             "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": self._token_limit()},
         }

@@ -168,7 +168,8 @@ def named(exc: Exception, flags: bool = True) -> str:
             return name
         return f"{flag_name(name)} ({env_name(name)})" if flags else env_name(name)
 
-    return re.sub(r"^[a-z]+\b|\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
+    # not an attribute (`MyHandler.max_batch_size`): only settings named on their own
+    return re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
 
 
 def env_name(name: str) -> str:

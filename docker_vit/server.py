@@ -96,7 +96,9 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         try:
             info = description(service.handler)
         except Exception as exc:
-            raise errors.from_service(exc) from None
+            if service.state == READY:
+                raise errors.from_service(exc) from None
+            info = Handler.describe(service.handler)  # a describe() that needs the loaded model
         limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
         request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
         request |= {"max_images": settings.max_images, "max_queue": settings.max_queue}

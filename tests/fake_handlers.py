@@ -256,3 +256,16 @@ class SlowLoad(Echo):
     def load(self) -> None:
         print("slow load started", file=sys.stderr, flush=True)  # tests wait for this line
         time.sleep(30)
+
+
+class DescribesItsModel(Echo):
+    """describe() reads what load() sets, and load() waits for `loaded` (a test decides when)."""
+
+    loaded = threading.Event()
+
+    def load(self) -> None:
+        assert self.loaded.wait(30), "the test never let the load finish"
+        self.weights = "w1"
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "weights": self.weights}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from docker_vit.cli import _parser
-from docker_vit.config import DEFAULT_MODEL, Settings, env_name, options
+from docker_vit.config import DEFAULT_MODEL, Settings, env_name, named, options
 
 
 def test_defaults_are_the_seeds() -> None:
@@ -158,3 +158,11 @@ def test_servers_read_no_variable_of_the_caption_command() -> None:
     assert settings.url == "" and "url" not in SERVING and "json" not in SERVING
     with pytest.raises(ValueError, match="exceeds max_num_beams"):
         Settings.load({**env, "DOCKER_VIT_NUM_BEAMS": "20"}, SERVING)
+
+
+def test_a_handler_attribute_in_a_settings_error_is_not_renamed() -> None:
+    error = ValueError("BadBatch.max_batch_size must be a positive int, got True")
+    assert named(error, flags=False) == "BadBatch.max_batch_size must be a positive int, got True"
+    assert named(ValueError("max_batch_size must be positive, got 0"), flags=False) == (
+        "DOCKER_VIT_MAX_BATCH_SIZE must be positive, got 0"
+    )

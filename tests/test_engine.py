@@ -251,3 +251,14 @@ def test_requests_stop_where_the_models_positions_do(git_dir: Path, tmp_path: Pa
         assert "max_length" not in caplog.text
     with pytest.raises(Unservable, match="more than .* can generate"):
         Captioner(Settings(model=str(git_dir), max_new_tokens=70, max_new_tokens_limit=200)).load()
+
+
+def test_a_captioner_subclass_keeps_its_name_and_is_described_as_itself(vit_gpt2_dir: Path) -> None:
+    class Shout(Captioner):
+        name = "shout"
+
+    handler = Shout(Settings(model=str(vit_gpt2_dir)))
+    assert handler.name == "shout" and Captioner(Settings(model=str(vit_gpt2_dir))).name == str(vit_gpt2_dir)
+    assert handler.describe()["handler"].endswith(
+        ":test_a_captioner_subclass_keeps_its_name_and_is_described_as_itself.<locals>.Shout"
+    )

@@ -14,6 +14,7 @@ import torch
 from conftest import serving
 from fake_handlers import (
     BadDescribe,
+    DescribesItsModel,
     Exiting,
     Gated,
     Misbehaving,
@@ -319,3 +320,18 @@ def test_behind_a_proxy_a_cancelled_request_is_a_client_gone_and_its_image_never
     assert (
         'docker_vit_requests_total{route="/",status="499"} 1.0' in metrics and 'status="503"' not in metrics
     )
+
+
+def test_v1_model_answers_while_a_handler_that_describes_its_model_loads() -> None:
+    settings = Settings()
+    DescribesItsModel.loaded.clear()
+    with serving(settings, DescribesItsModel(settings), wait=False) as client:
+        loading = client.get("/v1/model")
+        assert loading.status_code == 200 and loading.json()["status"] == "loading"
+        assert loading.json()["model"] == "echo" and "weights" not in loading.json()
+        DescribesItsModel.loaded.set()
+        deadline = time.monotonic() + 30
+        while client.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert client.get("/v1/model").json()["weights"] == "w1"
