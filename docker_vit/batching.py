@@ -45,7 +45,13 @@ def contained(fn: Callable[..., Any], *args: Any) -> Any:
         return fn(*args)
     except (StopIteration, StopAsyncIteration) as exc:  # asyncio cannot put these in a future: a hang
         raise RuntimeError(f"the handler raised {type(exc).__name__}") from None
-    except Exception:
+    except Exception as exc:
+        try:
+            str(exc)  # every front end shows the message
+        except Exception:
+            raise RuntimeError(
+                f"the handler raised {type(exc).__name__} (its message cannot be shown)"
+            ) from None
         raise
     except BaseException as exc:
         if isinstance(exc, KeyboardInterrupt) and _ctrl_c_raises():

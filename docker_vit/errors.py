@@ -42,6 +42,7 @@ class ApiError(Exception):
     def __init__(
         self, status: int, message: str, type: str | None = None, headers: dict | None = None
     ) -> None:
+        message = message.encode("utf-8", "backslashreplace").decode()  # JSON carries no lone surrogate
         super().__init__(message)
         self.status = status
         self.type = type or TYPES.get(status, "error")

@@ -145,6 +145,11 @@ class NoSettings(Echo):
         super().__init__(None)
 
 
+class Unprintable(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no words for it")
+
+
 class Misbehaving(Echo):
     """Breaks the interface on request: option `mode` (read by `options`, `predict`) or the input text
     (read by `respond`) names the mistake. Any other input echoes. `mode` is the subclasses' default."""
@@ -172,6 +177,10 @@ class Misbehaving(Echo):
             raise StopIteration  # asyncio cannot carry it in a future
         if options == "timeout":
             raise TimeoutError("the disk was slow")  # not the server's own timeout
+        if options == "unprintable":
+            raise Unprintable()
+        if options == "surrogate":
+            raise ValueError("bad byte \udcff here")  # JSON cannot carry a lone surrogate
         return list(items)
 
     def prepare(self, data: bytes, options: Hashable) -> Any:

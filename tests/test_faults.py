@@ -210,6 +210,8 @@ def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> No
             ("nothing", 500, "not a sequence"),
             ("stop", 500, "the handler raised StopIteration"),
             ("timeout", 500, "TimeoutError: the disk was slow"),
+            ("unprintable", 500, "the handler raised Unprintable (its message cannot be shown)"),
+            ("surrogate", 500, "ValueError: bad byte \\udcff here"),
         ]:
             response = client.post(f"/?mode={mode}", content=b"a", headers={"content-type": "image/x"})
             assert response.status_code == status, (mode, response.text)
