@@ -136,11 +136,12 @@ def load_handler(settings: Settings) -> Handler:
         handler = cls(settings)
     except Exception as exc:
         raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
-    _check_attributes(handler, settings)  # refuse mistakes now, not at the first request
+    check_attributes(handler, settings)  # refuse mistakes now, not at the first request
     return handler
 
 
-def _check_attributes(handler: Handler, settings: Settings) -> None:
+def check_attributes(handler: Handler, settings: Settings) -> None:
+    """Refuse a handler whose `name`, `option_names` or `max_batch_size` no front end could use."""
     title = type(handler).__name__
     try:
         name, names = handler.name, handler.option_names

@@ -16,7 +16,15 @@ from typing import Any
 
 from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, Result, batch_size, predict_all, read_options, respond
+from docker_vit.handler import (
+    Handler,
+    Result,
+    batch_size,
+    check_attributes,
+    predict_all,
+    read_options,
+    respond,
+)
 from docker_vit.images import InputError
 from docker_vit.metrics import Metrics
 
@@ -33,6 +41,7 @@ class Service:
     """One handler, its batcher and its readiness."""
 
     def __init__(self, settings: Settings, handler: Handler, metrics: Metrics | None = None) -> None:
+        check_attributes(handler, settings)  # a handler object handed in directly, too
         self.settings = settings
         self.handler = handler
         self.metrics = metrics or Metrics()

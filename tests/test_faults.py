@@ -337,3 +337,20 @@ def test_v1_model_answers_while_a_handler_that_describes_its_model_loads() -> No
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert client.get("/v1/model").json()["weights"] == "w1"
+
+
+def test_a_handler_object_handed_in_directly_is_checked_too() -> None:
+    from fake_handlers import Echo
+
+    from docker_vit.handler import HandlerError
+    from docker_vit.server import create_app
+
+    class Numbered(Echo):
+        name = 5  # type: ignore[assignment]
+
+    class Lettered(Echo):
+        option_names = "top_k"  # type: ignore[assignment]
+
+    for handler in (Numbered, Lettered):
+        with pytest.raises(HandlerError, match="must be a"):
+            create_app(Settings(), handler(Settings()))
