@@ -64,11 +64,8 @@ class RequestContext:
             await send(message)
 
         try:
-            if _declared_length(headers) > self.max_body:
-                response = error_response(413, f"request body exceeds {self.max_body} bytes", headers=_CLOSE)
-                await response(scope, receive, send_with_id)
-            else:
-                await self.app(scope, self._limited(receive, started + self.read_timeout), send_with_id)
+            limited = self._limited(receive, started + self.read_timeout, _declared_length(headers))
+            await self.app(scope, limited, send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when the shutdown timeout is up: they get a
             # JSON answer too (uvicorn's own would be a plain-text 500). Behind a proxy a cancelled
@@ -83,9 +80,12 @@ class RequestContext:
         finally:
             self._report(scope, request_id, status, time.perf_counter() - started)
 
-    def _limited(self, receive: Any, deadline: float) -> Any:
+    def _limited(self, receive: Any, deadline: float, declared: int) -> Any:
         """Count body bytes as they arrive and give up on a client whose body is not in by `deadline`
-        (a total, not a per-chunk wait: a trickle of bytes does not keep a request alive forever)."""
+        (a total, not a per-chunk wait: a trickle of bytes does not keep a request alive forever).
+
+        A body declared larger than the limit is refused when the route first reads it, unread: after
+        routing and the API-key check, so a stranger gets 401 and the refusal counts for its route."""
         received = 0
         complete = False
 
@@ -93,6 +93,8 @@ class RequestContext:
             nonlocal received, complete
             if complete:  # the body is in: later calls only wait for a disconnect
                 return await receive()
+            if declared > self.max_body:
+                raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=_CLOSE)
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
             except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11, two on 3.10

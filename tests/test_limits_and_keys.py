@@ -64,6 +64,18 @@ def test_declared_and_streamed_bodies_over_the_limit_are_413_and_close() -> None
         assert response.headers["connection"] == "close"
 
 
+def test_a_body_declared_too_large_meets_the_key_check_first_and_counts_for_its_route() -> None:
+    settings = Settings(max_bytes=1_000, max_images=1, api_keys=("k" * 20,))
+    with serving(settings, Echo(settings)) as client:
+        big = b'{"images": ["' + b"A" * 1_400_000 + b'"]}'
+        assert_error(client.post("/v1/captions", content=big, headers=JSON), 401)
+        keyed = {**JSON, "authorization": "Bearer " + "k" * 20}
+        refused = client.post("/v1/captions", content=big, headers=keyed)
+        assert_error(refused, 413) and refused.headers["connection"] == "close"
+        metrics = client.get("/metrics").text
+        assert 'docker_vit_requests_total{route="/v1/captions",status="413"} 1.0' in metrics
+
+
 def test_a_raw_image_body_is_refused_once_past_the_image_limit_not_the_body_limit() -> None:
     settings = Settings(max_bytes=1_000, max_images=4)
     with serving(settings, Echo(settings)) as client:
