@@ -117,9 +117,14 @@ def load_handler(settings: Settings) -> Handler:
         from docker_vit.captioner import Captioner
 
         return Captioner(settings)
-    module_name, _, class_name = settings.handler.partition(":")
+    module_name, _, class_name = (part.strip() for part in settings.handler.partition(":"))
     if not module_name or not class_name:
         raise HandlerError(f"--handler must look like module:Class, got {settings.handler!r}")
+    if module_name.endswith(".py"):  # a file name: the module is its dotted path without .py
+        dotted = module_name.removesuffix(".py").replace("/", ".")
+        raise HandlerError(
+            f"--handler names a module, not a file: {dotted}:{class_name}, not {settings.handler}"
+        )
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:

@@ -122,6 +122,10 @@ def test_cli_reads_the_handler_from_the_environment() -> None:
         ("fake_handlers:OneStringOfNames", "option_names must be a tuple of str or None, got 'shout'"),
         ("fake_handlers:NumberName", "name must be a str, got 7"),
         ("fake_handlers:RaisingName", "reading name or option_names raised RuntimeError"),
+        (
+            "examples/minimal_handler.py:ColorNamer",
+            "names a module, not a file: examples.minimal_handler:ColorNamer",
+        ),
     ],
 )
 def test_a_bad_handler_is_a_clear_error(value: str, message: str) -> None:
@@ -229,3 +233,7 @@ def test_a_non_vision_handler_gets_the_same_routes_and_batching() -> None:
     served = [item for batch in handler.batches for item in batch if item != "warm-up"]
     assert sorted(served) == sorted(["hello", "bytes", "one", "two", "three", "four", "five"])
     assert max(len(batch) for batch in handler.batches) == 2
+
+
+def test_blanks_around_a_handler_name_are_ignored() -> None:
+    assert load_handler(Settings(handler=" examples.minimal_handler : ColorNamer ")).name == "dominant-color"
