@@ -5,7 +5,7 @@ image is one raw-body request to `POST /v1/captions`, several in flight at once;
 turns concurrent requests into full batches. Answers come back in input order, so the output matches
 a local run line for line.
 
-Errors: 503/504 and dropped connections are retried (honouring Retry-After, bounded: a full queue is
+Errors: 502/503/504 and dropped connections are retried (honouring Retry-After, bounded: a full queue is
 waited for, up to ten minutes an image); a refused image (400, 413, 415) or a failed one (500) is skipped
 with a warning; 401/403/404/405, 422 (the options) and 501 stop the run, since every other image would
 meet the same answer. Files over the server's byte limit are skipped without being sent.
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import sys
 import threading
 import time
 import urllib.error
@@ -91,9 +92,9 @@ class RemoteCaptioner:
                 problem = f"{exc.code} {_error(exc)[1]}"
                 if exc.code in FATAL:
                     raise CaptionError(f"{self.url} answered {problem}") from None
-                if exc.code not in (429, 503, 504):
+                if exc.code not in (429, 502, 503, 504):
                     raise _Skip(f"the server answered {problem}") from None
-                failures += exc.code == 504  # a busy server (429, 503) is waited for, up to BUSY_WAIT
+                failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
                 delay = _retry_after(exc, failures)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 problem = _problem(exc)  # a dropped connection or a cut-off answer: try again
@@ -126,7 +127,7 @@ class RemoteCaptioner:
 
     def _wait_ready(self) -> None:
         """Fail fast on a wrong URL; wait (bounded) while the server loads its model."""
-        deadline = time.monotonic() + READY_WAIT
+        deadline, waiting = time.monotonic() + READY_WAIT, False
         while True:
             try:
                 with urllib.request.urlopen(f"{self.url}/readyz", timeout=30) as response:
@@ -139,6 +140,13 @@ class RemoteCaptioner:
                 if exc.code != 503 or body.get("status") == "failed" or time.monotonic() > deadline:
                     detail = body.get("error") if isinstance(body.get("error"), str) else message
                     raise CaptionError(f"{self.url} is not ready: {exc.code} {detail}") from None
+                if not waiting:
+                    waiting = True
+                    minutes = READY_WAIT / 60
+                    print(
+                        f"docker-vit: {self.url} is loading its model; waiting up to {minutes:g} min",
+                        file=sys.stderr,
+                    )
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}") from None
             time.sleep(1.0)

@@ -236,6 +236,63 @@ def test_a_200_without_captions_stops_the_run_with_a_clear_error(
     assert "did not answer with captions" in capsys.readouterr().err
 
 
+class _Gateway(_Flaky):
+    """A proxy whose backend restarts: 502 to the first caption request, then captions."""
+
+    refusals = 1
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if _Gateway.refusals > 0:
+            _Gateway.refusals -= 1
+            self._answer(502, {"error": "bad gateway"})
+        else:
+            self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+
+
+def test_a_proxys_502_is_retried(tmp_path: Path) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        out = tmp_path / "out.jsonl"
+        url = f"http://127.0.0.1:{stub.server_address[1]}"
+        assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    assert _Gateway.refusals == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
+
+
+class _Loading(_Flaky):
+    """Loading its model at the first look, ready at the second; then captions."""
+
+    looks = 0
+
+    def do_GET(self) -> None:
+        _Loading.looks += 1
+        if self.path == "/readyz" and _Loading.looks == 1:
+            self._answer(503, {"status": "loading", "error": None})
+        else:
+            self._answer(200, {"status": "ready"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+
+
+def test_a_server_still_loading_is_waited_for_saying_so(capsys: pytest.CaptureFixture) -> None:
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Loading)
+    threading.Thread(target=stub.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{stub.server_address[1]}"
+        assert cli.main(["caption", str(photo("coffee.jpg")), "--url", url]) == 0
+    finally:
+        stub.shutdown()
+        stub.server_close()
+    out, err = capsys.readouterr()
+    assert out == "a stub caption\n" and f"{url} is loading its model; waiting up to 10 min" in err
+
+
 class _CutShort(_Flaky):
     """Its first caption answer breaks off after 14 of the 500 bytes it announced; then it captions."""
 
