@@ -115,8 +115,10 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         raise ValueError(f"{', '.join(taken)}: Ray's HTTP proxy listens ({where})")
     overrides, deployment = {}, {}
     for name, value in args.items():
-        if value is None:  # `name:` left empty in a config file: unset, not the text "None"
-            continue
+        if value is None or value == "" or value == []:  # left empty in a config file: unset, as an
+            continue  # empty DOCKER_VIT_* variable is (not the text "None", nor a model named "")
+        if isinstance(value, float) and value.is_integer():  # YAML's 2.0 where a count is meant
+            value = int(value)
         text = ",".join(map(str, value)) if isinstance(value, list | tuple) else str(value)
         kind = type(fields[name].default) if name in fields else DEPLOYMENT_ARGS[name]
         try:

@@ -194,6 +194,8 @@ def test_an_argument_left_empty_in_a_config_file_is_unset_not_the_text_none() ->
         {"api_keys": None, "model": None, "max_queued_requests": None}
     )
     assert overrides == {} and deployment == {}
+    overrides, deployment = ray_adapter.split_args({"api_keys": [], "model": "", "num_replicas": 2.0})
+    assert overrides == {} and deployment == {"num_replicas": 2}
 
 
 def test_one_request_id_header_the_proxys() -> None:
