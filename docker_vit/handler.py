@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
+import os
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -113,17 +114,30 @@ def load_handler(settings: Settings) -> Handler:
 
     The current folder is importable, so `--handler examples.my_model:MyModel` works from a checkout.
     """
+    cls = handler_class(settings)
+    try:
+        handler = cls(settings)
+    except Exception as exc:
+        raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
+    check_attributes(handler, settings)  # refuse mistakes now, not at the first request
+    return handler
+
+
+def handler_class(settings: Settings) -> type[Handler]:
+    """The configured handler's class, imported but not built (building one may touch the device)."""
     if not settings.handler:
         from docker_vit.captioner import Captioner
 
-        return Captioner(settings)
+        return Captioner
     module_name, _, class_name = (part.strip() for part in settings.handler.partition(":"))
     if not module_name or not class_name:
         raise HandlerError(f"--handler must look like module:Class, got {settings.handler!r}")
     if module_name.endswith(".py"):  # a file name: the module is its dotted path without .py
-        dotted = module_name.removesuffix(".py").replace("/", ".")
+        path = os.path.relpath(module_name)
+        dotted = (os.path.basename(path) if path.startswith("..") else path).removesuffix(".py")
         raise HandlerError(
-            f"--handler names a module, not a file: {dotted}:{class_name}, not {settings.handler}"
+            f"--handler names a module, not a file: {dotted.replace(os.sep, '.')}:{class_name} "
+            f"(importable from the current folder or PYTHONPATH), not {settings.handler}"
         )
     if "" not in sys.path:
         sys.path.insert(0, "")
@@ -137,12 +151,7 @@ def load_handler(settings: Settings) -> Handler:
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Handler)):
         raise HandlerError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")
-    try:
-        handler = cls(settings)
-    except Exception as exc:
-        raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
-    check_attributes(handler, settings)  # refuse mistakes now, not at the first request
-    return handler
+    return cls
 
 
 def check_attributes(handler: Handler, settings: Settings) -> None:
@@ -161,11 +170,12 @@ def check_attributes(handler: Handler, settings: Settings) -> None:
     batch_size(handler, settings)
 
 
-def batch_size(handler: Handler, settings: Settings) -> int:
+def batch_size(handler: Handler | type[Handler], settings: Settings) -> int:
     """The most items `handler.predict` receives: its own `max_batch_size`, else the setting's."""
     size = handler.max_batch_size
+    title = handler.__name__ if isinstance(handler, type) else type(handler).__name__
     if size is not None and (type(size) is not int or size < 1):
-        raise HandlerError(f"{type(handler).__name__}.max_batch_size must be a positive int, got {size!r}")
+        raise HandlerError(f"{title}.max_batch_size must be a positive int, got {size!r}")
     return size or settings.max_batch_size
 
 

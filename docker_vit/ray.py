@@ -29,7 +29,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options, parse
-from docker_vit.handler import batch_size, load_handler
+from docker_vit.handler import batch_size, handler_class
 from docker_vit.server import create_app
 
 # Arguments that configure the Ray deployment rather than Docker-ViT itself, with their types.
@@ -96,7 +96,9 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     """Ray's application builder: `serve run docker_vit.ray:app model=... num_gpus=1`."""
     overrides, deployment = split_args(args)
     settings = Settings.load(os.environ, SERVING, **overrides)  # bad arguments fail here, before any replica
-    batch = batch_size(load_handler(settings), settings)  # a handler's own batch size sizes concurrency
+    # A handler's own batch size sizes the concurrency: read from its class, as building a handler
+    # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
+    batch = batch_size(handler_class(settings), settings)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
     options = deployment_options(settings, deployment, batch)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
@@ -131,7 +133,7 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
         except ValueError:  # named as the argument it is, not as the variable `parse` would name
             raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
     for name, value in deployment.items():  # Ray checks its own options, but not for nan or inf
-        if name != "num_replicas" and not math.isfinite(value):
+        if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
     if deployment.get("load_timeout_s", LOAD_TIMEOUT_S) <= 0:
         raise ValueError(f"load_timeout_s must be positive, got {deployment['load_timeout_s']}")

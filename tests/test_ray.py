@@ -182,6 +182,17 @@ def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
         ray_adapter.app(args)
 
 
+def test_the_builder_builds_no_handler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building one may start CUDA in `serve run`'s own process: the class is read instead."""
+    from docker_vit.captioner import Captioner
+
+    def refuse(*args: object) -> None:
+        raise AssertionError("the builder built a handler")
+
+    monkeypatch.setattr(Captioner, "__init__", refuse)
+    ray_adapter.app({"num_replicas": "1"})
+
+
 def test_a_handlers_own_batch_size_sizes_the_replicas_concurrency() -> None:
     application = ray_adapter.app({"handler": "examples.minimal_handler:ColorNamer", "min_replicas": "1"})
     deployment = application._bound_deployment  # the options Ray will deploy with
