@@ -156,28 +156,36 @@ def main() -> None:
         import runpod  # the optional extra
     except ImportError:
         sys.exit("docker_vit.runpod: the runpod SDK is not installed: pip install 'docker-vit[runpod]'")
-    try:
-        settings = Settings.load(os.environ, SERVING)
-        configure(settings.log_format, settings.log_level)
-        worker = Worker(settings)
-    except (ValueError, TypeError, HandlerError) as exc:
-        sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
-    atexit.register(worker.close)
+    worker: Worker | None = None
     code = 0
     try:
+        worker = _worker()
+        atexit.register(worker.close)
         if worker.wait_ready():
             # Concurrent jobs are what fills the batcher's model calls.
             start = {"handler": worker.handle, "concurrency_modifier": lambda _: worker.concurrency}
             runpod.serverless.start(start)
         else:
             code = 1  # the service has logged why
-    except KeyboardInterrupt:  # Ctrl-C, say while the model loads
+    except KeyboardInterrupt:  # Ctrl-C, say while the model loads (or while the worker starts it)
         code = 130
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
-        worker.close()  # down, so a load still running is cancelled, not reported as a failure
-    if worker.service.batcher.busy:  # a load still runs on the device thread: exiting would join it
+        if worker is not None:  # down, so a load still running is cancelled, not reported as a failure
+            worker.close()
+    if worker is None or worker.service.batcher.busy:  # a load may run on the device thread: exiting
+        sys.stderr.flush()  # normally would join it and wait
         os._exit(code)
     sys.exit(code)
+
+
+def _worker() -> Worker:
+    """The worker its settings describe, or exit with one line naming the bad setting."""
+    try:
+        settings = Settings.load(os.environ, SERVING)
+        configure(settings.log_format, settings.log_level)
+        return Worker(settings)
+    except (ValueError, TypeError, HandlerError) as exc:
+        sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
 
 
 if __name__ == "__main__":
