@@ -118,10 +118,14 @@ def _jpeg_scans(data: bytes) -> int:
     """Start-of-scan markers from the first scan on (entropy-coded data escapes every 0xFF, so a
     marker's two bytes cannot occur inside it); the segments before it are skipped by their lengths."""
     pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
+    while pos >= 0 and pos + 4 <= len(data):
+        if data[pos] != 0xFF:  # junk between segments, which Pillow steps over too
+            pos = data.find(b"\xff", pos)
+            continue
         marker = data[pos + 1]
-        if marker == 0xDA:
-            return data.count(b"\xff\xda", pos)
+        if marker == 0xDA:  # up to the end of the picture: a trailer (a phone's video, an MPO's next
+            end = data.find(b"\xff\xd9", pos)  # frame) is never decoded
+            return data.count(b"\xff\xda", pos, end if end > 0 else len(data))
         if marker == 0xFF:  # fill byte before a marker
             pos += 1
         elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
@@ -132,9 +136,10 @@ def _jpeg_scans(data: bytes) -> int:
 
 
 def _png_chunks(data: bytes, stop: int) -> int:
-    """Chunks in a PNG, counted up to `stop`: each is 12 bytes of framing around its length's data."""
+    """Chunks in a PNG up to its end (IEND), counted up to `stop`: each is 12 bytes of framing around
+    its length's data."""
     count, pos = 0, len(PNG_MAGIC)
-    while pos + 8 <= len(data) and count < stop:
+    while pos + 8 <= len(data) and count < stop and data[pos + 4 : pos + 8] != b"IEND":
         pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
         count += 1
     return count

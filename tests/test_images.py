@@ -162,6 +162,21 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding() -> None:
     empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
     with pytest.raises(TooLarge, match="scans; the limit is 256"):
         open_image(progressive[:-2] + empty_scan * 3000 + b"\xff\xd9", **LIMITS)
+    first_scan = progressive.index(b"\xff\xda")  # a stray byte before it does not hide the count
+    with pytest.raises(TooLarge, match="scans; the limit is 256"):
+        open_image(
+            progressive[:first_scan] + b"\x00" + progressive[first_scan:-2] + empty_scan * 3000, **LIMITS
+        )
+
+
+def test_what_follows_a_picture_is_not_counted_as_its_scans_or_chunks() -> None:
+    """A phone's motion photo carries its video after the JPEG; files may end in padding."""
+    rng = np.random.default_rng(0)
+    trailer = rng.integers(0, 256, 18_000_000, dtype=np.uint8).tobytes()  # ~275 random ff da pairs
+    jpeg = encode(Image.new("RGB", (32, 32), (1, 2, 3)), "JPEG", progressive=True)
+    assert open_image(jpeg + trailer, max_bytes=10**8, max_pixels=10**6).size == (32, 32)
+    png = encode(Image.new("RGB", (32, 32), (1, 2, 3)))
+    assert open_image(png + bytes(600_000), **LIMITS).size == (32, 32)
 
 
 def test_a_png_of_tiny_chunks_is_refused_before_decoding() -> None:
