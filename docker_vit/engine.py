@@ -72,8 +72,6 @@ class CaptionEngine:
         source = os.path.expanduser(self.model_id)  # a Hub id stays as it is
         if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(source):
             raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
-        if os.path.isdir(source):
-            _check_readable(source)
         _check_available(self.device)
         if self.device.type == "cpu":
             _reuse_freed_memory()
@@ -86,10 +84,12 @@ class CaptionEngine:
             self.image_processor = getattr(processor, "image_processor", None)
             if self.image_processor is None:
                 self.image_processor = _pretrained(AutoImageProcessor, source)
-        except OSError:  # no such model, no network, unreadable: their messages say so
-            raise
-        except Exception as exc:  # not an image-to-text model, a broken file or config: one line
-            raise Unservable(f"cannot read {self.model_id}: {_one_line(exc)}") from exc
+        except Exception as exc:
+            if os.path.isdir(source):
+                _check_readable(source)  # transformers reports a file it may not read as missing
+            if isinstance(exc, OSError):  # no such model, no network: their messages say so
+                raise
+            raise Unservable(f"cannot read {self.model_id}: {_one_line(exc)}") from exc  # one line
         self.tokenizer = getattr(processor, "tokenizer", processor)
         _check_captioning(self.model_id, self.tokenizer, self.image_processor, model.config)
         # Every call sets max_new_tokens, which wins over a max_length the model's own config sets;
@@ -169,8 +169,8 @@ def _check_available(device: torch.device) -> None:
 
 
 def _check_readable(folder: str) -> None:
-    """A mounted folder whose files this user cannot read (say, a 0600 `model.safetensors` of another
-    user, as transformers saves it) made transformers report the file as missing."""
+    """Name a file of the folder this user cannot read (say, a 0600 `model.safetensors` of another
+    user, as transformers saves it), once loading failed: transformers said "No such file"."""
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
         if os.path.isfile(path) and not os.access(path, os.R_OK):

@@ -262,3 +262,15 @@ def test_a_captioner_subclass_keeps_its_name_and_is_described_as_itself(vit_gpt2
     assert handler.describe()["handler"].endswith(
         ":test_a_captioner_subclass_keeps_its_name_and_is_described_as_itself.<locals>.Shout"
     )
+
+
+def test_a_file_the_model_does_not_need_may_be_unreadable(
+    vit_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "with-notes"
+    shutil.copytree(vit_gpt2_dir, folder)
+    (folder / "notes.txt").write_text("mine")
+    monkeypatch.setattr("os.access", lambda path, mode: not str(path).endswith("notes.txt"))
+    engine = CaptionEngine(str(folder), device="cpu")
+    engine.load()
+    assert engine.model is not None
