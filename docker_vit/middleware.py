@@ -54,17 +54,22 @@ class RequestContext:
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         status, answered = 500, False
+        declared = _declared_length(headers)
 
         async def send_with_id(message: dict) -> None:
             nonlocal status, answered
             if message["type"] == "http.response.start":
                 status, answered = message["status"], True
-                if not self.proxied:
-                    message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                given = list(message.get("headers", []))
+                extra = [] if self.proxied else [(b"x-request-id", request_id.encode())]
+                closing = any(name.lower() == b"connection" for name, _ in given)
+                if declared > self.max_body and not closing:  # a body too large to read, on a route
+                    extra.append((b"connection", b"close"))  # that never read it: no next request
+                message["headers"] = [*given, *extra]
             await send(message)
 
         try:
-            limited = self._limited(receive, started + self.read_timeout, _declared_length(headers))
+            limited = self._limited(receive, started + self.read_timeout, declared)
             await self.app(scope, limited, send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when the shutdown timeout is up: they get a

@@ -74,6 +74,9 @@ def test_a_body_declared_too_large_meets_the_key_check_first_and_counts_for_its_
         assert_error(refused, 413) and refused.headers["connection"] == "close"
         metrics = client.get("/metrics").text
         assert 'docker_vit_requests_total{route="/v1/captions",status="413"} 1.0' in metrics
+        unread = client.request("GET", "/healthz", content=big)  # a route that reads no body
+        assert unread.status_code == 200 and unread.headers["connection"] == "close"
+        assert refused.headers.get_list("connection") == ["close"]
 
 
 def test_a_raw_image_body_is_refused_once_past_the_image_limit_not_the_body_limit() -> None:
