@@ -48,6 +48,7 @@ class Captioner(Handler):
         s = self.settings
         return {
             **self.engine.describe(),
+            "model": self.name,  # the model's id, or the name a subclass gives itself
             "handler": f"{type(self).__module__}:{type(self).__qualname__}",
             "generation": {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
             "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": self._token_limit()},

@@ -137,16 +137,15 @@ class RemoteCaptioner:
                 body, message = _error(exc)
                 if exc.code == 404:
                     return  # no readiness probe there (a proxy in front?): the captions will tell
-                if exc.code != 503 or body.get("status") == "failed" or time.monotonic() > deadline:
+                passing = exc.code in (502, 503, 504) and body.get("status") != "failed"  # loading, or
+                if not passing or time.monotonic() > deadline:  # a proxy whose server restarts
                     detail = body.get("error") if isinstance(body.get("error"), str) else message
                     raise CaptionError(f"{self.url} is not ready: {exc.code} {detail}") from None
                 if not waiting:
                     waiting = True
+                    why = "is loading its model" if body.get("status") == "loading" else f"answers {exc.code}"
                     minutes = READY_WAIT / 60
-                    print(
-                        f"docker-vit: {self.url} is loading its model; waiting up to {minutes:g} min",
-                        file=sys.stderr,
-                    )
+                    print(f"docker-vit: {self.url} {why}; waiting up to {minutes:g} min", file=sys.stderr)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}") from None
             time.sleep(1.0)

@@ -81,7 +81,8 @@ class Service:
             self.metrics.load_seconds.set(time.perf_counter() - started)
             await self._warm_up()
         except Exception as exc:
-            self.state, self.error = FAILED, f"{type(exc).__name__}: {exc}"
+            reason = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+            self.state, self.error = FAILED, reason  # JSON (/readyz) carries no lone surrogate
             # A missing file or no network says all in its message; anything else may be a bug.
             log.error("loading the model failed: %s", self.error, exc_info=not isinstance(exc, OSError))
             self.on_failed()

@@ -354,3 +354,19 @@ def test_a_handler_object_handed_in_directly_is_checked_too() -> None:
     for handler in (Numbered, Lettered):
         with pytest.raises(HandlerError, match="must be a"):
             create_app(Settings(), handler(Settings()))
+
+
+def test_a_load_error_with_a_lone_surrogate_is_still_a_json_answer() -> None:
+    from fake_handlers import Echo
+
+    class BadPath(Echo):
+        def load(self) -> None:
+            raise FileNotFoundError("no weights at /models/caf\udce9")
+
+    settings = Settings()
+    with serving(settings, BadPath(settings), wait=False) as client:
+        deadline = time.monotonic() + 30
+        while (ready := client.get("/readyz")).json().get("status") != "failed":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert ready.status_code == 503 and "caf\\udce9" in ready.json()["error"]["message"]
