@@ -8,6 +8,7 @@ expensive full decode: the byte limit, the format allow-list, and the pixel limi
 from __future__ import annotations
 
 import io
+import re
 import warnings
 
 import numpy as np
@@ -24,6 +25,7 @@ WHITE = (255, 255, 255)
 ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
 UNSUPPORTED = "cannot decode the image: not a supported image format"
 MAX_JPEG_SCANS = 256  # each scan of a progressive JPEG is a pass over the whole picture; cameras write ~10
+MAX_JPEG_SEGMENTS = 4096  # tables, comments, metadata: a photo has tens (a big ICC profile, a few more)
 MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
 
 
@@ -108,31 +110,36 @@ def _check_decoding_work(data: bytes) -> None:
     """Refuse files whose decoding costs far more than their pixels and bytes suggest: a JPEG of
     thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
     all the while holding a decode thread that other clients' images need."""
-    if data[:2] == b"\xff\xd8" and (scans := _jpeg_scans(data)) > MAX_JPEG_SCANS:
-        raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
+    if data[:2] == b"\xff\xd8":
+        scans, segments = _jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
+        if scans > MAX_JPEG_SCANS:
+            raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
+        if segments > MAX_JPEG_SEGMENTS:
+            raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
     if data[:8] == PNG_MAGIC and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
         raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
 
 
-def _jpeg_scans(data: bytes) -> int:
-    """Start-of-scan markers from the first scan on (entropy-coded data escapes every 0xFF, so a
-    marker's two bytes cannot occur inside it); the segments before it are skipped by their lengths."""
+# A marker: 0xFF and a byte that is not 0x00 (an escaped 0xFF in scan data), a restart marker (inside a
+# scan) or 0xFF (fill before the marker). One 0xFF only: a pattern with a run of them backtracks.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
+
+
+def _jpeg_segments(data: bytes, stop: int) -> tuple[int, int]:
+    """Scans and segments of a JPEG up to its end (EOI), as the decoder walks them: each segment is
+    skipped by its length (a comment may hold any bytes), scan data is searched for the next marker
+    (it escapes every 0xFF). At most `stop` segments are walked: the loop is bounded whatever the file."""
+    scans = segments = 0
     pos = 2
-    while pos >= 0 and pos + 4 <= len(data):
-        if data[pos] != 0xFF:  # junk between segments, which Pillow steps over too
-            pos = data.find(b"\xff", pos)
-            continue
-        marker = data[pos + 1]
-        if marker == 0xDA:  # up to the end of the picture: a trailer (a phone's video, an MPO's next
-            end = data.find(b"\xff\xd9", pos)  # frame) is never decoded
-            return data.count(b"\xff\xda", pos, end if end > 0 else len(data))
-        if marker == 0xFF:  # fill byte before a marker
-            pos += 1
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
-            pos += 2
-        else:
-            pos += 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
-    return 0
+    while segments < stop and (found := _JPEG_MARKER.search(data, pos)):
+        marker, pos = found.group(1)[0], found.end()
+        if marker == 0xD9:  # the picture's end: a trailer (a phone's video, an MPO's next frame)
+            break  # is never decoded
+        segments += 1
+        scans += marker == 0xDA
+        if marker != 0x01 and marker != 0xD8:  # the rest carry their length (SOS: its header's)
+            pos += int.from_bytes(data[pos : pos + 2], "big")
+    return scans, segments
 
 
 def _png_chunks(data: bytes, stop: int) -> int:

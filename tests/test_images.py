@@ -162,6 +162,11 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding() -> None:
     empty_scan = b"\xff\xda\x00\x08\x01\x01\x00\x00\x3f\x00"
     with pytest.raises(TooLarge, match="scans; the limit is 256"):
         open_image(progressive[:-2] + empty_scan * 3000 + b"\xff\xd9", **LIMITS)
+    hidden = progressive[:-2] + b"\xff\xfe\x00\x04\xff\xd9" + empty_scan * 3000  # a comment holding an
+    with pytest.raises(TooLarge, match="scans; the limit is 256"):  # end-of-image marker's bytes
+        open_image(hidden + b"\xff\xd9", **LIMITS)
+    with pytest.raises(TooLarge, match="more than 4096 segments"):
+        open_image(progressive[:-2] + b"\xff\xfe\x00\x02" * 100_000 + b"\xff\xd9", **LIMITS)
     first_scan = progressive.index(b"\xff\xda")  # a stray byte before it does not hide the count
     with pytest.raises(TooLarge, match="scans; the limit is 256"):
         open_image(
