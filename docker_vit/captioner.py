@@ -6,7 +6,7 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from docker_vit.config import Settings
-from docker_vit.engine import CaptionEngine, Unservable
+from docker_vit.engine import CaptionEngine, Unservable, shown_id
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import open_image
 
@@ -29,7 +29,7 @@ class Captioner(Handler):
         super().__init__(settings)
         self.engine = CaptionEngine(settings.model, settings.device, settings.dtype, settings.threads)
         if type(self).name == Handler.name:  # a subclass that names itself keeps its name
-            self.name = settings.model
+            self.name = shown_id(settings.model)
 
     def load(self) -> None:
         self.engine.load()
@@ -47,8 +47,8 @@ class Captioner(Handler):
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {
-            **self.engine.describe(),
-            "model": self.name,  # the model's id, or the name a subclass gives itself
+            **self.engine.describe(),  # "model": the model's id
+            **({"name": self.name} if type(self).name != Handler.name else {}),  # a subclass's own
             "handler": f"{type(self).__module__}:{type(self).__qualname__}",
             "generation": {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
             "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": self._token_limit()},

@@ -85,11 +85,14 @@ class CaptionEngine:
             if self.image_processor is None:
                 self.image_processor = _pretrained(AutoImageProcessor, source)
         except Exception as exc:
-            if os.path.isdir(source):
-                _check_readable(source)  # transformers reports a file it may not read as missing
+            unreadable = _unreadable(source)
+            if unreadable:  # transformers reports a file it may not read as missing
+                raise PermissionError(f"cannot read {unreadable[0]}: {_NOT_READABLE}") from exc
             if isinstance(exc, OSError):  # no such model, no network: their messages say so
                 raise
             raise Unservable(f"cannot read {self.model_id}: {_one_line(exc)}") from exc  # one line
+        for path in _unreadable(source):  # transformers skips some (generation_config.json) quietly
+            log.warning("cannot read %s: %s", path, _NOT_READABLE)
         self.tokenizer = getattr(processor, "tokenizer", processor)
         _check_captioning(self.model_id, self.tokenizer, self.image_processor, model.config)
         # Every call sets max_new_tokens, which wins over a max_length the model's own config sets;
@@ -137,7 +140,7 @@ class CaptionEngine:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "model": self.model_id,
+            "model": shown_id(self.model_id),
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
@@ -168,15 +171,21 @@ def _check_available(device: torch.device) -> None:
         )
 
 
-def _check_readable(folder: str) -> None:
-    """Name a file of the folder this user cannot read (say, a 0600 `model.safetensors` of another
-    user, as transformers saves it), once loading failed: transformers said "No such file"."""
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if os.path.isfile(path) and not os.access(path, os.R_OK):
-            raise PermissionError(
-                f"cannot read {path}: permission denied (make the folder readable: chmod -R a+rX)"
-            )
+def shown_id(model_id: str) -> str:
+    """A model id as JSON can carry it: a folder name's undecodable bytes (surrogates) escaped."""
+    return model_id.encode("utf-8", "backslashreplace").decode()
+
+
+_NOT_READABLE = "permission denied (make the model folder readable: chmod -R a+rX)"
+
+
+def _unreadable(folder: str) -> list[str]:
+    """Files of a local model folder this user cannot read (say, a 0600 `model.safetensors` of another
+    user, as transformers saves it)."""
+    if not os.path.isdir(folder):
+        return []
+    paths = (os.path.join(folder, name) for name in sorted(os.listdir(folder)))
+    return [path for path in paths if os.path.isfile(path) and not os.access(path, os.R_OK)]
 
 
 def _pretrained(auto: Any, model_id: str, **kwargs: Any) -> Any:

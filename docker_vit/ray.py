@@ -29,7 +29,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options, parse
-from docker_vit.handler import batch_size, handler_class
+from docker_vit.handler import handler_class
 from docker_vit.server import create_app
 
 # Arguments that configure the Ray deployment rather than Docker-ViT itself, with their types.
@@ -98,7 +98,8 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     settings = Settings.load(os.environ, SERVING, **overrides)  # bad arguments fail here, before any replica
     # A handler's own batch size sizes the concurrency: read from its class, as building a handler
     # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
-    batch = batch_size(handler_class(settings), settings)
+    size = getattr(handler_class(settings), "max_batch_size", None)  # a class attribute, as documented;
+    batch = size if type(size) is int and size > 0 else settings.max_batch_size  # else the replicas decide
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
     options = deployment_options(settings, deployment, batch)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)

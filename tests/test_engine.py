@@ -259,7 +259,7 @@ def test_a_captioner_subclass_keeps_its_name_and_is_described_as_itself(vit_gpt2
 
     handler = Shout(Settings(model=str(vit_gpt2_dir)))
     assert handler.name == "shout" and Captioner(Settings(model=str(vit_gpt2_dir))).name == str(vit_gpt2_dir)
-    assert handler.describe()["model"] == "shout"
+    assert handler.describe()["name"] == "shout" and handler.describe()["model"] == str(vit_gpt2_dir)
     assert handler.describe()["handler"].endswith(
         ":test_a_captioner_subclass_keeps_its_name_and_is_described_as_itself.<locals>.Shout"
     )
