@@ -93,12 +93,13 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
 
     @app.get("/v1/model")
     async def model() -> JSONResponse:
+        base = Handler.describe(service.handler)  # name and class: what a describe() adds to
         try:
-            info = description(service.handler)
+            info = {**base, **description(service.handler)}
         except Exception as exc:
             if service.state == READY:
                 raise errors.from_service(exc) from None
-            info = Handler.describe(service.handler)  # a describe() that needs the loaded model
+            info = base  # a describe() that needs the loaded model, asked while it loads
         limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
         request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
         request |= {"max_images": settings.max_images, "max_queue": settings.max_queue}

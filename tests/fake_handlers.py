@@ -277,4 +277,4 @@ class DescribesItsModel(Echo):
         self.weights = "w1"
 
     def describe(self) -> dict[str, Any]:
-        return {**super().describe(), "weights": self.weights}
+        return {"weights": self.weights}  # only its own: the server keeps the name and class

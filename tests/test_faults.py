@@ -336,7 +336,8 @@ def test_v1_model_answers_while_a_handler_that_describes_its_model_loads() -> No
         while client.get("/readyz").status_code != 200:
             assert time.monotonic() < deadline
             time.sleep(0.02)
-        assert client.get("/v1/model").json()["weights"] == "w1"
+        ready = client.get("/v1/model").json()
+        assert ready["weights"] == "w1" and ready["model"] == "echo"  # added to the base fields
 
 
 def test_a_handler_object_handed_in_directly_is_checked_too() -> None:
