@@ -83,7 +83,10 @@ class RemoteCaptioner:
         failures, deadline = 0, time.monotonic() + BUSY_WAIT
         while True:
             request = urllib.request.Request(
-                f"{self.url}/v1/captions?{query}", data=data, headers=self.headers, method="POST"
+                f"{self.url}/v1/captions{'?' if query else ''}{query}",
+                data=data,
+                headers=self.headers,
+                method="POST",
             )
             try:
                 with urllib.request.urlopen(request, timeout=TIMEOUT) as response:

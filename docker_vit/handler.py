@@ -130,15 +130,15 @@ def handler_class(settings: Settings) -> type[Handler]:
 
         return Captioner
     module_name, _, class_name = (part.strip() for part in settings.handler.partition(":"))
-    if not module_name or not class_name:
-        raise HandlerError(f"--handler must look like module:Class, got {settings.handler!r}")
     if module_name.endswith(".py"):  # a file name: the module is its dotted path without .py
         path = os.path.relpath(module_name)
         dotted = (os.path.basename(path) if path.startswith("..") else path).removesuffix(".py")
         raise HandlerError(
-            f"--handler names a module, not a file: {dotted.replace(os.sep, '.')}:{class_name} "
+            f"--handler names a module, not a file: {dotted.replace(os.sep, '.')}:{class_name or 'Class'} "
             f"(importable from the current folder or PYTHONPATH), not {settings.handler}"
         )
+    if not module_name or not class_name:
+        raise HandlerError(f"--handler must look like module:Class, got {settings.handler!r}")
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:

@@ -126,6 +126,7 @@ def test_cli_reads_the_handler_from_the_environment() -> None:
             "examples/minimal_handler.py:ColorNamer",
             "names a module, not a file: examples.minimal_handler:ColorNamer",
         ),
+        ("examples/minimal_handler.py", "names a module, not a file: examples.minimal_handler:Class"),
     ],
 )
 def test_a_bad_handler_is_a_clear_error(value: str, message: str) -> None:
