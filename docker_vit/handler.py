@@ -170,12 +170,11 @@ def check_attributes(handler: Handler, settings: Settings) -> None:
     batch_size(handler, settings)
 
 
-def batch_size(handler: Handler | type[Handler], settings: Settings) -> int:
+def batch_size(handler: Handler, settings: Settings) -> int:
     """The most items `handler.predict` receives: its own `max_batch_size`, else the setting's."""
     size = handler.max_batch_size
-    title = handler.__name__ if isinstance(handler, type) else type(handler).__name__
     if size is not None and (type(size) is not int or size < 1):
-        raise HandlerError(f"{title}.max_batch_size must be a positive int, got {size!r}")
+        raise HandlerError(f"{type(handler).__name__}.max_batch_size must be a positive int, got {size!r}")
     return size or settings.max_batch_size
 
 

@@ -98,10 +98,9 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     settings = Settings.load(os.environ, SERVING, **overrides)  # bad arguments fail here, before any replica
     # A handler's own batch size sizes the concurrency: read from its class, as building a handler
     # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
-    size = getattr(handler_class(settings), "max_batch_size", None)  # a class attribute, as documented;
-    batch = size if type(size) is int and size > 0 else settings.max_batch_size  # else the replicas decide
+    size = getattr(handler_class(settings), "max_batch_size", None)  # a class attribute, as documented
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
-    options = deployment_options(settings, deployment, batch)
+    options = deployment_options(settings, deployment, size if type(size) is int and size > 0 else None)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
 
 
