@@ -34,6 +34,8 @@ TYPES = {
 }
 
 CLIENT_GONE = 499
+# A refused or stalled body may still be on its way: close the connection rather than read the rest.
+CLOSE = {"Connection": "close"}
 
 
 class ApiError(Exception):

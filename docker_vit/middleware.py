@@ -15,14 +15,12 @@ import time
 import uuid
 from typing import Any
 
-from docker_vit.errors import CLIENT_GONE, ApiError, error_response
+from docker_vit.errors import CLIENT_GONE, CLOSE, ApiError, error_response
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.access")
 
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-# A refused or stalled body may still be on its way: close the connection rather than read the rest.
-_CLOSE = {"Connection": "close"}
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; h11 allows 16 KiB, nginx 32 KiB
 
 
@@ -79,7 +77,7 @@ class RequestContext:
                 status = CLIENT_GONE
             if answered or self.proxied:
                 raise
-            headers = {**_CLOSE, "Retry-After": "1"}  # another replica, or this one restarted, may answer
+            headers = {**CLOSE, "Retry-After": "1"}  # another replica, or this one restarted, may answer
             response = error_response(503, "the server is shutting down", headers=headers)
             await response(scope, receive, send_with_id)
         finally:
@@ -99,17 +97,17 @@ class RequestContext:
             if complete:  # the body is in: later calls only wait for a disconnect
                 return await receive()
             if declared > self.max_body:
-                raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=_CLOSE)
+                raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=CLOSE)
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
             except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11, two on 3.10
                 text = f"request body not received within {self.read_timeout:g} s"
-                raise ApiError(408, text, headers=_CLOSE) from None
+                raise ApiError(408, text, headers=CLOSE) from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.max_body:
-                    raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=_CLOSE)
+                    raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=CLOSE)
             return message
 
         return wrapped

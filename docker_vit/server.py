@@ -203,18 +203,17 @@ async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes],
 async def _read_image_body(request: Request, max_bytes: int) -> bytes:
     """A raw body is one image: refused (413) as soon as it is longer than one image may be, not
     after the whole request body limit has been read into memory."""
-    unread = {"Connection": "close"}  # the rest of the body is not read: the connection cannot be reused
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise errors.ApiError(
-            413, f"an image is {int(declared)} bytes; the limit is {max_bytes}", headers=unread
+            413, f"an image is {int(declared)} bytes; the limit is {max_bytes}", headers=errors.CLOSE
         )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
             message = f"an image is over {max_bytes} bytes; the limit is {max_bytes}"
-            raise errors.ApiError(413, message, headers=unread)
+            raise errors.ApiError(413, message, headers=errors.CLOSE)
         chunks.append(chunk)
     return b"".join(chunks)
 
