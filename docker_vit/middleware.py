@@ -91,13 +91,14 @@ class RequestContext:
         routing and the API-key check, so a stranger gets 401 and the refusal counts for its route."""
         received = 0
         complete = False
+        too_large = f"request body exceeds {self.max_body} bytes"  # as declared, or as it arrives
 
         async def wrapped() -> dict:
             nonlocal received, complete
             if complete:  # the body is in: later calls only wait for a disconnect
                 return await receive()
             if declared > self.max_body:
-                raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=CLOSE)
+                raise ApiError(413, too_large, headers=CLOSE)
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
             except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11, two on 3.10
@@ -107,7 +108,7 @@ class RequestContext:
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
                 if received > self.max_body:
-                    raise ApiError(413, f"request body exceeds {self.max_body} bytes", headers=CLOSE)
+                    raise ApiError(413, too_large, headers=CLOSE)
             return message
 
         return wrapped
