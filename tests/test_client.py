@@ -190,16 +190,22 @@ class _Flaky(BaseHTTPRequestHandler):
         pass
 
 
-def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Flaky)
+@contextmanager
+def stub_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A stand-in server on a free loopback port, answering with `handler`; its URL."""
+    stub = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
-        out = tmp_path / "out.csv"
-        url = f"http://127.0.0.1:{stub.server_address[1]}"
-        assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
+        yield f"http://127.0.0.1:{stub.server_address[1]}"
     finally:
         stub.shutdown()
         stub.server_close()
+
+
+def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
+    with stub_server(_Flaky) as url:
+        out = tmp_path / "out.csv"
+        assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
     assert _Flaky.refusals == 0
     assert out.read_text().splitlines() == [
         "path,caption,model,num_beams,max_new_tokens",
@@ -222,17 +228,11 @@ def test_a_200_without_captions_stops_the_run_with_a_clear_error(
     body: object, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     _Stranger.body = body
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Stranger)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{stub.server_address[1]}"
+    with stub_server(_Stranger) as url:
         assert (
             cli.main(["caption", str(photo("coffee.jpg")), "-o", str(tmp_path / "o.jsonl"), "--url", url])
             == 1
         )
-    finally:
-        stub.shutdown()
-        stub.server_close()
     assert "did not answer with captions" in capsys.readouterr().err
 
 
@@ -251,15 +251,9 @@ class _Gateway(_Flaky):
 
 
 def test_a_proxys_502_is_retried(tmp_path: Path) -> None:
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Gateway)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
+    with stub_server(_Gateway) as url:
         out = tmp_path / "out.jsonl"
-        url = f"http://127.0.0.1:{stub.server_address[1]}"
         assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
-    finally:
-        stub.shutdown()
-        stub.server_close()
     assert _Gateway.refusals == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
 
 
@@ -281,14 +275,8 @@ class _Loading(_Flaky):
 
 
 def test_a_server_still_loading_is_waited_for_saying_so(capsys: pytest.CaptureFixture) -> None:
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _Loading)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{stub.server_address[1]}"
+    with stub_server(_Loading) as url:
         assert cli.main(["caption", str(photo("coffee.jpg")), "--url", url]) == 0
-    finally:
-        stub.shutdown()
-        stub.server_close()
     out, err = capsys.readouterr()
     assert out == "a stub caption\n" and f"{url} is loading its model; waiting up to 10 min" in err
 
@@ -312,15 +300,9 @@ class _CutShort(_Flaky):
 
 
 def test_an_answer_cut_short_is_retried(tmp_path: Path) -> None:
-    stub = ThreadingHTTPServer(("127.0.0.1", 0), _CutShort)
-    threading.Thread(target=stub.serve_forever, daemon=True).start()
-    try:
+    with stub_server(_CutShort) as url:
         out = tmp_path / "out.jsonl"
-        url = f"http://127.0.0.1:{stub.server_address[1]}"
         assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
-    finally:
-        stub.shutdown()
-        stub.server_close()
     assert _CutShort.cuts == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
 
 
