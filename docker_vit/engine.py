@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import logging
 import os
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from docker_vit import decoding, logs
+from docker_vit import decoding, logs, memory
 
 log = logging.getLogger("docker_vit.engine")
 
@@ -62,6 +61,8 @@ class CaptionEngine:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = threads
+        # On the CPU a batch's freed activations are kept while batches follow each other (docker_vit.memory).
+        self._heap = memory.IdleRelease() if self.device.type == "cpu" else contextlib.nullcontext()
         self.model: Any = None
         self.max_new_tokens: int | None = None  # the most the model's positions allow, once loaded
 
@@ -74,7 +75,7 @@ class CaptionEngine:
             raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
         _check_available(self.device)
         if self.device.type == "cpu":
-            _reuse_freed_memory()
+            memory.keep_freed_blocks()
         hf_logging.disable_progress_bar()  # a bar per load, on every CLI run and server start, is noise
         logs.adopt_library_loggers()
         try:
@@ -118,15 +119,14 @@ class CaptionEngine:
         self, pixels: Sequence[torch.Tensor], num_beams: int, max_new_tokens: int
     ) -> list[list[int]]:
         """A batch of pixel tensors to token ids: the same ids as the model's own `generate`."""
-        batch = torch.stack(list(pixels)).to(self.device, self.dtype)
-        config = self.generation_config(num_beams, max_new_tokens)
-        if decoding.supports(self.model, config):
-            ids = decoding.generate(self.model, batch, config)
-        else:
-            ids = self.model.generate(pixel_values=batch, generation_config=config)
-        if self.device.type == "cpu":
-            _release_free_memory()
-        return ids.tolist()
+        with self._heap:
+            batch = torch.stack(list(pixels)).to(self.device, self.dtype)
+            config = self.generation_config(num_beams, max_new_tokens)
+            if decoding.supports(self.model, config):
+                ids = decoding.generate(self.model, batch, config)
+            else:
+                ids = self.model.generate(pixel_values=batch, generation_config=config)
+            return ids.tolist()
 
     def generation_config(self, num_beams: int, max_new_tokens: int) -> GenerationConfig:
         config = copy.deepcopy(self.model.generation_config)
@@ -197,31 +197,6 @@ def _pretrained(auto: Any, model_id: str, **kwargs: Any) -> Any:
         return auto.from_pretrained(model_id, local_files_only=True, **kwargs)
     except OSError:
         return auto.from_pretrained(model_id, **kwargs)
-
-
-def _reuse_freed_memory() -> None:
-    """Serve large activations from the heap instead of one fresh mapping each.
-
-    By default glibc gives every large block of the main thread a mapping of its own and unmaps it when
-    freed, so each layer faults in, and has the kernel zero, pages the layer before just gave back:
-    ~465,000 page faults per batch of 16 images, and `docker-vit caption` (which runs the model on its
-    main thread) took 1.13x as long. Worker threads (the server's device thread) mostly reuse their own
-    arena already. `_release_free_memory` still returns everything after each batch, so the memory
-    held between batches does not change (benchmarks/NOTES.md)."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_MAX, 0)  # no block gets a mapping of its own
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # nor is the heap shrunk in the middle of a batch
-
-
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
-
-
-def _release_free_memory() -> None:
-    """Hand the batch's freed activations back to the OS. glibc keeps freed heap pages mapped, so
-    without this a CPU server's resident memory ratchets up to its largest batch and stays there."""
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _one_line(exc: Exception) -> str:
