@@ -99,6 +99,9 @@ def _add_settings(
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
+    # Until the server runs, a stop has nothing to drain. As PID 1 in a container a process without a
+    # handler never sees SIGTERM, and a stop during start-up would wait for the runtime's SIGKILL.
+    signal.signal(signal.SIGTERM, _stopped_before_serving)
     import uvicorn
 
     from docker_vit import logs
@@ -127,8 +130,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     server = uvicorn.Server(config)
     service = app.state.service
     service.on_failed = lambda: setattr(server, "should_exit", True)
-    # uvicorn re-raises SIGTERM once it has drained; a server that finished its requests exits 0.
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    # uvicorn takes SIGTERM over once it runs, and re-raises it once it has drained: a server that
+    # finished its requests exits 0; one that comes in just before uvicorn listens stops it as well.
+    signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
     interrupted, refused = False, None
     try:
         server.run()
@@ -144,6 +148,10 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.flush()
         os._exit(code)
     return code
+
+
+def _stopped_before_serving(signum: int, frame: object) -> NoReturn:
+    raise SystemExit(0)
 
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:

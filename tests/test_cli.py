@@ -117,6 +117,27 @@ def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None
     assert process.returncode == 130 and "Traceback" not in err and "Finished server process" in err
 
 
+def test_sigterm_while_serve_starts_is_a_clean_stop() -> None:
+    """Before uvicorn runs (imports, building the app) a stop exits 0 at once: as PID 1 in a container
+    a process with no handler would not see it, and would wait for SIGKILL."""
+    script = (
+        "import os, signal, time\n"
+        "from docker_vit import cli, server\n"
+        "def create_app(settings):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(60)\n"
+        "server.create_app = create_app\n"
+        "raise SystemExit(cli.main(['serve', '--handler', 'fake_handlers:SlowLoad']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    started = time.monotonic()
+    process = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, env=env
+    )
+    assert process.returncode == 0, process.stderr
+    assert time.monotonic() - started < 30 and "Traceback" not in process.stderr
+
+
 def test_a_taken_port_ends_serve_at_once_while_the_model_loads() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
