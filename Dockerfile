@@ -23,19 +23,6 @@
 ARG BASE=python:3.11-slim
 FROM ${BASE}
 
-# Which torch, from where. TORCH_INDEX empty: PyPI (CUDA-enabled wheels on Linux x86_64).
-ARG TORCH_SPEC=torch
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
-# Extra pip settings for private mirrors or wheel folders; build arguments reach RUN as environment
-# variables, so pip reads them directly, and none of them stays in the image.
-ARG PIP_INDEX_URL
-ARG PIP_EXTRA_INDEX_URL
-ARG PIP_FIND_LINKS
-ARG PIP_CERT
-ARG PIP_EXTRA_ARGS=
-# Optional extras of the package, comma-separated (e.g. "runpod" for the serverless worker).
-ARG EXTRAS=
-
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -70,13 +57,29 @@ ENTRYPOINT []
 CMD ["docker-vit", "serve"]
 
 # Layers from the least to the most often changing: torch, then the other dependencies (read from
-# pyproject.toml alone), then the source. Editing code rebuilds only the last, small layer.
+# pyproject.toml alone), then the source. Editing code rebuilds only the source layer (and, with MODEL
+# set, the model download after it). Each build argument is declared just before the first step that
+# uses it: Docker reruns every RUN after an argument whose value changed, so another EXTRAS keeps the
+# torch layer.
+# Which torch, from where. TORCH_INDEX empty: PyPI (CUDA-enabled wheels on Linux x86_64); with a
+# private mirror, point TORCH_INDEX at it too (it replaces pip's index for this step).
+ARG TORCH_SPEC=torch
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Extra pip settings for private mirrors or wheel folders; build arguments reach RUN as environment
+# variables, so pip reads them directly, and none of them stays in the image.
+ARG PIP_INDEX_URL
+ARG PIP_EXTRA_INDEX_URL
+ARG PIP_FIND_LINKS
+ARG PIP_CERT
+ARG PIP_EXTRA_ARGS=
 RUN pip install $PIP_EXTRA_ARGS \
         ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} \
         "$TORCH_SPEC" \
     && python -c 'import torch; print("torch==" + torch.__version__)' > /opt/venv/torch-constraint.txt
 
 COPY pyproject.toml /src/pyproject.toml
+# Optional extras of the package, comma-separated (e.g. "runpod" for the serverless worker).
+ARG EXTRAS=
 RUN python -c 'import importlib, os, sys; \
 toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
 p = toml.load(open("/src/pyproject.toml", "rb"))["project"]; \

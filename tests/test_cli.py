@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import shutil
@@ -176,8 +177,13 @@ def test_download_fills_the_cache_or_a_folder(
 ) -> None:
     calls = []
 
-    def fake_snapshot(repo_id: str, local_dir: str | None = None) -> str:
+    def fake_snapshot(repo_id: str, local_dir: str | None = None, ignore_patterns=()) -> str:
         calls.append((repo_id, local_dir))
+        skipped = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in ignore_patterns)  # noqa: E731
+        assert all(map(skipped, ["tf_model.h5", "flax_model.msgpack", "rust_model.ot", "onnx/model.onnx"]))
+        assert not any(
+            map(skipped, ["model.safetensors", "pytorch_model.bin", "tokenizer.json", "config.json"])
+        )
         return local_dir or "/cache/models--x"
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
