@@ -63,6 +63,10 @@ class _ReplicaApp:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if self.app is None:
             raise RuntimeError("no replica has installed its app in this process")
+        root = scope.get("root_path", "")
+        if scope["type"] == "http" and root and scope["path"] in ("", root):
+            # Under `--route-prefix /cap`, `POST /cap` is the original `POST /`: answered, not redirected.
+            scope = {**scope, "path": root + "/", "raw_path": (root + "/").encode()}
         await self.app(scope, receive, send)
 
     def __reduce__(self) -> str:

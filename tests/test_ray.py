@@ -33,6 +33,7 @@ from docker_vit.config import Settings  # noqa: E402
 from docker_vit.service import FAILED, LOADING, READY, Service  # noqa: E402
 
 ARGS = {"num_beams": "2", "max_new_tokens": "8", "max_wait_ms": "50", "max_batch_size": "8"}
+PREFIX = "/cap"  # served under a route prefix: every route must work below it
 
 
 def free_port() -> int:
@@ -58,8 +59,9 @@ def ray_url(tiny_model: Path) -> Iterator[str]:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # serve.run returns once the replica passed its first health check: model loaded and warm.
-        serve.run(ray_adapter.app({"model": str(tiny_model), **ARGS}), name="docker-vit", route_prefix="/")
-        yield f"http://127.0.0.1:{port}"
+        app = ray_adapter.app({"model": str(tiny_model), **ARGS})
+        serve.run(app, name="docker-vit", route_prefix=PREFIX)
+        yield f"http://127.0.0.1:{port}{PREFIX}"
     finally:
         if ray.is_initialized():  # test_shutdown_is_clean may have done it already
             serve.shutdown()
@@ -91,6 +93,14 @@ def test_caption_matches_docker_vit_serve(ray_url: str, local: TestClient) -> No
     assert expected.status_code == 200
     assert reply.text == expected.text and reply.text
     assert len(reply.headers.get_list("x-request-id")) == 1  # the proxy's, not a second one of ours
+
+
+def test_the_bare_route_prefix_is_the_original_call(ray_url: str) -> None:
+    """`curl -F file=@x http://HOST/cap` under `--route-prefix /cap`: the caption, not a redirect."""
+    with open(photo("french_bulldog.jpg"), "rb") as file:
+        reply = httpx.post(ray_url, files={"file": ("dog.jpg", file, "image/jpeg")}, timeout=60)
+    assert reply.status_code == 200 and reply.text == post_photo(ray_url).text
+    assert httpx.get(ray_url + "x/healthz").status_code == 404  # only the prefix itself is taken as `/`
 
 
 def test_the_same_routes_answer(ray_url: str, local: TestClient, tiny_model: Path) -> None:
