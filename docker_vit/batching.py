@@ -206,7 +206,7 @@ class Batcher:
             try:
                 await self._execute(batch, options)
             finally:
-                self._running = []
+                self._running = batch = []  # a done batch's items are not kept until the next one
 
     def _idle_clock(self) -> float:
         """Seconds the device has sat idle since the batcher was made."""
@@ -278,6 +278,7 @@ class Batcher:
                 await self._execute(half, options)  # drops an empty half, and callers gone since
             return
         log.error("model call failed", exc_info=exc)
+        _drop_frames(exc)  # the callers get the error, not the failed call's tensors
         for entry in live:
             entry.future.set_exception(exc)
 

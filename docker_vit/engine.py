@@ -7,7 +7,6 @@ token-for-token identical decode path (`docker_vit.decoding`).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import os
@@ -61,8 +60,6 @@ class CaptionEngine:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = threads
-        # On the CPU a batch's freed activations are kept while batches follow each other (docker_vit.memory).
-        self._heap = memory.IdleRelease() if self.device.type == "cpu" else contextlib.nullcontext()
         self.model: Any = None
         self.max_new_tokens: int | None = None  # the most the model's positions allow, once loaded
 
@@ -119,7 +116,7 @@ class CaptionEngine:
         self, pixels: Sequence[torch.Tensor], num_beams: int, max_new_tokens: int
     ) -> list[list[int]]:
         """A batch of pixel tensors to token ids: the same ids as the model's own `generate`."""
-        with self._heap:
+        with memory.in_use:  # freed activations kept while batches follow each other
             batch = torch.stack(list(pixels)).to(self.device, self.dtype)
             config = self.generation_config(num_beams, max_new_tokens)
             if decoding.supports(self.model, config):

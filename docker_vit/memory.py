@@ -1,12 +1,13 @@
-"""Host memory of a model on the CPU: keep a batch's freed activations while batches follow each other,
-hand them back to the OS once the device pauses.
+"""Host memory: keep what a batch frees while work follows work, hand it back to the OS once the
+server pauses.
 
-glibc (the C library of Linux images; elsewhere these are no-ops) gives large blocks back eagerly: the
-main thread's as one mapping each, a worker thread's by deleting whole heaps that fall empty. The next
-layer then faults in, and the kernel zeroes, pages the layer before just gave back: 60,000-90,000
-faults and ~0.2 s of system time per greedy batch of 16 images here, 3-4% of the batch
-(benchmarks/NOTES.md). Kept instead, and handed back when the device has had nothing to do for a moment,
-a busy server pays nothing and an idle one holds what it held before its first batch.
+glibc (the C library of Linux images; elsewhere these are no-ops) gives the main thread's large blocks
+back eagerly, one mapping each, so each layer faulted in, and had the kernel zero, pages the layer
+before just gave back. Handing everything back after every batch (`malloc_trim`) did the same to the
+next batch: 60,000-90,000 faults and ~0.2 s of system time per greedy batch of 16 images here, 3% of
+the throughput (benchmarks/NOTES.md). So the trim runs once the server has had nothing to do for a
+moment: a busy server does not pay for it, and an idle one returns to about its loaded size, whatever
+a request left behind (an upload refused before any model call included).
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import ctypes
 import threading
 from collections.abc import Callable
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4  # mallopt's parameter numbers in malloc.h
-_HEAP = 64 << 20  # the size of a worker thread's glibc heap
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt's parameter numbers in glibc's malloc.h
 
 
 def keep_freed_blocks() -> None:
@@ -25,8 +25,7 @@ def keep_freed_blocks() -> None:
     with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
         libc = ctypes.CDLL("libc.so.6")
         libc.mallopt(_M_MMAP_MAX, 0)  # no block gets a mapping of its own
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # the main heap is not shrunk as blocks are freed
-        libc.mallopt(_M_TOP_PAD, _HEAP)  # nor is a worker thread's heap deleted once it falls empty
+        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)  # nor is the heap shrunk as blocks are freed
 
 
 def release_free_memory() -> None:
@@ -36,10 +35,11 @@ def release_free_memory() -> None:
 
 
 class IdleRelease:
-    """A context around each batch: once none has run for `delay` seconds, `release` runs.
+    """A context around each piece of heavy work (a request's intake, a batch): once none has run for
+    `delay` seconds, `release` runs.
 
     The pause between batches of a loaded server is the clients' next uploads (~0.1 s at 16 clients
-    here), so a short delay tells a busy device from an idle one."""
+    here), so a short delay tells a busy server from an idle one."""
 
     def __init__(self, delay: float = 0.5, release: Callable[[], None] = release_free_memory) -> None:
         self._delay = delay
@@ -62,3 +62,6 @@ class IdleRelease:
                 self._timer = threading.Timer(self._delay, self._release)
                 self._timer.daemon = True  # a pending release never holds up the process's exit
                 self._timer.start()
+
+
+in_use = IdleRelease()  # the process's one: malloc's heaps are shared by every thread

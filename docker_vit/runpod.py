@@ -27,7 +27,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from docker_vit import errors
+from docker_vit import errors, memory
 from docker_vit.batching import QueueFull
 from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError, load_handler
@@ -73,6 +73,10 @@ class Worker:
         return self._submit(self.process(job)).result()
 
     async def process(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        with memory.in_use:  # what a job leaves in the heap goes back to the OS once all are done
+            return await self._answer(job)
+
+    async def _answer(self, job: Mapping[str, Any]) -> dict[str, Any]:
         try:  # base64 of up to max_images x max_bytes: decoded off the loop that runs the batches
             names = self.service.handler.option_names
             inputs, raw = await asyncio.to_thread(read_job, job, self.settings, names)

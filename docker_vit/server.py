@@ -21,7 +21,7 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from docker_vit import errors
+from docker_vit import errors, memory
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result, description, load_handler
 from docker_vit.middleware import RequestContext
@@ -80,15 +80,17 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     @app.post("/", response_class=PlainTextResponse, dependencies=[authorized], openapi_extra=_upload_doc())
     async def caption(request: Request) -> PlainTextResponse:
         """The original contract: one image (multipart `file` or an image/* body) in, its caption as text."""
-        inputs, raw = await _read_inputs(request, settings, json_allowed=False)
-        results = await _run(request, service, settings, inputs[:1], raw)
+        with memory.in_use:  # what an upload leaves in the heap goes back to the OS once all are done
+            inputs, raw = await _read_inputs(request, settings, json_allowed=False)
+            results = await _run(request, service, settings, inputs[:1], raw)
         return PlainTextResponse(results[0].text)
 
     @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(json=True))
     async def captions(request: Request) -> JSONResponse:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
-        inputs, raw = await _read_inputs(request, settings, json_allowed=True)
-        results = await _run(request, service, settings, inputs, raw)
+        with memory.in_use:
+            inputs, raw = await _read_inputs(request, settings, json_allowed=True)
+            results = await _run(request, service, settings, inputs, raw)
         return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
 
     @app.get("/v1/model")
@@ -268,10 +270,10 @@ async def _run(
         if gone in done:
             raise ClientDisconnect()
         raise errors.ApiError(504, f"no answer within {settings.request_timeout:g} s")
-    try:
-        return work.result()
-    except Exception as exc:
-        raise errors.from_service(exc) from None
+    failure = work.exception()  # not re-raised here: its traceback would hold this frame, and so `work`
+    if failure is not None:
+        raise errors.from_service(failure)
+    return work.result()
 
 
 async def _disconnected(request: Request) -> None:

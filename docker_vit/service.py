@@ -138,9 +138,10 @@ class Service:
         try:
             return list(await asyncio.gather(*jobs))
         except BaseException:
-            for job in jobs:
-                job.cancel()
+            _cancel(jobs)
             raise
+        finally:
+            del jobs  # a failed job's error holds this frame: a cycle that would keep the uploads
 
     async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
         """Bytes in, results out, in input order."""
@@ -158,8 +159,8 @@ class Service:
         try:
             outputs = await asyncio.gather(*futures)
         finally:
-            for future in futures:
-                future.cancel()
+            _cancel(futures)
+            del futures  # as in `prepare`: a model error must not hold this frame's inputs in a cycle
         self.metrics.images.inc(len(outputs))
         return await asyncio.to_thread(self._respond, outputs)
 
@@ -171,3 +172,10 @@ class Service:
         except Exception:
             log.exception("respond failed")
             raise
+
+
+def _cancel(futures: Sequence[asyncio.Future]) -> None:
+    """Cancel each; in a function of its own, so no loop variable is left in the caller's frame holding
+    a failed future (whose error holds that frame: a cycle)."""
+    for future in futures:
+        future.cancel()

@@ -12,6 +12,7 @@ import io
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -278,3 +279,29 @@ class DescribesItsModel(Echo):
 
     def describe(self) -> dict[str, Any]:
         return {"weights": self.weights}  # only its own: the server keeps the name and class
+
+
+class Held:
+    """An object a test can watch die (through a WeakSet)."""
+
+
+class Holding(Echo):
+    """`prepare` and `predict` hold a `Held` in their frames while they work; `prepare` refuses the
+    input `bad`, `predict` fails on Echo's poison: a failed request must let go of everything it held
+    (its bytes, decoded pixels, tensors) without waiting for the cycle collector."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.held: weakref.WeakSet[Held] = weakref.WeakSet()
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        held = Held()
+        self.held.add(held)
+        if data == b"bad":
+            raise InputError("not an image")
+        return super().prepare(data, options)
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        held = Held()
+        self.held.add(held)
+        return super().predict(items, options)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import gc
+import logging
 import os
 import signal
 import threading
@@ -17,6 +19,7 @@ from fake_handlers import (
     DescribesItsModel,
     Exiting,
     Gated,
+    Holding,
     Misbehaving,
     OutOfMemoryError,
     SlowBig,
@@ -371,3 +374,31 @@ def test_a_load_error_with_a_lone_surrogate_is_still_a_json_answer() -> None:
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert ready.status_code == 503 and "caf\\udce9" in ready.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body", ["json", "raw", "model"])
+def test_a_failed_request_lets_go_of_what_it_held_at_once(body: str) -> None:
+    """Reference cycles through a failed request's exception kept its frames (uploads, decoded
+    pixels) until Python's cycle collector ran, which can be never: the server grew by GBs."""
+    settings = Settings(max_images=4)
+    handler = Holding(settings)
+    with serving(settings, handler) as client:
+        gc.collect()
+        gc.disable()  # what is still held now is held by references, not by waiting for gc
+        logging.disable(logging.ERROR)  # pytest keeps log records, and a record keeps its traceback
+        try:
+            if body == "json":
+                images = [base64.b64encode(data).decode() for data in (b"good", b"bad", b"good", b"x")]
+                answer = client.post("/v1/captions", json={"images": images})
+            elif body == "raw":
+                answer = client.post("/", content=b"bad", headers={"content-type": "image/x"})
+            else:
+                answer = client.post("/?poison=boom", content=b"boom", headers={"content-type": "image/x"})
+            assert answer.status_code == (500 if body == "model" else 400), answer.text
+            deadline = time.monotonic() + 5  # the batcher lets go once its loop comes round
+            while handler.held and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert len(handler.held) == 0
+        finally:
+            gc.enable()
+            logging.disable(logging.NOTSET)

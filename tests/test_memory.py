@@ -60,3 +60,20 @@ def test_outside_glibc_the_calls_do_nothing(monkeypatch):
     monkeypatch.setattr(memory.ctypes, "CDLL", no_libc)
     memory.keep_freed_blocks()
     memory.release_free_memory()
+
+
+def test_a_refused_upload_hands_its_memory_back_once_the_server_is_idle(monkeypatch):
+    """An upload that never reaches the model (not an image) still leaves its bytes in the heap."""
+    from conftest import serving
+    from fake_handlers import Pictures
+
+    from docker_vit.config import Settings
+
+    released = threading.Event()
+    monkeypatch.setattr(memory, "in_use", memory.IdleRelease(delay=0.01, release=released.set))
+    settings = Settings()
+    with serving(settings, Pictures(settings)) as client:
+        released.clear()  # the warm-up's
+        answer = client.post("/", content=b"not an image" * 1000, headers={"content-type": "image/png"})
+        assert answer.status_code == 415
+        assert released.wait(5)
