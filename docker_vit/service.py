@@ -25,7 +25,7 @@ from docker_vit.handler import (
     read_options,
     respond,
 )
-from docker_vit.images import InputError
+from docker_vit.images import InputError, TooLarge
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.service")
@@ -35,6 +35,11 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 
 class WarmUpError(RuntimeError):
     """The first call, on the handler's own `example()`, failed: the model is not fit to serve."""
+
+
+class LimitsTooLow(WarmUpError):
+    """The limits refuse even the handler's own small example (`--max-pixels 1000`): a setting to
+    change, said in one line."""
 
 
 class Service:
@@ -84,7 +89,8 @@ class Service:
             reason = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
             self.state, self.error = FAILED, reason  # JSON (/readyz) carries no lone surrogate
             # A missing file or no network says all in its message; anything else may be a bug.
-            log.error("loading the model failed: %s", self.error, exc_info=not isinstance(exc, OSError))
+            plain = isinstance(exc, OSError | LimitsTooLow)
+            log.error("loading the model failed: %s", self.error, exc_info=not plain)
             self.on_failed()
             return
         self.state = READY
@@ -94,6 +100,8 @@ class Service:
         started = time.perf_counter()
         try:
             await self.run([contained(self.handler.example)], self.options({}))
+        except TooLarge as exc:
+            raise LimitsTooLow(f"the limits refuse even the warm-up input, example(): {exc}") from None
         except Exception as exc:
             hint = ""
             if type(self.handler).example is Handler.example:

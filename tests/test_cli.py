@@ -139,6 +139,14 @@ def test_sigterm_while_serve_starts_is_a_clean_stop() -> None:
     assert time.monotonic() - started < 30 and "Traceback" not in process.stderr
 
 
+@pytest.mark.parametrize("limit", [["--max-pixels", "1000"], ["--max-bytes", "100"]])
+def test_limits_below_the_warm_up_image_stop_serve_with_one_line(vit_gpt2_dir: Path, limit: list) -> None:
+    command = [*DOCKER_VIT, "serve", "--model", str(vit_gpt2_dir), "--port", str(free_port()), *limit]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert process.returncode == 1 and "Traceback" not in process.stderr
+    assert "the limits refuse even the warm-up input" in process.stderr and "the limit is" in process.stderr
+
+
 def test_a_taken_port_ends_serve_at_once_while_the_model_loads() -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
