@@ -272,18 +272,18 @@ class Batcher:
             log.warning(
                 "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc
             )
-            _drop_frames(exc)  # the failed call's memory (activations, caches) must be free for the halves
+            drop_frames(exc)  # the failed call's memory (activations, caches) must be free for the halves
             middle = len(live) // 2
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
             return
         log.error("model call failed", exc_info=exc)
-        _drop_frames(exc)  # the callers get the error, not the failed call's tensors
+        drop_frames(exc)  # the callers get the error, not the failed call's tensors
         for entry in live:
             entry.future.set_exception(exc)
 
 
-def _drop_frames(exc: BaseException | None) -> None:
+def drop_frames(exc: BaseException | None) -> None:
     """Forget the stack frames of a failure (and of those it chained): their local variables, such as
     an out-of-memory batch's tensors, are freed instead of living as long as the exception."""
     seen: set[int] = set()

@@ -21,10 +21,18 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from docker_vit.batching import contained
+from docker_vit.batching import contained, drop_frames
 from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for, record
 from docker_vit.config import Settings
-from docker_vit.handler import OptionsError, batch_size, load_handler, predict_all, read_options, respond
+from docker_vit.handler import (
+    OptionsError,
+    Result,
+    batch_size,
+    load_handler,
+    predict_all,
+    read_options,
+    respond,
+)
 from docker_vit.progress import Progress
 
 IMAGE_EXTENSIONS = frozenset(
@@ -222,15 +230,29 @@ class LocalCaptioner:
                 ready.append(outcome)
             except Exception as exc:
                 outcome.error = describe_error(exc)
-        if items:
-            try:  # the handler's code, whatever it raises (SystemExit too): one line, not a traceback
-                outputs = predict_all(self.handler, items, self.options)
-                results = [respond(self.handler, output) for output in outputs]
-            except Exception as exc:
-                raise CaptionError(f"the model failed: {type(exc).__name__}: {exc}") from None
-            for outcome, result in zip(ready, results, strict=True):
+        for outcome, result in zip(ready, self._results(items), strict=True):
+            if isinstance(result, Exception):
+                outcome.error = f"the model failed: {type(result).__name__}: {result}"
+            else:
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
         return outcomes
+
+    def _results(self, items: list[Any]) -> list[Result | Exception]:
+        """Each item's result, or the error of the model on it: a failed batch is retried in halves,
+        as the server's batcher does, so one image the model cannot take (or an out-of-memory batch)
+        costs only what really fails, and a later run can retry it."""
+        if not items:
+            return []
+        try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
+            outputs = predict_all(self.handler, items, self.options)
+            return [respond(self.handler, output) for output in outputs]
+        except Exception as exc:
+            failure = exc
+        drop_frames(failure)  # the failed call's memory must be free for the halves
+        if len(items) == 1:
+            return [failure]
+        middle = len(items) // 2
+        return self._results(items[:middle]) + self._results(items[middle:])
 
 
 def read_file(path: str, limit: int) -> bytes:

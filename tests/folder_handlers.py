@@ -40,3 +40,14 @@ class Slow(Digest):
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         time.sleep(0.25)
         return super().predict(items, options)
+
+
+class Fussy(Digest):
+    """The model fails on any batch holding the picture whose digest is in `refused` (tests set it)."""
+
+    refused: ClassVar[set[str]] = set()
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        if Fussy.refused & set(items):
+            raise RuntimeError("this picture breaks the model")
+        return super().predict(items, options)

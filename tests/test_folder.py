@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 from conftest import photo
-from folder_handlers import Digest
+from folder_handlers import Digest, Fussy
 from PIL import Image
 
 from docker_vit import cli
 from docker_vit.captions_file import CaptionsFile, CaptionsFileError
+from docker_vit.config import Settings
 from docker_vit.folder import find_images
 from docker_vit.progress import Progress
 
@@ -99,6 +100,25 @@ def test_jsonl_output_skips_unreadable_files_and_carries_on(
     }
     assert entries[0]["caption"].startswith("picture ")
     assert sum(Digest.batches) == 5 and max(Digest.batches) <= 3
+
+
+def test_an_image_the_model_fails_on_is_skipped_and_the_run_carries_on(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A failed batch is retried in halves, as the server does: only the image that breaks the model
+    is skipped (exit 1), and a run after the model is fixed adds just that one."""
+    Fussy.refused = {Fussy(Settings()).prepare((library / "a.JPG").read_bytes(), None)}
+    out = tmp_path / "captions.jsonl"
+    fussy = ["--handler", "folder_handlers:Fussy", "--max-batch-size", "3"]
+    try:
+        assert cli.main(["caption", str(library), "--output", str(out), *fussy]) == 1
+    finally:
+        Fussy.refused = set()
+    err = capsys.readouterr().err
+    assert "a.JPG: the model failed: RuntimeError: this picture breaks the model" in err
+    assert {Path(entry["path"]).name for entry in lines(out)} == {"c.gif", "beach.webp", "b.png", "last.bmp"}
+    assert cli.main(["caption", str(library), "--output", str(out), *fussy]) == 1  # broken.jpg still
+    assert [Path(entry["path"]).name for entry in lines(out)][-1] == "a.JPG" and len(lines(out)) == 5
 
 
 def test_resume_captions_only_new_images(library: Path, tmp_path: Path) -> None:
