@@ -16,6 +16,7 @@ import csv
 import io
 import json
 import os
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
@@ -64,6 +65,7 @@ class CaptionsFile:
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
         try:
+            self._check_kind()
             self._lock()
             self.done = self._resume()
         except BaseException:
@@ -87,6 +89,12 @@ class CaptionsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def _check_kind(self) -> None:
+        """A file, or /dev/null: resuming reads the output, and a device such as /dev/zero never ends."""
+        mode = os.fstat(self._file.fileno()).st_mode
+        if not stat.S_ISREG(mode) and os.path.realpath(self.path) != os.devnull:
+            raise CaptionsFileError("not a regular file (for captions on stdout: -o - or no -o)")
 
     def _lock(self) -> None:
         """One run a file: two would each caption every image not yet in it, and write it twice."""

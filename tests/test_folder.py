@@ -451,3 +451,13 @@ def test_a_record_cut_anywhere_is_dropped_without_leaving_a_blank_line(tmp_path:
         assert file.done == {"a.png"}
         file.write([{"path": "b.png", "caption": "y"}])
     assert path.read_text() == '{"path": "a.png", "caption": "x"}\n{"path": "b.png", "caption": "y"}\n'
+
+
+@pytest.mark.parametrize("device", ["/dev/zero", "/dev/full"])
+def test_an_output_that_is_a_device_is_refused(library: Path, device: str, capsys) -> None:
+    """Resuming reads the output first, and /dev/zero never ends: refused before reading."""
+    assert cli.main(["caption", str(library), "-o", device, *DIGEST]) != 0
+    assert f"cannot use {device}: not a regular file" in capsys.readouterr().err
+    assert (
+        cli.main(["caption", str(library), "-o", os.devnull, *DIGEST]) == 1
+    )  # broken.jpg; /dev/null is fine
