@@ -87,11 +87,11 @@ class Handler:
     def prepare(self, data: bytes, options: Hashable) -> Any:
         """Turn one request's input bytes into a model-ready item (raise InputError or ImageError for
         input that is the client's mistake: a 400 or a 415, not a 500)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement prepare()")
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         """Run the model on a batch; return one output per item, in order."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
 
     def respond(self, output: Any) -> Result:
         """Turn one output into the answer a client gets."""
@@ -117,7 +117,7 @@ def load_handler(settings: Settings) -> Handler:
     cls = handler_class(settings)
     try:
         handler = cls(settings)
-    except Exception as exc:
+    except (Exception, SystemExit) as exc:  # SystemExit too: it would end the command without a word
         raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
     check_attributes(handler, settings)  # refuse mistakes now, not at the first request
     return handler
@@ -145,7 +145,7 @@ def handler_class(settings: Settings) -> type[Handler]:
         cls = getattr(importlib.import_module(module_name), class_name)
     except AttributeError:
         raise HandlerError(f"--handler {settings.handler}: {module_name} has no {class_name}") from None
-    except Exception as exc:  # not found, or raised while importing: either way the module is unusable
+    except (Exception, SystemExit) as exc:  # not found, or raised while importing: the module is unusable
         raise HandlerError(
             f"cannot import {module_name} for --handler {settings.handler}: {type(exc).__name__}: {exc}"
         ) from None
@@ -157,6 +157,9 @@ def handler_class(settings: Settings) -> type[Handler]:
 def check_attributes(handler: Handler, settings: Settings) -> None:
     """Refuse a handler whose `name`, `option_names` or `max_batch_size` no front end could use."""
     title = type(handler).__name__
+    missing = [m for m in ("prepare", "predict") if getattr(type(handler), m, None) is getattr(Handler, m)]
+    if missing:
+        raise HandlerError(f"{title} does not implement {' or '.join(m + '()' for m in missing)}")
     try:
         name, names = handler.name, handler.option_names
     except Exception as exc:

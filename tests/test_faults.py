@@ -29,6 +29,7 @@ from fake_handlers import (
 
 from docker_vit.batching import Batcher, contained
 from docker_vit.config import Settings
+from docker_vit.handler import Handler, HandlerError, check_attributes, load_handler
 
 
 def batch_behind_a_busy_model(handler: Gated, client, query: str, texts: list[str]) -> dict[str, object]:
@@ -402,3 +403,26 @@ def test_a_failed_request_lets_go_of_what_it_held_at_once(body: str) -> None:
         finally:
             gc.enable()
             logging.disable(logging.NOTSET)
+
+
+def test_a_handler_module_that_exits_on_import_is_a_load_error(tmp_path, monkeypatch) -> None:
+    """`raise SystemExit` while importing (or building) a handler ended the command with status 0."""
+    (tmp_path / "exits_on_import.py").write_text("raise SystemExit\n")
+    (tmp_path / "exits_on_build.py").write_text(
+        "from fake_handlers import Echo\nclass A(Echo):\n    def __init__(self, settings):\n        raise SystemExit(0)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(HandlerError, match="cannot import exits_on_import .*SystemExit"):
+        load_handler(Settings(handler="exits_on_import:A"))
+    with pytest.raises(HandlerError, match="exits_on_build:A: SystemExit"):
+        load_handler(Settings(handler="exits_on_build:A"))
+
+
+class OnlyPredicts(Handler):
+    def predict(self, items, options):
+        return list(items)
+
+
+def test_a_handler_missing_a_method_is_refused_at_load_naming_it() -> None:
+    with pytest.raises(HandlerError, match=r"OnlyPredicts does not implement prepare\(\)"):
+        check_attributes(OnlyPredicts(Settings()), Settings())
