@@ -141,9 +141,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     except SystemExit as exc:  # uvicorn could not listen (say, the port is taken); it logged why
         refused = exc.code if isinstance(exc.code, int) and exc.code else 1
     code = refused or (1 if service.state == FAILED else 130 if interrupted else 0)
-    if service.batcher.busy:
-        # A model call outlived the shutdown timeout; exiting normally would join its thread and wait.
-        logging.getLogger("docker_vit").warning("exiting with a model call unfinished")
+    if service.busy:
+        # A handler call outlived the shutdown timeout; exiting normally would join its thread and wait.
+        logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
         logging.shutdown()
         sys.stdout.flush()
         os._exit(code)

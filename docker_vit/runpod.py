@@ -176,7 +176,7 @@ def main() -> None:
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
         if worker is not None:  # down, so a load still running is cancelled, not reported as a failure
             worker.close()
-    if worker is None or worker.service.batcher.busy:  # a load may run on the device thread: exiting
+    if worker is None or worker.service.busy:  # a load may run on the device thread: exiting
         sys.stderr.flush()  # normally would join it and wait
         os._exit(code)
     sys.exit(code)

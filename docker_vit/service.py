@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -57,6 +58,11 @@ class Service:
             2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
         )
         self._cpu = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
+        # Answers out of the decoding pool, where they would queue behind images still decoding; not in
+        # asyncio's default pool, which the event loop waits for at exit, a stuck `respond` forever.
+        self._post = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-respond")
+        self._calls = 0  # prepare and respond calls running in those pools right now
+        self._calls_lock = threading.Lock()
         # One request's images take at most all but one of the pool's threads at a time, so a request
         # of many large images cannot make every other request's decoding wait for all of them.
         self._cpu_share = max(1, workers - 1)
@@ -78,6 +84,23 @@ class Service:
         self._loading.cancel()
         await self.batcher.stop()
         self._cpu.shutdown(wait=False, cancel_futures=True)
+        self._post.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def busy(self) -> bool:
+        """A handler call still runs (a model call, a load, a stuck prepare or respond): a process that
+        exits normally joins its thread, so it would wait for the call to finish."""
+        return self.batcher.busy or self._calls > 0
+
+    def _tracked(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """`fn(*args)` on a pool thread, counted in `busy` while it runs."""
+        with self._calls_lock:
+            self._calls += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._calls_lock:
+                self._calls -= 1
 
     async def _load(self) -> None:
         try:
@@ -136,7 +159,9 @@ class Service:
         async def one(index: int, data: bytes) -> Any:
             try:
                 async with share:
-                    return await loop.run_in_executor(self._cpu, contained, prepare, data, options)
+                    return await loop.run_in_executor(
+                        self._cpu, self._tracked, contained, prepare, data, options
+                    )
             except InputError as exc:
                 if len(inputs) > 1:  # say which image of the request it was
                     exc.args = (f"image {index}: {exc}",)
@@ -170,11 +195,11 @@ class Service:
             _cancel(futures)
             del futures  # as in `prepare`: a model error must not hold this frame's inputs in a cycle
         self.metrics.images.inc(len(outputs))
-        return await asyncio.to_thread(self._respond, outputs)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._post, self._tracked, self._respond, outputs)
 
     def _respond(self, outputs: Sequence[Any]) -> list[Result]:
-        """Off the event loop, which a slow `respond` (or the check of a big result) would stall, and
-        out of the decoding pool, where finished answers would queue behind images still decoding."""
+        """Off the event loop, which a slow `respond` (or the check of a big result) would stall."""
         try:
             return [respond(self.handler, output) for output in outputs]
         except Exception:

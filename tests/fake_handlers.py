@@ -305,3 +305,17 @@ class Holding(Echo):
         held = Held()
         self.held.add(held)
         return super().predict(items, options)
+
+
+class Stuck(Echo):
+    """The input `stuck` never comes back from `prepare`; `answer-stuck` never from `respond`."""
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        if data == b"stuck":
+            threading.Event().wait()
+        return super().prepare(data, options)
+
+    def respond(self, output: Any) -> Result:
+        if output == "answer-stuck":
+            threading.Event().wait()
+        return super().respond(output)

@@ -306,6 +306,31 @@ def test_shutdown_timeout_bounds_a_long_model_call() -> None:
     assert answers[0].headers["retry-after"] == "1"
 
 
+@pytest.mark.parametrize("body", [b"stuck", b"answer-stuck"])
+def test_a_handler_call_stuck_in_prepare_or_respond_does_not_keep_the_process_alive(body: bytes) -> None:
+    """Their threads would be joined at exit (asyncio's default pool, the decoding pool): forever."""
+    port = free_port()
+    command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", "fake_handlers:Stuck"]
+    command += ["--port", str(port), "--request-timeout", "1", "--shutdown-timeout", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while "docker_vit_batch_size_count 1.0" not in _metrics(url):  # warmed up
+            assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        answer = httpx.post(f"{url}/", content=body, headers={"content-type": "image/x"}, timeout=30)
+        assert answer.status_code == 504
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert "exiting with a handler call unfinished" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
 def _metrics(url: str) -> str:
     try:
         return httpx.get(f"{url}/metrics", timeout=2).text
