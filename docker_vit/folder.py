@@ -146,14 +146,17 @@ def find_images(paths: Sequence[str], warn: Callable[[str], None]) -> list[str]:
     """Files as given; folders walked, sorted, image extensions only, hidden entries left out.
 
     Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
-    joined under the argument as given, so the same command finds the same strings again.
+    joined under the argument as given, so the same command finds the same strings again. A file found
+    under several names (a link beside it, named twice) is taken once, under the first: a resumed run
+    knows a file by its real path, and a run cut short must not end with fewer rows than a whole one.
     """
-    found: dict[str, None] = {}
+    found: dict[str, str] = {}  # real path: the name it was found under first
     visited: set[tuple[int, int]] = set()
     for argument in paths:
         path = os.path.normpath(argument)
-        found.update(dict.fromkeys(_walk(path, visited, warn) if os.path.isdir(path) else [path]))
-    return list(found)
+        for name in _walk(path, visited, warn) if os.path.isdir(path) else [path]:
+            found.setdefault(os.path.realpath(name), name)
+    return list(found.values())
 
 
 def _walk(root: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> Iterator[str]:

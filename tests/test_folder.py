@@ -461,3 +461,14 @@ def test_an_output_that_is_a_device_is_refused(library: Path, device: str, capsy
     assert (
         cli.main(["caption", str(library), "-o", os.devnull, *DIGEST]) == 1
     )  # broken.jpg; /dev/null is fine
+
+
+def test_a_picture_under_two_names_is_captioned_once_whole_or_resumed(tmp_path: Path) -> None:
+    """A link beside its target (or one file named twice): one row, whether the run is cut or not."""
+    folder = tmp_path / "ln"
+    picture(folder / "a.png", 10)
+    (folder / "b.png").symlink_to("a.png")
+    out = tmp_path / "whole.jsonl"
+    assert cli.main(["caption", str(folder), str(folder / "a.png"), "-o", str(out), *DIGEST]) == 0
+    assert [Path(entry["path"]).name for entry in lines(out)] == ["a.png"]
+    assert cli.main(["caption", str(folder), "-o", str(out), *DIGEST]) == 0 and len(lines(out)) == 1
