@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
@@ -159,9 +160,16 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 
     logs.configure("text", "warning")
     try:
-        return folder.caption(settings, args.paths, args.chosen)
+        code = folder.caption(settings, args.paths, args.chosen)
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    if code == 130 and any(t.name.startswith("docker-vit-") and t.is_alive() for t in threading.enumerate()):
+        # A handler call still runs on a pool thread (a prepare that hangs), which a normal exit would
+        # join: forever. What was captioned is already written and flushed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def _download(settings: Settings, args: argparse.Namespace) -> int:

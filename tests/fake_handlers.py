@@ -9,6 +9,7 @@ the production intake. Every class can be served as `docker-vit serve --handler 
 from __future__ import annotations
 
 import io
+import os
 import sys
 import threading
 import time
@@ -308,10 +309,13 @@ class Holding(Echo):
 
 
 class Stuck(Echo):
-    """The input `stuck` never comes back from `prepare`; `answer-stuck` never from `respond`."""
+    """The input `stuck` never comes back from `prepare`; `answer-stuck` never from `respond`. With
+    STUCK_MARK set, `prepare` creates that file before it hangs (a test's cue)."""
 
     def prepare(self, data: bytes, options: Hashable) -> Any:
         if data == b"stuck":
+            if os.environ.get("STUCK_MARK"):
+                open(os.environ["STUCK_MARK"], "w").close()
             threading.Event().wait()
         return super().prepare(data, options)
 

@@ -472,3 +472,21 @@ def test_a_picture_under_two_names_is_captioned_once_whole_or_resumed(tmp_path: 
     assert cli.main(["caption", str(folder), str(folder / "a.png"), "-o", str(out), *DIGEST]) == 0
     assert [Path(entry["path"]).name for entry in lines(out)] == ["a.png"]
     assert cli.main(["caption", str(folder), "-o", str(out), *DIGEST]) == 0 and len(lines(out)) == 1
+
+
+def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
+    """The hung call's pool thread would be joined at exit, forever: the run exits 130 all the same."""
+    (tmp_path / "a.png").write_bytes(b"stuck")  # fake_handlers.Stuck never returns from prepare on it
+    mark = tmp_path / "prepare-started"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env["STUCK_MARK"] = str(mark)
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(tmp_path / "a.png")]
+    command += ["--handler", "fake_handlers:Stuck", "-o", str(tmp_path / "out.jsonl")]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not mark.exists():
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
