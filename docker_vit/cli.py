@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from docker_vit.config import (
     CLIENT,
@@ -102,13 +102,37 @@ def _add_settings(
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # Until the server runs, a stop has nothing to drain. As PID 1 in a container a process without a
     # handler never sees SIGTERM, and a stop during start-up would wait for the runtime's SIGKILL.
-    signal.signal(signal.SIGTERM, _stopped_before_serving)
+    signal.signal(signal.SIGTERM, _stop_before_serving)
+    try:
+        server, service = _server(settings)
+    except _StoppedBeforeServing:
+        return 0
+    from docker_vit.service import FAILED  # imported by now, with the app
+
+    interrupted, refused = False, None
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C, which uvicorn re-raises once it has drained: no traceback
+        interrupted = True
+    except SystemExit as exc:  # uvicorn could not listen (say, the port is taken); it logged why
+        refused = exc.code if isinstance(exc.code, int) and exc.code else 1
+    code = refused or (1 if service.state == FAILED else 130 if interrupted else 0)
+    if service.busy:
+        # A handler call outlived the shutdown timeout; exiting normally would join its thread and wait.
+        logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
+        logging.shutdown()
+        sys.stdout.flush()
+        os._exit(code)
+    return code
+
+
+def _server(settings: Settings) -> tuple[Any, Any]:
+    """uvicorn's server around the app, and the app's service."""
     import uvicorn
 
     from docker_vit import logs
     from docker_vit.middleware import header_deadline
     from docker_vit.server import create_app
-    from docker_vit.service import FAILED
 
     logs.configure(settings.log_format, settings.log_level)
     if not settings.api_keys and os.environ.get(env_name("api_key")):
@@ -134,25 +158,16 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # uvicorn takes SIGTERM over once it runs, and re-raises it once it has drained: a server that
     # finished its requests exits 0; one that comes in just before uvicorn listens stops it as well.
     signal.signal(signal.SIGTERM, lambda signum, frame: setattr(server, "should_exit", True))
-    interrupted, refused = False, None
-    try:
-        server.run()
-    except KeyboardInterrupt:  # Ctrl-C, which uvicorn re-raises once it has drained: no traceback
-        interrupted = True
-    except SystemExit as exc:  # uvicorn could not listen (say, the port is taken); it logged why
-        refused = exc.code if isinstance(exc.code, int) and exc.code else 1
-    code = refused or (1 if service.state == FAILED else 130 if interrupted else 0)
-    if service.busy:
-        # A handler call outlived the shutdown timeout; exiting normally would join its thread and wait.
-        logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)
-    return code
+    return server, service
 
 
-def _stopped_before_serving(signum: int, frame: object) -> NoReturn:
-    raise SystemExit(0)
+class _StoppedBeforeServing(BaseException):
+    """SIGTERM before the server runs. Not a SystemExit: loading a handler turns a SystemExit its module
+    raises into a load error, and this stop is no error."""
+
+
+def _stop_before_serving(signum: int, frame: object) -> NoReturn:
+    raise _StoppedBeforeServing
 
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:

@@ -118,25 +118,30 @@ def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None
     assert process.returncode == 130 and "Traceback" not in err and "Finished server process" in err
 
 
-def test_sigterm_while_serve_starts_is_a_clean_stop() -> None:
-    """Before uvicorn runs (imports, building the app) a stop exits 0 at once: as PID 1 in a container
-    a process with no handler would not see it, and would wait for SIGKILL."""
-    script = (
+@pytest.mark.parametrize("where", ["import", "build"])
+def test_sigterm_while_serve_starts_is_a_clean_stop(tmp_path: Path, where: str) -> None:
+    """Before uvicorn runs (imports, building the app and its handler) a stop exits 0 at once: as PID 1
+    in a container a process with no handler would not see it, and would wait for SIGKILL. Sent while
+    a handler module imports, or while the handler is built, it is no load error either."""
+    (tmp_path / "slow_start.py").write_text(
         "import os, signal, time\n"
-        "from docker_vit import cli, server\n"
-        "def create_app(settings):\n"
+        "from fake_handlers import Echo\n"
+        "def stop():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(60)\n"
-        "server.create_app = create_app\n"
-        "raise SystemExit(cli.main(['serve', '--handler', 'fake_handlers:SlowLoad']))\n"
+        f"if {where == 'import'!r}:\n"
+        "    stop()\n"
+        "class Slow(Echo):\n"
+        "    def __init__(self, settings):\n"
+        "        stop()\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(Path(__file__).parent)])}
     started = time.monotonic()
-    process = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, timeout=50, env=env
-    )
+    command = [*DOCKER_VIT, "serve", "--handler", "slow_start:Slow", "--port", str(free_port())]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=50, env=env)
     assert process.returncode == 0, process.stderr
     assert time.monotonic() - started < 30 and "Traceback" not in process.stderr
+    assert "error" not in process.stderr
 
 
 @pytest.mark.parametrize("limit", [["--max-pixels", "1000"], ["--max-bytes", "100"]])
