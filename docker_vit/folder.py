@@ -104,8 +104,11 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
 
 def _not_done(images: list[str], done: set[str]) -> list[str]:
     """Images not in the file yet, also when it names them otherwise (relative vs absolute, through a
-    link): a recorded path is read from the current folder, as the run that wrote it most likely was."""
-    same = {os.path.realpath(path) for path in done}
+    link): a recorded path is read from the current folder, as the run that wrote it most likely was.
+    A record under a name this run also has is that name's only: files that are links to one shared
+    file (a Hub snapshot's blobs) each keep their own row, as in a run never cut short."""
+    current = set(images)
+    same = {os.path.realpath(path) for path in done if path not in current}
     return [path for path in images if path not in done and os.path.realpath(path) not in same]
 
 
@@ -146,17 +149,14 @@ def find_images(paths: Sequence[str], warn: Callable[[str], None]) -> list[str]:
     """Files as given; folders walked, sorted, image extensions only, hidden entries left out.
 
     Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
-    joined under the argument as given, so the same command finds the same strings again. A file found
-    under several names (a link beside it, named twice) is taken once, under the first: a resumed run
-    knows a file by its real path, and a run cut short must not end with fewer rows than a whole one.
+    joined under the argument as given, so the same command finds the same strings again.
     """
-    found: dict[str, str] = {}  # real path: the name it was found under first
+    found: dict[str, None] = {}
     visited: set[tuple[int, int]] = set()
     for argument in paths:
         path = os.path.normpath(argument)
-        for name in _walk(path, visited, warn) if os.path.isdir(path) else [path]:
-            found.setdefault(os.path.realpath(name), name)
-    return list(found.values())
+        found.update(dict.fromkeys(_walk(path, visited, warn) if os.path.isdir(path) else [path]))
+    return list(found)
 
 
 def _walk(root: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> Iterator[str]:

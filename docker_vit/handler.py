@@ -157,7 +157,9 @@ def handler_class(settings: Settings) -> type[Handler]:
 def check_attributes(handler: Handler, settings: Settings) -> None:
     """Refuse a handler whose `name`, `option_names` or `max_batch_size` no front end could use."""
     title = type(handler).__name__
-    missing = [m for m in ("prepare", "predict") if getattr(type(handler), m, None) is getattr(Handler, m)]
+    missing = [
+        m for m in ("prepare", "predict") if _inherited(getattr(handler, m, None), getattr(Handler, m))
+    ]
     if missing:
         raise HandlerError(f"{title} does not implement {' or '.join(m + '()' for m in missing)}")
     try:
@@ -171,6 +173,11 @@ def check_attributes(handler: Handler, settings: Settings) -> None:
     if names is not None and not (isinstance(names, tuple | list) and all(isinstance(n, str) for n in names)):
         raise HandlerError(f"{title}.option_names must be a tuple of str or None, got {names!r}")
     batch_size(handler, settings)
+
+
+def _inherited(method: Any, base: Any) -> bool:
+    """Whether `method` (read from a handler, so set in its `__init__` counts) is the base class's."""
+    return getattr(method, "__func__", method) is base
 
 
 def batch_size(handler: Handler, settings: Settings) -> int:

@@ -423,6 +423,13 @@ class OnlyPredicts(Handler):
         return list(items)
 
 
+class PreparesInInit(OnlyPredicts):
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.prepare = lambda data, options: data  # set on the instance: as good as a method
+
+
 def test_a_handler_missing_a_method_is_refused_at_load_naming_it() -> None:
     with pytest.raises(HandlerError, match=r"OnlyPredicts does not implement prepare\(\)"):
         check_attributes(OnlyPredicts(Settings()), Settings())
+    check_attributes(PreparesInInit(Settings()), Settings())

@@ -463,15 +463,23 @@ def test_an_output_that_is_a_device_is_refused(library: Path, device: str, capsy
     )  # broken.jpg; /dev/null is fine
 
 
-def test_a_picture_under_two_names_is_captioned_once_whole_or_resumed(tmp_path: Path) -> None:
-    """A link beside its target (or one file named twice): one row, whether the run is cut or not."""
-    folder = tmp_path / "ln"
-    picture(folder / "a.png", 10)
-    (folder / "b.png").symlink_to("a.png")
-    out = tmp_path / "whole.jsonl"
-    assert cli.main(["caption", str(folder), str(folder / "a.png"), "-o", str(out), *DIGEST]) == 0
-    assert [Path(entry["path"]).name for entry in lines(out)] == ["a.png"]
-    assert cli.main(["caption", str(folder), "-o", str(out), *DIGEST]) == 0 and len(lines(out)) == 1
+def test_links_to_one_file_keep_their_rows_whole_or_resumed(tmp_path: Path) -> None:
+    """Names that lead to one file (a Hub snapshot's links to a shared blob) are rows of their own: a run
+    cut short and resumed ends with the rows of a whole run."""
+    folder = tmp_path / "snapshot"
+    picture(tmp_path / "blobs" / "abc.png", 10)
+    for name in ("0001.png", "0002.png"):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).symlink_to(tmp_path / "blobs" / "abc.png")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["caption", str(folder), "-o", str(out), *DIGEST]) == 0
+    whole = [Path(entry["path"]).name for entry in lines(out)]
+    assert whole == ["0001.png", "0002.png"]
+    out.write_text(out.read_text().splitlines(keepends=True)[0])  # as if killed after the first row
+    assert cli.main(["caption", str(folder), "-o", str(out), *DIGEST]) == 0
+    assert [Path(entry["path"]).name for entry in lines(out)] == whole
+    assert cli.main(["caption", str(tmp_path / "blobs"), "-o", str(out), *DIGEST]) == 0  # named otherwise
+    assert len(lines(out)) == 2  # already captioned, through its links
 
 
 def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
