@@ -1,7 +1,7 @@
 """Captioning many images without a server: `docker-vit caption PATH... [--output FILE]`.
 
 Folders are walked in a stable order, images go through the configured handler in batches (or to a
-server with `--url`, see client.py), and captions go to stdout or to a captions file that a second
+server with `--url`; local.py and client.py), and captions go to stdout or to a captions file that a second
 run resumes. One unreadable file costs a warning line, never the run.
 
 Exit codes: 0 when every image found is captioned (in this run or an earlier one), 1 when some were
@@ -16,23 +16,12 @@ import os
 import stat
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-from docker_vit.batching import contained, drop_frames
-from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for, record
+from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for
 from docker_vit.config import Settings
-from docker_vit.handler import (
-    OptionsError,
-    Result,
-    batch_size,
-    load_handler,
-    predict_all,
-    read_options,
-    respond,
-)
 from docker_vit.progress import Progress
 
 IMAGE_EXTENSIONS = frozenset(
@@ -142,6 +131,8 @@ def _runner(settings: Settings, params: dict, chosen: Collection[str]) -> Runner
         from docker_vit.client import RemoteCaptioner
 
         return RemoteCaptioner(settings, params, chosen).run
+    from docker_vit.local import LocalCaptioner
+
     return LocalCaptioner(settings, params).run
 
 
@@ -182,80 +173,6 @@ def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], N
     except OSError as exc:
         warn(f"skipping folder {folder}: {exc.strerror or exc}")
         return []
-
-
-class LocalCaptioner:
-    """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
-
-    def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
-        self.handler = load_handler(settings)
-        try:
-            contained(self.handler.load)
-        except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
-            reason = " ".join(str(exc).split())  # transformers' messages span lines
-            raise CaptionError(f"cannot load the model: {type(exc).__name__}: {reason}") from None
-        names = self.handler.option_names  # a handler with its own fields gets only those of ours
-        params = {key: value for key, value in params.items() if names is None or key in names}
-        try:
-            self.options = read_options(self.handler, params)
-        except OptionsError as exc:
-            raise CaptionError(str(exc)) from None
-        except Exception as exc:
-            raise CaptionError(f"the handler's options() failed: {type(exc).__name__}: {exc}") from None
-        self.params = dict(params)
-        self.batch_size = batch_size(self.handler, settings)
-        self.max_bytes = settings.max_bytes
-
-    def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
-        batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
-        cpu = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare")
-        try:
-            upcoming = self._submit(cpu, batches[0]) if batches else []
-            for index in range(len(batches)):
-                prepared = upcoming
-                upcoming = self._submit(cpu, batches[index + 1]) if index + 1 < len(batches) else []
-                yield self._predict(prepared)
-        finally:
-            cpu.shutdown(wait=False, cancel_futures=True)
-
-    def _submit(self, cpu: ThreadPoolExecutor, batch: list[str]) -> list[tuple[str, Future]]:
-        return [(path, cpu.submit(self._prepare, path)) for path in batch]
-
-    def _prepare(self, path: str) -> Any:
-        return contained(self.handler.prepare, read_file(path, self.max_bytes), self.options)
-
-    def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
-        outcomes = [Outcome(path) for path, _ in prepared]
-        ready, items = [], []
-        for outcome, (_, future) in zip(outcomes, prepared, strict=True):
-            try:
-                items.append(future.result())
-                ready.append(outcome)
-            except Exception as exc:
-                outcome.error = describe_error(exc)
-        for outcome, result in zip(ready, self._results(items), strict=True):
-            if isinstance(result, Exception):
-                outcome.error = f"the model failed: {type(result).__name__}: {result}"
-            else:
-                outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
-        return outcomes
-
-    def _results(self, items: list[Any]) -> list[Result | Exception]:
-        """Each item's result, or the error of the model on it: a failed batch is retried in halves,
-        as the server's batcher does, so one image the model cannot take (or an out-of-memory batch)
-        costs only what really fails, and a later run can retry it."""
-        if not items:
-            return []
-        try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
-            outputs = predict_all(self.handler, items, self.options)
-            return [respond(self.handler, output) for output in outputs]
-        except Exception as exc:
-            failure = exc
-        drop_frames(failure)  # the failed call's memory must be free for the halves
-        if len(items) == 1:
-            return [failure]
-        middle = len(items) // 2
-        return self._results(items[:middle]) + self._results(items[middle:])
 
 
 def read_file(path: str, limit: int) -> bytes:

@@ -51,3 +51,11 @@ class Fussy(Digest):
         if Fussy.refused & set(items):
             raise RuntimeError("this picture breaks the model")
         return super().predict(items, options)
+
+
+class Broken(Digest):
+    """A model that fails on everything (a wrong device, say)."""
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        Digest.batches.append(len(items))
+        raise RuntimeError("no such device")

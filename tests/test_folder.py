@@ -498,3 +498,15 @@ def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> Non
     process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=30)
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+
+
+def test_a_model_that_fails_on_everything_ends_the_run(library: Path, tmp_path: Path, capsys) -> None:
+    """Not one retried halving per image of the whole folder: three batches failing throughout end it."""
+    for shade in range(12):
+        picture(library / "more" / f"{shade:02}.png", 100 + shade)
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:Broken"]
+    assert cli.main([*command, "--max-batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "the model failed on every image of 3 batches in a row: RuntimeError: no such device" in err
+    assert out.read_text() == "" and sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved

@@ -1,0 +1,121 @@
+"""`docker-vit caption` without `--url`: the configured handler in this process, batch by batch.
+
+The counterpart of client.py's RemoteCaptioner: the same outcomes for folder.py to write. The next batch
+is prepared (read and decoded on a thread pool) while the model runs on the current one, and a failed
+batch is retried in halves, as the server's batcher does, so one image the model cannot take costs
+only itself.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+from docker_vit.batching import contained, drop_frames
+from docker_vit.captions_file import record
+from docker_vit.config import Settings
+from docker_vit.folder import CaptionError, Outcome, describe_error, read_file
+from docker_vit.handler import (
+    OptionsError,
+    Result,
+    batch_size,
+    load_handler,
+    predict_all,
+    read_options,
+    respond,
+)
+
+GIVE_UP_AFTER = 3  # batches in a row in which the model failed on every image
+
+
+class LocalCaptioner:
+    """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
+
+    def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
+        self.handler = load_handler(settings)
+        try:
+            contained(self.handler.load)
+        except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
+            reason = " ".join(str(exc).split())  # transformers' messages span lines
+            raise CaptionError(f"cannot load the model: {type(exc).__name__}: {reason}") from None
+        names = self.handler.option_names  # a handler with its own fields gets only those of ours
+        params = {key: value for key, value in params.items() if names is None or key in names}
+        try:
+            self.options = read_options(self.handler, params)
+        except OptionsError as exc:
+            raise CaptionError(str(exc)) from None
+        except Exception as exc:
+            raise CaptionError(f"the handler's options() failed: {type(exc).__name__}: {exc}") from None
+        self.params = dict(params)
+        self.batch_size = batch_size(self.handler, settings)
+        self.max_bytes = settings.max_bytes
+        self.failed_in_a_row = 0  # batches in which the model failed on every image
+
+    def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
+        batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
+        cpu = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare")
+        try:
+            upcoming = self._submit(cpu, batches[0]) if batches else []
+            for index in range(len(batches)):
+                prepared = upcoming
+                upcoming = self._submit(cpu, batches[index + 1]) if index + 1 < len(batches) else []
+                yield self._predict(prepared)
+        finally:
+            cpu.shutdown(wait=False, cancel_futures=True)
+
+    def _submit(self, cpu: ThreadPoolExecutor, batch: list[str]) -> list[tuple[str, Future]]:
+        return [(path, cpu.submit(self._prepare, path)) for path in batch]
+
+    def _prepare(self, path: str) -> Any:
+        return contained(self.handler.prepare, read_file(path, self.max_bytes), self.options)
+
+    def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
+        outcomes = [Outcome(path) for path, _ in prepared]
+        ready, items = [], []
+        for outcome, (_, future) in zip(outcomes, prepared, strict=True):
+            try:
+                items.append(future.result())
+                ready.append(outcome)
+            except Exception as exc:
+                outcome.error = describe_error(exc)
+        results = self._results(items)
+        self._give_up_on_a_broken_model(results)
+        for outcome, result in zip(ready, results, strict=True):
+            if isinstance(result, Exception):
+                outcome.error = f"the model failed: {type(result).__name__}: {result}"
+            else:
+                outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
+        return outcomes
+
+    def _give_up_on_a_broken_model(self, results: list[Result | Exception]) -> None:
+        """A poison image fails alone; a model that fails on every image of batch after batch is broken
+        (a wrong device, an out-of-memory at any size): end the run rather than retry every image."""
+        if not results or not all(isinstance(result, Exception) for result in results):
+            self.failed_in_a_row = 0
+            return
+        self.failed_in_a_row += 1
+        if self.failed_in_a_row >= GIVE_UP_AFTER:
+            error = results[-1]
+            raise CaptionError(
+                f"the model failed on every image of {GIVE_UP_AFTER} batches in a row: "
+                f"{type(error).__name__}: {error}"
+            )
+
+    def _results(self, items: list[Any]) -> list[Result | Exception]:
+        """Each item's result, or the error of the model on it: a failed batch is retried in halves,
+        as the server's batcher does, so one image the model cannot take (or an out-of-memory batch)
+        costs only what really fails, and a later run can retry it."""
+        if not items:
+            return []
+        try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
+            outputs = predict_all(self.handler, items, self.options)
+            return [respond(self.handler, output) for output in outputs]
+        except Exception as exc:
+            failure = exc
+        drop_frames(failure)  # the failed call's memory must be free for the halves
+        if len(items) == 1:
+            return [failure]
+        middle = len(items) // 2
+        return self._results(items[:middle]) + self._results(items[middle:])
