@@ -177,6 +177,9 @@ class _Flaky(BaseHTTPRequestHandler):
         else:
             self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption", "score": 1}]})
 
+    def _caption(self) -> None:
+        self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+
     def _answer(self, status: int, body: dict, headers: dict | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
@@ -247,7 +250,7 @@ class _Gateway(_Flaky):
             _Gateway.refusals -= 1
             self._answer(502, {"error": "bad gateway"})
         else:
-            self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+            self._caption()
 
 
 def test_a_proxys_502_is_retried(tmp_path: Path) -> None:
@@ -271,7 +274,7 @@ class _Loading(_Flaky):
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+        self._caption()
 
 
 def test_a_server_still_loading_is_waited_for_saying_so(capsys: pytest.CaptureFixture) -> None:
@@ -296,7 +299,7 @@ class _CutShort(_Flaky):
             self.wfile.write(b'{"captions": [')
             self.close_connection = True
         else:
-            self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+            self._caption()
 
 
 def test_an_answer_cut_short_is_retried(tmp_path: Path) -> None:
