@@ -107,6 +107,7 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
         self._device_calls = 0  # calls running on the device thread right now
+        self._batch_started: float | None = None  # monotonic start of the batch on the device
         self._running: list[_Entry] = []  # the batch taken for the device, for stop() to answer
 
     @property
@@ -114,6 +115,12 @@ class Batcher:
         """A call (a batch, the model load) still runs on the device thread. A process that exits
         normally joins that thread, so it would wait for the call to finish."""
         return self._device_calls > 0
+
+    @property
+    def running_for(self) -> float:
+        """Seconds the batch on the device has run so far (0 with none running)."""
+        started = self._batch_started
+        return 0.0 if started is None else time.monotonic() - started
 
     @property
     def depth(self) -> int:
@@ -247,6 +254,7 @@ class Batcher:
         self.on_batch(len(batch))
         self._idle_before = self._idle_clock()
         self._idle_since = None
+        self._batch_started = time.monotonic()
         failure: Exception | None = None
         try:
             items = [e.item for e in batch]
@@ -257,6 +265,7 @@ class Batcher:
             failure = exc
         finally:
             self._idle_since = time.monotonic()
+            self._batch_started = None
         if failure is not None:  # retried outside the except block, which would hold the failure's frames
             await self._recover(batch, options, failure)
             return

@@ -91,8 +91,9 @@ class DockerViT:
         REPLICA_APP.app = web
 
     async def check_health(self) -> None:
-        """Raises unless the model is ready; the first call waits for the load to end either way."""
-        if not await self.service.settled(self.load_timeout_s):
+        """Raises unless the model is ready; the first call waits for the load to end either way. A
+        model call past the request timeout (a hung handler) raises too, so Ray replaces the replica."""
+        if not await self.service.settled(self.load_timeout_s) or self.service.stalled:
             raise RuntimeError(self.service.not_ready)
 
 

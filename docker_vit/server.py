@@ -25,7 +25,7 @@ from docker_vit import errors, memory
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result, description, load_handler
 from docker_vit.middleware import RequestContext
-from docker_vit.service import FAILED, READY, Service
+from docker_vit.service import LOADING, READY, STALLED, Service
 
 OPTION_PARAMS = [
     {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
@@ -114,18 +114,18 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
         """`status` for probes; while not ready, the standard error object says why."""
-        if service.state == READY:
+        if service.ready:
             return JSONResponse({"status": READY})
         error = {"type": errors.TYPES[503], "message": service.not_ready}
-        headers = {"Retry-After": "5"}
-        return JSONResponse({"status": service.state, "error": error}, status_code=503, headers=headers)
+        status = STALLED if service.state == READY else service.state
+        return JSONResponse({"status": status, "error": error}, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/ping")
     async def ping() -> Response:
-        """Runpod's load balancer: 200 when ready, 204 while initializing, 503 when loading failed."""
-        if service.state == READY:
+        """Runpod's load balancer: 200 when ready, 204 while loading, 503 when loading failed or stalled."""
+        if service.ready:
             return JSONResponse({"status": "healthy"})
-        if service.state == FAILED:
+        if service.state != LOADING:
             return errors.error_response(503, service.not_ready)
         return Response(status_code=204)
 

@@ -32,6 +32,7 @@ from docker_vit.metrics import Metrics
 log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+STALLED = "stalled"  # ready, but a model call has outrun the request timeout
 
 
 class WarmUpError(RuntimeError):
@@ -142,9 +143,28 @@ class Service:
         return self.state == READY
 
     @property
+    def stalled(self) -> bool:
+        """The model call on the device has outrun the request timeout (a hung handler, say): every
+        request waiting behind it times out, so probes must send traffic elsewhere (or have Ray replace
+        the replica) until it ends."""
+        return self.batcher.running_for > self.settings.request_timeout
+
+    @property
+    def ready(self) -> bool:
+        return self.state == READY and not self.stalled
+
+    @property
     def not_ready(self) -> str:
-        """What a caller turned away before the model is ready reads: loading, or failed and why."""
-        return f"the model failed to load: {self.error}" if self.error else f"the model is {self.state}"
+        """What a caller turned away while the model is not ready reads: loading, failed and why, or
+        stalled."""
+        if self.error:
+            return f"the model failed to load: {self.error}"
+        if self.state == READY:
+            return (
+                f"a model call has run for {self.batcher.running_for:.1f} s, past the request timeout "
+                f"({self.settings.request_timeout:g} s); requests wait behind it"
+            )
+        return f"the model is {self.state}"
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:
         """The handler's reading of a request's options: OptionsError (422) for the client's mistakes."""

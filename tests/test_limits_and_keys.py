@@ -165,6 +165,31 @@ def test_request_timeout_is_504_and_the_abandoned_item_never_runs() -> None:
         assert handler.items() == ["A", "C"]  # B's caller was gone: the model never saw it
 
 
+def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_ends() -> None:
+    """A hung handler makes every request behind it 504: /readyz and /ping must say so, so a load
+    balancer (or a container's health check) stops sending traffic there."""
+    settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=1.0)
+    handler = Gated(settings)
+    with serving(settings, handler) as client:
+        first = threading.Thread(
+            target=client.post, args=("/",), kwargs={"content": b"A", "headers": {"content-type": "image/x"}}
+        )
+        first.start()
+        assert handler.entered.wait(10)
+        assert client.get("/readyz").status_code == 200  # a call within the timeout is just busy
+        wait_for(lambda: client.get("/readyz").status_code == 503)
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
+        assert ready.json()["status"] == "stalled"
+        assert "past the request timeout" in ready.json()["error"]["message"]
+        assert_error(client.get("/ping"), 503, "unavailable")
+        assert client.get("/healthz").status_code == 200  # the process itself is alive
+        handler.gate.set()
+        first.join(10)
+        assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/ping").status_code == 200
+
+
 def test_body_that_stops_arriving_is_408() -> None:
     """TestClient sends bodies whole, so the stalled upload is an ASGI conversation held by hand."""
     settings = Settings(read_timeout=0.2)

@@ -231,6 +231,7 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
         class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
             not_ready = Service.not_ready
             settled = Service.settled
+            stalled = False
 
         replica = SimpleNamespace(service=StubService(state=LOADING, error=None), load_timeout_s=30)
 
@@ -250,6 +251,26 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
 
     assert asyncio.run(scenario(READY)) is None
     assert asyncio.run(scenario(FAILED)) == "the model failed to load: OSError: no weights here"
+
+
+def test_health_check_fails_while_a_model_call_outruns_the_request_timeout() -> None:
+    """A hung handler call: Ray replaces a replica whose health check raises."""
+    check = ray_adapter.DockerViT.func_or_class.check_health
+
+    class StubService(SimpleNamespace):
+        not_ready, settled, stalled = Service.not_ready, Service.settled, Service.stalled
+
+    def service(running_for: float) -> StubService:
+        return StubService(
+            state=READY,
+            error=None,
+            settings=SimpleNamespace(request_timeout=60.0),
+            batcher=SimpleNamespace(running_for=running_for),
+        )
+
+    asyncio.run(check(SimpleNamespace(service=service(59.0), load_timeout_s=30)))  # busy, not stalled
+    with pytest.raises(RuntimeError, match="a model call has run for 61.0 s, past the request timeout"):
+        asyncio.run(check(SimpleNamespace(service=service(61.0), load_timeout_s=30)))
 
 
 def test_shutdown_is_clean(ray_url: str) -> None:
