@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 from docker_vit.config import Settings
 from docker_vit.engine import CaptionEngine, Unservable, shown_id
 from docker_vit.handler import Handler, OptionsError, Result, shown
-from docker_vit.images import open_image
+from docker_vit.images import TooLarge, open_image
 
 DRAFT_SIDE = 512
 
@@ -64,6 +64,12 @@ class Captioner(Handler):
     def prepare(self, data: bytes, options: Hashable) -> Any:
         s = self.settings
         image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self._draft())
+        width, height = self.engine.resized(*image.size)
+        if width * height > s.max_pixels:
+            raise TooLarge(
+                f"image is {image.width}x{image.height} pixels: the model's processor would resize it to "
+                f"{width}x{height}, more than the limit, {s.max_pixels}"
+            )
         return self.engine.pixels(image)
 
     def _draft(self) -> int | None:

@@ -111,6 +111,24 @@ class CaptionEngine:
         pixels = self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
         return torch.from_numpy(pixels)
 
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        """The size the image processor resizes a `width` x `height` image to, before any crop.
+
+        A shortest-edge resize (CLIP's, GIT's) keeps the aspect ratio, so a 1 x 100,000 sliver of a
+        few hundred bytes would become billions of floats: intake refuses what this says is too big."""
+        processor, size = self.image_processor, getattr(self.image_processor, "size", None)
+        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        if not getattr(processor, "do_resize", True) or not isinstance(get("shortest_edge"), int):
+            fixed = get("height"), get("width")  # a fixed size, a longest edge or none: no blow-up
+            return (fixed[1], fixed[0]) if all(isinstance(side, int) for side in fixed) else (width, height)
+        short, long = sorted((max(width, 1), max(height, 1)))
+        scale = get("shortest_edge") / short
+        longest = get("longest_edge")
+        if isinstance(longest, int) and long * scale > longest:
+            scale = longest / long
+        new = max(1, int(width * scale)), max(1, int(height * scale))
+        return new
+
     @torch.inference_mode()
     def generate(
         self, pixels: Sequence[torch.Tensor], num_beams: int, max_new_tokens: int

@@ -23,9 +23,18 @@ from PIL import Image
 
 from docker_vit.batching import contained
 from docker_vit.config import Settings
-from docker_vit.images import ImageError, InputError, open_image
+from docker_vit.images import ImageError, InputError, TooLarge, open_image
 
-__all__ = ["Handler", "HandlerBug", "HandlerError", "ImageError", "InputError", "OptionsError", "Result"]
+__all__ = [
+    "Handler",
+    "HandlerBug",
+    "HandlerError",
+    "ImageError",
+    "InputError",
+    "OptionsError",
+    "Result",
+    "TooLarge",
+]
 
 
 class OptionsError(ValueError):

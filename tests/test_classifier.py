@@ -72,6 +72,26 @@ def test_top_k_defaults_to_five_and_is_bounded(classifier: TestClient, bulldog: 
         assert "top_k" in response.json()["error"]["message"]
 
 
+def test_a_sliver_costs_no_more_than_a_photo(classifier: TestClient) -> None:
+    """The short side goes to 256 with the aspect ratio kept, so the crop is resized, not the whole."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from examples.imagenet_classifier import SIZE, pixels
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (60_000, 1), (10, 200, 30)).save(buffer, format="PNG")
+    answer = classifier.post("/v1/captions", files={"file": ("wide.png", buffer.getvalue(), "image/png")})
+    assert answer.status_code == 200, answer.text
+    photo_image = Image.open(photo("french_bulldog.jpg")).convert("RGB")
+    whole = photo_image.resize((384, 256), Image.Resampling.BICUBIC)  # the resize, then the crop
+    left, top = (384 - SIZE) // 2, (256 - SIZE) // 2
+    expected = (np.asarray(whole.crop((left, top, left + SIZE, top + SIZE)), dtype=np.float32) - 127) / 128
+    assert np.array_equal(pixels(photo_image).permute(1, 2, 0).numpy(), expected)
+
+
 def test_bad_input_gets_the_same_intake_errors(classifier: TestClient) -> None:
     response = classifier.post("/", files={"file": ("x.jpg", b"not a picture", "image/jpeg")})
     assert response.status_code == 415

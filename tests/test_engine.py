@@ -170,6 +170,31 @@ def test_photos_are_decoded_whole_unless_far_larger_than_any_model_input(
     assert image.size == (1200, 1200)  # the draft keeps at least 1024 px a side
 
 
+def _png(size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (200, 30, 90)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_a_sliver_the_processors_resize_would_blow_up_is_413_before_the_resize(git_dir: Path) -> None:
+    """GIT's processor resizes the short side and keeps the aspect ratio: a 1 x 100,000 PNG of a few
+    hundred bytes would become 64 x 6,400,000 floats (224 x 22,400,000 for the real model)."""
+    engine = CaptionEngine(str(git_dir), "cpu")
+    engine.load()
+    assert engine.resized(1, 100_000) == (64, 6_400_000)
+    assert engine.resized(640, 427) == (95, 64)
+    engine.image_processor.size = {"shortest_edge": 64, "longest_edge": 128}
+    assert engine.resized(1, 100_000) == (1, 128)
+    engine.image_processor.size = {"height": 32, "width": 48}
+    assert engine.resized(1, 100_000) == (48, 32)
+    with serving(Settings(model=str(git_dir))) as client:
+        answer = client.post("/v1/captions", files={"file": ("tall.png", _png((1, 100_000)), "image/png")})
+        assert answer.status_code == 413, answer.text
+        error = answer.json()["error"]
+        assert error["type"] == "payload_too_large" and "resize it to 64x6400000" in error["message"]
+        assert client.post("/", files={"file": ("wide.png", _png((400, 1)), "image/png")}).status_code == 200
+
+
 def test_a_model_folder_under_the_home_folder(vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HOME", str(vit_gpt2_dir.parent))
     engine = CaptionEngine(f"~/{vit_gpt2_dir.name}", device="cpu")
