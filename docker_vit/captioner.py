@@ -11,6 +11,9 @@ from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import TooLarge, open_image
 
 DRAFT_SIDE = 512
+# The most pixels the model's processor may resize an image to, or --max-pixels if higher: what an image
+# of the default --max-pixels costs (a lower setting must not refuse the model's own 224 x 224).
+RESIZE_LIMIT = 40_000_000
 
 
 class Generation(NamedTuple):
@@ -65,10 +68,10 @@ class Captioner(Handler):
         s = self.settings
         image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self._draft())
         width, height = self.engine.resized(*image.size)
-        if width * height > s.max_pixels:
+        if width * height > max(s.max_pixels, RESIZE_LIMIT):
             raise TooLarge(
                 f"image is {image.width}x{image.height} pixels: the model's processor would resize it to "
-                f"{width}x{height}, more than the limit, {s.max_pixels}"
+                f"{width}x{height}, more than {max(s.max_pixels, RESIZE_LIMIT)} pixels"
             )
         return self.engine.pixels(image)
 

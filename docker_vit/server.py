@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import metadata
@@ -17,11 +16,9 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from starlette.datastructures import UploadFile
-from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from docker_vit import errors, memory
+from docker_vit import errors, memory, uploads
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result, description, load_handler
 from docker_vit.middleware import RequestContext
@@ -31,20 +28,6 @@ OPTION_PARAMS = [
     {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
     for name in ("num_beams", "max_new_tokens")
 ]
-
-
-MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
-MAX_DIGITS = 100  # an integer's, in JSON: turning 4,000 digits into an int takes the interpreter's lock
-
-
-class _LongNumber(ValueError):
-    pass
-
-
-def _short_int(text: str) -> int:
-    if len(text) > MAX_DIGITS:
-        raise _LongNumber
-    return int(text)
 
 
 def create_app(settings: Settings, handler: Handler | None = None, proxied: bool = False) -> FastAPI:
@@ -81,15 +64,15 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     async def caption(request: Request) -> PlainTextResponse:
         """The original contract: one image (multipart `file` or an image/* body) in, its caption as text."""
         with memory.in_use:  # what an upload leaves in the heap goes back to the OS once all are done
-            inputs, raw = await _read_inputs(request, settings, json_allowed=False)
-            results = await _run(request, service, settings, inputs[:1], raw)
+            inputs, raw = await uploads.read_inputs(request, settings, json_allowed=False, first_only=True)
+            results = await _run(request, service, settings, inputs, raw)
         return PlainTextResponse(results[0].text)
 
     @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(json=True))
     async def captions(request: Request) -> JSONResponse:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
         with memory.in_use:
-            inputs, raw = await _read_inputs(request, settings, json_allowed=True)
+            inputs, raw = await uploads.read_inputs(request, settings, json_allowed=True)
             results = await _run(request, service, settings, inputs, raw)
         return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
 
@@ -152,95 +135,6 @@ def _api_key_check(keys: tuple[str, ...]) -> Any:
             raise errors.ApiError(401, "missing or invalid API key", headers={"WWW-Authenticate": "Bearer"})
 
     return check
-
-
-async def _read_inputs(request: Request, settings: Settings, json_allowed: bool) -> tuple[list[bytes], dict]:
-    """The request's images and options, from multipart, a raw image body, or JSON."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    options: dict[str, Any] = dict(request.query_params)
-    if content_type == "multipart/form-data":
-        inputs, fields = await _read_form(request, settings)
-        options.update(fields)
-    elif content_type.startswith("image/") or content_type == "application/octet-stream":
-        inputs = [await _read_image_body(request, settings.max_bytes)]
-    elif content_type == "application/json" and json_allowed:
-        # parsing and base64 of a large body take CPU seconds: off the loop, other clients go on
-        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
-        options.update(fields)
-    else:
-        wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
-        raise errors.ApiError(
-            400, f"send the image as {wanted}, or an image/* or application/octet-stream body"
-        )
-    if not inputs:
-        how = {
-            "multipart/form-data": "as a file in the multipart field 'file' (curl -F file=@image.jpg)",
-            "application/json": 'in the "images" list',
-        }.get(content_type, "as the request body")
-        raise errors.ApiError(400, f"no image: send it {how}")
-    if len(inputs) > settings.max_images:
-        raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
-    for data in inputs:
-        if len(data) > settings.max_bytes:
-            raise errors.ApiError(413, f"an image is {len(data)} bytes; the limit is {settings.max_bytes}")
-    request.state.images = len(inputs)
-    return inputs, options
-
-
-async def _read_form(request: Request, settings: Settings) -> tuple[list[bytes], dict[str, str]]:
-    try:
-        form = await request.form(max_files=settings.max_images, max_fields=64)
-    except HTTPException as exc:
-        if "Too many files" in str(exc.detail):
-            raise errors.ApiError(413, f"more than {settings.max_images} images in one request") from None
-        raise errors.ApiError(400, f"malformed multipart body: {exc.detail}") from None
-    try:
-        files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
-        fields = {key: value for key, value in form.items() if isinstance(value, str)}
-        return [await upload.read() for upload in files], fields
-    finally:
-        await form.close()
-
-
-async def _read_image_body(request: Request, max_bytes: int) -> bytes:
-    """A raw body is one image: refused (413) as soon as it is longer than one image may be, not
-    after the whole request body limit has been read into memory."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > max_bytes:
-        raise errors.ApiError(
-            413, f"an image is {int(declared)} bytes; the limit is {max_bytes}", headers=errors.CLOSE
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            message = f"an image is over {max_bytes} bytes; the limit is {max_bytes}"
-            raise errors.ApiError(413, message, headers=errors.CLOSE)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
-    # Each JSON value costs the parser far more than its bytes, and it holds the interpreter lock
-    # (the event loop stops too): millions of tiny values froze the server for seconds. Values are
-    # separated by commas, and base64 has none: a body of images and options has few.
-    if body.count(b",") > MAX_JSON_COMMAS + 2 * settings.max_images:
-        raise errors.ApiError(
-            413, f"the JSON body holds more than {MAX_JSON_COMMAS} values besides its images"
-        )
-    try:
-        payload = json.loads(body, parse_int=_short_int)
-    except _LongNumber:
-        raise errors.ApiError(422, f"a number in the JSON body has more than {MAX_DIGITS} digits") from None
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        raise errors.ApiError(400, "the body is not valid JSON") from None
-    images = payload.get("images") if isinstance(payload, dict) else None
-    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
-        raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
-    if len(images) > settings.max_images:  # before decoding any of them
-        raise errors.ApiError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
-    inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
-    return inputs, {key: value for key, value in payload.items() if key != "images"}
 
 
 async def _run(

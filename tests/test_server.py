@@ -160,6 +160,10 @@ def test_size_limits_are_413(serve, bulldog) -> None:
         many = assert_error(client.post("/v1/captions", files=[("file", png())] * 3), 413)
         assert many["message"] == "more than 2 images in one request"
         assert client.post("/", files={"file": png((50, 50))}).status_code == 200
+        # the original read the first of several files and nothing else: the others are not judged
+        several = [("file", png((50, 50))), ("file", bulldog), ("file", png()), ("file", png())]
+        assert client.post("/", files=several).status_code == 200
+        assert_error(client.post("/v1/captions", files=several[:2]), 413)
 
 
 def test_no_image_says_how_to_send_one_for_the_body_used(client) -> None:

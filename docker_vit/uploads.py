@@ -1,0 +1,128 @@
+"""A request's images and options: from a multipart form, a raw image body or JSON, within the limits.
+
+The web layer's half of intake: bytes come out, still undecoded (`images.py` decodes them). Every
+limit that can be judged before decoding is judged here, with the 4xx it deserves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from fastapi import Request
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from docker_vit import errors
+from docker_vit.config import Settings
+
+MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
+FIRST_ONLY_FILES = 1000  # files in a `POST /` form, of which the first is captioned (Starlette's default)
+MAX_DIGITS = 100  # an integer's, in JSON: turning 4,000 digits into an int takes the interpreter's lock
+
+
+class _LongNumber(ValueError):
+    pass
+
+
+def _short_int(text: str) -> int:
+    if len(text) > MAX_DIGITS:
+        raise _LongNumber
+    return int(text)
+
+
+async def read_inputs(
+    request: Request, settings: Settings, json_allowed: bool, first_only: bool = False
+) -> tuple[list[bytes], dict]:
+    """The request's images and options, from multipart, a raw image body, or JSON; `first_only`: the
+    original's reading of several files, the first one alone (the others are neither counted nor checked)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    options: dict[str, Any] = dict(request.query_params)
+    if content_type == "multipart/form-data":
+        inputs, fields = await _read_form(request, settings, FIRST_ONLY_FILES if first_only else None)
+        options.update(fields)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        inputs = [await _read_image_body(request, settings.max_bytes)]
+    elif content_type == "application/json" and json_allowed:
+        # parsing and base64 of a large body take CPU seconds: off the loop, other clients go on
+        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
+        options.update(fields)
+    else:
+        wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
+        raise errors.ApiError(
+            400, f"send the image as {wanted}, or an image/* or application/octet-stream body"
+        )
+    if not inputs:
+        how = {
+            "multipart/form-data": "as a file in the multipart field 'file' (curl -F file=@image.jpg)",
+            "application/json": 'in the "images" list',
+        }.get(content_type, "as the request body")
+        raise errors.ApiError(400, f"no image: send it {how}")
+    inputs = inputs[:1] if first_only else inputs
+    if len(inputs) > settings.max_images:
+        raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
+    for data in inputs:
+        if len(data) > settings.max_bytes:
+            raise errors.ApiError(413, f"an image is {len(data)} bytes; the limit is {settings.max_bytes}")
+    request.state.images = len(inputs)
+    return inputs, options
+
+
+async def _read_form(
+    request: Request, settings: Settings, max_files: int | None = None
+) -> tuple[list[bytes], dict[str, str]]:
+    max_files = max_files or settings.max_images
+    try:
+        form = await request.form(max_files=max_files, max_fields=64)
+    except HTTPException as exc:
+        if "Too many files" in str(exc.detail):
+            raise errors.ApiError(413, f"more than {max_files} images in one request") from None
+        raise errors.ApiError(400, f"malformed multipart body: {exc.detail}") from None
+    try:
+        files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
+        fields = {key: value for key, value in form.items() if isinstance(value, str)}
+        return [await upload.read() for upload in files], fields
+    finally:
+        await form.close()
+
+
+async def _read_image_body(request: Request, max_bytes: int) -> bytes:
+    """A raw body is one image: refused (413) as soon as it is longer than one image may be, not
+    after the whole request body limit has been read into memory."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise errors.ApiError(
+            413, f"an image is {int(declared)} bytes; the limit is {max_bytes}", headers=errors.CLOSE
+        )
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            message = f"an image is over {max_bytes} bytes; the limit is {max_bytes}"
+            raise errors.ApiError(413, message, headers=errors.CLOSE)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+    # Each JSON value costs the parser far more than its bytes, and it holds the interpreter lock
+    # (the event loop stops too): millions of tiny values froze the server for seconds. Values are
+    # separated by commas, and base64 has none: a body of images and options has few.
+    if body.count(b",") > MAX_JSON_COMMAS + 2 * settings.max_images:
+        raise errors.ApiError(
+            413, f"the JSON body holds more than {MAX_JSON_COMMAS} values besides its images"
+        )
+    try:
+        payload = json.loads(body, parse_int=_short_int)
+    except _LongNumber:
+        raise errors.ApiError(422, f"a number in the JSON body has more than {MAX_DIGITS} digits") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
+        raise errors.ApiError(400, "the body is not valid JSON") from None
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
+        raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
+    if len(images) > settings.max_images:  # before decoding any of them
+        raise errors.ApiError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
+    inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
+    return inputs, {key: value for key, value in payload.items() if key != "images"}
