@@ -53,6 +53,7 @@ class RemoteCaptioner:
         self.headers = {"Content-Type": "application/octet-stream", "Accept": "application/json"}
         if settings.api_key:
             self.headers["Authorization"] = f"Bearer {settings.api_key}"
+        self._said_retrying = threading.Event()  # one line per run, not one per image
         self._wait_ready()
         model = self._model()
         if isinstance(model.get("model"), str):  # a Docker-ViT /v1/model: its defaults hold for the rest
@@ -105,7 +106,19 @@ class RemoteCaptioner:
                 delay = _backoff(failures)
             if failures >= ATTEMPTS or time.monotonic() + delay > deadline:
                 raise CaptionError(f"{self.url} still failing: {problem}")
+            self._say_retrying(problem)
             time.sleep(delay)
+
+    def _say_retrying(self, problem: str) -> None:
+        """A server that is down or hung is retried for minutes: say so once, not silently."""
+        if not self._said_retrying.is_set():
+            self._said_retrying.set()
+            minutes = BUSY_WAIT / 60
+            print(
+                f"docker-vit: {self.url}: {problem}; trying again "
+                f"(an image is given up after {ATTEMPTS} failures or {minutes:g} min)",
+                file=sys.stderr,
+            )
 
     def _captions(self, body: bytes) -> dict[str, Any]:
         """The server's answer, if it has the shape of one: anything else stops the run, as every
@@ -133,7 +146,8 @@ class RemoteCaptioner:
         deadline, waiting = time.monotonic() + READY_WAIT, False
         while True:
             try:
-                with urllib.request.urlopen(f"{self.url}/readyz", timeout=30) as response:
+                probe = urllib.request.Request(f"{self.url}/readyz", headers=self.headers)  # a gateway's key
+                with urllib.request.urlopen(probe, timeout=30) as response:
                     response.read()
                 return
             except urllib.error.HTTPError as exc:

@@ -253,11 +253,39 @@ class _Gateway(_Flaky):
             self._caption()
 
 
-def test_a_proxys_502_is_retried(tmp_path: Path) -> None:
+def test_a_proxys_502_is_retried_saying_so_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     with stub_server(_Gateway) as url:
         out = tmp_path / "out.jsonl"
         assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
     assert _Gateway.refusals == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
+    assert capsys.readouterr().err.count(f"{url}: 502 Bad Gateway; trying again") == 1
+
+
+class _KeyEverywhere(_Flaky):
+    """A gateway (Runpod's load-balancing endpoint, say) that wants the key on every route, probes too."""
+
+    seen: list[str] = []
+
+    def do_GET(self) -> None:
+        _KeyEverywhere.seen.append(f"GET {self.path} {self.headers.get('Authorization')}")
+        if self.headers.get("Authorization") != "Bearer K":
+            self._answer(401, {"error": {"type": "unauthorized", "message": "no key"}})
+        else:
+            super().do_GET()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        if self.headers.get("Authorization") != "Bearer K":
+            self._answer(401, {"error": {"type": "unauthorized", "message": "no key"}})
+        else:
+            self._caption()
+
+
+def test_the_key_goes_to_every_route_the_client_calls(capsys: pytest.CaptureFixture) -> None:
+    with stub_server(_KeyEverywhere) as url:
+        assert cli.main(["caption", str(photo("coffee.jpg")), "--url", url, "--api-key", "K"]) == 0
+    assert capsys.readouterr().out == "a stub caption\n"
+    assert "GET /readyz Bearer K" in _KeyEverywhere.seen
 
 
 class _Loading(_Flaky):
