@@ -174,17 +174,38 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit import folder, logs
 
     logs.configure("text", "warning")
+    terminated = threading.Event()
+
+    def stop(signum: int, frame: Any) -> None:
+        if not terminated.is_set():  # a second SIGTERM must not break into the first one's clean-up
+            terminated.set()
+            raise KeyboardInterrupt  # the run ends as at Ctrl-C: rows flushed, a line saying so
+
+    previous = _set_sigterm(stop)
     try:
         code = folder.caption(settings, args.paths, args.chosen)
     except KeyboardInterrupt:
         code = 130
-    if code == 130 and any(t.name.startswith("docker-vit-") and t.is_alive() for t in threading.enumerate()):
+    finally:
+        _set_sigterm(previous)
+    code = 143 if code == 130 and terminated.is_set() else code  # a stop as the shell reports it
+    if code in (130, 143) and any(
+        t.name.startswith("docker-vit-") and t.is_alive() for t in threading.enumerate()
+    ):
         # A handler call still runs on a pool thread (a prepare that hangs), which a normal exit would
         # join: forever. What was captioned is already written and flushed.
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _set_sigterm(handler: Any) -> Any:
+    """Install a SIGTERM handler; the one it replaces. Only the main thread may (cli.main called from
+    a test's thread leaves the signal alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, signal.SIG_DFL if handler is None else handler)
 
 
 def _download(settings: Settings, args: argparse.Namespace) -> int:

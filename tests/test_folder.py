@@ -287,7 +287,7 @@ def test_progress_bar_on_a_terminal_and_quiet_elsewhere(library: Path, capsys: p
     assert capsys.readouterr().err == ""  # not a terminal: not a word on stderr
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: signal.Signals) -> None:
     folder = tmp_path / "many"
     for index in range(24):
@@ -303,8 +303,9 @@ def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: sign
         time.sleep(0.02)
     process.send_signal(sig)
     _, err = process.communicate(timeout=30)
-    if sig == signal.SIGINT:
-        assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    if sig != signal.SIGKILL:  # Ctrl-C 130; SIGTERM 143 as an exit status, not a death by the signal
+        assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
+        assert "interrupted" in err and "Traceback" not in err
     else:
         assert process.returncode == -signal.SIGKILL
     text = out.read_text()
