@@ -87,7 +87,9 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         if todo:
             params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
             runner = partial(_runner, settings, params, chosen)
-            code = _run(runner, todo, sink, progress if output else Progress(enabled=False))
+            # captions printed to a terminal would be torn by the bar; redirected, they leave it room
+            shown = output or not sys.stdout.isatty()
+            code = _run(runner, todo, sink, progress if shown else Progress(enabled=False))
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
 
 

@@ -287,6 +287,23 @@ def test_progress_bar_on_a_terminal_and_quiet_elsewhere(library: Path, capsys: p
     assert capsys.readouterr().err == ""  # not a terminal: not a word on stderr
 
 
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("stdout_is_a_terminal", [False, True])
+def test_the_bar_shows_when_captions_are_redirected_not_when_printed_on_the_terminal(
+    library: Path, monkeypatch: pytest.MonkeyPatch, stdout_is_a_terminal: bool
+) -> None:
+    err, out = _Terminal(), _Terminal() if stdout_is_a_terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    monkeypatch.setattr(sys, "stdout", out)
+    assert cli.main(["caption", str(library / "z"), "--json", *DIGEST]) == 0
+    assert json.loads(out.getvalue())["path"] == str(library / "z" / "last.bmp")
+    assert ("1/1" in err.getvalue()) is not stdout_is_a_terminal
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
 def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: signal.Signals) -> None:
     folder = tmp_path / "many"
