@@ -114,12 +114,14 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C, which uvicorn re-raises once it has drained: no traceback
         interrupted = True
-    except SystemExit as exc:  # uvicorn could not listen (say, the port is taken); it logged why
-        refused = exc.code if isinstance(exc.code, int) and exc.code else 1
+    except SystemExit:  # uvicorn could not listen (say, the port is taken); it logged why
+        refused = 1  # uvicorn's own code (3) is documented nowhere of ours: a failed start is 1
     code = refused or (1 if service.state == FAILED else 130 if interrupted else 0)
     if service.busy:
-        # A handler call outlived the shutdown timeout; exiting normally would join its thread and wait.
-        logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
+        # A handler call (the model's load, when the port was taken) outlived the shutdown timeout;
+        # exiting normally would join its thread and wait.
+        if not refused:
+            logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
         logging.shutdown()
         sys.stdout.flush()
         os._exit(code)
