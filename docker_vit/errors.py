@@ -56,8 +56,9 @@ def from_service(exc: Exception) -> ApiError:
     """What a failure inside `Service.run` means to a client: every adapter answers it the same way."""
     if isinstance(exc, ApiError):
         return exc
-    if isinstance(exc, InputError):
-        return ApiError(exc.status, str(exc), exc.type)
+    if isinstance(exc, InputError):  # a client's mistake, whatever status or type a handler gave it
+        status = exc.status if type(exc.status) is int and 400 <= exc.status <= 499 else 400
+        return ApiError(status, str(exc), exc.type if isinstance(exc.type, str) and exc.type else None)
     if isinstance(exc, OptionsError):
         return ApiError(422, str(exc))
     if isinstance(exc, TooManyItems):

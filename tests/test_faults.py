@@ -433,3 +433,19 @@ def test_a_handler_missing_a_method_is_refused_at_load_naming_it() -> None:
     with pytest.raises(HandlerError, match=r"OnlyPredicts does not implement prepare\(\)"):
         check_attributes(OnlyPredicts(Settings()), Settings())
     check_attributes(PreparesInInit(Settings()), Settings())
+
+
+@pytest.mark.parametrize("status", [200, 302, 500, 999, "413", None])
+def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(status: object) -> None:
+    """A handler's own InputError subclass says the client erred: never a 200, a 5xx or a 999."""
+    from docker_vit import errors
+    from docker_vit.images import InputError
+
+    class Odd(InputError):
+        pass
+
+    Odd.status = status  # type: ignore[assignment]
+    answer = errors.from_service(Odd("no cats please"))
+    assert (answer.status, answer.type, answer.message) == (400, "invalid_request", "no cats please")
+    Odd.status, Odd.type = 429, ""  # type: ignore[assignment]
+    assert errors.from_service(Odd("slow down")).status == 429  # a 4xx of its choice stands
