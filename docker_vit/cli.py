@@ -27,6 +27,7 @@ from docker_vit.config import (
     flag_name,
     named,
     names_of,
+    open_by_mistake,
     options,
 )
 
@@ -137,12 +138,9 @@ def _server(settings: Settings) -> tuple[Any, Any]:
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
-    if not settings.api_keys and os.environ.get(env_name("api_key")):
-        logging.getLogger("docker_vit").warning(
-            "%s is the client's key (caption --url); the server reads %s: it is open to anyone",
-            env_name("api_key"),
-            env_name("api_keys"),
-        )
+    mistake = open_by_mistake(settings, os.environ)
+    if mistake:
+        logging.getLogger("docker_vit").warning(mistake)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -172,6 +172,17 @@ def named(exc: Exception, flags: bool = True) -> str:
     return re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
 
 
+def open_by_mistake(settings: Settings, env: Mapping[str, str]) -> str | None:
+    """A server with no keys whose environment sets the client's key variable: someone meant to lock
+    it and wrote the wrong name. What to warn, or None."""
+    if settings.api_keys or not env.get(env_name("api_key")):
+        return None
+    return (
+        f"{env_name('api_key')} is the client's key (caption --url); the server reads "
+        f"{env_name('api_keys')}: it is open to anyone"
+    )
+
+
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 

@@ -19,6 +19,7 @@ Ray replaces the replica instead of sending it requests.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Mapping
@@ -28,7 +29,7 @@ from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
 from docker_vit import logs
-from docker_vit.config import SERVING, Settings, options, parse
+from docker_vit.config import SERVING, Settings, open_by_mistake, options, parse
 from docker_vit.handler import handler_class
 from docker_vit.server import create_app
 
@@ -85,6 +86,9 @@ class DockerViT:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
         settings = Settings.load(os.environ, SERVING, **overrides)
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
+        mistake = open_by_mistake(settings, os.environ)
+        if mistake:
+            logging.getLogger("docker_vit").warning(mistake)
         web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s
@@ -165,14 +169,21 @@ def deployment_options(
         "graceful_shutdown_timeout_s": settings.shutdown_timeout,
         "ray_actor_options": actor,
     }
-    if scaling:
-        if "num_replicas" in deployment:
+    auto = deployment.get("num_replicas") == "auto"  # Ray's default autoscaling, which the keys tune
+    if scaling or auto:
+        if "num_replicas" in deployment and not auto:
             raise ValueError("give num_replicas or min/max_replicas (autoscaling), not both")
-        if scaling.get("min_replicas", 0) > scaling.get("max_replicas", 1):  # Ray's default max is 1
+        top = scaling.get("max_replicas", 100 if auto else 1)  # Ray's default max: 100 with auto, else 1
+        if scaling.get("min_replicas", 0) > top:
             raise ValueError(f"min_replicas={scaling['min_replicas']} needs max_replicas as large or larger")
         # Ray's default target (2) would scale out long before a replica's batches fill.
         scaling.setdefault("target_ongoing_requests", min(batch, result["max_ongoing_requests"]))
+        if scaling["target_ongoing_requests"] > result["max_ongoing_requests"]:
+            raise ValueError(
+                f"target_ongoing_requests={scaling['target_ongoing_requests']:g} is more than a replica "
+                f"takes at once (max_ongoing_requests={result['max_ongoing_requests']}): it would never scale out"
+            )
         result["autoscaling_config"] = scaling
-    else:
+    if not scaling or auto:
         result["num_replicas"] = deployment.get("num_replicas", 1)
     return result

@@ -367,3 +367,14 @@ def test_library_warnings_print_once_through_the_configured_format(capsys: pytes
         root.handlers[:], root.level = saved[0], saved[1]
     lines = capsys.readouterr().err.splitlines()
     assert [json.loads(line)["message"] for line in lines] == ["Retrying in 1s", "a loading remark"]
+
+
+def test_a_server_with_only_the_clients_key_variable_set_is_warned_open() -> None:
+    """`serve` and every Ray replica log it: the server reads DOCKER_VIT_API_KEYS, plural."""
+    from docker_vit.config import open_by_mistake
+
+    env = {"DOCKER_VIT_API_KEY": "secret"}
+    assert "DOCKER_VIT_API_KEYS: it is open to anyone" in (open_by_mistake(Settings(), env) or "")
+    assert open_by_mistake(Settings(api_keys=("secret",)), env) is None
+    assert open_by_mistake(Settings(), {}) is None
+    assert open_by_mistake(Settings(), {"DOCKER_VIT_API_KEY": ""}) is None

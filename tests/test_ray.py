@@ -166,8 +166,19 @@ def test_arguments_become_settings_and_deployment_options() -> None:
     assert (
         ray_adapter.deployment_options(Settings(), few)["autoscaling_config"]["target_ongoing_requests"] == 4
     )
-    _, fixed = ray_adapter.split_args({"num_replicas": "auto"})
-    assert ray_adapter.deployment_options(Settings(), fixed)["num_replicas"] == "auto"
+    _, auto = ray_adapter.split_args({"num_replicas": "auto"})
+    options = ray_adapter.deployment_options(Settings(), auto)  # Ray's autoscaling, our target
+    assert options["num_replicas"] == "auto" and options["autoscaling_config"] == {
+        "target_ongoing_requests": 16
+    }
+    _, tuned = ray_adapter.split_args(
+        {"num_replicas": "auto", "max_replicas": "3", "target_ongoing_requests": "8"}
+    )
+    options = ray_adapter.deployment_options(Settings(), tuned)
+    assert options["autoscaling_config"] == {"max_replicas": 3, "target_ongoing_requests": 8}
+    _, fixed = ray_adapter.split_args({"num_replicas": "2"})
+    options = ray_adapter.deployment_options(Settings(), fixed)
+    assert options["num_replicas"] == 2 and "autoscaling_config" not in options
 
 
 @pytest.mark.parametrize(
@@ -182,6 +193,8 @@ def test_arguments_become_settings_and_deployment_options() -> None:
         ({"num_beams": "0"}, "num_beams must be positive"),
         ({"num_replicas": "2", "min_replicas": "1"}, "not both"),
         ({"min_replicas": "3"}, "min_replicas=3 needs max_replicas"),
+        ({"num_replicas": "auto", "min_replicas": "101"}, "min_replicas=101 needs max_replicas"),
+        ({"target_ongoing_requests": "40"}, "target_ongoing_requests=40 is more than a replica takes"),
         ({"load_timeout_s": "nan"}, "load_timeout_s must be a finite number"),
         ({"target_ongoing_requests": "inf"}, "target_ongoing_requests must be a finite number"),
         ({"handler": "no_such_module:Handler"}, "cannot import no_such_module"),
