@@ -110,6 +110,10 @@ class Settings:
         for name in ("max_wait_ms", "threads", "idle_timeout", "shutdown_timeout"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
+        if self.max_wait_ms >= 1000 * self.request_timeout:  # a lone request would time out waiting
+            raise ValueError(
+                f"max_wait_ms {self.max_wait_ms:g} must be shorter than request_timeout {self.request_timeout:g} s"
+            )
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
         # HTTP carries other characters only as Latin-1 (no match), and blanks at either end are not sent

@@ -63,6 +63,8 @@ def test_api_keys_that_hold_no_key_are_refused(value: str) -> None:
         {"DOCKER_VIT_DEVICE": "banana"},
         {"DOCKER_VIT_DEVICE": "cuda:x"},
         {"DOCKER_VIT_MAX_WAIT_MS": "nan"},
+        {"DOCKER_VIT_MAX_WAIT_MS": "1e300"},  # finite, but every lone request would time out waiting
+        {"DOCKER_VIT_MAX_WAIT_MS": "5000", "DOCKER_VIT_REQUEST_TIMEOUT": "5"},
         {"DOCKER_VIT_REQUEST_TIMEOUT": "inf"},
         {"DOCKER_VIT_JSON": "maybe"},
         {"DOCKER_VIT_THREADS": "-1"},
