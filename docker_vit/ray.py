@@ -32,6 +32,7 @@ from docker_vit import logs
 from docker_vit.config import SERVING, Settings, open_by_mistake, options, parse
 from docker_vit.handler import handler_class
 from docker_vit.server import create_app
+from docker_vit.service import LOADING
 
 # Arguments that configure the Ray deployment rather than Docker-ViT itself, with their types.
 DEPLOYMENT_ARGS: dict[str, type] = {
@@ -98,7 +99,8 @@ class DockerViT:
         """Raises unless the model is ready; the first call waits for the load to end either way. A
         model call past the request timeout (a hung handler) raises too, so Ray replaces the replica."""
         if not await self.service.settled(self.load_timeout_s) or self.service.stalled:
-            raise RuntimeError(self.service.not_ready)
+            late = f" after load_timeout_s={self.load_timeout_s:g}" if self.service.state == LOADING else ""
+            raise RuntimeError(self.service.not_ready + late)
 
 
 def app(args: Mapping[str, Any]) -> serve.Application:

@@ -240,13 +240,15 @@ def test_one_request_id_header_the_proxys() -> None:
 def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
     check = ray_adapter.DockerViT.func_or_class.check_health
 
-    async def scenario(final: str) -> str | None:
+    async def scenario(final: str, load_timeout_s: float = 30) -> str | None:
         class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
             not_ready = Service.not_ready
             settled = Service.settled
             stalled = False
 
-        replica = SimpleNamespace(service=StubService(state=LOADING, error=None), load_timeout_s=30)
+        replica = SimpleNamespace(
+            service=StubService(state=LOADING, error=None), load_timeout_s=load_timeout_s
+        )
 
         async def finish_loading() -> None:
             await asyncio.sleep(0.3)
@@ -264,6 +266,9 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
 
     assert asyncio.run(scenario(READY)) is None
     assert asyncio.run(scenario(FAILED)) == "the model failed to load: OSError: no weights here"
+    assert (
+        asyncio.run(scenario(READY, load_timeout_s=0.05)) == "the model is loading after load_timeout_s=0.05"
+    )
 
 
 def test_health_check_fails_while_a_model_call_outruns_the_request_timeout() -> None:
