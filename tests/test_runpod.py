@@ -50,6 +50,9 @@ class StubEngine:
         if self.fail_load:
             raise OSError("no weights here")
 
+    def resized(self, width: int, height: int) -> tuple[int, int]:
+        return width, height
+
     def pixels(self, image: Image.Image) -> tuple[int, int]:
         return image.size
 
