@@ -36,6 +36,12 @@ Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
 HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being decoded
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop the process asked for itself (`caption` on SIGTERM), raised on the main thread: it
+    goes through `contained` as Ctrl-C does, whatever SIGINT's handler is (a shell script's background
+    job ignores SIGINT)."""
+
+
 def contained(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, where a handler's SystemExit, KeyboardInterrupt or other BaseException becomes an
     error of this call alone: from a worker thread it would travel to the event loop and stop the
@@ -54,14 +60,14 @@ def contained(fn: Callable[..., Any], *args: Any) -> Any:
             ) from None
         raise
     except BaseException as exc:
-        if isinstance(exc, KeyboardInterrupt) and _ctrl_c_raises():
+        main = threading.current_thread() is threading.main_thread()
+        if isinstance(exc, KeyboardInterrupt) and main and (isinstance(exc, Stopped) or _ctrl_c_raises()):
             raise
         raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from None
 
 
 def _ctrl_c_raises() -> bool:
-    main = threading.current_thread() is threading.main_thread()
-    return main and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 class QueueFull(Exception):

@@ -172,6 +172,7 @@ def _stop_before_serving(signum: int, frame: object) -> NoReturn:
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit import folder, logs
+    from docker_vit.batching import Stopped
 
     logs.configure("text", "warning")
     terminated = threading.Event()
@@ -179,7 +180,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     def stop(signum: int, frame: Any) -> None:
         if not terminated.is_set():  # a second SIGTERM must not break into the first one's clean-up
             terminated.set()
-            raise KeyboardInterrupt  # the run ends as at Ctrl-C: rows flushed, a line saying so
+            raise Stopped  # the run ends as at Ctrl-C: rows flushed, a line saying so
 
     previous = _set_sigterm(stop)
     try:

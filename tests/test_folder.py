@@ -304,8 +304,14 @@ def test_the_bar_shows_when_captions_are_redirected_not_when_printed_on_the_term
     assert ("1/1" in err.getvalue()) is not stdout_is_a_terminal
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL])
-def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: signal.Signals) -> None:
+@pytest.mark.parametrize(
+    "sig, background",
+    [(signal.SIGINT, False), (signal.SIGTERM, False), (signal.SIGTERM, True), (signal.SIGKILL, False)],
+)
+def test_an_interrupted_run_resumes_without_duplicates(
+    tmp_path: Path, sig: signal.Signals, background: bool
+) -> None:
+    """`background`: started as a shell script's `&` job is, with SIGINT ignored."""
     folder = tmp_path / "many"
     for index in range(24):
         picture(folder / f"{index // 10}" / f"{index:02d}.png", index * 10)
@@ -313,7 +319,8 @@ def test_an_interrupted_run_resumes_without_duplicates(tmp_path: Path, sig: sign
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
     command = [sys.executable, "-m", "docker_vit.cli", "caption", str(folder), "-o", str(out)]
     command += ["--handler", "folder_handlers:Slow", "--max-batch-size", "2"]
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if background else None
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)
     deadline = time.monotonic() + 60
     while not (out.exists() and out.read_text().count("\n") >= 4):
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
