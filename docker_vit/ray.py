@@ -47,6 +47,7 @@ DEPLOYMENT_ARGS: dict[str, type] = {
     "load_timeout_s": float,  # longest model load + warm-up before the replica counts as failed
 }
 LOAD_TIMEOUT_S = 1800.0
+HUNG_AFTER = 5  # request timeouts a model call may run before the health check fails
 # Ray's proxy owns the listening socket (`serve start --http-port`, or http_options in a config file).
 NOT_UNDER_RAY = ("host", "port")
 
@@ -97,10 +98,13 @@ class DockerViT:
 
     async def check_health(self) -> None:
         """Raises unless the model is ready; the first call waits for the load to end either way. A
-        model call past the request timeout (a hung handler) raises too, so Ray replaces the replica."""
-        if not await self.service.settled(self.load_timeout_s) or self.service.stalled:
-            late = f" after load_timeout_s={self.load_timeout_s:g}" if self.service.state == LOADING else ""
-            raise RuntimeError(self.service.not_ready + late)
+        model call far past the request timeout (a hung handler: `HUNG_AFTER` timeouts, where a long but
+        valid batch has ended) raises too, so Ray replaces the replica."""
+        service = self.service
+        settled = await service.settled(self.load_timeout_s)
+        if not settled or service.batcher.running_for > HUNG_AFTER * service.settings.request_timeout:
+            late = f" after load_timeout_s={self.load_timeout_s:g}" if service.state == LOADING else ""
+            raise RuntimeError(service.not_ready + late)
 
 
 def app(args: Mapping[str, Any]) -> serve.Application:
