@@ -160,7 +160,10 @@ class RemoteCaptioner:
                     raise CaptionError(f"{self.url} is not ready: {exc.code} {detail}") from None
                 if not waiting:
                     waiting = True
-                    why = "is loading its model" if body.get("status") == "loading" else f"answers {exc.code}"
+                    why = {
+                        "loading": "is loading its model",
+                        "stalled": "has a model call running past its request timeout",
+                    }.get(body.get("status"), f"answers {exc.code}")
                     minutes = READY_WAIT / 60
                     print(f"docker-vit: {self.url} {why}; waiting up to {minutes:g} min", file=sys.stderr)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:

@@ -57,8 +57,11 @@ def from_service(exc: Exception) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, InputError):  # a client's mistake, whatever status or type a handler gave it
-        status = exc.status if type(exc.status) is int and 400 <= exc.status <= 499 else 400
-        return ApiError(status, str(exc), exc.type if isinstance(exc.type, str) and exc.type else None)
+        if type(exc.status) is int and 400 <= exc.status <= 499:
+            return ApiError(
+                exc.status, str(exc), exc.type if isinstance(exc.type, str) and exc.type else None
+            )
+        return ApiError(400, str(exc))  # its type went with the status it named
     if isinstance(exc, OptionsError):
         return ApiError(422, str(exc))
     if isinstance(exc, TooManyItems):

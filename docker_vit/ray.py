@@ -184,11 +184,6 @@ def deployment_options(
             raise ValueError(f"min_replicas={scaling['min_replicas']} needs max_replicas as large or larger")
         # Ray's default target (2) would scale out long before a replica's batches fill.
         scaling.setdefault("target_ongoing_requests", min(batch, result["max_ongoing_requests"]))
-        if scaling["target_ongoing_requests"] > result["max_ongoing_requests"]:
-            raise ValueError(
-                f"target_ongoing_requests={scaling['target_ongoing_requests']:g} is more than a replica "
-                f"takes at once (max_ongoing_requests={result['max_ongoing_requests']}): it would never scale out"
-            )
         result["autoscaling_config"] = scaling
     if not scaling or auto:
         result["num_replicas"] = deployment.get("num_replicas", 1)

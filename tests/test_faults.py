@@ -439,9 +439,9 @@ def test_a_handler_missing_a_method_is_refused_at_load_naming_it() -> None:
 def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(status: object) -> None:
     """A handler's own InputError subclass says the client erred: never a 200, a 5xx or a 999."""
     from docker_vit import errors
-    from docker_vit.images import InputError
+    from docker_vit.images import TooLarge
 
-    class Odd(InputError):
+    class Odd(TooLarge):
         pass
 
     Odd.status = status  # type: ignore[assignment]
