@@ -44,7 +44,14 @@ class _Skip(Exception):
 class RemoteCaptioner:
     """Captions through `settings.url` with `settings.concurrency` requests in flight."""
 
-    def __init__(self, settings: Settings, params: Mapping[str, Any], chosen: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        params: Mapping[str, Any],
+        chosen: Collection[str] = (),
+        warn: Callable[[str], None] = lambda message: print(f"docker-vit: {message}", file=sys.stderr),
+    ) -> None:
+        self.warn = warn  # a line on stderr, drawn around the progress bar
         url = settings.url.rstrip("/")
         if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
             raise CaptionError(f"--url must start with http:// or https://, got {settings.url!r}")
@@ -114,10 +121,9 @@ class RemoteCaptioner:
         if not self._said_retrying.is_set():
             self._said_retrying.set()
             minutes = BUSY_WAIT / 60
-            print(
-                f"docker-vit: {self.url}: {problem}; trying again "
-                f"(an image is given up after {ATTEMPTS} failures or {minutes:g} min)",
-                file=sys.stderr,
+            self.warn(
+                f"{self.url}: {problem}; trying again "
+                f"(an image is given up after {ATTEMPTS} failures or {minutes:g} min)"
             )
 
     def _captions(self, body: bytes) -> dict[str, Any]:
@@ -165,7 +171,7 @@ class RemoteCaptioner:
                         "stalled": "has a model call running past its request timeout",
                     }.get(body.get("status"), f"answers {exc.code}")
                     minutes = READY_WAIT / 60
-                    print(f"docker-vit: {self.url} {why}; waiting up to {minutes:g} min", file=sys.stderr)
+                    self.warn(f"{self.url} {why}; waiting up to {minutes:g} min")
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}") from None
             time.sleep(1.0)

@@ -86,10 +86,9 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         code = 0
         if todo:
             params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
-            runner = partial(_runner, settings, params, chosen)
             # captions printed to a terminal would be torn by the bar; redirected, they leave it room
-            shown = output or not sys.stdout.isatty()
-            code = _run(runner, todo, sink, progress if shown else Progress(enabled=False))
+            bar = progress if output or not sys.stdout.isatty() else Progress(enabled=False)
+            code = _run(partial(_runner, settings, params, chosen, bar.warn), todo, sink, bar)
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
 
 
@@ -128,11 +127,11 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
     return 1 if skipped else 0
 
 
-def _runner(settings: Settings, params: dict, chosen: Collection[str]) -> Runner:
+def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Callable[[str], None]) -> Runner:
     if settings.url:
         from docker_vit.client import RemoteCaptioner
 
-        return RemoteCaptioner(settings, params, chosen).run
+        return RemoteCaptioner(settings, params, chosen, warn).run
     from docker_vit.local import LocalCaptioner
 
     return LocalCaptioner(settings, params).run
