@@ -64,7 +64,9 @@ class RemoteCaptioner:
         self._wait_ready()
         model = self._model()
         if isinstance(model.get("model"), str):  # a Docker-ViT /v1/model: its defaults hold for the rest
-            self.params = {name: value for name, value in params.items() if name in chosen}
+            names = model.get("options")  # the fields its handler reads, when it says
+            known = names if isinstance(names, list) else chosen
+            self.params = {name: value for name, value in params.items() if name in chosen and name in known}
             self.recorded = {**_generation(model), **self.params}
         else:  # a server that won't say its defaults gets ours, so that records stay true
             self.params = self.recorded = dict(params)

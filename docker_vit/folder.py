@@ -134,7 +134,7 @@ def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Cal
         return RemoteCaptioner(settings, params, chosen, warn).run
     from docker_vit.local import LocalCaptioner
 
-    return LocalCaptioner(settings, params).run
+    return LocalCaptioner(settings, params, chosen).run
 
 
 def find_images(paths: Sequence[str], warn: Callable[[str], None]) -> list[str]:

@@ -9,7 +9,7 @@ only itself.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -33,15 +33,17 @@ GIVE_UP_AFTER = 3  # batches in a row in which the model failed on every image
 class LocalCaptioner:
     """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
 
-    def __init__(self, settings: Settings, params: Mapping[str, Any]) -> None:
+    def __init__(self, settings: Settings, params: Mapping[str, Any], chosen: Collection[str] = ()) -> None:
         self.handler = load_handler(settings)
         try:
             contained(self.handler.load)
         except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
             reason = " ".join(str(exc).split())  # transformers' messages span lines
             raise CaptionError(f"cannot load the model: {type(exc).__name__}: {reason}") from None
-        names = self.handler.option_names  # a handler with its own fields gets only those of ours
-        params = {key: value for key, value in params.items() if names is None or key in names}
+        # The fields the handler reads; when it does not say, only those the user set: its options()
+        # may refuse ours, and its records must not claim options it never had.
+        names = self.handler.option_names
+        params = {key: value for key, value in params.items() if key in (chosen if names is None else names)}
         try:
             self.options = read_options(self.handler, params)
         except OptionsError as exc:

@@ -79,6 +79,9 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     @app.get("/v1/model")
     async def model() -> JSONResponse:
         base = Handler.describe(service.handler)  # name and class: what a describe() adds to
+        names = service.handler.option_names
+        if names is not None:  # the fields a request may set (`caption --url` sends no others)
+            base["options"] = list(names)
         try:
             info = {**base, **description(service.handler)}
         except Exception as exc:

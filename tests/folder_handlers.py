@@ -11,7 +11,7 @@ import time
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
-from docker_vit.handler import Handler
+from docker_vit.handler import Handler, OptionsError
 from docker_vit.images import open_image
 
 
@@ -59,3 +59,22 @@ class Broken(Digest):
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         Digest.batches.append(len(items))
         raise RuntimeError("no such device")
+
+
+class Strict(Digest):
+    """Says nothing of its option names, and refuses any field it does not know."""
+
+    def options(self, raw: Any) -> Hashable:
+        unknown = sorted(set(raw) - {"shade"})
+        if unknown:
+            raise OptionsError(f"unknown option(s): {unknown}")
+        return ()
+
+
+class Shaded(Digest):
+    """Reads one option of its own, and says so."""
+
+    option_names = ("shade",)
+
+    def options(self, raw: Any) -> Hashable:
+        return str(raw.get("shade", "plain"))

@@ -115,6 +115,29 @@ def test_url_leaves_unset_options_to_the_servers_defaults_and_limits(
     assert (second["num_beams"], second["max_new_tokens"]) == (2, 5)
 
 
+@pytest.mark.parametrize("handler", ["folder_handlers:Digest", "folder_handlers:Shaded"])
+def test_url_and_local_runs_record_alike_for_a_handler_of_other_options(
+    handler: str, pictures: Path, tmp_path: Path
+) -> None:
+    """Digest names no options: only what the user set is sent and recorded. Shaded names its own:
+    the captioner's --num-beams is neither sent to it nor recorded, locally or through --url."""
+    common = ["caption", str(pictures / "sub"), "--handler", handler]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert cli.main([*common, "-o", str(local)]) == 0
+    with live_server(Settings(handler=handler)) as url:
+        assert cli.main([*common, "-o", str(remote), "--url", url]) == 0
+        model = json.loads(urllib.request.urlopen(f"{url}/v1/model", timeout=10).read())
+    assert read(remote) == read(local) and read(local)[0].keys() == {"path", "caption", "model"}
+    assert model.get("options") == (["shade"] if handler.endswith("Shaded") else None)
+    if handler.endswith("Shaded"):
+        for out in (local, remote):
+            out.unlink()
+        assert cli.main([*common, "-o", str(local), "--num-beams", "3"]) == 0
+        with live_server(Settings(handler=handler)) as url:
+            assert cli.main([*common, "-o", str(remote), "--url", url, "--num-beams", "3"]) == 0
+        assert read(remote) == read(local) and "num_beams" not in read(local)[0]
+
+
 def test_url_holds_the_servers_limits_not_the_clients(
     vit_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -94,9 +94,7 @@ def test_jsonl_output_skips_unreadable_files_and_carries_on(
     assert entries[0] == {
         "path": str(library / "2020" / "c.gif"),
         "caption": entries[0]["caption"],
-        "model": "digest",
-        "num_beams": 4,
-        "max_new_tokens": 15,
+        "model": "digest",  # no num_beams or max_new_tokens: Digest reads no options, none were set
     }
     assert entries[0]["caption"].startswith("picture ")
     assert sum(Digest.batches) == 5 and max(Digest.batches) <= 3
@@ -165,7 +163,18 @@ def test_csv_output_quotes_and_resumes(library: Path, tmp_path: Path) -> None:
     assert list(rows[0]) == ["path", "caption", "model", "num_beams", "max_new_tokens"]
     assert len(rows) == 7 and len({row["path"] for row in rows}) == 7
     assert str(library / 'odd, "name".png') in {row["path"] for row in rows}
-    assert rows[0]["model"] == "digest" and rows[0]["num_beams"] == "4"
+    assert rows[0]["model"] == "digest" and rows[0]["num_beams"] == ""
+
+
+def test_a_handler_that_names_no_options_gets_only_those_the_user_set(
+    library: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """As over HTTP: the captioner's defaults are not fields of another model, nor of its records."""
+    strict = ["--handler", "folder_handlers:Strict"]
+    assert cli.main(["caption", str(library / "z"), "--json", *strict]) == 0
+    assert json.loads(capsys.readouterr().out).keys() == {"path", "caption", "model"}
+    assert cli.main(["caption", str(library / "z"), "--json", "--num-beams", "2", *strict]) == 1
+    assert "unknown option(s): ['num_beams']" in capsys.readouterr().err
 
 
 def test_a_cut_off_last_record_is_dropped_on_resume(tmp_path: Path) -> None:
