@@ -11,6 +11,7 @@ the same options) and `respond` (CPU, one output). `load` runs once, before anyt
 from __future__ import annotations
 
 import importlib
+import inspect
 import io
 import json
 import os
@@ -171,6 +172,13 @@ def check_attributes(handler: Handler, settings: Settings) -> None:
     ]
     if missing:
         raise HandlerError(f"{title} does not implement {' or '.join(m + '()' for m in missing)}")
+    methods = ("load", "options", "prepare", "predict", "respond", "example", "describe")
+    asynchronous = [m for m in methods if inspect.iscoroutinefunction(getattr(handler, m, None))]
+    if asynchronous:  # called in threads, a coroutine would never run: a puzzle at the first request
+        raise HandlerError(
+            f"{title}.{asynchronous[0]} is an async def: handler methods are plain functions "
+            "(the server runs them in threads)"
+        )
     try:
         name, names = handler.name, handler.option_names
     except Exception as exc:

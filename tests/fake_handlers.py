@@ -323,3 +323,10 @@ class Stuck(Echo):
         if output == "answer-stuck":
             threading.Event().wait()
         return super().respond(output)
+
+
+class AsyncPrepare(Echo):
+    """`async def` where a plain method is called from a thread: the coroutine would never run."""
+
+    async def prepare(self, data: bytes, options: Hashable) -> Any:  # type: ignore[override]
+        return data.decode()

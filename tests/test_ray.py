@@ -197,6 +197,7 @@ def test_arguments_become_settings_and_deployment_options() -> None:
         ({"load_timeout_s": "nan"}, "load_timeout_s must be a finite number"),
         ({"target_ongoing_requests": "inf"}, "target_ongoing_requests must be a finite number"),
         ({"handler": "no_such_module:Handler"}, "cannot import no_such_module"),
+        ({"handler": "fake_handlers:WordBatch"}, "WordBatch.max_batch_size must be a positive int, got '8'"),
     ],
 )
 def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
