@@ -155,13 +155,15 @@ def header_deadline(timeout: float) -> type:
             """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
             and the size of headers that arrived whole in one chunk."""
             waiting = self.cycle is self._waiting_for
+            # The rest of a body answered early (a 404 before its upload was read) is not headers.
+            leftover = waiting and getattr(self.cycle, "more_body", False)
             if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
                 self._arm()
             super().data_received(data)
             if not waiting or self.transport.is_closing():
                 return
             if self.cycle is self._waiting_for:  # still incomplete
-                self._header_bytes += len(data)
+                self._header_bytes += 0 if leftover else len(data)
                 too_big = self._header_bytes > MAX_HEADER_BYTES
             else:  # this chunk completed them: measure what was parsed
                 too_big = _head_size(self.cycle.scope) > MAX_HEADER_BYTES

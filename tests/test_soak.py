@@ -223,6 +223,40 @@ def test_queued_work_of_clients_that_left_never_reaches_the_model(server: str) -
     assert metric(server, gone) == gone_before + 5  # logged and counted as 499, not as server errors
 
 
+def _answer(sock: socket.socket) -> bytes:
+    """One HTTP answer read off a raw socket: its status line and body (by Content-Length)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before an answer: {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head.split(b"\r\n")[0] + b" " + body
+
+
+@pytest.mark.parametrize("path", ["/nope", "/healthz"])
+def test_an_early_answer_keeps_the_connection_for_the_next_request(server: str, path: str) -> None:
+    """A 404 or 405 answered before its 2 MB body was read: the rest of that body, arriving after the
+    answer, is not the next request's headers, so the next request on the connection is answered."""
+    body = b"x" * 2_000_000
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: {len(body)}\r\n\r\n"
+    with connect(server) as sock:
+        sock.sendall(head.encode())
+        first = _answer(sock)  # answered from the headers alone
+        assert first.startswith((b"HTTP/1.1 404", b"HTTP/1.1 405")), first
+        sock.sendall(body)  # the rest of the first request, after its answer
+        for _ in range(2):
+            sock.sendall(
+                b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 4\r\n\r\nnext"
+            )
+            assert _answer(sock) == b"HTTP/1.1 200 OK next"
+
+
 def test_endless_headers_are_cut_off(server: str) -> None:
     """httptools bounds neither header size nor count: a flood of header bytes closes the connection."""
     sock = connect(server)
