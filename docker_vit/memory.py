@@ -6,8 +6,9 @@ back eagerly, one mapping each, so each layer faulted in, and had the kernel zer
 before just gave back. Handing everything back after every batch (`malloc_trim`) did the same to the
 next batch: 60,000-90,000 faults and ~0.2 s of system time per greedy batch of 16 images here, 3% of
 the throughput (benchmarks/NOTES.md). So the trim runs once the server has had nothing to do for a
-moment: a busy server does not pay for it, and an idle one returns to about its loaded size, whatever
-a request left behind (an upload refused before any model call included).
+moment: a busy server does not pay for it, and an idle one hands back what a request left behind (an
+upload refused before any model call included); fragments the decoding threads' heaps still hold keep
+it somewhat above its loaded size after heavy traffic (README, Performance).
 """
 
 from __future__ import annotations
