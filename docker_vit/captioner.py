@@ -68,10 +68,11 @@ class Captioner(Handler):
         s = self.settings
         image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self._draft())
         width, height = self.engine.resized(*image.size)
-        if width * height > max(s.max_pixels, RESIZE_LIMIT):
+        limit = max(s.max_pixels, RESIZE_LIMIT)
+        if width * height > limit:
             raise TooLarge(
                 f"image is {image.width}x{image.height} pixels: the model's processor would resize it to "
-                f"{width}x{height}, more than {max(s.max_pixels, RESIZE_LIMIT)} pixels"
+                f"{width}x{height}, more than {limit} pixels"
             )
         return self.engine.pixels(image)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -116,8 +116,7 @@ class CaptionEngine:
 
         A shortest-edge resize (CLIP's, GIT's) keeps the aspect ratio, so a 1 x 100,000 sliver of a
         few hundred bytes would become billions of floats: intake refuses what this says is too big."""
-        processor, size = self.image_processor, getattr(self.image_processor, "size", None)
-        get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+        processor, get = self.image_processor, _size_field(self.image_processor)
         if not getattr(processor, "do_resize", True) or not isinstance(get("shortest_edge"), int):
             fixed = get("height"), get("width")  # a fixed size, a longest edge or none: no blow-up
             return (fixed[1], fixed[0]) if all(isinstance(side, int) for side in fixed) else (width, height)
@@ -126,8 +125,7 @@ class CaptionEngine:
         longest = get("longest_edge")
         if isinstance(longest, int) and long * scale > longest:
             scale = longest / long
-        new = max(1, int(width * scale)), max(1, int(height * scale))
-        return new
+        return max(1, int(width * scale)), max(1, int(height * scale))
 
     @torch.inference_mode()
     def generate(
@@ -244,10 +242,15 @@ def _check_captioning(model_id: str, tokenizer: Any, image_processor: Any, confi
         )
 
 
+def _size_field(image_processor: Any) -> Callable[[str], Any]:
+    """A reader of the processor's `size` fields (`height`, `shortest_edge`...), a dict or a SizeDict."""
+    size = getattr(image_processor, "size", None)
+    return size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+
+
 def _input_size(image_processor: Any) -> int | None:
     """The side the processor resizes to, so intake can decode large JPEGs at a reduced scale."""
-    size = getattr(image_processor, "size", None)
-    get = size.get if isinstance(size, dict) else lambda key: getattr(size, key, None)
+    get = _size_field(image_processor)
     sides = [get(key) for key in ("height", "width", "shortest_edge")]
     sides = [side for side in sides if isinstance(side, int)]
     return max(sides) if sides else None

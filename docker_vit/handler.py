@@ -199,10 +199,14 @@ def _inherited(method: Any, base: Any) -> bool:
 
 def batch_size(handler: Handler, settings: Settings) -> int:
     """The most items `handler.predict` receives: its own `max_batch_size`, else the setting's."""
-    size = handler.max_batch_size
+    return own_batch_size(handler.max_batch_size, type(handler).__name__) or settings.max_batch_size
+
+
+def own_batch_size(size: Any, title: str) -> int | None:
+    """A handler's `max_batch_size` (of class `title`), checked: a positive int, or None for the setting's."""
     if size is not None and (type(size) is not int or size < 1):
-        raise HandlerError(f"{type(handler).__name__}.max_batch_size must be a positive int, got {size!r}")
-    return size or settings.max_batch_size
+        raise HandlerError(f"{title}.max_batch_size must be a positive int, got {size!r}")
+    return size
 
 
 # Every front end (server, Runpod, Ray, `docker-vit caption`) calls a handler through these, so a

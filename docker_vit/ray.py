@@ -30,7 +30,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, open_by_mistake, options, parse
-from docker_vit.handler import HandlerError, handler_class
+from docker_vit.handler import handler_class, own_batch_size
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
 
@@ -115,11 +115,11 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
     cls = handler_class(settings)
     size = getattr(cls, "max_batch_size", None)  # a class attribute, as documented
-    if size is not None and not isinstance(size, property) and (type(size) is not int or size < 1):
-        # the replicas would refuse it, each with a traceback, and `serve run` would still exit 0
-        raise HandlerError(f"{cls.__name__}.max_batch_size must be a positive int, got {size!r}")
+    # Checked here: the replicas would refuse a bad one, each with a traceback, and `serve run` exit 0.
+    # A property is read per instance, by the replicas.
+    size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
-    options = deployment_options(settings, deployment, size if type(size) is int and size > 0 else None)
+    options = deployment_options(settings, deployment, size)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
 
 

@@ -291,17 +291,20 @@ class _KeyEverywhere(_Flaky):
 
     def do_GET(self) -> None:
         _KeyEverywhere.seen.append(f"GET {self.path} {self.headers.get('Authorization')}")
-        if self.headers.get("Authorization") != "Bearer K":
-            self._answer(401, {"error": {"type": "unauthorized", "message": "no key"}})
-        else:
+        if self._keyed():
             super().do_GET()
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        if self.headers.get("Authorization") != "Bearer K":
-            self._answer(401, {"error": {"type": "unauthorized", "message": "no key"}})
-        else:
+        if self._keyed():
             self._caption()
+
+    def _keyed(self) -> bool:
+        """True with the key; otherwise answers 401 itself."""
+        if self.headers.get("Authorization") == "Bearer K":
+            return True
+        self._answer(401, {"error": {"type": "unauthorized", "message": "no key"}})
+        return False
 
 
 def test_the_key_goes_to_every_route_the_client_calls(capsys: pytest.CaptureFixture) -> None:

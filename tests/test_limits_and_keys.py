@@ -148,15 +148,21 @@ def test_more_images_than_the_queue_holds_is_413_not_503() -> None:
         assert client.post("/v1/captions", files=files[:2]).status_code == 200
 
 
+def model_held_by(client, handler: Gated, body: bytes) -> threading.Thread:
+    """A request whose model call waits for `handler.gate`, posted from a thread; returns once it runs."""
+    first = threading.Thread(
+        target=client.post, args=("/",), kwargs={"content": body, "headers": {"content-type": "image/x"}}
+    )
+    first.start()
+    assert handler.entered.wait(10)
+    return first
+
+
 def test_request_timeout_is_504_and_the_abandoned_item_never_runs() -> None:
     settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=0.3)
     handler = Gated(settings)
     with serving(settings, handler) as client:
-        first = threading.Thread(
-            target=client.post, args=("/",), kwargs={"content": b"A", "headers": {"content-type": "image/x"}}
-        )
-        first.start()
-        assert handler.entered.wait(10)
+        first = model_held_by(client, handler, b"A")
         late = client.post("/", content=b"B", headers={"content-type": "image/x"})
         assert_error(late, 504, "timeout")
         handler.gate.set()
@@ -171,11 +177,7 @@ def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_en
     settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=1.0)
     handler = Gated(settings)
     with serving(settings, handler) as client:
-        first = threading.Thread(
-            target=client.post, args=("/",), kwargs={"content": b"A", "headers": {"content-type": "image/x"}}
-        )
-        first.start()
-        assert handler.entered.wait(10)
+        first = model_held_by(client, handler, b"A")
         assert client.get("/readyz").status_code == 200  # a call within the timeout is just busy
         wait_for(lambda: client.get("/readyz").status_code == 503)
         ready = client.get("/readyz")
