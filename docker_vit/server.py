@@ -22,7 +22,7 @@ from docker_vit import errors, memory, uploads
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result, description, load_handler
 from docker_vit.middleware import RequestContext
-from docker_vit.service import LOADING, READY, STALLED, Service
+from docker_vit.service import LOADING, READY, Service
 
 OPTION_PARAMS = [
     {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
@@ -91,7 +91,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
         request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
         request |= {"max_images": settings.max_images, "max_queue": settings.max_queue}
-        return JSONResponse({**info, "limits": {**limits, **request}, "status": service.state})
+        return JSONResponse({**info, "limits": {**limits, **request}, "status": service.status})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -103,8 +103,9 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.ready:
             return JSONResponse({"status": READY})
         error = {"type": errors.TYPES[503], "message": service.not_ready}
-        status = STALLED if service.state == READY else service.state
-        return JSONResponse({"status": status, "error": error}, status_code=503, headers={"Retry-After": "5"})
+        return JSONResponse(
+            {"status": service.status, "error": error}, status_code=503, headers={"Retry-After": "5"}
+        )
 
     @app.get("/ping")
     async def ping() -> Response:

@@ -154,6 +154,11 @@ class Service:
         return self.state == READY and not self.stalled
 
     @property
+    def status(self) -> str:
+        """What `/readyz` and `/v1/model` report: the load state, or `stalled` while a call overruns."""
+        return STALLED if self.state == READY and self.stalled else self.state
+
+    @property
     def not_ready(self) -> str:
         """What a caller turned away while the model is not ready reads: loading, failed and why, or
         stalled."""

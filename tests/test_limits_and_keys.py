@@ -174,7 +174,7 @@ def test_request_timeout_is_504_and_the_abandoned_item_never_runs() -> None:
 def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_ends() -> None:
     """A hung handler makes every request behind it 504: /readyz and /ping must say so, so a load
     balancer (or a container's health check) stops sending traffic there."""
-    settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=1.0)
+    settings = Settings(max_batch_size=1, max_wait_ms=0, request_timeout=2.5)  # room for a loaded CI machine
     handler = Gated(settings)
     with serving(settings, handler) as client:
         first = model_held_by(client, handler, b"A")
@@ -185,10 +185,12 @@ def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_en
         assert ready.json()["status"] == "stalled"
         assert "past the request timeout" in ready.json()["error"]["message"]
         assert_error(client.get("/ping"), 503, "unavailable")
+        assert client.get("/v1/model").json()["status"] == "stalled"  # one story for every reader
         assert client.get("/healthz").status_code == 200  # the process itself is alive
         handler.gate.set()
         first.join(10)
         assert client.get("/readyz").json() == {"status": "ready"}
+        assert client.get("/v1/model").json()["status"] == "ready"
         assert client.get("/ping").status_code == 200
 
 
