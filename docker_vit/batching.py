@@ -98,12 +98,14 @@ class Batcher:
         max_wait: float,
         max_queue: int,
         on_batch: Callable[[int], None] = lambda size: None,
+        on_outputs: Callable[[int], None] = lambda count: None,
     ) -> None:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self.max_queue = max_queue
-        self.on_batch = on_batch
+        self.on_batch = on_batch  # a model call starts, with this many items
+        self.on_outputs = on_outputs  # it gave this many outputs, also for callers gone meanwhile
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
         self._incoming: Counter[Hashable] = Counter()  # admitted items still being prepared, by options
@@ -275,6 +277,7 @@ class Batcher:
         if failure is not None:  # retried outside the except block, which would hold the failure's frames
             await self._recover(batch, options, failure)
             return
+        self.on_outputs(len(outputs))
         for entry, output in zip(batch, outputs, strict=True):
             if not entry.future.done():
                 entry.future.set_result(output)

@@ -115,17 +115,30 @@ class RequestContext:
 
     def _report(self, scope: dict, request_id: str, status: int, seconds: float) -> None:
         route = getattr(scope.get("route"), "path", None) or "unmatched"
-        self.metrics.observe(route, status, seconds)
         images = scope.get("state", {}).get("images", 0)
-        fields = {
-            "method": scope.get("method"),
-            "route": route,
-            "status": status,
-            "duration_ms": round(seconds * 1000, 1),
-            "images": images,
-            "request_id": request_id,
-        }
-        log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+        report(self.metrics, scope.get("method"), route, status, seconds, images, request_id)
+
+
+def report(
+    metrics: Metrics,
+    method: str | None,
+    route: str,
+    status: int,
+    seconds: float,
+    images: int,
+    request_id: str,
+) -> None:
+    """One request's metrics and its access-log line."""
+    metrics.observe(route, status, seconds)
+    fields = {
+        "method": method,
+        "route": route,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 1),
+        "images": images,
+        "request_id": request_id,
+    }
+    log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
 
 
 def _declared_length(headers: dict[bytes, bytes]) -> int:
@@ -135,7 +148,7 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
         return 0
 
 
-def header_deadline(timeout: float) -> type:
+def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
     """uvicorn's HTTP protocol, closing connections whose request headers are not complete `timeout`
     seconds after the connection opened, or after the first bytes of a keep-alive connection's next
     request, or that run past MAX_HEADER_BYTES.
@@ -149,20 +162,27 @@ def header_deadline(timeout: float) -> type:
     class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _deadline: asyncio.TimerHandle | None = None
         _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
+        _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
         _header_bytes = 0
 
         def data_received(self, data: bytes) -> None:
             """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
-            and the size of headers that arrived whole in one chunk."""
-            waiting = self.cycle is self._waiting_for
+            and the size of headers that arrived whole in one chunk. That holds as well for the headers
+            of a request pipelined behind a running one (bytes after its body), which uvicorn reads on
+            until they are complete."""
+            current = self.cycle
+            waiting = current is self._waiting_for
             # The rest of a body answered early (a 404 before its upload was read) is not headers.
-            leftover = waiting and getattr(self.cycle, "more_body", False)
+            leftover = waiting and getattr(current, "more_body", False)
+            ahead = not waiting and not getattr(current, "more_body", True)
+            if ahead and self._ahead_of is not current:
+                self._ahead_of, self._header_bytes = current, 0
             if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
                 self._arm()
             super().data_received(data)
-            if not waiting or self.transport.is_closing():
+            if not (waiting or ahead) or self.transport.is_closing():
                 return
-            if self.cycle is self._waiting_for:  # still incomplete
+            if self.cycle is current:  # still incomplete
                 self._header_bytes += 0 if leftover else len(data)
                 too_big = self._header_bytes > MAX_HEADER_BYTES
             else:  # this chunk completed them: measure what was parsed
@@ -174,12 +194,16 @@ def header_deadline(timeout: float) -> type:
                 self.transport.close()
 
         def send_400_response(self, msg: str) -> None:
-            """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape."""
+            """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape,
+            with a request id, a log line and a count like every other answer."""
+            request_id = uuid.uuid4().hex
             body = json.dumps({"error": {"type": "invalid_request", "message": "malformed HTTP request"}})
             head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            head += f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
             self.transport.write((head + body).encode())
             self.transport.close()
+            if metrics is not None:
+                report(metrics, None, "unmatched", 400, 0.0, 0, request_id)
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)

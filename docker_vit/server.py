@@ -113,7 +113,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.ready:
             return JSONResponse({"status": "healthy"})
         if service.state != LOADING:
-            return errors.error_response(503, service.not_ready)
+            return errors.error_response(503, service.not_ready, headers={"Retry-After": "5"})  # as /readyz
         return Response(status_code=204)
 
     @app.get("/metrics")

@@ -73,6 +73,7 @@ class Service:
             max_wait=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
             on_batch=self.metrics.batch_size.observe,
+            on_outputs=self.metrics.images.inc,
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
 
@@ -219,7 +220,6 @@ class Service:
         finally:
             _cancel(futures)
             del futures  # as in `prepare`: a model error must not hold this frame's inputs in a cycle
-        self.metrics.images.inc(len(outputs))
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._post, self._tracked, self._respond, outputs)
 

@@ -20,6 +20,9 @@ from docker_vit.config import Settings
 MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
 FIRST_ONLY_FILES = 1000  # files in a `POST /` form, of which the first is captioned (Starlette's default)
 MAX_DIGITS = 100  # an integer's, in JSON: turning 4,000 digits into an int takes the interpreter's lock
+MAX_FORM_FIELDS = (
+    64  # multipart fields that are not files (options); each at most 1 MB, as Starlette reads them
+)
 
 
 class _LongNumber(ValueError):
@@ -74,11 +77,16 @@ async def _read_form(
 ) -> tuple[list[bytes], dict[str, str]]:
     max_files = max_files or settings.max_images
     try:
-        form = await request.form(max_files=max_files, max_fields=64)
+        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
     except HTTPException as exc:
-        if "Too many files" in str(exc.detail):
+        detail = str(exc.detail)
+        if "Too many files" in detail:
             raise errors.ApiError(413, f"more than {max_files} images in one request") from None
-        raise errors.ApiError(400, f"malformed multipart body: {exc.detail}") from None
+        if "Too many fields" in detail:
+            raise errors.ApiError(413, f"more than {MAX_FORM_FIELDS} form fields in one request") from None
+        if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MB
+            raise errors.ApiError(413, f"a form field that is not a file is over 1 MB: {detail}") from None
+        raise errors.ApiError(400, f"malformed multipart body: {detail}") from None
     try:
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
         fields = {key: value for key, value in form.items() if isinstance(value, str)}

@@ -83,6 +83,28 @@ def test_cancelled_items_never_reach_the_model() -> None:
     assert [items for items, _ in run(main())] == [["first"], ["kept"]]
 
 
+def test_outputs_are_counted_also_for_callers_gone_during_the_call() -> None:
+    """`docker_vit_images_total` counts what the model captioned, whoever was left to take it."""
+
+    async def main():
+        recorder, counted = Recorder(), []
+        recorder.release.clear()
+        batcher = make(recorder, max_wait=0, on_outputs=counted.append)
+        batcher.start()
+        futures = batcher.submit(["gone", "kept"], "a")
+        await asyncio.sleep(0.05)  # both are in the running call
+        futures[0].cancel()
+        recorder.release.set()
+        await futures[1]
+        failed = batcher.submit([1, 2], "a")
+        recorder.fail_on = 1
+        await asyncio.gather(*failed, return_exceptions=True)  # the halves: [1] fails, [2] is captioned
+        await batcher.stop()
+        return counted
+
+    assert run(main()) == [2, 1]
+
+
 def test_a_poison_item_fails_alone() -> None:
     async def main():
         batcher = make(Recorder(fail_on=3))

@@ -56,6 +56,26 @@ def test_bytes_pixels_and_images_limits_are_413() -> None:
         assert client.post("/v1/captions", files=[("file", png())] * 2).status_code == 200
 
 
+def test_form_fields_past_starlettes_bounds_are_413() -> None:
+    """Options are small: a non-file field past 1 MB, or more than 64 of them, is too much, not malformed."""
+    settings = Settings()
+    with serving(settings, Pictures(settings)) as client:
+        big_field = {"num_beams": "1" * (1024 * 1024 + 1)}  # a form field past Starlette's 1 MB
+        assert (
+            "over 1 MB"
+            in assert_error(client.post("/", files={"file": png()}, data=big_field), 413)["message"]
+        )
+        many = {f"field{i}": "1" for i in range(65)}
+        assert (
+            "64 form fields"
+            in assert_error(client.post("/", files={"file": png()}, data=many), 413)["message"]
+        )
+        assert (
+            client.post("/", files={"file": png((40, 40))}, data=dict(list(many.items())[:63])).status_code
+            == 200
+        )
+
+
 def test_declared_and_streamed_bodies_over_the_limit_are_413_and_close() -> None:
     settings = Settings(max_bytes=1_000, max_images=1)  # body limit: 1_000 * 4 // 3 + 1_000_000
     with serving(settings, Echo(settings)) as client:
@@ -184,7 +204,8 @@ def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_en
         assert ready.status_code == 503 and ready.headers["retry-after"] == "5"
         assert ready.json()["status"] == "stalled"
         assert "past the request timeout" in ready.json()["error"]["message"]
-        assert_error(client.get("/ping"), 503, "unavailable")
+        ping = client.get("/ping")
+        assert_error(ping, 503, "unavailable") and ping.headers["retry-after"] == "5"
         assert client.get("/v1/model").json()["status"] == "stalled"  # one story for every reader
         assert client.get("/healthz").status_code == 200  # the process itself is alive
         handler.gate.set()

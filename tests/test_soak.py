@@ -275,6 +275,26 @@ def test_endless_headers_are_cut_off(server: str) -> None:
     answered_promptly(server)
 
 
+def test_endless_headers_behind_a_running_request_are_cut_off(server: str) -> None:
+    """The next request's headers, pipelined behind one the model is running, are bounded too: the
+    parser kept every header line in memory until the first request ended (gigabytes, an audit)."""
+    sock = connect(server)
+    sock.sendall(b"POST /?delay=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 1\r\n\r\na")
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    flood, sent, closed = b"X-Junk: " + b"a" * 1000 + b"\r\n", 0, False
+    try:
+        while sent < 4_000_000:
+            sock.sendall(flood)
+            sent += len(flood)
+    except OSError:
+        closed = True
+    if not closed:
+        closed = closed_by_server(sock, PROMPT) == b""
+    sock.close()
+    assert closed and sent < 4_000_000
+    answered_promptly(server)
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [
@@ -284,13 +304,17 @@ def test_endless_headers_are_cut_off(server: str) -> None:
     ],
 )
 def test_unparseable_http_gets_a_json_400(server: str, request_bytes: bytes) -> None:
-    """Bytes that are not HTTP never reach the app; their 400 still has the JSON error shape."""
+    """Bytes that are not HTTP never reach the app; their 400 still has the JSON error shape, a
+    request id and a count."""
+    counted = metric(server, 'docker_vit_requests_total{route="unmatched",status="400"}')
     sock = connect(server)
     sock.sendall(request_bytes)
     answer = closed_by_server(sock, PROMPT)
     sock.close()
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", head)
+    assert metric(server, 'docker_vit_requests_total{route="unmatched",status="400"}') == counted + 1
     assert json.loads(body)["error"]["type"] == "invalid_request"
     answered_promptly(server)
 
