@@ -119,6 +119,10 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     # A property is read per instance, by the replicas.
     size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
+    if not deployment.get("num_gpus") and settings.device == "auto":
+        # Ray (2.60 on) leaves a GPU node's CUDA devices visible to a replica that reserved none:
+        # `auto` would put every such replica on GPU 0, outside Ray's accounting.
+        overrides["device"] = "cpu"
     options = deployment_options(settings, deployment, size)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
 
