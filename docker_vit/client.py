@@ -37,6 +37,24 @@ READY_WAIT = 600.0  # seconds to wait for a server that is still loading its mod
 FATAL = (401, 403, 404, 405, 422, 501)  # every other image would get the same answer
 
 
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would follow it with the API key to whatever host it names,
+    and turn an upload into an empty GET."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+_open = urllib.request.build_opener(_NoRedirects).open
+
+
+def _redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
+    if 300 <= exc.code < 400:
+        where = exc.headers.get("Location", "elsewhere")
+        return CaptionError(f"{url} answered {exc.code}, redirecting to {where}: give --url that address")
+    return None
+
+
 class _Skip(Exception):
     """This image was refused or failed on the server; the others may still go through."""
 
@@ -99,9 +117,11 @@ class RemoteCaptioner:
                 method="POST",
             )
             try:
-                with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                with _open(request, timeout=TIMEOUT) as response:
                     return self._captions(response.read())
             except urllib.error.HTTPError as exc:
+                if redirect := _redirected(exc, self.url):
+                    raise redirect from None
                 problem = f"{exc.code} {_error(exc)[1]}"
                 if exc.code in FATAL:
                     raise CaptionError(f"{self.url} answered {problem}") from None
@@ -143,7 +163,7 @@ class RemoteCaptioner:
         """What the server says of itself (`GET /v1/model`): its defaults and limits; {} if it won't."""
         try:
             request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
-            with urllib.request.urlopen(request, timeout=30) as response:
+            with _open(request, timeout=30) as response:
                 model = json.loads(response.read())
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
             return {}
@@ -155,10 +175,12 @@ class RemoteCaptioner:
         while True:
             try:
                 probe = urllib.request.Request(f"{self.url}/readyz", headers=self.headers)  # a gateway's key
-                with urllib.request.urlopen(probe, timeout=30) as response:
+                with _open(probe, timeout=30) as response:
                     response.read()
                 return
             except urllib.error.HTTPError as exc:
+                if redirect := _redirected(exc, self.url):
+                    raise redirect from None
                 body, message = _error(exc)
                 if exc.code == 404:
                     return  # no readiness probe there (a proxy in front?): the captions will tell

@@ -314,6 +314,33 @@ def test_the_key_goes_to_every_route_the_client_calls(capsys: pytest.CaptureFixt
     assert "GET /readyz Bearer K" in _KeyEverywhere.seen
 
 
+class _Elsewhere(_Flaky):
+    """Redirects to `_KeyEverywhere` (which records the keys it is sent); its probe may pass."""
+
+    target, ready = "", False
+
+    def do_GET(self) -> None:
+        if _Elsewhere.ready and self.path == "/readyz":
+            super().do_GET()
+        else:
+            self._answer(302, {}, {"Location": f"{_Elsewhere.target}{self.path}"})
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._answer(302, {}, {"Location": f"{_Elsewhere.target}{self.path}"})
+
+
+@pytest.mark.parametrize("ready", [False, True])
+def test_a_redirect_stops_the_run_and_the_key_stays_home(ready: bool, capsys: pytest.CaptureFixture) -> None:
+    """urllib followed redirects with the key to any host, and turned the upload into an empty GET."""
+    _KeyEverywhere.seen = []
+    with stub_server(_KeyEverywhere) as other, stub_server(_Elsewhere) as url:
+        _Elsewhere.target, _Elsewhere.ready = other, ready
+        assert cli.main(["caption", str(photo("coffee.jpg")), "--url", url, "--api-key", "K"]) == 1
+    assert _KeyEverywhere.seen == []
+    assert f"answered 302, redirecting to {other}/" in capsys.readouterr().err
+
+
 class _Loading(_Flaky):
     """Loading its model at the first look, ready at the second; then captions."""
 
