@@ -83,7 +83,8 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if names is not None:  # the fields a request may set (`caption --url` sends no others)
             base["options"] = list(names)
         try:
-            info = {**base, **description(service.handler)}
+            # off the loop: a slow describe() must not hold up the probes
+            info = {**base, **await asyncio.to_thread(description, service.handler)}
         except Exception as exc:
             if service.state == READY:
                 raise errors.from_service(exc) from None

@@ -124,7 +124,8 @@ class Service:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
         started = time.perf_counter()
         try:
-            await self.run([contained(self.handler.example)], self.options({}))
+            example = await asyncio.to_thread(contained, self.handler.example)  # probes answer meanwhile
+            await self.run([example], self.options({}))
         except TooLarge as exc:
             raise LimitsTooLow(f"the limits refuse even the warm-up input, example(): {exc}") from None
         except Exception as exc:

@@ -215,6 +215,46 @@ def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_en
         assert client.get("/ping").status_code == 200
 
 
+class Dawdling(Echo):
+    """Its `example()` (the warm-up input) and `describe()` each wait for their gate."""
+
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
+        self.examples, self.descriptions = threading.Event(), threading.Event()
+        self.in_example, self.in_describe = threading.Event(), threading.Event()
+        self.finished: list[str] = []
+
+    def example(self) -> bytes:
+        self.in_example.set()
+        self.examples.wait(10)
+        self.finished.append("example")
+        return super().example()
+
+    def describe(self) -> dict:
+        self.in_describe.set()
+        self.descriptions.wait(10)
+        self.finished.append("describe")
+        return {"described": True}
+
+
+def test_a_slow_example_or_describe_leaves_the_probes_answering() -> None:
+    """Both ran on the event loop: a slow one held every route, the probes too, for its whole run."""
+    handler = Dawdling(Settings())
+    with serving(Settings(), handler, wait=False) as client:
+        assert handler.in_example.wait(10)
+        assert client.get("/ping").status_code == 204  # loading: warm-up still waits for example()
+        assert handler.finished == []
+        handler.examples.set()
+        wait_for(lambda: client.get("/readyz").status_code == 200)
+        described = threading.Thread(target=client.get, args=("/v1/model",))
+        described.start()
+        assert handler.in_describe.wait(10)
+        assert client.get("/healthz").status_code == 200 and handler.finished == ["example"]
+        handler.descriptions.set()
+        described.join(10)
+        assert client.get("/v1/model").json()["described"] is True
+
+
 def test_body_that_stops_arriving_is_408() -> None:
     """TestClient sends bodies whole, so the stalled upload is an ASGI conversation held by hand."""
     settings = Settings(read_timeout=0.2)
