@@ -25,6 +25,8 @@ WHITE = (255, 255, 255)
 ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
 UNSUPPORTED = "cannot decode the image: not a supported image format"
 MAX_JPEG_SCANS = 256  # each scan of a progressive JPEG is a pass over the whole picture; cameras write ~10
+FEW_JPEG_SCANS = 16  # always taken; past it, the scans' passes over the picture are bounded together:
+MAX_JPEG_SCAN_PIXELS = 1_000_000_000  # ~1 s of decoding here (256 scans of 40 MP: 8 s from 248 KB)
 MAX_JPEG_SEGMENTS = 4096  # tables, comments, metadata: a photo has tens (a big ICC profile, a few more)
 MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
 
@@ -66,12 +68,17 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise InputError("image is empty: no bytes were sent")
     if data[:4] == ICO_MAGIC and _ico_pixels(data) > max_pixels:
         raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}")
-    _check_decoding_work(data)
+    scans = _check_decoding_work(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             image = Image.open(io.BytesIO(data), formats=FORMATS)
             _check_pixels(image, max_pixels)
+            if scans > FEW_JPEG_SCANS and scans * image.width * image.height > MAX_JPEG_SCAN_PIXELS:
+                raise TooLarge(
+                    f"the JPEG has {scans} scans of {image.width}x{image.height} pixels; past "
+                    f"{FEW_JPEG_SCANS} scans, the limit is {MAX_JPEG_SCAN_PIXELS:,} pixels over all of them"
+                )
             if draft and image.format == "JPEG":
                 image.draft("RGB", (2 * draft, 2 * draft))
             image.load()
@@ -106,10 +113,12 @@ def _ico_pixels(data: bytes) -> int:
     return largest
 
 
-def _check_decoding_work(data: bytes) -> None:
+def _check_decoding_work(data: bytes) -> int:
     """Refuse files whose decoding costs far more than their pixels and bytes suggest: a JPEG of
     thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
-    all the while holding a decode thread that other clients' images need."""
+    all the while holding a decode thread that other clients' images need. Returns a JPEG's scans,
+    which are bounded again once its size is known."""
+    scans = 0
     if data[:2] == b"\xff\xd8":
         scans, segments = _jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
         if scans > MAX_JPEG_SCANS:
@@ -118,6 +127,7 @@ def _check_decoding_work(data: bytes) -> None:
             raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
     if data[:8] == PNG_MAGIC and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
         raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+    return scans
 
 
 # A marker: 0xFF and a byte that is not 0x00 (an escaped 0xFF in scan data), a restart marker (inside a

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from docker_vit import images
 from docker_vit.images import WHITE, InputError, NotAnImage, TooLarge, open_image
 
 LIMITS = {"max_bytes": 20_000_000, "max_pixels": 40_000_000}
@@ -172,6 +173,21 @@ def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding() -> None:
         open_image(
             progressive[:first_scan] + b"\x00" + progressive[first_scan:-2] + empty_scan * 3000, **LIMITS
         )
+
+
+def test_many_scans_of_a_big_picture_are_bounded_together(monkeypatch: pytest.MonkeyPatch) -> None:
+    """256 scans of 40 MP (248 KB) took 8 s to decode: past 16 scans, scans x pixels is bounded."""
+    progressive = encode(Image.new("RGB", (64, 64), (10, 120, 200)), "JPEG", progressive=True)
+    scans = progressive.count(b"\xff\xda")
+    last_scan = progressive[progressive.rindex(b"\xff\xda") : -2]  # repeated, it still decodes
+    monkeypatch.setattr(images, "MAX_JPEG_SCAN_PIXELS", 64 * 64 * 20)
+    with_scans = {n: progressive[:-2] + last_scan * (n - scans) + b"\xff\xd9" for n in (16, 20, 21)}
+    for n in (16, 20):  # few scans, or within the budget
+        assert open_image(with_scans[n], **LIMITS).size == (64, 64)
+    with pytest.raises(TooLarge, match="21 scans of 64x64 pixels"):
+        open_image(with_scans[21], **LIMITS)
+    monkeypatch.setattr(images, "MAX_JPEG_SCAN_PIXELS", 1)
+    assert open_image(with_scans[16], **LIMITS).size == (64, 64)  # 16 scans are always taken
 
 
 def test_what_follows_a_picture_is_not_counted_as_its_scans_or_chunks() -> None:
