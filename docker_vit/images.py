@@ -187,7 +187,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P":
         image = image.convert("RGB")
     if image.mode in ("I", "I;16", "I;16L", "I;16B", "I;16N", "F"):
+        key = image.info.get("transparency")  # a 16-bit gray PNG's transparent value
+        opaque = np.asarray(image) != key if isinstance(key, int) else None
         image = _deep_to_gray(image)
+        if opaque is not None:
+            image.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255))  # "LA": composited below
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, WHITE + (255,))

@@ -65,6 +65,13 @@ def test_a_transparent_color_of_a_gray_or_rgb_png_is_composited_on_white(mode: s
     assert result.getpixel((1, 1)) == ((200, 200, 200) if mode == "L" else (200, 10, 10))
 
 
+def test_a_transparent_value_of_a_16_bit_gray_png_is_composited_on_white() -> None:
+    values = np.full((8, 8), 1000, np.uint16)
+    values[1, 1] = 30000
+    result = open_image(encode(Image.fromarray(values), transparency=1000), **LIMITS)
+    assert result.getpixel((0, 0)) == WHITE and result.getpixel((1, 1)) == (116, 116, 116)  # 30000 // 257
+
+
 def test_plain_palette_keeps_its_colors() -> None:
     image = Image.new("P", (6, 6), 1)
     image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
