@@ -18,7 +18,7 @@ from docker_vit import errors
 from docker_vit.config import Settings
 
 MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
-FIRST_ONLY_FILES = 1000  # files in a `POST /` form, of which the first is captioned (Starlette's default)
+MAX_FORM_FILES = 1000  # file parts in a form, whatever their field (Starlette's default); `file`s are images
 MAX_DIGITS = 100  # an integer's, in JSON: turning 4,000 digits into an int takes the interpreter's lock
 MAX_FORM_FIELDS = (
     64  # multipart fields that are not files (options); each at most 1 MB, as Starlette reads them
@@ -43,7 +43,7 @@ async def read_inputs(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
-        inputs, fields = await _read_form(request, settings, FIRST_ONLY_FILES if first_only else None)
+        inputs, fields = await _read_form(request, settings.max_images, first_only)
         options.update(fields)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         inputs = [await _read_image_body(request, settings.max_bytes)]
@@ -72,16 +72,15 @@ async def read_inputs(
     return inputs, options
 
 
-async def _read_form(
-    request: Request, settings: Settings, max_files: int | None = None
-) -> tuple[list[bytes], dict[str, str]]:
-    max_files = max_files or settings.max_images
+async def _read_form(request: Request, most: int, first_only: bool) -> tuple[list[bytes], dict[str, str]]:
+    """The form's `file` parts (counted here, before they are read: at most `most`, or only the first
+    is read) and its other fields. File parts under other names are ignored, not counted as images."""
     try:
-        form = await request.form(max_files=max_files, max_fields=MAX_FORM_FIELDS)
+        form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
     except HTTPException as exc:
         detail = str(exc.detail)
         if "Too many files" in detail:
-            raise errors.ApiError(413, f"more than {max_files} images in one request") from None
+            raise errors.ApiError(413, f"more than {MAX_FORM_FILES} file parts in one form") from None
         if "Too many fields" in detail:
             raise errors.ApiError(413, f"more than {MAX_FORM_FIELDS} form fields in one request") from None
         if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MB
@@ -89,6 +88,10 @@ async def _read_form(
         raise errors.ApiError(400, f"malformed multipart body: {detail}") from None
     try:
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
+        if first_only:
+            files = files[:1]
+        elif len(files) > most:
+            raise errors.ApiError(413, f"{len(files)} images in one request; the limit is {most}")
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return [await upload.read() for upload in files], fields
     finally:
