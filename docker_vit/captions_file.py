@@ -97,7 +97,10 @@ class CaptionsFile:
             raise CaptionsFileError("not a regular file (for captions on stdout: -o - or no -o)")
 
     def _lock(self) -> None:
-        """One run a file: two would each caption every image not yet in it, and write it twice."""
+        """One run a file: two would each caption every image not yet in it, and write it twice.
+        /dev/null holds nothing to resume from: any number of runs may write there."""
+        if not stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
+            return
         try:
             import fcntl
         except ImportError:  # not POSIX: no lock, as before
