@@ -94,12 +94,27 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
 
 def _not_done(images: list[str], done: set[str]) -> list[str]:
     """Images not in the file yet, also when it names them otherwise (relative vs absolute, through a
-    link): a recorded path is read from the current folder, as the run that wrote it most likely was.
-    A record under a name this run also has is that name's only: files that are links to one shared
-    file (a Hub snapshot's blobs) each keep their own row, as in a run never cut short."""
+    linked folder): a recorded path is read from the current folder, as the run that wrote it most
+    likely was. A record stands for the image in its place (folders resolved, not the file's own
+    link): names that link to one shared file (a Hub snapshot's blobs, `y.jpg -> x.jpg`) each keep
+    their own row, as in a run never cut short. Only a record that names none of this run's images
+    stands for its file under any name (the blob itself, after its links were captioned)."""
     current = set(images)
-    same = {os.path.realpath(path) for path in done if path not in current}
-    return [path for path in images if path not in done and os.path.realpath(path) not in same]
+    others = [path for path in done if path not in current]
+    places = {_place(path) for path in others}
+    here = {_place(path) for path in images}
+    files = {os.path.realpath(path) for path in others if _place(path) not in here}
+    return [
+        path
+        for path in images
+        if path not in done and _place(path) not in places and os.path.realpath(path) not in files
+    ]
+
+
+def _place(path: str) -> str:
+    """The file's name in its folder's real location (the folder's links resolved, not the file's)."""
+    folder, name = os.path.split(path)
+    return os.path.join(os.path.realpath(folder or "."), name)
 
 
 def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progress) -> int:

@@ -516,6 +516,10 @@ def test_links_to_one_file_keep_their_rows_whole_or_resumed(tmp_path: Path) -> N
     assert [Path(entry["path"]).name for entry in lines(out)] == whole
     assert cli.main(["caption", str(tmp_path / "blobs"), "-o", str(out), *DIGEST]) == 0  # named otherwise
     assert len(lines(out)) == 2  # already captioned, through its links
+    out.write_text(out.read_text().splitlines(keepends=True)[0])  # cut short again, then resumed
+    relative = os.path.relpath(folder)  # under another name for the folder: 0002.png is still missing
+    assert cli.main(["caption", relative, "-o", str(out), *DIGEST]) == 0
+    assert sorted(Path(entry["path"]).name for entry in lines(out)) == whole
 
 
 def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
