@@ -133,6 +133,10 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
         progress.stop()
         progress.warn("interrupted; run the same command again to caption the rest")
         return 130
+    except BrokenPipeError:  # stdout's reader left (`| head`): stop, quietly, as a shell tool does
+        progress.stop()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 141
     except (CaptionError, CaptionsFileError, OSError, ValueError, ImportError) as exc:
         progress.stop()
         progress.warn(str(exc))

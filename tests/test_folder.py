@@ -522,6 +522,28 @@ def test_links_to_one_file_keep_their_rows_whole_or_resumed(tmp_path: Path) -> N
     assert sorted(Path(entry["path"]).name for entry in lines(out)) == whole
 
 
+def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path) -> None:
+    """`docker-vit caption folder | head -1`: no "Broken pipe" error, the shell's SIGPIPE status."""
+    for index in range(40):
+        picture(tmp_path / f"{index:02}.png", index)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    command = [
+        sys.executable,
+        "-m",
+        "docker_vit.cli",
+        "caption",
+        str(tmp_path),
+        *DIGEST,
+        "--max-batch-size",
+        "1",
+    ]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert process.stdout.readline().startswith(str(tmp_path))
+    process.stdout.close()
+    assert process.wait(60) == 141 and process.stderr.read() == ""
+    process.stderr.close()
+
+
 def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
     """The hung call's pool thread would be joined at exit, forever: the run exits 130 all the same."""
     (tmp_path / "a.png").write_bytes(b"stuck")  # fake_handlers.Stuck never returns from prepare on it
