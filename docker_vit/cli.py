@@ -31,6 +31,10 @@ from docker_vit.config import (
     options,
 )
 
+# Model settings a `caption --url` run leaves to the server (it sends only the generation options;
+# the server's byte limit holds, the client's is its fallback)
+LOCAL_ONLY = set(names_of(MODEL)) - {"num_beams", "max_new_tokens", "max_bytes"}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
@@ -38,6 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # only the variables of this command's settings are read
         values = chosen(os.environ, args.names, **flags)
         settings, args.chosen = Settings(**values), set(values)
+        args.flagged = {name for name, value in flags.items() if value is not None}
     except (ValueError, TypeError) as exc:
         _fail(args.parser, named(exc))
     from docker_vit.handler import HandlerError
@@ -182,6 +187,9 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
             terminated.set()
             raise Stopped  # the run ends as at Ctrl-C: rows flushed, a line saying so
 
+    ignored = sorted(flag_name(name) for name in args.flagged & LOCAL_ONLY)
+    if settings.url and ignored:  # said, not refused: a script may pass the same flags either way
+        print(f"docker-vit: {', '.join(ignored)} ignored with --url: the server's own apply", file=sys.stderr)
     previous = _set_sigterm(stop)
     try:
         code = folder.caption(settings, args.paths, args.chosen)

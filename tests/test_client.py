@@ -341,6 +341,23 @@ def test_a_redirect_stops_the_run_and_the_key_stays_home(ready: bool, capsys: py
     assert f"answered 302, redirecting to {other}/" in capsys.readouterr().err
 
 
+class _Plain(_Flaky):
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._caption()
+
+
+def test_model_flags_that_url_leaves_to_the_server_are_said_to_be_ignored(
+    capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("DOCKER_VIT_DEVICE", "cpu")  # a variable set for other commands: not said
+    with stub_server(_Plain) as url:
+        command = ["caption", str(photo("coffee.jpg")), "--url", url, "--model", "m", "--max-batch-size", "4"]
+        assert cli.main([*command, "--num-beams", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-batch-size, --model ignored with --url" in err and "--device" not in err
+
+
 class _Loading(_Flaky):
     """Loading its model at the first look, ready at the second; then captions."""
 
