@@ -22,6 +22,7 @@ from typing import Any
 
 from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for
 from docker_vit.config import Settings
+from docker_vit.handler import HandlerError
 from docker_vit.progress import Progress
 
 IMAGE_EXTENSIONS = frozenset(
@@ -133,6 +134,9 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
         progress.stop()
         progress.warn("interrupted; run the same command again to caption the rest")
         return 130
+    except HandlerError:  # a bad --handler is a usage error: said as `serve` says it (exit 2)
+        progress.stop()
+        raise
     except BrokenPipeError:  # stdout's reader left (`| head`): stop, quietly, as a shell tool does
         progress.stop()
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit

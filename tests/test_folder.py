@@ -522,6 +522,14 @@ def test_links_to_one_file_keep_their_rows_whole_or_resumed(tmp_path: Path) -> N
     assert sorted(Path(entry["path"]).name for entry in lines(out)) == whole
 
 
+def test_a_bad_handler_is_a_usage_error_as_under_serve(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    picture(tmp_path / "a.png", 1)
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["caption", str(tmp_path / "a.png"), "--handler", "no_such_module:Handler"])
+    assert stopped.value.code == 2
+    assert "error: cannot import no_such_module for --handler" in capsys.readouterr().err
+
+
 def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path) -> None:
     """`docker-vit caption folder | head -1`: no "Broken pipe" error, the shell's SIGPIPE status."""
     for index in range(40):
