@@ -159,22 +159,25 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
     """
     from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+    # httptools parses a request pipelined behind a running one as its bytes come (h11 waits, and
+    # bounds headers itself): those headers must be counted too.
+    parses_ahead = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
+
     class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         _deadline: asyncio.TimerHandle | None = None
         _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
         _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
         _header_bytes = 0
+        _leftover = 0  # body bytes an early answer left unread (at most its Content-Length): not headers
 
         def data_received(self, data: bytes) -> None:
             """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
             and the size of headers that arrived whole in one chunk. That holds as well for the headers
-            of a request pipelined behind a running one (bytes after its body), which uvicorn reads on
-            until they are complete."""
+            of a request pipelined behind a running one (bytes after its body), which httptools reads
+            on until they are complete."""
             current = self.cycle
             waiting = current is self._waiting_for
-            # The rest of a body answered early (a 404 before its upload was read) is not headers.
-            leftover = waiting and getattr(current, "more_body", False)
-            ahead = not waiting and not getattr(current, "more_body", True)
+            ahead = parses_ahead and not waiting and not getattr(current, "more_body", True)
             if ahead and self._ahead_of is not current:
                 self._ahead_of, self._header_bytes = current, 0
             if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
@@ -183,7 +186,12 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             if not (waiting or ahead) or self.transport.is_closing():
                 return
             if self.cycle is current:  # still incomplete
-                self._header_bytes += 0 if leftover else len(data)
+                counted = len(data)
+                if waiting and self._leftover:  # the rest of a body answered early (a 404 before
+                    spent = min(counted, self._leftover)  # its upload was read) is not headers
+                    self._leftover -= spent
+                    counted -= spent
+                self._header_bytes += counted
                 too_big = self._header_bytes > MAX_HEADER_BYTES
             else:  # this chunk completed them: measure what was parsed
                 too_big = _head_size(self.cycle.scope) > MAX_HEADER_BYTES
@@ -225,6 +233,8 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a pipelined request's headers are in: it runs, or waits for its turn
             self._waiting_for, self._header_bytes = self.cycle, 0
+            unread = self.cycle is not None and getattr(self.cycle, "more_body", False)
+            self._leftover = _declared_length(dict(self.cycle.scope["headers"])) if unread else 0
 
         def _arm(self) -> None:
             self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)
