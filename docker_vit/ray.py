@@ -22,9 +22,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
+import ray
 from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
@@ -87,6 +89,7 @@ class DockerViT:
     def __init__(self, overrides: Mapping[str, Any], load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
         settings = Settings.load(os.environ, SERVING, **overrides)
+        settings = replace(settings, device=replica_device(settings.device, ray.get_gpu_ids()))
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
         mistake = open_by_mistake(settings, os.environ)
         if mistake:
@@ -107,6 +110,12 @@ class DockerViT:
             raise RuntimeError(service.not_ready + late)
 
 
+def replica_device(device: str, gpus: Sequence[Any]) -> str:
+    """`auto` on a replica Ray gave no GPU is the CPU: Ray 2.60 and later leave a GPU node's devices
+    visible to such a replica, and `auto` would put every one of them on GPU 0, outside Ray's count."""
+    return "cpu" if device == "auto" and not gpus else device
+
+
 def app(args: Mapping[str, Any]) -> serve.Application:
     """Ray's application builder: `serve run docker_vit.ray:app model=... num_gpus=1`."""
     overrides, deployment = split_args(args)
@@ -119,10 +128,6 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     # A property is read per instance, by the replicas.
     size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
-    if not deployment.get("num_gpus") and settings.device == "auto":
-        # Ray (2.60 on) leaves a GPU node's CUDA devices visible to a replica that reserved none:
-        # `auto` would put every such replica on GPU 0, outside Ray's accounting.
-        overrides["device"] = "cpu"
     options = deployment_options(settings, deployment, size)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
 

@@ -225,13 +225,9 @@ def test_a_handlers_own_batch_size_sizes_the_replicas_concurrency() -> None:
 
 def test_replicas_without_a_gpu_run_on_the_cpu() -> None:
     """Ray 2.60 leaves CUDA visible to a replica given no GPU: `device=auto` must not take it."""
-
-    def device(args: dict) -> str | None:
-        return ray_adapter.app(args)._bound_deployment.init_args[0].get("device")
-
-    assert device({}) == device({"num_gpus": "0"}) == "cpu"
-    assert device({"num_gpus": "1"}) is None  # auto: the GPU Ray reserved
-    assert device({"num_gpus": "0", "device": "cuda"}) == "cuda"  # as asked
+    assert ray_adapter.replica_device("auto", []) == "cpu"
+    assert ray_adapter.replica_device("auto", [0]) == "auto"  # the GPU Ray assigned
+    assert ray_adapter.replica_device("cuda", []) == "cuda"  # as asked (argument or DOCKER_VIT_DEVICE)
 
 
 def test_an_argument_left_empty_in_a_config_file_is_unset_not_the_text_none() -> None:
