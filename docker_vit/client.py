@@ -49,10 +49,17 @@ _open = urllib.request.build_opener(_NoRedirects).open
 
 
 def _redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
-    if 300 <= exc.code < 400:
-        where = exc.headers.get("Location", "elsewhere")
-        return CaptionError(f"{url} answered {exc.code}, redirecting to {where}: give --url that address")
-    return None
+    """A redirect's error, naming the --url to give instead (the target less the route asked for)."""
+    if not 300 <= exc.code < 400:
+        return None
+    location = exc.headers.get("Location")
+    if not location:
+        return CaptionError(f"{url} answered {exc.code}, a redirect without a Location")
+    target = urllib.parse.urljoin(exc.url, location)
+    route = exc.url[len(url) :].split("?")[0]  # /readyz, /v1/model or /v1/captions
+    base = target.split("?")[0].removesuffix(route) if route else ""
+    hint = f": give --url {base}" if base and base != target.split("?")[0] else ""
+    return CaptionError(f"{url} answered {exc.code}, redirecting to {target}{hint}")
 
 
 class _Skip(Exception):

@@ -79,6 +79,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
     try:
         sink = CaptionsFile(output, format_for(output, fmt)) if output else _Stdout(fmt, images, paths)
+    except BrokenPipeError:  # stdout's reader left before the CSV header went out
+        return _reader_left(progress)
     except (OSError, CaptionsFileError) as exc:
         progress.warn(f"cannot use {output}: {exc}")
         return 1
@@ -102,20 +104,28 @@ def _not_done(images: list[str], done: set[str]) -> list[str]:
     stands for its file under any name (the blob itself, after its links were captioned)."""
     current = set(images)
     others = [path for path in done if path not in current]
-    places = {_place(path) for path in others}
-    here = {_place(path) for path in images}
-    files = {os.path.realpath(path) for path in others if _place(path) not in here}
+    if not others:  # the usual resume: the same command again
+        return [path for path in images if path not in done]
+    place = _Places()
+    places = {place(path) for path in others}
+    here = {place(path) for path in images}
+    files = {os.path.realpath(path) for path in others if place(path) not in here}
     return [
         path
         for path in images
-        if path not in done and _place(path) not in places and os.path.realpath(path) not in files
+        if path not in done and place(path) not in places and not (files and os.path.realpath(path) in files)
     ]
 
 
-def _place(path: str) -> str:
-    """The file's name in its folder's real location (the folder's links resolved, not the file's)."""
-    folder, name = os.path.split(path)
-    return os.path.join(os.path.realpath(folder or "."), name)
+class _Places(dict):
+    """A file's name in its folder's real location (the folder's links resolved, not the file's),
+    each folder resolved once: a run may hold 100,000 images in a few folders."""
+
+    def __call__(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        if folder not in self:
+            self[folder] = os.path.realpath(folder or ".")
+        return os.path.join(self[folder], name)
 
 
 def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progress) -> int:
@@ -137,10 +147,8 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
     except HandlerError:  # a bad --handler is a usage error: said as `serve` says it (exit 2)
         progress.stop()
         raise
-    except BrokenPipeError:  # stdout's reader left (`| head`): stop, quietly, as a shell tool does
-        progress.stop()
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
-        return 141
+    except BrokenPipeError:
+        return _reader_left(progress)
     except (CaptionError, CaptionsFileError, OSError, ValueError, ImportError) as exc:
         progress.stop()
         progress.warn(str(exc))
@@ -148,6 +156,13 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
     progress.stop()
     progress.summary(skipped)
     return 1 if skipped else 0
+
+
+def _reader_left(progress: Progress) -> int:
+    """stdout's reader left (`| head`): stop, quietly, as a shell tool does (SIGPIPE's status)."""
+    progress.stop()
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+    return 141
 
 
 def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Callable[[str], None]) -> Runner:

@@ -20,9 +20,7 @@ from docker_vit.config import Settings
 MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
 MAX_FORM_FILES = 1000  # file parts in a form, whatever their field (Starlette's default); `file`s are images
 MAX_DIGITS = 100  # an integer's, in JSON: turning 4,000 digits into an int takes the interpreter's lock
-MAX_FORM_FIELDS = (
-    64  # multipart fields that are not files (options); each at most 1 MB, as Starlette reads them
-)
+MAX_FORM_FIELDS = 64  # multipart fields that are not files (options), each at most 1 MiB (Starlette's)
 
 
 class _LongNumber(ValueError):
@@ -73,8 +71,9 @@ async def read_inputs(
 
 
 async def _read_form(request: Request, most: int, first_only: bool) -> tuple[list[bytes], dict[str, str]]:
-    """The form's `file` parts (counted here, before they are read: at most `most`, or only the first
-    is read) and its other fields. File parts under other names are ignored, not counted as images."""
+    """The form's `file` parts (at most `most`, or only the first is kept) and its other fields. File
+    parts under other names are ignored, not counted as images. Starlette has parsed the whole form
+    by then (bounded by the body limit and MAX_FORM_FILES)."""
     try:
         form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
     except HTTPException as exc:
@@ -83,8 +82,8 @@ async def _read_form(request: Request, most: int, first_only: bool) -> tuple[lis
             raise errors.ApiError(413, f"more than {MAX_FORM_FILES} file parts in one form") from None
         if "Too many fields" in detail:
             raise errors.ApiError(413, f"more than {MAX_FORM_FIELDS} form fields in one request") from None
-        if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MB
-            raise errors.ApiError(413, f"a form field that is not a file is over 1 MB: {detail}") from None
+        if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MiB
+            raise errors.ApiError(413, f"a form field that is not a file is over 1 MiB: {detail}") from None
         raise errors.ApiError(400, f"malformed multipart body: {detail}") from None
     try:
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]

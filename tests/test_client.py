@@ -338,7 +338,8 @@ def test_a_redirect_stops_the_run_and_the_key_stays_home(ready: bool, capsys: py
         _Elsewhere.target, _Elsewhere.ready = other, ready
         assert cli.main(["caption", str(photo("coffee.jpg")), "--url", url, "--api-key", "K"]) == 1
     assert _KeyEverywhere.seen == []
-    assert f"answered 302, redirecting to {other}/" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"answered 302, redirecting to {other}/" in err and f": give --url {other}\n" in err
 
 
 class _Plain(_Flaky):

@@ -530,23 +530,18 @@ def test_a_bad_handler_is_a_usage_error_as_under_serve(tmp_path: Path, capsys: p
     assert "error: cannot import no_such_module for --handler" in capsys.readouterr().err
 
 
-def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path) -> None:
-    """`docker-vit caption folder | head -1`: no "Broken pipe" error, the shell's SIGPIPE status."""
+@pytest.mark.parametrize("output", [["--json"], ["--format", "csv"]])
+def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path, output: list[str]) -> None:
+    """`docker-vit caption folder | head -1`: no "Broken pipe" error, the shell's SIGPIPE status; also
+    when the reader is gone before a CSV header (unbuffered, as in the container)."""
     for index in range(40):
         picture(tmp_path / f"{index:02}.png", index)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    command = [
-        sys.executable,
-        "-m",
-        "docker_vit.cli",
-        "caption",
-        str(tmp_path),
-        *DIGEST,
-        "--max-batch-size",
-        "1",
-    ]
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(tmp_path), *DIGEST, *output]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().startswith(str(tmp_path))
+    if output == ["--json"]:
+        assert str(tmp_path) in process.stdout.readline()
     process.stdout.close()
     assert process.wait(60) == 141 and process.stderr.read() == ""
     process.stderr.close()

@@ -57,12 +57,12 @@ def test_bytes_pixels_and_images_limits_are_413() -> None:
 
 
 def test_form_fields_past_starlettes_bounds_are_413() -> None:
-    """Options are small: a non-file field past 1 MB, or more than 64 of them, is too much, not malformed."""
+    """Options are small: a non-file field past 1 MiB, or more than 64 of them, is too much, not malformed."""
     settings = Settings()
     with serving(settings, Pictures(settings)) as client:
-        big_field = {"num_beams": "1" * (1024 * 1024 + 1)}  # a form field past Starlette's 1 MB
+        big_field = {"num_beams": "1" * (1024 * 1024 + 1)}  # a form field past Starlette's 1 MiB
         assert (
-            "over 1 MB"
+            "over 1 MiB"
             in assert_error(client.post("/", files={"file": png()}, data=big_field), 413)["message"]
         )
         many = {f"field{i}": "1" for i in range(65)}
@@ -71,7 +71,7 @@ def test_form_fields_past_starlettes_bounds_are_413() -> None:
             in assert_error(client.post("/", files={"file": png()}, data=many), 413)["message"]
         )
         assert (
-            client.post("/", files={"file": png((40, 40))}, data=dict(list(many.items())[:63])).status_code
+            client.post("/", files={"file": png((40, 40))}, data=dict(list(many.items())[:64])).status_code
             == 200
         )
 
