@@ -92,7 +92,8 @@ def test_outputs_are_counted_also_for_callers_gone_during_the_call() -> None:
         batcher = make(recorder, max_wait=0, on_outputs=counted.append)
         batcher.start()
         futures = batcher.submit(["gone", "kept"], "a")
-        await asyncio.sleep(0.05)  # both are in the running call
+        while batcher.running_for == 0:  # until both are in the running call
+            await asyncio.sleep(0.005)
         futures[0].cancel()
         recorder.release.set()
         await futures[1]
