@@ -24,7 +24,7 @@ from benchmarks import flops, model  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
-    p.add_argument("--dtypes", default="float16,bfloat16")
+    p.add_argument("--dtypes", default="", help="default float16,bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128")
     p.add_argument("--beams", default="4,1")
     p.add_argument("--repeats", type=int, default=3)
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.repeats = "1,2,4", 1
+    # half precision on a CPU is emulated: minutes per matmul-rate measurement
+    args.dtypes = args.dtypes or ("float32" if args.device == "cpu" else "float16,bfloat16")
     folder = args.model_dir or (str(model.DEFAULT_FOLDER) + ("-tiny" if args.quick else ""))
     folder = model.build(folder, tiny=args.quick)
     shape = flops.shape_of(folder)
@@ -76,7 +78,7 @@ def _run_dtype(args, folder: Path, shape: flops.Shape, dtype: str, stop_at: floa
             achieved = speed * per_image / 1e9
             print(
                 f"| {dtype} | {beams} | {batch} | {seconds:.3f} | {speed:.1f} | {achieved:.0f} | "
-                f"{achieved / rate:.1%} of {rate / 1000:.0f} TFLOP/s |",
+                f"{achieved / rate:.1%} of {rate / 1000:.3g} TFLOP/s |",
                 flush=True,
             )
 

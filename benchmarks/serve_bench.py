@@ -38,7 +38,8 @@ def main(argv: list[str] | None = None) -> int:
     if not images:
         sys.exit(f"no .jpg images in {args.images}")
     started = time.time()
-    folder = model.build(args.model_dir, tiny=args.tiny)
+    args.model_dir = args.model_dir or str(model.DEFAULT_FOLDER) + ("-tiny" if args.tiny else "")
+    folder = model.build(args.model_dir, tiny=args.tiny)  # a tiny one never replaces the full-size model
     greedy_c = max(levels) if args.greedy else 0
     facts = {"load_start": os.getloadavg()[0], "rate_start": _rate(args)}
     base, ours = _run_all(args, folder, images, levels, greedy_c)
@@ -78,7 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--skip-baseline", action="store_true")
-    p.add_argument("--model-dir", default=str(model.DEFAULT_FOLDER))
+    p.add_argument("--model-dir", default="", help=f"default {model.DEFAULT_FOLDER} (-tiny with --tiny)")
     p.add_argument("--images", default=str(IMAGES))
     p.add_argument("--deadline", type=float, default=600.0, help="most seconds per level")
     p.add_argument("--out", default="", help="append the results, with the machine, to this markdown file")

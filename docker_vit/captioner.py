@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -92,14 +93,17 @@ class Captioner(Handler):
         return Result(text=self.engine.text(output))
 
 
+_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # as a form or query field writes one: "4", " 04", "+4"
+
+
 def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int:
     value = raw.get(name)
     if value is None or value == "":
         return default
     try:
         number = int(value)
-        if isinstance(value, float | bool) or str(number) != str(value).strip():
-            raise ValueError
+        if isinstance(value, float | bool) or (isinstance(value, str) and not _INTEGER.fullmatch(value)):
+            raise ValueError  # 2.0, True, "1_0" or other digits than 0-9 are not what a client means
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise OptionsError(f"{name} must be an integer, got {shown(value)}") from None
     if not 1 <= number <= limit:

@@ -58,7 +58,8 @@ def _redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
     target = urllib.parse.urljoin(exc.url, location)
     route = exc.url[len(url) :].split("?")[0]  # /readyz, /v1/model or /v1/captions
     base = target.split("?")[0].removesuffix(route) if route else ""
-    hint = f": give --url {base}" if base and base != target.split("?")[0] else ""
+    usable = base.startswith(("http://", "https://")) and base not in (url, target.split("?")[0])
+    hint = f": give --url {base}" if usable else ""
     return CaptionError(f"{url} answered {exc.code}, redirecting to {target}{hint}")
 
 

@@ -54,7 +54,7 @@ class Settings:
     max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
     jpeg_draft: bool = _opt(
         True,
-        "decode JPEGs of 2048 px and more at a reduced scale (no less than 1024 px) before the model's "
+        "decode JPEGs of 2048 px or more on both sides at a reduced scale (no less than 1024 px) before the model's "
         "resize; --no-jpeg-draft decodes every image whole, as the model's own processor would",
         MODEL,
     )

@@ -168,7 +168,6 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
         _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
         _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
         _header_bytes = 0
-        _leftover = 0  # body bytes an early answer left unread (at most its Content-Length): not headers
 
         def data_received(self, data: bytes) -> None:
             """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
@@ -177,6 +176,8 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             on until they are complete."""
             current = self.cycle
             waiting = current is self._waiting_for
+            # The rest of a body answered early (a 404 before its upload was read) is not headers.
+            leftover = waiting and getattr(current, "more_body", False)
             ahead = parses_ahead and not waiting and not getattr(current, "more_body", True)
             if ahead and self._ahead_of is not current:
                 self._ahead_of, self._header_bytes = current, 0
@@ -186,12 +187,7 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             if not (waiting or ahead) or self.transport.is_closing():
                 return
             if self.cycle is current:  # still incomplete
-                counted = len(data)
-                if waiting and self._leftover:  # the rest of a body answered early (a 404 before
-                    spent = min(counted, self._leftover)  # its upload was read) is not headers
-                    self._leftover -= spent
-                    counted -= spent
-                self._header_bytes += counted
+                self._header_bytes += 0 if leftover else len(data)
                 too_big = self._header_bytes > MAX_HEADER_BYTES
             else:  # this chunk completed them: measure what was parsed
                 too_big = _head_size(self.cycle.scope) > MAX_HEADER_BYTES
@@ -200,6 +196,14 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             if too_big:
                 log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
                 self.transport.close()
+
+        def on_message_complete(self) -> None:
+            """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before
+            its body was read, so the end of that body (Content-Length or chunked) is marked here:
+            what follows is the next request's headers, and counted."""
+            if self.cycle is not None and self.cycle.response_complete:
+                self.cycle.more_body = False
+            super().on_message_complete()
 
         def send_400_response(self, msg: str) -> None:
             """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape,
@@ -233,8 +237,6 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             if self.cycle is not None and not self.cycle.response_complete:
                 return  # a pipelined request's headers are in: it runs, or waits for its turn
             self._waiting_for, self._header_bytes = self.cycle, 0
-            unread = self.cycle is not None and getattr(self.cycle, "more_body", False)
-            self._leftover = _declared_length(dict(self.cycle.scope["headers"])) if unread else 0
 
         def _arm(self) -> None:
             self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)

@@ -100,12 +100,19 @@ def test_generation_parameters_from_query_form_and_json(client, vit_gpt2_dir, bu
         "num_beams=1.5",
         "max_new_tokens=inf",
         "num_beams=-Infinity",
+        "num_beams=1_0",
+        "num_beams=%D9%A4",  # an Arabic-Indic 4: Python's int() takes it, a client does not mean it
     ],
 )
 def test_bad_parameters_are_422(client, query) -> None:
     response = client.post(f"/v1/captions?{query}", files={"file": png()})
     assert response.status_code == 422
     assert response.json()["error"]["type"] == "invalid_parameters"
+
+
+@pytest.mark.parametrize("query", ["num_beams=04", "num_beams=%2B4", "num_beams=%204%20"])
+def test_integers_written_otherwise_are_integers(client, query) -> None:
+    assert client.post(f"/v1/captions?{query}", files={"file": png()}).status_code == 200
 
 
 @pytest.mark.parametrize("value", ["Infinity", "-Infinity", "1e400"])
