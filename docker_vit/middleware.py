@@ -197,6 +197,16 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
                 log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
                 self.transport.close()
 
+        def on_headers_complete(self) -> None:
+            """httptools' end of each request's headers: measured here too, as several requests read
+            at once (pipelined) would otherwise have only the last one's headers measured."""
+            super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None and cycle.scope is self.scope and _head_size(self.scope) > MAX_HEADER_BYTES:
+                cycle.disconnected = True  # its request must not run: it reads a disconnect
+                log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+                self.transport.close()
+
         def on_message_complete(self) -> None:
             """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before
             its body was read, so the end of that body (Content-Length or chunked) is marked here:

@@ -386,6 +386,19 @@ def test_oversized_headers_in_one_chunk_are_refused(server: str, size: int) -> N
     answered_promptly(server)
 
 
+def test_oversized_headers_read_with_the_next_request_are_refused(each_parser: str) -> None:
+    """Two pipelined requests in one read: the first's 97 KiB of headers were never measured."""
+    first = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 97_000 + b"\r\n\r\n"
+    with connect(each_parser) as sock:
+        sock.sendall(first + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            answer = closed_by_server(sock, PROMPT)
+        except ConnectionResetError:
+            answer = b""
+    assert b"HTTP/1.1 200" not in answer
+    answered_promptly(each_parser)
+
+
 def test_shutdown_timeout_bounds_a_long_model_call() -> None:
     """SIGTERM while a model call runs past the shutdown timeout: the caller gets a JSON 503 and the
     process exits 0 without waiting for the call to finish."""
