@@ -56,9 +56,10 @@ def _redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
     if not location:
         return CaptionError(f"{url} answered {exc.code}, a redirect without a Location")
     target = urllib.parse.urljoin(exc.url, location)
+    place = target.split("?")[0]
     route = exc.url[len(url) :].split("?")[0]  # /readyz, /v1/model or /v1/captions
-    base = target.split("?")[0].removesuffix(route) if route else ""
-    usable = base.startswith(("http://", "https://")) and base not in (url, target.split("?")[0])
+    base = place.removesuffix(route) if route else ""
+    usable = base.startswith(("http://", "https://")) and base not in (url, place)
     hint = f": give --url {base}" if usable else ""
     return CaptionError(f"{url} answered {exc.code}, redirecting to {target}{hint}")
 

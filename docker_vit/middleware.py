@@ -188,14 +188,11 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
                 return
             if self.cycle is current:  # still incomplete
                 self._header_bytes += 0 if leftover else len(data)
-                too_big = self._header_bytes > MAX_HEADER_BYTES
-            else:  # this chunk completed them: measure what was parsed
-                too_big = _head_size(self.cycle.scope) > MAX_HEADER_BYTES
-                if too_big:  # its request must not run: it reads a disconnect, not the body
-                    self.cycle.disconnected = True
-            if too_big:
-                log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
-                self.transport.close()
+                if self._header_bytes > MAX_HEADER_BYTES:
+                    self._too_big()
+            elif _head_size(self.cycle.scope) > MAX_HEADER_BYTES:  # completed in this chunk: measure
+                self.cycle.disconnected = True  # (h11 bounds only headers still incomplete)
+                self._too_big()
 
         def on_headers_complete(self) -> None:
             """httptools' end of each request's headers: measured here too, as several requests read
@@ -203,9 +200,12 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             super().on_headers_complete()
             cycle = self.cycle
             if cycle is not None and cycle.scope is self.scope and _head_size(self.scope) > MAX_HEADER_BYTES:
-                cycle.disconnected = True  # its request must not run: it reads a disconnect
-                log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
-                self.transport.close()
+                cycle.disconnected = True  # its request must not run: it reads a disconnect, not the body
+                self._too_big()
+
+        def _too_big(self) -> None:
+            log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+            self.transport.close()
 
         def on_message_complete(self) -> None:
             """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before

@@ -60,8 +60,7 @@ async def read_inputs(
             "application/json": 'in the "images" list',
         }.get(content_type, "as the request body")
         raise errors.ApiError(400, f"no image: send it {how}")
-    inputs = inputs[:1] if first_only else inputs
-    if len(inputs) > settings.max_images:
+    if len(inputs) > settings.max_images:  # a form's `file`s are counted (or cut to one) as it is read
         raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
     for data in inputs:
         if len(data) > settings.max_bytes:
