@@ -1,21 +1,24 @@
-"""The decoder's few-row matrix products, in forms that use every CPU core, where they are exact.
+"""The decoder's few-row matrix products, in forms that use every CPU core, where they are exact and faster.
 
-A decode step multiplies a few rows (images x beams) by every weight matrix of the decoder. MKL runs
-a product of so few rows on one core and streams the weights slowly, so a lone caption left the
-second core idle. The same arithmetic issued as one batched product (a Conv1D weight in two column
-halves, the output embedding in blocks of its vocabulary) is shared by torch's threads, in their one
-OpenMP team: on the 2-core CPU here a lone caption at 4 beams came back in 0.71x the time, and batches
-of 16 ran 6-10% faster (servers driven in turn, benchmarks/NOTES.md).
+A decode step multiplies a few rows (images x beams) by every weight matrix of the decoder. Whether
+MKL spreads a product of so few rows over the cores depends on the CPU: on an AVX2 AMD EPYC it ran
+them on one core and left the second idle, and the same arithmetic issued as one batched product (a
+Conv1D weight in two column halves, the output embedding in blocks of its vocabulary) gave a lone
+caption 0.71x the time; on an AVX-512 Xeon MKL already shares them, and the halves were slower
+(benchmarks/NOTES.md). So each split form must pass two checks, per machine:
 
-Splitting changes no arithmetic, but a BLAS may pick another kernel for another shape, and the choice
-depends on the shapes only. So the first product of each matrix and row count is computed both ways
-and compared; the split form is used for that row count from then on only if every bit matched
-(column halves differ at some row counts here, 5-11 rows, which then keep the plain product). The
-default decode path stays token-exact on any machine.
+- bits: splitting changes no arithmetic, but a BLAS may pick another kernel for another shape (or thread
+  count), so the first product of each matrix and row count is computed both ways and the split form
+  stays in the running only if every bit matched. The default decode path stays token-exact anywhere.
+- speed: the next calls of each shape and row count alternate the two forms, timed, and the faster by
+  median is used from then on (the 16-row halves lost on the Xeon, and a greedy batch of 16 decoded in
+  0.87x the time).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 import weakref
 from collections.abc import Callable, Hashable
 
@@ -33,6 +36,10 @@ save (at 256 rows they were 10% slower here)."""
 STACKED_VOCAB_MAX_ROWS = 32
 """Up to this many rows the vocabulary blocks go to the threads as one batched product; above it, one
 product per block, each already spread over the threads (the batched form was slower at 64 rows)."""
+
+RACE_CALLS = 8
+"""Timed calls of each form before the faster is chosen: the shapes recur in every layer of every
+step, so this is decided within the first batch or two."""
 
 # Per module: (form, rows, ...) -> whether the split form matched the module's own product bit for bit.
 _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, bool]] = weakref.WeakKeyDictionary()
@@ -70,13 +77,43 @@ def _exact(
     plain: Callable[[], torch.Tensor],
     split: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
-    """The plain product, or the split one where its first result for `key` matched every bit."""
+    """The plain product, or the split one where its first result for `key` matched every bit and it
+    runs faster on this machine."""
     seen = _verdicts.setdefault(module, {})
     if key not in seen:
         want = plain()
         seen[key] = torch.equal(want, split())
         return want
-    return split() if seen[key] else plain()
+    if not seen[key]:
+        return plain()
+    weight = module.weight
+    race = _races.setdefault((key, tuple(weight.shape), weight.dtype), _Race())
+    return race.run(plain, split)
+
+
+class _Race:
+    """Which of two exact forms of one product is faster here, from their first calls in turn."""
+
+    def __init__(self) -> None:
+        self.seconds: tuple[list[float], list[float]] = ([], [])
+        self.winner: int | None = None
+
+    def run(self, plain: Callable[[], torch.Tensor], split: Callable[[], torch.Tensor]) -> torch.Tensor:
+        forms = (plain, split)
+        if self.winner is not None:
+            return forms[self.winner]()
+        turn = int(len(self.seconds[0]) > len(self.seconds[1]))
+        start = time.perf_counter()
+        out = forms[turn]()  # a CPU product: done when it returns
+        self.seconds[turn].append(time.perf_counter() - start)
+        if len(self.seconds[1]) >= RACE_CALLS:
+            plain_s, split_s = (statistics.median(s) for s in self.seconds)
+            self.winner = int(split_s < plain_s)
+        return out
+
+
+# Per (form key, weight shape, dtype): the race between the plain and the split form.
+_races: dict[Hashable, _Race] = {}
 
 
 def _halves(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,58 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     many = torch.randn(products.HALVES_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
     assert torch.equal(products.conv1d(conv, many), torch.addmm(conv.bias, many, conv.weight))
     assert len(products._verdicts[conv]) == 1
+
+
+def test_of_two_exact_forms_the_faster_is_kept() -> None:
+    """Both forms are timed in turn for `RACE_CALLS` calls each, then only the faster one runs."""
+    calls: list[str] = []
+
+    def form(name: str, pause: float):
+        def run() -> torch.Tensor:
+            calls.append(name)
+            time.sleep(pause)
+            return torch.zeros(1)
+
+        return run
+
+    for slow_first in (True, False):
+        calls.clear()
+        race = products._Race()
+        slow, fast = form("slow", 0.003), form("fast", 0.0)
+        forms = (slow, fast) if slow_first else (fast, slow)
+        for _ in range(2 * products.RACE_CALLS):
+            race.run(*forms)
+        assert calls.count("slow") == calls.count("fast") == products.RACE_CALLS
+        calls.clear()
+        for _ in range(3):
+            race.run(*forms)
+        assert calls == ["fast"] * 3
+
+
+def test_an_exact_split_that_runs_slower_is_dropped(monkeypatch) -> None:
+    """On a CPU where MKL already spreads few-row products over the cores, the halves only cost."""
+    from transformers.pytorch_utils import Conv1D
+
+    halves = products._halves
+    used: list[int] = []
+
+    def slow_halves(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        used.append(1)
+        time.sleep(0.003)
+        return halves(bias, x, weight)
+
+    monkeypatch.setattr(products, "_halves", slow_halves)
+    monkeypatch.setattr(products, "_races", {})
+    conv = Conv1D(64, 32)
+    x = torch.randn(3, 32)
+    want = torch.addmm(conv.bias, x, conv.weight)
+    for _ in range(1 + 2 * products.RACE_CALLS):  # the bit check, then the race
+        assert torch.equal(products.conv1d(conv, x), want)
+    assert products._verdicts[conv] == {("halves", 3): True} and len(used) == 1 + products.RACE_CALLS
+    used.clear()
+    for _ in range(3):
+        assert torch.equal(products.conv1d(conv, x), want)
+    assert used == []
 
 
 @pytest.mark.parametrize(
