@@ -1,7 +1,7 @@
 """The engine alone, no HTTP: images/s per batch size, dtype and beam width, and the compute bound.
 
     python benchmarks/engine_bench.py --device cuda [--dtypes float16,bfloat16] [--batches 1,2,...,128]
-    python benchmarks/engine_bench.py --device cpu --quick      # tiny model, to check the script
+    python benchmarks/engine_bench.py --quick      # tiny model, to check the script (cuda if torch sees one, else cpu)
 
 Calls `CaptionEngine.generate` (the path docker-vit's batcher calls) on random pixel batches of the
 vit-gpt2-architecture model from `benchmarks/model.py`, after one warm-up call per shape.
@@ -23,7 +23,7 @@ from benchmarks import flops, model  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="", help="default cuda where torch sees a GPU, else cpu")
     p.add_argument("--dtypes", default="", help="default float16,bfloat16 on a GPU, float32 on the CPU")
     p.add_argument("--batches", default="1,2,4,8,16,32,64,128")
     p.add_argument("--beams", default="4,1")
@@ -34,7 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.batches, args.repeats = "1,2,4", 1
-    # half precision on a CPU is emulated: minutes per matmul-rate measurement
+    if not args.device:
+        import torch
+
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    # half precision on most CPUs is emulated: minutes per matmul-rate measurement
     args.dtypes = args.dtypes or ("float32" if args.device == "cpu" else "float16,bfloat16")
     folder = args.model_dir or (str(model.DEFAULT_FOLDER) + ("-tiny" if args.quick else ""))
     folder = model.build(folder, tiny=args.quick)
