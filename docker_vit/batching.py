@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
-import threading
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
@@ -30,44 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from docker_vit.calls import contained, drop_frames
+
 log = logging.getLogger("docker_vit.batching")
 
 Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
 HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being decoded
-
-
-class Stopped(KeyboardInterrupt):
-    """A stop the process asked for itself (`caption` on SIGTERM), raised on the main thread: it
-    goes through `contained` as Ctrl-C does, whatever SIGINT's handler is (a shell script's background
-    job ignores SIGINT)."""
-
-
-def contained(fn: Callable[..., Any], *args: Any) -> Any:
-    """`fn(*args)`, where a handler's SystemExit, KeyboardInterrupt or other BaseException becomes an
-    error of this call alone: from a worker thread it would travel to the event loop and stop the
-    server. Only Ctrl-C itself goes through: a KeyboardInterrupt on the main thread while Python's own
-    SIGINT handler is installed (a server installs its own, so there it can only be the handler's)."""
-    try:
-        return fn(*args)
-    except (StopIteration, StopAsyncIteration) as exc:  # asyncio cannot put these in a future: a hang
-        raise RuntimeError(f"the handler raised {type(exc).__name__}") from None
-    except Exception as exc:
-        try:
-            str(exc)  # every front end shows the message
-        except Exception:
-            raise RuntimeError(
-                f"the handler raised {type(exc).__name__} (its message cannot be shown)"
-            ) from None
-        raise
-    except BaseException as exc:
-        main = threading.current_thread() is threading.main_thread()
-        if isinstance(exc, KeyboardInterrupt) and main and (isinstance(exc, Stopped) or _ctrl_c_raises()):
-            raise
-        raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from None
-
-
-def _ctrl_c_raises() -> bool:
-    return signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 class QueueFull(Exception):
@@ -299,13 +265,3 @@ class Batcher:
         drop_frames(exc)  # the callers get the error, not the failed call's tensors
         for entry in live:
             entry.future.set_exception(exc)
-
-
-def drop_frames(exc: BaseException | None) -> None:
-    """Forget the stack frames of a failure (and of those it chained): their local variables, such as
-    an out-of-memory batch's tensors, are freed instead of living as long as the exception."""
-    seen: set[int] = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        exc.__traceback__ = None
-        exc = exc.__cause__ or exc.__context__

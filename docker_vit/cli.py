@@ -177,7 +177,7 @@ def _stop_before_serving(signum: int, frame: object) -> NoReturn:
 
 def _caption(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit import folder, logs
-    from docker_vit.batching import Stopped
+    from docker_vit.calls import Stopped
 
     logs.configure("text", "warning")
     terminated = threading.Event()

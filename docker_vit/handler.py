@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from docker_vit.batching import contained
+from docker_vit.calls import contained
 from docker_vit.config import Settings
 from docker_vit.images import ImageError, InputError, TooLarge, open_image
 

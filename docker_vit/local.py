@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from docker_vit.batching import contained, drop_frames
+from docker_vit.calls import contained, drop_frames
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.folder import CaptionError, Outcome, describe_error, read_file

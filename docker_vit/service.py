@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from docker_vit.batching import Batcher, contained
+from docker_vit.batching import Batcher
+from docker_vit.calls import contained
 from docker_vit.config import Settings
 from docker_vit.handler import (
     Handler,

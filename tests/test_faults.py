@@ -27,7 +27,8 @@ from fake_handlers import (
     TextOnly,
 )
 
-from docker_vit.batching import Batcher, contained
+from docker_vit.batching import Batcher
+from docker_vit.calls import contained
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, HandlerError, check_attributes, load_handler
 
