@@ -152,6 +152,7 @@ def _server(settings: Settings) -> tuple[Any, Any]:
         host=settings.host,
         port=settings.port,
         http=header_deadline(settings.read_timeout, app.state.service.metrics),
+        ws="none",  # no WebSocket routes: an upgrade request is answered as plain HTTP (JSON, request id)
         timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]  # int() turned 0.5 s into 0
         timeout_graceful_shutdown=settings.shutdown_timeout,  # type: ignore[arg-type]  # int() dropped 0.9 s
         log_config=None,

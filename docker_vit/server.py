@@ -43,7 +43,10 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
         await service.stop()
 
     summary = "Send a picture, get a sentence."
-    app = FastAPI(title="Docker-ViT", summary=summary, version=_version(), lifespan=lifespan)
+    # `/v1/captions/` is a 404 like any unknown route, not a redirect built from the client's Host header
+    app = FastAPI(
+        title="Docker-ViT", summary=summary, version=_version(), lifespan=lifespan, redirect_slashes=False
+    )
     app.state.service = service
     errors.install(app)
     app.add_middleware(

@@ -185,6 +185,10 @@ def test_no_image_says_how_to_send_one_for_the_body_used(client) -> None:
 def test_unknown_routes_and_methods_answer_json(client) -> None:
     assert_error(client.get("/nope"), 404)
     assert_error(client.get("/v1/captions"), 405)
+    for path in ("/v1/captions/", "/healthz/"):  # not a redirect to wherever the Host header says
+        response = client.post(path, headers={"host": "evil.example"}, follow_redirects=False)
+        assert_error(response, 404)
+        assert "location" not in response.headers
 
 
 def test_probes_model_docs_and_metrics(client) -> None:

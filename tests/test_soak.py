@@ -352,6 +352,19 @@ def test_endless_headers_behind_a_running_request_are_cut_off(
     answered_promptly(each_parser)
 
 
+def test_a_websocket_upgrade_is_answered_as_plain_http(each_parser: str) -> None:
+    """No route takes WebSockets: uvicorn must not answer the upgrade itself (an empty 403 or a text
+    405, no request id, no log line), the app answers it like any request."""
+    upgrade = "Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+    key = "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+    for line, want in [("GET /healthz", b"200"), ("POST /", b"400"), ("GET /nowhere", b"404")]:
+        with connect(each_parser) as sock:
+            sock.sendall(f"{line} HTTP/1.1\r\nHost: x\r\n{upgrade}{key}Content-Length: 0\r\n\r\n".encode())
+            head = sock.recv(65536).split(b"\r\n\r\n")[0].lower()
+        assert head.startswith(b"http/1.1 " + want), head
+        assert b"content-type: application/json" in head and b"x-request-id: " in head, head
+
+
 @pytest.mark.parametrize(
     "request_bytes",
     [
