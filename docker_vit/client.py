@@ -133,7 +133,9 @@ class RemoteCaptioner:
                     raise redirect from None
                 problem = f"{exc.code} {_error(exc)[1]}"
                 if exc.code in FATAL:
-                    raise CaptionError(f"{self.url} answered {problem}") from None
+                    routed = exc.code == 404 and self.url.rstrip("/").endswith("/v1/captions")
+                    hint = " (give --url without /v1/captions: it is added)" if routed else ""
+                    raise CaptionError(f"{self.url} answered {problem}{hint}") from None
                 if exc.code not in (429, 502, 503, 504):
                     raise _Skip(f"the server answered {problem}") from None
                 failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT

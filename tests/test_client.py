@@ -175,6 +175,13 @@ def test_a_wrong_api_key_stops_the_run_at_once(
     assert out.read_text() == ""
 
 
+def test_a_url_naming_the_route_gets_a_hint(
+    server: str, pictures: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert cli.main(["caption", str(pictures), "--url", f"{server}/v1/captions"]) == 1
+    assert "404" in (err := capsys.readouterr().err) and "give --url without /v1/captions" in err
+
+
 def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
