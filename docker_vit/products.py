@@ -52,8 +52,12 @@ def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     def plain() -> torch.Tensor:
         return torch.addmm(conv.bias, x, weight)
 
-    cpu = weight.device.type == "cpu" and weight.is_contiguous()
-    if not cpu or weight.shape[1] % 2 or x.shape[0] > HALVES_MAX_ROWS:
+    if (
+        not _checkable(weight)
+        or not weight.is_contiguous()
+        or weight.shape[1] % 2
+        or x.shape[0] > HALVES_MAX_ROWS
+    ):
         return plain()
     return _exact(conv, ("halves", x.shape[0]), plain, lambda: _halves(conv.bias, x, weight))
 
@@ -62,13 +66,19 @@ def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """`head(x)` for the output embedding (a Linear without bias), in vocabulary blocks where exact."""
     weight = getattr(head, "weight", None)
     bare = type(head) is torch.nn.Linear and head.bias is None
-    if not bare or weight.device.type != "cpu" or weight.shape[0] <= VOCAB_BLOCK:
+    if not bare or not _checkable(weight) or weight.shape[0] <= VOCAB_BLOCK:
         return head(x)
     stack = x.shape[0] <= STACKED_VOCAB_MAX_ROWS and weight.is_contiguous()
     blocks = _stacked if stack else _looped
     return _exact(
         head, (blocks.__name__, x.shape[0], VOCAB_BLOCK), lambda: head(x), lambda: blocks(weight, x)
     )
+
+
+def _checkable(weight: torch.Tensor) -> bool:
+    """Float32 on a CPU: where one product's bits vouch for every later one of its shape. (In bfloat16
+    whether the split form matches depends on the values too, so a first check proves nothing.)"""
+    return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
 def _exact(
@@ -78,7 +88,9 @@ def _exact(
     split: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
     """The plain product, or the split one where its first result for `key` matched every bit and it
-    runs faster on this machine."""
+    runs faster on this machine. The thread count is part of `key`: MKL splits some sums over the
+    threads, so the plain product's bits change with it."""
+    key = (*key, torch.get_num_threads())
     seen = _verdicts.setdefault(module, {})
     if key not in seen:
         want = plain()
@@ -86,8 +98,7 @@ def _exact(
         return want
     if not seen[key]:
         return plain()
-    weight = module.weight
-    race = _races.setdefault((key, tuple(weight.shape), weight.dtype), _Race())
+    race = _races.setdefault((key, tuple(module.weight.shape)), _Race())
     return race.run(plain, split)
 
 
@@ -112,7 +123,7 @@ class _Race:
         return out
 
 
-# Per (form key, weight shape, dtype): the race between the plain and the split form.
+# Per (form key, weight shape): the race between the plain and the split form.
 _races: dict[Hashable, _Race] = {}
 
 

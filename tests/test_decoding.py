@@ -180,7 +180,7 @@ def test_conv1d_halves_are_exact_at_gpt2_shapes() -> None:
             want = torch.addmm(conv.bias, x, conv.weight)
             assert torch.equal(products.conv1d(conv, x), want)  # checked both ways
             assert torch.equal(products.conv1d(conv, x), want)  # the verdict's choice
-        assert set(products._verdicts[conv]) == {("halves", rows) for rows in (1, 4, 16, 64)}
+        assert set(products._verdicts[conv]) == {("halves", rows, 1) for rows in (1, 4, 16, 64)}
 
 
 def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
@@ -192,7 +192,7 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     x = torch.randn(3, 32)
     for _ in range(2):
         assert torch.equal(products.conv1d(conv, x), torch.addmm(conv.bias, x, conv.weight))
-    assert products._verdicts[conv] == {("halves", 3): False}
+    assert products._verdicts[conv] == {("halves", 3, 1): False}
     odd = Conv1D(63, 32)  # no even halves: the plain product, nothing recorded
     assert torch.equal(products.conv1d(odd, x), torch.addmm(odd.bias, x, odd.weight))
     assert odd not in products._verdicts
@@ -203,6 +203,27 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     many = torch.randn(products.HALVES_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
     assert torch.equal(products.conv1d(conv, many), torch.addmm(conv.bias, many, conv.weight))
     assert len(products._verdicts[conv]) == 1
+
+
+def test_verdicts_are_per_thread_count_and_float32_only() -> None:
+    """MKL splits some sums over its threads, so a verdict taken at one thread count says nothing of
+    another; in bfloat16 a match depends on the values, so the plain product always runs."""
+    from transformers.pytorch_utils import Conv1D
+
+    conv, x = Conv1D(64, 32), torch.randn(3, 32)
+    products.conv1d(conv, x)
+    torch.set_num_threads(2)
+    try:
+        products.conv1d(conv, x)
+    finally:
+        torch.set_num_threads(1)
+    assert set(products._verdicts[conv]) == {("halves", 3, 1), ("halves", 3, 2)}
+    half = Conv1D(64, 32).to(torch.bfloat16)
+    head = torch.nn.Linear(32, 4 * products.VOCAB_BLOCK, bias=False).to(torch.bfloat16)
+    hx = x.to(torch.bfloat16)
+    assert torch.equal(products.conv1d(half, hx), torch.addmm(half.bias, hx, half.weight))
+    assert torch.equal(products.vocabulary(head, hx), head(hx))
+    assert half not in products._verdicts and head not in products._verdicts
 
 
 def test_of_two_exact_forms_the_faster_is_kept() -> None:
@@ -250,7 +271,7 @@ def test_an_exact_split_that_runs_slower_is_dropped(monkeypatch) -> None:
     want = torch.addmm(conv.bias, x, conv.weight)
     for _ in range(1 + 2 * products.RACE_CALLS):  # the bit check, then the race
         assert torch.equal(products.conv1d(conv, x), want)
-    assert products._verdicts[conv] == {("halves", 3): True} and len(used) == 1 + products.RACE_CALLS
+    assert products._verdicts[conv] == {("halves", 3, 1): True} and len(used) == 1 + products.RACE_CALLS
     used.clear()
     for _ in range(3):
         assert torch.equal(products.conv1d(conv, x), want)
