@@ -184,13 +184,11 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def _beam_log_probs(stepper: Gpt2Stepper, p: _Plan, run_seq: torch.Tensor, cur: int) -> torch.Tensor:
     """Per-beam next-token log-probs, [batch, beams, vocab].
 
-    At the first step all beams of an image hold the same prefix, so one row per image is computed
-    and broadcast: beams 1.. start at -1e9 and can never be picked, exactly as in transformers.
+    Every beam is a row, the first step too, where all beams of an image still hold the same prefix
+    (beams 1.. start at -1e9 and are never picked): `generate` computes them all, and a product of
+    fewer rows may round otherwise.
     """
     batch, beams = run_seq.shape[:2]
-    if cur == 1:
-        lp = torch.log_softmax(stepper.logits(run_seq[:, 0, 0], 0), dim=-1)
-        return _min_length(lp, p, cur)[:, None, :].expand(batch, beams, -1)
     logits = stepper.logits(run_seq[:, :, cur - 1].reshape(-1), cur - 1)
     return _min_length(torch.log_softmax(logits, dim=-1), p, cur).view(batch, beams, -1)
 
@@ -250,5 +248,5 @@ def _beam_search(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.devic
         open_beams = ~(torch.all(fin_done) & (early is True))
         if not bool(torch.any(improvable) & open_beams & ~torch.all(hits)):
             break
-        stepper.reorder(rows // k if cur == 2 else rows, cur - 1)
+        stepper.reorder(rows, cur - 1)
     return fin_seq[:, 0, : 1 + int(fin_len[:, 0].max())]

@@ -2,8 +2,8 @@
 
 Why this exists: `generate` expands the encoder output to every beam, so each beam recomputes the
 cross-attention keys/values and carries its own copy of them, and the self-attention cache grows by
-`torch.cat` every step. Here the cross K/V are computed once per image and the beams of an image are
-laid out as the *query length* of one attention call against them, so nothing is duplicated. The
+`torch.cat` every step. Here the cross K/V are computed once per image, and every beam of the image
+attends to that one copy (one query row at a time, as `generate` rounds it), so nothing is duplicated. The
 self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
 parameters (no copies), applied with the same ops GPT-2 uses (`addmm` for Conv1D, the module's
 LayerNorm eps and activation, SDPA with the module's scaling); on CPU the few-row products are split
@@ -79,9 +79,12 @@ class Gpt2Stepper:
     def _cross_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
         attn, ln = block.crossattention, block.ln_cross_attn
         h = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
-        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # beams become the query length
+        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # [batch, heads, beams, head_dim]
         k, v = self.cross[layer]
-        out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+        # Each beam is a query of length 1, as in `generate`: SDPA's kernel rounds a longer query
+        # otherwise (a product of more rows). The K/V stay one per image, read once per beam.
+        beams = [q[:, :, j : j + 1] for j in range(q.shape[2])]
+        out = torch.cat([F.scaled_dot_product_attention(b, k, v, scale=attn.scaling) for b in beams], dim=2)
         return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
 
     def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -92,8 +95,7 @@ class Gpt2Stepper:
     def logits(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Next-token logits (float32, [rows, vocab]) for the newest token of every row.
 
-        `tokens` has batch * r rows with r = beams, or r = 1 at the first step when all beams of an
-        image are still identical; cache rows are written for those rows only.
+        `tokens` has batch * beams rows, the beams of an image next to each other.
         """
         x = self.gpt.wte(tokens) + self.gpt.wpe.weight[pos]
         for i, block in enumerate(self.blocks):

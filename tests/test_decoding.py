@@ -140,6 +140,48 @@ def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
     assert torch.equal(out, plain.generate(pixel_values=pixels[:1], generation_config=cfg))
 
 
+@pytest.fixture(scope="module")
+def near_ties() -> VisionEncoderDecoderModel:
+    """A decoder whose output embedding holds pairs of tokens one float step apart: any rounding that
+    differs from `generate`'s, however small, picks the other token of a pair."""
+    from transformers import GPT2Config
+
+    encoder = ViTConfig(
+        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=64
+    )
+    decoder = GPT2Config(
+        vocab_size=512, n_embd=256, n_layer=1, n_head=4, n_positions=32, add_cross_attention=True
+    )
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    torch.manual_seed(2)
+    model = VisionEncoderDecoderModel(config).eval()
+    for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, name, 511)
+    with torch.no_grad():
+        for weight in model.decoder.parameters():
+            if weight.dim() > 1:
+                weight.mul_(2.0)
+        rows = model.decoder.lm_head.weight
+        for token in range(10, 60, 5):
+            rows[token] = torch.randn(256) * 0.5
+            rows[token + 1] = rows[token]
+            rows[token + 1, 0] = torch.nextafter(rows[token, 0], torch.tensor(1e9))
+    return model
+
+
+def test_beam_search_rounds_as_generate_does(near_ties) -> None:
+    """Every beam is its own query row in cross-attention and at the first step, as in `generate`:
+    one attention call for all beams of an image, or one row per image at the first step, rounded
+    otherwise and picked the other token of a near tie."""
+    generator = torch.Generator().manual_seed(9)
+    configs = []
+    for beams, early in itertools.product((2, 4, 5), (True, False, "never")):
+        configs.append(_cfg(near_ties, num_beams=beams, max_new_tokens=5, early_stopping=early))
+    for batch in (1, 3, 6):
+        px = torch.randn(batch, 3, 64, 64, generator=generator) * 2.0
+        assert _mismatches(near_ties, px, configs) == []
+
+
 def test_split_products_keep_parity(sharp, eos_model, pixels, monkeypatch) -> None:
     """The CPU fast paths (vocabulary blocks incl. a short last one, Conv1D column halves) keep every
     token of `generate`, and really run."""
