@@ -27,6 +27,7 @@ from typing import Any
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.folder import CaptionError, Outcome, describe_error, read_file
+from docker_vit.handler import generation_defaults
 from docker_vit.images import InputError
 
 ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection
@@ -94,7 +95,7 @@ class RemoteCaptioner:
             names = model.get("options")  # the fields its handler reads, when it says
             known = names if isinstance(names, list) else chosen
             self.params = {name: value for name, value in params.items() if name in chosen and name in known}
-            self.recorded = {**_generation(model), **self.params}
+            self.recorded = {**generation_defaults(model), **self.params}
         else:  # a server that won't say its defaults gets ours, so that records stay true
             self.params = self.recorded = dict(params)
         limit = model.get("limits", {}).get("max_bytes") if isinstance(model.get("limits"), dict) else None
@@ -254,14 +255,6 @@ def in_order(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> 
         stopped.set()
         for _ in range(workers):
             room.release()
-
-
-def _generation(model: Mapping[str, Any]) -> dict[str, Any]:
-    """The captioner's generation defaults; nothing for other handlers."""
-    generation = model.get("generation")
-    if not isinstance(generation, dict):
-        return {}
-    return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
 
 
 def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:

@@ -251,6 +251,15 @@ def description(handler: Handler) -> dict[str, Any]:
     return info
 
 
+def generation_defaults(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The captioner's generation defaults from its description (`/v1/model`); nothing for other
+    handlers. Caption records carry them, so that a record says how it was made."""
+    generation = info.get("generation")
+    if not isinstance(generation, dict):
+        return {}
+    return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
+
+
 def _json(value: Any, what: str) -> None:
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode()

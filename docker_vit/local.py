@@ -21,6 +21,8 @@ from docker_vit.handler import (
     OptionsError,
     Result,
     batch_size,
+    description,
+    generation_defaults,
     load_handler,
     predict_all,
     read_options,
@@ -40,17 +42,19 @@ class LocalCaptioner:
         except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
             reason = " ".join(str(exc).split())  # transformers' messages span lines
             raise CaptionError(f"cannot load the model: {type(exc).__name__}: {reason}") from None
-        # The fields the handler reads; when it does not say, only those the user set: its options()
-        # may refuse ours, and its records must not claim options it never had.
+        # Only the options the user set, and of those the fields the handler reads when it says: its
+        # own defaults hold for the rest, as through --url (its options() may also refuse ours).
         names = self.handler.option_names
-        params = {key: value for key, value in params.items() if key in (chosen if names is None else names)}
+        params = {
+            key: value for key, value in params.items() if key in chosen and (names is None or key in names)
+        }
         try:
             self.options = read_options(self.handler, params)
         except OptionsError as exc:
             raise CaptionError(str(exc)) from None
         except Exception as exc:
             raise CaptionError(f"the handler's options() failed: {type(exc).__name__}: {exc}") from None
-        self.params = dict(params)
+        self.params = {**_defaults(self.handler), **params}  # what the records say made them
         self.batch_size = batch_size(self.handler, settings)
         self.max_bytes = settings.max_bytes
         self.failed_in_a_row = 0  # batches in which the model failed on every image
@@ -121,3 +125,12 @@ class LocalCaptioner:
             return [failure]
         middle = len(items) // 2
         return self._results(items[:middle]) + self._results(items[middle:])
+
+
+def _defaults(handler: Any) -> dict[str, Any]:
+    """The generation defaults the handler describes; none when its describe() fails (the server
+    would answer /v1/model with a 500 then, and a `--url` run would record no defaults either)."""
+    try:
+        return generation_defaults(description(handler))
+    except Exception:
+        return {}

@@ -78,3 +78,15 @@ class Shaded(Digest):
 
     def options(self, raw: Any) -> Hashable:
         return str(raw.get("shade", "plain"))
+
+
+class Beamed(Digest):
+    """Reads num_beams itself, with a default of its own (1): a run that does not set it must get that."""
+
+    option_names = ("num_beams", "top_k")
+
+    def options(self, raw: Any) -> Hashable:
+        return int(raw.get("num_beams", 1))
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        return [f"{caption} at {options} beams" for caption in super().predict(items, options)]

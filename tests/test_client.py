@@ -115,6 +115,23 @@ def test_url_leaves_unset_options_to_the_servers_defaults_and_limits(
     assert (second["num_beams"], second["max_new_tokens"]) == (2, 5)
 
 
+def test_a_handler_reading_num_beams_keeps_its_default_locally_and_through_url(
+    pictures: Path, tmp_path: Path
+) -> None:
+    """Only what the user set is sent, in both modes: the caption CLI's own defaults (4 beams) must not
+    override a handler's (1 beam) that names num_beams among its options."""
+    common = ["caption", str(pictures / "sub"), "--handler", "folder_handlers:Beamed"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert cli.main([*common, "-o", str(local)]) == 0
+    with live_server(Settings(handler="folder_handlers:Beamed")) as url:
+        assert cli.main([*common, "-o", str(remote), "--url", url]) == 0
+    assert read(remote) == read(local) and read(local)[0]["caption"].endswith("at 1 beams")
+    assert "num_beams" not in read(local)[0]
+    local.unlink()
+    assert cli.main([*common, "-o", str(local), "--num-beams", "3"]) == 0
+    assert read(local)[0]["caption"].endswith("at 3 beams") and read(local)[0]["num_beams"] == 3
+
+
 @pytest.mark.parametrize("handler", ["folder_handlers:Digest", "folder_handlers:Shaded"])
 def test_url_and_local_runs_record_alike_for_a_handler_of_other_options(
     handler: str, pictures: Path, tmp_path: Path
