@@ -165,8 +165,8 @@ class RemoteCaptioner:
         other request would get the same."""
         try:
             answer = json.loads(body)
-            if isinstance(answer["captions"][0]["text"], str):
-                return answer
+            if len(answer["captions"]) == 1 and isinstance(answer["captions"][0]["text"], str):
+                return answer  # one image sent, one caption back
         except (ValueError, LookupError, TypeError):
             pass
         raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")

@@ -273,7 +273,16 @@ class _Stranger(_Flaky):
         self._answer(200, self.body)
 
 
-@pytest.mark.parametrize("body", [{"status": "ok"}, [1, 2], {"captions": []}, {"captions": [{"text": 3}]}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "ok"},
+        [1, 2],
+        {"captions": []},
+        {"captions": [{"text": 3}]},
+        {"captions": [{"text": "one"}, {"text": "two"}]},  # two captions for the one image sent
+    ],
+)
 def test_a_200_without_captions_stops_the_run_with_a_clear_error(
     body: object, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
