@@ -80,10 +80,7 @@ class RemoteCaptioner:
         warn: Callable[[str], None] = lambda message: print(f"docker-vit: {message}", file=sys.stderr),
     ) -> None:
         self.warn = warn  # a line on stderr, drawn around the progress bar
-        url = settings.url.rstrip("/")
-        if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
-            raise CaptionError(f"--url must start with http:// or https://, got {settings.url!r}")
-        self.url = url
+        self.url = settings.url.rstrip("/")  # checked to be http(s) with a host by Settings
         self.concurrency = settings.concurrency
         self.headers = {"Content-Type": "application/octet-stream", "Accept": "application/json"}
         if settings.api_key:

@@ -119,6 +119,8 @@ class Settings:
         # HTTP carries other characters only as Latin-1 (no match), and blanks at either end are not sent
         if any(not TOKEN.fullmatch(key) for key in self.api_keys):
             raise ValueError("api_keys holds a key that is not printable ASCII or has blanks at either end")
+        if self.url and not re.match(r"https?://[^/?#]", self.url, re.IGNORECASE):
+            raise ValueError(f"url must start with http:// or https:// and a host, got {self.url!r}")
         if self.url and self.api_key and not TOKEN.fullmatch(self.api_key):
             raise ValueError("api_key is not printable ASCII or has blanks at either end")
         if not DEVICE.fullmatch(self.device):

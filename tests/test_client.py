@@ -199,6 +199,20 @@ def test_a_url_naming_the_route_gets_a_hint(
     assert "404" in (err := capsys.readouterr().err) and "give --url without /v1/captions" in err
 
 
+@pytest.mark.parametrize("url", ["127.0.0.1:9300", "ftp://host", "http://", "http:///v1"])
+def test_a_bad_url_stops_before_anything_with_one_line(
+    url: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "o.jsonl"
+    for args, env in [(["--url", url], None), ([], url)]:
+        if env:
+            monkeypatch.setenv("DOCKER_VIT_URL", env)
+        with pytest.raises(SystemExit) as stop:
+            cli.main(["caption", str(tmp_path / "nowhere"), "-o", str(out), *args])
+        assert stop.value.code == 2 and not out.exists()
+        assert "--url (DOCKER_VIT_URL) must start with http:// or https://" in capsys.readouterr().err
+
+
 def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
