@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import urllib.parse
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,7 +120,7 @@ class Settings:
         # HTTP carries other characters only as Latin-1 (no match), and blanks at either end are not sent
         if any(not TOKEN.fullmatch(key) for key in self.api_keys):
             raise ValueError("api_keys holds a key that is not printable ASCII or has blanks at either end")
-        if self.url and not re.match(r"https?://[^/?#]", self.url, re.IGNORECASE):
+        if self.url and not _http_url(self.url):
             raise ValueError(f"url must start with http:// or https:// and a host, got {self.url!r}")
         if self.url and self.api_key and not TOKEN.fullmatch(self.api_key):
             raise ValueError("api_key is not printable ASCII or has blanks at either end")
@@ -162,6 +163,18 @@ def names_of(*groups: str) -> list[str]:
 
 
 SERVING = names_of(MODEL, SERVER)  # what a server reads: `serve`, Runpod, Ray
+
+
+def _http_url(url: str) -> bool:
+    """An http(s) URL with a host (and a numeric port, if any), nothing blank or unprintable in it."""
+    if not url.isprintable() or any(c.isspace() for c in url):
+        return False
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
+    except ValueError:
+        return False
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
 
 
 def named(exc: Exception, flags: bool = True) -> str:

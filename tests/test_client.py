@@ -199,7 +199,21 @@ def test_a_url_naming_the_route_gets_a_hint(
     assert "404" in (err := capsys.readouterr().err) and "give --url without /v1/captions" in err
 
 
-@pytest.mark.parametrize("url", ["127.0.0.1:9300", "ftp://host", "http://", "http:///v1"])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "127.0.0.1:9300",
+        "ftp://host",
+        "http://",
+        "http:///v1",
+        "http://:9401",
+        "http://@",
+        "http://h x",
+        "http://127.0.0.1:notaport",
+        "http://h:99999",
+        "http://h\n",
+    ],
+)
 def test_a_bad_url_stops_before_anything_with_one_line(
     url: str, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
