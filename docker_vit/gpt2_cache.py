@@ -83,8 +83,11 @@ class Gpt2Stepper:
         k, v = self.cross[layer]
         # Each beam is a query of length 1, as in `generate`: SDPA's kernel rounds a longer query
         # otherwise (a product of more rows). The K/V stay one per image, read once per beam.
-        beams = [q[:, :, j : j + 1] for j in range(q.shape[2])]
-        out = torch.cat([F.scaled_dot_product_attention(b, k, v, scale=attn.scaling) for b in beams], dim=2)
+        rows = [
+            F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=attn.scaling)
+            for j in range(q.shape[2])
+        ]
+        out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)  # greedy: one row, nothing to join
         return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
 
     def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

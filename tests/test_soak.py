@@ -111,9 +111,10 @@ def closed_by_server(sock: socket.socket, within: float) -> bytes:
     return received
 
 
-def flooded(sock: socket.socket, limit: int) -> int:
+def flooded(sock: socket.socket, limit: int, running: bool = False) -> int:
     """Header lines sent without end, until the server hangs up (a reset counts) or `limit` bytes are
-    out; the bytes sent, or `limit` when the connection was still open after them."""
+    out; the bytes sent, or `limit` when the connection was still open after them. `running`: a request
+    ahead of the flood may still be answered (a 200 of its own)."""
     flood, sent = b"X-Junk: " + b"a" * 1000 + b"\r\n", 0
     try:
         while sent < limit:
@@ -121,7 +122,7 @@ def flooded(sock: socket.socket, limit: int) -> int:
             sent += len(flood)
         sock.settimeout(PROMPT)
         while chunk := sock.recv(65536):  # an answer (a 400) may come first; then the close
-            assert not chunk.startswith(b"HTTP/1.1 2"), chunk[:100]
+            assert running or not chunk.startswith(b"HTTP/1.1 2"), chunk[:100]
     except OSError:  # reset, broken pipe: the server hung up
         return sent
     return sent
@@ -346,7 +347,7 @@ def test_endless_headers_behind_a_running_request_are_cut_off(
             b"POST /?delay=3 HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 1\r\n\r\na"
         )
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
-        sent = flooded(sock, 4_000_000)
+        sent = flooded(sock, 4_000_000, running=True)  # h11 may answer the POST once the flood is in
     if request.node.callspec.params["each_parser"] == "httptools":
         assert sent < 4_000_000  # cut while the first request runs
     answered_promptly(each_parser)
