@@ -209,7 +209,8 @@ def test_a_model_call_past_the_request_timeout_turns_the_probes_away_until_it_en
         assert client.get("/v1/model").json()["status"] == "stalled"  # one story for every reader
         assert client.get("/healthz").status_code == 200  # the process itself is alive
         handler.gate.set()
-        first.join(10)
+        first.join(10)  # its caller had its 504 long ago: the call itself ends a moment after the gate
+        wait_for(lambda: client.get("/readyz").status_code == 200)
         assert client.get("/readyz").json() == {"status": "ready"}
         assert client.get("/v1/model").json()["status"] == "ready"
         assert client.get("/ping").status_code == 200
