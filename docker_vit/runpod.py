@@ -87,7 +87,10 @@ class Worker:
                 raise errors.from_service(exc) from None
             results = await self._run(inputs, options)
         except errors.ApiError as exc:
-            return error(exc.type, exc.message)
+            answer = error(exc.type, exc.message)
+            if exc.status == 504 and self.service.stalled:  # a model call hung past the timeout: every
+                answer["refresh_worker"] = True  # job would wait behind it, so Runpod replaces this worker
+            return answer
         return {"captions": [result.to_json() for result in results], "model": self.service.handler.name}
 
     async def _wait_ready(self) -> None:

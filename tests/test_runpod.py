@@ -364,6 +364,42 @@ def test_runpod_sdk_local_test_mode(tiny_model):
     assert bad.returncode == 1 and "invalid_request" in bad.stdout + bad.stderr
 
 
+class Wedged(StubEngine):
+    """Answers the warm-up, then hangs until released: a stuck device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+
+    def generate(self, pixels, num_beams: int, max_new_tokens: int) -> list[str]:
+        if self.batches:
+            self.release.wait(20)
+        return super().generate(pixels, num_beams, max_new_tokens)
+
+
+def test_a_hung_model_call_asks_runpod_for_another_worker():
+    """Once a call has outrun the request timeout, the jobs timing out behind it say `refresh_worker`
+    (the SDK then stops this worker), as the HTTP server's /ping turns a load balancer away; other
+    errors never do."""
+    engine = Wedged()
+    worker, _ = make_worker(engine, request_timeout=0.5, max_wait_ms=0.0)
+    try:
+        first = run(worker, {"input": {"image": png()}})
+        assert first["error"]["type"] == "timeout"
+        second = run(worker, {"input": {"image": png()}})
+        assert second["error"]["type"] == "timeout" and second["refresh_worker"] is True
+        bad = run(worker, {"input": {"image": "not base64!"}})
+        assert bad["error"]["type"] == "invalid_request" and "refresh_worker" not in bad
+    finally:
+        engine.release.set()
+        worker.close()
+    healthy, _ = make_worker(request_timeout=0.5)
+    try:
+        assert "refresh_worker" not in run(healthy, {"input": {"image": "not base64!"}})
+    finally:
+        healthy.close()
+
+
 def test_a_handler_breaking_the_interface_is_answered_as_the_server_answers_it():
     from fake_handlers import Misbehaving
 
