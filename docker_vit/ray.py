@@ -188,6 +188,12 @@ def deployment_options(
         "graceful_shutdown_timeout_s": settings.shutdown_timeout,
         "ray_actor_options": actor,
     }
+    if result["max_ongoing_requests"] < batch:
+        logging.getLogger("docker_vit").warning(
+            "max_ongoing_requests=%d is below the batch size %d: a replica's batches can never fill",
+            result["max_ongoing_requests"],
+            batch,
+        )
     auto = deployment.get("num_replicas") == "auto"  # Ray's default autoscaling, which the keys tune
     if scaling or auto:
         if "num_replicas" in deployment and not auto:

@@ -181,6 +181,16 @@ def test_arguments_become_settings_and_deployment_options() -> None:
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
 
 
+def test_max_ongoing_requests_below_the_batch_size_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    _, few = ray_adapter.split_args({"max_ongoing_requests": "2"})
+    with caplog.at_level("WARNING", logger="docker_vit"):
+        assert ray_adapter.deployment_options(Settings(max_batch_size=4), few)["max_ongoing_requests"] == 2
+    assert "max_ongoing_requests=2 is below the batch size 4" in caplog.text
+    caplog.clear()
+    ray_adapter.deployment_options(Settings(max_batch_size=4), {})
+    assert "below the batch size" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
