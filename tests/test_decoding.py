@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from conftest import photo
 from PIL import Image
@@ -144,19 +145,7 @@ def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
 def near_ties() -> VisionEncoderDecoderModel:
     """A decoder whose output embedding holds pairs of tokens one float step apart: any rounding that
     differs from `generate`'s, however small, picks the other token of a pair."""
-    from transformers import GPT2Config
-
-    encoder = ViTConfig(
-        hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64, image_size=64
-    )
-    decoder = GPT2Config(
-        vocab_size=512, n_embd=256, n_layer=1, n_head=4, n_positions=32, add_cross_attention=True
-    )
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    torch.manual_seed(2)
-    model = VisionEncoderDecoderModel(config).eval()
-    for name in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, name, 511)
+    model = tiny_models.vit_gpt2(512, 511, seed=2, image_size=64, n_embd=256, n_head=4).eval()
     with torch.no_grad():
         for weight in model.decoder.parameters():
             if weight.dim() > 1:

@@ -56,21 +56,13 @@ def _wordpiece_tokenizer():
     )
 
 
-def save_vit_gpt2(folder: Path, *, seed: int = 0, image_size: int = 224, eos_boost: float = 0.0) -> Path:
-    """A vit-gpt2-shaped VisionEncoderDecoder (ViT encoder, GPT-2 decoder with cross-attention).
+def vit_gpt2(
+    vocab_size: int, eos: int, *, seed: int = 0, image_size: int = 224, n_embd: int = 32, n_head: int = 2
+):
+    """A vit-gpt2-shaped VisionEncoderDecoder (ViT encoder, GPT-2 decoder with cross-attention), in
+    memory, with `eos` as its start, pad and end token."""
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
 
-    `eos_boost` raises the end-of-text logit so captions end at different lengths, as real ones do.
-    """
-    from transformers import (
-        GPT2Config,
-        VisionEncoderDecoderConfig,
-        VisionEncoderDecoderModel,
-        ViTConfig,
-        ViTImageProcessor,
-    )
-
-    tokenizer = _bpe_tokenizer()
-    eos = tokenizer.eos_token_id
     encoder = ViTConfig(
         hidden_size=32,
         num_hidden_layers=2,
@@ -80,10 +72,10 @@ def save_vit_gpt2(folder: Path, *, seed: int = 0, image_size: int = 224, eos_boo
         patch_size=16,
     )
     decoder = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_embd=32,
+        vocab_size=vocab_size,
+        n_embd=n_embd,
         n_layer=2,
-        n_head=2,
+        n_head=n_head,
         n_positions=128,
         bos_token_id=eos,
         eos_token_id=eos,
@@ -96,6 +88,19 @@ def save_vit_gpt2(folder: Path, *, seed: int = 0, image_size: int = 224, eos_boo
     model = VisionEncoderDecoderModel(config)
     for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, eos)
+    return model
+
+
+def save_vit_gpt2(folder: Path, *, seed: int = 0, image_size: int = 224, eos_boost: float = 0.0) -> Path:
+    """`vit_gpt2` with a trained BPE tokenizer and an image processor, saved like a Hub folder.
+
+    `eos_boost` raises the end-of-text logit so captions end at different lengths, as real ones do.
+    """
+    from transformers import ViTImageProcessor
+
+    tokenizer = _bpe_tokenizer()
+    eos = tokenizer.eos_token_id
+    model = vit_gpt2(len(tokenizer), eos, seed=seed, image_size=image_size)
     if eos_boost:
         with torch.no_grad():
             model.decoder.lm_head.weight[eos] *= eos_boost
