@@ -191,8 +191,7 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
                 if self._header_bytes > MAX_HEADER_BYTES:
                     self._too_big()
             elif _head_size(self.cycle.scope) > MAX_HEADER_BYTES:  # completed in this chunk: measure
-                self.cycle.disconnected = True  # (h11 bounds only headers still incomplete)
-                self._too_big()
+                self._too_big(self.cycle)  # (h11 bounds only headers still incomplete)
 
         def on_headers_complete(self) -> None:
             """httptools' end of each request's headers: measured here too, as several requests read
@@ -200,10 +199,13 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             super().on_headers_complete()
             cycle = self.cycle
             if cycle is not None and cycle.scope is self.scope and _head_size(self.scope) > MAX_HEADER_BYTES:
-                cycle.disconnected = True  # its request must not run: it reads a disconnect, not the body
-                self._too_big()
+                self._too_big(cycle)
 
-        def _too_big(self) -> None:
+        def _too_big(self, cycle: Any = None) -> None:
+            """Close the connection; `cycle`, a request whose headers were too big, must not run: it
+            reads a disconnect, not the body."""
+            if cycle is not None:
+                cycle.disconnected = True
             log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
             self.transport.close()
 
