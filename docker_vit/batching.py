@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from docker_vit.calls import contained, drop_frames
+from docker_vit.calls import WrongOutputs, contained, drop_frames, splittable
 
 log = logging.getLogger("docker_vit.batching")
 
@@ -234,7 +234,7 @@ class Batcher:
             items = [e.item for e in batch]
             outputs = await loop.run_in_executor(self._device, self._counted, self.predict, items, options)
             if len(outputs) != len(batch):
-                raise RuntimeError(f"predict returned {len(outputs)} outputs for {len(batch)} items")
+                raise WrongOutputs(f"predict returned {len(outputs)} outputs for {len(batch)} items")
         except Exception as exc:
             failure = exc
         finally:
@@ -252,7 +252,7 @@ class Batcher:
         """Split a failed batch in halves and retry, so one poison item or an out-of-memory error
         fails only the items that really cannot run."""
         live = [entry for entry in batch if not entry.future.done()]
-        if len(batch) > 1 and live:  # callers who left meanwhile are not retried
+        if len(batch) > 1 and live and splittable(exc):  # callers who left meanwhile are not retried
             log.warning(
                 "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc
             )

@@ -20,6 +20,16 @@ class Stopped(KeyboardInterrupt):
     job ignores SIGINT)."""
 
 
+class WrongOutputs(RuntimeError):
+    """A call gave another number of outputs than it had inputs: a mistake in its code, not in one of
+    its inputs. Never retried in halves: batches of one would pass and hide it."""
+
+
+def splittable(exc: BaseException) -> bool:
+    """Whether a failed batch is worth retrying in halves (a poison item, an out-of-memory error)."""
+    return not isinstance(exc, WrongOutputs)
+
+
 def contained(fn: Callable[..., Any], *args: Any) -> Any:
     """`fn(*args)`, where a handler's SystemExit, KeyboardInterrupt or other BaseException becomes an
     error of this call alone: from a worker thread it would travel to the event loop and stop the

@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image
 
-from docker_vit.calls import contained
+from docker_vit.calls import WrongOutputs, contained
 from docker_vit.config import Settings
 from docker_vit.images import ImageError, InputError, TooLarge, open_image
 
@@ -55,6 +55,10 @@ class HandlerError(ValueError):
 class HandlerBug(RuntimeError):
     """A handler broke the interface (an unhashable options value, a wrong output count, a `respond`
     that is no JSON-able Result): the model's failure (500), never the client's."""
+
+
+class WrongCount(HandlerBug, WrongOutputs):
+    """`predict` gave another number of outputs than it got items (one per batch, say)."""
 
 
 @dataclass
@@ -231,14 +235,15 @@ def read_options(handler: Handler, raw: Mapping[str, Any]) -> Hashable:
 
 def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> list[Any]:
     """`handler.predict`, as a list of exactly one output per item (a generator is run out here)."""
+    count = len(items)  # before predict, which may consume its list
     outputs = contained(handler.predict, items, options)
     try:
         each = iter(outputs)
     except TypeError:
         raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
     outputs = contained(list, each)  # a generator's own errors keep their names
-    if len(outputs) != len(items):
-        raise HandlerBug(f"predict returned {len(outputs)} outputs for {len(items)} items")
+    if len(outputs) != count:
+        raise WrongCount(f"predict returned {len(outputs)} outputs for {count} items")
     return outputs
 
 

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from docker_vit.calls import contained, drop_frames
+from docker_vit.calls import contained, drop_frames, splittable
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.folder import CaptionError, Outcome, describe_error, read_file
@@ -121,8 +121,8 @@ class LocalCaptioner:
         except Exception as exc:
             failure = exc
         drop_frames(failure)  # the failed call's memory must be free for the halves
-        if len(items) == 1:
-            return [failure]
+        if len(items) == 1 or not splittable(failure):
+            return [failure] * len(items)
         middle = len(items) // 2
         return self._results(items[:middle]) + self._results(items[middle:])
 

@@ -173,6 +173,8 @@ class Misbehaving(Echo):
             return (item.upper() for item in items)
         if options == "short":
             return list(items)[1:]
+        if options == "once":
+            return [f"{len(items)} items"]
         if options == "nothing":
             return None
         if options == "stop":
@@ -235,6 +237,10 @@ class OptionsUnhashable(Misbehaving):
 
 class ShortPredict(Misbehaving):
     mode = "short"
+
+
+class OncePerBatch(Misbehaving):
+    mode = "once"
 
 
 class TextOnly(Echo):

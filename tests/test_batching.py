@@ -118,6 +118,26 @@ def test_a_poison_item_fails_alone() -> None:
     assert isinstance(results[2], ValueError)
 
 
+def test_a_wrong_output_count_fails_the_batch_without_retries() -> None:
+    """Batches of one would pass, so halving would hide a predict that answers once per batch."""
+    calls: list[int] = []
+
+    def once_per_batch(items, options):
+        calls.append(len(items))
+        return ["summary"]
+
+    async def main():
+        batcher = make(once_per_batch)
+        batcher.start()
+        results = await asyncio.gather(*batcher.submit([1, 2, 3, 4], "a"), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    results = run(main())
+    assert calls == [4]
+    assert all("1 outputs for 4 items" in str(result) for result in results), results
+
+
 def test_out_of_memory_splits_the_batch() -> None:
     async def main():
         recorder = Recorder(oom_above=1)

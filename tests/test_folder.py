@@ -388,6 +388,19 @@ def test_a_handler_breaking_the_interface_ends_the_run_with_one_line(
     assert "Traceback" not in err
 
 
+def test_a_predict_answering_once_per_batch_is_not_hidden_by_retries(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Halves down to one image would each pass: the mistake must end the run, not be retried."""
+    for name in "abc":
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    out = tmp_path / "o.jsonl"
+    code = cli.main(["caption", str(tmp_path), "--handler", "fake_handlers:OncePerBatch", "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "1 outputs for 3 items" in err, err
+    assert not out.exists() or out.read_text() == ""
+
+
 def test_a_handler_with_its_own_fields_gets_none_of_the_captioners(tmp_path: Path) -> None:
     image = tmp_path / "a.png"
     image.write_bytes(b"words")
