@@ -168,21 +168,29 @@ def handler_class(settings: Settings) -> type[Handler]:
     return cls
 
 
-def check_attributes(handler: Handler, settings: Settings) -> None:
-    """Refuse a handler whose `name`, `option_names` or `max_batch_size` no front end could use."""
-    title = type(handler).__name__
-    missing = [
-        m for m in ("prepare", "predict") if _inherited(getattr(handler, m, None), getattr(Handler, m))
-    ]
-    if missing:
-        raise HandlerError(f"{title} does not implement {' or '.join(m + '()' for m in missing)}")
+def check_methods(handler: Handler | type[Handler]) -> None:
+    """Refuse a handler missing `prepare` or `predict`, or with an async method. Given a class (Ray's
+    builder has no instance), a method its own `__init__` might set is not called missing."""
+    cls = handler if isinstance(handler, type) else type(handler)
+    if handler is not cls or cls.__init__ is Handler.__init__:
+        missing = [
+            m for m in ("prepare", "predict") if _inherited(getattr(handler, m, None), getattr(Handler, m))
+        ]
+        if missing:
+            raise HandlerError(f"{cls.__name__} does not implement {' or '.join(m + '()' for m in missing)}")
     methods = ("load", "options", "prepare", "predict", "respond", "example", "describe")
     asynchronous = [m for m in methods if inspect.iscoroutinefunction(getattr(handler, m, None))]
     if asynchronous:  # called in threads, a coroutine would never run: a puzzle at the first request
         raise HandlerError(
-            f"{title}.{asynchronous[0]} is an async def: handler methods are plain functions "
+            f"{cls.__name__}.{asynchronous[0]} is an async def: handler methods are plain functions "
             "(the server runs them in threads)"
         )
+
+
+def check_attributes(handler: Handler, settings: Settings) -> None:
+    """Refuse a handler whose methods, `name`, `option_names` or `max_batch_size` no front end could use."""
+    check_methods(handler)
+    title = type(handler).__name__
     try:
         name, names = handler.name, handler.option_names
     except Exception as exc:

@@ -32,7 +32,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, open_by_mistake, options, parse
-from docker_vit.handler import handler_class, own_batch_size
+from docker_vit.handler import check_methods, handler_class, own_batch_size
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
 
@@ -123,8 +123,9 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     # A handler's own batch size sizes the concurrency: read from its class, as building a handler
     # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
     cls = handler_class(settings)
-    size = getattr(cls, "max_batch_size", None)  # a class attribute, as documented
     # Checked here: the replicas would refuse a bad one, each with a traceback, and `serve run` exit 0.
+    check_methods(cls)
+    size = getattr(cls, "max_batch_size", None)  # a class attribute, as documented
     # A property is read per instance, by the replicas.
     size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)

@@ -336,3 +336,14 @@ class AsyncPrepare(Echo):
 
     async def prepare(self, data: bytes, options: Hashable) -> Any:  # type: ignore[override]
         return data.decode()
+
+
+class OnlyPredicts(Handler):
+    def predict(self, items, options):
+        return list(items)
+
+
+class PreparesInInit(OnlyPredicts):
+    def __init__(self, settings) -> None:
+        super().__init__(settings)
+        self.prepare = lambda data, options: data  # set on the instance: as good as a method

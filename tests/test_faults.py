@@ -21,7 +21,9 @@ from fake_handlers import (
     Gated,
     Holding,
     Misbehaving,
+    OnlyPredicts,
     OutOfMemoryError,
+    PreparesInInit,
     SlowBig,
     StopInLoad,
     TextOnly,
@@ -30,7 +32,7 @@ from fake_handlers import (
 from docker_vit.batching import Batcher
 from docker_vit.calls import contained
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, HandlerError, check_attributes, load_handler
+from docker_vit.handler import HandlerError, check_attributes, check_methods, load_handler
 
 
 def batch_behind_a_busy_model(handler: Gated, client, query: str, texts: list[str]) -> dict[str, object]:
@@ -419,21 +421,17 @@ def test_a_handler_module_that_exits_on_import_is_a_load_error(tmp_path, monkeyp
         load_handler(Settings(handler="exits_on_build:A"))
 
 
-class OnlyPredicts(Handler):
-    def predict(self, items, options):
-        return list(items)
-
-
-class PreparesInInit(OnlyPredicts):
-    def __init__(self, settings) -> None:
-        super().__init__(settings)
-        self.prepare = lambda data, options: data  # set on the instance: as good as a method
-
-
 def test_a_handler_missing_a_method_is_refused_at_load_naming_it() -> None:
     with pytest.raises(HandlerError, match=r"OnlyPredicts does not implement prepare\(\)"):
         check_attributes(OnlyPredicts(Settings()), Settings())
     check_attributes(PreparesInInit(Settings()), Settings())
+
+
+def test_a_handler_class_is_checked_as_far_as_a_class_can_be() -> None:
+    """Ray's builder has only the class: a method its own `__init__` may set is not called missing."""
+    with pytest.raises(HandlerError, match=r"OnlyPredicts does not implement prepare\(\)"):
+        check_methods(OnlyPredicts)
+    check_methods(PreparesInInit)
 
 
 @pytest.mark.parametrize("status", [200, 302, 500, 999, "413", None])

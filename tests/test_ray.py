@@ -208,6 +208,8 @@ def test_max_ongoing_requests_below_the_batch_size_is_warned_of(caplog: pytest.L
         ({"target_ongoing_requests": "inf"}, "target_ongoing_requests must be a finite number"),
         ({"handler": "no_such_module:Handler"}, "cannot import no_such_module"),
         ({"handler": "fake_handlers:WordBatch"}, "WordBatch.max_batch_size must be a positive int, got '8'"),
+        ({"handler": "fake_handlers:AsyncPrepare"}, "AsyncPrepare.prepare is an async def"),
+        ({"handler": "fake_handlers:OnlyPredicts"}, "OnlyPredicts does not implement prepare()"),
     ],
 )
 def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
