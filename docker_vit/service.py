@@ -124,18 +124,21 @@ class Service:
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
         started = time.perf_counter()
+        hint = ""
         try:
             example = await asyncio.to_thread(contained, self.handler.example)  # probes answer meanwhile
-            await self.run([example], self.options({}))
+            options = self.options({})
+            if type(self.handler).example is Handler.example:  # the hint fits a failed prepare only
+                hint = " (the default example() is a PNG image: a handler of other inputs overrides it)"
+                await self.prepare([example], options)
+                hint = ""
+            await self.run([example], options)
         except TooLarge as exc:
             raise LimitsTooLow(f"the limits refuse even the warm-up input, example(): {exc}") from None
         except Exception as exc:
-            hint = ""
-            if type(self.handler).example is Handler.example:
-                hint = " (the default example() is a PNG image: a handler of other inputs overrides it)"
             raise WarmUpError(f"the call on example() failed: {type(exc).__name__}: {exc}{hint}") from exc
         seconds = time.perf_counter() - started
-        log.info("warm-up caption in %.2f s (%.1f images/s)", seconds, 1 / seconds)
+        log.info("warm-up call in %.2f s (%.1f inputs/s)", seconds, 1 / seconds)
 
     async def settled(self, timeout: float = float("inf")) -> bool:
         """Wait for the load to end, at most `timeout` seconds: True once the model is ready. Polled,

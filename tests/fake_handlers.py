@@ -243,6 +243,13 @@ class OncePerBatch(Misbehaving):
     mode = "once"
 
 
+class NeedsAField(Misbehaving):
+    """Its options need a field the warm-up (no fields) lacks; it keeps the default (PNG) example()."""
+
+    mode = "missing"
+    example = Handler.example
+
+
 class TextOnly(Echo):
     """A text handler that kept the default (PNG) `example()`: its warm-up cannot decode it."""
 

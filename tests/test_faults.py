@@ -21,6 +21,7 @@ from fake_handlers import (
     Gated,
     Holding,
     Misbehaving,
+    NeedsAField,
     OnlyPredicts,
     OutOfMemoryError,
     PreparesInInit,
@@ -241,6 +242,17 @@ def test_a_text_handler_left_with_the_default_example_says_why_it_failed() -> No
             time.sleep(0.01)
         message = client.get("/readyz").json()["error"]["message"]
         assert "UnicodeDecodeError" in message and "overrides it" in message
+
+
+def test_a_warm_up_failing_elsewhere_than_prepare_gets_no_hint_about_example() -> None:
+    settings = Settings()
+    with serving(settings, NeedsAField(settings), wait=False) as client:
+        deadline = time.monotonic() + 10
+        while client.app.state.service.state == "loading":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        message = client.get("/readyz").json()["error"]["message"]
+        assert "KeyError" in message and "example() is a PNG" not in message
 
 
 def test_a_describe_that_fails_is_a_model_error_on_v1_model() -> None:
