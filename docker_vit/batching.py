@@ -44,10 +44,11 @@ class TooManyItems(Exception):
     """One request holds more items than the whole queue: retrying can never help (413)."""
 
 
-@dataclass
+@dataclass(eq=False)  # found in its group by identity: an item (a tensor) has no plain `==`
 class _Entry:
     item: Any
     future: asyncio.Future
+    options: Hashable
     idle_mark: float  # the batcher's idle clock when the item arrived
     born: float = field(default_factory=time.monotonic)
     queued: bool = True
@@ -165,9 +166,9 @@ class Batcher:
         if not items:
             return []
         loop = asyncio.get_running_loop()
-        entries = [_Entry(item, loop.create_future(), self._idle_clock()) for item in items]
+        entries = [_Entry(item, loop.create_future(), options, self._idle_clock()) for item in items]
         for entry in entries:
-            entry.future.add_done_callback(lambda _, entry=entry: self._dequeue(entry))
+            entry.future.add_done_callback(lambda _, entry=entry: self._leave(entry))
         self._groups.setdefault(options, deque()).extend(entries)
         self._queued += len(entries)
         self._wake.set()
@@ -195,14 +196,19 @@ class Batcher:
         return self._idle_before + spell
 
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
-        """The oldest group, once it is full or its first item has waited `max_wait` of idle device."""
-        options, group = min(self._groups.items(), key=lambda pair: pair[1][0].born)
-        while len(group) < self.max_batch_size:
+        """The oldest group, once it is full or its first item has waited `max_wait` of idle device
+        (chosen again as it waits: callers who give up leave their group at once)."""
+        while self._groups:
+            options, group = min(self._groups.items(), key=lambda pair: pair[1][0].born)
+            if len(group) >= self.max_batch_size:
+                break
             waited = self._idle_clock() - group[0].idle_mark
             held = self._incoming[options] and self.max_wait > 0 and waited < self.max_wait + HOLD
             if waited >= self.max_wait and not held:
                 break
             await asyncio.sleep(0.001)
+        else:
+            return None, []  # every caller gave up
         batch: list[_Entry] = []
         while group and len(batch) < self.max_batch_size:
             entry = group.popleft()
@@ -212,6 +218,17 @@ class Batcher:
         if not group:
             del self._groups[options]
         return options, batch
+
+    def _leave(self, entry: _Entry) -> None:
+        """A caller's future is done. One that gave up while queued takes its item out of the queue at
+        once: kept until a batch came, the items of callers that time out or leave while the device is
+        busy would pile up without bound, each having freed its room."""
+        if entry.queued:
+            group = self._groups[entry.options]
+            group.remove(entry)
+            if not group:
+                del self._groups[entry.options]
+        self._dequeue(entry)
 
     def _dequeue(self, entry: _Entry) -> None:
         """An item leaves the count when taken for a batch, or as soon as its caller gives up, so

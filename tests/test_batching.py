@@ -138,6 +138,49 @@ def test_a_wrong_output_count_fails_the_batch_without_retries() -> None:
     assert all("1 outputs for 4 items" in str(result) for result in results), results
 
 
+def test_callers_who_give_up_while_the_device_is_busy_leave_nothing_queued() -> None:
+    """Their items leave the queue at once, not when the next batch is taken: otherwise callers that
+    time out (or leave) while a long call runs would pile up their inputs without bound."""
+
+    def predict(items, options):
+        time.sleep(0.3 if options == "slow" else 0)
+        return list(items)
+
+    async def main():
+        batcher = make(predict, max_wait=0, max_queue=4)
+        batcher.start()
+        slow = batcher.submit(["x"], "slow")
+        await asyncio.sleep(0.05)  # on the device now
+        kept = []
+        for _ in range(50):
+            (future,) = batcher.submit([bytearray(1000)], "fast")
+            future.cancel()
+            await asyncio.sleep(0)
+            kept.append(sum(len(group) for group in batcher._groups.values()))
+        await asyncio.gather(*slow)
+        await batcher.stop()
+        return kept
+
+    assert max(run(main())) == 0
+
+
+def test_a_group_whose_callers_all_left_holds_no_other_batch_back() -> None:
+    async def main():
+        batcher = make(lambda items, options: list(items), max_batch_size=2, max_wait=5.0)
+        batcher.start()
+        (gone,) = batcher.submit(["a"], "A")
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        started = time.monotonic()
+        results = await asyncio.gather(*batcher.submit(["b1", "b2"], "B"))  # full: goes at once
+        waited = time.monotonic() - started
+        await batcher.stop()
+        return results, waited
+
+    results, waited = run(main())
+    assert results == ["b1", "b2"] and waited < 2.5  # not held for A's 5 s wait
+
+
 def test_out_of_memory_splits_the_batch() -> None:
     async def main():
         recorder = Recorder(oom_above=1)
