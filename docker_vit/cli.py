@@ -139,7 +139,7 @@ def _server(settings: Settings) -> tuple[Any, Any]:
     import uvicorn
 
     from docker_vit import logs
-    from docker_vit.middleware import header_deadline
+    from docker_vit.middleware import MAX_HEADER_BYTES, header_deadline
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
@@ -152,6 +152,7 @@ def _server(settings: Settings) -> tuple[Any, Any]:
         host=settings.host,
         port=settings.port,
         http=header_deadline(settings.read_timeout, app.state.service.metrics),
+        h11_max_incomplete_event_size=MAX_HEADER_BYTES,  # h11's 16 KiB default: a 400 for headers in pieces
         ws="none",  # no WebSocket routes: an upgrade request is answered as plain HTTP (JSON, request id)
         timeout_keep_alive=settings.idle_timeout,  # type: ignore[arg-type]  # int() turned 0.5 s into 0
         timeout_graceful_shutdown=settings.shutdown_timeout,  # type: ignore[arg-type]  # int() dropped 0.9 s

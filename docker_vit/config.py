@@ -28,8 +28,9 @@ DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 MODEL, SERVER, CLIENT, OUTPUT, DOWNLOAD = "model", "server", "client", "output", "download"
 
 
-def _opt(default: Any, help: str, group: str = SERVER, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, "group": group, **extra})
+def _opt(default: Any, help: str, group: str = SERVER, *, secret: bool = False, **extra: Any) -> Any:
+    """A setting; a secret one is left out of the settings' repr (a crash report may print it)."""
+    return field(default=default, repr=not secret, metadata={"help": help, "group": group, **extra})
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,17 @@ class Settings:
     idle_timeout: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
     shutdown_timeout: float = _opt(30.0, "seconds to finish requests in flight after SIGTERM")
     api_keys: tuple[str, ...] = _opt(
-        (), "API key clients must send as 'Authorization: Bearer KEY'", flag="--api-key", metavar="KEY"
+        (),
+        "API key clients must send as 'Authorization: Bearer KEY'",
+        secret=True,
+        flag="--api-key",
+        metavar="KEY",
     )
     log_format: str = _opt("text", "request log format: text or json", choices=("text", "json"))
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
     url: str = _opt("", "caption through a Docker-ViT server at this URL, not a local model", CLIENT)
-    api_key: str = _opt("", "API key sent to --url as 'Authorization: Bearer KEY'", CLIENT)
+    api_key: str = _opt("", "API key sent to --url as 'Authorization: Bearer KEY'", CLIENT, secret=True)
     concurrency: int = _opt(16, "requests in flight at once with --url (a server batch's worth)", CLIENT)
 
     output: str = _opt(
@@ -192,9 +197,13 @@ def named(exc: Exception, flags: bool = True) -> str:
 
 
 def open_by_mistake(settings: Settings, env: Mapping[str, str]) -> str | None:
-    """A server with no keys whose environment sets the client's key variable: someone meant to lock
-    it and wrote the wrong name. What to warn, or None."""
-    if settings.api_keys or not env.get(env_name("api_key")):
+    """A server with no keys whose environment sets the client's key variable, or sets its own to
+    nothing: someone meant to lock it. What to warn, or None."""
+    if settings.api_keys:
+        return None
+    if env.get(env_name("api_keys")) == "":  # a template's secret that resolved to nothing, say
+        return f"{env_name('api_keys')} is set but empty: the server is open to anyone"
+    if not env.get(env_name("api_key")):
         return None
     return (
         f"{env_name('api_key')} is the client's key (caption --url); the server reads "

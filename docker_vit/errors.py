@@ -117,4 +117,7 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        return error_response(500, f"internal error: {type(exc).__name__}")
+        # Starlette answers this from its outermost middleware, outside RequestContext: echo the id here
+        request_id = request.scope.get("state", {}).get("echoed_id")
+        headers = {"X-Request-ID": request_id} if request_id else None
+        return error_response(500, f"internal error: {type(exc).__name__}", headers=headers)

@@ -51,6 +51,8 @@ class RequestContext:
         request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
+        if not self.proxied:  # for the answer to an unhandled error, sent from outside this middleware
+            state["echoed_id"] = request_id
         status, answered = 500, False
         declared = _declared_length(headers)
 

@@ -377,6 +377,23 @@ def test_request_id_is_echoed_made_or_replaced_when_unsafe() -> None:
         assert len(client.get("/healthz", headers={"x-request-id": "x" * 500}).headers["x-request-id"]) == 32
 
 
+def test_an_unhandled_errors_answer_carries_the_request_id_too() -> None:
+    """Starlette sends it from outside the request-id middleware; a route of the app's own breaks here."""
+    from fastapi.testclient import TestClient
+
+    settings = Settings()
+    app = create_app(settings, Echo(settings))
+
+    @app.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as client:
+        answer = client.get("/boom", headers={"x-request-id": "trace-7"})
+    assert answer.status_code == 500 and answer.json()["error"]["message"] == "internal error: RuntimeError"
+    assert answer.headers["x-request-id"] == "trace-7"
+
+
 def test_metrics_count_routes_statuses_batches_and_images() -> None:
     settings = Settings()
     with serving(settings, Echo(settings)) as client:
@@ -444,3 +461,13 @@ def test_a_server_with_only_the_clients_key_variable_set_is_warned_open() -> Non
     assert open_by_mistake(Settings(api_keys=("secret",)), env) is None
     assert open_by_mistake(Settings(), {}) is None
     assert open_by_mistake(Settings(), {"DOCKER_VIT_API_KEY": ""}) is None
+
+
+def test_an_empty_keys_variable_is_warned_open_and_keys_stay_out_of_reprs() -> None:
+    """`DOCKER_VIT_API_KEYS=${SECRET}` with the secret unset leaves the server open: it says so."""
+    from docker_vit.config import open_by_mistake
+
+    warned = open_by_mistake(Settings(), {"DOCKER_VIT_API_KEYS": ""}) or ""
+    assert "DOCKER_VIT_API_KEYS is set but empty: the server is open to anyone" in warned
+    shown = repr(Settings(api_keys=("server-secret",), url="http://a:1", api_key="client-secret"))
+    assert "secret" not in shown and "max_queue" in shown

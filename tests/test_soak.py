@@ -400,6 +400,21 @@ def test_oversized_headers_in_one_chunk_are_refused(server: str, size: int) -> N
     answered_promptly(server)
 
 
+def test_headers_under_the_cap_arriving_in_pieces_are_read(each_parser: str) -> None:
+    """30 KB of headers, sent as a network delivers them: h11 refused what was still incomplete past
+    16 KiB (its default) with a 400, though the cap is 64 KiB."""
+    request = (
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nCookie: " + b"a" * 30_000 + b"\r\nConnection: close\r\n\r\n"
+    )
+    with connect(each_parser) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for start in range(0, len(request), 1460):
+            sock.sendall(request[start : start + 1460])
+            time.sleep(0.002)
+        answer = closed_by_server(sock, PROMPT)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+
+
 def test_oversized_headers_read_with_the_next_request_are_refused(each_parser: str) -> None:
     """Two pipelined requests in one read: the first's 97 KiB of headers were never measured."""
     first = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 97_000 + b"\r\n\r\n"
