@@ -8,8 +8,12 @@ expensive full decode: the byte limit, the format allow-list, and the pixel limi
 from __future__ import annotations
 
 import io
+import os
 import re
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -29,6 +33,14 @@ FEW_JPEG_SCANS = 16  # always taken; past it, the scans' passes over the picture
 MAX_JPEG_SCAN_PIXELS = 1_000_000_000  # ~1 s of decoding here (256 scans of 40 MP: 8 s from 248 KB)
 MAX_JPEG_SEGMENTS = 4096  # tables, comments, metadata: a photo has tens (a big ICC profile, a few more)
 MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
+# libtiff decodes a TIFF's JPEG strips itself, allowing 100 scans each (past FEW_JPEG_SCANS, the
+# scans of a JPEG are bounded by the picture's size): the same few for a strip. A decoder's knob, which
+# libtiff reads from the environment as each strip is decoded; one set by the user stays.
+os.environ.setdefault("LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER", str(FEW_JPEG_SCANS))
+# Pixels decoded at once, over every thread: a picture at the pixel limit costs 0.5-0.8 GB to decode and
+# convert (a lossless WebP of it is 1.6 KB), and there is a decoding thread per core. Two such at once;
+# photos of ordinary size (12 megapixels, or a draft of a bigger JPEG) six at once.
+DECODING_PIXELS = 80_000_000
 
 
 class InputError(Exception):
@@ -82,8 +94,9 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
             scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
             if scale > 1:
                 image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
-            image.load()
-            return to_rgb(_orient(image))
+            with decoding.hold(image.width * image.height):
+                image.load()
+                return to_rgb(_orient(image))
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own cap, ~179 M pixels, met before ours
@@ -95,6 +108,30 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise NotAnImage(f"cannot decode the image: {exc}") from None
     except Exception:  # Pillow raises many more types for broken files: all mean "not an image"
         raise NotAnImage(UNSUPPORTED) from None
+
+
+class Budget:
+    """An amount (pixels being decoded) shared by threads: `hold` waits until its share fits."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.taken = total, 0
+        self._changed = threading.Condition()
+
+    @contextmanager
+    def hold(self, amount: int) -> Iterator[None]:
+        amount = min(amount, self.total)  # one bigger than all of it runs alone
+        with self._changed:
+            self._changed.wait_for(lambda: self.taken + amount <= self.total)
+            self.taken += amount
+        try:
+            yield
+        finally:
+            with self._changed:
+                self.taken -= amount
+                self._changed.notify_all()
+
+
+decoding = Budget(DECODING_PIXELS)  # the memory of decoding is bounded by it, not by cores x pixel limit
 
 
 def _draft_scale(size: tuple[int, int], least: int) -> int:
@@ -109,13 +146,23 @@ def _draft_scale(size: tuple[int, int], least: int) -> int:
     return 1
 
 
+def _ico_entries(data: bytes) -> Iterator[int]:
+    """Where each picture of an ICO file starts, as its directory says."""
+    for start in range(6, 6 + 16 * int.from_bytes(data[4:6], "little"), 16):
+        yield int.from_bytes(data[start + 12 : start + 16], "little")
+
+
+def _ico_pngs(data: bytes) -> set[int]:
+    """Where the PNG pictures of an ICO file start (each counted once, however many entries name it)."""
+    return {offset for offset in _ico_entries(data) if data[offset : offset + 8] == PNG_MAGIC}
+
+
 def _ico_pixels(data: bytes) -> int:
     """The pixels of the largest picture in an ICO file, from the pictures' own headers: Pillow decodes
     the largest one while opening the file, before its size could be checked, and the directory's
     sizes (at most 256x256) need not be true."""
     largest = 0
-    for start in range(6, 6 + 16 * int.from_bytes(data[4:6], "little"), 16):
-        offset = int.from_bytes(data[start + 12 : start + 16], "little")
+    for offset in _ico_entries(data):
         head = data[offset : offset + 24]
         if head[:8] == PNG_MAGIC:  # width and height in the IHDR chunk, big-endian
             width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
@@ -138,7 +185,8 @@ def _check_decoding_work(data: bytes) -> int:
             raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
         if segments > MAX_JPEG_SEGMENTS:
             raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
-    if data[:8] == PNG_MAGIC and _png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
+    pngs = {0} if data[:8] == PNG_MAGIC else _ico_pngs(data) if data[:4] == ICO_MAGIC else set()
+    if any(_png_chunks(data, start, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS for start in pngs):
         raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
     return scans
 
@@ -165,10 +213,10 @@ def _jpeg_segments(data: bytes, stop: int) -> tuple[int, int]:
     return scans, segments
 
 
-def _png_chunks(data: bytes, stop: int) -> int:
-    """Chunks in a PNG up to its end (IEND), counted up to `stop`: each is 12 bytes of framing around
-    its length's data."""
-    count, pos = 0, len(PNG_MAGIC)
+def _png_chunks(data: bytes, start: int, stop: int) -> int:
+    """Chunks in the PNG at `start` up to its end (IEND), counted up to `stop`: each is 12 bytes of
+    framing around its length's data."""
+    count, pos = 0, start + len(PNG_MAGIC)
     while pos + 8 <= len(data) and count < stop and data[pos + 4 : pos + 8] != b"IEND":
         pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
         count += 1
@@ -186,7 +234,7 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
 def _orient(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block is ignored rather than fatal."""
     try:
-        return ImageOps.exif_transpose(image) or image
+        return ImageOps.exif_transpose(image, in_place=True) or image  # no copy of an upright one
     except Exception:
         return image
 
@@ -206,10 +254,16 @@ def to_rgb(image: Image.Image) -> Image.Image:
         if opaque is not None:
             image.putalpha(Image.fromarray(opaque.astype(np.uint8) * 255))  # "LA": composited below
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, WHITE + (255,))
-        return Image.alpha_composite(background, rgba).convert("RGB")
+        return _on_white(image if image.mode == "RGBA" else image.convert("RGBA"))
     return image.convert("RGB")
+
+
+def _on_white(rgba: Image.Image) -> Image.Image:
+    """Composited onto white in place, with one full-size copy at a time: a 40-megapixel RGBA picture
+    is 160 MB a copy, and a few kilobytes of WebP can hold one."""
+    picture = Image.new("RGBA", rgba.size, WHITE + (255,))
+    picture.alpha_composite(rgba)
+    return picture.convert("RGB")
 
 
 def _deep_to_gray(image: Image.Image) -> Image.Image:

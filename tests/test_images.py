@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import struct
+import threading
+import time
 import zlib
 
 import conftest
@@ -218,8 +220,36 @@ def test_a_png_of_tiny_chunks_is_refused_before_decoding() -> None:
     few = head + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     assert open_image(few, **LIMITS).getpixel((5, 5)) == (99, 99, 99)
     tiny = b"".join(chunk(b"tEXt", b"k\x00v") for _ in range(60_000))
+    slow = head + tiny + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
     with pytest.raises(TooLarge, match="more than 50000 chunks"):
-        open_image(head + tiny + chunk(b"IDAT", pixels) + chunk(b"IEND", b""), **LIMITS)
+        open_image(slow, **LIMITS)
+    icon = struct.pack("<HHH", 0, 1, 2)  # the same picture in an icon, named twice by its directory
+    icon += struct.pack("<BBBBHHII", 64, 64, 0, 0, 1, 32, len(slow), 38) * 2
+    with pytest.raises(TooLarge, match="more than 50000 chunks"):
+        open_image(icon + slow, **LIMITS)
+
+
+def _tiff_of_one_jpeg_strip(jpeg: bytes, width: int, height: int) -> bytes:
+    """A grayscale TIFF whose one strip is `jpeg` (compression 7): libtiff decodes it, not Pillow."""
+    tags = [(256, 4, width), (257, 4, height), (258, 3, 8), (259, 3, 7), (262, 3, 1), (277, 3, 1)]
+    tags += [(278, 4, height), (273, 4, 8 + 2 + 9 * 12 + 4), (279, 4, len(jpeg))]
+    entries = b"".join(
+        struct.pack("<HHI", tag, kind, 1)
+        + struct.pack("<HH" if kind == 3 else "<I", *((value, 0) if kind == 3 else (value,)))
+        for tag, kind, value in tags
+    )
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + bytes(4) + jpeg
+
+
+def test_a_tiffs_jpeg_strip_of_many_scans_is_refused() -> None:
+    """A JPEG of 99 scans is refused as a .jpg (its scans times its pixels); wrapped in a TIFF, libtiff
+    decoded it (100 scans a strip, its own cap): seconds of a thread from 161 KB."""
+    jpeg = encode(Image.new("L", (64, 64), 128), "JPEG", progressive=True)
+    assert open_image(_tiff_of_one_jpeg_strip(jpeg, 64, 64), **LIMITS).getpixel((5, 5))[0] in range(126, 131)
+    last_scan = jpeg[jpeg.rindex(b"\xff\xda") : jpeg.rindex(b"\xff\xd9")]
+    many = jpeg[: jpeg.rindex(b"\xff\xd9")] + last_scan * 40 + b"\xff\xd9"
+    with pytest.raises(NotAnImage):
+        open_image(_tiff_of_one_jpeg_strip(many, 64, 64), **LIMITS)
 
 
 def test_a_bomb_past_pillows_own_cap_names_the_limit_that_applies() -> None:
@@ -278,3 +308,42 @@ def test_draft_decodes_huge_jpegs_smaller_but_never_below_twice_the_input() -> N
     image = open_image(big, **LIMITS, draft=224)
     assert 448 <= min(image.size) < 3000
     assert open_image(big, **LIMITS).size == (4000, 3000)
+
+
+def test_decoding_holds_its_pixels_of_a_shared_budget_and_gives_them_back() -> None:
+    """Pictures at the pixel limit cost 0.5-0.8 GB each to decode: cores x that was the only bound."""
+    budget = images.Budget(100)
+    order: list[str] = []
+    seen: list[int] = []
+
+    def second() -> None:
+        with budget.hold(50):
+            order.append("second")
+            seen.append(budget.taken)
+
+    with budget.hold(80):
+        waiter = threading.Thread(target=second)
+        waiter.start()
+        time.sleep(0.2)
+        order.append("first done")
+    waiter.join(5)
+    assert order == ["first done", "second"] and seen == [50] and budget.taken == 0
+    with budget.hold(1000):  # more than all of it: alone, not forever
+        assert budget.taken == 100
+
+
+def test_open_image_gives_its_budget_back_after_a_failed_decode(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(images, "decoding", images.Budget(10_000))
+    data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
+    held: list[int] = []
+    real = images.Budget.hold
+
+    def watched(self, amount):
+        held.append(amount)
+        return real(self, amount)
+
+    monkeypatch.setattr(images.Budget, "hold", watched)
+    assert open_image(data, **LIMITS).size == (64, 64)
+    with pytest.raises(NotAnImage):
+        open_image(data[: len(data) - 30], **LIMITS)
+    assert held == [64 * 64, 64 * 64] and images.decoding.taken == 0
