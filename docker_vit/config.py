@@ -126,7 +126,9 @@ class Settings:
         if any(not TOKEN.fullmatch(key) for key in self.api_keys):
             raise ValueError("api_keys holds a key that is not printable ASCII or has blanks at either end")
         if self.url and not _http_url(self.url):
-            raise ValueError(f"url must start with http:// or https:// and a host, got {self.url!r}")
+            raise ValueError(
+                f"url must be http:// or https://, a host and an optional path (no query), got {self.url!r}"
+            )
         if self.url and self.api_key and not TOKEN.fullmatch(self.api_key):
             raise ValueError("api_key is not printable ASCII or has blanks at either end")
         if not DEVICE.fullmatch(self.device):
@@ -171,7 +173,8 @@ SERVING = names_of(MODEL, SERVER)  # what a server reads: `serve`, Runpod, Ray
 
 
 def _http_url(url: str) -> bool:
-    """An http(s) URL with a host (and a numeric port, if any), nothing blank or unprintable in it."""
+    """An http(s) URL with a host (and a numeric port, if any), no query or fragment, nothing blank or
+    unprintable in it."""
     if not url.isprintable() or any(c.isspace() for c in url):
         return False
     try:
@@ -179,7 +182,9 @@ def _http_url(url: str) -> bool:
         parts.port  # noqa: B018  (raises ValueError on a port that is not a number in range)
     except ValueError:
         return False
-    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+    # the routes are joined to its path: a query or fragment would end up before them
+    plain = not (parts.query or parts.fragment or "?" in url or "#" in url)
+    return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and plain
 
 
 def named(exc: Exception, flags: bool = True) -> str:

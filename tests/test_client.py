@@ -212,6 +212,8 @@ def test_a_url_naming_the_route_gets_a_hint(
         "http://127.0.0.1:notaport",
         "http://h:99999",
         "http://h\n",
+        "http://127.0.0.1:9106?x=1",
+        "http://h/#top",
     ],
 )
 def test_a_bad_url_stops_before_anything_with_one_line(
@@ -224,7 +226,7 @@ def test_a_bad_url_stops_before_anything_with_one_line(
         with pytest.raises(SystemExit) as stop:
             cli.main(["caption", str(tmp_path / "nowhere"), "-o", str(out), *args])
         assert stop.value.code == 2 and not out.exists()
-        assert "--url (DOCKER_VIT_URL) must start with http:// or https://" in capsys.readouterr().err
+        assert "--url (DOCKER_VIT_URL) must be http:// or https://, a host" in capsys.readouterr().err
 
 
 def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.CaptureFixture) -> None:
