@@ -17,7 +17,7 @@ import io
 import json
 import os
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 FORMATS = ("jsonl", "csv")
@@ -59,9 +59,11 @@ def encode(entry: Mapping[str, Any], fmt: str, columns: Sequence[str] = CSV_COLU
 class CaptionsFile:
     """An output file opened for appending, knowing which paths it already holds."""
 
-    def __init__(self, path: str, fmt: str) -> None:
+    def __init__(self, path: str, fmt: str, warn: Callable[[str], None] = lambda message: None) -> None:
         self.path = path
         self.format = fmt
+        self.warn = warn
+        self.makers: set[tuple[str, ...]] = set()  # (model, num_beams, max_new_tokens) of its records
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
         try:
@@ -78,8 +80,21 @@ class CaptionsFile:
         """Append whole records and flush them, so a kill at any moment leaves complete lines."""
         text = "".join(encode(entry, self.format, self.columns) for entry in entries)
         if text:
+            self._note_other_makers(entries)
             self._write(text)
         self.done.update(entry["path"] for entry in entries)
+
+    def _note_other_makers(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """A resumed file whose records came from another model or other options gets this run's
+        beside them (each record names its own): said once, as the user may have meant to start over."""
+        makers = {_maker(entry) for entry in entries}
+        if self.makers and not makers <= self.makers:
+            before = "; ".join(_shown(maker) for maker in sorted(self.makers))
+            self.warn(
+                f"{self.path} holds captions made otherwise ({before}); this run's "
+                f"({_shown(min(makers - self.makers))}) are added beside them"
+            )
+        self.makers |= makers
 
     def close(self) -> None:
         self._file.close()
@@ -132,12 +147,22 @@ class CaptionsFile:
             if not isinstance(path, str):
                 raise CaptionsFileError(f"{self.path} has a record without a path: is it a captions file?")
             done.add(path)
+            self.makers.add(_maker(row))
         if reader.complete < reader.read:
             self._file.truncate(reader.complete)
         self._file.seek(0, os.SEEK_END)
         if reader.complete == reader.read and not reader.ended:  # a whole last record, without its newline
             self._write("\n")
         return done
+
+
+def _maker(entry: Mapping[str, Any]) -> tuple[str, ...]:
+    """What made a record, as text (a CSV row holds text, a JSON line numbers)."""
+    return tuple(str(entry.get(name, "")) for name in CSV_COLUMNS[2:])
+
+
+def _shown(maker: tuple[str, ...]) -> str:
+    return ", ".join(f"{name} {value}" for name, value in zip(CSV_COLUMNS[2:], maker, strict=True) if value)
 
 
 class _Lines:

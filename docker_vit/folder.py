@@ -78,7 +78,11 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     if not images:
         progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
     try:
-        sink = CaptionsFile(output, format_for(output, fmt)) if output else _Stdout(fmt, images, paths)
+        sink = (
+            CaptionsFile(output, format_for(output, fmt), progress.warn)
+            if output
+            else _Stdout(fmt, images, paths)
+        )
     except BrokenPipeError:  # stdout's reader left before the CSV header went out
         return _reader_left(progress)
     except (OSError, CaptionsFileError) as exc:

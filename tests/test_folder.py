@@ -135,6 +135,23 @@ def test_resume_captions_only_new_images(library: Path, tmp_path: Path) -> None:
     assert Digest.batches == [] and len(lines(out)) == 7  # nothing left to do: the model never ran
 
 
+@pytest.mark.parametrize("name", ["captions.jsonl", "captions.csv"])
+def test_resuming_with_other_options_says_the_file_now_mixes_them(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    out = tmp_path / name
+    cli.main(["caption", str(library), "--output", str(out), *DIGEST, "--num-beams", "1"])
+    picture(library / "new.png", 70)
+    capsys.readouterr()
+    cli.main(["caption", str(library), "--output", str(out), *DIGEST, "--num-beams", "1"])
+    assert "made otherwise" not in capsys.readouterr().err  # the same command again: nothing to say
+    picture(library / "newer.png", 75)
+    cli.main(["caption", str(library), "--output", str(out), *DIGEST, "--num-beams", "2"])
+    err = capsys.readouterr().err
+    assert f"{out} holds captions made otherwise (model digest, num_beams 1); this run's" in err
+    assert "(model digest, num_beams 2) are added beside them" in err
+
+
 def test_resume_knows_a_file_named_otherwise(
     library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
