@@ -7,7 +7,7 @@ a local run line for line.
 
 Errors: 502/503/504 and dropped connections are retried (honouring Retry-After, bounded: a full queue is
 waited for, up to ten minutes an image); a refused image (400, 413, 415) or a failed one (500) is skipped
-with a warning; 401/403/404/405, 422 (the options) and 501 stop the run, since every other image would
+with a warning, but a model failing on three batches' worth in a row ends the run; 401/403/404/405, 422 (the options) and 501 stop the run, since every other image would
 meet the same answer. Files over the server's byte limit are skipped without being sent.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.folder import CaptionError, Outcome, describe_error, read_file
+from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
 from docker_vit.handler import generation_defaults
 from docker_vit.images import InputError
 
@@ -68,6 +68,10 @@ def _redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
 class _Skip(Exception):
     """This image was refused or failed on the server; the others may still go through."""
 
+    def __init__(self, message: str, broke: bool = False) -> None:
+        super().__init__(message)
+        self.broke = broke  # the server's model failed on it (5xx)
+
 
 class RemoteCaptioner:
     """Captions through `settings.url` with `settings.concurrency` requests in flight."""
@@ -99,8 +103,14 @@ class RemoteCaptioner:
         self.max_bytes = limit if isinstance(limit, int) and limit > 0 else settings.max_bytes
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
+        """As a local run: a model that fails on every image of GIVE_UP_AFTER batches' worth in a row is
+        broken, and the run ends rather than send every other image to it."""
+        in_a_row, limit = 0, GIVE_UP_AFTER * self.concurrency
         for outcome in in_order(self._caption, paths, self.concurrency):
+            in_a_row = in_a_row + 1 if outcome.broke else 0
             yield [outcome]
+            if in_a_row >= limit:
+                raise CaptionError(f"the server's model failed on {limit} images in a row: {outcome.error}")
 
     def _caption(self, path: str) -> Outcome:
         try:
@@ -108,7 +118,7 @@ class RemoteCaptioner:
         except (OSError, InputError) as exc:
             return Outcome(path, error=describe_error(exc))
         except _Skip as exc:
-            return Outcome(path, error=str(exc))
+            return Outcome(path, error=str(exc), broke=exc.broke)
         entry = dict(answer["captions"][0])
         text = entry.pop("text")
         return Outcome(path, entry=record(path, text, answer.get("model", ""), self.recorded, entry))
@@ -135,7 +145,7 @@ class RemoteCaptioner:
                     hint = " (give --url without /v1/captions: it is added)" if routed else ""
                     raise CaptionError(f"{self.url} answered {problem}{hint}") from None
                 if exc.code not in (429, 502, 503, 504):
-                    raise _Skip(f"the server answered {problem}") from None
+                    raise _Skip(f"the server answered {problem}", broke=exc.code >= 500) from None
                 failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
                 delay = _retry_after(exc, failures)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:

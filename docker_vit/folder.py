@@ -60,9 +60,11 @@ class Outcome:
     path: str
     entry: dict[str, Any] | None = None
     error: str | None = None
+    broke: bool = False  # the model failed on it (a 500), rather than refusing it
 
 
 Runner = Callable[[list[str]], Iterator[list[Outcome]]]
+GIVE_UP_AFTER = 3  # batches (of a server's: --concurrency images) in a row in which the model failed on all
 
 
 def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:

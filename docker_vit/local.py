@@ -16,7 +16,7 @@ from typing import Any
 from docker_vit.calls import contained, drop_frames, splittable
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.folder import CaptionError, Outcome, describe_error, read_file
+from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
 from docker_vit.handler import (
     OptionsError,
     Result,
@@ -28,8 +28,6 @@ from docker_vit.handler import (
     read_options,
     respond,
 )
-
-GIVE_UP_AFTER = 3  # batches in a row in which the model failed on every image
 
 
 class LocalCaptioner:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from conftest import photo
+from PIL import Image
 
 from docker_vit import cli, client
 from docker_vit.config import Settings
@@ -323,6 +324,32 @@ def test_a_200_without_captions_stops_the_run_with_a_clear_error(
             == 1
         )
     assert "did not answer with captions" in capsys.readouterr().err
+
+
+class _Broken(_Flaky):
+    """A server whose model fails on every image (500); counts the caption requests it got."""
+
+    posts = 0
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        _Broken.posts += 1
+        self._answer(500, {"error": {"type": "model_error", "message": "CUDA error: device lost"}})
+
+
+def test_a_server_whose_model_fails_on_everything_ends_the_run_as_a_local_one_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Not 100,000 requests and warnings for a 100,000-image folder: three batches' worth in a row."""
+    for index in range(12):
+        Image.new("RGB", (8, 8), (index, 0, 0)).save(tmp_path / f"{index:02}.png")
+    with stub_server(_Broken) as url:
+        code = cli.main(
+            ["caption", str(tmp_path), "-o", str(tmp_path / "o.jsonl"), "--url", url, "--concurrency", "2"]
+        )
+    err = capsys.readouterr().err
+    assert code == 1 and "the server's model failed on 6 images in a row: the server answered 500" in err
+    assert _Broken.posts <= 6 + 2 * 2  # the in-flight ones, at most, beyond the six
 
 
 class _Gateway(_Flaky):
