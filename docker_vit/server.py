@@ -196,14 +196,46 @@ def _max_body(settings: Settings) -> int:
     return settings.max_bytes * settings.max_images * 4 // 3 + 1_000_000
 
 
+_ERROR = {  # every error answer's body (errors.error_response)
+    "type": "object",
+    "properties": {
+        "error": {
+            "type": "object",
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        }
+    },
+}
+_ERRORS = {
+    "400": "no image, or a malformed request",
+    "401": "a missing or wrong API key (when the server has keys)",
+    "413": "an image, a request or the count of images over a limit",
+    "415": "not a picture this server decodes",
+    "422": "an option out of bounds",
+    "500": "the model failed on this input",
+    "503": "the queue is full (Retry-After), or the model is not loaded",
+    "504": "no caption within the request timeout",
+}
+
+
 def _upload_doc(json: bool = False) -> dict[str, Any]:
+    """What the routes read themselves (not through FastAPI's parameters), for /docs."""
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    fields = {"file": {"type": "string", "format": "binary"}}
+    fields |= {param["name"]: param["schema"] for param in OPTION_PARAMS}  # as form fields, too
     content: dict[str, Any] = {
-        "multipart/form-data": {
-            "schema": {"type": "object", "properties": {"file": {"type": "string", "format": "binary"}}}
-        },
-        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": fields}},
+        "image/*": binary,
+        "application/octet-stream": binary,
     }
     if json:
         images = {"type": "array", "items": {"type": "string", "format": "byte"}}
         content["application/json"] = {"schema": {"type": "object", "properties": {"images": images}}}
-    return {"requestBody": {"content": content, "required": True}, "parameters": OPTION_PARAMS}
+    errors = {
+        status: {"description": text, "content": {"application/json": {"schema": _ERROR}}}
+        for status, text in _ERRORS.items()
+    }
+    return {
+        "requestBody": {"content": content, "required": True},
+        "parameters": OPTION_PARAMS,
+        "responses": errors,
+    }

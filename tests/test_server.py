@@ -203,6 +203,13 @@ def test_probes_model_docs_and_metrics(client) -> None:
         warnings.simplefilter("error")  # FastAPI warns of duplicate operation ids
         paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/captions" in paths and "head" not in paths["/healthz"]
+    upload = paths["/"]["post"]
+    assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(
+        upload["requestBody"]["content"]
+    )
+    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(upload["responses"])
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert {"file", "num_beams", "max_new_tokens"} <= set(form)
     client.post("/", files={"file": png()})
     metrics = client.get("/metrics").text
     for name in (
