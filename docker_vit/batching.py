@@ -156,7 +156,7 @@ class Batcher:
             raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
         taken = self._queued + self._incoming.total()
         if taken + count > self.max_queue:
-            raise QueueFull(f"the queue is full ({taken} images waiting or being decoded)")
+            raise QueueFull(f"the queue is full ({taken} image{'s' * (taken != 1)} waiting or being decoded)")
 
     def submit(self, items: Sequence[Any], options: Hashable) -> list[asyncio.Future]:
         """Queue all of one request's items, or none of them when they don't fit."""

@@ -90,7 +90,8 @@ def _add_settings(
         flags = [flag_name(name), *spec.metadata.get("short", ())]
         kind = type(spec.default)
         shown = spec.default not in ("", ()) and spec.default is not False  # 0 == False: test identity
-        default = f"default: {spec.default!r}; " if shown else ""
+        value = f"{spec.default:g}" if isinstance(spec.default, float) else repr(spec.default)  # 5, not 5.0
+        default = f"default: {value}; " if shown else ""
         help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
         metavar = spec.metadata.get("metavar")
         if kind is tuple:
