@@ -180,6 +180,8 @@ class _Lines:
             first = self.read == 0
             self.read += len(raw)
             self.ended = raw.endswith(b"\n")
+            if not (first or self.ended or raw.strip(b"\0")):  # the zeros a crash leaves at the end
+                return  # of a file (its size written before its data): cut short, as by a kill
             line = raw.decode(**_ENCODING)
             yield line.removeprefix("\ufeff") if first else line  # a spreadsheet's byte order mark
 

@@ -201,6 +201,13 @@ def test_a_cut_off_last_record_is_dropped_on_resume(tmp_path: Path) -> None:
         ("a.csv", 'path,caption\nx.png,a\n"y.png","a cap', ["x.png"], "new.png,fresh"),
         ("b.csv", 'path,caption\nx.png,a\ny.png,"two\nlines"\nz.png,b', ["x.png", "y.png"], "new.png,fresh"),
         ("c.csv", "path,cap", [], "new.png,fresh,,,"),  # even the header was cut: written anew
+        (
+            "z.jsonl",
+            '{"path": "x.png", "caption": "a"}\n' + "\0" * 4096,
+            ["x.png"],
+            json.dumps(fresh),
+        ),  # a crash
+        ("z.csv", "path,caption\nx.png,a\n" + "\0" * 100, ["x.png"], "new.png,fresh"),
     ]:
         path = tmp_path / name
         path.write_text(text)
@@ -220,6 +227,7 @@ def test_a_cut_off_last_record_is_dropped_on_resume(tmp_path: Path) -> None:
         ("notes.csv", "name,value"),
         ("quoted.csv", '"an open quote'),
         ("two.jsonl", '{"path": "x.png", "caption": "a"}\nsome notes'),
+        ("zeros.jsonl", "\0" * 512),  # zeros after no record of ours: not known to be a crash's
     ],
 )
 def test_a_file_that_is_not_a_captions_file_is_never_cut(tmp_path: Path, name: str, text: str) -> None:
