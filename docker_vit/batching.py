@@ -278,7 +278,10 @@ class Batcher:
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
             return
-        log.error("model call failed", exc_info=exc)
+        if getattr(exc, "status", 500) < 500:  # a handler refusing an input in predict: the client's
+            log.info("model call refused its input: %s: %s", type(exc).__name__, exc)
+        else:
+            log.error("model call failed", exc_info=exc)
         drop_frames(exc)  # the callers get the error, not the failed call's tensors
         for entry in live:
             entry.future.set_exception(exc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 import weakref
@@ -462,3 +463,25 @@ def test_stop_during_a_failed_batchs_retries_answers_all_of_it() -> None:
         return [future.cancelled() for future in futures]
 
     assert run(main()) == [True, True, True, True]
+
+
+def test_an_input_refused_inside_predict_is_not_logged_as_a_model_failure(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Refused(Exception):
+        status = 400  # as InputError: the client's mistake
+
+    def predict(items, options):
+        raise Refused("this input is not for this model")
+
+    async def main():
+        batcher = make(predict)
+        batcher.start()
+        results = await asyncio.gather(*batcher.submit([1], "a"), return_exceptions=True)
+        await batcher.stop()
+        return results
+
+    with caplog.at_level(logging.INFO, logger="docker_vit.batching"):
+        (result,) = run(main())
+    assert isinstance(result, Exception) and str(result) == "this input is not for this model"
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "refused its input" in caplog.text
