@@ -39,6 +39,24 @@ def configure(log_format: str = "text", level: str = "info", logger: str = "") -
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # it warns of every malformed multipart body a client sends; the client gets its 400 anyway
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    uvicorn = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, _ClientsDoing) for f in uvicorn.filters):
+        uvicorn.addFilter(_ClientsDoing())
+
+
+class _ClientsDoing(logging.Filter):
+    """uvicorn's warnings about what a client sent (a malformed request, an upgrade no route takes: its
+    access line says so already), which any client could repeat into a flood; and its advice to install
+    a WebSocket library, which would be wrong here (no route takes WebSockets, by choice)."""
+
+    SAID = (
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "No supported WebSocket library",
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.SAID)
 
 
 def adopt_library_loggers() -> None:

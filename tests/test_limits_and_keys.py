@@ -471,3 +471,26 @@ def test_an_empty_keys_variable_is_warned_open_and_keys_stay_out_of_reprs() -> N
     assert "DOCKER_VIT_API_KEYS is set but empty: the server is open to anyone" in warned
     shown = repr(Settings(api_keys=("server-secret",), url="http://a:1", api_key="client-secret"))
     assert "secret" not in shown and "max_queue" in shown
+
+
+def test_uvicorns_warnings_about_what_a_client_sent_are_left_to_the_access_line(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    """Any client could repeat them into a flood, and the WebSocket advice is wrong here."""
+    from docker_vit import logs
+
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        logs.configure("text", "info")
+        uvicorn = logging.getLogger("uvicorn.error")
+        uvicorn.warning("Invalid HTTP request received.")
+        uvicorn.warning("Unsupported upgrade request.")
+        uvicorn.warning("No supported WebSocket library detected. Please use ...")
+        uvicorn.warning("something else")
+    finally:
+        root.handlers[:], root.level = saved[0], saved[1]
+    err = capsys.readouterr().err
+    assert (
+        "something else" in err and "upgrade" not in err and "Invalid" not in err and "WebSocket" not in err
+    )
