@@ -86,10 +86,15 @@ def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
         raise ApiError(400, f"image {index} is not valid base64") from None
 
 
+def error_body(type: str, message: str) -> dict[str, dict[str, str]]:
+    """The one shape of every error answer: HTTP's, Runpod's, and the 400 for unparseable HTTP."""
+    return {"error": {"type": type, "message": message}}
+
+
 def error_response(
     status: int, message: str, type: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    body = {"error": {"type": type or TYPES.get(status, "error"), "message": message}}
+    body = error_body(type or TYPES.get(status, "error"), message)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

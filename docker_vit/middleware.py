@@ -15,7 +15,7 @@ import time
 import uuid
 from typing import Any
 
-from docker_vit.errors import CLIENT_GONE, CLOSE, ApiError, error_response
+from docker_vit.errors import CLIENT_GONE, CLOSE, TYPES, ApiError, error_body, error_response
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.access")
@@ -223,7 +223,7 @@ def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
             """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape,
             with a request id, a log line and a count like every other answer."""
             request_id = uuid.uuid4().hex
-            body = json.dumps({"error": {"type": "invalid_request", "message": "malformed HTTP request"}})
+            body = json.dumps(error_body(TYPES[400], "malformed HTTP request"))
             head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
             head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
             self.transport.write((head + body).encode())

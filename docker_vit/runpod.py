@@ -87,7 +87,7 @@ class Worker:
                 raise errors.from_service(exc) from None
             results = await self._run(inputs, options)
         except errors.ApiError as exc:
-            answer = error(exc.type, exc.message)
+            answer = errors.error_body(exc.type, exc.message)
             if exc.status == 504 and self.service.stalled:  # a model call hung past the timeout: every
                 answer["refresh_worker"] = True  # job would wait behind it, so Runpod replaces this worker
             return answer
@@ -152,10 +152,6 @@ def read_job(
         raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
     inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
     return inputs, options
-
-
-def error(type: str, message: str) -> dict[str, Any]:
-    return {"error": {"type": type, "message": message}}
 
 
 def main() -> None:

@@ -24,11 +24,6 @@ from docker_vit.handler import Handler, Result, description, load_handler
 from docker_vit.middleware import RequestContext
 from docker_vit.service import LOADING, READY, Service
 
-OPTION_PARAMS = [
-    {"name": name, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
-    for name in ("num_beams", "max_new_tokens")
-]
-
 
 def create_app(settings: Settings, handler: Handler | None = None, proxied: bool = False) -> FastAPI:
     """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this.
@@ -63,7 +58,10 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
 def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     authorized = Depends(_api_key_check(settings.api_keys))
 
-    @app.post("/", response_class=PlainTextResponse, dependencies=[authorized], openapi_extra=_upload_doc())
+    names = tuple(service.handler.option_names or ())  # the fields its `options` reads, for /docs
+    upload = _upload_doc(names)
+
+    @app.post("/", response_class=PlainTextResponse, dependencies=[authorized], openapi_extra=upload)
     async def caption(request: Request) -> PlainTextResponse:
         """The original contract: one image (multipart `file` or an image/* body) in, its caption as text."""
         with memory.in_use:  # what an upload leaves in the heap goes back to the OS once all are done
@@ -71,7 +69,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
             results = await _run(request, service, settings, inputs, raw)
         return PlainTextResponse(results[0].text)
 
-    @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(json=True))
+    @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(names, json=True))
     async def captions(request: Request) -> JSONResponse:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
         with memory.in_use:
@@ -106,10 +104,8 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.ready:
             return JSONResponse({"status": READY})
-        error = {"type": errors.TYPES[503], "message": service.not_ready}
-        return JSONResponse(
-            {"status": service.status, "error": error}, status_code=503, headers={"Retry-After": "5"}
-        )
+        body = {"status": service.status, **errors.error_body(errors.TYPES[503], service.not_ready)}
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -217,11 +213,12 @@ _ERRORS = {
 }
 
 
-def _upload_doc(json: bool = False) -> dict[str, Any]:
-    """What the routes read themselves (not through FastAPI's parameters), for /docs."""
+def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, Any]:
+    """What the routes read themselves (not through FastAPI's parameters), for /docs: the body, and
+    the fields the handler's `options` reads (in the query, or as form fields)."""
     binary = {"schema": {"type": "string", "format": "binary"}}
-    fields = {"file": {"type": "string", "format": "binary"}}
-    fields |= {param["name"]: param["schema"] for param in OPTION_PARAMS}  # as form fields, too
+    params = [{"name": name, "in": "query", "required": False, "schema": {}} for name in option_names]
+    fields = {"file": {"type": "string", "format": "binary"}, **{name: {} for name in option_names}}
     content: dict[str, Any] = {
         "multipart/form-data": {"schema": {"type": "object", "properties": fields}},
         "image/*": binary,
@@ -230,12 +227,12 @@ def _upload_doc(json: bool = False) -> dict[str, Any]:
     if json:
         images = {"type": "array", "items": {"type": "string", "format": "byte"}}
         content["application/json"] = {"schema": {"type": "object", "properties": {"images": images}}}
-    errors = {
+    answers = {
         status: {"description": text, "content": {"application/json": {"schema": _ERROR}}}
         for status, text in _ERRORS.items()
     }
     return {
         "requestBody": {"content": content, "required": True},
-        "parameters": OPTION_PARAMS,
-        "responses": errors,
+        "parameters": params,
+        "responses": answers,
     }

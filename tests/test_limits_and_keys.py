@@ -494,3 +494,14 @@ def test_uvicorns_warnings_about_what_a_client_sent_are_left_to_the_access_line(
     assert (
         "something else" in err and "upgrade" not in err and "Invalid" not in err and "WebSocket" not in err
     )
+
+
+def test_docs_list_the_fields_the_handlers_options_read_not_the_captioners() -> None:
+    from fake_handlers import OwnFields
+
+    settings = Settings()
+    with serving(settings, OwnFields(settings)) as client:
+        upload = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]
+    assert [param["name"] for param in upload["parameters"]] == ["shout"]
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert set(form) == {"file", "shout"}
