@@ -140,7 +140,7 @@ def _server(settings: Settings) -> tuple[Any, Any]:
     import uvicorn
 
     from docker_vit import logs
-    from docker_vit.middleware import MAX_HEADER_BYTES, header_deadline
+    from docker_vit.protocol import MAX_HEADER_BYTES, header_deadline
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
