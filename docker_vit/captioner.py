@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 from docker_vit.config import Settings
 from docker_vit.engine import CaptionEngine, Unservable, shown_id
 from docker_vit.handler import Handler, OptionsError, Result, shown
-from docker_vit.images import TooLarge, open_image
+from docker_vit.images import TooLarge
 
 DRAFT_SIDE = 512
 # The most pixels the model's processor may resize an image to, or --max-pixels if higher: what an image
@@ -66,10 +66,9 @@ class Captioner(Handler):
         )
 
     def prepare(self, data: bytes, options: Hashable) -> Any:
-        s = self.settings
-        image = open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=self._draft())
+        image = self.open_image(data, draft=self._draft())
         width, height = self.engine.resized(*image.size)
-        limit = max(s.max_pixels, RESIZE_LIMIT)
+        limit = max(self.settings.max_pixels, RESIZE_LIMIT)
         if width * height > limit:
             raise TooLarge(
                 f"image is {image.width}x{image.height} pixels: the model's processor would resize it to "

@@ -1,14 +1,15 @@
 """`docker-vit caption --url`: the same folder captioning, sent to a running Docker-ViT server.
 
-Standard library only (urllib and threads), so the client needs nothing beyond the core install. Each
-image is one raw-body request to `POST /v1/captions`, several in flight at once; the server's batcher
-turns concurrent requests into full batches. Answers come back in input order, so the output matches
-a local run line for line.
+HTTP through the standard library (urllib and threads), so the client needs nothing beyond the core
+install, nor torch. Each image is one raw-body request to `POST /v1/captions`, several in flight at
+once; the server's batcher turns concurrent requests into full batches. Answers come back in input
+order, so the output matches a local run line for line.
 
-Errors: 502/503/504 and dropped connections are retried (honouring Retry-After, bounded: a full queue is
-waited for, up to ten minutes an image); a refused image (400, 413, 415) or a failed one (500) is skipped
-with a warning, but a model failing on three batches' worth in a row ends the run; 401/403/404/405, 422 (the options) and 501 stop the run, since every other image would
-meet the same answer. Files over the server's byte limit are skipped without being sent.
+Errors: 429, 502/503/504 and dropped connections are retried (honouring Retry-After, bounded: a full
+queue is waited for, up to ten minutes an image); a refused image (400, 413, 415) or a failed one (500)
+is skipped with a warning, but a model failing on three batches' worth in a row ends the run;
+401/403/404/405, 422 (the options) and 501 stop the run, since every other image would meet the same
+answer. Files over the server's byte limit are skipped without being sent.
 """
 
 from __future__ import annotations

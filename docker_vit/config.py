@@ -1,8 +1,9 @@
 """Every setting in one typed place.
 
 Settings come from three layers, strongest first: command-line flags, `DOCKER_VIT_*` environment
-variables (what containers and Runpod templates set), then the defaults below. This is the only module
-that reads the environment; everything else receives a `Settings`.
+variables (what containers and Runpod templates set), then the defaults below. The entry points (cli,
+ray, runpod) hand the environment to `Settings.load` here, and nothing else reads it: every other module
+receives a `Settings`. (images.py sets a libtiff limit in it, a decoder's knob, not a setting.)
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ class Settings:
     max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
     jpeg_draft: bool = _opt(
         True,
-        "decode JPEGs of 2048 px or more on both sides at a reduced scale (no less than 1024 px) before the model's "
-        "resize; --no-jpeg-draft decodes every image whole, as the model's own processor would",
+        "decode big JPEGs at a reduced scale that divides both sides, keeping at least 1024 px a side "
+        "(vit-gpt2: those of 2048 px or more) before the model's resize; --no-jpeg-draft decodes every "
+        "image whole, as the model's own processor would",
         MODEL,
     )
 

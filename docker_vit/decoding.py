@@ -212,11 +212,14 @@ def _beam_search(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.devic
     offsets = torch.arange(batch, device=device)[:, None] * k
     cur = 1
     while True:
+        # a. every beam's next-token log-probs, added to its running score
         log_probs = _beam_log_probs(stepper, p, run_seq, cur)
         vocab = log_probs.shape[-1]
         log_probs = (log_probs + run_scores[:, :, None]).reshape(batch, -1)
+        # b. the best `keep` candidates over all beams of an image
         topk_lp, topk_idx = torch.topk(log_probs, k=keep)
         src_beam, tokens = topk_idx // vocab, topk_idx % vocab
+        # c. their sequences, and (d.) which of them end here
         cand_seq = _take(run_seq, src_beam)
         cand_seq[:, :, cur] = tokens
         hits = torch.zeros_like(tokens, dtype=torch.bool) if eos is None else torch.isin(tokens, eos)
@@ -229,7 +232,7 @@ def _beam_search(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.devic
         rows = (_take(src_beam, nxt) + offsets).view(-1)
         # f. finished candidates among the top `k` compete with the stored hypotheses
         did_finish = hits & top_mask[None, :]
-        scores = topk_lp / ((cur + 1 - 1) ** lp_pow)
+        scores = topk_lp / ((cur + 1 - 1) ** lp_pow)  # transformers' cur_len + 1 - prompt_len, prompt 1
         batch_full = torch.all(fin_done, axis=-1, keepdims=True) & (early is True)
         scores += batch_full.to(torch.float32) * -1.0e9
         scores += (~improvable).to(torch.float32) * -1.0e9

@@ -60,8 +60,11 @@ class CaptionEngine:
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
         self.threads = threads
-        self.model: Any = None
-        self.max_new_tokens: int | None = None  # the most the model's positions allow, once loaded
+        self.model: Any = None  # these, once loaded
+        self.image_processor: Any = None
+        self.tokenizer: Any = None
+        self.input_size: int | None = None  # the side the processor resizes to, where it has one
+        self.max_new_tokens: int | None = None  # the most the model's positions allow
 
     def load(self) -> None:
         """Read weights and processors from a Hub id (downloading once) or a local folder."""

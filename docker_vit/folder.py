@@ -5,7 +5,8 @@ server with `--url`; local.py and client.py), and captions go to stdout or to a 
 run resumes. One unreadable file costs a warning line, never the run.
 
 Exit codes: 0 when every image found is captioned (in this run or an earlier one), 1 when some were
-not (skipped with a warning, or the run stopped on an error: rerun to retry them), 130 on Ctrl-C.
+not (skipped with a warning, or the run stopped on an error: rerun to retry them), 130 on Ctrl-C,
+143 on SIGTERM, 141 when the reader of stdout leaves.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for
 from docker_vit.config import Settings
 from docker_vit.handler import HandlerError
+from docker_vit.images import InputError, TooLarge
 from docker_vit.progress import Progress
 
 IMAGE_EXTENSIONS = frozenset(
@@ -210,10 +212,10 @@ def _walk(root: str, visited: set[tuple[int, int]], warn: Callable[[str], None])
 
 def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> list[str]:
     try:
-        stat = os.stat(folder)
-        if (stat.st_dev, stat.st_ino) in visited:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in visited:
             return []
-        visited.add((stat.st_dev, stat.st_ino))
+        visited.add((info.st_dev, info.st_ino))
         return sorted(name for name in os.listdir(folder) if not name.startswith("."))
     except OSError as exc:
         warn(f"skipping folder {folder}: {exc.strerror or exc}")
@@ -223,8 +225,6 @@ def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], N
 def read_file(path: str, limit: int) -> bytes:
     """An image file's bytes, read no further than `limit` (a 3 GB file, a link to /dev/zero); what is
     no regular file is refused unopened (opening a FIFO would wait for a writer for ever)."""
-    from docker_vit.images import InputError, TooLarge
-
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise InputError("not a regular file")
     with open(path, "rb") as file:
@@ -238,8 +238,6 @@ def describe_error(exc: BaseException) -> str:
     """Why a file was skipped, without repeating its path."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    from docker_vit.images import InputError
-
     return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
 
 

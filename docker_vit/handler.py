@@ -1,7 +1,8 @@
 """The one interface between Docker-ViT and a model.
 
-The server, the batcher, the CLI and the Ray and Runpod adapters only ever talk to a `Handler`. The
-captioner is one handler; a user's model is another (`docker-vit serve --handler module:Class`).
+The server, the CLI and the Ray and Runpod adapters only ever talk to a `Handler` (the batcher only to
+its `predict`, as a plain callable). The captioner is one handler; a user's model is another
+(`docker-vit serve --handler module:Class`).
 
 A request travels through a handler in three stages, so that CPU and device work overlap:
 `prepare` (CPU, in a thread pool, one input), `predict` (the device, one batch of items that share
