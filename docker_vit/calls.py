@@ -3,11 +3,14 @@
 Handlers are user code, run on worker threads (the device thread, intake threads). An exception that
 escaped as-is could stop the server (SystemExit, KeyboardInterrupt from a worker reach the event
 loop), hang a future (StopIteration cannot be set on one) or keep a failed batch's tensors alive in
-its traceback; these helpers turn each into an ordinary error of the one call.
+its traceback; these helpers turn each into an ordinary error of the one call. Also here, for the
+server's batcher and `caption` alike: which failed calls are worth retrying in halves, and how many
+CPU calls run at once.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Callable
@@ -18,6 +21,13 @@ class Stopped(KeyboardInterrupt):
     """A stop the process asked for itself (`caption` on SIGTERM), raised on the main thread: it
     goes through `contained` as Ctrl-C does, whatever SIGINT's handler is (a shell script's background
     job ignores SIGINT)."""
+
+
+def cpu_threads() -> int:
+    """Threads for a handler's CPU calls (`prepare`, `respond`): the cores this process may run on (a
+    container's CPU set, not the machine's), at least two."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 2)
+    return max(2, len(usable))
 
 
 class WrongOutputs(RuntimeError):

@@ -8,12 +8,11 @@ only itself.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from docker_vit.calls import contained, drop_frames, splittable
+from docker_vit.calls import contained, cpu_threads, drop_frames, splittable
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
@@ -59,7 +58,7 @@ class LocalCaptioner:
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
-        cpu = ThreadPoolExecutor(max_workers=os.cpu_count() or 2, thread_name_prefix="docker-vit-prepare")
+        cpu = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="docker-vit-prepare")
         try:
             upcoming = self._submit(cpu, batches[0]) if batches else []
             for index in range(len(batches)):

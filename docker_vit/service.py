@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -16,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained
+from docker_vit.calls import contained, cpu_threads
 from docker_vit.config import Settings
 from docker_vit.handler import (
     Handler,
@@ -56,9 +55,7 @@ class Service:
         self.state = LOADING
         self.error: str | None = None
         self.on_failed: Callable[[], None] = lambda: None
-        workers = max(
-            2, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 2
-        )
+        workers = cpu_threads()
         self._cpu = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
         # Answers out of the decoding pool, where they would queue behind images still decoding; not in
         # asyncio's default pool, which the event loop waits for at exit, a stuck `respond` forever.
