@@ -108,6 +108,9 @@ def _decoder_ok(model) -> bool:
         return False
     if getattr(model, "main_input_name", None) != "pixel_values":
         return False
+    # The stepper always runs SDPA; eager (or any other) attention rounds otherwise, as `generate` would run it.
+    if getattr(dec.config, "_attn_implementation", None) != "sdpa":
+        return False
     return all(hasattr(b, "crossattention") for b in dec.transformer.h)
 
 
@@ -138,9 +141,9 @@ def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
     """MinLengthLogitsProcessor: EOS is impossible before `min_len` tokens (incl. the start token)."""
     if p.eos is None or cur_len >= p.min_len:
         return scores
-    scores = scores.clone()
-    scores[:, p.eos.to(scores.device)] = -float("inf")
-    return scores
+    # As transformers masks: ids outside the vocabulary (or negative) mask nothing, and never raise.
+    vocab = torch.arange(scores.shape[-1], device=scores.device)
+    return torch.where(torch.isin(vocab, p.eos.to(scores.device)), -float("inf"), scores)
 
 
 @torch.inference_mode()

@@ -148,6 +148,9 @@ class CaptionEngine:
         config = copy.deepcopy(self.model.generation_config)
         config.num_beams = num_beams
         config.max_new_tokens = max_new_tokens
+        # One caption per image, as plain ids, whatever else the checkpoint's own config asks for.
+        config.num_return_sequences = 1
+        config.return_dict_in_generate = False
         return config
 
     def text(self, ids: list[int]) -> str:

@@ -346,3 +346,24 @@ def test_declines_non_gpt2_decoder_and_training_mode(plain) -> None:
         assert not decoding.supports(plain, _cfg(plain, num_beams=4, max_new_tokens=5))
     finally:
         plain.eval()
+
+
+def test_declines_attention_other_than_sdpa(near_ties) -> None:
+    """The stepper always runs SDPA: a model set to eager attention (a config.json's
+    "attn_implementation") rounds otherwise in `generate`, so it must take `generate`."""
+    cfg = _cfg(near_ties, num_beams=2, max_new_tokens=5)
+    assert decoding.supports(near_ties, cfg)
+    near_ties.set_attn_implementation("eager")
+    try:
+        assert not decoding.supports(near_ties, cfg)
+    finally:
+        near_ties.set_attn_implementation("sdpa")
+
+
+@pytest.mark.parametrize("extra", [5000, -1])
+def test_min_length_ignores_eos_ids_outside_the_vocabulary(extra: int, sharp, pixels) -> None:
+    """`generate` masks EOS ids with `isin`: an id past the vocabulary (or negative) masks nothing."""
+    eos = sharp.generation_config.eos_token_id
+    cfg = _cfg(sharp, num_beams=3, max_new_tokens=8, min_new_tokens=6)
+    cfg.eos_token_id = [eos, extra]
+    assert _mismatches(sharp, pixels, [cfg]) == []

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from conftest import photo, serving
 from PIL import Image
@@ -304,3 +305,19 @@ def test_a_file_the_model_does_not_need_may_be_unreadable_with_a_warning(
         engine.load()
     assert engine.model is not None
     assert f"cannot read {folder / 'notes.txt'}: permission denied" in caplog.text
+
+
+def test_checkpoint_output_options_still_give_one_caption_per_image(tmp_path) -> None:
+    """A generation_config.json asking for dict outputs or several sequences per image: still one
+    list of ids per image."""
+    folder = tiny_models.save_vit_gpt2(tmp_path / "m", seed=1)
+    path = folder / "generation_config.json"
+    config = json.loads(path.read_text())
+    config.update(return_dict_in_generate=True, output_scores=True, num_return_sequences=2, num_beams=2)
+    path.write_text(json.dumps(config))
+    engine = CaptionEngine(str(folder), device="cpu", dtype="float32")
+    engine.load()
+    pixels = [torch.zeros(3, 224, 224), torch.ones(3, 224, 224)]
+    for beams in (1, 2):
+        out = engine.generate(pixels, beams, 5)
+        assert len(out) == 2 and all(isinstance(row, list) for row in out)
