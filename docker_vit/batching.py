@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from docker_vit.calls import WrongOutputs, contained, drop_frames, splittable
+from docker_vit.images import InputError
 
 log = logging.getLogger("docker_vit.batching")
 
@@ -187,6 +188,9 @@ class Batcher:
             self._running = batch  # with the retried halves of it, should it fail: for stop() to answer
             try:
                 await self._execute(batch, options)
+            except Exception as exc:  # a bug here must not end the batcher: every later request would wait
+                log.exception("a batch could not be answered")
+                _fail(self._running, exc)
             finally:
                 self._running = batch = []  # a done batch's items are not kept until the next one
 
@@ -278,10 +282,15 @@ class Batcher:
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
             return
-        if getattr(exc, "status", 500) < 500:  # a handler refusing an input in predict: the client's
+        if isinstance(exc, InputError):  # a handler refusing an input in predict: answered 4xx
             log.info("model call refused its input: %s: %s", type(exc).__name__, exc)
         else:
             log.error("model call failed", exc_info=exc)
         drop_frames(exc)  # the callers get the error, not the failed call's tensors
-        for entry in live:
+        _fail(live, exc)
+
+
+def _fail(entries: Sequence[_Entry], exc: Exception) -> None:
+    for entry in entries:
+        if not entry.future.done():
             entry.future.set_exception(exc)

@@ -12,6 +12,7 @@ import os
 import re
 import threading
 import warnings
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -111,17 +112,25 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
 
 
 class Budget:
-    """An amount (pixels being decoded) shared by threads: `hold` waits until its share fits."""
+    """An amount (pixels being decoded) shared by threads: `hold` waits its turn, then until its share
+    fits."""
 
     def __init__(self, total: int) -> None:
         self.total, self.taken = total, 0
         self._changed = threading.Condition()
+        self._line: deque[object] = deque()  # first come, first served: a big share is not starved
 
     @contextmanager
     def hold(self, amount: int) -> Iterator[None]:
         amount = min(amount, self.total)  # one bigger than all of it runs alone
+        ticket = object()
         with self._changed:
-            self._changed.wait_for(lambda: self.taken + amount <= self.total)
+            self._line.append(ticket)
+            try:
+                self._changed.wait_for(lambda: self._line[0] is ticket and self.taken + amount <= self.total)
+            finally:
+                self._line.remove(ticket)
+                self._changed.notify_all()  # the next in line may fit too (or may be first now)
             self.taken += amount
         try:
             yield
@@ -186,8 +195,11 @@ def _check_decoding_work(data: bytes) -> int:
         if segments > MAX_JPEG_SEGMENTS:
             raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
     pngs = {0} if data[:8] == PNG_MAGIC else _ico_pngs(data) if data[:4] == ICO_MAGIC else set()
-    if any(_png_chunks(data, start, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS for start in pngs):
-        raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+    left = MAX_PNG_CHUNKS + 1  # one allowance for all of an icon's PNGs: its directory may name 65,535
+    for start in pngs:
+        left -= _png_chunks(data, start, left)
+        if left <= 0:
+            raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
     return scans
 
 

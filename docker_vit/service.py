@@ -120,7 +120,6 @@ class Service:
 
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
-        started = time.perf_counter()
         hint = ""
         try:
             example = await asyncio.to_thread(contained, self.handler.example)  # probes answer meanwhile
@@ -129,6 +128,7 @@ class Service:
                 hint = " (the default example() is a PNG image: a handler of other inputs overrides it)"
                 await self.prepare([example], options)
                 hint = ""
+            started = time.perf_counter()  # the whole path, once: what a client's first request costs
             await self.run([example], options)
         except TooLarge as exc:
             raise LimitsTooLow(f"the limits refuse even the warm-up input, example(): {exc}") from None

@@ -11,6 +11,7 @@ import weakref
 import pytest
 
 from docker_vit.batching import HOLD, Batcher, QueueFull
+from docker_vit.images import InputError
 
 
 class Recorder:
@@ -468,8 +469,8 @@ def test_stop_during_a_failed_batchs_retries_answers_all_of_it() -> None:
 def test_an_input_refused_inside_predict_is_not_logged_as_a_model_failure(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    class Refused(Exception):
-        status = 400  # as InputError: the client's mistake
+    class Refused(InputError):  # the client's mistake, though raised in predict
+        pass
 
     def predict(items, options):
         raise Refused("this input is not for this model")
@@ -485,3 +486,32 @@ def test_an_input_refused_inside_predict_is_not_logged_as_a_model_failure(
         (result,) = run(main())
     assert isinstance(result, Exception) and str(result) == "this input is not for this model"
     assert [r.levelname for r in caplog.records] == ["INFO"] and "refused its input" in caplog.text
+
+
+class _StatusMethod(Exception):
+    def status(self) -> int:  # as some client libraries' errors have: not a status code
+        return 404
+
+
+def test_an_error_of_any_shape_from_predict_never_stops_the_batcher() -> None:
+    """A `status` that is no number (a method, say) broke the log's check, which ended the batcher:
+    every later request waited for its timeout."""
+    calls = []
+
+    def predict(items, options):
+        calls.append(items)
+        if "bad" in items:
+            raise _StatusMethod("upstream said no")
+        return list(items)
+
+    async def main():
+        batcher = make(predict, max_wait=0)
+        batcher.start()
+        bad = asyncio.gather(*batcher.submit(["bad"], "a"), return_exceptions=True)
+        (failed,) = await asyncio.wait_for(bad, 5)
+        later = await asyncio.wait_for(asyncio.gather(*batcher.submit(["good"], "a")), 5)
+        await batcher.stop()
+        return failed, later
+
+    failed, later = run(main())
+    assert isinstance(failed, _StatusMethod) and later == ["good"]

@@ -332,6 +332,51 @@ def test_decoding_holds_its_pixels_of_a_shared_budget_and_gives_them_back() -> N
         assert budget.taken == 100
 
 
+def test_the_budget_serves_in_turn_so_a_big_share_is_not_starved() -> None:
+    """Small decodes that would fit keep behind a big one that waits: otherwise a stream of them
+    could keep a 40-megapixel picture waiting until its client timed out."""
+    budget = images.Budget(100)
+    order: list[str] = []
+
+    def take(name: str, amount: int) -> None:
+        with budget.hold(amount):
+            order.append(name)
+
+    with budget.hold(80):
+        big = threading.Thread(target=take, args=("big", 50))
+        big.start()
+        time.sleep(0.1)
+        small = threading.Thread(target=take, args=("small", 10))  # fits now, but comes second
+        small.start()
+        time.sleep(0.2)
+        assert order == []
+    big.join(5)
+    small.join(5)
+    assert order == ["big", "small"] and budget.taken == 0
+
+
+def test_an_icons_pngs_share_one_chunk_allowance() -> None:
+    """Thousands of directory entries, each starting a walk of one long chain just under the bound:
+    counted per PNG, a 3 MB icon cost a thread ~17 minutes."""
+    count = 3
+    first = 6 + 16 * count  # after the directory: per picture, a PNG signature and a chunk head
+    chain_at = first + 16 * count + 4  # room for the last chunk head's CRC
+    directory = struct.pack("<HHH", 0, 1, count)
+    pictures = b""
+    for index in range(count):
+        at = first + 16 * index
+        directory += struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, 100, at)
+        pictures += (
+            b"\x89PNG\r\n\x1a\n" + struct.pack(">I", chain_at - at - 20) + b"prVt"
+        )  # jumps to the chain
+    chain = b"".join(chunk(b"tEXt", b"") for _ in range(30_000)) + chunk(b"IEND", b"")
+    icon = (
+        directory + pictures + bytes(4) + chain
+    )  # each picture: 30,001 chunks, under the bound; all three: over
+    with pytest.raises(TooLarge, match="more than 50000 chunks"):  # (no IHDR: any "size" passes the pixels)
+        open_image(icon, max_bytes=10**7, max_pixels=10**20)
+
+
 def test_open_image_gives_its_budget_back_after_a_failed_decode(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(images, "decoding", images.Budget(10_000))
     data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
