@@ -72,8 +72,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     """Decode `data` into an RGB image, refusing what is too big or not a picture.
 
     `draft` lets JPEGs decode at a reduced DCT scale when they are far larger than the model input:
-    the result stays at least twice `draft` on each side, so the model's own resize still decides
-    the pixels it sees.
+    the result stays at least twice `draft` on each side, by a scale that divides both sides, so the
+    model's own resize still decides the pixels it sees.
     """
     if len(data) > max_bytes:
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
