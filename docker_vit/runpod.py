@@ -5,7 +5,8 @@
 
 A job's input is `{"image": base64}` or `{"images": [base64, ...]}` (data URLs work too), optionally
 with `num_beams` and `max_new_tokens`; the output is `{"captions": [{"text": ...}], "model": ...}`, or
-`{"error": {"type": ..., "message": ...}}` with the types the HTTP API uses. The adapter only
+`{"error": "<JSON of {type, message}>"}` with the types the HTTP API uses (Runpod's `error` is a
+string). The adapter only
 translates: settings (`DOCKER_VIT_*`), the handler, image intake, limits and batching all come from
 the core, so a Runpod worker and `docker-vit serve` answer alike.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import json
 import os
 import sys
 import threading
@@ -46,6 +48,7 @@ class Worker:
         self._thread = threading.Thread(target=self.loop.run_forever, name="docker-vit-runpod", daemon=True)
         self._thread.start()
         self.service = Service(settings, handler or load_handler(settings))
+        self.on_refresh: Any = lambda: None  # main(): have the SDK itself stop taking jobs and exit
         self._submit(self.service.start()).result()
 
     def wait_ready(self) -> bool:
@@ -87,9 +90,13 @@ class Worker:
                 raise errors.from_service(exc) from None
             results = await self._run(inputs, options)
         except errors.ApiError as exc:
-            answer = errors.error_body(exc.type, exc.message)
+            # Runpod takes a job's `error` as a string (a dict reads as COMPLETED on the platform and
+            # as a 500 in the SDK's local API): the error object, JSON-encoded, as the SDK does itself
+            body = errors.error_body(exc.type, exc.message)["error"]
+            answer: dict[str, Any] = {"error": json.dumps(body)}
             if exc.status == 504 and self.service.stalled:  # a model call hung past the timeout: every
                 answer["refresh_worker"] = True  # job would wait behind it, so Runpod replaces this worker
+                self.on_refresh()
             return answer
         return {"captions": [result.to_json() for result in results], "model": self.service.handler.name}
 
@@ -167,6 +174,9 @@ def main() -> None:
         if worker.wait_ready():
             # Concurrent jobs are what fills the batcher's model calls.
             start = {"handler": worker.handle, "concurrency_modifier": lambda _: worker.concurrency}
+            # a job's own refresh_worker only asks Runpod's side to stop the pod; the SDK's config flag
+            # also makes the SDK stop taking jobs and return once the jobs in progress end
+            worker.on_refresh = lambda: start.__setitem__("refresh_worker", True)
             runpod.serverless.start(start)
         else:
             code = 1  # the service has logged why

@@ -85,8 +85,13 @@ def worker():
 
 
 def run(worker: Worker, job: dict) -> dict:
-    """As Runpod does it: the async handler awaited on a loop of the SDK's own."""
-    return asyncio.run(worker.handle(job))
+    """As Runpod does it: the async handler awaited on a loop of the SDK's own. A failed job's `error`
+    is a string (Runpod's rule), holding the error object as JSON: decoded here for the tests."""
+    answer = asyncio.run(worker.handle(job))
+    if "error" in answer:
+        assert isinstance(answer["error"], str)
+        answer["error"] = json.loads(answer["error"])
+    return answer
 
 
 def test_one_image(worker):
@@ -379,15 +384,19 @@ class Wedged(StubEngine):
 
 def test_a_hung_model_call_asks_runpod_for_another_worker():
     """Once a call has outrun the request timeout, the jobs timing out behind it say `refresh_worker`
-    (the SDK then stops this worker), as the HTTP server's /ping turns a load balancer away; other
-    errors never do."""
+    and the SDK is told to take no more jobs (a job's own flag only reaches Runpod's side: the SDK
+    went on taking jobs and failing each), as the HTTP server's /ping turns a load balancer away;
+    other errors never do."""
     engine = Wedged()
     worker, _ = make_worker(engine, request_timeout=0.5, max_wait_ms=0.0)
+    refreshed: list[bool] = []
+    worker.on_refresh = lambda: refreshed.append(True)
     try:
         first = run(worker, {"input": {"image": png()}})
         assert first["error"]["type"] == "timeout"
         second = run(worker, {"input": {"image": png()}})
         assert second["error"]["type"] == "timeout" and second["refresh_worker"] is True
+        assert len(refreshed) == sum("refresh_worker" in answer for answer in (first, second))
         bad = run(worker, {"input": {"image": "not base64!"}})
         assert bad["error"]["type"] == "invalid_request" and "refresh_worker" not in bad
     finally:
