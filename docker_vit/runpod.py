@@ -5,8 +5,7 @@
 
 A job's input is `{"image": base64}` or `{"images": [base64, ...]}` (data URLs work too), optionally
 with `num_beams` and `max_new_tokens`; the output is `{"captions": [{"text": ...}], "model": ...}`, or
-`{"error": "<JSON of {type, message}>"}` with the types the HTTP API uses (Runpod's `error` is a
-string). The adapter only
+`{"error": {"type": ..., "message": ...}}` with the types the HTTP API uses. The adapter only
 translates: settings (`DOCKER_VIT_*`), the handler, image intake, limits and batching all come from
 the core, so a Runpod worker and `docker-vit serve` answer alike.
 
@@ -22,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import json
 import os
 import sys
 import threading
@@ -90,10 +88,7 @@ class Worker:
                 raise errors.from_service(exc) from None
             results = await self._run(inputs, options)
         except errors.ApiError as exc:
-            # Runpod takes a job's `error` as a string (a dict reads as COMPLETED on the platform and
-            # as a 500 in the SDK's local API): the error object, JSON-encoded, as the SDK does itself
-            body = errors.error_body(exc.type, exc.message)["error"]
-            answer: dict[str, Any] = {"error": json.dumps(body)}
+            answer: dict[str, Any] = errors.error_body(exc.type, exc.message)  # Runpod's error object
             if exc.status == 504 and self.service.stalled:  # a model call hung past the timeout: every
                 answer["refresh_worker"] = True  # job would wait behind it, so Runpod replaces this worker
                 self.on_refresh()
