@@ -120,19 +120,21 @@ class Service:
 
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
-        hint = ""
+        preparing = False
         try:
             example = await asyncio.to_thread(contained, self.handler.example)  # probes answer meanwhile
             options = self.options({})
-            if type(self.handler).example is Handler.example:  # the hint fits a failed prepare only
-                hint = " (the default example() is a PNG image: a handler of other inputs overrides it)"
-                await self.prepare([example], options)
-                hint = ""
             started = time.perf_counter()  # the whole path, once: what a client's first request costs
-            await self.run([example], options)
+            preparing = True
+            items = await self._prepared([example], options)
+            preparing = False
+            await self._answered(items, options)
         except TooLarge as exc:
             raise LimitsTooLow(f"the limits refuse even the warm-up input, example(): {exc}") from None
         except Exception as exc:
+            hint = ""
+            if preparing and type(self.handler).example is Handler.example:  # it fits a failed prepare only
+                hint = " (the default example() is a PNG image: a handler of other inputs overrides it)"
             raise WarmUpError(f"the call on example() failed: {type(exc).__name__}: {exc}{hint}") from exc
         seconds = time.perf_counter() - started
         log.info("warm-up call in %.2f s (%.1f inputs/s)", seconds, 1 / seconds)
@@ -206,9 +208,13 @@ class Service:
 
     async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
         """Bytes in, results out, in input order."""
+        return await self._answered(await self._prepared(inputs, options), options)
+
+    async def _prepared(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
+        """The inputs as items, with queue room held while they decode."""
         self.batcher.admit(len(inputs), options)  # shed load before decoding, not after
         try:
-            items = await self.prepare(inputs, options)
+            return await self.prepare(inputs, options)
         except InputError:
             raise
         except Exception:
@@ -216,6 +222,9 @@ class Service:
             raise
         finally:
             self.batcher.withdraw(len(inputs), options)
+
+    async def _answered(self, items: list[Any], options: Hashable) -> list[Result]:
+        """The items through the batcher, then `respond`."""
         futures = self.batcher.submit(items, options)
         try:
             outputs = await asyncio.gather(*futures)
