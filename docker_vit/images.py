@@ -271,8 +271,8 @@ def to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _on_white(rgba: Image.Image) -> Image.Image:
-    """Composited onto white in place, with one full-size copy at a time: a 40-megapixel RGBA picture
-    is 160 MB a copy, and a few kilobytes of WebP can hold one."""
+    """Composited onto white in place, a full-size copy fewer than `Image.alpha_composite` makes: a
+    40-megapixel RGBA picture is 160 MB a copy, and a few kilobytes of WebP can hold one."""
     picture = Image.new("RGBA", rgba.size, WHITE + (255,))
     picture.alpha_composite(rgba)
     return picture.convert("RGB")

@@ -216,13 +216,13 @@ _ERRORS = {
 def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, Any]:
     """What the routes read themselves (not through FastAPI's parameters), for /docs: the body, and
     the fields the handler's `options` reads (in the query, or as form fields)."""
-    binary = {"schema": {"type": "string", "format": "binary"}}
+    binary = {"type": "string", "format": "binary"}
     params = [{"name": name, "in": "query", "required": False, "schema": {}} for name in option_names]
-    fields = {"file": {"type": "string", "format": "binary"}, **{name: {} for name in option_names}}
+    fields = {"file": binary, **{name: {} for name in option_names}}
     content: dict[str, Any] = {
         "multipart/form-data": {"schema": {"type": "object", "properties": fields}},
-        "image/*": binary,
-        "application/octet-stream": binary,
+        "image/*": {"schema": binary},
+        "application/octet-stream": {"schema": binary},
     }
     if json:
         images = {"type": "array", "items": {"type": "string", "format": "byte"}}

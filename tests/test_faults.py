@@ -233,26 +233,25 @@ def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> No
         assert client.post("/", content=b"fine", headers={"content-type": "image/x"}).text == "fine"
 
 
-def test_a_text_handler_left_with_the_default_example_says_why_it_failed() -> None:
+def _failed_warm_up(handler_class: type) -> str:
+    """Why a server of `handler_class` failed to start, as /readyz says once its load has ended."""
     settings = Settings()
-    with serving(settings, TextOnly(settings), wait=False) as client:
+    with serving(settings, handler_class(settings), wait=False) as client:
         deadline = time.monotonic() + 10
         while client.app.state.service.state == "loading":
             assert time.monotonic() < deadline
             time.sleep(0.01)
-        message = client.get("/readyz").json()["error"]["message"]
-        assert "UnicodeDecodeError" in message and "overrides it" in message
+        return client.get("/readyz").json()["error"]["message"]
+
+
+def test_a_text_handler_left_with_the_default_example_says_why_it_failed() -> None:
+    message = _failed_warm_up(TextOnly)
+    assert "UnicodeDecodeError" in message and "overrides it" in message
 
 
 def test_a_warm_up_failing_elsewhere_than_prepare_gets_no_hint_about_example() -> None:
-    settings = Settings()
-    with serving(settings, NeedsAField(settings), wait=False) as client:
-        deadline = time.monotonic() + 10
-        while client.app.state.service.state == "loading":
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
-        message = client.get("/readyz").json()["error"]["message"]
-        assert "KeyError" in message and "example() is a PNG" not in message
+    message = _failed_warm_up(NeedsAField)
+    assert "KeyError" in message and "example() is a PNG" not in message
 
 
 def test_a_describe_that_fails_is_a_model_error_on_v1_model() -> None:
