@@ -1,20 +1,25 @@
-"""A handler's call, contained: whatever it raises becomes an error of that call alone.
+"""A handler's call, contained and checked: whatever it raises, or returns wrong, is an error of that
+call alone, answered the same way by every front end (server, Runpod, Ray, `docker-vit caption`).
 
 Handlers are user code, run on worker threads (the device thread, intake threads). An exception that
 escaped as-is could stop the server (SystemExit, KeyboardInterrupt from a worker reach the event
 loop), hang a future (StopIteration cannot be set on one) or keep a failed batch's tensors alive in
-its traceback; these helpers turn each into an ordinary error of the one call. Also here, for the
-server's batcher and `caption` alike: which failed calls are worth retrying in halves, and how many
-CPU calls run at once.
+its traceback; `contained` turns each into an ordinary error of the one call, and the checked calls
+below (`read_options`, `predict_all`, `respond`, `description`) refuse what no front end could send.
+Also here, for the server's batcher and `caption` alike: which failed calls are worth retrying in
+halves, and how many CPU calls run at once.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
+
+from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
 
 
 class Stopped(KeyboardInterrupt):
@@ -76,3 +81,77 @@ def drop_frames(exc: BaseException | None) -> None:
         seen.add(id(exc))
         exc.__traceback__ = None
         exc = exc.__cause__ or exc.__context__
+
+
+class WrongCount(HandlerBug, WrongOutputs):
+    """`predict` gave another number of outputs than it got items (one per batch, say)."""
+
+
+def read_options(handler: Handler, raw: Mapping[str, Any]) -> Hashable:
+    """`handler.options(raw)`. The fields come from the client, so what a handler raises on them as a
+    ValueError, TypeError or LookupError (a missing field) is the client's error: OptionsError (422)."""
+    try:
+        options = contained(handler.options, raw)
+    except OptionsError:
+        raise
+    except (ValueError, TypeError, OverflowError, LookupError) as exc:
+        raise OptionsError(f"invalid options: {type(exc).__name__}: {str(exc)[:200]}") from None
+    try:
+        hash(options)
+    except TypeError:  # batches are grouped by options
+        raise HandlerBug(f"options() returned an unhashable {type(options).__name__}") from None
+    return options
+
+
+def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> list[Any]:
+    """`handler.predict`, as a list of exactly one output per item (a generator is run out here)."""
+    count = len(items)  # before predict, which may consume its list
+    outputs = contained(handler.predict, items, options)
+    try:
+        each = iter(outputs)
+    except TypeError:
+        raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
+    outputs = contained(list, each)  # a generator's own errors keep their names
+    if len(outputs) != count:
+        raise WrongCount(f"predict returned {len(outputs)} outputs for {count} items")
+    return outputs
+
+
+def description(handler: Handler) -> dict[str, Any]:
+    """`handler.describe()`, checked to be a JSON object."""
+    info = contained(handler.describe)
+    if not isinstance(info, dict) or not all(isinstance(key, str) for key in info):
+        raise HandlerBug(f"describe returned a {type(info).__name__}, not a dict with str keys")
+    _json(info, "describe returned")
+    return info
+
+
+def generation_defaults(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The captioner's generation defaults from its description (`/v1/model`); nothing for other
+    handlers. Caption records carry them, so that a record says how it was made."""
+    generation = info.get("generation")
+    if not isinstance(generation, dict):
+        return {}
+    return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
+
+
+def _json(value: Any, what: str) -> None:
+    try:
+        json.dumps(value, allow_nan=False, ensure_ascii=False).encode()
+    except (TypeError, ValueError, RecursionError) as exc:  # UnicodeEncodeError: a lone surrogate
+        raise HandlerBug(f"{what} something that is not JSON: {exc}") from None
+
+
+def respond(handler: Handler, output: Any) -> Result:
+    """`handler.respond(output)`, checked to be a Result that every front end can send as JSON."""
+    result = contained(handler.respond, output)
+    if not isinstance(result, Result):
+        raise HandlerBug(f"respond returned a {type(result).__name__}, not a Result")
+    if not isinstance(result.text, str):
+        raise HandlerBug(f"respond returned a Result whose text is a {type(result.text).__name__}")
+    if not isinstance(result.data, dict) or not all(isinstance(key, str) for key in result.data):
+        raise HandlerBug("respond returned a Result whose data is not a dict with str keys")
+    if "text" in result.data:
+        raise HandlerBug("respond returned a Result whose data has a 'text' key: it would hide the text")
+    _json(result.to_json(), "respond returned")
+    return result

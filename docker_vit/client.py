@@ -25,10 +25,10 @@ import urllib.request
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
+from docker_vit.calls import generation_defaults
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
-from docker_vit.handler import generation_defaults
 from docker_vit.images import InputError
 
 ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection

@@ -12,21 +12,22 @@ from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from docker_vit.calls import contained, cpu_threads, drop_frames, splittable
-from docker_vit.captions_file import record
-from docker_vit.config import Settings
-from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
-from docker_vit.handler import (
-    OptionsError,
-    Result,
-    batch_size,
+from docker_vit.calls import (
+    contained,
+    cpu_threads,
     description,
+    drop_frames,
     generation_defaults,
-    load_handler,
     predict_all,
     read_options,
     respond,
+    splittable,
 )
+from docker_vit.captions_file import record
+from docker_vit.config import Settings
+from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
+from docker_vit.handler import OptionsError, Result
+from docker_vit.loader import batch_size, load_handler
 
 
 class LocalCaptioner:

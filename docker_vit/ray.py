@@ -32,7 +32,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, open_by_mistake, options, parse
-from docker_vit.handler import check_methods, handler_class, own_batch_size
+from docker_vit.loader import check_methods, handler_class, own_batch_size
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
 

@@ -30,7 +30,8 @@ from typing import Any
 from docker_vit import errors, memory
 from docker_vit.batching import QueueFull
 from docker_vit.config import SERVING, Settings, named
-from docker_vit.handler import Handler, HandlerError, load_handler
+from docker_vit.handler import Handler, HandlerError
+from docker_vit.loader import load_handler
 from docker_vit.logs import configure
 from docker_vit.service import Service
 

@@ -19,8 +19,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from docker_vit import errors, memory, uploads
+from docker_vit.calls import description
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, Result, description, load_handler
+from docker_vit.handler import Handler, Result
+from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
 from docker_vit.service import LOADING, READY, Service
 

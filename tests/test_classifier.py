@@ -20,7 +20,8 @@ from conftest import photo, serving
 from fastapi.testclient import TestClient
 
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, HandlerError, Result, load_handler
+from docker_vit.handler import Handler, HandlerError, Result
+from docker_vit.loader import load_handler
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSIFIER = "examples.imagenet_classifier:Classifier"

@@ -33,7 +33,8 @@ from fake_handlers import (
 from docker_vit.batching import Batcher
 from docker_vit.calls import contained
 from docker_vit.config import Settings
-from docker_vit.handler import HandlerError, check_attributes, check_methods, load_handler
+from docker_vit.handler import HandlerError
+from docker_vit.loader import check_attributes, check_methods, load_handler
 
 
 def batch_behind_a_busy_model(handler: Gated, client, query: str, texts: list[str]) -> dict[str, object]:
