@@ -221,7 +221,7 @@ def _set_sigterm(handler: Any) -> Any:
 
 
 def _download(settings: Settings, args: argparse.Namespace) -> int:
-    from docker_vit.engine import download
+    from docker_vit.hub import download
 
     try:
         print(download(settings.model, settings.dir or None))

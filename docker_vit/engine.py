@@ -260,17 +260,3 @@ def _input_size(image_processor: Any) -> int | None:
     sides = [get(key) for key in ("height", "width", "shortest_edge")]
     sides = [side for side in sides if isinstance(side, int)]
     return max(sides) if sides else None
-
-
-def download(model: str, folder: str | None = None) -> str:
-    """Fetch a model's files into the Hugging Face cache (or `folder`) so later runs need no network.
-
-    Weights for other frameworks (TensorFlow, Flax, Rust, ONNX, Core ML) are left out: torch never
-    reads them, and a baked image would carry them (BLIP's repositories hold TensorFlow weights too)."""
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo_id=model, local_dir=folder, ignore_patterns=_OTHER_FRAMEWORKS)
-
-
-_OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel"]
-_OTHER_FRAMEWORKS += ["onnx/*", "coreml/*", "openvino/*"]

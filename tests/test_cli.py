@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import photo
 
-from docker_vit import cli, engine
+from docker_vit import cli, hub
 
 DOCKER_VIT = [sys.executable, "-m", "docker_vit.cli"]
 
@@ -203,7 +203,7 @@ def test_download_fills_the_cache_or_a_folder(
     assert cli.main(["download", "nlpconnect/vit-gpt2-image-captioning", "--dir", str(tmp_path)]) == 0
     assert calls == [("nlpconnect/vit-gpt2-image-captioning", str(tmp_path))]
     assert capsys.readouterr().out.strip() == str(tmp_path)
-    assert engine.download("some/model") == "/cache/models--x"
+    assert hub.download("some/model") == "/cache/models--x"
 
 
 def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -237,10 +237,23 @@ def test_a_device_torch_lacks_is_one_clear_line(vit_gpt2_dir: Path, capsys: pyte
     assert err.startswith("docker-vit: cannot load the model:") and "Traceback" not in err
 
 
+def test_download_does_not_load_torch() -> None:
+    """A Hub call needs no torch: `docker-vit download` (a Dockerfile step) starts in a fraction of a second."""
+    script = (
+        "import sys, huggingface_hub\n"
+        "huggingface_hub.snapshot_download = lambda **kwargs: '/cache/x'\n"
+        "from docker_vit import cli\n"
+        "assert cli.main(['download', 'org/model']) == 0\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["/cache/x", "[]"]
+
+
 def test_a_failed_download_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def offline(model: str, folder: str | None = None) -> str:
         raise OSError("no network here")
 
-    monkeypatch.setattr(engine, "download", offline)
+    monkeypatch.setattr(hub, "download", offline)
     assert cli.main(["download", "org/model"]) == 1
     assert capsys.readouterr().err == "docker-vit: cannot download org/model: OSError: no network here\n"

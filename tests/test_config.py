@@ -135,10 +135,10 @@ def test_out_of_range_values_name_the_flag_and_variable(
 
 
 def test_download_takes_its_model_and_folder_from_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    from docker_vit import cli, engine
+    from docker_vit import cli, hub
 
     calls = []
-    monkeypatch.setattr(engine, "download", lambda model, folder: calls.append((model, folder)) or "done")
+    monkeypatch.setattr(hub, "download", lambda model, folder: calls.append((model, folder)) or "done")
     monkeypatch.setenv("DOCKER_VIT_MODEL", "someone/model")
     monkeypatch.setenv("DOCKER_VIT_DIR", "/tmp/here")
     assert cli.main(["download"]) == 0
