@@ -19,7 +19,7 @@ from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.access")
 
-_SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_SAFE_ID = re.compile(r"^[!-~]{1,128}$")  # printable ASCII, no spaces: UUIDs, hex and base64 ids alike
 
 
 class RequestContext:
@@ -114,7 +114,12 @@ class RequestContext:
         return wrapped
 
     def _report(self, scope: dict, request_id: str, status: int, seconds: float) -> None:
-        route = getattr(scope.get("route"), "path", None) or "unmatched"
+        # FastAPI's routes set "route"; Starlette's own (/docs, /openapi.json, /redoc) only "endpoint",
+        # and their paths are fixed, so the label stays bounded. Anything else is a 404: "unmatched".
+        route = getattr(scope.get("route"), "path", None)
+        if route is None and "endpoint" in scope:
+            route = scope.get("path")
+        route = route or "unmatched"
         images = scope.get("state", {}).get("images", 0)
         report(self.metrics, scope.get("method"), route, status, seconds, images, request_id)
 

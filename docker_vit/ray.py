@@ -107,7 +107,7 @@ class DockerViT:
         settled = await service.settled(self.load_timeout_s)
         if not settled or service.batcher.running_for > HUNG_AFTER * service.settings.request_timeout:
             late = f" after load_timeout_s={self.load_timeout_s:g}" if service.state == LOADING else ""
-            raise RuntimeError(service.not_ready + late)
+            raise RuntimeError(service.why_not_ready + late)
 
 
 def replica_device(device: str, gpus: Sequence[Any]) -> str:

@@ -99,7 +99,7 @@ class Worker:
     async def _wait_ready(self) -> None:
         """Jobs that arrive during the cold start wait for the model, up to the request timeout."""
         if not await self.service.settled(self.settings.request_timeout):
-            raise errors.ApiError(503, self.service.not_ready)
+            raise errors.ApiError(503, self.service.why_not_ready)
 
     async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
         work = asyncio.ensure_future(self._when_room(inputs, options))

@@ -106,7 +106,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.ready:
             return JSONResponse({"status": READY})
-        body = {"status": service.status, **errors.error_body(errors.TYPES[503], service.not_ready)}
+        body = {"status": service.status, **errors.error_body(errors.TYPES[503], service.why_not_ready)}
         return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.get("/ping")
@@ -115,16 +115,18 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.ready:
             return JSONResponse({"status": "healthy"})
         if service.state != LOADING:
-            return errors.error_response(503, service.not_ready, headers={"Retry-After": "5"})  # as /readyz
+            return errors.error_response(
+                503, service.why_not_ready, headers={"Retry-After": "5"}
+            )  # as /readyz
         return Response(status_code=204)
 
     @app.get("/metrics")
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 
-    for probe, answer in (("/healthz", healthz), ("/readyz", readyz), ("/ping", ping)):
-        # load balancers may probe with HEAD; one operation per route keeps the OpenAPI page clean
-        app.add_api_route(probe, answer, methods=["HEAD"], include_in_schema=False)
+    gets = {"/healthz": healthz, "/readyz": readyz, "/ping": ping, "/v1/model": model, "/metrics": metrics}
+    for path, answer in gets.items():  # HEAD too (load balancers probe with it), off the OpenAPI page
+        app.add_api_route(path, answer, methods=["HEAD"], include_in_schema=False)
 
 
 def _api_key_check(keys: tuple[str, ...]) -> Any:
@@ -148,7 +150,7 @@ async def _run(
 ) -> list[Result]:
     """Run the service, answering for every way it can go wrong; stop work for clients that left."""
     if service.state != READY:
-        raise errors.ApiError(503, service.not_ready, headers={"Retry-After": "5"})
+        raise errors.ApiError(503, service.why_not_ready, headers={"Retry-After": "5"})
     try:
         options = service.options(raw)
     except Exception as exc:  # a client's mistake (422) or the handler's (500)

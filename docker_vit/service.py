@@ -157,7 +157,7 @@ class Service:
         return STALLED if self.state == READY and self.stalled else self.state
 
     @property
-    def not_ready(self) -> str:
+    def why_not_ready(self) -> str:
         """What a caller turned away while the model is not ready reads: loading, failed and why, or
         stalled."""
         if self.error:

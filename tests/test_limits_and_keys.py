@@ -328,6 +328,19 @@ def test_no_keys_means_open() -> None:
         assert client.post("/", content=b"open", headers={"content-type": "image/x"}).text == "open"
 
 
+def test_the_docs_pages_count_under_their_own_routes() -> None:
+    """FastAPI's /docs and /openapi.json are Starlette routes: no "route" in scope, but not 404s."""
+    settings = Settings()
+    with serving(settings, Echo(settings)) as client:
+        assert client.get("/docs").status_code == client.get("/openapi.json").status_code == 200
+        assert client.get("/nope").status_code == 404
+        text = client.get("/metrics").text
+    assert 'docker_vit_requests_total{route="/docs",status="200"} 1.0' in text
+    assert 'docker_vit_requests_total{route="/openapi.json",status="200"} 1.0' in text
+    assert 'docker_vit_requests_total{route="unmatched",status="404"} 1.0' in text
+    assert 'route="unmatched",status="200"' not in text
+
+
 def test_keys_never_reach_the_logs_and_the_access_line_has_its_fields(caplog) -> None:
     settings = Settings(api_keys=(KEY,))
     caplog.set_level(logging.DEBUG)
@@ -369,6 +382,8 @@ def test_request_id_is_echoed_made_or_replaced_when_unsafe() -> None:
             "/", content=b"x", headers={"content-type": "image/x", "x-request-id": "r-1.2:3"}
         )
         assert echoed.headers["x-request-id"] == "r-1.2:3"
+        base64_id = client.get("/healthz", headers={"x-request-id": "ab+c/d=="}).headers["x-request-id"]
+        assert base64_id == "ab+c/d=="
         assert client.post("/").headers["x-request-id"]  # errors carry one too
         unsafe = client.get("/healthz", headers={"x-request-id": "bad id\twith spaces"}).headers[
             "x-request-id"

@@ -225,7 +225,8 @@ def test_the_builder_builds_no_handler(monkeypatch: pytest.MonkeyPatch) -> None:
         raise AssertionError("the builder built a handler")
 
     monkeypatch.setattr(Captioner, "__init__", refuse)
-    ray_adapter.app({"num_replicas": "1"})
+    application = ray_adapter.app({"num_replicas": "1"})
+    assert application._bound_deployment.num_replicas == 1  # built all the same
 
 
 def test_a_handlers_own_batch_size_sizes_the_replicas_concurrency() -> None:
@@ -261,7 +262,7 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
 
     async def scenario(final: str, load_timeout_s: float = 30) -> str | None:
         class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
-            not_ready = Service.not_ready
+            why_not_ready = Service.why_not_ready
             settled = Service.settled
 
         service = StubService(
@@ -298,7 +299,7 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
     check = ray_adapter.DockerViT.func_or_class.check_health
 
     class StubService(SimpleNamespace):
-        not_ready, settled = Service.not_ready, Service.settled
+        why_not_ready, settled = Service.why_not_ready, Service.settled
 
     def service(running_for: float) -> StubService:
         return StubService(

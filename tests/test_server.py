@@ -260,8 +260,16 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
             time.sleep(0.01)
         assert client.post("/", files={"file": b"abc"}).text == "3"
         assert client.get("/ping").json() == {"status": "healthy"}
-        for probe in ("/healthz", "/readyz", "/ping"):  # load balancers may probe with HEAD
-            assert client.head(probe).status_code == 200
+        for path in (
+            "/healthz",
+            "/readyz",
+            "/ping",
+            "/v1/model",
+            "/metrics",
+        ):  # load balancers probe with HEAD
+            head = client.head(path)
+            assert head.status_code == 200 and head.content == b"", path
+        assert set(client.get("/openapi.json").json()["paths"]["/metrics"]) == {"get"}
 
 
 class BrokenLoading(SlowLoading):

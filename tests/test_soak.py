@@ -139,7 +139,7 @@ def test_vanishing_clients_cost_nothing(server: str) -> None:
         sock = connect(server)
         sock.sendall(upload_head(100_000) + b"\xff\xd8" * 500)  # half an upload, then gone
         sock.close()
-    answered_promptly(server)
+    answered_promptly(server)  # asserts a 200 within PROMPT seconds
 
 
 def test_a_stalled_upload_gets_408_and_the_connection_closes(server: str) -> None:

@@ -1,0 +1,5 @@
+"""`python -m docker_vit`: the `docker-vit` command, for environments without the console script."""
+
+from docker_vit.cli import main
+
+raise SystemExit(main())
