@@ -48,9 +48,10 @@ WORKDIR /home/app
 EXPOSE 8000
 # Healthy once the model is loaded and warm (GET /readyz answers 503 until then). Plain Python, so
 # it works on slim images without curl; it follows DOCKER_VIT_PORT, and DOCKER_VIT_HOST when that is
-# one address rather than all of them.
+# one address rather than all of them; it asks the server directly, never through an http_proxy set
+# for the Hub.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; h = os.environ.get('DOCKER_VIT_HOST') or '0.0.0.0'; h = '127.0.0.1' if h in ('0.0.0.0', '::') else '[%s]' % h if ':' in h else h; urllib.request.urlopen('http://%s:%s/readyz' % (h, os.environ.get('DOCKER_VIT_PORT') or '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; h = os.environ.get('DOCKER_VIT_HOST') or '0.0.0.0'; h = '127.0.0.1' if h in ('0.0.0.0', '::') else '[%s]' % h if ':' in h else h; u.build_opener(u.ProxyHandler({})).open('http://%s:%s/readyz' % (h, os.environ.get('DOCKER_VIT_PORT') or '8000'), timeout=4)"]
 # Exec form: the server is PID 1 and receives SIGTERM itself (graceful drain, exit 0). No --host or
 # --port here, so DOCKER_VIT_* variables keep their say. No entrypoint (and none inherited from a CUDA
 # base image): a start command, such as Runpod's `python -m docker_vit.runpod`, replaces all of it.
@@ -67,13 +68,16 @@ CMD ["docker-vit", "serve"]
 ARG TORCH_SPEC=torch
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # Extra pip settings for private mirrors or wheel folders; build arguments reach RUN as environment
-# variables, so pip reads them directly, and none of them stays in the image.
+# variables, so pip reads them directly. Their values show in `docker history`: credentials go in a
+# build secret instead, a pip.conf (`--secret id=pip.conf,src=...`), mounted at /etc/pip.conf for the
+# pip steps alone.
 ARG PIP_INDEX_URL
 ARG PIP_EXTRA_INDEX_URL
 ARG PIP_FIND_LINKS
 ARG PIP_CERT
 ARG PIP_EXTRA_ARGS=
-RUN pip install $PIP_EXTRA_ARGS \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    pip install $PIP_EXTRA_ARGS \
         ${TORCH_INDEX:+--index-url "$TORCH_INDEX" --extra-index-url https://pypi.org/simple} \
         "$TORCH_SPEC" \
     && python -c 'import torch; print("torch==" + torch.__version__)' > /opt/venv/torch-constraint.txt
@@ -81,7 +85,8 @@ RUN pip install $PIP_EXTRA_ARGS \
 COPY pyproject.toml /src/pyproject.toml
 # Optional extras of the package, comma-separated (e.g. "runpod" for the serverless worker).
 ARG EXTRAS=
-RUN python -c 'import importlib, os, sys; \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    python -c 'import importlib, os, sys; \
 toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
 p = toml.load(open("/src/pyproject.toml", "rb"))["project"]; \
 extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
@@ -95,16 +100,20 @@ print("\n".join(reqs))' > /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
 COPY . /src
-RUN pip install $PIP_EXTRA_ARGS --no-deps -c /opt/venv/torch-constraint.txt /src \
+RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
+    pip install $PIP_EXTRA_ARGS --no-deps -c /opt/venv/torch-constraint.txt /src \
     && pip check \
     && rm -rf /src
 
 # Optional: a model baked into the image, so a pod or serverless worker starts without the Hub. The
 # download runs as root: what it leaves in the Hub cache (HF_HOME) goes to the app user, whose later
-# downloads of other models would otherwise find a cache it cannot write.
+# downloads of other models would otherwise find a cache it cannot write. A gated or private model
+# takes a Hub token as a build secret (`--secret id=hf_token,src=...`), never a build argument.
 ARG MODEL=
-RUN if [ -n "$MODEL" ]; then \
-        docker-vit download "$MODEL" --dir /opt/model && chmod -R a+rX /opt/model \
+RUN --mount=type=secret,id=hf_token \
+    if [ -n "$MODEL" ]; then \
+        HF_TOKEN_PATH=/run/secrets/hf_token docker-vit download "$MODEL" --dir /opt/model \
+        && chmod -R a+rX /opt/model \
         && chown -R app:app /home/app; \
     fi
 ENV DOCKER_VIT_MODEL=${MODEL:+/opt/model}
