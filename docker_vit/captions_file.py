@@ -44,10 +44,15 @@ def format_for(path: str, chosen: str | None) -> str:
     return "csv" if path.lower().endswith(".csv") else "jsonl"
 
 
+# Line breaks to Python's `str.splitlines` (and some editors) that JSON leaves unescaped: escaped, so a
+# caption or file name holding one never splits its record. They only occur inside JSON strings.
+_LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def encode(entry: Mapping[str, Any], fmt: str, columns: Sequence[str] = CSV_COLUMNS) -> str:
     """One record as one line of text (a CSV row may span lines only if a value holds a newline)."""
     if fmt == "jsonl":
-        return json.dumps(entry, ensure_ascii=False) + "\n"
+        return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
     row = [entry.get(column, "") for column in columns]
     # csv quotes a field holding "\n" (the line end here) but not a lone "\r", which its reader refuses
     quoting = csv.QUOTE_ALL if any("\r" in str(value) for value in row) else csv.QUOTE_MINIMAL

@@ -19,7 +19,7 @@ from folder_handlers import Digest, Fussy
 from PIL import Image
 
 from docker_vit import cli
-from docker_vit.captions_file import CaptionsFile, CaptionsFileError
+from docker_vit.captions_file import CaptionsFile, CaptionsFileError, encode
 from docker_vit.config import Settings
 from docker_vit.folder import find_images
 from docker_vit.progress import Progress
@@ -613,3 +613,10 @@ def test_a_model_that_fails_on_everything_ends_the_run(library: Path, tmp_path: 
     err = capsys.readouterr().err
     assert "the model failed on every image of 3 batches in a row: RuntimeError: no such device" in err
     assert out.read_text() == "" and sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved
+
+
+def test_a_json_line_holds_no_line_break_of_any_reader() -> None:
+    """U+2028, U+2029 and U+0085 end lines for `str.splitlines`: a caption holding one stays one record."""
+    entry = {"path": "a\u2028b.png", "caption": "x\u2029y\u0085z\nw"}
+    line = encode(entry, "jsonl")
+    assert line.splitlines() == [line[:-1]] and json.loads(line) == entry
