@@ -1,19 +1,17 @@
 """Dynamic batching: concurrent requests become one model call.
 
 Items wait in a bounded queue grouped by their options. One worker per device takes the group whose
-first item is oldest (so a group kept busy by steady traffic never starves another), lets it fill for
-at most `max_wait` seconds (or not at all when it is already full), and runs it in its own thread, so
-the event loop keeps accepting, decoding and queueing while the model works: the next batch forms
-during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
-the model sees them.
+first item is oldest (so steady traffic in one group never starves another), lets it fill for at most
+`max_wait` seconds (not at all when full), and runs it in its own thread, so the next batch forms
+during the current one. Items whose caller gave up (timeout, disconnect) are dropped before the model
+sees them, and a running batch whose callers have all gone stops at its `predict`'s next checkpoint.
 
 Two refinements keep batches full under steady load. The wait counts only time the device sits idle:
-items queued during a batch still wait `max_wait` once it ends, so clients answered by that batch
-have a moment to send their next images, while an item that has had its wait (several option groups
-queued at once: the later groups waited through the first one's) goes as soon as the device is free.
-And items of the same options already admitted but still being decoded are waited for, at most
-`HOLD` seconds longer, rather than left to trail behind in a batch of their own (not when `max_wait` is
-0: that asks for no waiting at all). A lone request pays neither: nothing else is incoming, and the
+items queued during a batch still wait `max_wait` once it ends, so clients answered by that batch have
+a moment to send their next images, while an item that has had its wait (the later of several option
+groups queued at once) goes as soon as the device is free. And items of the same options admitted but
+still being decoded are waited for, at most `HOLD` seconds longer, rather than left to trail in a batch
+of their own (not when `max_wait` is 0). A lone request pays neither: nothing else is incoming, and the
 device was idle all along. Admission counts those items too, so a burst is refused before decoding.
 """
 
@@ -26,9 +24,10 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
-from docker_vit.calls import WrongOutputs, contained, drop_frames, splittable
+from docker_vit.calls import Abandoned, WrongOutputs, contained, drop_frames, splittable, watched
 from docker_vit.images import InputError
 
 log = logging.getLogger("docker_vit.batching")
@@ -134,10 +133,12 @@ class Batcher:
         """
         return await asyncio.get_running_loop().run_in_executor(self._device, self._counted, fn)
 
-    def _counted(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def _counted(self, fn: Callable[..., Any], *args: Any, gone: Callable[[], bool] | None = None) -> Any:
+        """`fn(*args)` on the device thread, counted in `busy`; `gone` is what `stop_if_abandoned` asks."""
         self._device_calls += 1
         try:
-            return contained(fn, *args)
+            with watched(gone):
+                return contained(fn, *args)
         finally:
             self._device_calls -= 1
 
@@ -252,8 +253,10 @@ class Batcher:
         self._batch_started = time.monotonic()
         failure: Exception | None = None
         try:
-            items = [e.item for e in batch]
-            outputs = await loop.run_in_executor(self._device, self._counted, self.predict, items, options)
+            call = (self.predict, [e.item for e in batch], options)
+            # asked between decoding steps, on the device thread (a future's state is one attribute)
+            gone = lambda: all(entry.future.done() for entry in batch)  # noqa: E731
+            outputs = await loop.run_in_executor(self._device, partial(self._counted, *call, gone=gone))
             if len(outputs) != len(batch):
                 raise WrongOutputs(f"predict returned {len(outputs)} outputs for {len(batch)} items")
         except Exception as exc:
@@ -273,6 +276,9 @@ class Batcher:
         """Split a failed batch in halves and retry, so one poison item or an out-of-memory error
         fails only the items that really cannot run."""
         live = [entry for entry in batch if not entry.future.done()]
+        if isinstance(exc, Abandoned) and not live:
+            log.info("batch of %d stopped: every caller has gone", len(batch))
+            return
         if len(batch) > 1 and live and splittable(exc):  # callers who left meanwhile are not retried
             log.warning(
                 "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc

@@ -12,11 +12,12 @@ halves, and how many CPU calls run at once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
@@ -42,7 +43,34 @@ class WrongOutputs(RuntimeError):
 
 def splittable(exc: BaseException) -> bool:
     """Whether a failed batch is worth retrying in halves (a poison item, an out-of-memory error)."""
-    return not isinstance(exc, WrongOutputs)
+    return not isinstance(exc, WrongOutputs | Abandoned)
+
+
+class Abandoned(Exception):
+    """Every caller of the running call has gone (left, or answered 504): its outputs reach no one."""
+
+
+_watch = threading.local()  # the test `stop_if_abandoned` asks, for the call running on this thread
+
+
+@contextlib.contextmanager
+def watched(gone: Callable[[], bool] | None) -> Iterator[None]:
+    """Within, `stop_if_abandoned` on this thread asks `gone` (the batcher's: have all callers left?)."""
+    _watch.gone = gone
+    try:
+        yield
+    finally:
+        _watch.gone = None
+
+
+def stop_if_abandoned() -> None:
+    """Raise Abandoned once every caller of the call running on this thread has gone. A long `predict`
+    calls it between its steps (the captioner does before each token), so that a batch whose callers
+    left or timed out stops there instead of holding the device, and the requests behind it, for
+    nothing. Outside a server's batch it never raises."""
+    gone = getattr(_watch, "gone", None)
+    if gone is not None and gone():
+        raise Abandoned("every caller of this batch has gone")
 
 
 def contained(fn: Callable[..., Any], *args: Any) -> Any:

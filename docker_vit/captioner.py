@@ -6,6 +6,7 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from docker_vit.calls import stop_if_abandoned
 from docker_vit.config import Settings
 from docker_vit.engine import CaptionEngine, Unservable, shown_id
 from docker_vit.handler import Handler, OptionsError, Result, shown
@@ -86,7 +87,7 @@ class Captioner(Handler):
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         num_beams, max_new_tokens = options
-        return self.engine.generate(items, num_beams, max_new_tokens)
+        return self.engine.generate(items, num_beams, max_new_tokens, checkpoint=stop_if_abandoned)
 
     def respond(self, output: Any) -> Result:
         return Result(text=self.engine.text(output))

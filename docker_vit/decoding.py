@@ -10,6 +10,7 @@ decoder through `Gpt2Stepper` with a preallocated cache and little Python per st
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -147,8 +148,13 @@ def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def generate(model, pixel_values: torch.Tensor, generation_config) -> torch.LongTensor:
-    """Same ids as `model.generate(pixel_values=..., generation_config=...)`, computed cheaply."""
+def generate(
+    model, pixel_values: torch.Tensor, generation_config, checkpoint: Callable[[], None] | None = None
+) -> torch.LongTensor:
+    """Same ids as `model.generate(pixel_values=..., generation_config=...)`, computed cheaply.
+
+    `checkpoint` runs before each new token: what it raises stops the decode (the batch's callers
+    have all gone, say)."""
     p = _plan(model, generation_config)
     param = next(model.parameters())
     px = pixel_values.to(device=param.device, dtype=param.dtype)
@@ -157,16 +163,23 @@ def generate(model, pixel_values: torch.Tensor, generation_config) -> torch.Long
     batch, device = enc.shape[0], enc.device
     del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search
-    return run(stepper, p, batch, device)
+    return run(stepper, p, batch, device, checkpoint or _nothing)
 
 
-def _greedy(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device) -> torch.LongTensor:
+def _nothing() -> None:
+    pass
+
+
+def _greedy(
+    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, checkpoint: Callable[[], None]
+) -> torch.LongTensor:
     """transformers' `_sample` with do_sample=False: argmax, pad after EOS, stop when all are done."""
     out = torch.full((batch, p.max_len), p.start, dtype=torch.long, device=device)
     eos = None if p.eos is None else p.eos.to(device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     cur = 1
     while cur < p.max_len:
+        checkpoint()
         scores = _min_length(stepper.logits(out[:, cur - 1], cur - 1), p, cur)
         nxt = scores.argmax(dim=-1)
         if eos is not None:
@@ -196,7 +209,9 @@ def _beam_log_probs(stepper: Gpt2Stepper, p: _Plan, run_seq: torch.Tensor, cur: 
     return _min_length(torch.log_softmax(logits, dim=-1), p, cur).view(batch, beams, -1)
 
 
-def _beam_search(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device) -> torch.LongTensor:
+def _beam_search(
+    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, checkpoint: Callable[[], None]
+) -> torch.LongTensor:
     """transformers' `_beam_search` (vectorised, fixed-shape) with the same ops in the same order."""
     k, lp_pow, early = p.beams, p.length_penalty, p.early_stopping
     eos = None if p.eos is None else p.eos.to(device)
@@ -215,6 +230,7 @@ def _beam_search(stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.devic
     offsets = torch.arange(batch, device=device)[:, None] * k
     cur = 1
     while True:
+        checkpoint()
         # a. every beam's next-token log-probs, added to its running score
         log_probs = _beam_log_probs(stepper, p, run_seq, cur)
         vocab = log_probs.shape[-1]

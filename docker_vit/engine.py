@@ -20,6 +20,8 @@ from transformers import (
     AutoModelForImageTextToText,
     AutoProcessor,
     GenerationConfig,
+    StoppingCriteria,
+    StoppingCriteriaList,
 )
 from transformers.utils import logging as hf_logging
 
@@ -132,16 +134,25 @@ class CaptionEngine:
 
     @torch.inference_mode()
     def generate(
-        self, pixels: Sequence[torch.Tensor], num_beams: int, max_new_tokens: int
+        self,
+        pixels: Sequence[torch.Tensor],
+        num_beams: int,
+        max_new_tokens: int,
+        checkpoint: Callable[[], None] | None = None,
     ) -> list[list[int]]:
-        """A batch of pixel tensors to token ids: the same ids as the model's own `generate`."""
+        """A batch of pixel tensors to token ids: the same ids as the model's own `generate`.
+
+        `checkpoint` runs between decoding steps; what it raises ends the call (nobody waits for it)."""
         with memory.in_use:  # freed activations kept while batches follow each other
             batch = torch.stack(list(pixels)).to(self.device, self.dtype)
             config = self.generation_config(num_beams, max_new_tokens)
             if decoding.supports(self.model, config):
-                ids = decoding.generate(self.model, batch, config)
+                ids = decoding.generate(self.model, batch, config, checkpoint)
             else:
-                ids = self.model.generate(pixel_values=batch, generation_config=config)
+                between = StoppingCriteriaList([_Between(checkpoint)] if checkpoint else [])
+                ids = self.model.generate(
+                    pixel_values=batch, generation_config=config, stopping_criteria=between
+                )
             return ids.tolist()
 
     def generation_config(self, num_beams: int, max_new_tokens: int) -> GenerationConfig:
@@ -173,6 +184,18 @@ class Unservable(OSError):
 class DeviceUnavailable(OSError):
     """The chosen device is not on this machine, or this torch build cannot use it (a setup matter,
     reported in one line like a missing file, not as a crash)."""
+
+
+class _Between(StoppingCriteria):
+    """`model.generate` asks its stopping criteria after every step: there `checkpoint` runs. It never
+    stops a sequence itself, so the ids stay the model's own."""
+
+    def __init__(self, checkpoint: Callable[[], None]) -> None:
+        self.checkpoint = checkpoint
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        self.checkpoint()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
 def _check_available(device: torch.device) -> None:

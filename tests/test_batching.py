@@ -515,3 +515,55 @@ def test_an_error_of_any_shape_from_predict_never_stops_the_batcher() -> None:
 
     failed, later = run(main())
     assert isinstance(failed, _StatusMethod) and later == ["good"]
+
+
+def test_a_batch_whose_callers_all_left_stops_at_its_next_step(caplog) -> None:
+    """A long predict that asks `stop_if_abandoned` between steps ends once nobody waits for it, and a
+    batch with one caller still waiting runs on."""
+    from docker_vit.calls import Abandoned, stop_if_abandoned
+
+    steps: dict[str, int] = {}
+    outcome: dict[str, str] = {}
+
+    def predict(items, options):
+        for step in range(2000):  # 20 s if it never stopped
+            steps[options] = step
+            try:
+                stop_if_abandoned()
+            except Abandoned:
+                outcome[options] = "stopped"
+                raise
+            if options == "kept" and step == 20:
+                break
+            time.sleep(0.01)
+        outcome[options] = "finished"
+        return [f"{item}:{options}" for item in items]
+
+    async def main():
+        batcher = make(predict, max_wait=0)
+        batcher.start()
+        left = batcher.submit([1, 2], "left")
+        await asyncio.sleep(0.1)
+        for future in left:
+            future.cancel()  # both callers give up: a client that left, a 504
+        one_left, stays = batcher.submit([3, 4], "kept")
+        await asyncio.sleep(0.05)
+        one_left.cancel()
+        answer = await asyncio.wait_for(stays, 10)
+        await batcher.stop()
+        return answer
+
+    caplog.set_level(logging.INFO, logger="docker_vit.batching")
+    assert run(main()) == "4:kept"
+    assert outcome == {"left": "stopped", "kept": "finished"} and steps["left"] < 1000
+    assert "batch of 2 stopped: every caller has gone" in caplog.text
+    assert "model call failed" not in caplog.text and "retrying" not in caplog.text
+
+
+def test_outside_a_batch_stop_if_abandoned_never_raises() -> None:
+    from docker_vit.calls import stop_if_abandoned, watched
+
+    assert stop_if_abandoned() is None  # `docker-vit caption` runs predict outside any batch
+    with watched(lambda: False):
+        assert stop_if_abandoned() is None
+    assert stop_if_abandoned() is None

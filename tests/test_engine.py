@@ -66,6 +66,35 @@ def test_a_batch_equals_images_one_by_one(wordy_model_dir: Path, num_beams: int)
     assert all(engine.text(ids) for ids in together)
 
 
+@pytest.mark.parametrize(
+    ("kind", "num_beams"), [("wordy_model_dir", 1), ("wordy_model_dir", 3), ("git_dir", 2)]
+)
+def test_the_checkpoint_runs_between_steps_and_can_stop_the_call(
+    kind: str, num_beams: int, request: pytest.FixtureRequest
+) -> None:
+    """Docker-ViT's own decode (vit-gpt2) and the model's `generate` (GIT) both ask it each step."""
+    engine = CaptionEngine(str(request.getfixturevalue(kind)))
+    engine.load()
+    pixels = [engine.pixels(Image.open(photo(name)).convert("RGB")) for name in PHOTOS[:2]]
+    asked = []
+    plain = engine.generate(pixels, num_beams, 8)
+    assert engine.generate(pixels, num_beams, 8, checkpoint=lambda: asked.append(1)) == plain
+    assert len(asked) >= 3  # once a step, and the ids are the same
+
+    class Gone(Exception):
+        pass
+
+    def third() -> None:
+        asked.append(1)
+        if len(asked) == 3:
+            raise Gone
+
+    asked.clear()
+    with pytest.raises(Gone):
+        engine.generate(pixels, num_beams, 8, checkpoint=third)
+    assert len(asked) == 3
+
+
 def test_device_and_dtype_choice() -> None:
     assert pick_device("cpu").type == "cpu"
     if not torch.cuda.is_available():
