@@ -2,7 +2,7 @@
 
 Items wait in a bounded queue grouped by their options. One worker per device takes the group whose
 first item is oldest (so steady traffic in one group never starves another), lets it fill for at most
-`max_wait` seconds (not at all when full), and runs it in its own thread, so the next batch forms
+`max_wait` seconds (not at all when full), and runs it on the device's thread, so the next batch forms
 during the current one. Items whose caller gave up (timeout, disconnect) are dropped before the model
 sees them, and a running batch whose callers have all gone stops at its `predict`'s next checkpoint.
 

@@ -83,7 +83,9 @@ class Settings:
         flag="--api-key",
         metavar="KEY",
     )
-    log_format: str = _opt("text", "request log format: text or json", choices=("text", "json"))
+    log_format: str = _opt(
+        "text", "log format, the request log's included: text or json", choices=("text", "json")
+    )
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
     url: str = _opt("", "caption through a Docker-ViT server at this URL, not a local model", CLIENT)

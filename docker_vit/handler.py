@@ -1,12 +1,12 @@
 """The one interface between Docker-ViT and a model.
 
-The server, the CLI and the Ray and Runpod adapters only ever talk to a `Handler` (the batcher only to
-its `predict`, as a plain callable). The captioner is one handler; a user's model is another
-(`docker-vit serve --handler module:Class`).
+The server, the CLI and the Ray and Runpod adapters only ever talk to a `Handler`, through the checked
+calls of calls.py (the batcher only to `predict`, as a plain callable); loader.py imports and checks the
+configured one. The captioner is one handler; a user's model is another (`--handler module:Class`).
 
 A request travels through a handler in three stages, so that CPU and device work overlap:
 `prepare` (CPU, in a thread pool, one input), `predict` (the device, one batch of items that share
-the same options) and `respond` (CPU, one output). `load` runs once, before anything else.
+the same options) and `respond` (CPU, one output). `load` runs once, before any of them.
 """
 
 from __future__ import annotations
