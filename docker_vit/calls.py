@@ -7,7 +7,8 @@ loop), hang a future (StopIteration cannot be set on one) or keep a failed batch
 its traceback; `contained` turns each into an ordinary error of the one call, and the checked calls
 below (`read_options`, `predict_all`, `respond`, `description`) refuse what no front end could send.
 Also here, for the server's batcher and `caption` alike: which failed calls are worth retrying in
-halves, and how many CPU calls run at once.
+halves, whether anyone still waits for the running call (`stop_if_abandoned`), and how many CPU calls
+run at once.
 """
 
 from __future__ import annotations
