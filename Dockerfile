@@ -82,20 +82,11 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
         "$TORCH_SPEC" \
     && python -c 'import torch; print("torch==" + torch.__version__)' > /opt/venv/torch-constraint.txt
 
-COPY pyproject.toml /src/pyproject.toml
+COPY pyproject.toml scripts/requirements.py /src/
 # Optional extras of the package, comma-separated (e.g. "runpod" for the serverless worker).
 ARG EXTRAS=
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
-    python -c 'import importlib, os, sys; \
-toml = importlib.import_module("tomllib" if sys.version_info >= (3, 11) else "pip._vendor.tomli"); \
-p = toml.load(open("/src/pyproject.toml", "rb"))["project"]; \
-extras = [e.strip() for e in os.environ.get("EXTRAS", "").split(",") if e.strip()]; \
-opt = p["optional-dependencies"]; unknown = [e for e in extras if e not in opt]; \
-unknown and sys.exit("EXTRAS: no extra " + ", ".join(unknown) + " in this project; it has " + ", ".join(opt)); \
-own = lambda r: r.replace(" ", "").startswith(p["name"] + "["); \
-extras += [x.strip() for e in extras for r in opt[e] if own(r) for x in r[r.index("[") + 1 : r.index("]")].split(",")]; \
-reqs = p.get("dependencies", []) + [r for e in dict.fromkeys(extras) for r in opt[e] if not own(r)]; \
-print("\n".join(reqs))' > /tmp/requirements.txt \
+    python /src/requirements.py /src/pyproject.toml "$EXTRAS" > /tmp/requirements.txt \
     && pip install $PIP_EXTRA_ARGS -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
