@@ -278,6 +278,7 @@ class Batcher:
         live = [entry for entry in batch if not entry.future.done()]
         if isinstance(exc, Abandoned) and not live:
             log.info("batch of %d stopped: every caller has gone", len(batch))
+            drop_frames(exc)  # they hold the stopped decode's caches, in a cycle with this frame
             return
         if len(batch) > 1 and live and splittable(exc):  # callers who left meanwhile are not retried
             log.warning(

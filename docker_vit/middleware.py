@@ -19,7 +19,7 @@ from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.access")
 
-_SAFE_ID = re.compile(r"^[!-~]{1,128}$")  # printable ASCII, no spaces: UUIDs, hex and base64 ids alike
+_SAFE_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces: UUIDs, hex and base64 ids alike
 
 
 class RequestContext:
@@ -46,7 +46,7 @@ class RequestContext:
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.match(given) else uuid.uuid4().hex
+        request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         if not self.proxied:  # for the answer to an unhandled error, sent from outside this middleware
@@ -117,8 +117,9 @@ class RequestContext:
         # FastAPI's routes set "route"; Starlette's own (/docs, /openapi.json, /redoc) only "endpoint",
         # and their paths are fixed, so the label stays bounded. Anything else is a 404: "unmatched".
         route = getattr(scope.get("route"), "path", None)
-        if route is None and "endpoint" in scope:
-            route = scope.get("path")
+        if route is None and "endpoint" in scope:  # the path as routed, without a prefix (Ray's)
+            path, prefix = scope.get("path", ""), scope.get("root_path", "")
+            route = path.removeprefix(prefix) if prefix else path
         route = route or "unmatched"
         images = scope.get("state", {}).get("images", 0)
         report(self.metrics, scope.get("method"), route, status, seconds, images, request_id)

@@ -567,3 +567,44 @@ def test_outside_a_batch_stop_if_abandoned_never_raises() -> None:
     with watched(lambda: False):
         assert stop_if_abandoned() is None
     assert stop_if_abandoned() is None
+
+
+def test_a_stopped_batch_frees_its_work_without_the_cycle_collector() -> None:
+    """Abandoned's traceback holds predict's frames (a decode's caches) in a cycle with the batcher's
+    frame: left to the cycle collector, a GPU would hold them while the next batch runs."""
+    import gc
+    import weakref
+
+    from docker_vit.calls import stop_if_abandoned
+
+    class Caches:
+        pass
+
+    caches: list[weakref.ref] = []
+
+    def predict(items, options):
+        work = Caches()
+        caches.append(weakref.ref(work))
+        while True:
+            stop_if_abandoned()
+            time.sleep(0.01)
+
+    async def main():
+        batcher = make(predict, max_wait=0)
+        batcher.start()
+        (future,) = batcher.submit([1], "x")
+        await asyncio.sleep(0.1)
+        future.cancel()
+        while batcher.busy:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)  # the batcher's own handling of the stop
+        freed = caches[0]() is None
+        await batcher.stop()
+        return freed
+
+    gc.collect()
+    gc.disable()
+    try:
+        assert run(main())
+    finally:
+        gc.enable()

@@ -341,6 +341,19 @@ def test_the_docs_pages_count_under_their_own_routes() -> None:
     assert 'route="unmatched",status="200"' not in text
 
 
+def test_behind_a_route_prefix_the_docs_pages_keep_their_labels() -> None:
+    """Ray's `--route-prefix` reaches the app as `root_path`, which Starlette keeps in `path`."""
+    from fastapi.testclient import TestClient
+
+    from docker_vit.server import create_app
+
+    settings = Settings()
+    with TestClient(create_app(settings, Echo(settings)), root_path="/cap") as client:
+        assert client.get("/cap/openapi.json").status_code == 200
+        text = client.get("/cap/metrics").text
+    assert 'docker_vit_requests_total{route="/openapi.json",status="200"} 1.0' in text
+
+
 def test_keys_never_reach_the_logs_and_the_access_line_has_its_fields(caplog) -> None:
     settings = Settings(api_keys=(KEY,))
     caplog.set_level(logging.DEBUG)
