@@ -167,9 +167,11 @@ def test_a_module_that_fails_to_import_is_a_clear_error(
 
 @pytest.mark.parametrize("command", ["serve", "caption"])
 def test_the_cli_reports_a_bad_handler_without_a_traceback(command: str, tmp_path: Path) -> None:
-    """From another folder `examples` is not importable: the error says so and the command fails."""
+    """From another folder `examples` is not importable: the error says so and the command fails.
+    (Not with the checkout on PYTHONPATH, as some harnesses set it: then `serve` would serve.)"""
     args = [command, "--port", "1"] if command == "serve" else [command, str(photo("coffee.jpg"))]
-    result = _cli(*args, cwd=tmp_path, DOCKER_VIT_HANDLER="examples.minimal_handler:ColorNamer")
+    handler = "examples.minimal_handler:ColorNamer"
+    result = _cli(*args, cwd=tmp_path, DOCKER_VIT_HANDLER=handler, PYTHONPATH="")
     assert result.returncode != 0
     assert "cannot import examples.minimal_handler" in result.stderr and "Traceback" not in result.stderr
 
