@@ -95,7 +95,8 @@ class Handler:
         raise NotImplementedError(f"{type(self).__name__} does not implement prepare()")
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
-        """Run the model on a batch; return one output per item, in order."""
+        """Run the model on a batch; return one output per item, in order. A long one may call
+        `docker_vit.calls.stop_if_abandoned()` between its steps, to stop once nobody waits for it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
 
     def respond(self, output: Any) -> Result:
