@@ -1,22 +1,16 @@
-"""Every error a client sees has one shape: `{"error": {"type": ..., "message": ...}}`."""
+"""Every error a client sees has one shape: `{"error": {"type": ..., "message": ...}}`.
+
+What a failure means to a client, for every front end alike; no web framework here (the Runpod worker
+answers with the same objects), FastAPI's side of it is http_errors.py."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-import logging
-
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect
 
 from docker_vit.batching import QueueFull, TooManyItems
 from docker_vit.handler import OptionsError
 from docker_vit.images import InputError
-
-log = logging.getLogger("docker_vit.errors")
 
 TYPES = {
     400: "invalid_request",
@@ -89,40 +83,3 @@ def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
 def error_body(type: str, message: str) -> dict[str, dict[str, str]]:
     """The one shape of every error answer: HTTP's, Runpod's, and the 400 for unparseable HTTP."""
     return {"error": {"type": type, "message": message}}
-
-
-def error_response(
-    status: int, message: str, type: str | None = None, headers: dict | None = None
-) -> JSONResponse:
-    body = error_body(type or TYPES.get(status, "error"), message)
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-def install(app: FastAPI) -> None:
-    """Route FastAPI's and Starlette's own errors through the same shape."""
-
-    @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, exc.type, exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return error_response(422, details or "invalid parameters")
-
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(ClientDisconnect)
-    async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
-        """Nobody is left to answer: not a server error. 499 (nginx's code) shows up in logs and metrics."""
-        return Response(status_code=CLIENT_GONE)
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unhandled error on %s", request.url.path, exc_info=exc)
-        # Starlette answers this from its outermost middleware, outside RequestContext: echo the id here
-        request_id = request.scope.get("state", {}).get("echoed_id")
-        headers = {"X-Request-ID": request_id} if request_id else None
-        return error_response(500, f"internal error: {type(exc).__name__}", headers=headers)

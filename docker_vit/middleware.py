@@ -14,7 +14,8 @@ import time
 import uuid
 from typing import Any
 
-from docker_vit.errors import CLIENT_GONE, CLOSE, ApiError, error_response
+from docker_vit.errors import CLIENT_GONE, CLOSE, ApiError
+from docker_vit.http_errors import error_response
 from docker_vit.metrics import Metrics
 
 log = logging.getLogger("docker_vit.access")

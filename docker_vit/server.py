@@ -18,7 +18,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
-from docker_vit import errors, memory, uploads
+from docker_vit import errors, http_errors, memory, uploads
 from docker_vit.calls import description
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result
@@ -45,7 +45,7 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
         title="Docker-ViT", summary=summary, version=_version(), lifespan=lifespan, redirect_slashes=False
     )
     app.state.service = service
-    errors.install(app)
+    http_errors.install(app)
     app.add_middleware(
         RequestContext,
         metrics=service.metrics,
@@ -115,7 +115,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.ready:
             return JSONResponse({"status": "healthy"})
         if service.state != LOADING:
-            return errors.error_response(
+            return http_errors.error_response(
                 503, service.why_not_ready, headers={"Retry-After": "5"}
             )  # as /readyz
         return Response(status_code=204)
@@ -196,7 +196,7 @@ def _max_body(settings: Settings) -> int:
     return settings.max_bytes * settings.max_images * 4 // 3 + 1_000_000
 
 
-_ERROR = {  # every error answer's body (errors.error_response)
+_ERROR = {  # every error answer's body (http_errors.error_response)
     "type": "object",
     "properties": {
         "error": {
