@@ -105,7 +105,7 @@ class DockerViT:
         valid batch has ended) raises too, so Ray replaces the replica."""
         service = self.service
         settled = await service.settled(self.load_timeout_s)
-        if not settled or service.batcher.running_for > HUNG_AFTER * service.settings.request_timeout:
+        if not settled or service.overran(HUNG_AFTER):
             late = f" after load_timeout_s={self.load_timeout_s:g}" if service.state == LOADING else ""
             raise RuntimeError(service.why_not_ready + late)
 

@@ -61,7 +61,7 @@ class Worker:
     @property
     def concurrency(self) -> int:
         """Jobs to hold at once: enough single-image jobs to fill a model batch."""
-        return self.service.batcher.max_batch_size
+        return self.service.batch_size
 
     def _submit(self, coroutine: Any) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)

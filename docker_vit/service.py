@@ -145,7 +145,16 @@ class Service:
         """The model call on the device has outrun the request timeout (a hung handler, say): every
         request waiting behind it times out, so probes must send traffic elsewhere (or have Ray replace
         the replica) until it ends."""
-        return self.batcher.running_for > self.settings.request_timeout
+        return self.overran()
+
+    def overran(self, timeouts: float = 1.0) -> bool:
+        """The model call on the device has run longer than `timeouts` request timeouts."""
+        return self.batcher.running_for > timeouts * self.settings.request_timeout
+
+    @property
+    def batch_size(self) -> int:
+        """The most items one model call takes."""
+        return self.batcher.max_batch_size
 
     @property
     def ready(self) -> bool:

@@ -262,8 +262,7 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
 
     async def scenario(final: str, load_timeout_s: float = 30) -> str | None:
         class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
-            why_not_ready = Service.why_not_ready
-            settled = Service.settled
+            why_not_ready, settled, overran = Service.why_not_ready, Service.settled, Service.overran
 
         service = StubService(
             state=LOADING,
@@ -299,7 +298,7 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
     check = ray_adapter.DockerViT.func_or_class.check_health
 
     class StubService(SimpleNamespace):
-        why_not_ready, settled = Service.why_not_ready, Service.settled
+        why_not_ready, settled, overran = Service.why_not_ready, Service.settled, Service.overran
 
     def service(running_for: float) -> StubService:
         return StubService(
