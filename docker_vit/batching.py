@@ -87,14 +87,13 @@ class Batcher:
 
     @property
     def busy(self) -> bool:
-        """A call (a batch, the model load) still runs on the device thread. A process that exits
-        normally joins that thread, so it would wait for the call to finish."""
+        """A call (a batch, the load) runs on the device thread, which a normal exit would wait for."""
         return self._device_calls > 0
 
     @property
     def running_for(self) -> float:
         """Seconds the batch on the device has run so far (0 with none running)."""
-        started = self._batch_started
+        started = self._batch_started  # read once: another thread (a health check) may ask
         return 0.0 if started is None else time.monotonic() - started
 
     @property
@@ -104,8 +103,7 @@ class Batcher:
 
     @property
     def pending(self) -> int:
-        """Items admitted and not yet in a model call: queued, or still being decoded. What the queue
-        limit counts."""
+        """Items admitted, not yet in a model call (queued or being decoded): what `max_queue` bounds."""
         return self._queued + self._incoming.total()
 
     def start(self) -> None:
@@ -156,7 +154,7 @@ class Batcher:
     def _check_room(self, count: int) -> None:
         if count > self.max_queue:
             raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
-        taken = self._queued + self._incoming.total()
+        taken = self.pending
         if taken + count > self.max_queue:
             raise QueueFull(f"the queue is full ({taken} image{'s' * (taken != 1)} waiting or being decoded)")
 

@@ -130,8 +130,7 @@ def supports(model, generation_config) -> bool:
         return False
     n_pos = model.decoder.config.n_positions
     vocab = model.decoder.lm_head.out_features
-    keep = max(2, 1 + (0 if p.eos is None else p.eos.numel())) * p.beams
-    return 1 < p.max_len <= n_pos + 1 and p.beams >= 1 and (p.beams == 1 or vocab >= keep)
+    return 1 < p.max_len <= n_pos + 1 and p.beams >= 1 and (p.beams == 1 or vocab >= _kept(p))
 
 
 def _encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -214,13 +213,18 @@ def _beam_log_probs(stepper: Gpt2Stepper, p: _Plan, run_seq: torch.Tensor, cur: 
     return _min_length(torch.log_softmax(logits, dim=-1), p, cur).view(batch, beams, -1)
 
 
+def _kept(p: _Plan) -> int:
+    """Candidates `_beam_search` takes per image each step: enough that `beams` survive every EOS."""
+    return max(2, 1 + (0 if p.eos is None else p.eos.numel())) * p.beams
+
+
 def _beam_search(
     stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, checkpoint: Callable[[], None]
 ) -> torch.LongTensor:
     """transformers' `_beam_search` (vectorised, fixed-shape) with the same ops in the same order."""
     k, lp_pow, early = p.beams, p.length_penalty, p.early_stopping
     eos = None if p.eos is None else p.eos.to(device)
-    keep = max(2, 1 + (0 if eos is None else eos.numel())) * k
+    keep = _kept(p)
     fill = -1 if eos is None else (p.pad if p.pad else int(eos[0]))  # mirrors `pad or eos[0]`
     run_seq = torch.full((batch, k, p.max_len), fill, dtype=torch.long, device=device)
     run_seq[:, :, 0] = p.start

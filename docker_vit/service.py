@@ -48,6 +48,7 @@ class Service:
         self.state = LOADING
         self.error: str | None = None
         self.on_failed: Callable[[], None] = lambda: None
+        self._loading: asyncio.Task | None = None  # the load, from `start`
         workers = cpu_threads()
         self._cpu = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
         # Answers out of the decoding pool, where they would queue behind images still decoding; not in
@@ -74,7 +75,8 @@ class Service:
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
     async def stop(self) -> None:
-        self._loading.cancel()
+        if self._loading is not None:
+            self._loading.cancel()
         await self.batcher.stop()
         self._cpu.shutdown(wait=False, cancel_futures=True)
         self._post.shutdown(wait=False, cancel_futures=True)
