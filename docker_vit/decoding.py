@@ -113,8 +113,8 @@ def _decoder_ok(model) -> bool:
     if getattr(dec.config, "_attn_implementation", None) != "sdpa":
         return False
     # In float16 the per-beam attention calls round otherwise than `generate`'s expanded ones: 3 of 30
-    # tiny-model configurations differed on an H200 (benchmarks/NOTES.md), so half precision takes
-    # `generate` (what `auto` picks on GPUs without bfloat16: T4, V100).
+    # tiny-model configurations differed on an H200 (benchmarks/NOTES.md, CUDA), so half precision takes
+    # `generate` (what `auto` picks on GPUs without native bfloat16: T4, V100).
     if next(dec.parameters()).dtype == torch.float16:
         return False
     return all(hasattr(b, "crossattention") for b in dec.transformer.h)

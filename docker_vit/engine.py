@@ -50,8 +50,16 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
         return DTYPES[name]
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _native_bfloat16(device) else torch.float16
     return torch.float32
+
+
+def _native_bfloat16(device: torch.device) -> bool:
+    """Ampere (compute capability 8) or later. Not `torch.cuda.is_bf16_supported()`: it also answers yes
+    where bfloat16 is only emulated (a T4, a V100), slowly."""
+    if not torch.cuda.is_available():  # said in one line later, when the model is put on the device
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 
 class CaptionEngine:

@@ -360,16 +360,14 @@ def test_declines_attention_other_than_sdpa(near_ties) -> None:
         near_ties.set_attn_implementation("sdpa")
 
 
-def test_declines_float16(plain) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "fast"), [(torch.float16, False), (torch.bfloat16, True), (torch.float32, True)]
+)
+def test_declines_float16(vit_gpt2_dir: Path, dtype: torch.dtype, fast: bool) -> None:
     """Half precision rounds the per-beam attention calls otherwise than `generate` (an H200 gave 27 of 30
     configurations alike): it takes `generate`; bfloat16 and float32 keep the fast path."""
-    cfg = _cfg(plain, num_beams=2, max_new_tokens=5)
-    try:
-        for dtype, fast in ((torch.float16, False), (torch.bfloat16, True), (torch.float32, True)):
-            plain.to(dtype)
-            assert decoding.supports(plain, cfg) is fast, dtype
-    finally:
-        plain.to(torch.float32)
+    model = _load(vit_gpt2_dir).to(dtype)  # its own copy: the module's shared models stay float32
+    assert decoding.supports(model, _cfg(model, num_beams=2, max_new_tokens=5)) is fast
 
 
 @pytest.mark.parametrize("extra", [5000, -1])

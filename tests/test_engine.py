@@ -105,6 +105,20 @@ def test_device_and_dtype_choice() -> None:
         pick_dtype("float8", torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("capability", "expected"),
+    [((7, 5), torch.float16), ((7, 0), torch.float16), ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)],
+)
+def test_auto_takes_bfloat16_only_where_the_gpu_computes_it(
+    monkeypatch: pytest.MonkeyPatch, capability: tuple, expected: torch.dtype
+) -> None:
+    """A T4 (7.5) or V100 (7.0) only emulates bfloat16, which `is_bf16_supported` counts as support."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert pick_dtype("auto", torch.device("cuda")) == expected
+
+
 def test_reduced_precision_is_available_on_request(vit_gpt2_dir: Path, bulldog: bytes) -> None:
     with serving(Settings(model=str(vit_gpt2_dir), dtype="bfloat16")) as client:
         assert client.get("/v1/model").json()["dtype"] == "bfloat16"
