@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
 
@@ -100,6 +102,16 @@ def contained(fn: Callable[..., Any], *args: Any) -> Any:
 
 def _ctrl_c_raises() -> bool:
     return signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process without joining its threads: a handler call stuck on one (a hung load, `prepare`
+    or `predict`) would keep a normal exit waiting for ever. Logs and output are flushed first."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a reader that left (`| head`), a closed stream
+            stream.flush()
+    os._exit(code)
 
 
 def drop_frames(exc: BaseException | None) -> None:

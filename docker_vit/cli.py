@@ -127,11 +127,11 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if service.busy:
         # A handler call (the model's load, when the port was taken) outlived the shutdown timeout;
         # exiting normally would join its thread and wait.
+        from docker_vit.calls import exit_now
+
         if not refused:
             logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
-        logging.shutdown()
-        sys.stdout.flush()
-        os._exit(code)
+        exit_now(code)
     return code
 
 
@@ -206,9 +206,9 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     ):
         # A handler call still runs on a pool thread (a prepare that hangs), which a normal exit would
         # join: forever. What was captioned is already written and flushed.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        from docker_vit.calls import exit_now
+
+        exit_now(code)
     return code
 
 

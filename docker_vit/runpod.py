@@ -29,6 +29,7 @@ from typing import Any
 
 from docker_vit import errors, memory
 from docker_vit.batching import QueueFull
+from docker_vit.calls import exit_now
 from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
@@ -182,8 +183,7 @@ def main() -> None:
         if worker is not None:  # down, so a load still running is cancelled, not reported as a failure
             worker.close()
     if worker is None or worker.service.busy:  # a load may run on the device thread: exiting
-        sys.stderr.flush()  # normally would join it and wait
-        os._exit(code)
+        exit_now(code)  # normally would join it and wait
     sys.exit(code)
 
 
