@@ -7,8 +7,9 @@ from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from docker_vit.calls import stop_if_abandoned
+from docker_vit.checkpoints import Unservable, shown_id
 from docker_vit.config import Settings
-from docker_vit.engine import CaptionEngine, Unservable, shown_id
+from docker_vit.engine import CaptionEngine
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import TooLarge
 

@@ -18,15 +18,9 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from docker_vit.captioner import Captioner
+from docker_vit.checkpoints import DeviceUnavailable, Unservable, _check_captioning, pick_device, pick_dtype
 from docker_vit.config import DEFAULT_MODEL, Settings
-from docker_vit.engine import (
-    CaptionEngine,
-    DeviceUnavailable,
-    Unservable,
-    _check_captioning,
-    pick_device,
-    pick_dtype,
-)
+from docker_vit.engine import CaptionEngine
 
 PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
 

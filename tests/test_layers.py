@@ -26,6 +26,7 @@ MODEL = [
     "gpt2_cache",
     "products",
     "captioner",
+    "checkpoints",
     "batching",
     "service",
     "errors",
