@@ -4,7 +4,7 @@ Items wait in a bounded queue grouped by their options. One worker per device ta
 first item is oldest (so steady traffic in one group never starves another), lets it fill for at most
 `max_wait` seconds (not at all when full), and runs it on the device's thread, so the next batch forms
 during the current one. Items whose caller gave up (timeout, disconnect) are dropped before the model
-sees them, and a running batch whose callers have all gone stops at its `predict`'s next checkpoint.
+sees them, and a running batch whose callers have all gone stops at its `predict`'s next step.
 
 Two refinements keep batches full under steady load. The wait counts only time the device sits idle:
 items queued during a batch still wait `max_wait` once it ends, so clients answered by that batch have

@@ -88,7 +88,7 @@ class Captioner(Handler):
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         num_beams, max_new_tokens = options
-        return self.engine.generate(items, num_beams, max_new_tokens, checkpoint=stop_if_abandoned)
+        return self.engine.generate(items, num_beams, max_new_tokens, between_steps=stop_if_abandoned)
 
     def respond(self, output: Any) -> Result:
         return Result(text=self.engine.text(output))

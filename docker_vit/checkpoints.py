@@ -30,7 +30,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto` is float16/bfloat16 on a GPU (exactness is a CPU-path promise) and float32 elsewhere."""
+    """`auto` is bfloat16 on a GPU that computes it, float16 on older GPUs, float32 elsewhere."""
     if name != "auto":
         if name not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")

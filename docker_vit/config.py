@@ -43,7 +43,8 @@ class Settings:
     device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps or xpu", MODEL)
     dtype: str = _opt(
         "auto",
-        "auto (bfloat16 on CUDA from Ampere on, float16 before, float32 elsewhere), float32, float16 or bfloat16",
+        "auto (bfloat16 on CUDA from Ampere on, float16 before, float32 elsewhere), "
+        "float32, float16 or bfloat16",
         MODEL,
         choices=("auto", "float32", "float16", "bfloat16"),
     )

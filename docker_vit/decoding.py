@@ -109,7 +109,7 @@ def _decoder_ok(model) -> bool:
         return False
     if getattr(model, "main_input_name", None) != "pixel_values":
         return False
-    # The stepper always runs SDPA; eager (or any other) attention rounds otherwise, as `generate` would run it.
+    # The stepper always runs SDPA; eager (or any other) attention rounds otherwise in `generate`.
     if getattr(dec.config, "_attn_implementation", None) != "sdpa":
         return False
     # In float16 the per-beam attention calls round otherwise than `generate`'s expanded ones: 3 of 30
@@ -153,11 +153,11 @@ def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(
-    model, pixel_values: torch.Tensor, generation_config, checkpoint: Callable[[], None] | None = None
+    model, pixel_values: torch.Tensor, generation_config, between_steps: Callable[[], None] | None = None
 ) -> torch.LongTensor:
     """Same ids as `model.generate(pixel_values=..., generation_config=...)`, computed cheaply.
 
-    `checkpoint` runs before each new token: what it raises stops the decode (the batch's callers
+    `between_steps` runs before each new token: what it raises stops the decode (the batch's callers
     have all gone, say)."""
     p = _plan(model, generation_config)
     param = next(model.parameters())
@@ -167,7 +167,7 @@ def generate(
     batch, device = enc.shape[0], enc.device
     del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search
-    return run(stepper, p, batch, device, checkpoint or _nothing)
+    return run(stepper, p, batch, device, between_steps or _nothing)
 
 
 def _nothing() -> None:
@@ -175,7 +175,7 @@ def _nothing() -> None:
 
 
 def _greedy(
-    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, checkpoint: Callable[[], None]
+    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, between_steps: Callable[[], None]
 ) -> torch.LongTensor:
     """transformers' `_sample` with do_sample=False: argmax, pad after EOS, stop when all are done."""
     out = torch.full((batch, p.max_len), p.start, dtype=torch.long, device=device)
@@ -183,7 +183,7 @@ def _greedy(
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     cur = 1
     while cur < p.max_len:
-        checkpoint()
+        between_steps()
         scores = _min_length(stepper.logits(out[:, cur - 1], cur - 1), p, cur)
         nxt = scores.argmax(dim=-1)
         if eos is not None:
@@ -219,7 +219,7 @@ def _kept(p: _Plan) -> int:
 
 
 def _beam_search(
-    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, checkpoint: Callable[[], None]
+    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, between_steps: Callable[[], None]
 ) -> torch.LongTensor:
     """transformers' `_beam_search` (vectorised, fixed-shape) with the same ops in the same order."""
     k, lp_pow, early = p.beams, p.length_penalty, p.early_stopping
@@ -239,7 +239,7 @@ def _beam_search(
     offsets = torch.arange(batch, device=device)[:, None] * k
     cur = 1
     while True:
-        checkpoint()
+        between_steps()
         # a. every beam's next-token log-probs, added to its running score
         log_probs = _beam_log_probs(stepper, p, run_seq, cur)
         vocab = log_probs.shape[-1]

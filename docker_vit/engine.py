@@ -91,18 +91,18 @@ class CaptionEngine:
         pixels: Sequence[torch.Tensor],
         num_beams: int,
         max_new_tokens: int,
-        checkpoint: Callable[[], None] | None = None,
+        between_steps: Callable[[], None] | None = None,
     ) -> list[list[int]]:
         """A batch of pixel tensors to token ids: the same ids as the model's own `generate`.
 
-        `checkpoint` runs between decoding steps; what it raises ends the call (nobody waits for it)."""
+        `between_steps` runs between decoding steps; what it raises ends the call (nobody waits for it)."""
         with memory.in_use:  # freed activations kept while batches follow each other
             batch = torch.stack(list(pixels)).to(self.device, self.dtype)
             config = self.generation_config(num_beams, max_new_tokens)
             if decoding.supports(self.model, config):
-                ids = decoding.generate(self.model, batch, config, checkpoint)
+                ids = decoding.generate(self.model, batch, config, between_steps)
             else:
-                between = StoppingCriteriaList([_Between(checkpoint)] if checkpoint else [])
+                between = StoppingCriteriaList([_Between(between_steps)] if between_steps else [])
                 ids = self.model.generate(
                     pixel_values=batch, generation_config=config, stopping_criteria=between
                 )
@@ -130,24 +130,12 @@ class CaptionEngine:
 
 
 class _Between(StoppingCriteria):
-    """`model.generate` asks its stopping criteria after every step: there `checkpoint` runs. It never
+    """`model.generate` asks its stopping criteria after every step: there `between_steps` runs. It never
     stops a sequence itself, so the ids stay the model's own."""
 
-    def __init__(self, checkpoint: Callable[[], None]) -> None:
-        self.checkpoint = checkpoint
+    def __init__(self, between_steps: Callable[[], None]) -> None:
+        self.between_steps = between_steps
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        self.checkpoint()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-
-class _Between(StoppingCriteria):
-    """`model.generate` asks its stopping criteria after every step: there `checkpoint` runs. It never
-    stops a sequence itself, so the ids stay the model's own."""
-
-    def __init__(self, checkpoint: Callable[[], None]) -> None:
-        self.checkpoint = checkpoint
-
-    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        self.checkpoint()
+        self.between_steps()
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)

@@ -63,7 +63,7 @@ def test_a_batch_equals_images_one_by_one(wordy_model_dir: Path, num_beams: int)
 @pytest.mark.parametrize(
     ("kind", "num_beams"), [("wordy_model_dir", 1), ("wordy_model_dir", 3), ("git_dir", 2)]
 )
-def test_the_checkpoint_runs_between_steps_and_can_stop_the_call(
+def test_the_between_steps_call_runs_each_step_and_can_stop_the_call(
     kind: str, num_beams: int, request: pytest.FixtureRequest
 ) -> None:
     """Docker-ViT's own decode (vit-gpt2) and the model's `generate` (GIT) both ask it each step."""
@@ -72,7 +72,7 @@ def test_the_checkpoint_runs_between_steps_and_can_stop_the_call(
     pixels = [engine.pixels(Image.open(photo(name)).convert("RGB")) for name in PHOTOS[:2]]
     asked = []
     plain = engine.generate(pixels, num_beams, 8)
-    assert engine.generate(pixels, num_beams, 8, checkpoint=lambda: asked.append(1)) == plain
+    assert engine.generate(pixels, num_beams, 8, between_steps=lambda: asked.append(1)) == plain
     assert len(asked) >= 3  # once a step, and the ids are the same
 
     class Gone(Exception):
@@ -85,7 +85,7 @@ def test_the_checkpoint_runs_between_steps_and_can_stop_the_call(
 
     asked.clear()
     with pytest.raises(Gone):
-        engine.generate(pixels, num_beams, 8, checkpoint=third)
+        engine.generate(pixels, num_beams, 8, between_steps=third)
     assert len(asked) == 3
 
 

@@ -56,7 +56,7 @@ class StubEngine:
     def pixels(self, image: Image.Image) -> tuple[int, int]:
         return image.size
 
-    def generate(self, pixels, num_beams: int, max_new_tokens: int, checkpoint=None) -> list[str]:
+    def generate(self, pixels, num_beams: int, max_new_tokens: int, between_steps=None) -> list[str]:
         with self.lock:
             self.batches.append(len(pixels))
         return [f"{w}x{h} beams={num_beams} tokens={max_new_tokens}" for w, h in pixels]
@@ -371,7 +371,7 @@ class Wedged(StubEngine):
         super().__init__()
         self.release = threading.Event()
 
-    def generate(self, pixels, num_beams: int, max_new_tokens: int, checkpoint=None) -> list[str]:
+    def generate(self, pixels, num_beams: int, max_new_tokens: int, between_steps=None) -> list[str]:
         if self.batches:
             self.release.wait(20)
         return super().generate(pixels, num_beams, max_new_tokens)
