@@ -106,8 +106,9 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.ready:
             return JSONResponse({"status": READY})
-        body = {"status": service.status, **errors.error_body(errors.TYPES[503], service.why_not_ready)}
-        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
+        why = _not_ready(service)
+        body = {"status": service.status, **errors.error_body(why.type, why.message)}
+        return JSONResponse(body, status_code=why.status, headers=why.headers)
 
     @app.get("/ping")
     async def ping() -> Response:
@@ -115,9 +116,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         if service.ready:
             return JSONResponse({"status": "healthy"})
         if service.state != LOADING:
-            return http_errors.error_response(
-                503, service.why_not_ready, headers={"Retry-After": "5"}
-            )  # as /readyz
+            raise _not_ready(service)
         return Response(status_code=204)
 
     @app.get("/metrics")
@@ -127,6 +126,11 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     gets = {"/healthz": healthz, "/readyz": readyz, "/ping": ping, "/v1/model": model, "/metrics": metrics}
     for path, answer in gets.items():  # HEAD too (load balancers probe with it), off the OpenAPI page
         app.add_api_route(path, answer, methods=["HEAD"], include_in_schema=False)
+
+
+def _not_ready(service: Service) -> errors.ApiError:
+    """The one 503 of a model that is not serving (loading, failed, stalled): routes and probes alike."""
+    return errors.ApiError(503, service.why_not_ready, headers={"Retry-After": "5"})
 
 
 def _api_key_check(keys: tuple[str, ...]) -> Any:
@@ -150,7 +154,7 @@ async def _run(
 ) -> list[Result]:
     """Run the service, answering for every way it can go wrong; stop work for clients that left."""
     if service.state != READY:
-        raise errors.ApiError(503, service.why_not_ready, headers={"Retry-After": "5"})
+        raise _not_ready(service)
     try:
         options = service.options(raw)
     except Exception as exc:  # a client's mistake (422) or the handler's (500)
