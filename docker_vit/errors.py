@@ -65,6 +65,18 @@ def from_service(exc: Exception) -> ApiError:
     return ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")
 
 
+def count_images(count: int, limit: int, per: str = "request") -> None:
+    """Too many images are refused before any is decoded, however they came."""
+    if count > limit:
+        raise ApiError(413, f"{count} images in one {per}; the limit is {limit}")
+
+
+def decode_images(texts: list[str], max_images: int, max_bytes: int, per: str = "request") -> list[bytes]:
+    """A request's (or a Runpod job's) base64 images, counted first."""
+    count_images(len(texts), max_images, per)
+    return [decode_base64(text, index, max_bytes) for index, text in enumerate(texts)]
+
+
 def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
     """One base64 image (or a `data:` URL) to bytes; oversized ones are refused before decoding."""
     if text[:5].lower() == "data:":  # a data URL (the scheme is case-blind): its data follow the comma

@@ -148,14 +148,11 @@ def read_job(
     images = [payload["image"]] if has_one else payload["images"]
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, '"image" must be a base64 string and "images" a non-empty list of them')
-    if len(images) > settings.max_images:
-        raise errors.ApiError(413, f"{len(images)} images in one job; the limit is {settings.max_images}")
     options = {name: value for name, value in payload.items() if name not in ("image", "images")}
     unknown = sorted(set(options) - set(options if option_names is None else option_names))
     if unknown:
         raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
-    inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
-    return inputs, options
+    return errors.decode_images(images, settings.max_images, settings.max_bytes, "job"), options
 
 
 def main() -> None:

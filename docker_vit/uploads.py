@@ -60,8 +60,6 @@ async def read_inputs(
             "application/json": 'in the "images" list',
         }.get(content_type, "as the request body")
         raise errors.ApiError(400, f"no image: send it {how}")
-    if len(inputs) > settings.max_images:  # a form's `file`s are counted (or cut to one) as it is read
-        raise errors.ApiError(413, f"{len(inputs)} images in one request; the limit is {settings.max_images}")
     for data in inputs:
         if len(data) > settings.max_bytes:
             raise errors.ApiError(413, f"an image is {len(data)} bytes; the limit is {settings.max_bytes}")
@@ -88,8 +86,8 @@ async def _read_form(request: Request, most: int, first_only: bool) -> tuple[lis
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
         if first_only:
             files = files[:1]
-        elif len(files) > most:
-            raise errors.ApiError(413, f"{len(files)} images in one request; the limit is {most}")
+        else:
+            errors.count_images(len(files), most)
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return [await upload.read() for upload in files], fields
     finally:
@@ -131,7 +129,5 @@ def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, 
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
-    if len(images) > settings.max_images:  # before decoding any of them
-        raise errors.ApiError(413, f"{len(images)} images in one request; the limit is {settings.max_images}")
-    inputs = [errors.decode_base64(item, index, settings.max_bytes) for index, item in enumerate(images)]
+    inputs = errors.decode_images(images, settings.max_images, settings.max_bytes)
     return inputs, {key: value for key, value in payload.items() if key != "images"}
