@@ -14,18 +14,16 @@ from __future__ import annotations
 import csv
 import io
 import os
-import stat
 import sys
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
 from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileError, encode, format_for
 from docker_vit.config import Settings
 from docker_vit.handler import HandlerError
-from docker_vit.images import InputError, TooLarge
 from docker_vit.progress import Progress
+from docker_vit.runner import CaptionError, Runner
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -49,24 +47,6 @@ IMAGE_EXTENSIONS = frozenset(
         ".tga",
     }
 )  # what the intake decodes (images.FORMATS)
-
-
-class CaptionError(Exception):
-    """The run cannot go on (the model failed, the server is unreachable); what is written stays."""
-
-
-@dataclass
-class Outcome:
-    """One image's fate: its record when captioned, or why it was skipped."""
-
-    path: str
-    entry: dict[str, Any] | None = None
-    error: str | None = None
-    broke: bool = False  # the model failed on it (a 500), rather than refusing it
-
-
-Runner = Callable[[list[str]], Iterator[list[Outcome]]]
-GIVE_UP_AFTER = 3  # batches (of a server's: --concurrency images) in a row in which the model failed on all
 
 
 def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:
@@ -96,7 +76,7 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         todo = _not_done(images, sink.done)
         code = 0
         if todo:
-            params = {"num_beams": settings.num_beams, "max_new_tokens": settings.max_new_tokens}
+            params = settings.generation()
             # captions printed to a terminal would be torn by the bar; redirected, they leave it room
             bar = progress if output or not sys.stdout.isatty() else Progress(enabled=False)
             code = _run(partial(_runner, settings, params, chosen, bar.warn), todo, sink, bar)
@@ -220,25 +200,6 @@ def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], N
     except OSError as exc:
         warn(f"skipping folder {folder}: {exc.strerror or exc}")
         return []
-
-
-def read_file(path: str, limit: int) -> bytes:
-    """An image file's bytes, read no further than `limit` (a 3 GB file, a link to /dev/zero); what is
-    no regular file is refused unopened (opening a FIFO would wait for a writer for ever)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise InputError("not a regular file")
-    with open(path, "rb") as file:
-        data = file.read(limit + 1)
-    if len(data) > limit:
-        raise TooLarge(f"the file is over the limit of {limit} bytes")
-    return data
-
-
-def describe_error(exc: BaseException) -> str:
-    """Why a file was skipped, without repeating its path."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
 
 
 class _Stdout:

@@ -25,9 +25,9 @@ from docker_vit.calls import (
 )
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.folder import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
 from docker_vit.handler import OptionsError, Result
 from docker_vit.loader import batch_size, load_handler
+from docker_vit.runner import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
 
 
 class LocalCaptioner:

@@ -1,0 +1,50 @@
+"""What `docker-vit caption`'s two runners (local.py: a model in this process; client.py: a server at
+`--url`) hand folder.py, which finds the images and writes the records: one `Outcome` per image, a
+batch at a time, or a `CaptionError` that ends the run."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from docker_vit.images import InputError, TooLarge
+
+
+class CaptionError(Exception):
+    """The run cannot go on (the model failed, the server is unreachable); what is written stays."""
+
+
+@dataclass
+class Outcome:
+    """One image's fate: its record when captioned, or why it was skipped."""
+
+    path: str
+    entry: dict[str, Any] | None = None
+    error: str | None = None
+    broke: bool = False  # the model failed on it (a 500), rather than refusing it
+
+
+Runner = Callable[[list[str]], Iterator[list[Outcome]]]
+GIVE_UP_AFTER = 3  # batches (of a server's: --concurrency images) in a row in which the model failed on all
+
+
+def read_file(path: str, limit: int) -> bytes:
+    """An image file's bytes, read no further than `limit` (a 3 GB file, a link to /dev/zero); what is
+    no regular file is refused unopened (opening a FIFO would wait for a writer for ever)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InputError("not a regular file")
+    with open(path, "rb") as file:
+        data = file.read(limit + 1)
+    if len(data) > limit:
+        raise TooLarge(f"the file is over the limit of {limit} bytes")
+    return data
+
+
+def describe_error(exc: BaseException) -> str:
+    """Why a file was skipped, without repeating its path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
