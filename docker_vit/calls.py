@@ -23,6 +23,7 @@ import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any, NoReturn
 
+from docker_vit.config import GENERATION
 from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
 
 
@@ -173,7 +174,7 @@ def generation_defaults(info: Mapping[str, Any]) -> dict[str, Any]:
     generation = info.get("generation")
     if not isinstance(generation, dict):
         return {}
-    return {name: generation[name] for name in ("num_beams", "max_new_tokens") if name in generation}
+    return {name: generation[name] for name in GENERATION if name in generation}
 
 
 def _json(value: Any, what: str) -> None:

@@ -8,7 +8,7 @@ from typing import Any, NamedTuple
 
 from docker_vit.calls import stop_if_abandoned
 from docker_vit.checkpoints import Unservable, shown_id
-from docker_vit.config import Settings
+from docker_vit.config import GENERATION, Settings
 from docker_vit.engine import CaptionEngine
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import TooLarge
@@ -29,7 +29,7 @@ class Generation(NamedTuple):
 class Captioner(Handler):
     """Captions images with any AutoModelForImageTextToText model (default: vit-gpt2)."""
 
-    option_names = ("num_beams", "max_new_tokens")
+    option_names = GENERATION
 
     def __init__(self, settings: Settings) -> None:
         super().__init__(settings)
@@ -53,10 +53,10 @@ class Captioner(Handler):
     def describe(self) -> dict[str, Any]:
         s = self.settings
         return {
-            **self.engine.describe(),  # "model": the model's id
-            **({"name": self.name} if type(self).name != Handler.name else {}),  # a subclass's own
-            "handler": f"{type(self).__module__}:{type(self).__qualname__}",
-            "generation": {"num_beams": s.num_beams, "max_new_tokens": s.max_new_tokens},
+            **super().describe(),  # "handler": which class serves
+            **self.engine.describe(),  # "model": the model's id, not the name a subclass gives itself
+            **({"name": self.name} if type(self).name != Handler.name else {}),
+            "generation": s.generation(),
             "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": self._token_limit()},
         }
 

@@ -18,6 +18,7 @@ from docker_vit.config import (
     CLIENT,
     DEFAULT_MODEL,
     DOWNLOAD,
+    GENERATION,
     MODEL,
     OUTPUT,
     SERVER,
@@ -33,7 +34,7 @@ from docker_vit.config import (
 
 # Model settings a `caption --url` run leaves to the server (it sends only the generation options;
 # the server's byte limit holds, the client's is its fallback)
-LOCAL_ONLY = set(names_of(MODEL)) - {"num_beams", "max_new_tokens", "max_bytes"}
+LOCAL_ONLY = set(names_of(MODEL)) - {*GENERATION, "max_bytes"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

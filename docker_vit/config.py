@@ -27,6 +27,8 @@ DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
 # ones only where `docker-vit caption --url` talks to a server; "output" ones to `caption`'s results;
 # "download" ones to `docker-vit download`.
 MODEL, SERVER, CLIENT, OUTPUT, DOWNLOAD = "model", "server", "client", "output", "download"
+# The captioner's generation options: what a request may choose, and what these settings default
+GENERATION = ("num_beams", "max_new_tokens")
 
 
 def _opt(default: Any, help: str, group: str = SERVER, *, secret: bool = False, **extra: Any) -> Any:
@@ -142,6 +144,10 @@ class Settings:
             choices, value = spec.metadata.get("choices"), getattr(self, name)
             if choices and value not in choices and value != spec.default:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+    def generation(self) -> dict[str, int]:
+        """The default generation options, as `/v1/model` shows them and caption records carry them."""
+        return {name: getattr(self, name) for name in GENERATION}
 
     @classmethod
     def load(
