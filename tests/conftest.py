@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -14,6 +16,11 @@ from fastapi.testclient import TestClient
 from docker_vit.config import Settings
 from docker_vit.server import create_app
 
+# The Ctrl-C tests send SIGINT to servers and runs they start. Started as a background job (`pytest &`,
+# nohup, a CI script's `&`) this process ignores SIGINT, and its children would inherit that; with
+# Python's own handler here they start with the default, as from a terminal.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 PHOTOS = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LOCAL_PHOTOS = Path(__file__).parent / "data"
 
@@ -22,6 +29,16 @@ def photo(name: str) -> Path:
     """A test photo from ../shared/data, or the copy in tests/data when ../shared is absent."""
     path = PHOTOS / name
     return path if path.exists() else LOCAL_PHOTOS / name
+
+
+def finished(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """`process.communicate(timeout)`; a process that overruns is killed, not left running."""
+    try:
+        return process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        raise
 
 
 @pytest.fixture(scope="session")

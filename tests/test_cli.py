@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import photo
+from conftest import finished, photo
 
 from docker_vit import cli, hub
 
@@ -114,7 +114,7 @@ def test_sigterm_exits_cleanly(vit_gpt2_dir: Path) -> None:
 def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None:
     process = ready_server(vit_gpt2_dir)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=30)
+    _, err = finished(process, 30)
     assert process.returncode == 130 and "Traceback" not in err and "Finished server process" in err
 
 

@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import photo
+from conftest import finished, photo
 from folder_handlers import Digest, Fussy
 from PIL import Image
 
@@ -360,7 +360,7 @@ def test_an_interrupted_run_resumes_without_duplicates(
         assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
         time.sleep(0.02)
     process.send_signal(sig)
-    _, err = process.communicate(timeout=30)
+    _, err = finished(process, 30)
     if sig != signal.SIGKILL:  # Ctrl-C 130; SIGTERM 143 as an exit status, not a death by the signal
         assert process.returncode == {signal.SIGINT: 130, signal.SIGTERM: 143}[sig], err
         assert "interrupted" in err and "Traceback" not in err
@@ -599,7 +599,7 @@ def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> Non
         assert process.poll() is None and time.monotonic() < deadline
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=30)
+    _, err = finished(process, 30)
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
 
 

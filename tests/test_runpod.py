@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from conftest import finished
 from PIL import Image
 
 from docker_vit.captioner import Captioner
@@ -295,7 +296,7 @@ def test_ctrl_c_while_the_model_loads_exits_130_at_once():
         assert line, "the worker ended before loading"
         seen += line
     process.send_signal(signal.SIGINT)
-    _, err = process.communicate(timeout=20)  # not the 30 s the load would take
+    _, err = finished(process, 20)  # not the 30 s the load would take
     assert process.returncode == 130 and "Traceback" not in seen + err, seen + err
 
 
