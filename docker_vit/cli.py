@@ -193,7 +193,10 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
 
     ignored = sorted(flag_name(name) for name in args.flagged & LOCAL_ONLY)
     if settings.url and ignored:  # said, not refused: a script may pass the same flags either way
-        print(f"docker-vit: {', '.join(ignored)} ignored with --url: the server's own apply", file=sys.stderr)
+        print(
+            f"docker-vit: {', '.join(ignored)} ignored with --url: the server's own settings apply",
+            file=sys.stderr,
+        )
     previous = _set_sigterm(stop)
     try:
         code = folder.caption(settings, args.paths, args.chosen)
