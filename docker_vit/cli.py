@@ -23,6 +23,7 @@ from docker_vit.config import (
     OUTPUT,
     SERVER,
     Settings,
+    any_case,
     chosen,
     env_name,
     flag_name,
@@ -103,7 +104,7 @@ def _add_settings(
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:
             choices = spec.metadata.get("choices")
-            kind = str.lower if choices else kind  # --log-level INFO means info
+            kind = str.lower if any_case(spec) else kind  # --log-level INFO means info
             parser.add_argument(*flags, dest=name, type=kind, choices=choices, metavar=metavar, help=help)
 
 

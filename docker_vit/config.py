@@ -42,7 +42,9 @@ class Settings:
 
     model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL)
     handler: str = _opt("", "run a custom handler, as module:Class (default: the captioner)", MODEL)
-    device: str = _opt("auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps or xpu", MODEL)
+    device: str = _opt(
+        "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps or xpu", MODEL, any_case=True
+    )
     dtype: str = _opt(
         "auto",
         "auto (bfloat16 on CUDA from Ampere on, float16 before, float32 elsewhere), "
@@ -247,6 +249,11 @@ _BOOLEANS = {
 }
 
 
+def any_case(spec: dataclasses.Field) -> bool:
+    """A setting read in any case: a choice (`--log-level INFO`), or a device (`CPU`, `CUDA:0`)."""
+    return bool(spec.metadata.get("choices") or spec.metadata.get("any_case"))
+
+
 def parse(spec: dataclasses.Field, raw: str) -> Any:
     """Turn one environment string into the field's type, with a message naming the variable."""
     kind = type(spec.default)
@@ -258,7 +265,7 @@ def parse(spec: dataclasses.Field, raw: str) -> Any:
     try:
         if kind is bool:
             return _BOOLEANS[raw.strip().lower()]
-        if spec.metadata.get("choices"):
+        if any_case(spec):
             return raw.strip().lower()  # LOG_LEVEL=INFO means info
         return kind(raw)
     except (ValueError, KeyError):

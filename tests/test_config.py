@@ -149,6 +149,8 @@ def test_download_takes_its_model_and_folder_from_variables(monkeypatch: pytest.
 def test_choices_are_read_in_any_case() -> None:
     assert Settings.load({"DOCKER_VIT_LOG_LEVEL": "INFO"}).log_level == "info"
     assert _parser().parse_args(["serve", "--log-level", "WARNING"]).log_level == "warning"
+    assert Settings.load({"DOCKER_VIT_DEVICE": " CPU "}).device == "cpu"  # a device is no choice, but alike
+    assert _parser().parse_args(["serve", "--device", "Cuda:1"]).device == "cuda:1"
 
 
 def test_servers_read_no_variable_of_the_caption_command() -> None:
