@@ -73,6 +73,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         progress.warn(f"cannot use {output}: {exc}")
         return 1
     with sink:
+        if output:
+            images = [path for path in images if not _is_file(path, output)]
         todo = _not_done(images, sink.done)
         code = 0
         if todo:
@@ -81,6 +83,16 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
             bar = progress if output or not sys.stdout.isatty() else Progress(enabled=False)
             code = _run(partial(_runner, settings, params, chosen, bar.warn), todo, sink, bar)
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
+
+
+def _is_file(path: str, output: str) -> bool:
+    """Whether `path` is the captions file itself (`-o photos/captions.png`, found by the next run's walk)."""
+    if os.path.basename(path) != os.path.basename(output):  # a stat only for a name that could be it
+        return False
+    try:
+        return os.path.samefile(path, output)
+    except OSError:
+        return False
 
 
 def _not_done(images: list[str], done: set[str]) -> list[str]:

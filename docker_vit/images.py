@@ -78,7 +78,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     if len(data) > max_bytes:
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
     if not data:  # missing input (400), rather than bytes that are not a picture (415)
-        raise InputError("image is empty: no bytes were sent")
+        raise InputError("image is empty: it has no bytes")
     if data[:4] == ICO_MAGIC and _ico_pixels(data) > max_pixels:
         raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}")
     scans = _check_decoding_work(data)

@@ -135,6 +135,19 @@ def test_resume_captions_only_new_images(library: Path, tmp_path: Path) -> None:
     assert Digest.batches == [] and len(lines(out)) == 7  # nothing left to do: the model never ran
 
 
+def test_a_captions_file_named_like_an_image_in_the_folder_is_not_captioned(
+    library: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = library / "captions.png"  # --format jsonl, in the folder it captions: the next walk finds it
+    for _ in range(2):
+        assert (
+            cli.main(["caption", str(library), "-o", str(out), "--format", "jsonl", *DIGEST]) == 1
+        )  # broken.jpg
+        assert "broken.jpg" in capsys.readouterr().err
+    assert cli.main(["caption", str(out.parent / "b.png"), str(out), "-o", str(out), *DIGEST]) == 0
+    assert "captions.png" not in capsys.readouterr().err and len(lines(out)) == 5
+
+
 @pytest.mark.parametrize("name", ["captions.jsonl", "captions.csv"])
 def test_resuming_with_other_options_says_the_file_now_mixes_them(
     library: Path, tmp_path: Path, capsys: pytest.CaptureFixture, name: str
