@@ -148,7 +148,8 @@ class Settings:
                 raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
     def generation(self) -> dict[str, int]:
-        """The default generation options, as `/v1/model` shows them and caption records carry them."""
+        """The captioner's default generation options (its `/v1/model` "generation"); what `caption`
+        offers a handler, which takes those it names in `option_names`."""
         return {name: getattr(self, name) for name in GENERATION}
 
     @classmethod

@@ -1,7 +1,8 @@
 """Every error a client sees has one shape: `{"error": {"type": ..., "message": ...}}`.
 
 What a failure means to a client, for every front end alike; no web framework here (the Runpod worker
-answers with the same objects), FastAPI's side of it is http_errors.py."""
+answers with the same objects), FastAPI's side of it is http_errors.py. Also here: the checks of
+base64 images (JSON bodies, Runpod jobs) whose failures are these errors."""
 
 from __future__ import annotations
 
@@ -71,9 +72,8 @@ def count_images(count: int, limit: int, per: str = "request") -> None:
         raise ApiError(413, f"{count} images in one {per}; the limit is {limit}")
 
 
-def decode_images(texts: list[str], max_images: int, max_bytes: int, per: str = "request") -> list[bytes]:
-    """A request's (or a Runpod job's) base64 images, counted first."""
-    count_images(len(texts), max_images, per)
+def decode_images(texts: list[str], max_bytes: int) -> list[bytes]:
+    """A JSON request's (or a Runpod job's) base64 images, once `count_images` has let them in."""
     return [decode_base64(text, index, max_bytes) for index, text in enumerate(texts)]
 
 

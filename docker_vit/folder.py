@@ -59,8 +59,6 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     progress = Progress()
     unreadable: list[str] = []
     images = find_images(paths, lambda message: unreadable.append(message) or progress.warn(message))
-    if not images:
-        progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
     try:
         sink = (
             CaptionsFile(output, format_for(output, fmt), progress.warn)
@@ -73,8 +71,10 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         progress.warn(f"cannot use {output}: {exc}")
         return 1
     with sink:
-        if output:
-            images = [path for path in images if not _is_file(path, output)]
+        if output:  # only now: a first run's file exists once opened
+            images = [path for path in images if not _is_output(path, output)]
+        if not images:
+            progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
         todo = _not_done(images, sink.done)
         code = 0
         if todo:
@@ -85,9 +85,10 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
 
 
-def _is_file(path: str, output: str) -> bool:
-    """Whether `path` is the captions file itself (`-o photos/captions.png`, found by the next run's walk)."""
-    if os.path.basename(path) != os.path.basename(output):  # a stat only for a name that could be it
+def _is_output(path: str, output: str) -> bool:
+    """Whether `path` is the captions file itself (`-o photos/captions.png`, found by the next run's
+    walk). Only a name that could be it costs a stat, compared case-blind as macOS's disks do."""
+    if os.path.basename(path).casefold() != os.path.basename(output).casefold():
         return False
     try:
         return os.path.samefile(path, output)

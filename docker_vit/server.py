@@ -129,7 +129,8 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
 
 
 def _not_ready(service: Service) -> errors.ApiError:
-    """The one 503 of a model that is not serving (loading, failed, stalled): routes and probes alike."""
+    """The one 503 of a model that is not serving: probes while it loads, failed or stalled, the
+    captioning routes while it loads or failed (a stalled model's requests queue behind its call)."""
     return errors.ApiError(503, service.why_not_ready, headers={"Retry-After": "5"})
 
 

@@ -129,5 +129,6 @@ def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, 
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
-    inputs = errors.decode_images(images, settings.max_images, settings.max_bytes)
+    errors.count_images(len(images), settings.max_images)  # before decoding any of them
+    inputs = errors.decode_images(images, settings.max_bytes)
     return inputs, {key: value for key, value in payload.items() if key != "images"}

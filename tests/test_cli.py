@@ -40,7 +40,8 @@ def wait_ready(port: int, process: subprocess.Popen, seconds: float = 90) -> Non
         except OSError:
             pass
         time.sleep(0.2)
-    raise AssertionError("server never became ready")
+    process.kill()  # not left serving after the test
+    raise AssertionError(f"server never became ready: {finished(process, 30)[1]}")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +62,7 @@ def server(vit_gpt2_dir: Path):
         yield port, process
     finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        finished(process, 30)
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
@@ -108,7 +109,8 @@ def ready_server(model: Path) -> subprocess.Popen:
 def test_sigterm_exits_cleanly(vit_gpt2_dir: Path) -> None:
     process = ready_server(vit_gpt2_dir)
     process.send_signal(signal.SIGTERM)
-    assert process.wait(30) == 0
+    finished(process, 30)
+    assert process.returncode == 0
 
 
 def test_ctrl_c_stops_the_server_without_a_traceback(vit_gpt2_dir: Path) -> None:

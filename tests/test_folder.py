@@ -370,7 +370,9 @@ def test_an_interrupted_run_resumes_without_duplicates(
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=ignore_sigint)
     deadline = time.monotonic() + 60
     while not (out.exists() and out.read_text().count("\n") >= 4):
-        assert process.poll() is None and time.monotonic() < deadline, process.stderr.read()
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()  # reading a live child's stderr to its end would wait for ever
+            pytest.fail(f"four records never came: {finished(process, 30)[1]}")
         time.sleep(0.02)
     process.send_signal(sig)
     _, err = finished(process, 30)
@@ -594,8 +596,9 @@ def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path, output: list[
     if output == ["--json"]:
         assert str(tmp_path) in process.stdout.readline()
     process.stdout.close()
-    assert process.wait(60) == 141 and process.stderr.read() == ""
-    process.stderr.close()
+    process.stdout = None  # closed here: `finished` reads stderr alone
+    _, err = finished(process, 60)
+    assert process.returncode == 141 and err == ""
 
 
 def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
@@ -609,7 +612,9 @@ def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> Non
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not mark.exists():
-        assert process.poll() is None and time.monotonic() < deadline
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()  # Stuck never returns: a child left behind would run for ever
+            pytest.fail(f"prepare never started: {finished(process, 30)[1]}")
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
     _, err = finished(process, 30)
