@@ -22,6 +22,7 @@ import asyncio
 import atexit
 import concurrent.futures
 import os
+import signal
 import sys
 import threading
 from collections.abc import Mapping
@@ -148,20 +149,27 @@ def read_job(
     images = [payload["image"]] if has_one else payload["images"]
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, '"image" must be a base64 string and "images" a non-empty list of them')
+    errors.count_images(len(images), settings.max_images, "job")  # a 413 before a 422, as HTTP answers
     options = {name: value for name, value in payload.items() if name not in ("image", "images")}
     unknown = sorted(set(options) - set(options if option_names is None else option_names))
     if unknown:
         raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
-    return errors.decode_images(images, settings.max_images, settings.max_bytes, "job"), options
+    return errors.decode_images(images, settings.max_bytes), options
 
 
 def main() -> None:
     try:
         import runpod  # the optional extra
     except ImportError:
-        sys.exit("docker_vit.runpod: the runpod SDK is not installed: pip install 'docker-vit[runpod]'")
+        sys.exit(
+            "docker_vit.runpod: the runpod SDK is not installed: pip install 'docker-vit[runpod]' "
+            "(in the image: build it with --build-arg EXTRAS=runpod)"
+        )
     worker: Worker | None = None
     code = 0
+    # As a container's start command the worker is PID 1, which never sees a SIGTERM it has no handler
+    # for: a stop while the model loads would wait for the runtime's SIGKILL. The SDK installs its own.
+    signal.signal(signal.SIGTERM, _stop_before_jobs)
     try:
         worker = _worker()
         atexit.register(worker.close)
@@ -176,12 +184,23 @@ def main() -> None:
             code = 1  # the service has logged why
     except KeyboardInterrupt:  # Ctrl-C, say while the model loads (or while the worker starts it)
         code = 130
+    except _StoppedBeforeJobs:  # SIGTERM before the SDK took over: nothing to drain
+        code = 0
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
         if worker is not None:  # down, so a load still running is cancelled, not reported as a failure
             worker.close()
     if worker is None or worker.service.busy:  # a load may run on the device thread: exiting
         exit_now(code)  # normally would join it and wait
     sys.exit(code)
+
+
+class _StoppedBeforeJobs(BaseException):
+    """SIGTERM before the SDK's job loop runs (not a SystemExit: a handler's load would turn one into a
+    load error)."""
+
+
+def _stop_before_jobs(signum: int, frame: object) -> None:
+    raise _StoppedBeforeJobs
 
 
 def _worker() -> Worker:

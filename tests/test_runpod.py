@@ -146,6 +146,7 @@ def test_sync_entry_point(worker):
             "unsupported_media_type",
         ),
         ({"input": {"images": [png()] * 5}}, "payload_too_large"),
+        ({"input": {"images": [png()] * 5, "temperature": 0.7}}, "payload_too_large"),  # counted first
         ({"input": {"image": base64.b64encode(b"x" * 60_000).decode()}}, "payload_too_large"),
         ({"input": {"image": png(), "num_beams": 99}}, "invalid_parameters"),
         ({"input": {"image": png(), "max_new_tokens": "many"}}, "invalid_parameters"),
@@ -279,7 +280,10 @@ def test_a_worker_whose_model_fails_to_load_exits_before_taking_a_job(tmp_path):
     assert "no model folder" in log and "local_test" not in log, log
 
 
-def test_ctrl_c_while_the_model_loads_exits_130_at_once():
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_a_stop_while_the_model_loads_exits_at_once(sig: int, code: int) -> None:
+    """SIGTERM too: as a container's start command the worker is PID 1, which only sees a signal that
+    has a handler, and the SDK installs its own only once the model is loaded."""
     pytest.importorskip("runpod")
     env = {**os.environ, "DOCKER_VIT_HANDLER": "fake_handlers:SlowLoad", "PYTHONPATH": str(ROOT / "tests")}
     process = subprocess.Popen(
@@ -295,9 +299,9 @@ def test_ctrl_c_while_the_model_loads_exits_130_at_once():
         line = process.stderr.readline()
         assert line, "the worker ended before loading"
         seen += line
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, err = finished(process, 20)  # not the 30 s the load would take
-    assert process.returncode == 130 and "Traceback" not in seen + err, seen + err
+    assert process.returncode == code and "Traceback" not in seen + err, seen + err
 
 
 @pytest.mark.parametrize(
