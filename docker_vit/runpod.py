@@ -168,12 +168,16 @@ def main() -> None:
     worker: Worker | None = None
     code = 0
     # As a container's start command the worker is PID 1, which never sees a SIGTERM it has no handler
-    # for: a stop while the model loads would wait for the runtime's SIGKILL. The SDK installs its own.
-    signal.signal(signal.SIGTERM, _stop_before_jobs)
+    # for: a stop while the model loads would wait for the runtime's SIGKILL. Only while it loads: the
+    # SDK's job loop installs its own, its local test mode none (a stop there is no success), and the
+    # ping process it forks must not inherit this one.
+    signal.signal(signal.SIGTERM, _stop_while_loading)
     try:
         worker = _worker()
         atexit.register(worker.close)
-        if worker.wait_ready():
+        ready = worker.wait_ready()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        if ready:
             # Concurrent jobs are what fills the batcher's model calls.
             start = {"handler": worker.handle, "concurrency_modifier": lambda _: worker.concurrency}
             # a job's own refresh_worker only asks Runpod's side to stop the pod; the SDK's config flag
@@ -184,9 +188,10 @@ def main() -> None:
             code = 1  # the service has logged why
     except KeyboardInterrupt:  # Ctrl-C, say while the model loads (or while the worker starts it)
         code = 130
-    except _StoppedBeforeJobs:  # SIGTERM before the SDK took over: nothing to drain
+    except _StoppedWhileLoading:  # no job taken yet: nothing to drain
         code = 0
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stop now need not interrupt the clean-up
         if worker is not None:  # down, so a load still running is cancelled, not reported as a failure
             worker.close()
     if worker is None or worker.service.busy:  # a load may run on the device thread: exiting
@@ -194,13 +199,14 @@ def main() -> None:
     sys.exit(code)
 
 
-class _StoppedBeforeJobs(BaseException):
-    """SIGTERM before the SDK's job loop runs (not a SystemExit: a handler's load would turn one into a
-    load error)."""
+class _StoppedWhileLoading(BaseException):
+    """SIGTERM while the model loads (on the device thread; the signal reaches the main thread, which
+    waits for it). Not a SystemExit, which would pass `main`'s clauses and its `exit_now`: a normal
+    exit would join the loading thread and wait for it."""
 
 
-def _stop_before_jobs(signum: int, frame: object) -> None:
-    raise _StoppedBeforeJobs
+def _stop_while_loading(signum: int, frame: object) -> None:
+    raise _StoppedWhileLoading
 
 
 def _worker() -> Worker:

@@ -304,6 +304,31 @@ def test_a_stop_while_the_model_loads_exits_at_once(sig: int, code: int) -> None
     assert process.returncode == code and "Traceback" not in seen + err, seen + err
 
 
+def test_a_stop_during_the_local_test_job_is_no_success() -> None:
+    """The stop-while-loading handler is gone once the model is ready: `--test_input` installs no SIGTERM
+    handler of its own, so a stopped test job dies by the signal rather than exiting 0 (and the ping
+    process the SDK forks on Runpod starts with the default)."""
+    pytest.importorskip("runpod")
+    env = {**os.environ, "DOCKER_VIT_HANDLER": "fake_handlers:Echo", "PYTHONPATH": str(ROOT / "tests")}
+    job = json.dumps({"input": {"image": "eA==", "delay": 30}})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "docker_vit.runpod", "--test_input", job, "--rp_log_level", "INFO"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    seen = ""
+    while "local_test | Started" not in seen:
+        line = process.stdout.readline()
+        assert line, seen
+        seen += line
+    process.send_signal(signal.SIGTERM)
+    out, _ = finished(process, 20)
+    assert process.returncode == -signal.SIGTERM and "Traceback" not in seen + out, seen + out
+
+
 @pytest.mark.parametrize(
     ("value", "said"),
     [
