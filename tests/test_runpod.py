@@ -280,39 +280,20 @@ def test_a_worker_whose_model_fails_to_load_exits_before_taking_a_job(tmp_path):
     assert "no model folder" in log and "local_test" not in log, log
 
 
-@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
-def test_a_stop_while_the_model_loads_exits_at_once(sig: int, code: int) -> None:
-    """SIGTERM too: as a container's start command the worker is PID 1, which only sees a signal that
-    has a handler, and the SDK installs its own only once the model is loaded."""
-    pytest.importorskip("runpod")
-    env = {**os.environ, "DOCKER_VIT_HANDLER": "fake_handlers:SlowLoad", "PYTHONPATH": str(ROOT / "tests")}
+def stopped_worker(handler: str, job: dict, until: str, sig: int) -> tuple[subprocess.Popen, str]:
+    """`python -m docker_vit.runpod --test_input JOB` with a test handler, sent `sig` once its output
+    (stdout and stderr as one) shows `until`; the process, finished, and all it wrote."""
+    env = {**os.environ, "DOCKER_VIT_HANDLER": handler, "PYTHONPATH": str(ROOT / "tests")}
     process = subprocess.Popen(
-        [sys.executable, "-m", "docker_vit.runpod", "--test_input", json.dumps({"input": {"image": "eA=="}})],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    seen = ""
-    while "slow load started" not in seen:  # the SDK's import alone can take seconds: wait for the load
-        line = process.stderr.readline()
-        assert line, "the worker ended before loading"
-        seen += line
-    process.send_signal(sig)
-    _, err = finished(process, 20)  # not the 30 s the load would take
-    assert process.returncode == code and "Traceback" not in seen + err, seen + err
-
-
-def test_a_stop_during_the_local_test_job_is_no_success() -> None:
-    """The stop-while-loading handler is gone once the model is ready: `--test_input` installs no SIGTERM
-    handler of its own, so a stopped test job dies by the signal rather than exiting 0 (and the ping
-    process the SDK forks on Runpod starts with the default)."""
-    pytest.importorskip("runpod")
-    env = {**os.environ, "DOCKER_VIT_HANDLER": "fake_handlers:Echo", "PYTHONPATH": str(ROOT / "tests")}
-    job = json.dumps({"input": {"image": "eA==", "delay": 30}})
-    process = subprocess.Popen(
-        [sys.executable, "-m", "docker_vit.runpod", "--test_input", job, "--rp_log_level", "INFO"],
+        [
+            sys.executable,
+            "-m",
+            "docker_vit.runpod",
+            "--test_input",
+            json.dumps(job),
+            "--rp_log_level",
+            "INFO",
+        ],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -320,13 +301,35 @@ def test_a_stop_during_the_local_test_job_is_no_success() -> None:
         text=True,
     )
     seen = ""
-    while "local_test | Started" not in seen:
+    while until not in seen:  # the SDK's import alone can take seconds
         line = process.stdout.readline()
-        assert line, seen
+        assert line, f"the worker ended before {until!r}: {seen}"
         seen += line
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(sig)
     out, _ = finished(process, 20)
-    assert process.returncode == -signal.SIGTERM and "Traceback" not in seen + out, seen + out
+    return process, seen + out
+
+
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 0)])
+def test_a_stop_while_the_model_loads_exits_at_once(sig: int, code: int) -> None:
+    """SIGTERM too: as a container's start command the worker is PID 1, which only sees a signal that
+    has a handler, and the SDK installs its own only once the model is loaded."""
+    pytest.importorskip("runpod")
+    # finished within 20 s, not the 30 s the load would take
+    process, log = stopped_worker(
+        "fake_handlers:SlowLoad", {"input": {"image": "eA=="}}, "slow load started", sig
+    )
+    assert process.returncode == code and "Traceback" not in log, log
+
+
+def test_a_stop_during_the_local_test_job_is_no_success() -> None:
+    """The stop-while-loading handler is gone once the model is ready: `--test_input` installs no SIGTERM
+    handler of its own, so a stopped test job dies by the signal rather than exiting 0 (and the ping
+    process the SDK forks on Runpod starts with the default)."""
+    pytest.importorskip("runpod")
+    job = {"input": {"image": "eA==", "delay": 30}}
+    process, log = stopped_worker("fake_handlers:Echo", job, "local_test | Started", signal.SIGTERM)
+    assert process.returncode == -signal.SIGTERM and "Traceback" not in log, log
 
 
 @pytest.mark.parametrize(
