@@ -95,17 +95,13 @@ def _free(device: str) -> None:
 
 
 def _time(call, repeats: int, device: str) -> float:
-    import torch
-
     call()  # warm-up: kernels, allocator, cache buffers
     times = []
     for _ in range(repeats):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        flops.sync(device)
         started = time.perf_counter()
         call()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+        flops.sync(device)
         times.append(time.perf_counter() - started)
     return statistics.median(times)
 

@@ -86,17 +86,17 @@ def matmul_rate(
         b = torch.randn(k, n, device=device, dtype=kind)
         times = []
         for _ in range(repeats + 1):
-            _sync(device)
+            sync(device)
             started = time.perf_counter()
             torch.mm(a, b)
-            _sync(device)
+            sync(device)
             times.append(time.perf_counter() - started)
         rates[name] = 2 * m * k * n / statistics.median(times[1:]) / 1e9
     rates["best"] = max(rates.values())
     return rates
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         import torch
 
