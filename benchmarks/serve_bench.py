@@ -12,9 +12,7 @@ throughput, p50/p95 latency, ratios, resident memory and the share of the comput
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import signal
 import sys
 import time
@@ -23,11 +21,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import flops, load, model  # noqa: E402
+from benchmarks import flops, load, model, report  # noqa: E402
 
 IMAGES = ROOT.parent / "shared" / "data"
 IMAGES = IMAGES if IMAGES.is_dir() else ROOT / "tests" / "data"
-AT_REST = 2.0  # seconds between the last beam level and the memory reading
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,25 +42,18 @@ def main(argv: list[str] | None = None) -> int:
     base, ours = _run_all(args, folder, images, levels, greedy_c)
     facts.update(load_end=os.getloadavg()[0], rate_end=_rate(args))
     facts["minutes"] = (time.time() - started) / 60
-    report = _report(args, levels, greedy_c, base, ours, facts)
-    print(report)
+    text = report.markdown(args, levels, greedy_c, base, ours, facts)
+    print(text)
     if args.out:
         with open(args.out, "a") as out:
-            out.write("\n" + report)
+            out.write("\n" + text)
         print(f"appended to {args.out}")
     return 0
 
 
-def _rate_dtype(args: argparse.Namespace) -> str:
-    """The dtype docker-vit computes in: what its `auto` picks on a GPU, float32 on a CPU."""
-    if args.dtype != "auto":
-        return args.dtype
-    return "bfloat16" if args.device.startswith("cuda") else "float32"
-
-
 def _rate(args: argparse.Namespace) -> dict[str, float]:
     square = 8192 if args.device.startswith("cuda") else 2048
-    return flops.matmul_rate(args.device, _rate_dtype(args), square=square)
+    return flops.matmul_rate(args.device, report.rate_dtype(args), square=square)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -110,7 +100,7 @@ def _run_all(args, folder, images, levels, greedy_c) -> tuple[dict, dict]:
                 ours[c], ours["rates"][c] = _level_and_rate(args, docker_vit, images, c)
             else:
                 ours[c] = _level(args, docker_vit, images, c)
-        time.sleep(AT_REST)  # docker-vit hands a batch's memory back once its device pauses (0.5 s)
+        time.sleep(report.AT_REST)  # docker-vit hands a batch's memory back once its device pauses (0.5 s)
         if baseline:
             base["memory"] = baseline.memory_mb()
         ours["memory"] = docker_vit.memory_mb()
@@ -203,104 +193,6 @@ def _progress(name: str, level: load.Level) -> None:
         f"  ({level.seconds:.0f} s) sample: {level.sample[:40]!r}",
         flush=True,
     )
-
-
-def _ratio(a: float, b: float) -> str:
-    return f"{a / b:.2f}x" if b else "n/a"
-
-
-def _report(args, levels, greedy_c, base, ours, facts) -> str:
-    top = max(levels)
-    rate_top = ours["rates"][top]
-    rate_greedy = ours["rates"].get("greedy", rate_top)
-    shape = flops.shape_of(args.model_dir)
-    beam_flops, greedy_flops = flops.per_image(args.beams, 15, shape), flops.per_image(1, 15, shape)
-    bound_beam, bound_greedy = rate_top * 1e9 / beam_flops, rate_greedy * 1e9 / greedy_flops
-    dash = "–"
-    lines = [
-        f"### Serving benchmark, {datetime.datetime.now():%Y-%m-%d %H:%M}"
-        + (" (quick)" if args.quick else ""),
-        "",
-        f"Machine: {platform.machine()}, {_cpu_model()}, {os.cpu_count()} cores; torch {_torch()}; "
-        f"device {args.device}, docker-vit dtype {args.dtype}; beam {args.beams}, max_length 16 "
-        f"(15 new tokens); model: random-weight vit-gpt2 architecture{' (TINY)' if args.tiny else ''}; "
-        f"decode path: {_decode_path()}.",
-        f"Load average (1 min) {facts['load_start']:.1f} at the start, {facts['load_end']:.1f} at the end; "
-        f"run took {facts['minutes']:.1f} min. Command: `{' '.join(sys.argv)}`",
-        "",
-        "| clients | baseline img/s | docker-vit img/s | ratio | baseline p50 / p95 s | docker-vit p50 / p95 s |",
-        "|---:|---:|---:|---:|---:|---:|",
-    ]
-    rows = [(c, c) for c in levels] + ([("greedy", f"{greedy_c} (greedy)")] if greedy_c else [])
-    for key, label in rows:
-        b, o = base.get(key), ours[key]
-        lines.append(
-            f"| {label} | {f'{b.throughput:.3f}' if b else dash} | {o.throughput:.3f} | "
-            f"{_ratio(o.throughput, b.throughput) if b else dash} | "
-            f"{f'{b.quantile(0.5):.2f} / {b.quantile(0.95):.2f}' if b else dash} | "
-            f"{o.quantile(0.5):.2f} / {o.quantile(0.95):.2f} |"
-        )
-    errors = sum(r.errors for res in (base, ours) for r in res.values() if isinstance(r, load.Level))
-    around = f"around the {top}-client level {rate_top:.1f}" + (
-        f", around the greedy level {rate_greedy:.1f}" if greedy_c else ""
-    )
-    lines += [
-        "",
-        f"- Matmul rate ({_rate_dtype(args)}, {_threads()} CPU threads, best of a square and the ViT MLP shape): "
-        f"run start / end {facts['rate_start']['best']:.1f} / {facts['rate_end']['best']:.1f} GFLOP/s; "
-        f"{around} (the better of just before and just after; used for the shares below).",
-        f"- FLOPs per image: beam {args.beams} {beam_flops / 1e9:.1f} GFLOP, greedy {greedy_flops / 1e9:.1f} GFLOP "
-        f"(formula in benchmarks/flops.py) -> compute bound {bound_beam:.3f} / {bound_greedy:.3f} img/s.",
-        f"- Share of the compute bound at {top} clients: docker-vit beam {args.beams} "
-        f"{ours[top].throughput / bound_beam:.0%}"
-        + (f", baseline {base[top].throughput / bound_beam:.0%}" if base else "")
-        + (f"; greedy docker-vit {ours['greedy'].throughput / bound_greedy:.0%}" if greedy_c else "")
-        + (f", baseline {base['greedy'].throughput / bound_greedy:.0%}" if greedy_c and base else "")
-        + ".",
-    ]
-    if base and 1 in levels:
-        p50 = _ratio(ours[1].quantile(0.5), base[1].quantile(0.5))
-        lines.append(f"- Lone-client median latency, docker-vit / baseline: {p50}.")
-    memory = [
-        f"{name} {res['memory']['VmRSS']:.0f} MB (peak {res['memory']['VmHWM']:.0f} MB)"
-        for name, res in (("baseline worker", base), ("docker-vit", ours))
-        if res
-    ]
-    lines.append(
-        f"- Resident memory with the model loaded (VmRSS at rest, {AT_REST:.0f} s after the beam levels; peak VmHWM): {', '.join(memory)}."
-    )
-    lines.append(f"- Failed requests: {errors}.")
-    return "\n".join(lines) + "\n"
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
-def _torch() -> str:
-    import torch
-
-    return torch.__version__
-
-
-def _threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
-
-
-def _decode_path() -> str:
-    try:
-        from docker_vit import decoding  # noqa: F401
-    except ImportError:
-        return "not landed (docker-vit used transformers' generate)"
-    return "docker_vit.decoding (landed)"
 
 
 if __name__ == "__main__":
