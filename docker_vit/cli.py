@@ -206,15 +206,19 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         _set_sigterm(previous)
     code = 143 if code == 130 and terminated.is_set() else code  # a stop as the shell reports it
-    if code in (130, 143) and any(
-        t.name.startswith("docker-vit-") and t.is_alive() for t in threading.enumerate()
-    ):
-        # A handler call still runs on a pool thread (a prepare that hangs), which a normal exit would
-        # join: forever. What was captioned is already written and flushed.
+    if code in (130, 143) and _joined_at_exit():
+        # A handler call may still run on a pool thread (a prepare that hangs), which a normal exit
+        # would join: forever. What was captioned is already written and flushed.
         from docker_vit.calls import exit_now
 
         exit_now(code)
     return code
+
+
+def _joined_at_exit() -> bool:
+    """Threads that a normal exit waits for are alive: the pools' workers, a handler's own threads."""
+    main = threading.main_thread()
+    return any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate())
 
 
 def _set_sigterm(handler: Any) -> Any:
