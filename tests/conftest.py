@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,6 +40,18 @@ def finished(process: subprocess.Popen, timeout: float) -> tuple[str, str]:
         process.kill()
         process.communicate()
         raise
+
+
+@contextmanager
+def killed_after(process: subprocess.Popen, seconds: float) -> Iterator[None]:
+    """Kill `process` should the block overrun: a blocking read of its output then ends (at EOF)
+    rather than hanging the test run when the child stalls before writing."""
+    timer = threading.Timer(seconds, process.kill)
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 @pytest.fixture(scope="session")

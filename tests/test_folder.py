@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import finished, photo
+from conftest import finished, killed_after, photo
 from folder_handlers import Digest, Fussy
 from PIL import Image
 
@@ -594,7 +594,8 @@ def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path, output: list[
     command = [sys.executable, "-m", "docker_vit.cli", "caption", str(tmp_path), *DIGEST, *output]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if output == ["--json"]:
-        assert str(tmp_path) in process.stdout.readline()
+        with killed_after(process, 90):
+            assert str(tmp_path) in process.stdout.readline()
     process.stdout.close()
     process.stdout = None  # closed here: `finished` reads stderr alone
     _, err = finished(process, 60)

@@ -19,7 +19,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import finished
+from conftest import finished, killed_after
 from PIL import Image
 
 from docker_vit.captioner import Captioner
@@ -301,10 +301,11 @@ def stopped_worker(handler: str, job: dict, until: str, sig: int) -> tuple[subpr
         text=True,
     )
     seen = ""
-    while until not in seen:  # the SDK's import alone can take seconds
-        line = process.stdout.readline()
-        assert line, f"the worker ended before {until!r}: {seen}"
-        seen += line
+    with killed_after(process, 90):
+        while until not in seen:  # the SDK's import alone can take seconds
+            line = process.stdout.readline()
+            assert line, f"the worker ended (or was killed after 90 s) before {until!r}: {seen}"
+            seen += line
     process.send_signal(sig)
     out, _ = finished(process, 20)
     return process, seen + out
