@@ -136,7 +136,7 @@ def read_options(handler: Handler, raw: Mapping[str, Any]) -> Hashable:
         options = contained(handler.options, raw)
     except OptionsError:
         raise
-    except (ValueError, TypeError, OverflowError, LookupError) as exc:
+    except (ValueError, TypeError, OverflowError, LookupError, RecursionError) as exc:
         raise OptionsError(f"invalid options: {type(exc).__name__}: {str(exc)[:200]}") from None
     try:
         hash(options)

@@ -39,7 +39,10 @@ class OptionsError(ValueError):
 
 def shown(value: Any, limit: int = 60) -> str:
     """A client's value as an error message quotes it: whole when short, cut when it could be megabytes."""
-    text = repr(value)
+    try:
+        text = repr(value)
+    except RecursionError:  # a JSON value nested nearly as deep as the parser goes (~1,000 levels)
+        text = f"a {type(value).__name__} nested too deep to show"
     return text if len(text) <= limit else f"{text[: limit - 3]}..."
 
 

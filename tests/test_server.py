@@ -131,6 +131,16 @@ def test_json_nested_past_the_parser_is_400(client, where) -> None:
     assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request"
 
 
+def test_json_option_nested_just_within_the_parser_is_422_not_500(client) -> None:
+    """The parser takes ~990 levels; showing such a value in the 422 message must not overflow."""
+    statuses = set()
+    for depth in range(940, 1000, 3):
+        body = '{"images": ["aGVsbG8="], "num_beams": ' + "[" * depth + "]" * depth + "}"
+        response = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+        statuses.add(response.status_code)
+    assert statuses <= {400, 422} and 422 in statuses, statuses
+
+
 def assert_error(response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
