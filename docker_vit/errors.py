@@ -87,9 +87,12 @@ def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
     if len(text) // 4 * 3 > max_bytes + 3:
         raise ApiError(413, f"image {index} is over {max_bytes} bytes")
     try:
-        return base64.b64decode(text, validate=True)
+        data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise ApiError(400, f"image {index} is not valid base64") from None
+    if len(data) > max_bytes:  # the length test above lets up to 2 bytes more through, by the padding
+        raise ApiError(413, f"image {index} is {len(data)} bytes; the limit is {max_bytes}")
+    return data
 
 
 def error_body(type: str, message: str) -> dict[str, dict[str, str]]:

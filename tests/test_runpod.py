@@ -198,6 +198,19 @@ def test_a_custom_handler_gets_its_own_options():
         worker.close()
 
 
+@pytest.mark.parametrize("size", [11, 12])
+def test_an_image_a_byte_or_two_over_max_bytes_is_refused_for_any_handler(size: int):
+    """As the HTTP API answers: a handler that never calls open_image gets no image over the limit."""
+    worker = Worker(Settings(max_bytes=10), Counted(Settings()))
+    try:
+        fits = run(worker, {"input": {"image": base64.b64encode(b"x" * 10).decode()}})
+        assert fits["captions"][0]["text"] == "x" * 10
+        over = run(worker, {"input": {"image": base64.b64encode(b"x" * size).decode()}})
+        assert over["error"]["type"] == "payload_too_large", over
+    finally:
+        worker.close()
+
+
 def test_decompression_bomb_is_refused_by_the_core_intake():
     worker, engine = make_worker(max_pixels=5_000)
     try:
