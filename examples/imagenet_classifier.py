@@ -21,7 +21,7 @@ from efficientnet_lite_pytorch import EfficientNet
 from PIL import Image
 
 from docker_vit.config import Settings
-from docker_vit.handler import Handler, OptionsError, Result
+from docker_vit.handler import Handler, OptionsError, Result, shown
 
 LABELS = Path(__file__).with_name("imagenet_labels.txt")
 ARCHITECTURE = "efficientnet-lite0"
@@ -65,11 +65,12 @@ class Classifier(Handler):
         value = raw.get("top_k")
         if value is None or value == "":
             return DEFAULT_TOP_K
-        text = str(value).strip()
-        if isinstance(value, bool) or not (text.isascii() and text.isdigit()):
-            raise OptionsError(f"top_k must be an integer, got {value!r}")
-        if not 1 <= int(text) <= MAX_TOP_K:
-            raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {value}")
+        text = str(value).strip() if isinstance(value, (int, str)) and not isinstance(value, bool) else ""
+        digits = text[1:] if text[:1] in ("-", "+") else text
+        if not (digits.isascii() and digits.isdigit()):
+            raise OptionsError(f"top_k must be an integer, got {shown(value)}")
+        if len(digits) > 3 or not 1 <= int(text) <= MAX_TOP_K:  # int() of thousands of digits refuses
+            raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {shown(value)}")
         return int(text)
 
     def prepare(self, data: bytes, options: Hashable) -> torch.Tensor:

@@ -71,6 +71,12 @@ def test_top_k_defaults_to_five_and_is_bounded(classifier: TestClient, bulldog: 
         assert response.status_code == 422, (bad, response.text)
         assert response.json()["error"]["type"] == "invalid_parameters"
         assert "top_k" in response.json()["error"]["message"]
+    for bad, says in (("-1", "between 1 and 20, got '-1'"), ("9" * 5000, "got '99999"), ([[1]], "got [[1]]")):
+        response = classifier.post(
+            "/v1/captions", json={"images": [base64.b64encode(bulldog).decode()], "top_k": bad}
+        )
+        assert response.status_code == 422 and says in response.json()["error"]["message"], response.text
+        assert len(response.json()["error"]["message"]) < 200  # a long value is shown cut, not whole
 
 
 def test_a_sliver_costs_no_more_than_a_photo(classifier: TestClient) -> None:
