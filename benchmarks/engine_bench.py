@@ -68,7 +68,7 @@ def _run_dtype(args, folder: Path, shape: flops.Shape, dtype: str, stop_at: floa
             if time.monotonic() > stop_at:
                 print(f"| {dtype} | {beams} | {batch} | skipped: over the time budget | | | |", flush=True)
                 continue
-            pixels = [torch.randn(3, 224, 224) for _ in range(batch)]
+            pixels = [{"pixel_values": torch.randn(3, 224, 224)} for _ in range(batch)]
             try:
                 seconds = _time(
                     lambda px=pixels, b=beams: engine.generate(px, b, 15), args.repeats, args.device

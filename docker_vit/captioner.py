@@ -6,6 +6,8 @@ import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+from PIL import Image
+
 from docker_vit.calls import stop_if_abandoned
 from docker_vit.checkpoints import Unservable, shown_id
 from docker_vit.config import GENERATION, Settings
@@ -44,6 +46,21 @@ class Captioner(Handler):
                 f"max_new_tokens {self.settings.max_new_tokens} is more than {self.settings.model} "
                 f"can generate ({self._token_limit()}: its position embeddings end there)"
             )
+        self._probe()
+
+    def _probe(self) -> None:
+        """One token for a blank image. A model that needs a text prompt with its image (LLaVA, Kosmos-2)
+        fails here, said in one line at load, rather than in the warm-up's words or, under `caption`,
+        on every image."""
+        try:
+            self.engine.generate([self.engine.pixels(Image.new("RGB", (32, 32)))], 1, 1)
+        except Exception as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            raise Unservable(
+                f"{shown_id(self.settings.model)} failed to caption a test image ({reason}): the captioner "
+                "serves models that caption an image alone, not prompt-driven ones such as LLaVA or "
+                "Kosmos-2 (serve those with a handler of your own)"
+            ) from exc
 
     def _token_limit(self) -> int:
         """--max-new-tokens-limit, or less where the model's positions end first (a 422, not a 500)."""

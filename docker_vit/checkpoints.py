@@ -16,6 +16,8 @@ from transformers import AutoImageProcessor, AutoModelForImageTextToText, AutoPr
 log = logging.getLogger("docker_vit.engine")  # the engine's load, as its log lines have always said
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# What an image processor gives a captioning model: pixels, or Pix2Struct's patches (with their mask).
+IMAGE_INPUTS = frozenset({"pixel_values", "flattened_patches"})
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -146,11 +148,15 @@ def _check_captioning(model_id: str, tokenizer: Any, image_processor: Any, confi
             f"{model_id}'s tokenizer knows {size} tokens but the model writes {vocab}: "
             "its tokenizer files (tokenizer.json or vocabulary files) are missing or not this model's"
         )
-    produced = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="np")
-    if "pixel_values" not in produced:
+    try:
+        produced = image_processor(images=[Image.new("RGB", (32, 32))], return_tensors="np")
+    except Exception as exc:  # Pix2Struct's VQA checkpoints ask for a question with every image
+        raise Unservable(f"{model_id}'s processor cannot take an image alone: {_one_line(exc)}") from exc
+    if not IMAGE_INPUTS & set(produced):
         raise Unservable(
-            f"{model_id}'s processor gives {', '.join(produced)}, not pixel_values: the captioner serves "
-            "models that caption from the image's pixels alone (serve others with a handler of your own)"
+            f"{model_id}'s processor gives {', '.join(produced)}, not {' or '.join(sorted(IMAGE_INPUTS))}: "
+            "the captioner serves models that caption from the image's pixels alone (serve others with a "
+            "handler of your own)"
         )
 
 

@@ -1,15 +1,16 @@
 """The model path, top to bottom: load, pixels, tokens, text (checkpoints.py reads and checks the model).
 
 Knows torch and transformers, nothing of HTTP. Any model that transformers' AutoModelForImageTextToText
-covers works (VisionEncoderDecoder such as vit-gpt2, BLIP, GIT); vit-gpt2-shaped models take a faster,
-token-for-token identical decode path (`docker_vit.decoding`).
+covers and that captions an image alone works (VisionEncoderDecoder such as vit-gpt2, BLIP, GIT,
+Pix2Struct); vit-gpt2-shaped models take a faster, token-for-token identical decode path
+(`docker_vit.decoding`).
 """
 
 from __future__ import annotations
 
 import copy
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -58,16 +59,18 @@ class CaptionEngine:
         self.input_size = checkpoints.input_size(self.image_processor)
         text = self.model.config.get_text_config(decoder=True)
         positions = getattr(text, "max_position_embeddings", None) or getattr(text, "n_positions", None)
-        # The start token takes position 0 and the last new token is never fed back: one per position.
-        self.max_new_tokens = positions if isinstance(positions, int) else None
+        # The start token takes position 0 and the last new token is never fed back: one per position,
+        # less those the text model spends before the start token.
+        self.max_new_tokens = positions - _positions_taken(model) if isinstance(positions, int) else None
 
-    def pixels(self, image: Image.Image) -> torch.Tensor:
-        """One RGB image to the model's normalized pixel tensor (CPU work, thread-safe).
+    def pixels(self, image: Image.Image) -> dict[str, torch.Tensor]:
+        """One RGB image to the model's inputs, by name: its normalized `pixel_values` (Pix2Struct's
+        `flattened_patches` and their `attention_mask`). CPU work, thread-safe.
 
-        The processor returns numpy and the tensor shares its memory: no torch op runs on the intake
+        The processor returns numpy and the tensors share its memory: no torch op runs on the intake
         threads, so they start no OpenMP teams of their own (see `Batcher.on_device`)."""
-        pixels = self.image_processor(images=[image], return_tensors="np")["pixel_values"][0]
-        return torch.from_numpy(pixels)
+        produced = self.image_processor(images=[image], return_tensors="np")
+        return {name: torch.from_numpy(values[0]) for name, values in produced.items()}
 
     def resized(self, width: int, height: int) -> tuple[int, int]:
         """The size the image processor resizes a `width` x `height` image to, before any crop.
@@ -88,25 +91,28 @@ class CaptionEngine:
     @torch.inference_mode()
     def generate(
         self,
-        pixels: Sequence[torch.Tensor],
+        pixels: Sequence[Mapping[str, torch.Tensor]],
         num_beams: int,
         max_new_tokens: int,
         between_steps: Callable[[], None] | None = None,
     ) -> list[list[int]]:
-        """A batch of pixel tensors to token ids: the same ids as the model's own `generate`.
+        """A batch of `pixels()` outputs to token ids: the same ids as the model's own `generate`.
 
         `between_steps` runs between decoding steps; what it raises ends the call (nobody waits for it)."""
         with memory.in_use:  # freed activations kept while batches follow each other
-            batch = torch.stack(list(pixels)).to(self.device, self.dtype)
+            batch = {name: self._stacked([item[name] for item in pixels]) for name in pixels[0]}
             config = self.generation_config(num_beams, max_new_tokens)
-            if decoding.supports(self.model, config):
-                ids = decoding.generate(self.model, batch, config, between_steps)
+            if list(batch) == ["pixel_values"] and decoding.supports(self.model, config):
+                ids = decoding.generate(self.model, batch["pixel_values"], config, between_steps)
             else:
                 between = StoppingCriteriaList([_Between(between_steps)] if between_steps else [])
-                ids = self.model.generate(
-                    pixel_values=batch, generation_config=config, stopping_criteria=between
-                )
+                ids = self.model.generate(**batch, generation_config=config, stopping_criteria=between)
             return ids.tolist()
+
+    def _stacked(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """One input of every image, as one batch tensor on the device; floats in the model's dtype."""
+        batch = torch.stack(tensors)
+        return batch.to(self.device, self.dtype) if batch.is_floating_point() else batch.to(self.device)
 
     def generation_config(self, num_beams: int, max_new_tokens: int) -> GenerationConfig:
         config = copy.deepcopy(self.model.generation_config)
@@ -127,6 +133,18 @@ class CaptionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+def _positions_taken(model: Any) -> int:
+    """Positions the text model spends before the caption's start token: a RoBERTa-style embedding's
+    offset (its ids start at padding_idx + 1) and BLIP-2's query tokens, which precede the text."""
+    decoder = getattr(model, "decoder", None)
+    if decoder is None:
+        decoder = getattr(model, "language_model", model)
+    embeddings = getattr(getattr(decoder, "base_model", decoder), "embeddings", None)
+    padding = getattr(getattr(embeddings, "position_embeddings", None), "padding_idx", None)
+    queries = getattr(model.config, "num_query_tokens", 0)
+    return (padding + 1 if isinstance(padding, int) else 0) + (queries if isinstance(queries, int) else 0)
 
 
 class _Between(StoppingCriteria):

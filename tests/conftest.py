@@ -83,6 +83,11 @@ def git_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pix2struct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_models.save_pix2struct(tmp_path_factory.mktemp("pix2struct"))
+
+
+@pytest.fixture(scope="session")
 def bulldog() -> bytes:
     return photo("french_bulldog.jpg").read_bytes()
 

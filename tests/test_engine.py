@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import os
@@ -29,18 +30,21 @@ def own_generate(folder: Path, data: bytes, num_beams: int = 4, max_new_tokens: 
     """The model's own path: processor, generate, tokenizer; nothing of Docker-ViT."""
     model = AutoModelForImageTextToText.from_pretrained(folder)
     processor = AutoProcessor.from_pretrained(folder)
-    pixels = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt").pixel_values
-    ids = model.generate(pixel_values=pixels, num_beams=num_beams, max_new_tokens=max_new_tokens)
+    inputs = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt")
+    ids = model.generate(**inputs, num_beams=num_beams, max_new_tokens=max_new_tokens)
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
 
-@pytest.mark.parametrize("kind", ["blip_dir", "git_dir"])
-def test_blip_and_git_serve_their_own_captions(kind: str, request: pytest.FixtureRequest) -> None:
+@pytest.mark.parametrize("kind", ["blip_dir", "git_dir", "pix2struct_dir"])
+def test_blip_git_and_pix2struct_serve_their_own_captions(kind: str, request: pytest.FixtureRequest) -> None:
+    """Pix2Struct's processor gives patches and a mask, not pixels: they reach `generate` as they are."""
     folder = request.getfixturevalue(kind)
     with serving(Settings(model=str(folder))) as client:
-        for name in PHOTOS[:2]:
-            data = photo(name).read_bytes()
-            assert client.post("/", files={"file": data}).text == own_generate(folder, data)
+        photos = [photo(name).read_bytes() for name in PHOTOS[:2]]
+        alone = [own_generate(folder, data) for data in photos]
+        assert [client.post("/", files={"file": data}).text for data in photos] == alone
+        body = {"images": [base64.b64encode(data).decode() for data in photos]}
+        assert [c["text"] for c in client.post("/v1/captions", json=body).json()["captions"]] == alone
         assert client.get("/v1/model").json()["model"] == str(folder)
 
 
@@ -52,7 +56,7 @@ def test_a_batch_equals_images_one_by_one(wordy_model_dir: Path, num_beams: int)
     together = engine.generate(pixels, num_beams, 15)
     alone = [engine.generate([p], num_beams, 15)[0] for p in pixels]
     reference = engine.model.generate(
-        pixel_values=torch.stack(pixels), num_beams=num_beams, max_new_tokens=15
+        pixel_values=torch.stack([p["pixel_values"] for p in pixels]), num_beams=num_beams, max_new_tokens=15
     ).tolist()
     assert together == alone == reference
     assert all(len(ids) == 16 for ids in together)  # 15 real tokens each: the comparison has teeth
@@ -199,10 +203,10 @@ def test_photos_are_decoded_whole_unless_far_larger_than_any_model_input(
 
     options = exact.options({})
     for data in (bulldog, _jpeg((2000, 1600))):
-        assert torch.equal(drafted.prepare(data, options), reference(data))
+        assert torch.equal(drafted.prepare(data, options)["pixel_values"], reference(data))
     huge = _jpeg((2400, 2400))
-    assert torch.equal(exact.prepare(huge, options), reference(huge))
-    assert not torch.equal(drafted.prepare(huge, options), reference(huge))
+    assert torch.equal(exact.prepare(huge, options)["pixel_values"], reference(huge))
+    assert not torch.equal(drafted.prepare(huge, options)["pixel_values"], reference(huge))
     image = Image.open(io.BytesIO(huge))
     image.draft("RGB", (2 * drafted._draft(),) * 2)
     assert image.size == (1200, 1200)  # the draft keeps at least 1024 px a side
@@ -264,12 +268,51 @@ def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
         CaptionEngine(str(text_only), device="cpu").load()
     assert "GPT2Config" in str(refused.value) and len(str(refused.value)) < 300
 
-    class Patches:  # a processor of another input, as Pix2Struct's
+    class Sound:  # a processor of other inputs than an image's
         def __call__(self, images, return_tensors):
-            return {"flattened_patches": None}
+            return {"input_features": None}
 
-    with pytest.raises(Unservable, match="not pixel_values"):
-        _check_captioning("pix2struct", AutoProcessor.from_pretrained(vit_gpt2_dir), Patches())
+    with pytest.raises(Unservable, match="gives input_features, not flattened_patches or pixel_values"):
+        _check_captioning("whisper", AutoProcessor.from_pretrained(vit_gpt2_dir), Sound())
+
+    class Question:  # Pix2Struct's VQA checkpoints: an image needs a question
+        def __call__(self, images, return_tensors):
+            raise ValueError("A header text must be provided for VQA models.")
+
+    with pytest.raises(Unservable, match="cannot take an image alone: ValueError: A header text must"):
+        _check_captioning("pix2struct-vqa", AutoProcessor.from_pretrained(vit_gpt2_dir), Question())
+
+
+def test_the_token_limit_leaves_out_positions_spent_before_the_caption(tmp_path: Path) -> None:
+    """RoBERTa's position ids start at padding_idx + 1: a decoder of 20 positions writes 18 new tokens,
+    and a caption at the limit runs (its end-of-text is suppressed: every caption runs that long)."""
+    folder = tiny_models.save_vit_roberta(tmp_path / "roberta", positions=20)
+    captioner = Captioner(Settings(model=str(folder), max_new_tokens=8))
+    captioner.load()
+    assert captioner.describe()["limits"]["max_new_tokens"] == 18
+    pixels = captioner.prepare(photo("coffee.jpg").read_bytes(), captioner.options({}))
+    for num_beams in (1, 2):
+        options = captioner.options({"num_beams": num_beams, "max_new_tokens": 18})
+        assert len(captioner.predict([pixels], options)[0]) == 19  # the start token and 18 new ones
+    with pytest.raises(ValueError, match="between 1 and 18"):
+        captioner.options({"max_new_tokens": 19})
+
+
+def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
+    vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A prompt-driven model (LLaVA, Kosmos-2) fails the load's one-token probe: one line that says
+    what the captioner serves, not the warm-up's error or a failure on every image."""
+
+    def needs_a_prompt(self, pixels, num_beams, max_new_tokens, between_steps=None):
+        raise ValueError("torch.cat(): expected a non-empty list of Tensors")
+
+    monkeypatch.setattr(CaptionEngine, "generate", needs_a_prompt)
+    with pytest.raises(Unservable) as refused:
+        Captioner(Settings(model=str(vit_gpt2_dir))).load()
+    message = str(refused.value)
+    assert "failed to caption a test image (ValueError: torch.cat(): expected" in message
+    assert "not prompt-driven ones such as LLaVA" in message and "\n" not in message
 
 
 @pytest.mark.parametrize(
@@ -354,7 +397,7 @@ def test_checkpoint_output_options_still_give_one_caption_per_image(tmp_path) ->
     path.write_text(json.dumps(config))
     engine = CaptionEngine(str(folder), device="cpu", dtype="float32")
     engine.load()
-    pixels = [torch.zeros(3, 224, 224), torch.ones(3, 224, 224)]
+    pixels = [{"pixel_values": torch.zeros(3, 224, 224)}, {"pixel_values": torch.ones(3, 224, 224)}]
     for beams in (1, 2):
         out = engine.generate(pixels, beams, 5)
         assert len(out) == 2 and all(isinstance(row, list) for row in out)

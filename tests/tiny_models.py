@@ -179,3 +179,99 @@ def save_git(folder: Path, *, seed: int = 0) -> Path:
     image_processor = CLIPImageProcessor(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
     GitProcessor(image_processor, tokenizer).save_pretrained(folder)
     return folder
+
+
+def save_pix2struct(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny Pix2Struct captioner: its processor gives `flattened_patches` and a mask, not pixels."""
+    from transformers import (
+        Pix2StructConfig,
+        Pix2StructForConditionalGeneration,
+        Pix2StructImageProcessor,
+        Pix2StructProcessor,
+        T5TokenizerFast,
+    )
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    tok.train_from_iterator(
+        CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<pad>", "</s>", "<unk>"])
+    )
+    tokenizer = T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    config = Pix2StructConfig(
+        text_config=dict(
+            vocab_size=len(tokenizer),
+            hidden_size=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=2,
+            num_heads=2,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            patch_embed_hidden_size=768,
+            d_ff=64,
+            d_kv=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            seq_len=64,
+        ),
+    )
+    torch.manual_seed(seed)
+    Pix2StructForConditionalGeneration(config).save_pretrained(folder)
+    # 2048 patches, as the real checkpoints save it and as the processor's own call defaults to
+    image_processor = Pix2StructImageProcessor(max_patches=2048, patch_size={"height": 16, "width": 16})
+    Pix2StructProcessor(image_processor, tokenizer).save_pretrained(folder)
+    return folder
+
+
+def save_vit_roberta(folder: Path, *, positions: int = 20) -> Path:
+    """ViT with a RoBERTa decoder, whose position ids start at padding_idx + 1 (two positions fewer for
+    the caption), and which never ends a caption early (end-of-text suppressed): every caption runs to
+    the limit."""
+    from transformers import (
+        RobertaConfig,
+        RobertaTokenizerFast,
+        VisionEncoderDecoderConfig,
+        VisionEncoderDecoderModel,
+        ViTConfig,
+        ViTImageProcessor,
+    )
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
+    tok.train_from_iterator(CORPUS, trainer)
+    tokenizer = RobertaTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.mask_token, tokenizer.cls_token, tokenizer.sep_token = "<mask>", "<s>", "</s>"
+    ids = dict(bos_token_id=0, pad_token_id=1, eos_token_id=2)
+    decoder = RobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=positions,
+        is_decoder=True,
+        add_cross_attention=True,
+        **ids,
+    )
+    encoder = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
+    config.decoder_start_token_id, config.pad_token_id, config.eos_token_id = 0, 1, 2
+    torch.manual_seed(0)
+    model = VisionEncoderDecoderModel(config)
+    model.generation_config.update(
+        decoder_start_token_id=0, pad_token_id=1, eos_token_id=2, suppress_tokens=[2]
+    )
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    ViTImageProcessor(size={"height": 224, "width": 224}).save_pretrained(folder)
+    return folder
