@@ -36,7 +36,7 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
+        return error_response(exc.status_code, str(exc.detail), headers=_with_head(exc.headers))
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -50,3 +50,13 @@ def install(app: FastAPI) -> None:
         request_id = request.scope.get("state", {}).get("echoed_id")
         headers = {"X-Request-ID": request_id} if request_id else None
         return error_response(500, f"internal error: {type(exc).__name__}", headers=headers)
+
+
+def _with_head(headers: dict[str, str] | None) -> dict[str, str] | None:
+    """A 405's `Allow` names the methods of the first route on the path: every GET route here answers
+    HEAD too, from a route of its own, which Starlette leaves out."""
+    allow = (headers or {}).get("Allow", "")
+    methods = [method.strip() for method in allow.split(",")]
+    if "GET" in methods and "HEAD" not in methods:
+        return {**headers, "Allow": ", ".join([*methods, "HEAD"])}
+    return headers

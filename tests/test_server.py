@@ -195,6 +195,12 @@ def test_no_image_says_how_to_send_one_for_the_body_used(client) -> None:
 def test_unknown_routes_and_methods_answer_json(client) -> None:
     assert_error(client.get("/nope"), 404)
     assert_error(client.get("/v1/captions"), 405)
+    assert client.get("/v1/captions").headers["allow"] == "POST"
+    for path in ("/healthz", "/v1/model", "/docs"):  # every GET route answers HEAD too: its Allow says so
+        response = client.post(path)
+        assert_error(response, 405)
+        assert set(response.headers["allow"].split(", ")) == {"GET", "HEAD"}, path
+        assert client.head(path).status_code in (200, 204), path
     for path in ("/v1/captions/", "/healthz/"):  # not a redirect to wherever the Host header says
         response = client.post(path, headers={"host": "evil.example"}, follow_redirects=False)
         assert_error(response, 404)
