@@ -100,7 +100,12 @@ class Settings:
     output: str = _opt(
         "", "append to FILE, skipping images already in it", OUTPUT, short=("-o",), metavar="FILE"
     )
-    format: str = _opt("", "output format (default: from FILE's name, else jsonl)", OUTPUT, choices=FORMATS)
+    format: str = _opt(
+        "",
+        "output format (default: from FILE's name, else jsonl; on stdout, plain text)",
+        OUTPUT,
+        choices=FORMATS,
+    )
     json: bool = _opt(False, "print one JSON object per line (--format jsonl)", OUTPUT)
     dir: str = _opt("", "save into this folder instead of the Hub cache", DOWNLOAD)
 
