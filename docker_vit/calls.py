@@ -98,7 +98,8 @@ def contained(fn: Callable[..., Any], *args: Any) -> Any:
         main = threading.current_thread() is threading.main_thread()
         if isinstance(exc, KeyboardInterrupt) and main and (isinstance(exc, Stopped) or _ctrl_c_raises()):
             raise
-        raise RuntimeError(f"the handler raised {type(exc).__name__}: {exc}") from None
+        said = f": {exc}" if str(exc) else ""  # SystemExit(3) says 3; a KeyboardInterrupt, nothing
+        raise RuntimeError(f"the handler raised {type(exc).__name__}{said}") from None
 
 
 def _ctrl_c_raises() -> bool:

@@ -284,7 +284,7 @@ def test_keyboardinterrupt_is_ctrl_c_only_where_python_raises_it_for_sigint() ->
         contained(interrupt)
     previous = signal.signal(signal.SIGINT, lambda *_: None)
     try:
-        with pytest.raises(RuntimeError, match="the handler raised KeyboardInterrupt"):
+        with pytest.raises(RuntimeError, match="^the handler raised KeyboardInterrupt$"):
             contained(interrupt)
     finally:
         signal.signal(signal.SIGINT, previous)
