@@ -62,6 +62,7 @@ def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docker-vit", description="Send a picture, get a sentence.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model over HTTP")
@@ -219,6 +220,15 @@ def _joined_at_exit() -> bool:
     """Threads that a normal exit waits for are alive: the pools' workers, a handler's own threads."""
     main = threading.main_thread()
     return any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate())
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("docker-vit")
+    except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
+        return "(not installed)"
 
 
 def _set_sigterm(handler: Any) -> Any:

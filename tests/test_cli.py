@@ -86,6 +86,15 @@ def test_the_original_curl_call(server, vit_gpt2_dir: Path) -> None:
     assert answer and not answer.endswith(b"\n")
 
 
+def test_version(capsys: pytest.CaptureFixture) -> None:
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out == f"docker-vit {metadata.version('docker-vit')}\n"
+
+
 def test_environment_reaches_the_server(server) -> None:
     port, _ = server
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/model", timeout=10) as response:
