@@ -6,13 +6,12 @@ first item is oldest (so steady traffic in one group never starves another), let
 during the current one. Items whose caller gave up (timeout, disconnect) are dropped before the model
 sees them, and a running batch whose callers have all gone stops at its `predict`'s next step.
 
-Two refinements keep batches full under steady load. The wait counts only time the device sits idle:
-items queued during a batch still wait `max_wait` once it ends, so clients answered by that batch have
-a moment to send their next images, while an item that has had its wait (the later of several option
-groups queued at once) goes as soon as the device is free. And items of the same options admitted but
-still being decoded are waited for, at most `HOLD` seconds longer, rather than left to trail in a batch
-of their own (not when `max_wait` is 0). A lone request pays neither: nothing else is incoming, and the
-device was idle all along. Admission counts those items too, so a burst is refused before decoding.
+Two refinements keep batches full under steady load. The wait counts only idle device time: items
+queued during a batch still wait `max_wait` once it ends (clients it answered have a moment to send
+their next images), while an item that has had its wait goes as soon as the device is free. And items
+of the same options admitted but still being decoded are waited for, at most `HOLD` seconds longer,
+rather than left to trail in a batch of their own (not when `max_wait` is 0). A lone request pays
+neither. Admission counts the items being decoded too, so a burst is refused before decoding.
 """
 
 from __future__ import annotations
@@ -64,14 +63,16 @@ class Batcher:
         max_batch_size: int,
         max_wait: float,
         max_queue: int,
-        on_batch: Callable[[int], None] = lambda size: None,
+        on_batch: Callable[[list[float]], None] = lambda waits: None,
+        on_call: Callable[[float], None] = lambda seconds: None,
         on_outputs: Callable[[int], None] = lambda count: None,
     ) -> None:
         self.predict = predict
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self.max_queue = max_queue
-        self.on_batch = on_batch  # a model call starts, with this many items
+        self.on_batch = on_batch  # a model call starts: the seconds each of its items waited in the queue
+        self.on_call = on_call  # it ended (or failed) after this many seconds on the device
         self.on_outputs = on_outputs  # it gave this many outputs, also for callers gone meanwhile
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
@@ -245,10 +246,10 @@ class Batcher:
         if not batch:
             return
         loop = asyncio.get_running_loop()
-        self.on_batch(len(batch))
         self._idle_before = self._idle_clock()
         self._idle_since = None
-        self._batch_started = time.monotonic()
+        self._batch_started = started = time.monotonic()
+        self.on_batch([started - entry.born for entry in batch])
         failure: Exception | None = None
         try:
             call = (self.predict, [e.item for e in batch], options)
@@ -262,6 +263,7 @@ class Batcher:
         finally:
             self._idle_since = time.monotonic()
             self._batch_started = None
+            self.on_call(self._idle_since - started)
         if failure is not None:  # retried outside the except block, which would hold the failure's frames
             await self._recover(batch, options, failure)
             return

@@ -16,7 +16,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
-    """What an operator needs to see: traffic, latency, batching, queueing, model load time."""
+    """What an operator needs to see: traffic, latency, batching, queueing, model time, load time."""
 
     content_type = CONTENT_TYPE_LATEST
 
@@ -29,6 +29,18 @@ class Metrics:
         )
         self.batch_size = Histogram(
             "docker_vit_batch_size", "images per model call", buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_seconds = Histogram(
+            "docker_vit_queue_seconds",
+            "seconds an image waited for its model call, once decoded",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.model_seconds = Histogram(
+            "docker_vit_model_seconds",
+            "seconds per model call (a batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_depth = Gauge(
             "docker_vit_queue_depth",
@@ -43,6 +55,12 @@ class Metrics:
     def observe(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(seconds)
+
+    def batch_started(self, waits: list[float]) -> None:
+        """A model call starts with one image per wait: its size, and how long each image queued."""
+        self.batch_size.observe(len(waits))
+        for seconds in waits:
+            self.queue_seconds.observe(seconds)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -64,7 +64,8 @@ class Service:
             max_batch_size=batch_size(handler, settings),
             max_wait=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
-            on_batch=self.metrics.batch_size.observe,
+            on_batch=self.metrics.batch_started,
+            on_call=self.metrics.model_seconds.observe,
             on_outputs=self.metrics.images.inc,
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending)

@@ -108,6 +108,31 @@ def test_outputs_are_counted_also_for_callers_gone_during_the_call() -> None:
     assert run(main()) == [2, 1]
 
 
+def test_each_call_reports_its_items_queue_waits_and_its_own_seconds() -> None:
+    """The queue-wait and model-time histograms: one wait per item, one duration per call, failed too."""
+
+    async def main():
+        recorder, waits, calls = Recorder(fail_on=9), [], []
+        recorder.release.clear()
+        batcher = make(recorder, max_wait=0, on_batch=waits.append, on_call=calls.append)
+        batcher.start()
+        first = batcher.submit([1], "a")
+        while batcher.running_for == 0:
+            await asyncio.sleep(0.005)
+        queued = batcher.submit([2, 3], "a")  # wait for the first call, which holds the device
+        await asyncio.sleep(0.2)
+        recorder.release.set()
+        await asyncio.gather(*first, *queued)
+        await asyncio.gather(*batcher.submit([9], "a"), return_exceptions=True)
+        await batcher.stop()
+        return waits, calls
+
+    waits, calls = run(main())
+    assert [len(batch) for batch in waits] == [1, 2, 1] and len(calls) == 3
+    assert waits[0][0] < 0.1 and all(0.2 <= wait < 5 for wait in waits[1])  # they queued behind call 1
+    assert calls[0] >= 0.2 and all(0 <= seconds < 5 for seconds in calls)
+
+
 def test_a_poison_item_fails_alone() -> None:
     async def main():
         batcher = make(Recorder(fail_on=3))

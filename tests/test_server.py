@@ -232,6 +232,8 @@ def test_probes_model_docs_and_metrics(client) -> None:
         "docker_vit_requests_total",
         "docker_vit_request_seconds_bucket",
         "docker_vit_batch_size_bucket",
+        "docker_vit_queue_seconds_bucket",
+        "docker_vit_model_seconds_bucket",
         "docker_vit_queue_depth",
         "docker_vit_images_total",
         "docker_vit_model_load_seconds",
