@@ -216,7 +216,7 @@ def test_decompression_bomb_is_refused_by_the_core_intake():
     try:
         answer = run(worker, {"input": {"image": png(100, 100)}})
         assert answer["error"]["type"] == "payload_too_large"
-        assert engine.batches == [1]  # only the warm-up reached the model
+        assert engine.batches == [1, 1]  # only the load's probe and the warm-up reached the model
     finally:
         worker.close()
 
@@ -412,14 +412,14 @@ def test_runpod_sdk_local_test_mode(tiny_model):
 
 
 class Wedged(StubEngine):
-    """Answers the warm-up, then hangs until released: a stuck device."""
+    """Answers the load's probe and the warm-up, then hangs until released: a stuck device."""
 
     def __init__(self) -> None:
         super().__init__()
         self.release = threading.Event()
 
     def generate(self, pixels, num_beams: int, max_new_tokens: int, between_steps=None) -> list[str]:
-        if self.batches:
+        if len(self.batches) >= 2:
             self.release.wait(20)
         return super().generate(pixels, num_beams, max_new_tokens)
 
