@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
@@ -11,10 +12,11 @@ from PIL import Image
 from docker_vit.calls import stop_if_abandoned
 from docker_vit.checkpoints import Unservable, shown_id
 from docker_vit.config import GENERATION, Settings
-from docker_vit.engine import CaptionEngine
+from docker_vit.engine import OUT_OF_MEMORY, CaptionEngine
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import TooLarge
 
+log = logging.getLogger("docker_vit.engine")
 DRAFT_SIDE = 512
 # The most pixels the model's processor may resize an image to, or --max-pixels if higher: what an image
 # of the default --max-pixels costs (a lower setting must not refuse the model's own 224 x 224).
@@ -54,12 +56,15 @@ class Captioner(Handler):
         on every image."""
         try:
             self.engine.generate([self.engine.pixels(Image.new("RGB", (32, 32)))], 1, 1)
+        except OUT_OF_MEMORY:
+            raise
         except Exception as exc:
+            log.debug("the load's test caption failed", exc_info=exc)  # a bug of ours would show here
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
             raise Unservable(
                 f"{shown_id(self.settings.model)} failed to caption a test image ({reason}): the captioner "
-                "serves models that caption an image alone, not prompt-driven ones such as LLaVA or "
-                "Kosmos-2 (serve those with a handler of your own)"
+                "serves models that caption an image alone (prompt-driven ones, such as LLaVA or Kosmos-2, "
+                "need a handler of your own)"
             ) from exc
 
     def _token_limit(self) -> int:

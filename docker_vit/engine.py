@@ -24,6 +24,9 @@ from transformers.utils import logging as hf_logging
 
 from docker_vit import checkpoints, decoding, logs, memory
 
+# Out of memory, on the device or the host: said as itself at load, not as "cannot caption".
+OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
 
 class CaptionEngine:
     """One image-to-text model on one device."""
@@ -91,7 +94,7 @@ class CaptionEngine:
     @torch.inference_mode()
     def generate(
         self,
-        pixels: Sequence[Mapping[str, torch.Tensor]],
+        inputs: Sequence[Mapping[str, torch.Tensor]],
         num_beams: int,
         max_new_tokens: int,
         between_steps: Callable[[], None] | None = None,
@@ -100,7 +103,7 @@ class CaptionEngine:
 
         `between_steps` runs between decoding steps; what it raises ends the call (nobody waits for it)."""
         with memory.in_use:  # freed activations kept while batches follow each other
-            batch = {name: self._stacked([item[name] for item in pixels]) for name in pixels[0]}
+            batch = {name: self._stacked([item[name] for item in inputs]) for name in inputs[0]}
             config = self.generation_config(num_beams, max_new_tokens)
             if list(batch) == ["pixel_values"] and decoding.supports(self.model, config):
                 ids = decoding.generate(self.model, batch["pixel_values"], config, between_steps)

@@ -69,9 +69,12 @@ class Classifier(Handler):
         digits = text[1:] if text[:1] in ("-", "+") else text
         if not (digits.isascii() and digits.isdigit()):
             raise OptionsError(f"top_k must be an integer, got {shown(value)}")
-        if len(digits) > 3 or not 1 <= int(text) <= MAX_TOP_K:  # int() of thousands of digits refuses
+        significant = digits.lstrip("0")  # "05" is 5; int() of thousands of digits refuses
+        number = int(significant or "0") if len(significant) <= 3 else MAX_TOP_K + 1
+        number = -number if text.startswith("-") else number
+        if not 1 <= number <= MAX_TOP_K:
             raise OptionsError(f"top_k must be between 1 and {MAX_TOP_K}, got {shown(value)}")
-        return int(text)
+        return number
 
     def prepare(self, data: bytes, options: Hashable) -> torch.Tensor:
         image = self.open_image(data, draft=RESIZE)  # the server's intake: limits, EXIF, any mode to RGB

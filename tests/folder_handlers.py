@@ -90,3 +90,21 @@ class Beamed(Digest):
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         return [f"{caption} at {options} beams" for caption in super().predict(items, options)]
+
+
+class Lingering(Digest):
+    """Starts a thread of its own that never ends (not a daemon: a normal exit would join it for ever),
+    and marks the file named by LINGER_MARK once a batch is on the model."""
+
+    def load(self) -> None:
+        import threading
+
+        threading.Thread(target=threading.Event().wait, name="handler-own").start()
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        import os
+        from pathlib import Path
+
+        Path(os.environ["LINGER_MARK"]).touch()
+        time.sleep(30)
+        return super().predict(items, options)

@@ -71,6 +71,11 @@ def test_top_k_defaults_to_five_and_is_bounded(classifier: TestClient, bulldog: 
         assert response.status_code == 422, (bad, response.text)
         assert response.json()["error"]["type"] == "invalid_parameters"
         assert "top_k" in response.json()["error"]["message"]
+    for good, top_k in (("05", 5), ("0" * 5000 + "3", 3)):
+        response = classifier.post(
+            "/v1/captions", json={"images": [base64.b64encode(bulldog).decode()], "top_k": good}
+        )
+        assert len(response.json()["captions"][0]["labels"]) == top_k, response.text
     for bad, says in (("-1", "between 1 and 20, got '-1'"), ("9" * 5000, "got '99999"), ([[1]], "got [[1]]")):
         response = classifier.post(
             "/v1/captions", json={"images": [base64.b64encode(bulldog).decode()], "top_k": bad}

@@ -312,7 +312,14 @@ def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
         Captioner(Settings(model=str(vit_gpt2_dir))).load()
     message = str(refused.value)
     assert "failed to caption a test image (ValueError: torch.cat(): expected" in message
-    assert "not prompt-driven ones such as LLaVA" in message and "\n" not in message
+    assert "(prompt-driven ones, such as LLaVA or Kosmos-2, need a handler" in message and "\n" not in message
+
+    def out_of_memory(self, pixels, num_beams, max_new_tokens, between_steps=None):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(CaptionEngine, "generate", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):  # said as itself: no fault of the model's kind
+        Captioner(Settings(model=str(vit_gpt2_dir))).load()
 
 
 @pytest.mark.parametrize(

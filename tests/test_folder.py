@@ -622,6 +622,26 @@ def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> Non
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
 
 
+def test_ctrl_c_ends_a_run_whose_handler_keeps_a_thread_of_its_own(tmp_path: Path) -> None:
+    """A handler's own non-daemon thread would be joined at exit, forever: the run exits 130 at once."""
+    picture(tmp_path / "a.png", 1)
+    mark = tmp_path / "predict-started"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    env["LINGER_MARK"] = str(mark)
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(tmp_path / "a.png")]
+    command += ["--handler", "folder_handlers:Lingering", "-o", str(tmp_path / "out.jsonl")]
+    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not mark.exists():
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"predict never started: {finished(process, 30)[1]}")
+        time.sleep(0.02)
+    process.send_signal(signal.SIGINT)
+    _, err = finished(process, 20)  # the handler's thread never ends: only an exit without joining
+    assert process.returncode == 130 and "Traceback" not in err, err
+
+
 def test_a_model_that_fails_on_everything_ends_the_run(library: Path, tmp_path: Path, capsys) -> None:
     """Not one retried halving per image of the whole folder: three batches failing throughout end it."""
     for shade in range(12):
