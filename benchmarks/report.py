@@ -12,6 +12,7 @@ import os
 import platform
 import sys
 from pathlib import Path
+from typing import Any
 
 from benchmarks import flops, load
 
@@ -29,7 +30,14 @@ def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
 
-def markdown(args, levels, greedy_c, base, ours, facts) -> str:
+def markdown(
+    args: argparse.Namespace,
+    levels: list[int],
+    greedy_c: int,
+    base: dict[Any, Any],
+    ours: dict[Any, Any],
+    facts: dict[str, Any],
+) -> str:
     """The run as a markdown section: the machine, the table, the compute bound, memory and errors."""
     top = max(levels)
     rate_top = ours["rates"][top]

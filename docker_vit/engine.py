@@ -1,8 +1,8 @@
 """The model path, top to bottom: load, pixels, tokens, text (checkpoints.py reads and checks the model).
 
 Knows torch and transformers, nothing of HTTP. Any model that transformers' AutoModelForImageTextToText
-covers and that captions an image alone works (VisionEncoderDecoder such as vit-gpt2, BLIP, GIT,
-Pix2Struct); vit-gpt2-shaped models take a faster, token-for-token identical decode path
+covers and that captions an image alone works (VisionEncoderDecoder models such as vit-gpt2; BLIP,
+GIT, Pix2Struct); vit-gpt2-shaped models take a faster, token-for-token identical decode path
 (`docker_vit.decoding`).
 """
 
