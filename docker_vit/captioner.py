@@ -51,11 +51,13 @@ class Captioner(Handler):
         self._probe()
 
     def _probe(self) -> None:
-        """One token for a blank image. A model that needs a text prompt with its image (LLaVA, Kosmos-2)
-        fails here, said in one line at load, rather than in the warm-up's words or, under `caption`,
-        on every image."""
+        """One token for a blank image, at the default beam width. A model that needs a text prompt with
+        its image (LLaVA, Kosmos-2), or a checkpoint whose generation settings this transformers cannot
+        run, fails here, said in one line at load, rather than in the warm-up's words or, under
+        `caption`, on every image."""
         try:
-            self.engine.generate([self.engine.pixels(Image.new("RGB", (32, 32)))], 1, 1)
+            blank = self.engine.pixels(Image.new("RGB", (32, 32)))
+            self.engine.generate([blank], self.settings.num_beams, 1)
         except OUT_OF_MEMORY:
             raise
         except Exception as exc:

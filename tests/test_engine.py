@@ -299,7 +299,7 @@ def test_the_token_limit_leaves_out_positions_spent_before_the_caption(tmp_path:
 
 
 def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
-    vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch
+    vit_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A prompt-driven model (LLaVA, Kosmos-2) fails the load's one-token probe: one line that says
     what the captioner serves, not the warm-up's error or a failure on every image."""
@@ -313,6 +313,16 @@ def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
     message = str(refused.value)
     assert "failed to caption a test image (ValueError: torch.cat(): expected" in message
     assert "(prompt-driven ones, such as LLaVA or Kosmos-2, need a handler" in message and "\n" not in message
+
+    monkeypatch.undo()
+    folder = tmp_path / "grouped"  # generation settings this transformers runs only with remote code
+    shutil.copytree(vit_gpt2_dir, folder)
+    path = folder / "generation_config.json"
+    path.write_text(
+        json.dumps({**json.loads(path.read_text()), "num_beam_groups": 2, "diversity_penalty": 0.5})
+    )
+    with pytest.raises(Unservable, match="failed to caption a test image .ValueError: Group Beam Search"):
+        Captioner(Settings(model=str(folder))).load()  # at the default 4 beams: what requests would run
 
     def out_of_memory(self, pixels, num_beams, max_new_tokens, between_steps=None):
         raise torch.OutOfMemoryError("CUDA out of memory")
