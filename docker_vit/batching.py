@@ -2,9 +2,9 @@
 
 Items wait in a bounded queue grouped by their options. One worker per device takes the group whose
 first item is oldest (so steady traffic in one group never starves another), lets it fill for at most
-`max_wait` seconds (not at all when full), and runs it on the device's thread, so the next batch forms
-during the current one. Items whose caller gave up (timeout, disconnect) are dropped before the model
-sees them, and a running batch whose callers have all gone stops at its `predict`'s next step.
+`max_wait` seconds (not at all when full), and runs it on the device's thread (device.py), so the next
+batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
+the model sees them, and a running batch whose callers have all gone stops at its `predict`'s next step.
 
 Two refinements keep batches full under steady load. The wait counts only idle device time: items
 queued during a batch still wait `max_wait` once it ends (clients it answered have a moment to send
@@ -21,12 +21,11 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
-from docker_vit.calls import Abandoned, WrongOutputs, contained, drop_frames, splittable, watched
+from docker_vit.calls import Abandoned, WrongOutputs, drop_frames, splittable
+from docker_vit.device import DeviceThread
 from docker_vit.images import InputError
 
 log = logging.getLogger("docker_vit.batching")
@@ -81,15 +80,9 @@ class Batcher:
         self._idle_before = 0.0  # seconds of idle device before the current idle spell
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
-        self._device = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
-        self._device_calls = 0  # calls running on the device thread right now
+        self.device = DeviceThread()  # where every batch (and the model's load) runs
         self._batch_started: float | None = None  # monotonic start of the batch on the device
         self._running: list[_Entry] = []  # the batch taken for the device, for stop() to answer
-
-    @property
-    def busy(self) -> bool:
-        """A call (a batch, the load) runs on the device thread, which a normal exit would wait for."""
-        return self._device_calls > 0
 
     @property
     def running_for(self) -> float:
@@ -121,25 +114,7 @@ class Batcher:
             entry.future.cancel()  # no-op for the answered ones
         self._groups.clear()
         self._queued = 0
-        self._device.shutdown(wait=False, cancel_futures=True)
-
-    async def on_device(self, fn: Callable[[], Any]) -> Any:
-        """Run `fn` (say, loading the model) on the device thread, where every batch runs.
-
-        Torch work belongs on one thread: each other thread that runs a parallel op keeps an OpenMP
-        team of its own, and with more OpenMP threads than cores GNU OpenMP stops spinning between ops
-        in every team (a lone caption took 9-25% longer with one such team alive; benchmarks/NOTES.md).
-        """
-        return await asyncio.get_running_loop().run_in_executor(self._device, self._counted, fn)
-
-    def _counted(self, fn: Callable[..., Any], *args: Any, gone: Callable[[], bool] | None = None) -> Any:
-        """`fn(*args)` on the device thread, counted in `busy`; `gone` is what `stop_if_abandoned` asks."""
-        self._device_calls += 1
-        try:
-            with watched(gone):
-                return contained(fn, *args)
-        finally:
-            self._device_calls -= 1
+        self.device.shutdown()
 
     def admit(self, count: int, options: Hashable) -> None:
         """Hold room for `count` items that are still being prepared (decoded), or raise QueueFull: load
@@ -245,17 +220,16 @@ class Batcher:
         batch = [entry for entry in batch if not entry.future.done()]  # callers gone since: not run
         if not batch:
             return
-        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        _report(self.on_batch, [started - entry.born for entry in batch])  # before the state changes
         self._idle_before = self._idle_clock()
         self._idle_since = None
-        self._batch_started = started = time.monotonic()
-        self.on_batch([started - entry.born for entry in batch])
+        self._batch_started = started
         failure: Exception | None = None
         try:
-            call = (self.predict, [e.item for e in batch], options)
             # asked between decoding steps, on the device thread (a future's state is one attribute)
             gone = lambda: all(entry.future.done() for entry in batch)  # noqa: E731
-            outputs = await loop.run_in_executor(self._device, partial(self._counted, *call, gone=gone))
+            outputs = await self.device.run(self.predict, [e.item for e in batch], options, gone=gone)
             if len(outputs) != len(batch):
                 raise WrongOutputs(f"predict returned {len(outputs)} outputs for {len(batch)} items")
         except Exception as exc:
@@ -263,11 +237,11 @@ class Batcher:
         finally:
             self._idle_since = time.monotonic()
             self._batch_started = None
-            self.on_call(self._idle_since - started)
+            _report(self.on_call, self._idle_since - started)
         if failure is not None:  # retried outside the except block, which would hold the failure's frames
             await self._recover(batch, options, failure)
             return
-        self.on_outputs(len(outputs))
+        _report(self.on_outputs, len(outputs))
         for entry, output in zip(batch, outputs, strict=True):
             if not entry.future.done():
                 entry.future.set_result(output)
@@ -285,6 +259,8 @@ class Batcher:
                 "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc
             )
             drop_frames(exc)  # the failed call's memory (activations, caches) must be free for the halves
+            for entry in live:  # the halves' queue wait starts now: the failed call was model time
+                entry.born = time.monotonic()
             middle = len(live) // 2
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
@@ -295,6 +271,14 @@ class Batcher:
             log.error("model call failed", exc_info=exc)
         drop_frames(exc)  # the callers get the error, not the failed call's tensors
         _fail(live, exc)
+
+
+def _report(callback: Callable[[Any], None], value: Any) -> None:
+    """A metrics callback: its failure is logged, never the batch's (nor the batcher's state's)."""
+    try:
+        callback(value)
+    except Exception:
+        log.exception("a metrics callback failed")
 
 
 def _fail(entries: Sequence[_Entry], exc: Exception) -> None:

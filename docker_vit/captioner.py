@@ -16,7 +16,7 @@ from docker_vit.engine import OUT_OF_MEMORY, CaptionEngine
 from docker_vit.handler import Handler, OptionsError, Result, shown
 from docker_vit.images import TooLarge
 
-log = logging.getLogger("docker_vit.engine")
+log = logging.getLogger("docker_vit.captioner")
 DRAFT_SIDE = 512
 # The most pixels the model's processor may resize an image to, or --max-pixels if higher: what an image
 # of the default --max-pixels costs (a lower setting must not refuse the model's own 224 x 224).
@@ -64,7 +64,8 @@ class Captioner(Handler):
             log.debug("the load's test caption failed", exc_info=exc)  # a bug of ours would show here
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
             raise Unservable(
-                f"{shown_id(self.settings.model)} failed to caption a test image ({reason}): the captioner "
+                f"{shown_id(self.settings.model)} failed to caption a test image at {self.settings.num_beams} "
+                f"beam(s) ({reason}): the captioner "
                 "serves models that caption an image alone (prompt-driven ones, such as LLaVA or Kosmos-2, "
                 "need a handler of your own)"
             ) from exc

@@ -71,7 +71,7 @@ class CaptionEngine:
         `flattened_patches` and their `attention_mask`). CPU work, thread-safe.
 
         The processor returns numpy and the tensors share its memory: no torch op runs on the intake
-        threads, so they start no OpenMP teams of their own (see `Batcher.on_device`)."""
+        threads, so they start no OpenMP teams of their own (see device.py)."""
         produced = self.image_processor(images=[image], return_tensors="np")
         return {name: torch.from_numpy(values[0]) for name, values in produced.items()}
 

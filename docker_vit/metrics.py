@@ -12,6 +12,7 @@ from prometheus_client import (
 )
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+QUEUE_BUCKETS = (0.001, 0.0025, 0.005, *LATENCY_BUCKETS)  # --max-wait-ms is 5 by default
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
@@ -33,7 +34,7 @@ class Metrics:
         self.queue_seconds = Histogram(
             "docker_vit_queue_seconds",
             "seconds an image waited for its model call, once decoded",
-            buckets=LATENCY_BUCKETS,
+            buckets=QUEUE_BUCKETS,
             registry=r,
         )
         self.model_seconds = Histogram(

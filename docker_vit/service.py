@@ -86,7 +86,7 @@ class Service:
     def busy(self) -> bool:
         """A handler call still runs (a model call, a load, a stuck prepare or respond): a process that
         exits normally joins its thread, so it would wait for the call to finish."""
-        return self.batcher.busy or self._calls > 0
+        return self.batcher.device.busy or self._calls > 0
 
     def _tracked(self, fn: Callable[..., Any], *args: Any) -> Any:
         """`fn(*args)` on a pool thread, counted in `busy` while it runs."""
@@ -101,7 +101,7 @@ class Service:
     async def _load(self) -> None:
         try:
             started = time.perf_counter()
-            await self.batcher.on_device(self.handler.load)
+            await self.batcher.device.run(self.handler.load)
             self.metrics.load_seconds.set(time.perf_counter() - started)
             await self._warm_up()
         except Exception as exc:

@@ -350,14 +350,14 @@ def test_items_queued_during_a_batch_still_wait_for_company() -> None:
     assert run(main()) == [[1], [2, 3]]
 
 
-def test_on_device_runs_where_the_batches_run() -> None:
+def test_the_load_runs_on_the_device_thread_where_the_batches_run() -> None:
     """Loading the model happens on the device thread, so torch's work stays on one thread."""
 
     async def main():
         threads: list[threading.Thread] = []
         batcher = make(lambda items, options: threads.append(threading.current_thread()) or list(items))
         batcher.start()
-        loaded_on = await batcher.on_device(threading.current_thread)
+        loaded_on = await batcher.device.run(threading.current_thread)
         assert await asyncio.gather(*batcher.submit(["x"], None)) == ["x"]
         await batcher.stop()
         return loaded_on, threads
@@ -375,7 +375,7 @@ def test_the_group_waiting_longest_goes_next_so_steady_traffic_starves_no_one() 
         batcher = make(recorder, max_batch_size=2, max_wait=0)
         batcher.start()
         futures = batcher.submit(["a1", "a2"], "a")
-        while not batcher.busy:
+        while not batcher.device.busy:
             await asyncio.sleep(0.001)
         futures += (
             batcher.submit(["a3"], "a") + batcher.submit(["b1"], "b") + batcher.submit(["a4", "a5"], "a")
@@ -620,7 +620,7 @@ def test_a_stopped_batch_frees_its_work_without_the_cycle_collector() -> None:
         (future,) = batcher.submit([1], "x")
         await asyncio.sleep(0.1)
         future.cancel()
-        while batcher.busy:
+        while batcher.device.busy:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.05)  # the batcher's own handling of the stop
         freed = caches[0]() is None
@@ -633,3 +633,42 @@ def test_a_stopped_batch_frees_its_work_without_the_cycle_collector() -> None:
         assert run(main())
     finally:
         gc.enable()
+
+
+def test_a_failing_metrics_callback_breaks_neither_the_batch_nor_the_batcher() -> None:
+    """A metrics hiccup is logged; the batch is answered and the next lone item still goes after
+    max_wait (the idle clock and running_for are not left as during a call)."""
+
+    def boom(_) -> None:
+        raise ValueError("metrics backend hiccup")
+
+    async def main():
+        batcher = make(Recorder(), on_batch=boom, on_call=boom)
+        batcher.start()
+        first = await asyncio.gather(*batcher.submit([1], "a"))
+        second = await asyncio.wait_for(asyncio.gather(*batcher.submit([2], "a")), 2)
+        running_for = batcher.running_for
+        await batcher.stop()
+        return first, second, running_for
+
+    assert run(main()) == (["1:a"], ["2:a"], 0.0)
+
+
+def test_a_retried_half_waits_only_for_the_device_not_for_the_failed_call() -> None:
+    async def main():
+        recorder, waits = Recorder(fail_on=4), []
+
+        def slow(items, options):
+            time.sleep(0.3)
+            return recorder(items, options)
+
+        batcher = make(slow, max_wait=0, on_batch=waits.append)
+        batcher.start()
+        await asyncio.gather(*batcher.submit([1, 2, 3, 4], "a"), return_exceptions=True)
+        await batcher.stop()
+        return waits
+
+    waits = run(main())
+    assert [len(w) for w in waits] == [4, 2, 2, 1, 1]
+    assert max(waits[1]) < 0.1  # the first half goes at once: the failed call was model time
+    assert all(0.25 < wait < 0.5 for wait in waits[2])  # the second waits for the first half's call

@@ -311,7 +311,7 @@ def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
     with pytest.raises(Unservable) as refused:
         Captioner(Settings(model=str(vit_gpt2_dir))).load()
     message = str(refused.value)
-    assert "failed to caption a test image (ValueError: torch.cat(): expected" in message
+    assert "failed to caption a test image at 4 beam(s) (ValueError: torch.cat(): expected" in message
     assert "(prompt-driven ones, such as LLaVA or Kosmos-2, need a handler" in message and "\n" not in message
 
     monkeypatch.undo()
@@ -321,7 +321,9 @@ def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
     path.write_text(
         json.dumps({**json.loads(path.read_text()), "num_beam_groups": 2, "diversity_penalty": 0.5})
     )
-    with pytest.raises(Unservable, match="failed to caption a test image .ValueError: Group Beam Search"):
+    with pytest.raises(
+        Unservable, match="failed to caption a test image at 4 beam.s. .ValueError: Group Beam Search"
+    ):
         Captioner(Settings(model=str(folder))).load()  # at the default 4 beams: what requests would run
 
     def out_of_memory(self, pixels, num_beams, max_new_tokens, between_steps=None):
