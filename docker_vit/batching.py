@@ -278,7 +278,7 @@ def _report(callback: Callable[[Any], None], value: Any) -> None:
     try:
         callback(value)
     except Exception:
-        log.exception("a metrics callback failed")
+        log.exception("metrics callback %s failed", getattr(callback, "__qualname__", callback))
 
 
 def _fail(entries: Sequence[_Entry], exc: Exception) -> None:
