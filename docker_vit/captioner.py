@@ -63,11 +63,11 @@ class Captioner(Handler):
         except Exception as exc:
             log.debug("the load's test caption failed", exc_info=exc)  # a bug of ours would show here
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:300]
+            beams = self.settings.num_beams
             raise Unservable(
-                f"{shown_id(self.settings.model)} failed to caption a test image at {self.settings.num_beams} "
-                f"beam(s) ({reason}): the captioner "
-                "serves models that caption an image alone (prompt-driven ones, such as LLaVA or Kosmos-2, "
-                "need a handler of your own)"
+                f"{shown_id(self.settings.model)} failed to caption a test image at {beams} beam(s) "
+                f"({reason}): the captioner serves models that caption an image alone (prompt-driven "
+                "ones, such as LLaVA or Kosmos-2, need a handler of your own)"
             ) from exc
 
     def _token_limit(self) -> int:
