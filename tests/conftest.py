@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import other_models
 import pytest
 import tiny_models
 from fastapi.testclient import TestClient
@@ -84,7 +85,12 @@ def git_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def pix2struct_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tiny_models.save_pix2struct(tmp_path_factory.mktemp("pix2struct"))
+    return other_models.save_pix2struct(tmp_path_factory.mktemp("pix2struct"))
+
+
+@pytest.fixture(scope="session")
+def nougat_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return other_models.save_nougat(tmp_path_factory.mktemp("nougat"))
 
 
 @pytest.fixture(scope="session")

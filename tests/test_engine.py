@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import other_models
 import pytest
 import tiny_models
 import torch
@@ -35,9 +36,10 @@ def own_generate(folder: Path, data: bytes, num_beams: int = 4, max_new_tokens: 
     return processor.batch_decode(ids, skip_special_tokens=True)[0].strip()
 
 
-@pytest.mark.parametrize("kind", ["blip_dir", "git_dir", "pix2struct_dir"])
-def test_blip_git_and_pix2struct_serve_their_own_captions(kind: str, request: pytest.FixtureRequest) -> None:
-    """Pix2Struct's processor gives patches and a mask, not pixels: they reach `generate` as they are."""
+@pytest.mark.parametrize("kind", ["blip_dir", "git_dir", "pix2struct_dir", "nougat_dir"])
+def test_other_kinds_serve_their_own_captions(kind: str, request: pytest.FixtureRequest) -> None:
+    """BLIP, GIT, Pix2Struct (whose processor gives patches and a mask, not pixels: they reach
+    `generate` as they are) and Nougat (a Donut-Swin encoder with an MBart decoder)."""
     folder = request.getfixturevalue(kind)
     with serving(Settings(model=str(folder))) as client:
         photos = [photo(name).read_bytes() for name in PHOTOS[:2]]
@@ -284,9 +286,10 @@ def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
 
 
 def test_the_token_limit_leaves_out_positions_spent_before_the_caption(tmp_path: Path) -> None:
-    """RoBERTa's position ids start at padding_idx + 1: a decoder of 20 positions writes 18 new tokens,
-    and a caption at the limit runs (its end-of-text is suppressed: every caption runs that long)."""
-    folder = tiny_models.save_vit_roberta(tmp_path / "roberta", positions=20)
+    """RoBERTa's position ids start at padding_idx + 1: a decoder of 20 positions writes 18 new tokens;
+    BLIP-2's query tokens come first in its decoder's positions. A caption at the limit runs (their
+    end-of-text is suppressed: every caption runs that long), one token more is a 422."""
+    folder = other_models.save_vit_roberta(tmp_path / "roberta", positions=20)
     captioner = Captioner(Settings(model=str(folder), max_new_tokens=8))
     captioner.load()
     assert captioner.describe()["limits"]["max_new_tokens"] == 18
@@ -296,6 +299,14 @@ def test_the_token_limit_leaves_out_positions_spent_before_the_caption(tmp_path:
         assert len(captioner.predict([pixels], options)[0]) == 19  # the start token and 18 new ones
     with pytest.raises(ValueError, match="between 1 and 18"):
         captioner.options({"max_new_tokens": 19})
+
+    blip2 = Captioner(Settings(model=str(other_models.save_blip2(tmp_path / "blip2")), max_new_tokens=8))
+    blip2.load()  # 64 positions, the first 4 the Q-Former's queries
+    assert blip2.describe()["limits"]["max_new_tokens"] == 60
+    pixels = blip2.prepare(photo("coffee.jpg").read_bytes(), blip2.options({}))
+    for num_beams in (1, 2):
+        options = blip2.options({"num_beams": num_beams, "max_new_tokens": 60})
+        assert len(blip2.predict([pixels], options)[0]) >= 60  # the caption runs to the limit, no 500
 
 
 def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
@@ -315,6 +326,10 @@ def test_a_model_that_cannot_caption_an_image_alone_is_refused_at_load(
     assert "(prompt-driven ones, such as LLaVA or Kosmos-2, need a handler" in message and "\n" not in message
 
     monkeypatch.undo()
+    instructblip = other_models.save_instructblip(tmp_path / "instructblip")  # its Q-Former reads a prompt
+    with pytest.raises(Unservable, match="failed to caption a test image at 4 beam.s. .TypeError"):
+        Captioner(Settings(model=str(instructblip))).load()
+
     folder = tmp_path / "grouped"  # generation settings this transformers runs only with remote code
     shutil.copytree(vit_gpt2_dir, folder)
     path = folder / "generation_config.json"
