@@ -62,7 +62,7 @@ def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docker-vit", description="Send a picture, get a sentence.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    parser.add_argument("--version", action=_PrintVersion, help="print the installed version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model over HTTP")
@@ -222,13 +222,21 @@ def _joined_at_exit() -> bool:
     return any(t not in ours and not t.daemon and t.is_alive() for t in threading.enumerate())
 
 
-def _version() -> str:
-    from importlib import metadata
+class _PrintVersion(argparse.Action):
+    """`--version`, looked up only when asked: reading the package metadata costs every run ~60 ms."""
 
-    try:
-        return metadata.version("docker-vit")
-    except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
-        return "(not installed)"
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from importlib import metadata
+
+        try:
+            version = metadata.version("docker-vit")
+        except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
+            version = "(not installed)"
+        print(f"{parser.prog} {version}")
+        parser.exit()
 
 
 def _set_sigterm(handler: Any) -> Any:
