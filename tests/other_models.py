@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from tiny_models import CORPUS, _bpe_tokenizer, _wordpiece_tokenizer
+from tiny_models import CORPUS, _bpe_tokenizer, _wordpiece_tokenizer, byte_level_bpe
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 
@@ -70,13 +70,7 @@ def save_vit_roberta(folder: Path, *, positions: int = 20) -> Path:
         ViTImageProcessor,
     )
 
-    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
-    tok.train_from_iterator(CORPUS, trainer)
+    tok = byte_level_bpe(["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
     tokenizer = RobertaTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -119,14 +113,7 @@ def save_nougat(folder: Path) -> Path:
         VisionEncoderDecoderModel,
     )
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<pad>", "<s>", "</s>", "<unk>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
-    )
+    tok = byte_level_bpe(["<pad>", "<s>", "</s>", "<unk>"])
     tokenizer = NougatTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
     )
@@ -209,14 +196,7 @@ def save_blip2(folder: Path) -> Path:
         GPT2TokenizerFast,
     )
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["</s>", "<pad>", "<image>"]
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    tok.train_from_iterator(
-        CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, initial_alphabet=alphabet)
-    )
+    tok = byte_level_bpe(["</s>", "<pad>", "<image>"])
     tokenizer = GPT2TokenizerFast(
         tokenizer_object=tok, bos_token="</s>", eos_token="</s>", unk_token="</s>", pad_token="<pad>"
     )

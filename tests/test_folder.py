@@ -602,43 +602,39 @@ def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path, output: list[
     assert process.returncode == 141 and err == ""
 
 
-def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
-    """The hung call's pool thread would be joined at exit, forever: the run exits 130 all the same."""
-    (tmp_path / "a.png").write_bytes(b"stuck")  # fake_handlers.Stuck never returns from prepare on it
-    mark = tmp_path / "prepare-started"
+def interrupted_at_mark(
+    tmp_path: Path, handler: str, mark_variable: str, timeout: float
+) -> tuple[subprocess.Popen, str]:
+    """`caption tmp_path/a.png` with `handler`, sent Ctrl-C once the handler has touched the file that
+    `mark_variable` names (its call is then hanging); the finished process and its stderr."""
+    mark = tmp_path / "call-started"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    env["STUCK_MARK"] = str(mark)
+    env[mark_variable] = str(mark)
     command = [sys.executable, "-m", "docker_vit.cli", "caption", str(tmp_path / "a.png")]
-    command += ["--handler", "fake_handlers:Stuck", "-o", str(tmp_path / "out.jsonl")]
+    command += ["--handler", handler, "-o", str(tmp_path / "out.jsonl")]
     process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not mark.exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()  # Stuck never returns: a child left behind would run for ever
-            pytest.fail(f"prepare never started: {finished(process, 30)[1]}")
+            process.kill()  # the handler's call never returns: a child left behind would run for ever
+            pytest.fail(f"the handler's call never started: {finished(process, 30)[1]}")
         time.sleep(0.02)
     process.send_signal(signal.SIGINT)
-    _, err = finished(process, 30)
+    return process, finished(process, timeout)[1]
+
+
+def test_ctrl_c_ends_a_run_whose_handler_hangs_in_prepare(tmp_path: Path) -> None:
+    """The hung call's pool thread would be joined at exit, forever: the run exits 130 all the same."""
+    (tmp_path / "a.png").write_bytes(b"stuck")  # fake_handlers.Stuck never returns from prepare on it
+    process, err = interrupted_at_mark(tmp_path, "fake_handlers:Stuck", "STUCK_MARK", 30)
     assert process.returncode == 130 and "interrupted" in err and "Traceback" not in err
 
 
 def test_ctrl_c_ends_a_run_whose_handler_keeps_a_thread_of_its_own(tmp_path: Path) -> None:
     """A handler's own non-daemon thread would be joined at exit, forever: the run exits 130 at once."""
     picture(tmp_path / "a.png", 1)
-    mark = tmp_path / "predict-started"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    env["LINGER_MARK"] = str(mark)
-    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(tmp_path / "a.png")]
-    command += ["--handler", "folder_handlers:Lingering", "-o", str(tmp_path / "out.jsonl")]
-    process = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while not mark.exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail(f"predict never started: {finished(process, 30)[1]}")
-        time.sleep(0.02)
-    process.send_signal(signal.SIGINT)
-    _, err = finished(process, 20)  # the handler's thread never ends: only an exit without joining
+    # the handler's thread never ends: only an exit without joining finishes within 20 s
+    process, err = interrupted_at_mark(tmp_path, "folder_handlers:Lingering", "LINGER_MARK", 20)
     assert process.returncode == 130 and "Traceback" not in err, err
 
 

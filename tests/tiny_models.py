@@ -19,18 +19,21 @@ CORPUS = [
 ] * 20
 
 
-def _bpe_tokenizer(vocab_size: int = 300):
-    from transformers import GPT2TokenizerFast
-
+def byte_level_bpe(specials: list[str], vocab_size: int = 300) -> Tokenizer:
+    """GPT-2's kind of tokenizer, trained on CORPUS, with `specials` as its first ids."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet)
     tok.train_from_iterator(CORPUS, trainer)
+    return tok
+
+
+def _bpe_tokenizer(vocab_size: int = 300):
+    from transformers import GPT2TokenizerFast
+
+    tok = byte_level_bpe(["<|endoftext|>"], vocab_size)
     eos = "<|endoftext|>"
     tokenizer = GPT2TokenizerFast(tokenizer_object=tok, bos_token=eos, eos_token=eos, unk_token=eos)
     tokenizer.pad_token = eos
