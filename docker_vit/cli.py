@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -42,7 +41,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     flags = {name: getattr(args, name, None) for name in options()}
     try:  # only the variables of this command's settings are read
-        values = chosen(os.environ, args.names, **flags)
+        values = chosen(None, args.names, **flags)
         settings, args.chosen = Settings(**values), set(values)
         args.flagged = {name for name, value in flags.items() if value is not None}
     except (ValueError, TypeError) as exc:
@@ -147,7 +146,7 @@ def _server(settings: Settings) -> tuple[Any, Any]:
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
-    mistake = open_by_mistake(settings, os.environ)
+    mistake = open_by_mistake(settings)
     if mistake:
         logging.getLogger("docker_vit").warning(mistake)
     app = create_app(settings)

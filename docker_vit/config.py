@@ -1,15 +1,16 @@
 """Every setting in one typed place.
 
 Settings come from three layers, strongest first: command-line flags, `DOCKER_VIT_*` environment
-variables (what containers and Runpod templates set), then the defaults below. The entry points (cli,
-ray, runpod) hand the environment to `Settings.load` here, and nothing else reads it: every other module
-receives a `Settings`. (images.py sets a libtiff limit in it, a decoder's knob, not a setting.)
+variables (what containers and Runpod templates set), then the defaults below. This module is the one
+that reads the environment: the entry points (cli, ray, runpod) call `Settings.load`, and every other
+module receives a `Settings`. (images.py sets a libtiff limit in it, a decoder's knob, not a setting.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import urllib.parse
 from collections.abc import Collection, Mapping
@@ -161,7 +162,8 @@ class Settings:
     def load(
         cls, env: Mapping[str, str] | None = None, names: Collection[str] | None = None, **overrides: Any
     ) -> Settings:
-        """Defaults, then `DOCKER_VIT_*` variables from `env`, then `overrides` (flags; None is unset).
+        """Defaults, then `DOCKER_VIT_*` variables from `env` (None: this process's), then `overrides`
+        (flags; None is unset).
 
         `names`: the settings a command uses; other variables are not read (so one meant for `serve`
         cannot stop `caption`). None reads them all."""
@@ -169,10 +171,12 @@ class Settings:
 
 
 def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, **overrides: Any) -> dict:
-    """The settings a variable or a flag sets, parsed: what differs from "left at its default"."""
+    """The settings a variable (from `env`; None: this process's) or a flag sets, parsed: what differs
+    from "left at its default"."""
+    env = os.environ if env is None else env
     values: dict[str, Any] = {}
     for name, spec in options().items():
-        raw = (env or {}).get(env_name(name))
+        raw = env.get(env_name(name))
         if raw is not None and raw != "" and (names is None or name in names):
             values[name] = parse(spec, raw)
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -220,9 +224,10 @@ def named(exc: Exception, flags: bool = True) -> str:
     return re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
 
 
-def open_by_mistake(settings: Settings, env: Mapping[str, str]) -> str | None:
-    """A server with no keys whose environment sets the client's key variable, or sets its own to
-    nothing: someone meant to lock it. What to warn, or None."""
+def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """A server with no keys whose environment (None: this process's) sets the client's key variable,
+    or sets its own to nothing: someone meant to lock it. What to warn, or None."""
+    env = os.environ if env is None else env
     if settings.api_keys:
         return None
     if env.get(env_name("api_keys")) == "":  # a template's secret that resolved to nothing, say

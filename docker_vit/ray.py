@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
@@ -88,10 +87,10 @@ class DockerViT:
 
     def __init__(self, overrides: Mapping[str, Any], load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
-        settings = Settings.load(os.environ, SERVING, **overrides)
+        settings = Settings.load(None, SERVING, **overrides)
         settings = replace(settings, device=replica_device(settings.device, ray.get_gpu_ids()))
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
-        mistake = open_by_mistake(settings, os.environ)
+        mistake = open_by_mistake(settings)
         if mistake:
             logging.getLogger("docker_vit").warning(mistake)
         web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
@@ -119,7 +118,7 @@ def replica_device(device: str, gpus: Sequence[Any]) -> str:
 def app(args: Mapping[str, Any]) -> serve.Application:
     """Ray's application builder: `serve run docker_vit.ray:app model=... num_gpus=1`."""
     overrides, deployment = split_args(args)
-    settings = Settings.load(os.environ, SERVING, **overrides)  # bad arguments fail here, before any replica
+    settings = Settings.load(None, SERVING, **overrides)  # bad arguments fail here, before any replica
     # A handler's own batch size sizes the concurrency: read from its class, as building a handler
     # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
     cls = handler_class(settings)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
-import os
 import signal
 import sys
 import threading
@@ -212,7 +211,7 @@ def _stop_while_loading(signum: int, frame: object) -> None:
 def _worker() -> Worker:
     """The worker its settings describe, or exit with one line naming the bad setting."""
     try:
-        settings = Settings.load(os.environ, SERVING)
+        settings = Settings.load(None, SERVING)
         configure(settings.log_format, settings.log_level)
         return Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:
