@@ -13,6 +13,8 @@ import logging
 import uuid
 from typing import Any
 
+from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
 from docker_vit.errors import TYPES, error_body
 from docker_vit.metrics import Metrics
 from docker_vit.middleware import report
@@ -20,125 +22,131 @@ from docker_vit.middleware import report
 log = logging.getLogger("docker_vit.access")
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; h11 allows 16 KiB, nginx 32 KiB
+# httptools parses a request pipelined behind a running one as its bytes come (h11 waits, and
+# bounds headers itself): those headers must be counted too.
+PARSES_AHEAD = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
 
 
-def header_deadline(timeout: float, metrics: Metrics | None = None) -> type:
+def header_deadline(timeout: float, metrics: Metrics | None = None) -> type[HeaderDeadline]:
     """uvicorn's HTTP protocol, closing connections whose request headers are not complete `timeout`
     seconds after the connection opened, or after the first bytes of a keep-alive connection's next
-    request, or that run past MAX_HEADER_BYTES.
+    request, or that run past MAX_HEADER_BYTES; `metrics` counts its 400s for unparseable requests.
 
     uvicorn times out an idle keep-alive connection (`--idle-timeout`), but never a fresh connection
     or a slow trickle of header bytes (slowloris): without this, such sockets stay open forever. A
     pipelined request whose headers came in with an earlier one's is not timed again.
     """
-    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+    return type("HeaderDeadline", (HeaderDeadline,), {"timeout": timeout, "metrics": metrics})
 
-    # httptools parses a request pipelined behind a running one as its bytes come (h11 waits, and
-    # bounds headers itself): those headers must be counted too.
-    parses_ahead = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
 
-    class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
-        _deadline: asyncio.TimerHandle | None = None
-        _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
-        _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
-        _header_bytes = 0
+class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
+    """See `header_deadline`; its subclass holds the settings."""
 
-        def data_received(self, data: bytes) -> None:
-            """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
-            and the size of headers that arrived whole in one chunk. That holds as well for the headers
-            of a request pipelined behind a running one (bytes after its body), which httptools reads
-            on until they are complete."""
-            current = self.cycle
-            waiting = current is self._waiting_for
-            # The rest of a body answered early (a 404 before its upload was read) is not headers.
-            leftover = waiting and getattr(current, "more_body", False)
-            ahead = parses_ahead and not waiting and not getattr(current, "more_body", True)
-            if ahead and self._ahead_of is not current:
-                self._ahead_of, self._header_bytes = current, 0
-            if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
-                self._arm()
-            super().data_received(data)
-            if not (waiting or ahead) or self.transport.is_closing():
-                return
-            if self.cycle is current:  # still incomplete
-                self._header_bytes += 0 if leftover else len(data)
-                if self._header_bytes > MAX_HEADER_BYTES:
-                    self._too_big()
-            elif _head_size(self.cycle.scope) > MAX_HEADER_BYTES:  # completed in this chunk: measure
-                self._too_big(self.cycle)  # (h11 bounds only headers still incomplete)
+    timeout: float = 10.0
+    metrics: Metrics | None = None
+    _deadline: asyncio.TimerHandle | None = None
+    _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
+    _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
+    _header_bytes = 0
 
-        def on_headers_complete(self) -> None:
-            """httptools' end of each request's headers: measured here too, as several requests read
-            at once (pipelined) would otherwise have only the last one's headers measured."""
-            super().on_headers_complete()
-            cycle = self.cycle
-            if cycle is not None and cycle.scope is self.scope and _head_size(self.scope) > MAX_HEADER_BYTES:
-                self._too_big(cycle)
-
-        def _too_big(self, cycle: Any = None) -> None:
-            """Close the connection; `cycle`, a request whose headers were too big, must not run: it
-            reads a disconnect, not the body."""
-            if cycle is not None:
-                cycle.disconnected = True
-            log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
-            self.transport.close()
-
-        def on_message_complete(self) -> None:
-            """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before
-            its body was read, so the end of that body (Content-Length or chunked) is marked here:
-            what follows is the next request's headers, and counted."""
-            if self.cycle is not None and self.cycle.response_complete:
-                self.cycle.more_body = False
-            super().on_message_complete()
-
-        def send_400_response(self, msg: str) -> None:
-            """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape,
-            with a request id, a log line and a count like every other answer."""
-            request_id = uuid.uuid4().hex
-            body = json.dumps(error_body(TYPES[400], "malformed HTTP request"))
-            head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-            head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
-            self.transport.write((head + body).encode())
-            self.transport.close()
-            if metrics is not None:
-                report(metrics, None, "unmatched", 400, 0.0, 0, request_id)
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._expect_headers()
+    def data_received(self, data: bytes) -> None:
+        """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
+        and the size of headers that arrived whole in one chunk. That holds as well for the headers
+        of a request pipelined behind a running one (bytes after its body), which httptools reads
+        on until they are complete."""
+        current = self.cycle
+        waiting = current is self._waiting_for
+        # The rest of a body answered early (a 404 before its upload was read) is not headers.
+        leftover = waiting and getattr(current, "more_body", False)
+        ahead = PARSES_AHEAD and not waiting and not getattr(current, "more_body", True)
+        if ahead and self._ahead_of is not current:
+            self._ahead_of, self._header_bytes = current, 0
+        if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
             self._arm()
+        super().data_received(data)
+        if (waiting or ahead) and not self.transport.is_closing():
+            self._measure(current, 0 if leftover else len(data))
 
-        def on_response_complete(self) -> None:
-            """Idle time until the next request is uvicorn's keep-alive timeout; its headers are timed
-            from its first bytes on."""
-            super().on_response_complete()
-            self._expect_headers()
+    def _measure(self, before: Any, received: int) -> None:
+        """Headers still incomplete (the cycle is still `before`) count the bytes received; headers
+        completed in this chunk are measured whole (h11 bounds only headers still incomplete)."""
+        if self.cycle is before:
+            self._header_bytes += received
+            if self._header_bytes > MAX_HEADER_BYTES:
+                self._too_big()
+        elif _head_size(self.cycle.scope) > MAX_HEADER_BYTES:
+            self._too_big(self.cycle)
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
-            super().connection_lost(exc)
+    def on_headers_complete(self) -> None:
+        """httptools' end of each request's headers: measured here too, as several requests read
+        at once (pipelined) would otherwise have only the last one's headers measured."""
+        super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.scope is self.scope and _head_size(self.scope) > MAX_HEADER_BYTES:
+            self._too_big(cycle)
 
-        def _expect_headers(self) -> None:
-            self._disarm()
-            if self.cycle is not None and not self.cycle.response_complete:
-                return  # a pipelined request's headers are in: it runs, or waits for its turn
-            self._waiting_for, self._header_bytes = self.cycle, 0
+    def _too_big(self, cycle: Any = None) -> None:
+        """Close the connection; `cycle`, a request whose headers were too big, must not run: it
+        reads a disconnect, not the body."""
+        if cycle is not None:
+            cycle.disconnected = True
+        log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+        self.transport.close()
 
-        def _arm(self) -> None:
-            self._deadline = self.loop.call_later(timeout, self._drop_if_waiting, self.cycle)
+    def on_message_complete(self) -> None:
+        """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before
+        its body was read, so the end of that body (Content-Length or chunked) is marked here:
+        what follows is the next request's headers, and counted."""
+        if self.cycle is not None and self.cycle.response_complete:
+            self.cycle.more_body = False
+        super().on_message_complete()
 
-        def _disarm(self) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-                self._deadline = None
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape,
+        with a request id, a log line and a count like every other answer."""
+        request_id = uuid.uuid4().hex
+        body = json.dumps(error_body(TYPES[400], "malformed HTTP request"))
+        head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+        head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
+        self.transport.write((head + body).encode())
+        self.transport.close()
+        if self.metrics is not None:
+            report(self.metrics, None, "unmatched", 400, 0.0, 0, request_id)
 
-        def _drop_if_waiting(self, cycle: Any) -> None:
-            """No new request started since the timer was set (`cycle` unchanged): give up on it."""
-            if self.cycle is cycle and not self.transport.is_closing():
-                log.debug("closing a connection whose request headers took over %g s", timeout)
-                self.transport.close()
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._expect_headers()
+        self._arm()
 
-    return HeaderDeadline
+    def on_response_complete(self) -> None:
+        """Idle time until the next request is uvicorn's keep-alive timeout; its headers are timed
+        from its first bytes on."""
+        super().on_response_complete()
+        self._expect_headers()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _expect_headers(self) -> None:
+        self._disarm()
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a pipelined request's headers are in: it runs, or waits for its turn
+        self._waiting_for, self._header_bytes = self.cycle, 0
+
+    def _arm(self) -> None:
+        self._deadline = self.loop.call_later(self.timeout, self._drop_if_waiting, self.cycle)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
+
+    def _drop_if_waiting(self, cycle: Any) -> None:
+        """No new request started since the timer was set (`cycle` unchanged): give up on it."""
+        if self.cycle is cycle and not self.transport.is_closing():
+            log.debug("closing a connection whose request headers took over %g s", self.timeout)
+            self.transport.close()
 
 
 def _head_size(scope: dict) -> int:
