@@ -27,16 +27,13 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from docker_vit import errors, memory
-from docker_vit.batching import QueueFull
+from docker_vit import errors, frontend, memory
 from docker_vit.calls import exit_now
 from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
 from docker_vit.service import Service
-
-ROOM_POLL = 0.05  # seconds between looks for queue room
 
 
 class Worker:
@@ -84,11 +81,7 @@ class Worker:
             names = self.service.handler.option_names
             inputs, raw = await asyncio.to_thread(read_job, job, self.settings, names)
             await self._wait_ready()
-            try:
-                options = self.service.options(raw)
-            except Exception as exc:  # a client's mistake (422) or the handler's (500)
-                raise errors.from_service(exc) from None
-            results = await self._run(inputs, options)
+            results = await frontend.answer(self.service, inputs, raw, patient=True)
         except errors.ApiError as exc:
             answer: dict[str, Any] = errors.error_body(exc.type, exc.message)  # Runpod's error object
             if exc.status == 504 and self.service.stalled:  # a model call hung past the timeout: every
@@ -101,29 +94,6 @@ class Worker:
         """Jobs that arrive during the cold start wait for the model, up to the request timeout."""
         if not await self.service.settled(self.settings.request_timeout):
             raise errors.ApiError(503, self.service.why_not_ready)
-
-    async def _run(self, inputs: list[bytes], options: Any) -> list[Any]:
-        work = asyncio.ensure_future(self._when_room(inputs, options))
-        # not wait_for: a TimeoutError the handler raises would read as our own timeout
-        try:
-            done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout)
-        finally:
-            work.cancel()  # no-op once done; stops the work when we time out or are cancelled
-        if not done:
-            raise errors.ApiError(504, f"no answer within {self.settings.request_timeout:g} s")
-        try:
-            return work.result()
-        except Exception as exc:
-            raise errors.from_service(exc) from None
-
-    async def _when_room(self, inputs: list[bytes], options: Any) -> list[Any]:
-        """`service.run`, once the queue has room for the job's images (a job more than the whole
-        queue holds still fails at once)."""
-        while True:
-            try:
-                return await self.service.run(inputs, options)
-            except QueueFull:
-                await asyncio.sleep(ROOM_POLL)
 
     def close(self) -> None:
         """Stop the service and its loop (idempotent; runs at exit, as the SDK leaves by sys.exit)."""

@@ -7,7 +7,6 @@ and `/ping`, `/metrics`, and the OpenAPI page at `/docs`.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,8 +17,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
-from docker_vit import errors, http_errors, memory, uploads
-from docker_vit.calls import description
+from docker_vit import errors, frontend, http_errors, memory, uploads
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
@@ -68,7 +66,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         """The original contract: one image (multipart `file` or an image/* body) in, its caption as text."""
         with memory.in_use:  # what an upload leaves in the heap goes back to the OS once all are done
             inputs, raw = await uploads.read_inputs(request, settings, json_allowed=False, first_only=True)
-            results = await _run(request, service, settings, inputs, raw)
+            results = await _run(request, service, inputs, raw)
         return PlainTextResponse(results[0].text)
 
     @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(names, json=True))
@@ -76,26 +74,12 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
         with memory.in_use:
             inputs, raw = await uploads.read_inputs(request, settings, json_allowed=True)
-            results = await _run(request, service, settings, inputs, raw)
+            results = await _run(request, service, inputs, raw)
         return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
 
     @app.get("/v1/model")
     async def model() -> JSONResponse:
-        base = Handler.describe(service.handler)  # name and class: what a describe() adds to
-        names = service.handler.option_names
-        if names is not None:  # the fields a request may set (`caption --url` sends no others)
-            base["options"] = list(names)
-        try:
-            # off the loop: a slow describe() must not hold up the probes
-            info = {**base, **await asyncio.to_thread(description, service.handler)}
-        except Exception as exc:
-            if service.state == READY:
-                raise errors.from_service(exc) from None
-            info = base  # a describe() that needs the loaded model, asked while it loads
-        limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
-        request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
-        request |= {"max_images": settings.max_images, "max_queue": settings.max_queue}
-        return JSONResponse({**info, "limits": {**limits, **request}, "status": service.status})
+        return JSONResponse(await frontend.model_info(service))
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -150,37 +134,14 @@ def _api_key_check(keys: tuple[str, ...]) -> Any:
     return check
 
 
-async def _run(
-    request: Request, service: Service, settings: Settings, inputs: list[bytes], raw: dict
-) -> list[Result]:
-    """Run the service, answering for every way it can go wrong; stop work for clients that left."""
+async def _run(request: Request, service: Service, inputs: list[bytes], raw: dict) -> list[Result]:
+    """The request through the service, while the model serves; work stops for a client that left."""
     if service.state != READY:
         raise _not_ready(service)
     try:
-        options = service.options(raw)
-    except Exception as exc:  # a client's mistake (422) or the handler's (500)
-        raise errors.from_service(exc) from None
-    work = asyncio.ensure_future(service.run(inputs, options))
-    gone = asyncio.ensure_future(_disconnected(request))
-    gone.add_done_callback(lambda task: task.cancelled() or task.exception())  # nobody else reads it
-    try:
-        done, _ = await asyncio.wait(
-            {work, gone}, timeout=settings.request_timeout, return_when="FIRST_COMPLETED"
-        )
-    except asyncio.CancelledError:  # this request was cancelled (Ray does it when its client leaves)
-        work.cancel()  # its images leave the queue
-        raise
-    finally:
-        gone.cancel()
-    if work not in done:
-        work.cancel()
-        if gone in done:
-            raise ClientDisconnect()
-        raise errors.ApiError(504, f"no answer within {settings.request_timeout:g} s")
-    failure = work.exception()  # not re-raised here: its traceback would hold this frame, and so `work`
-    if failure is not None:
-        raise errors.from_service(failure)
-    return work.result()
+        return await frontend.answer(service, inputs, raw, gone=lambda: _disconnected(request))
+    except frontend.ClientGone:
+        raise ClientDisconnect() from None
 
 
 async def _disconnected(request: Request) -> None:

@@ -13,12 +13,23 @@ from pathlib import Path
 
 import docker_vit
 
-WEB = ["server", "middleware", "protocol", "uploads", "http_errors", "errors", "service", "batching"]
-WEB += ["client"]
+WEB = ["server", "frontend", "middleware", "protocol", "uploads", "http_errors", "errors", "service"]
+WEB += ["batching", "client"]
 MODEL = ["engine", "decoding", "gpt2_cache", "products", "captioner", "checkpoints"]
-MODEL += ["batching", "service", "errors", "runpod"]
+MODEL += ["batching", "service", "frontend", "errors", "runpod"]
 # The server, the batcher and the adapters reach a handler through `loader.load_handler` alone.
-INTERFACE_ONLY = ["server", "service", "batching", "device", "runpod", "ray", "local", "client", "folder"]
+INTERFACE_ONLY = [
+    "server",
+    "frontend",
+    "service",
+    "batching",
+    "device",
+    "runpod",
+    "ray",
+    "local",
+    "client",
+    "folder",
+]
 
 
 def imported(modules: list[str]) -> set[str]:
