@@ -40,20 +40,20 @@ class LimitsTooLow(WarmUpError):
 class Service:
     """One handler, its batcher and its readiness."""
 
-    def __init__(self, settings: Settings, handler: Handler, metrics: Metrics | None = None) -> None:
+    def __init__(self, settings: Settings, handler: Handler) -> None:
         check_attributes(handler, settings)  # a handler object handed in directly, too
         self.settings = settings
         self.handler = handler
-        self.metrics = metrics or Metrics()
+        self.metrics = Metrics()
         self.state = LOADING
         self.error: str | None = None
         self.on_failed: Callable[[], None] = lambda: None
         self._loading: asyncio.Task | None = None  # the load, from `start`
         workers = cpu_threads()
-        self._cpu = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
+        self._pre_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
         # Answers out of the decoding pool, where they would queue behind images still decoding; not in
         # asyncio's default pool, which the event loop waits for at exit, a stuck `respond` forever.
-        self._post = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-respond")
+        self._post_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-respond")
         self._calls = 0  # prepare and respond calls running in those pools right now
         self._calls_lock = threading.Lock()
         # One request's images take at most all but one of the pool's threads at a time, so a request
@@ -79,8 +79,8 @@ class Service:
         if self._loading is not None:
             self._loading.cancel()
         await self.batcher.stop()
-        self._cpu.shutdown(wait=False, cancel_futures=True)
-        self._post.shutdown(wait=False, cancel_futures=True)
+        self._pre_pool.shutdown(wait=False, cancel_futures=True)
+        self._post_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def busy(self) -> bool:
@@ -122,9 +122,9 @@ class Service:
             options = self.options({})
             started = time.perf_counter()  # the whole path, once: what a client's first request costs
             preparing = True
-            items = await self._prepared([example], options)
+            items = await self._pre([example], options)
             preparing = False
-            await self._answered(items, options)
+            await self._post(await self._core(items, options))
         except TooLarge as exc:
             raise LimitsTooLow(f"the limits refuse even the warm-up input, example(): {exc}") from None
         except Exception as exc:
@@ -185,17 +185,23 @@ class Service:
         """The handler's reading of a request's options: OptionsError (422) for the client's mistakes."""
         return read_options(self.handler, raw)
 
-    async def prepare(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
-        """Decode and preprocess every input in the CPU pool; the first bad one raises."""
+    async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
+        """Bytes in, results out, in input order: pre (CPU pool), core (the batcher, on the device
+        thread), post (CPU pool), so that one request's decoding overlaps another's model call."""
+        return await self._post(await self._core(await self._pre(inputs, options), options))
+
+    async def _pre(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
+        """Every input decoded and preprocessed in the CPU pool, with queue room held meanwhile (load
+        is shed before decoding, not after); the first bad input raises."""
+        self.batcher.admit(len(inputs), options)
         loop = asyncio.get_running_loop()
-        prepare = self.handler.prepare
         share = asyncio.Semaphore(self._cpu_share)
 
         async def one(index: int, data: bytes) -> Any:
             try:
                 async with share:
                     return await loop.run_in_executor(
-                        self._cpu, self._tracked, contained, prepare, data, options
+                        self._pre_pool, self._tracked, contained, self.handler.prepare, data, options
                     )
             except InputError as exc:
                 if len(inputs) > 1:  # say which image of the request it was
@@ -205,42 +211,32 @@ class Service:
         jobs = [asyncio.ensure_future(one(index, data)) for index, data in enumerate(inputs)]
         try:
             return list(await asyncio.gather(*jobs))
-        except BaseException:
-            _cancel(jobs)
-            raise
-        finally:
-            del jobs  # a failed job's error holds this frame: a cycle that would keep the uploads
-
-    async def run(self, inputs: Sequence[bytes], options: Hashable) -> list[Result]:
-        """Bytes in, results out, in input order."""
-        return await self._answered(await self._prepared(inputs, options), options)
-
-    async def _prepared(self, inputs: Sequence[bytes], options: Hashable) -> list[Any]:
-        """The inputs as items, with queue room held while they decode."""
-        self.batcher.admit(len(inputs), options)  # shed load before decoding, not after
-        try:
-            return await self.prepare(inputs, options)
         except InputError:
             raise
         except Exception:
             log.exception("prepare failed")  # the client gets a 500: the log says why
             raise
         finally:
+            _cancel(jobs)
+            del jobs  # a failed job's error holds this frame: a cycle that would keep the uploads
             self.batcher.withdraw(len(inputs), options)
 
-    async def _answered(self, items: list[Any], options: Hashable) -> list[Result]:
-        """The items through the batcher, then `respond`."""
+    async def _core(self, items: list[Any], options: Hashable) -> list[Any]:
+        """The items through the batcher: the model's outputs, in order."""
         futures = self.batcher.submit(items, options)
         try:
-            outputs = await asyncio.gather(*futures)
+            return list(await asyncio.gather(*futures))
         finally:
             _cancel(futures)
-            del futures  # as in `prepare`: a model error must not hold this frame's inputs in a cycle
+            del futures  # as in `_pre`: a model error must not hold this frame's inputs in a cycle
+
+    async def _post(self, outputs: list[Any]) -> list[Result]:
+        """`respond` in its own pool, off the event loop, which a slow `respond` (or the check
+        of a big result) would stall."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._post, self._tracked, self._respond, outputs)
+        return await loop.run_in_executor(self._post_pool, self._tracked, self._respond, outputs)
 
     def _respond(self, outputs: Sequence[Any]) -> list[Result]:
-        """Off the event loop, which a slow `respond` (or the check of a big result) would stall."""
         try:
             return [respond(self.handler, output) for output in outputs]
         except Exception:
