@@ -7,37 +7,20 @@ loop), hang a future (StopIteration cannot be set on one) or keep a failed batch
 its traceback; `contained` turns each into an ordinary error of the one call, and the checked calls
 below (`read_options`, `predict_all`, `respond`, `description`) refuse what no front end could send.
 Also here, for the server's batcher and `caption` alike: which failed calls are worth retrying in
-halves, whether anyone still waits for the running call (`stop_if_abandoned`), and how many CPU calls
-run at once.
+halves, and whether anyone still waits for the running call (`stop_if_abandoned`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
-import os
 import signal
-import sys
 import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
-from typing import Any, NoReturn
+from typing import Any
 
-from docker_vit.config import GENERATION
 from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
-
-
-class Stopped(KeyboardInterrupt):
-    """A stop the process asked for itself (`caption` on SIGTERM), raised on the main thread: it
-    goes through `contained` as Ctrl-C does, whatever SIGINT's handler is (a shell script's background
-    job ignores SIGINT)."""
-
-
-def cpu_threads() -> int:
-    """Threads for a handler's CPU calls (`prepare`, `respond`): the cores this process may run on (a
-    container's CPU set, not the machine's), at least two."""
-    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 2)
-    return max(2, len(usable))
+from docker_vit.process import Stopped
 
 
 class WrongOutputs(RuntimeError):
@@ -106,16 +89,6 @@ def _ctrl_c_raises() -> bool:
     return signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def exit_now(code: int) -> NoReturn:
-    """End the process without joining its threads: a handler call stuck on one (a hung load, `prepare`
-    or `predict`) would keep a normal exit waiting for ever. Logs and output are flushed first."""
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):  # a reader that left (`| head`), a closed stream
-            stream.flush()
-    os._exit(code)
-
-
 def drop_frames(exc: BaseException | None) -> None:
     """Forget the stack frames of a failure (and of those it chained): their local variables, such as
     an out-of-memory batch's tensors, are freed instead of living as long as the exception."""
@@ -167,15 +140,6 @@ def description(handler: Handler) -> dict[str, Any]:
         raise HandlerBug(f"describe returned a {type(info).__name__}, not a dict with str keys")
     _json(info, "describe returned")
     return info
-
-
-def generation_defaults(info: Mapping[str, Any]) -> dict[str, Any]:
-    """The captioner's generation defaults from its description (`/v1/model`); nothing for other
-    handlers. Caption records carry them, so that a record says how it was made."""
-    generation = info.get("generation")
-    if not isinstance(generation, dict):
-        return {}
-    return {name: generation[name] for name in GENERATION if name in generation}
 
 
 def _json(value: Any, what: str) -> None:

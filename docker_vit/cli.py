@@ -111,10 +111,12 @@ def _add_settings(
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # Until the server runs, a stop has nothing to drain. As PID 1 in a container a process without a
     # handler never sees SIGTERM, and a stop during start-up would wait for the runtime's SIGKILL.
-    signal.signal(signal.SIGTERM, _stop_before_serving)
+    from docker_vit.process import Terminated, exit_now, terminate
+
+    signal.signal(signal.SIGTERM, terminate)
     try:
         server, service = _server(settings)
-    except _StoppedBeforeServing:
+    except Terminated:
         return 0
     from docker_vit.service import FAILED  # imported by now, with the app
 
@@ -129,8 +131,6 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     if service.busy:
         # A handler call (the model's load, when the port was taken) outlived the shutdown timeout;
         # exiting normally would join its thread and wait.
-        from docker_vit.calls import exit_now
-
         if not refused:
             logging.getLogger("docker_vit").warning("exiting with a handler call unfinished")
         exit_now(code)
@@ -171,18 +171,9 @@ def _server(settings: Settings) -> tuple[Any, Any]:
     return server, service
 
 
-class _StoppedBeforeServing(BaseException):
-    """SIGTERM before the server runs. Not a SystemExit: loading a handler turns a SystemExit its module
-    raises into a load error, and this stop is no error."""
-
-
-def _stop_before_serving(signum: int, frame: object) -> NoReturn:
-    raise _StoppedBeforeServing
-
-
 def _caption(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit import folder, logs
-    from docker_vit.calls import Stopped
+    from docker_vit.process import Stopped
 
     logs.configure("text", "warning")
     terminated = threading.Event()
@@ -209,7 +200,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     if code in (130, 143) and _joined_at_exit():
         # A handler call may still run on a pool thread (a prepare that hangs), which a normal exit
         # would join: forever. What was captioned is already written and flushed.
-        from docker_vit.calls import exit_now
+        from docker_vit.process import exit_now
 
         exit_now(code)
     return code
@@ -222,19 +213,15 @@ def _joined_at_exit() -> bool:
 
 
 class _PrintVersion(argparse.Action):
-    """`--version`, looked up only when asked: reading the package metadata costs every run ~60 ms."""
+    """`--version`, looked up only when asked."""
 
     def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        from importlib import metadata
+        from docker_vit.process import version
 
-        try:
-            version = metadata.version("docker-vit")
-        except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, not installed
-            version = "(not installed)"
-        print(f"{parser.prog} {version}")
+        print(f"{parser.prog} {version()}")
         parser.exit()
 
 

@@ -25,11 +25,17 @@ import urllib.request
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from typing import Any
 
-from docker_vit.calls import generation_defaults
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.images import InputError
-from docker_vit.runner import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
+from docker_vit.runner import (
+    GIVE_UP_AFTER,
+    CaptionError,
+    Outcome,
+    describe_error,
+    generation_defaults,
+    read_file,
+)
 
 ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection
 BUSY_WAIT = 600.0  # seconds an image keeps being offered to a server answering 503 (queue full) or 429

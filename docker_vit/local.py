@@ -14,10 +14,8 @@ from typing import Any
 
 from docker_vit.calls import (
     contained,
-    cpu_threads,
     description,
     drop_frames,
-    generation_defaults,
     predict_all,
     read_options,
     respond,
@@ -27,7 +25,15 @@ from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.handler import OptionsError, Result
 from docker_vit.loader import batch_size, load_handler
-from docker_vit.runner import GIVE_UP_AFTER, CaptionError, Outcome, describe_error, read_file
+from docker_vit.process import cpu_threads
+from docker_vit.runner import (
+    GIVE_UP_AFTER,
+    CaptionError,
+    Outcome,
+    describe_error,
+    generation_defaults,
+    read_file,
+)
 
 
 class LocalCaptioner:

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from docker_vit.config import GENERATION
 from docker_vit.images import InputError, TooLarge
 
 
@@ -48,3 +49,12 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+
+
+def generation_defaults(info: Mapping[str, Any]) -> dict[str, Any]:
+    """The captioner's generation defaults from its description (`/v1/model`); nothing for other
+    handlers. Caption records carry them, so that a record says how it was made."""
+    generation = info.get("generation")
+    if not isinstance(generation, dict):
+        return {}
+    return {name: generation[name] for name in GENERATION if name in generation}

@@ -28,11 +28,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory
-from docker_vit.calls import exit_now
 from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
+from docker_vit.process import Terminated, exit_now, terminate
 from docker_vit.service import Service
 
 
@@ -140,7 +140,7 @@ def main() -> None:
     # for: a stop while the model loads would wait for the runtime's SIGKILL. Only while it loads: the
     # SDK's job loop installs its own, its local test mode none (a stop there is no success), and the
     # ping process it forks must not inherit this one.
-    signal.signal(signal.SIGTERM, _stop_while_loading)
+    signal.signal(signal.SIGTERM, terminate)
     try:
         worker = _worker()
         atexit.register(worker.close)
@@ -157,7 +157,7 @@ def main() -> None:
             code = 1  # the service has logged why
     except KeyboardInterrupt:  # Ctrl-C, say while the model loads (or while the worker starts it)
         code = 130
-    except _StoppedWhileLoading:  # no job taken yet: nothing to drain
+    except Terminated:  # no job taken yet: nothing to drain
         code = 0
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut
         signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a stop now need not interrupt the clean-up
@@ -166,16 +166,6 @@ def main() -> None:
     if worker is None or worker.service.busy:  # a load may run on the device thread: exiting
         exit_now(code)  # normally would join it and wait
     sys.exit(code)
-
-
-class _StoppedWhileLoading(BaseException):
-    """SIGTERM while the model loads (on the device thread; the signal reaches the main thread, which
-    waits for it). Not a SystemExit, which would pass `main`'s clauses and its `exit_now`: a normal
-    exit would join the loading thread and wait for it."""
-
-
-def _stop_while_loading(signum: int, frame: object) -> None:
-    raise _StoppedWhileLoading
 
 
 def _worker() -> Worker:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hmac
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib import metadata
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -22,6 +21,7 @@ from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
+from docker_vit.process import version
 from docker_vit.service import LOADING, READY, Service
 
 
@@ -40,7 +40,7 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     summary = "Send a picture, get a sentence."
     # `/v1/captions/` is a 404 like any unknown route, not a redirect built from the client's Host header
     app = FastAPI(
-        title="Docker-ViT", summary=summary, version=_version(), lifespan=lifespan, redirect_slashes=False
+        title="Docker-ViT", summary=summary, version=version(), lifespan=lifespan, redirect_slashes=False
     )
     app.state.service = service
     http_errors.install(app)
@@ -148,13 +148,6 @@ async def _disconnected(request: Request) -> None:
     """Returns once the client has gone; the body is already read, so only a disconnect arrives."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
-
-
-def _version() -> str:
-    try:
-        return metadata.version("docker-vit")
-    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
-        return "unknown"
 
 
 def _max_body(settings: Settings) -> int:

@@ -15,12 +15,13 @@ from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained, cpu_threads, predict_all, read_options, respond
+from docker_vit.calls import contained, predict_all, read_options, respond
 from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result
 from docker_vit.images import InputError, TooLarge
 from docker_vit.loader import batch_size, check_attributes
 from docker_vit.metrics import Metrics
+from docker_vit.process import cpu_threads
 
 log = logging.getLogger("docker_vit.service")
 
