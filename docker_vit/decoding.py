@@ -12,10 +12,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from docker_vit.gpt2_cache import Gpt2Stepper
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded, not here
+    from transformers import GenerationConfig, VisionEncoderDecoderModel
 
 # Config fields that must keep their neutral value: anything else adds a logits processor, a
 # stopping criterion, another decoding mode or extra outputs that we do not reproduce.
@@ -75,7 +79,7 @@ class _Plan:
     early_stopping: bool | str
 
 
-def _plan(model, cfg) -> _Plan:
+def _plan(model: VisionEncoderDecoderModel, cfg: GenerationConfig | None) -> _Plan:
     """Merge `cfg` with the model defaults the way `generate` does, then resolve lengths and ids."""
     g = model._prepare_generation_config(cfg)[0]
     for name, allowed in _NEUTRAL.items():
@@ -100,7 +104,7 @@ def _plan(model, cfg) -> _Plan:
     return _Plan(g.num_beams or 1, max_len, min_len, start, eos, pad, g.length_penalty, early)
 
 
-def _decoder_ok(model) -> bool:
+def _decoder_ok(model: VisionEncoderDecoderModel) -> bool:
     """Only GPT-2 with cross-attention in every block, in eval mode, behind a pixel encoder."""
     from transformers import GPT2LMHeadModel  # local import keeps module import cheap
 
@@ -120,7 +124,7 @@ def _decoder_ok(model) -> bool:
     return all(hasattr(b, "crossattention") for b in dec.transformer.h)
 
 
-def supports(model, generation_config) -> bool:
+def supports(model: VisionEncoderDecoderModel, generation_config: GenerationConfig | None) -> bool:
     """True when `generate` below returns exactly what `model.generate` would for this config."""
     try:
         if not _decoder_ok(model):
@@ -133,7 +137,7 @@ def supports(model, generation_config) -> bool:
     return 1 < p.max_len <= n_pos + 1 and p.beams >= 1 and (p.beams == 1 or vocab >= _kept(p))
 
 
-def _encode(model, pixel_values: torch.Tensor) -> torch.Tensor:
+def _encode(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """Encoder states as the decoder sees them (incl. the optional enc->dec projection)."""
     enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
     proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
@@ -153,7 +157,10 @@ def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(
-    model, pixel_values: torch.Tensor, generation_config, between_steps: Callable[[], None] | None = None
+    model: VisionEncoderDecoderModel,
+    pixel_values: torch.Tensor,
+    generation_config: GenerationConfig | None,
+    between_steps: Callable[[], None] | None = None,
 ) -> torch.LongTensor:
     """Same ids as `model.generate(pixel_values=..., generation_config=...)`, computed cheaply.
 

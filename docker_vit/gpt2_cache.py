@@ -21,7 +21,9 @@ from docker_vit import products
 class Gpt2Stepper:
     """Runs GPT-2 decoder steps for `batch` images x `beams` rows with preallocated caches."""
 
-    def __init__(self, decoder: torch.nn.Module, encoder_states: torch.Tensor, beams: int, max_steps: int):
+    def __init__(
+        self, decoder: torch.nn.Module, encoder_states: torch.Tensor, beams: int, max_steps: int
+    ) -> None:
         self.gpt = decoder.transformer
         self.lm_head = decoder.lm_head
         self.blocks = list(self.gpt.h)
