@@ -80,7 +80,7 @@ class _Skip(Exception):
         self.broke = broke  # the server's model failed on it (5xx)
 
 
-class RemoteCaptioner:
+class RemoteRunner:
     """Captions through `settings.url` with `settings.concurrency` requests in flight."""
 
     def __init__(

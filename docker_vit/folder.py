@@ -168,12 +168,12 @@ def _reader_left(progress: Progress) -> int:
 
 def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Callable[[str], None]) -> Runner:
     if settings.url:
-        from docker_vit.client import RemoteCaptioner
+        from docker_vit.client import RemoteRunner
 
-        return RemoteCaptioner(settings, params, chosen, warn).run
-    from docker_vit.local import LocalCaptioner
+        return RemoteRunner(settings, params, chosen, warn).run
+    from docker_vit.local import LocalRunner
 
-    return LocalCaptioner(settings, params, chosen).run
+    return LocalRunner(settings, params, chosen).run
 
 
 def find_images(paths: Sequence[str], warn: Callable[[str], None]) -> list[str]:

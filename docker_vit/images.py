@@ -95,7 +95,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
             scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
             if scale > 1:
                 image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
-            with decoding.hold(image.width * image.height):
+            with decode_budget.hold(image.width * image.height):
                 image.load()
                 return to_rgb(_orient(image))
     except ImageError:
@@ -140,7 +140,7 @@ class Budget:
                 self._changed.notify_all()
 
 
-decoding = Budget(DECODING_PIXELS)  # the memory of decoding is bounded by it, not by cores x pixel limit
+decode_budget = Budget(DECODING_PIXELS)  # the memory of decoding is bounded by it, not by cores x pixel limit
 
 
 def _draft_scale(size: tuple[int, int], least: int) -> int:

@@ -1,6 +1,6 @@
 """`docker-vit caption` without `--url`: the configured handler in this process, batch by batch.
 
-The counterpart of client.py's RemoteCaptioner: the same outcomes for folder.py to write. The next batch
+The counterpart of client.py's RemoteRunner: the same outcomes for folder.py to write. The next batch
 is prepared (read and decoded on a thread pool) while the model runs on the current one, and a failed
 batch is retried in halves, as the server's batcher does, so one image the model cannot take costs
 only itself.
@@ -36,7 +36,7 @@ from docker_vit.runner import (
 )
 
 
-class LocalCaptioner:
+class LocalRunner:
     """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
 
     def __init__(self, settings: Settings, params: Mapping[str, Any], chosen: Collection[str] = ()) -> None:

@@ -391,4 +391,4 @@ def test_open_image_gives_its_budget_back_after_a_failed_decode(monkeypatch: pyt
     assert open_image(data, **LIMITS).size == (64, 64)
     with pytest.raises(NotAnImage):
         open_image(data[: len(data) - 30], **LIMITS)
-    assert held == [64 * 64, 64 * 64] and images.decoding.taken == 0
+    assert held == [64 * 64, 64 * 64] and images.decode_budget.taken == 0
