@@ -378,7 +378,7 @@ def test_an_icons_pngs_share_one_chunk_allowance() -> None:
 
 
 def test_open_image_gives_its_budget_back_after_a_failed_decode(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(images, "decoding", images.Budget(10_000))
+    monkeypatch.setattr(images, "decode_budget", images.Budget(10_000))
     data = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "PNG")
     held: list[int] = []
     real = images.Budget.hold
