@@ -13,10 +13,11 @@ halves, and whether anyone still waits for the running call (`stop_if_abandoned`
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import signal
 import threading
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence, Sized
 from typing import Any
 
 from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
@@ -127,10 +128,19 @@ def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> li
         each = iter(outputs)
     except TypeError:
         raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
-    outputs = contained(list, each)  # a generator's own errors keep their names
-    if len(outputs) != count:
-        raise WrongCount(f"predict returned {len(outputs)} outputs for {count} items")
-    return outputs
+    # One output past the count is enough to know: an endless iterator would fill the memory of the
+    # device thread, and never end. A generator's own errors keep their names.
+    taken = contained(list, itertools.islice(each, count + 1))
+    if len(taken) != count:
+        said = (
+            len(outputs)
+            if isinstance(outputs, Sized)
+            else f"more than {count}"
+            if taken[count:]
+            else len(taken)
+        )
+        raise WrongCount(f"predict returned {said} outputs for {count} items")
+    return taken
 
 
 def description(handler: Handler) -> dict[str, Any]:

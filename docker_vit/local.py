@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from docker_vit.calls import (
@@ -23,7 +24,7 @@ from docker_vit.calls import (
 )
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.handler import OptionsError, Result
+from docker_vit.handler import InputError, OptionsError, Result
 from docker_vit.loader import batch_size, load_handler
 from docker_vit.process import cpu_threads
 from docker_vit.runner import (
@@ -83,15 +84,18 @@ class LocalRunner:
 
     def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
         outcomes = [Outcome(path) for path, _ in prepared]
-        ready, items = [], []
+        ready, items, broke = [], [], []
         for outcome, (_, future) in zip(outcomes, prepared, strict=True):
             try:
                 items.append(future.result())
                 ready.append(outcome)
-            except Exception as exc:
+            except (InputError, OSError) as exc:  # the file's fault: unreadable, or refused
                 outcome.error = describe_error(exc)
+            except Exception as exc:  # the handler's (a server answers 500): counts toward giving up
+                outcome.error = f"the model failed: {describe_error(exc)}"
+                broke.append(exc)
         results = self._results(items)
-        self._give_up_on_a_broken_model(results)
+        self._give_up_on_a_broken_model(broke + results)
         for outcome, result in zip(ready, results, strict=True):
             if isinstance(result, Exception):
                 outcome.error = f"the model failed: {type(result).__name__}: {result}"
@@ -114,21 +118,42 @@ class LocalRunner:
             )
 
     def _results(self, items: list[Any]) -> list[Result | Exception]:
-        """Each item's result, or the error of the model on it: a failed batch is retried in halves,
-        as the server's batcher does, so one image the model cannot take (or an out-of-memory batch)
-        costs only what really fails, and a later run can retry it."""
+        """Each item's result, or the error of the model on it. `respond` runs per output, as the
+        server runs it per request: its mistake is no reason to run the model again."""
+        return [
+            output.error if isinstance(output, _Failed) else _respond(self.handler, output)
+            for output in self._outputs(items)
+        ]
+
+    def _outputs(self, items: list[Any]) -> list[Any]:
+        """`predict`'s outputs, a `_Failed` for each item it failed on: a failed batch is retried in
+        halves, as the server's batcher does, so one image the model cannot take (or an out-of-memory
+        batch) costs only what really fails, and a later run can retry it."""
         if not items:
             return []
         try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
-            outputs = predict_all(self.handler, items, self.options)
-            return [respond(self.handler, output) for output in outputs]
+            return predict_all(self.handler, items, self.options)
         except Exception as exc:
             failure = exc
         drop_frames(failure)  # the failed call's memory must be free for the halves
         if len(items) == 1 or not splittable(failure):
-            return [failure] * len(items)
+            return [_Failed(failure)] * len(items)
         middle = len(items) // 2
-        return self._results(items[:middle]) + self._results(items[middle:])
+        return self._outputs(items[:middle]) + self._outputs(items[middle:])
+
+
+@dataclass
+class _Failed:
+    """The model's failure on an item, among `predict`'s outputs (which may be anything)."""
+
+    error: Exception
+
+
+def _respond(handler: Any, output: Any) -> Result | Exception:
+    try:
+        return respond(handler, output)
+    except Exception as exc:
+        return exc
 
 
 def _defaults(handler: Any) -> dict[str, Any]:

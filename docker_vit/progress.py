@@ -22,6 +22,8 @@ class Progress:
 
     def start(self, total: int) -> None:
         self.total, self.done, self.started, self._active = total, 0, time.monotonic(), self.enabled
+        if self._active:  # 0/N at once: a big model's first batch takes seconds
+            self._draw()
 
     def advance(self, count: int) -> None:
         self.done += count

@@ -108,3 +108,17 @@ class Lingering(Digest):
         Path(os.environ["LINGER_MARK"]).touch()
         time.sleep(30)
         return super().predict(items, options)
+
+
+class PrepareBroken(Digest):
+    """A handler whose `prepare` fails on every file: its bug, not the files' (a server answers 500)."""
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        raise RuntimeError("no such table")
+
+
+class RespondBroken(Digest):
+    """A handler whose `respond` hands back a str: its bug, which no run of the model would mend."""
+
+    def respond(self, output: Any) -> Any:
+        return str(output)

@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import gc
+import itertools
 import logging
 import os
 import signal
 import threading
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -31,9 +34,9 @@ from fake_handlers import (
 )
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained
+from docker_vit.calls import contained, predict_all
 from docker_vit.config import Settings
-from docker_vit.handler import HandlerError
+from docker_vit.handler import HandlerBug, HandlerError
 from docker_vit.loader import check_attributes, check_methods, load_handler
 
 
@@ -362,7 +365,7 @@ def test_v1_model_answers_while_a_handler_that_describes_its_model_loads() -> No
 def test_a_handler_object_handed_in_directly_is_checked_too() -> None:
     from fake_handlers import Echo
 
-    from docker_vit.handler import HandlerError
+    from docker_vit.handler import HandlerBug, HandlerError
     from docker_vit.server import create_app
 
     class Numbered(Echo):
@@ -460,3 +463,19 @@ def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(statu
     assert (answer.status, answer.type, answer.message) == (400, "invalid_request", "no cats please")
     Odd.status, Odd.type = 429, ""  # type: ignore[assignment]
     assert errors.from_service(Odd("slow down")).status == 429  # a 4xx of its choice stands
+
+
+@pytest.mark.parametrize(
+    ("outputs", "words"),
+    [
+        (lambda items: itertools.repeat("x"), "predict returned more than 2 outputs for 2 items"),
+        (lambda items: iter(["x"]), "predict returned 1 outputs for 2 items"),
+        (lambda items: ["x"] * 5, "predict returned 5 outputs for 2 items"),
+    ],
+)
+def test_a_predict_of_endless_outputs_fails_its_call(outputs: Any, words: str) -> None:
+    """An endless iterator would fill the device thread's memory and never end: one output past the
+    count is enough to say what is wrong."""
+    handler = SimpleNamespace(predict=lambda items, options: outputs(items))
+    with pytest.raises(HandlerBug, match=words):
+        predict_all(handler, ["a", "b"], ())

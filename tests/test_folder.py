@@ -322,6 +322,7 @@ def test_progress_bar_on_a_terminal_and_quiet_elsewhere(library: Path, capsys: p
     stream = io.StringIO()
     progress = Progress(stream, enabled=True)
     progress.start(4)
+    assert "0/4" in stream.getvalue()  # at once: a big model's first batch takes seconds
     progress.advance(2)
     progress.warn("skipping x.png: broken")
     progress.advance(2)
@@ -648,6 +649,33 @@ def test_a_model_that_fails_on_everything_ends_the_run(library: Path, tmp_path: 
     err = capsys.readouterr().err
     assert "the model failed on every image of 3 batches in a row: RuntimeError: no such device" in err
     assert out.read_text() == "" and sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved
+
+
+def test_a_prepare_failing_on_every_file_ends_the_run_as_through_a_server(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A server answers the handler's own prepare errors 500, and `--url` gives up after three rounds
+    of them: so does a local run, instead of skipping every image of the library."""
+    for shade in range(12):
+        picture(library / "more" / f"{shade:02}.png", 100 + shade)
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:PrepareBroken"]
+    assert cli.main([*command, "--max-batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "skipping" in err and "the model failed: RuntimeError: no such table" in err
+    assert "the model failed on every image of 3 batches in a row: RuntimeError: no such table" in err
+    assert err.count("skipping") <= 3 * 2 + 1  # three batches, and the unreadable picture
+
+
+def test_a_respond_bug_is_not_retried_in_halves(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """respond's mistake is the same whatever the batch: the model runs once a batch, as on a server."""
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:RespondBroken"]
+    assert cli.main([*command, "--max-batch-size", "2"]) == 1
+    assert "respond returned a str, not a Result" in capsys.readouterr().err
+    assert Digest.batches == [1, 2, 2]  # the first batch: the broken picture, refused, and c.gif
 
 
 def test_a_json_line_holds_no_line_break_of_any_reader() -> None:
