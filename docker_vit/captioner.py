@@ -99,7 +99,8 @@ class Captioner(Handler):
         if width * height > limit:
             raise TooLarge(
                 f"image is {image.width}x{image.height} pixels: the model's processor would resize it to "
-                f"{width}x{height}, more than {limit} pixels"
+                f"{width}x{height}, more than {limit} pixels",
+                "max_pixels",
             )
         return self.engine.pixels(image)
 

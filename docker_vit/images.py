@@ -63,6 +63,10 @@ class TooLarge(ImageError):
     status = 413
     type = "payload_too_large"
 
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting  # the setting that raises the limit, where one does: `caption` says so
+
 
 class NotAnImage(ImageError):
     pass
@@ -76,7 +80,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     model's own resize still decides the pixels it sees.
     """
     if len(data) > max_bytes:
-        raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}")
+        raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", "max_bytes")
     if not data:  # missing input (400), rather than bytes that are not a picture (415)
         raise InputError("image is empty: it has no bytes")
     if data[:4] == ICO_MAGIC and _ico_pixels(data) > max_pixels:
@@ -238,7 +242,7 @@ def _png_chunks(data: bytes, start: int, stop: int) -> int:
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
     width, height = image.size
     if width * height > max_pixels:
-        raise TooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels}")
+        raise TooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels}", "max_pixels")
     if width == 0 or height == 0:
         raise NotAnImage("image has no pixels")
 

@@ -10,7 +10,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from docker_vit.config import GENERATION
+from docker_vit.config import GENERATION, flag_name
 from docker_vit.images import InputError, TooLarge
 
 
@@ -40,7 +40,7 @@ def read_file(path: str, limit: int) -> bytes:
     with open(path, "rb") as file:
         data = file.read(limit + 1)
     if len(data) > limit:
-        raise TooLarge(f"the file is over the limit of {limit} bytes")
+        raise TooLarge(f"the file is over the limit of {limit} bytes", "max_bytes")
     return data
 
 
@@ -48,6 +48,8 @@ def describe_error(exc: BaseException) -> str:
     """Why a file was skipped, without repeating its path."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
+    if isinstance(exc, TooLarge) and exc.setting:  # a photo of 48 megapixels, say: the user may allow it
+        return f"{exc} ({flag_name(exc.setting)} raises it)"
     return str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
 
 

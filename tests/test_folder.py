@@ -678,6 +678,15 @@ def test_a_respond_bug_is_not_retried_in_halves(
     assert Digest.batches == [1, 2, 2]  # the first batch: the broken picture, refused, and c.gif
 
 
+def test_a_picture_over_a_limit_names_the_flag_that_raises_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A camera's 48-megapixel photo is over the default 40: the line says how to let it in."""
+    picture(tmp_path / "big.png", 10)  # 8 x 8 pixels, over a limit of 63
+    assert cli.main(["caption", str(tmp_path / "big.png"), *DIGEST, "--max-pixels", "63"]) == 1
+    assert "big.png: image is 8x8 pixels; the limit is 63 (--max-pixels raises it)" in capsys.readouterr().err
+
+
 def test_a_json_line_holds_no_line_break_of_any_reader() -> None:
     """U+2028, U+2029 and U+0085 end lines for `str.splitlines`: a caption holding one stays one record."""
     entry = {"path": "a\u2028b.png", "caption": "x\u2029y\u0085z\nw"}
