@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -211,10 +212,43 @@ def test_download_fills_the_cache_or_a_folder(
         return local_dir or "/cache/models--x"
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    monkeypatch.setattr("huggingface_hub.list_repo_files", lambda repo_id: ["config.json", "pytorch_model.bin"])
     assert cli.main(["download", "nlpconnect/vit-gpt2-image-captioning", "--dir", str(tmp_path)]) == 0
     assert calls == [("nlpconnect/vit-gpt2-image-captioning", str(tmp_path))]
     assert capsys.readouterr().out.strip() == str(tmp_path)
     assert hub.download("some/model") == "/cache/models--x"
+
+
+@pytest.mark.parametrize(
+    ("files", "pickled_skipped"),
+    [
+        (["config.json", "model.safetensors", "pytorch_model.bin", "tf_model.h5"], True),  # BLIP's
+        (["config.json", "pytorch_model.bin"], False),
+        (["config.json", "pytorch_model.bin", "extra/model.safetensors"], False),  # not the model's own
+        (OSError("offline"), False),  # listing failed: keep everything
+    ],
+)
+def test_download_leaves_out_pickled_weights_beside_safetensors(
+    monkeypatch: pytest.MonkeyPatch, files: Any, pickled_skipped: bool
+) -> None:
+    """transformers loads the safetensors: a baked image would carry the model twice."""
+    seen = []
+
+    def listed(repo_id: str) -> list[str]:
+        if isinstance(files, Exception):
+            raise files
+        return files
+
+    def fake_snapshot(repo_id: str, local_dir: str | None = None, ignore_patterns: Any = ()) -> str:
+        seen.extend(ignore_patterns)
+        return "/cache/x"
+
+    monkeypatch.setattr("huggingface_hub.list_repo_files", listed)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
+    hub.download("org/model")
+    skipped = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in seen)  # noqa: E731
+    assert skipped("pytorch_model.bin") is pickled_skipped and skipped("tf_model.h5")
+    assert not skipped("model.safetensors") and not skipped("tokenizer.json")
 
 
 def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -253,6 +287,7 @@ def test_download_does_not_load_torch() -> None:
     script = (
         "import sys, huggingface_hub\n"
         "huggingface_hub.snapshot_download = lambda **kwargs: '/cache/x'\n"
+        "huggingface_hub.list_repo_files = lambda repo_id: []\n"
         "from docker_vit import cli\n"
         "assert cli.main(['download', 'org/model']) == 0\n"
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"

@@ -365,7 +365,7 @@ def test_v1_model_answers_while_a_handler_that_describes_its_model_loads() -> No
 def test_a_handler_object_handed_in_directly_is_checked_too() -> None:
     from fake_handlers import Echo
 
-    from docker_vit.handler import HandlerBug, HandlerError
+    from docker_vit.handler import HandlerError
     from docker_vit.server import create_app
 
     class Numbered(Echo):
