@@ -93,4 +93,7 @@ async def model_info(service: Service) -> dict[str, Any]:
     settings = service.settings
     request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}
     request |= {"max_images": settings.max_images, "max_queue": settings.max_queue}
-    return {**info, "limits": {**limits, **request}, "status": service.status}
+    request |= {"request_timeout": settings.request_timeout}
+    # what TorchServe's describe and Triton's config tell a client that sizes its own concurrency
+    batching = {"max_batch_size": service.batch_size, "max_wait_ms": settings.max_wait_ms}
+    return {**info, "limits": {**limits, **request}, "batching": batching, "status": service.status}

@@ -214,6 +214,10 @@ def test_probes_model_docs_and_metrics(client) -> None:
     info = client.get("/v1/model").json()
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["generation"] == {"num_beams": 4, "max_new_tokens": 15}
+    assert (
+        info["batching"] == {"max_batch_size": 16, "max_wait_ms": 5.0}
+        and info["limits"]["request_timeout"] == 60
+    )
     assert client.get("/docs").status_code == 200
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # FastAPI warns of duplicate operation ids
