@@ -93,3 +93,15 @@ def test_baseline_app_answers_like_the_original(vit_gpt2_dir: Path, monkeypatch:
         skip_special_tokens=True,
     ).strip()
     assert response.get_data(as_text=True) == expected
+
+
+def test_agreement_compares_a_dtype_with_float32(
+    vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """float32 against itself agrees everywhere: the counting is right, over ten pictures a photo."""
+    from benchmarks import agreement
+
+    monkeypatch.setattr(agreement.model, "build", lambda folder, tiny: vit_gpt2_dir)
+    assert agreement.main(["--quick", "--dtypes", "float32", "--beams", "1,2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32")]
+    assert len(rows) == 2 and all("| 20 of 20 |" in row and "(100%)" in row for row in rows), rows
