@@ -122,7 +122,8 @@ def test_auto_takes_bfloat16_only_where_the_gpu_computes_it(
 def test_reduced_precision_is_available_on_request(vit_gpt2_dir: Path, bulldog: bytes) -> None:
     with serving(Settings(model=str(vit_gpt2_dir), dtype="bfloat16")) as client:
         assert client.get("/v1/model").json()["dtype"] == "bfloat16"
-        assert client.post("/", files={"file": bulldog}).status_code == 200
+        answer = client.post("/", files={"file": bulldog})
+        assert answer.status_code == 200 and answer.text.strip()
 
 
 def test_the_default_model_is_loaded_from_the_hub_by_id(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -243,7 +244,9 @@ def test_a_model_folder_under_the_home_folder(vit_gpt2_dir: Path, monkeypatch: p
     monkeypatch.setenv("HOME", str(vit_gpt2_dir.parent))
     engine = CaptionEngine(f"~/{vit_gpt2_dir.name}", device="cpu")
     engine.load()
-    assert engine.model is not None
+    assert engine.describe()["model"] == f"~/{vit_gpt2_dir.name}"  # the user's name for it, as given
+    picture = Image.new("RGB", (32, 32), (200, 120, 40))
+    assert len(engine.generate([engine.pixels(picture)], 1, 3)[0]) > 1  # tokens, from that folder's model
 
 
 def test_folders_the_captioner_cannot_serve_say_why_in_one_short_line(
