@@ -32,7 +32,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     HF_HOME=/home/app/.cache/huggingface \
     DOCKER_VIT_HOST=0.0.0.0
 
-# Bases without a usable python3 + venv (CUDA runtime images) get them from the distribution.
+# Bases without a usable python3 + venv (CUDA runtime images) get them from the distribution. A login
+# shell (`bash -l`, as KubeRay before 1.4 starts `ray start`) resets PATH: profile.d puts the venv back.
 RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -40,6 +41,7 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi \
     && python3 -m venv /opt/venv \
+    && printf 'export PATH=/opt/venv/bin:$PATH\n' > /etc/profile.d/docker-vit-venv.sh \
     && (getent group app >/dev/null || groupadd --system --gid 10001 app) \
     && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app
 
