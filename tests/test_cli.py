@@ -212,7 +212,9 @@ def test_download_fills_the_cache_or_a_folder(
         return local_dir or "/cache/models--x"
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
-    monkeypatch.setattr("huggingface_hub.list_repo_files", lambda repo_id: ["config.json", "pytorch_model.bin"])
+    monkeypatch.setattr(
+        "huggingface_hub.list_repo_files", lambda repo_id: ["config.json", "pytorch_model.bin"]
+    )
     assert cli.main(["download", "nlpconnect/vit-gpt2-image-captioning", "--dir", str(tmp_path)]) == 0
     assert calls == [("nlpconnect/vit-gpt2-image-captioning", str(tmp_path))]
     assert capsys.readouterr().out.strip() == str(tmp_path)
