@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import re
 import threading
 import warnings
 from collections import deque
@@ -19,6 +18,8 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from docker_vit import structure
+
 # Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
 # JPEG, comes through the JPEG opener.) Only names this Pillow registers: `Image.open` stops at the
 # first unknown name in the list, and every format after it would be refused.
@@ -27,13 +28,13 @@ FORMATS = tuple(
     f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA") if f in Image.OPEN
 )
 WHITE = (255, 255, 255)
-ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
 UNSUPPORTED = "cannot decode the image: not a supported image format"
 MAX_JPEG_SCANS = 256  # each scan of a progressive JPEG is a pass over the whole picture; cameras write ~10
 FEW_JPEG_SCANS = 16  # always taken; past it, the scans' passes over the picture are bounded together:
 MAX_JPEG_SCAN_PIXELS = 1_000_000_000  # ~1 s of decoding here (256 scans of 40 MP: 8 s from 248 KB)
 MAX_JPEG_SEGMENTS = 4096  # tables, comments, metadata: a photo has tens (a big ICC profile, a few more)
 MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
+MAX_TIFF_PIECES = 50_000  # strips or tiles, each read in Python (~4 us): a scanner's TIFF has hundreds
 # libtiff decodes a TIFF's JPEG strips itself, allowing 100 scans each (past FEW_JPEG_SCANS, the
 # scans of a JPEG are bounded by the picture's size): the same few for a strip. A decoder's knob, which
 # libtiff reads from the environment as each strip is decoded; one set by the user stays.
@@ -83,7 +84,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", "max_bytes")
     if not data:  # missing input (400), rather than bytes that are not a picture (415)
         raise InputError("image is empty: it has no bytes")
-    if data[:4] == ICO_MAGIC and _ico_pixels(data) > max_pixels:
+    if structure.ico_pixels(data) > max_pixels:
         raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}")
     scans = _check_decoding_work(data)
     try:
@@ -159,84 +160,24 @@ def _draft_scale(size: tuple[int, int], least: int) -> int:
     return 1
 
 
-def _ico_entries(data: bytes) -> Iterator[int]:
-    """Where each picture of an ICO file starts, as its directory says."""
-    for start in range(6, 6 + 16 * int.from_bytes(data[4:6], "little"), 16):
-        yield int.from_bytes(data[start + 12 : start + 16], "little")
-
-
-def _ico_pngs(data: bytes) -> set[int]:
-    """Where the PNG pictures of an ICO file start (each counted once, however many entries name it)."""
-    return {offset for offset in _ico_entries(data) if data[offset : offset + 8] == PNG_MAGIC}
-
-
-def _ico_pixels(data: bytes) -> int:
-    """The pixels of the largest picture in an ICO file, from the pictures' own headers: Pillow decodes
-    the largest one while opening the file, before its size could be checked, and the directory's
-    sizes (at most 256x256) need not be true."""
-    largest = 0
-    for offset in _ico_entries(data):
-        head = data[offset : offset + 24]
-        if head[:8] == PNG_MAGIC:  # width and height in the IHDR chunk, big-endian
-            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
-        else:  # a DIB header, whose height counts the picture and its mask
-            width = abs(int.from_bytes(head[4:8], "little", signed=True))
-            height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
-        largest = max(largest, width * height)
-    return largest
-
-
 def _check_decoding_work(data: bytes) -> int:
     """Refuse files whose decoding costs far more than their pixels and bytes suggest: a JPEG of
-    thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
-    all the while holding a decode thread that other clients' images need. Returns a JPEG's scans,
-    which are bounded again once its size is known."""
+        thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
+        a TIFF of 1.8 million one-row strips 7.6 s from 20 MB, all the while holding a decode thread that
+    other clients' images need. Returns a JPEG's scans,
+        which are bounded again once its size is known."""
     scans = 0
     if data[:2] == b"\xff\xd8":
-        scans, segments = _jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
+        scans, segments = structure.jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
         if scans > MAX_JPEG_SCANS:
             raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
         if segments > MAX_JPEG_SEGMENTS:
             raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
-    pngs = {0} if data[:8] == PNG_MAGIC else _ico_pngs(data) if data[:4] == ICO_MAGIC else set()
-    left = MAX_PNG_CHUNKS + 1  # one allowance for all of an icon's PNGs: its directory may name 65,535
-    for start in pngs:
-        left -= _png_chunks(data, start, left)
-        if left <= 0:
-            raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+    if structure.png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
+        raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+    if structure.tiff_pieces(data) > MAX_TIFF_PIECES:
+        raise TooLarge(f"the TIFF has more than {MAX_TIFF_PIECES} strips or tiles")
     return scans
-
-
-# A marker: 0xFF and a byte that is not 0x00 (an escaped 0xFF in scan data), a restart marker (inside a
-# scan) or 0xFF (fill before the marker). One 0xFF only: a pattern with a run of them backtracks.
-_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
-
-
-def _jpeg_segments(data: bytes, stop: int) -> tuple[int, int]:
-    """Scans and segments of a JPEG up to its end (EOI), as the decoder walks them: each segment is
-    skipped by its length (a comment may hold any bytes), scan data is searched for the next marker
-    (it escapes every 0xFF). At most `stop` segments are walked: the loop is bounded whatever the file."""
-    scans = segments = 0
-    pos = 2
-    while segments < stop and (found := _JPEG_MARKER.search(data, pos)):
-        marker, pos = found.group(1)[0], found.end()
-        if marker == 0xD9:  # the picture's end: a trailer (a phone's video, an MPO's next frame)
-            break  # is never decoded
-        segments += 1
-        scans += marker == 0xDA
-        if marker != 0x01 and marker != 0xD8:  # the rest carry their length (SOS: its header's)
-            pos += int.from_bytes(data[pos : pos + 2], "big")
-    return scans, segments
-
-
-def _png_chunks(data: bytes, start: int, stop: int) -> int:
-    """Chunks in the PNG at `start` up to its end (IEND), counted up to `stop`: each is 12 bytes of
-    framing around its length's data."""
-    count, pos = 0, start + len(PNG_MAGIC)
-    while pos + 8 <= len(data) and count < stop and data[pos + 4 : pos + 8] != b"IEND":
-        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
-        count += 1
-    return count
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:

@@ -252,6 +252,42 @@ def test_a_tiffs_jpeg_strip_of_many_scans_is_refused() -> None:
         open_image(_tiff_of_one_jpeg_strip(many, 64, 64), **LIMITS)
 
 
+def test_a_tiff_of_a_million_strips_is_refused_before_decoding() -> None:
+    """Pillow reads each strip in Python: 1.8 million one-row strips (20 MB, 1.8 megapixels) held a
+    decode thread for 7.6 s. A TIFF of ordinary strips, or of tiles, decodes."""
+    many = encode(Image.new("RGB", (1, 60_000), (1, 2, 3)), "TIFF", tiffinfo={278: 1})
+    started = time.perf_counter()
+    with pytest.raises(TooLarge, match="the TIFF has more than 50000 strips or tiles"):
+        open_image(many, **LIMITS)
+    assert time.perf_counter() - started < 1  # refused from its directory, not after a slow open
+    assert open_image(encode(Image.new("RGB", (64, 600), (1, 2, 3)), "TIFF", tiffinfo={278: 8}), **LIMITS)
+    tiled = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "TIFF", tile=(16, 16))
+    assert open_image(tiled, **LIMITS).getpixel((40, 40)) == (1, 2, 3)
+
+
+@pytest.mark.parametrize(
+    ("head", "pieces"),
+    [
+        (
+            b"II*\x00"
+            + struct.pack("<IH", 8, 2)
+            + struct.pack("<HHII", 256, 4, 1, 9)
+            + struct.pack("<HHII", 324, 4, 70_000, 0),
+            70_000,
+        ),
+        (b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHII", 273, 4, 60_001, 0), 60_001),
+        (b"II+\x00" + struct.pack("<HHQQ", 8, 0, 16, 1) + struct.pack("<HHQQ", 273, 16, 99_999, 0), 99_999),
+        (b"MM\x00*" + struct.pack(">IH", 8, 500), 0),  # a directory cut short: Pillow's to refuse
+        (b"II*\x00" + struct.pack("<I", 10**9), 0),  # a directory past the end
+        (b"GIF89a", 0),
+    ],
+)
+def test_tiff_pieces_read_from_either_byte_order_and_bigtiff(head: bytes, pieces: int) -> None:
+    from docker_vit import structure
+
+    assert structure.tiff_pieces(head) == pieces
+
+
 def test_a_bomb_past_pillows_own_cap_names_the_limit_that_applies() -> None:
     with pytest.raises(TooLarge, match=r"too many pixels; the limit is 40000000$"):
         open_image(_png_header_only(50_000, 50_000), max_bytes=10**6, max_pixels=40_000_000)

@@ -1,0 +1,108 @@
+"""An image file's structure, read from its bytes before anything decodes it: a JPEG's scans and
+segments, a PNG's chunks, a TIFF's strips or tiles, an icon's pictures.
+
+Pillow walks each of these pieces in Python, or decodes the whole picture once per piece, so a file can
+cost far more to decode than its bytes and pixels suggest; images.py bounds these counts. Every walk
+here is bounded too, whatever the file says of itself: a count stops at the limit it is asked about.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
+TIFF_MAGICS = {b"II*\x00": "little", b"MM\x00*": "big", b"II+\x00": "little", b"MM\x00+": "big"}
+TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: one value per strip or tile
+
+# A marker: 0xFF and a byte that is not 0x00 (an escaped 0xFF in scan data), a restart marker (inside a
+# scan) or 0xFF (fill before the marker). One 0xFF only: a pattern with a run of them backtracks.
+_JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
+
+
+def jpeg_segments(data: bytes, stop: int) -> tuple[int, int]:
+    """Scans and segments of a JPEG up to its end (EOI), as the decoder walks them: each segment is
+    skipped by its length (a comment may hold any bytes), scan data is searched for the next marker
+    (it escapes every 0xFF). At most `stop` segments are walked."""
+    scans = segments = 0
+    pos = 2
+    while segments < stop and (found := _JPEG_MARKER.search(data, pos)):
+        marker, pos = found.group(1)[0], found.end()
+        if marker == 0xD9:  # the picture's end: a trailer (a phone's video, an MPO's next frame)
+            break  # is never decoded
+        segments += 1
+        scans += marker == 0xDA
+        if marker != 0x01 and marker != 0xD8:  # the rest carry their length (SOS: its header's)
+            pos += int.from_bytes(data[pos : pos + 2], "big")
+    return scans, segments
+
+
+def png_chunks(data: bytes, stop: int) -> int:
+    """Chunks of a PNG, or of all the PNG pictures of an icon together (its directory may name 65,535),
+    counted up to `stop`; 0 for other files."""
+    starts = {0} if data[:8] == PNG_MAGIC else _ico_pngs(data) if data[:4] == ICO_MAGIC else set()
+    count = 0
+    for start in starts:
+        count += _png_chunks(data, start, stop - count)
+        if count >= stop:
+            break
+    return count
+
+
+def _png_chunks(data: bytes, start: int, stop: int) -> int:
+    """Chunks in the PNG at `start` up to its end (IEND), counted up to `stop`: each is 12 bytes of
+    framing around its length's data."""
+    count, pos = 0, start + len(PNG_MAGIC)
+    while pos + 8 <= len(data) and count < stop and data[pos + 4 : pos + 8] != b"IEND":
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
+        count += 1
+    return count
+
+
+def tiff_pieces(data: bytes) -> int:
+    """Strips or tiles of a TIFF's first picture (the one Pillow decodes), from its first directory;
+    0 for other files, or when the directory cannot be read (Pillow then refuses the file itself)."""
+    order = TIFF_MAGICS.get(data[:4])
+    if order is None:
+        return 0
+    big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts, 20-byte entries
+    number = lambda start, size: int.from_bytes(data[start : start + size], order)  # noqa: E731
+    directory = number(8, 8) if big else number(4, 4)
+    entries, entry, width = (8, 20, 8) if big else (2, 12, 4)
+    first = directory + entries
+    for index in range(min(number(directory, entries), 4096)):  # a directory holds tens of entries
+        at = first + index * entry
+        if at + entry > len(data):
+            break
+        if number(at, 2) in TIFF_PIECES:
+            return number(at + 4, width)  # the entry's count of values: one per piece
+    return 0
+
+
+def ico_pixels(data: bytes) -> int:
+    """The pixels of the largest picture in an ICO file, from the pictures' own headers (Pillow
+    decodes the largest one while opening the file, before its size could be checked, and the
+    directory's sizes, at most 256 x 256, need not be true); 0 for other files."""
+    if data[:4] != ICO_MAGIC:
+        return 0
+    largest = 0
+    for offset in _ico_entries(data):
+        head = data[offset : offset + 24]
+        if head[:8] == PNG_MAGIC:  # width and height in the IHDR chunk, big-endian
+            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        else:  # a DIB header, whose height counts the picture and its mask
+            width = abs(int.from_bytes(head[4:8], "little", signed=True))
+            height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
+        largest = max(largest, width * height)
+    return largest
+
+
+def _ico_entries(data: bytes) -> Iterator[int]:
+    """Where each picture of an ICO file starts, as its directory says."""
+    for start in range(6, 6 + 16 * int.from_bytes(data[4:6], "little"), 16):
+        yield int.from_bytes(data[start + 12 : start + 16], "little")
+
+
+def _ico_pngs(data: bytes) -> set[int]:
+    """Where the PNG pictures of an ICO file start (each counted once, however many entries name it)."""
+    return {offset for offset in _ico_entries(data) if data[offset : offset + 8] == PNG_MAGIC}
