@@ -129,8 +129,13 @@ def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int
         return default
     try:
         number = int(value)
-        if isinstance(value, float | bool) or (isinstance(value, str) and not _INTEGER.fullmatch(value)):
-            raise ValueError  # 2.0, True, "1_0" or other digits than 0-9 are not what a client means
+        # JSON's 2.0 is a count (a client computed it as a float; pydantic takes it too); 2.5, true,
+        # "2.0", "1_0" or other digits than 0-9 are not what a client means
+        whole = isinstance(value, float) and value.is_integer()
+        if isinstance(value, bool) or (isinstance(value, float) and not whole):
+            raise ValueError
+        if isinstance(value, str) and not _INTEGER.fullmatch(value):
+            raise ValueError
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise OptionsError(f"{name} must be an integer, got {shown(value)}") from None
     if not 1 <= number <= limit:

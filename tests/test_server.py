@@ -115,6 +115,14 @@ def test_integers_written_otherwise_are_integers(client, query) -> None:
     assert client.post(f"/v1/captions?{query}", files={"file": png()}).status_code == 200
 
 
+@pytest.mark.parametrize(("value", "status"), [("2.0", 200), ("2.5", 422), ("true", 422), ('"2.0"', 422)])
+def test_a_json_count_may_be_a_whole_float(client, value: str, status: int) -> None:
+    """A client that computed 2.0 means 2 (pydantic's lax mode takes it too); not 2.5, true or "2.0"."""
+    body = '{"images": ["' + base64.b64encode(png()).decode() + '"], "num_beams": ' + value + "}"
+    response = client.post("/v1/captions", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+
+
 @pytest.mark.parametrize("value", ["Infinity", "-Infinity", "1e400"])
 def test_an_infinite_json_option_is_422(client, value) -> None:
     body = '{"images": ["aGVsbG8="], "max_new_tokens": ' + value + "}"
