@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import logging
+import re
 import threading
 import time
 
@@ -381,7 +382,11 @@ def test_keys_never_reach_the_logs_and_the_access_line_has_its_fields(caplog) ->
         "images": 2,
         "request_id": "trace-42",
     }
-    assert last["duration_ms"] >= 0 and last["level"] == "info" and last["time"].endswith("Z")
+    assert (
+        last["duration_ms"] >= 0
+        and last["level"] == "info"
+        and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", last["time"])
+    )
     assert access[3]["route"] == "unmatched"
     plain = [r.getMessage() for r in caplog.records if r.name == "docker_vit.access"]
     assert plain[-1].startswith("method=POST route=/v1/captions status=200 duration_ms=")
