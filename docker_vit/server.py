@@ -85,7 +85,9 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz")
+    not_ready = {"description": "loading, failed to load, or stalled", "content": _JSON_ERROR}
+
+    @app.get("/readyz", responses={503: not_ready})
     async def readyz() -> JSONResponse:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.ready:
@@ -94,7 +96,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         body = {"status": service.status, **errors.error_body(why.type, why.message)}
         return JSONResponse(body, status_code=why.status, headers=why.headers)
 
-    @app.get("/ping")
+    @app.get("/ping", responses={204: {"description": "loading"}, 503: not_ready})
     async def ping() -> Response:
         """Runpod's load balancer: 200 when ready, 204 while loading, 503 when loading failed or stalled."""
         if service.ready:
@@ -164,6 +166,7 @@ _ERROR = {  # every error answer's body (http_errors.error_response)
         }
     },
 }
+_JSON_ERROR = {"application/json": {"schema": _ERROR}}
 _ERRORS = {
     "400": "no image, or a malformed request",
     "401": "a missing or wrong API key (when the server has keys)",
@@ -190,10 +193,7 @@ def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, 
     if json:
         images = {"type": "array", "items": {"type": "string", "format": "byte"}}
         content["application/json"] = {"schema": {"type": "object", "properties": {"images": images}}}
-    answers = {
-        status: {"description": text, "content": {"application/json": {"schema": _ERROR}}}
-        for status, text in _ERRORS.items()
-    }
+    answers = {status: {"description": text, "content": _JSON_ERROR} for status, text in _ERRORS.items()}
     return {
         "requestBody": {"content": content, "required": True},
         "parameters": params,

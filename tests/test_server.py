@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import threading
 import time
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import photo
+from conftest import photo, serving
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoderModel
 
@@ -231,6 +232,8 @@ def test_probes_model_docs_and_metrics(client) -> None:
         warnings.simplefilter("error")  # FastAPI warns of duplicate operation ids
         paths = client.get("/openapi.json").json()["paths"]
     assert "/v1/captions" in paths and "head" not in paths["/healthz"]
+    assert {"200", "503"} <= set(paths["/readyz"]["get"]["responses"])
+    assert {"200", "204", "503"} <= set(paths["/ping"]["get"]["responses"])
     upload = paths["/"]["post"]
     assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(
         upload["requestBody"]["content"]
@@ -346,3 +349,14 @@ def test_a_bad_image_among_several_is_named_by_its_place(client, bulldog: bytes)
     assert response.json()["error"]["message"].startswith("image 1: ")
     alone = client.post("/v1/captions", files=[("file", b"not a picture")])
     assert not alone.json()["error"]["message"].startswith("image ")
+
+
+def test_the_log_says_what_was_loaded_where(vit_gpt2_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One start-up line an operator reads: the model, its device and dtype, and the load time."""
+    with (
+        caplog.at_level(logging.INFO, logger="docker_vit.service"),
+        serving(Settings(model=str(vit_gpt2_dir))),
+    ):
+        pass
+    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
+    assert len(loaded) == 1 and f"({vit_gpt2_dir}) on device cpu, dtype float32 in " in loaded[0], loaded
