@@ -26,20 +26,12 @@ from typing import Any
 
 from docker_vit.calls import Abandoned, WrongOutputs, drop_frames, splittable
 from docker_vit.device import DeviceThread
-from docker_vit.images import InputError
+from docker_vit.errors import InputError, QueueFull, TooManyItems
 
 log = logging.getLogger("docker_vit.batching")
 
 Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
 HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being decoded
-
-
-class QueueFull(Exception):
-    """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
-
-
-class TooManyItems(Exception):
-    """One request holds more items than the whole queue: retrying can never help (413)."""
 
 
 @dataclass(eq=False)  # found in its group by identity: an item (a tensor) has no plain `==`

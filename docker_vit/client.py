@@ -27,7 +27,7 @@ from typing import Any
 
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.images import InputError
+from docker_vit.errors import InputError
 from docker_vit.runner import (
     GIVE_UP_AFTER,
     CaptionError,

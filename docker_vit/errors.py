@@ -1,17 +1,11 @@
 """Every error a client sees has one shape: `{"error": {"type": ..., "message": ...}}`.
 
-What a failure means to a client, for every front end alike; no web framework here (the Runpod worker
-answers with the same objects), FastAPI's side of it is http_errors.py. Also here: the checks of
-base64 images (JSON bodies, Runpod jobs) whose failures are these errors."""
+The errors that mean "the client's mistake" (a refused input, bad options, a full queue), raised deep
+in the core, and what each failure means to a client, for every front end alike: no web framework here
+(the Runpod worker answers with the same objects), FastAPI's side of it is http_errors.py. It imports
+nothing of the package, so every layer can raise these."""
 
 from __future__ import annotations
-
-import base64
-import binascii
-
-from docker_vit.batching import QueueFull, TooManyItems
-from docker_vit.handler import OptionsError
-from docker_vit.images import InputError
 
 TYPES = {
     400: "invalid_request",
@@ -31,6 +25,26 @@ TYPES = {
 CLIENT_GONE = 499
 # A refused or stalled body may still be on its way: close the connection rather than read the rest.
 CLOSE = {"Connection": "close"}
+
+
+class InputError(Exception):
+    """A client's input was refused (a 400; subclasses say otherwise). Handlers raise it from `prepare`
+    for input that is the client's mistake, so that it is answered as such and not as a 500."""
+
+    status = 400
+    type = "invalid_request"
+
+
+class OptionsError(ValueError):
+    """A request's options are out of bounds or malformed (HTTP 422)."""
+
+
+class QueueFull(Exception):
+    """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
+
+
+class TooManyItems(Exception):
+    """One request holds more items than the whole queue: retrying can never help (413)."""
 
 
 class ApiError(Exception):
@@ -64,35 +78,6 @@ def from_service(exc: Exception) -> ApiError:
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"})
     return ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")
-
-
-def count_images(count: int, limit: int, per: str = "request") -> None:
-    """Too many images are refused before any is decoded, however they came."""
-    if count > limit:
-        raise ApiError(413, f"{count} images in one {per}; the limit is {limit}")
-
-
-def decode_images(texts: list[str], max_bytes: int) -> list[bytes]:
-    """A JSON request's (or a Runpod job's) base64 images, once `count_images` has let them in."""
-    return [decode_base64(text, index, max_bytes) for index, text in enumerate(texts)]
-
-
-def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
-    """One base64 image (or a `data:` URL) to bytes; oversized ones are refused before decoding."""
-    if text[:5].lower() == "data:":  # a data URL (the scheme is case-blind): its data follow the comma
-        _, comma, text = text.partition(",")
-        if not comma:
-            raise ApiError(400, f"image {index} is a data URL without data")
-    text = "".join(text.split())
-    if len(text) // 4 * 3 > max_bytes + 3:
-        raise ApiError(413, f"image {index} is over {max_bytes} bytes")
-    try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raise ApiError(400, f"image {index} is not valid base64") from None
-    if len(data) > max_bytes:  # the length test above lets up to 2 bytes more through, by the padding
-        raise ApiError(413, f"image {index} is {len(data)} bytes; the limit is {max_bytes}")
-    return data
 
 
 def error_body(type: str, message: str) -> dict[str, dict[str, str]]:

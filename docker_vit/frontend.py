@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 from docker_vit import errors
-from docker_vit.batching import QueueFull
 from docker_vit.calls import description
+from docker_vit.errors import QueueFull
 from docker_vit.handler import Handler, Result
 from docker_vit.service import READY, Service
 

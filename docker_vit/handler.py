@@ -19,7 +19,8 @@ from typing import Any
 from PIL import Image
 
 from docker_vit.config import Settings
-from docker_vit.images import ImageError, InputError, TooLarge, open_image
+from docker_vit.errors import InputError, OptionsError
+from docker_vit.images import ImageError, TooLarge, open_image
 
 __all__ = [
     "Handler",
@@ -31,10 +32,6 @@ __all__ = [
     "Result",
     "TooLarge",
 ]
-
-
-class OptionsError(ValueError):
-    """A request's options are out of bounds or malformed (HTTP 422)."""
 
 
 def shown(value: Any, limit: int = 60) -> str:

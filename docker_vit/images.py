@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from docker_vit import structure
+from docker_vit.errors import InputError
 
 # Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
 # JPEG, comes through the JPEG opener.) Only names this Pillow registers: `Image.open` stops at the
@@ -43,14 +44,6 @@ os.environ.setdefault("LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER", str(FEW_JPEG_SCANS
 # convert (a lossless WebP of it is 1.6 KB), and there is a decoding thread per core. Two such at once;
 # photos of ordinary size (12 megapixels, or a draft of a bigger JPEG) six at once.
 DECODING_PIXELS = 80_000_000
-
-
-class InputError(Exception):
-    """A client's input was refused (a 400; subclasses say otherwise). Handlers raise it from `prepare`
-    for input that is the client's mistake, so that it is answered as such and not as a 500."""
-
-    status = 400
-    type = "invalid_request"
 
 
 class ImageError(InputError):

@@ -27,7 +27,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from docker_vit import errors, frontend, memory
+from docker_vit import errors, frontend, memory, payloads
 from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
@@ -118,12 +118,12 @@ def read_job(
     images = [payload["image"]] if has_one else payload["images"]
     if not isinstance(images, list) or not images or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, '"image" must be a base64 string and "images" a non-empty list of them')
-    errors.count_images(len(images), settings.max_images, "job")  # a 413 before a 422, as HTTP answers
+    payloads.count_images(len(images), settings.max_images, "job")  # a 413 before a 422, as HTTP answers
     options = {name: value for name, value in payload.items() if name not in ("image", "images")}
     unknown = sorted(set(options) - set(options if option_names is None else option_names))
     if unknown:
         raise errors.ApiError(422, f"unknown input field(s): {', '.join(unknown)}")
-    return errors.decode_images(images, settings.max_bytes), options
+    return payloads.decode_images(images, settings.max_bytes), options
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
-from docker_vit import errors
+from docker_vit import errors, payloads
 from docker_vit.config import Settings
 
 MAX_JSON_COMMAS = 10_000  # options' values (a handler's prompt or labels); parsing 10,000 takes ~5 ms
@@ -87,7 +87,7 @@ async def _read_form(request: Request, most: int, first_only: bool) -> tuple[lis
         if first_only:
             files = files[:1]
         else:
-            errors.count_images(len(files), most)
+            payloads.count_images(len(files), most)
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return [await upload.read() for upload in files], fields
     finally:
@@ -129,6 +129,6 @@ def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, 
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
-    errors.count_images(len(images), settings.max_images)  # before decoding any of them
-    inputs = errors.decode_images(images, settings.max_bytes)
+    payloads.count_images(len(images), settings.max_images)  # before decoding any of them
+    inputs = payloads.decode_images(images, settings.max_bytes)
     return inputs, {key: value for key, value in payload.items() if key != "images"}

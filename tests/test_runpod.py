@@ -112,16 +112,16 @@ def test_data_url_and_generation_options(worker):
 
 def test_base64_is_decoded_off_the_loop_that_runs_the_batches(worker, monkeypatch):
     """Up to max_images x max_bytes of base64: decoded on the loop, it stalled every other job."""
-    from docker_vit import errors
+    from docker_vit import payloads
 
     threads = []
-    real = errors.decode_base64
+    real = payloads.decode_base64
 
     def recording(*args, **kwargs):
         threads.append(threading.current_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(errors, "decode_base64", recording)
+    monkeypatch.setattr(payloads, "decode_base64", recording)
     assert run(worker, {"input": {"image": png(5, 5)}})["captions"][0]["text"].startswith("5x5")
     assert threads and worker._thread not in threads
 

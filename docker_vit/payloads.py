@@ -1,0 +1,39 @@
+"""A request's images as its body carries them: counted before any is read, and base64 text (a JSON
+body's, a Runpod job's; data: URLs too) turned to bytes, each refused by its size before it is decoded.
+Shared by the HTTP server's intake (uploads.py) and the Runpod worker."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from docker_vit.errors import ApiError
+
+
+def count_images(count: int, limit: int, per: str = "request") -> None:
+    """Too many images are refused before any is decoded, however they came."""
+    if count > limit:
+        raise ApiError(413, f"{count} images in one {per}; the limit is {limit}")
+
+
+def decode_images(texts: list[str], max_bytes: int) -> list[bytes]:
+    """A JSON request's (or a Runpod job's) base64 images, once `count_images` has let them in."""
+    return [decode_base64(text, index, max_bytes) for index, text in enumerate(texts)]
+
+
+def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
+    """One base64 image (or a `data:` URL) to bytes; oversized ones are refused before decoding."""
+    if text[:5].lower() == "data:":  # a data URL (the scheme is case-blind): its data follow the comma
+        _, comma, text = text.partition(",")
+        if not comma:
+            raise ApiError(400, f"image {index} is a data URL without data")
+    text = "".join(text.split())
+    if len(text) // 4 * 3 > max_bytes + 3:
+        raise ApiError(413, f"image {index} is over {max_bytes} bytes")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise ApiError(400, f"image {index} is not valid base64") from None
+    if len(data) > max_bytes:  # the length test above lets up to 2 bytes more through, by the padding
+        raise ApiError(413, f"image {index} is {len(data)} bytes; the limit is {max_bytes}")
+    return data
