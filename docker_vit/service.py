@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained, description, predict_all, read_options, respond
+from docker_vit.calls import contained, predict_all, read_options, respond
 from docker_vit.config import Settings
 from docker_vit.errors import InputError
 from docker_vit.handler import Handler, Result
@@ -106,7 +106,7 @@ class Service:
             await self.batcher.device.run(self.handler.load)
             seconds = time.perf_counter() - started
             self.metrics.load_seconds.set(seconds)
-            log.info("loaded %s in %.1f s", await asyncio.to_thread(self._loaded_what), seconds)
+            log.info("loaded %s in %.1f s", self.handler.name, seconds)
             await self._warm_up()
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
@@ -117,16 +117,6 @@ class Service:
             self.on_failed()
             return
         self.state = READY
-
-    def _loaded_what(self) -> str:
-        """The handler, and the model, device and dtype where its description names them."""
-        try:
-            info = description(self.handler)
-        except Exception:  # a describe() that fails is answered (500) on /v1/model; not our concern here
-            info = {}
-        where = ", ".join(f"{key} {info[key]}" for key in ("device", "dtype") if key in info)
-        what = f"{self.handler.name}" + (f" ({info['model']})" if "model" in info else "")
-        return what + (f" on {where}" if where else "")
 
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""

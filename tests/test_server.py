@@ -352,11 +352,9 @@ def test_a_bad_image_among_several_is_named_by_its_place(client, bulldog: bytes)
 
 
 def test_the_log_says_what_was_loaded_where(vit_gpt2_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """One start-up line an operator reads: the model, its device and dtype, and the load time."""
-    with (
-        caplog.at_level(logging.INFO, logger="docker_vit.service"),
-        serving(Settings(model=str(vit_gpt2_dir))),
-    ):
+    """Start-up lines an operator reads: the model, its device and dtype, and the load time."""
+    with caplog.at_level(logging.INFO, logger="docker_vit"), serving(Settings(model=str(vit_gpt2_dir))):
         pass
-    loaded = [r.getMessage() for r in caplog.records if r.getMessage().startswith("loaded ")]
-    assert len(loaded) == 1 and f"({vit_gpt2_dir}) on device cpu, dtype float32 in " in loaded[0], loaded
+    said = [record.getMessage() for record in caplog.records]
+    assert f"{vit_gpt2_dir} on cpu, float32" in said, said
+    assert any(line.startswith(f"loaded {vit_gpt2_dir} in ") for line in said), said
