@@ -639,32 +639,26 @@ def test_ctrl_c_ends_a_run_whose_handler_keeps_a_thread_of_its_own(tmp_path: Pat
     assert process.returncode == 130 and "Traceback" not in err, err
 
 
-def test_a_model_that_fails_on_everything_ends_the_run(library: Path, tmp_path: Path, capsys) -> None:
-    """Not one retried halving per image of the whole folder: three batches failing throughout end it."""
-    for shade in range(12):
-        picture(library / "more" / f"{shade:02}.png", 100 + shade)
-    out = tmp_path / "out.jsonl"
-    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:Broken"]
-    assert cli.main([*command, "--max-batch-size", "2"]) == 1
-    err = capsys.readouterr().err
-    assert "the model failed on every image of 3 batches in a row: RuntimeError: no such device" in err
-    assert out.read_text() == "" and sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved
-
-
-def test_a_prepare_failing_on_every_file_ends_the_run_as_through_a_server(
-    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+@pytest.mark.parametrize(
+    ("handler", "reason"),
+    [("Broken", "RuntimeError: no such device"), ("PrepareBroken", "RuntimeError: no such table")],
+)
+def test_a_model_that_fails_on_everything_ends_the_run(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture, handler: str, reason: str
 ) -> None:
-    """A server answers the handler's own prepare errors 500, and `--url` gives up after three rounds
-    of them: so does a local run, instead of skipping every image of the library."""
+    """Not one retried halving per image of the whole folder, nor, when the handler's prepare fails
+    (a server answers it 500, and `--url` gives up after three rounds), a skip of every image: three
+    batches failing throughout end the run."""
     for shade in range(12):
         picture(library / "more" / f"{shade:02}.png", 100 + shade)
     out = tmp_path / "out.jsonl"
-    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:PrepareBroken"]
+    command = ["caption", str(library), "-o", str(out), "--handler", f"folder_handlers:{handler}"]
     assert cli.main([*command, "--max-batch-size", "2"]) == 1
     err = capsys.readouterr().err
-    assert "skipping" in err and "the model failed: RuntimeError: no such table" in err
-    assert "the model failed on every image of 3 batches in a row: RuntimeError: no such table" in err
-    assert err.count("skipping") <= 3 * 2 + 1  # three batches, and the unreadable picture
+    assert f"the model failed: {reason}" in err
+    assert f"the model failed on every image of 3 batches in a row: {reason}" in err
+    assert out.read_text() == "" and err.count("skipping") <= 3 * 2 + 1  # three batches, a broken file
+    assert sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved
 
 
 def test_a_respond_bug_is_not_retried_in_halves(
