@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 
+import numpy as np
+
 ICO_MAGIC, PNG_MAGIC = b"\x00\x00\x01\x00", b"\x89PNG\r\n\x1a\n"
 TIFF_MAGICS = {b"II*\x00": "little", b"MM\x00*": "big", b"II+\x00": "little", b"MM\x00+": "big"}
 TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: one value per strip or tile
@@ -61,22 +63,27 @@ def _png_chunks(data: bytes, start: int, stop: int) -> int:
 
 def tiff_pieces(data: bytes) -> int:
     """Strips or tiles of a TIFF's first picture (the one Pillow decodes), from its first directory;
-    0 for other files, or when the directory cannot be read (Pillow then refuses the file itself)."""
+    0 for other files, or when the directory cannot be read (Pillow then refuses the file itself).
+    Every entry is read, as Pillow reads them (thousands of private tags may stand before the strips),
+    and a repeated tag counts at its largest."""
     order = TIFF_MAGICS.get(data[:4])
     if order is None:
         return 0
     big = data[2:4] in (b"+\x00", b"\x00+")  # BigTIFF: 8-byte offsets and counts, 20-byte entries
-    number = lambda start, size: int.from_bytes(data[start : start + size], order)  # noqa: E731
-    directory = number(8, 8) if big else number(4, 4)
-    entries, entry, width = (8, 20, 8) if big else (2, 12, 4)
-    first = directory + entries
-    for index in range(min(number(directory, entries), 4096)):  # a directory holds tens of entries
-        at = first + index * entry
-        if at + entry > len(data):
-            break
-        if number(at, 2) in TIFF_PIECES:
-            return number(at + 4, width)  # the entry's count of values: one per piece
-    return 0
+    end = "<" if order == "little" else ">"
+    width = 8 if big else 4
+    directory = int.from_bytes(data[8:16] if big else data[4:8], order)
+    first = directory + (8 if big else 2)
+    entry = np.dtype(
+        [("tag", end + "u2"), ("type", end + "u2"), ("count", f"{end}u{width}"), ("value", f"{end}u{width}")]
+    )
+    stated = int.from_bytes(data[directory:first], order)
+    entries = min(stated, max(0, len(data) - first) // entry.itemsize)  # those the file holds
+    if entries == 0:
+        return 0
+    table = np.frombuffer(data, dtype=entry, count=entries, offset=first)
+    counts = table["count"][np.isin(table["tag"], TIFF_PIECES)]
+    return int(counts.max()) if counts.size else 0
 
 
 def ico_pixels(data: bytes) -> int:

@@ -277,6 +277,20 @@ def test_a_tiff_of_a_million_strips_is_refused_before_decoding() -> None:
         ),
         (b"MM\x00*" + struct.pack(">IH", 8, 1) + struct.pack(">HHII", 273, 4, 60_001, 0), 60_001),
         (b"II+\x00" + struct.pack("<HHQQ", 8, 0, 16, 1) + struct.pack("<HHQQ", 273, 16, 99_999, 0), 99_999),
+        (
+            b"II*\x00"
+            + struct.pack("<IH", 8, 4101)
+            + struct.pack("<HHII", 65000, 4, 1, 0) * 4100
+            + struct.pack("<HHII", 273, 4, 60_001, 0),
+            60_001,
+        ),  # Pillow reads every entry
+        (
+            b"II*\x00"
+            + struct.pack("<IH", 8, 2)
+            + struct.pack("<HHII", 273, 4, 60_001, 0)
+            + struct.pack("<HHII", 273, 4, 1, 0),
+            60_001,
+        ),  # a repeated tag
         (b"MM\x00*" + struct.pack(">IH", 8, 500), 0),  # a directory cut short: Pillow's to refuse
         (b"II*\x00" + struct.pack("<I", 10**9), 0),  # a directory past the end
         (b"GIF89a", 0),
