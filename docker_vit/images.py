@@ -155,10 +155,9 @@ def _draft_scale(size: tuple[int, int], least: int) -> int:
 
 def _check_decoding_work(data: bytes) -> int:
     """Refuse files whose decoding costs far more than their pixels and bytes suggest: a JPEG of
-        thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
-        a TIFF of 1.8 million one-row strips 7.6 s from 20 MB, all the while holding a decode thread that
-    other clients' images need. Returns a JPEG's scans,
-        which are bounded again once its size is known."""
+    thousands of (empty) scans took 22 s to decode from 316 KB, a PNG of tiny chunks ~20 s from 20 MB,
+    a TIFF of 1.8 million one-row strips 7.6 s from 20 MB, all the while holding a decode thread that
+    other clients' images need. Returns a JPEG's scans, which are bounded again once its size is known."""
     scans = 0
     if data[:2] == b"\xff\xd8":
         scans, segments = structure.jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
