@@ -20,10 +20,10 @@ def download(model: str, folder: str | None = None) -> str:
 def _has_safetensors(model: str) -> bool:
     """Whether the repository's own weights come as safetensors; when it cannot be listed (offline,
     say), keep everything: the download then says why it fails, or serves from the cache."""
-    from huggingface_hub import list_repo_files
+    from huggingface_hub import model_info
 
-    try:
-        names = list_repo_files(model)
+    try:  # the call snapshot_download makes first: one try (list_repo_files retried for 23 s offline)
+        names = [sibling.rfilename for sibling in model_info(model).siblings or ()]
     except Exception:
         return False
     return any(name.endswith(".safetensors") and "/" not in name for name in names)

@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -197,6 +198,11 @@ def test_bad_options_are_usage_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.code == 2
 
 
+def listing(names: list[str]) -> Any:
+    """What the Hub's model_info answers, as far as download reads it."""
+    return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in names])
+
+
 def test_download_fills_the_cache_or_a_folder(
     monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
 ) -> None:
@@ -213,7 +219,7 @@ def test_download_fills_the_cache_or_a_folder(
 
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
     monkeypatch.setattr(
-        "huggingface_hub.list_repo_files", lambda repo_id: ["config.json", "pytorch_model.bin"]
+        "huggingface_hub.model_info", lambda repo_id: listing(["config.json", "pytorch_model.bin"])
     )
     assert cli.main(["download", "nlpconnect/vit-gpt2-image-captioning", "--dir", str(tmp_path)]) == 0
     assert calls == [("nlpconnect/vit-gpt2-image-captioning", str(tmp_path))]
@@ -236,16 +242,16 @@ def test_download_leaves_out_pickled_weights_beside_safetensors(
     """transformers loads the safetensors: a baked image would carry the model twice."""
     seen = []
 
-    def listed(repo_id: str) -> list[str]:
+    def listed(repo_id: str) -> Any:
         if isinstance(files, Exception):
             raise files
-        return files
+        return listing(files)
 
     def fake_snapshot(repo_id: str, local_dir: str | None = None, ignore_patterns: Any = ()) -> str:
         seen.extend(ignore_patterns)
         return "/cache/x"
 
-    monkeypatch.setattr("huggingface_hub.list_repo_files", listed)
+    monkeypatch.setattr("huggingface_hub.model_info", listed)
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
     hub.download("org/model")
     skipped = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in seen)  # noqa: E731
@@ -289,7 +295,7 @@ def test_download_does_not_load_torch() -> None:
     script = (
         "import sys, huggingface_hub\n"
         "huggingface_hub.snapshot_download = lambda **kwargs: '/cache/x'\n"
-        "huggingface_hub.list_repo_files = lambda repo_id: []\n"
+        "huggingface_hub.model_info = lambda repo_id: None\n"
         "from docker_vit import cli\n"
         "assert cli.main(['download', 'org/model']) == 0\n"
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))\n"
