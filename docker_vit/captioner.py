@@ -49,13 +49,6 @@ class Captioner(Handler):
                 f"can generate ({self._token_limit()}: its position embeddings end there)"
             )
         self._probe()
-        engine = self.engine
-        log.info(
-            "%s on %s, %s",
-            shown_id(self.settings.model),
-            engine.device,
-            str(engine.dtype).removeprefix("torch."),
-        )
 
     def _probe(self) -> None:
         """One token for a blank image, at the default beam width. A model that needs a text prompt with

@@ -9,6 +9,7 @@ GIT, Pix2Struct); vit-gpt2-shaped models take a faster, token-for-token identica
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,6 +27,8 @@ from docker_vit import checkpoints, decoding, logs, memory
 
 # Out of memory, on the device or the host: said as itself at load, not as "cannot caption".
 OUT_OF_MEMORY = (MemoryError, torch.OutOfMemoryError)
+
+log = logging.getLogger("docker_vit.engine")
 
 
 class CaptionEngine:
@@ -65,6 +68,8 @@ class CaptionEngine:
         # The start token takes position 0 and the last new token is never fed back: one per position,
         # less those the text model spends before the start token.
         self.max_new_tokens = positions - _positions_taken(model) if isinstance(positions, int) else None
+        dtype = str(self.dtype).removeprefix("torch.")
+        log.info("%s on %s, %s", checkpoints.shown_id(self.model_id), self.device, dtype)
 
     def pixels(self, image: Image.Image) -> dict[str, torch.Tensor]:
         """One RGB image to the model's inputs, by name: its normalized `pixel_values` (Pix2Struct's

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 from docker_vit.calls import (
@@ -80,7 +79,15 @@ class LocalRunner:
         return [(path, cpu.submit(self._prepare, path)) for path in batch]
 
     def _prepare(self, path: str) -> Any:
-        return contained(self.handler.prepare, read_file(path, self.max_bytes), self.options)
+        """The file's item; its own failures (unreadable, too big) raise as they are, the handler's
+        (but for InputError, the input's) as `_Failed`: a server answers those 500."""
+        data = read_file(path, self.max_bytes)
+        try:
+            return contained(self.handler.prepare, data, self.options)
+        except InputError:
+            raise
+        except Exception as exc:  # an OSError too: the handler's own files, not the image's
+            raise _Failed(exc) from None
 
     def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
         outcomes = [Outcome(path) for path, _ in prepared]
@@ -89,11 +96,11 @@ class LocalRunner:
             try:
                 items.append(future.result())
                 ready.append(outcome)
-            except (InputError, OSError) as exc:  # the file's fault: unreadable, or refused
+            except _Failed as failed:  # the handler's: counts toward giving up
+                outcome.error = f"the model failed: {type(failed.error).__name__}: {failed.error}"
+                broke.append(failed.error)
+            except Exception as exc:  # the file's: unreadable, or refused
                 outcome.error = describe_error(exc)
-            except Exception as exc:  # the handler's (a server answers 500): counts toward giving up
-                outcome.error = f"the model failed: {describe_error(exc)}"
-                broke.append(exc)
         results = self._results(items)
         self._give_up_on_a_broken_model(broke + results)
         for outcome, result in zip(ready, results, strict=True):
@@ -142,11 +149,13 @@ class LocalRunner:
         return self._outputs(items[:middle]) + self._outputs(items[middle:])
 
 
-@dataclass
-class _Failed:
-    """The model's failure on an item, among `predict`'s outputs (which may be anything)."""
+class _Failed(Exception):
+    """The handler's failure on an item: raised from `prepare`, or standing among `predict`'s outputs
+    (which may be anything) for an item it failed on."""
 
-    error: Exception
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _respond(handler: Any, output: Any) -> Result | Exception:

@@ -117,6 +117,14 @@ class PrepareBroken(Digest):
         raise RuntimeError("no such table")
 
 
+class PrepareMissingFile(Digest):
+    """A handler whose `prepare` reads a file of its own that is not there: an OSError, but the
+    handler's, not the image's."""
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        raise FileNotFoundError(2, "No such file or directory", "/nonexistent/vocab.txt")
+
+
 class RespondBroken(Digest):
     """A handler whose `respond` hands back a str: its bug, which no run of the model would mend."""
 

@@ -641,7 +641,14 @@ def test_ctrl_c_ends_a_run_whose_handler_keeps_a_thread_of_its_own(tmp_path: Pat
 
 @pytest.mark.parametrize(
     ("handler", "reason"),
-    [("Broken", "RuntimeError: no such device"), ("PrepareBroken", "RuntimeError: no such table")],
+    [
+        ("Broken", "RuntimeError: no such device"),
+        ("PrepareBroken", "RuntimeError: no such table"),
+        (
+            "PrepareMissingFile",
+            "FileNotFoundError: [Errno 2] No such file or directory: '/nonexistent/vocab.txt'",
+        ),
+    ],
 )
 def test_a_model_that_fails_on_everything_ends_the_run(
     library: Path, tmp_path: Path, capsys: pytest.CaptureFixture, handler: str, reason: str

@@ -55,7 +55,10 @@ def ray_url(tiny_model: Path) -> Iterator[str]:
     saved = os.environ.get("RAY_USAGE_STATS_ENABLED")
     os.environ["RAY_USAGE_STATS_ENABLED"] = "0"  # the workers inherit it: no traffic beyond loopback
     port = free_port()
-    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # a cluster of its own, even where a stale /tmp/ray/ray_current_cluster names one long gone
+    ray.init(
+        address="local", num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False
+    )
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         # serve.run returns once the replica passed its first health check: model loaded and warm.
@@ -80,7 +83,8 @@ def post_photo(url: str, name: str = "french_bulldog.jpg") -> httpx.Response:
 @pytest.fixture(scope="module")
 def local(tiny_model: Path) -> Iterator[TestClient]:
     """The same model and settings in `docker-vit serve`'s own app, in-process: the reference."""
-    with serving(Settings(model=str(tiny_model), num_beams=2, max_new_tokens=8)) as client:
+    same = {"num_beams": 2, "max_new_tokens": 8, "max_wait_ms": 50.0, "max_batch_size": 8}  # as ARGS
+    with serving(Settings(model=str(tiny_model), **same)) as client:
         yield client
 
 
