@@ -17,7 +17,7 @@ import itertools
 import json
 import signal
 import threading
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
@@ -132,13 +132,11 @@ def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> li
     # device thread, and never end. A generator's own errors keep their names.
     taken = contained(list, itertools.islice(each, count + 1))
     if len(taken) != count:
-        said = (
-            len(outputs)
-            if isinstance(outputs, Sized)
-            else f"more than {count}"
-            if taken[count:]
-            else len(taken)
-        )
+        said: int | str = len(taken)
+        if isinstance(outputs, list | tuple):  # its own length (a handler's `__len__` is its code)
+            said = len(outputs)
+        elif taken[count:]:
+            said = f"more than {count}"
         raise WrongCount(f"predict returned {said} outputs for {count} items")
     return taken
 

@@ -107,7 +107,8 @@ class RemoteRunner:
         else:  # a server that won't say its defaults gets ours, so that records stay true
             self.params = self.recorded = dict(params)
         limit = model.get("limits", {}).get("max_bytes") if isinstance(model.get("limits"), dict) else None
-        self.max_bytes = limit if isinstance(limit, int) and limit > 0 else settings.max_bytes
+        self.servers_limit = isinstance(limit, int) and limit > 0
+        self.max_bytes = limit if self.servers_limit else settings.max_bytes
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         """As a local run: a model that fails on every image of GIVE_UP_AFTER batches' worth in a row is
@@ -121,7 +122,7 @@ class RemoteRunner:
 
     def _caption(self, path: str) -> Outcome:
         try:
-            answer = self._post(read_file(path, self.max_bytes))  # no upload the server would refuse
+            answer = self._post(read_file(path, self.max_bytes, self.servers_limit))  # none it would refuse
         except (OSError, InputError) as exc:
             return Outcome(path, error=describe_error(exc))
         except _Skip as exc:

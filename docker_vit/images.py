@@ -78,7 +78,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     if not data:  # missing input (400), rather than bytes that are not a picture (415)
         raise InputError("image is empty: it has no bytes")
     if structure.ico_pixels(data) > max_pixels:
-        raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}")
+        raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}", "max_pixels")
     scans = _check_decoding_work(data)
     try:
         with warnings.catch_warnings():

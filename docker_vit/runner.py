@@ -33,14 +33,17 @@ Runner = Callable[[list[str]], Iterator[list[Outcome]]]
 GIVE_UP_AFTER = 3  # batches (of a server's: --concurrency images) in a row in which the model failed on all
 
 
-def read_file(path: str, limit: int) -> bytes:
+def read_file(path: str, limit: int, servers: bool = False) -> bytes:
     """An image file's bytes, read no further than `limit` (a 3 GB file, a link to /dev/zero); what is
-    no regular file is refused unopened (opening a FIFO would wait for a writer for ever)."""
+    no regular file is refused unopened (opening a FIFO would wait for a writer for ever). `servers`:
+    the limit is a server's, which no flag of this run raises."""
     if not stat.S_ISREG(os.stat(path).st_mode):
         raise InputError("not a regular file")
     with open(path, "rb") as file:
         data = file.read(limit + 1)
     if len(data) > limit:
+        if servers:
+            raise TooLarge(f"the file is over the server's limit of {limit} bytes")
         raise TooLarge(f"the file is over the limit of {limit} bytes", "max_bytes")
     return data
 

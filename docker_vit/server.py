@@ -86,6 +86,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         return {"status": "ok"}
 
     not_ready = {"description": "loading, failed to load, or stalled", "content": _JSON_ERROR}
+    unhealthy = {"description": "failed to load, or stalled", "content": _JSON_ERROR}
 
     @app.get("/readyz", responses={503: not_ready})
     async def readyz() -> JSONResponse:
@@ -96,7 +97,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         body = {"status": service.status, **errors.error_body(why.type, why.message)}
         return JSONResponse(body, status_code=why.status, headers=why.headers)
 
-    @app.get("/ping", responses={204: {"description": "loading"}, 503: not_ready})
+    @app.get("/ping", responses={204: {"description": "loading"}, 503: unhealthy})
     async def ping() -> Response:
         """Runpod's load balancer: 200 when ready, 204 while loading, 503 when loading failed or stalled."""
         if service.ready:

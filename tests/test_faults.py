@@ -471,6 +471,7 @@ def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(statu
         (lambda items: itertools.repeat("x"), "predict returned more than 2 outputs for 2 items"),
         (lambda items: iter(["x"]), "predict returned 1 outputs for 2 items"),
         (lambda items: ["x"] * 5, "predict returned 5 outputs for 2 items"),
+        (lambda items: _LengthExits(["x"]), "predict returned 1 outputs for 2 items"),  # never asked
     ],
 )
 def test_a_predict_of_endless_outputs_fails_its_call(outputs: Any, words: str) -> None:
@@ -479,3 +480,16 @@ def test_a_predict_of_endless_outputs_fails_its_call(outputs: Any, words: str) -
     handler = SimpleNamespace(predict=lambda items, options: outputs(items))
     with pytest.raises(HandlerBug, match=words):
         predict_all(handler, ["a", "b"], ())
+
+
+class _LengthExits:
+    """A handler's sequence whose `__len__` is broken: the count is taken by iterating it."""
+
+    def __init__(self, values: list) -> None:
+        self.values = values
+
+    def __iter__(self) -> Any:
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        raise SystemExit(3)
