@@ -9,7 +9,7 @@ Captions the test photos (../shared/data, or tests/data) and variants of each (m
 halves, a center crop, gray) with the vit-gpt2-architecture model of `benchmarks/model.py` through
 `CaptionEngine`, the path the server runs, in float32 and in each dtype, 15 new tokens. Reports, per
 dtype and beam width: captions identical to float32's, and tokens that agree (the same token at the
-same position, counted over float32's tokens). Random weights make near-ties common, so a trained
+same position, counted over float32's own tokens: the start token and the batch's padding left out). Random weights make near-ties common, so a trained
 model agrees at least as often; its own rate needs its weights (no Hub download on these machines).
 """
 
@@ -84,10 +84,23 @@ def captions(
     engine = CaptionEngine(str(folder), device, dtype)
     engine.load()
     pixels = [engine.pixels(image) for image in images]
+    eos = engine.model.generation_config.eos_token_id
+    ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     ids: list[list[int]] = []
     for start in range(0, len(pixels), batch):
-        ids += engine.generate(pixels[start : start + batch], beams, 15)
+        ids += [own_tokens(row, ends) for row in engine.generate(pixels[start : start + batch], beams, 15)]
     return ids
+
+
+def own_tokens(row: list[int], ends: set[int]) -> list[int]:
+    """A caption's own tokens: after the start token, up to its end token (what follows pads the
+    batch's shorter captions to its longest)."""
+    tokens = []
+    for token in row[1:]:
+        tokens.append(token)
+        if token in ends:
+            break
+    return tokens
 
 
 if __name__ == "__main__":

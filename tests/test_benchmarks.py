@@ -105,3 +105,10 @@ def test_agreement_compares_a_dtype_with_float32(
     assert agreement.main(["--quick", "--dtypes", "float32", "--beams", "1,2"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| float32")]
     assert len(rows) == 2 and all("| 20 of 20 |" in row and "(100%)" in row for row in rows), rows
+
+
+def test_agreement_counts_a_captions_own_tokens() -> None:
+    from benchmarks.agreement import own_tokens
+
+    assert own_tokens([0, 5, 6, 2, 2, 2], {2}) == [5, 6, 2]  # no start token, no padding after the end
+    assert own_tokens([0, 5, 6, 7], {2}) == [5, 6, 7]  # cut by the length
