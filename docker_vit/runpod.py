@@ -68,10 +68,6 @@ class Worker:
         """Runpod's handler: one job, answered on the service's loop whatever loop Runpod runs."""
         return await asyncio.wrap_future(self._submit(self.process(job)))
 
-    def handle_sync(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        """The same, for callers without an event loop."""
-        return self._submit(self.process(job)).result()
-
     async def process(self, job: Mapping[str, Any]) -> dict[str, Any]:
         with memory.in_use:  # what a job leaves in the heap goes back to the OS once all are done
             return await self._answer(job)

@@ -126,10 +126,6 @@ def test_base64_is_decoded_off_the_loop_that_runs_the_batches(worker, monkeypatc
     assert threads and worker._thread not in threads
 
 
-def test_sync_entry_point(worker):
-    assert worker.handle_sync({"input": {"image": png()}})["captions"][0]["text"].startswith("32x24")
-
-
 @pytest.mark.parametrize(
     ("job", "kind"),
     [
