@@ -20,7 +20,8 @@ import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
-from docker_vit.handler import Handler, HandlerBug, OptionsError, Result
+from docker_vit.errors import OptionsError
+from docker_vit.handler import Handler, HandlerBug, Result
 from docker_vit.process import Stopped
 
 

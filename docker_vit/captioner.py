@@ -13,8 +13,8 @@ from docker_vit.calls import stop_if_abandoned
 from docker_vit.checkpoints import Unservable, shown_id
 from docker_vit.config import GENERATION, Settings
 from docker_vit.engine import OUT_OF_MEMORY, CaptionEngine
-from docker_vit.handler import Handler, OptionsError, Result, shown
-from docker_vit.images import TooLarge
+from docker_vit.errors import OptionsError, TooLarge
+from docker_vit.handler import Handler, Result, shown
 
 log = logging.getLogger("docker_vit.captioner")
 DRAFT_SIDE = 512

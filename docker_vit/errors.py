@@ -1,9 +1,9 @@
-"""Every error a client sees has one shape: `{"error": {"type": ..., "message": ...}}`.
+"""The errors a client is answered with, and their one shape: `{"error": {"type": ..., "message": ...}}`.
 
-The errors that mean "the client's mistake" (a refused input, bad options, a full queue), raised deep
-in the core, and what each failure means to a client, for every front end alike: no web framework here
-(the Runpod worker answers with the same objects), FastAPI's side of it is http_errors.py. It imports
-nothing of the package, so every layer can raise these."""
+Here are the failures that are the client's doing (a refused input or image, bad options, a full
+queue), raised deep in the core, and what each failure means to a client, for every front end alike.
+No web framework here (the Runpod worker answers with the same objects; FastAPI's side is
+http_errors.py), and nothing of the package is imported, so every layer can raise these."""
 
 from __future__ import annotations
 
@@ -33,6 +33,28 @@ class InputError(Exception):
 
     status = 400
     type = "invalid_request"
+
+
+class ImageError(InputError):
+    """A client's image was refused; `status` is the HTTP answer it deserves."""
+
+    status = 415
+    type = "unsupported_media_type"
+
+
+class TooLarge(ImageError):
+    """An image, or the work of decoding it, over a limit (413)."""
+
+    status = 413
+    type = "payload_too_large"
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting  # the setting that raises the limit, where one does: `caption` says so
+
+
+class NotAnImage(ImageError):
+    """Bytes that are no picture this server decodes (415)."""
 
 
 class OptionsError(ValueError):

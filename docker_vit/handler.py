@@ -19,8 +19,8 @@ from typing import Any
 from PIL import Image
 
 from docker_vit.config import Settings
-from docker_vit.errors import InputError, OptionsError
-from docker_vit.images import ImageError, TooLarge, open_image
+from docker_vit.errors import ImageError, InputError, OptionsError, TooLarge
+from docker_vit.images import open_image
 
 __all__ = [
     "Handler",
@@ -31,6 +31,7 @@ __all__ = [
     "OptionsError",
     "Result",
     "TooLarge",
+    "shown",
 ]
 
 

@@ -1,8 +1,10 @@
-"""Image intake: untrusted bytes in, one plain RGB picture out.
+"""Image intake for handlers of pictures (`Handler.open_image`): untrusted bytes in, one plain RGB
+picture out.
 
-Everything a client can send lands here first, so every check that is cheap happens before the
-expensive full decode: the byte limit, the format allow-list, and the pixel limit read from the header
-(decompression bombs never get decoded).
+Every check that is cheap happens before the expensive full decode: the byte limit, the format
+allow-list, the decoding work counted from the file's structure (structure.py), and the pixel limit
+read from the header (decompression bombs never get decoded). Then the decode, under a pixel budget
+shared by every thread, the EXIF orientation, and any mode to 8-bit RGB.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from docker_vit import structure
-from docker_vit.errors import InputError
+from docker_vit.errors import ImageError, InputError, NotAnImage, TooLarge
 
 # Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
 # JPEG, comes through the JPEG opener.) Only names this Pillow registers: `Image.open` stops at the
@@ -44,26 +46,6 @@ os.environ.setdefault("LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER", str(FEW_JPEG_SCANS
 # convert (a lossless WebP of it is 1.6 KB), and there is a decoding thread per core. Two such at once;
 # photos of ordinary size (12 megapixels, or a draft of a bigger JPEG) six at once.
 DECODING_PIXELS = 80_000_000
-
-
-class ImageError(InputError):
-    """A client's image was refused; `status` is the HTTP answer it deserves."""
-
-    status = 415
-    type = "unsupported_media_type"
-
-
-class TooLarge(ImageError):
-    status = 413
-    type = "payload_too_large"
-
-    def __init__(self, message: str, setting: str | None = None) -> None:
-        super().__init__(message)
-        self.setting = setting  # the setting that raises the limit, where one does: `caption` says so
-
-
-class NotAnImage(ImageError):
-    pass
 
 
 def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | None = None) -> Image.Image:

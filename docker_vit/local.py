@@ -23,7 +23,8 @@ from docker_vit.calls import (
 )
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.handler import InputError, OptionsError, Result
+from docker_vit.errors import InputError, OptionsError
+from docker_vit.handler import Result
 from docker_vit.loader import batch_size, load_handler
 from docker_vit.process import cpu_threads
 from docker_vit.runner import (

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from docker_vit.config import GENERATION, flag_name
-from docker_vit.errors import InputError
-from docker_vit.images import TooLarge
+from docker_vit.errors import InputError, TooLarge
 
 
 class CaptionError(Exception):

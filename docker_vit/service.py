@@ -17,9 +17,8 @@ from typing import Any
 from docker_vit.batching import Batcher
 from docker_vit.calls import contained, predict_all, read_options, respond
 from docker_vit.config import Settings
-from docker_vit.errors import InputError
+from docker_vit.errors import InputError, TooLarge
 from docker_vit.handler import Handler, Result
-from docker_vit.images import TooLarge
 from docker_vit.loader import batch_size, check_attributes
 from docker_vit.metrics import Metrics
 from docker_vit.process import cpu_threads
