@@ -24,7 +24,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from docker_vit.calls import Abandoned, WrongOutputs, drop_frames, splittable
+from docker_vit.abandon import Abandoned
+from docker_vit.calls import WrongOutputs, drop_frames, splittable
 from docker_vit.device import DeviceThread
 from docker_vit.errors import InputError, QueueFull, TooManyItems
 

@@ -7,19 +7,19 @@ loop), hang a future (StopIteration cannot be set on one) or keep a failed batch
 its traceback; `contained` turns each into an ordinary error of the one call, and the checked calls
 below (`read_options`, `predict_all`, `respond`, `description`) refuse what no front end could send.
 Also here, for the server's batcher and `caption` alike: which failed calls are worth retrying in
-halves, and whether anyone still waits for the running call (`stop_if_abandoned`).
+halves, and how a failed call's memory is let go.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import signal
 import threading
-from collections.abc import Callable, Hashable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
+from docker_vit.abandon import Abandoned
 from docker_vit.errors import OptionsError
 from docker_vit.handler import Handler, HandlerBug, Result
 from docker_vit.process import Stopped
@@ -33,33 +33,6 @@ class WrongOutputs(RuntimeError):
 def splittable(exc: BaseException) -> bool:
     """Whether a failed batch is worth retrying in halves (a poison item, an out-of-memory error)."""
     return not isinstance(exc, WrongOutputs | Abandoned)
-
-
-class Abandoned(Exception):
-    """Every caller of the running call has gone (left, or answered 504): its outputs reach no one."""
-
-
-_watch = threading.local()  # the test `stop_if_abandoned` asks, for the call running on this thread
-
-
-@contextlib.contextmanager
-def watched(gone: Callable[[], bool] | None) -> Iterator[None]:
-    """Within, `stop_if_abandoned` on this thread asks `gone` (the batcher's: have all callers left?)."""
-    _watch.gone = gone
-    try:
-        yield
-    finally:
-        _watch.gone = None
-
-
-def stop_if_abandoned() -> None:
-    """Raise Abandoned once every caller of the call running on this thread has gone. A long `predict`
-    calls it between its steps (the captioner does before each token), so that a batch whose callers
-    left or timed out stops there instead of holding the device, and the requests behind it, for
-    nothing. Outside a server's batch it never raises."""
-    gone = getattr(_watch, "gone", None)
-    if gone is not None and gone():
-        raise Abandoned("every caller of this batch has gone")
 
 
 def contained(fn: Callable[..., Any], *args: Any) -> Any:

@@ -9,7 +9,7 @@ from typing import Any, NamedTuple
 
 from PIL import Image
 
-from docker_vit.calls import stop_if_abandoned
+from docker_vit.abandon import stop_if_abandoned
 from docker_vit.checkpoints import Unservable, shown_id
 from docker_vit.config import GENERATION, Settings
 from docker_vit.engine import OUT_OF_MEMORY, CaptionEngine

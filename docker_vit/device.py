@@ -13,7 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
-from docker_vit.calls import contained, watched
+from docker_vit.abandon import watched
+from docker_vit.calls import contained
 
 
 class DeviceThread:
@@ -29,7 +30,7 @@ class DeviceThread:
         return self._calls > 0
 
     async def run(self, fn: Callable[..., Any], *args: Any, gone: Callable[[], bool] | None = None) -> Any:
-        """`fn(*args)` on the thread; `gone` is what `calls.stop_if_abandoned` asks there meanwhile."""
+        """`fn(*args)` on the thread; `gone` is what `abandon.stop_if_abandoned` asks there meanwhile."""
         call = partial(self._counted, fn, *args, gone=gone)
         return await asyncio.get_running_loop().run_in_executor(self._pool, call)
 

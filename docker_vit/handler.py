@@ -18,6 +18,7 @@ from typing import Any
 
 from PIL import Image
 
+from docker_vit.abandon import stop_if_abandoned
 from docker_vit.config import Settings
 from docker_vit.errors import ImageError, InputError, OptionsError, TooLarge
 from docker_vit.images import open_image
@@ -32,6 +33,7 @@ __all__ = [
     "Result",
     "TooLarge",
     "shown",
+    "stop_if_abandoned",
 ]
 
 
@@ -97,7 +99,7 @@ class Handler:
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         """Run the model on a batch; return one output per item, in order. A long one may call
-        `docker_vit.calls.stop_if_abandoned()` between its steps, to stop once nobody waits for it."""
+        `stop_if_abandoned()` (from this module) between its steps, to stop once nobody waits for it."""
         raise NotImplementedError(f"{type(self).__name__} does not implement predict()")
 
     def respond(self, output: Any) -> Result:

@@ -545,7 +545,7 @@ def test_an_error_of_any_shape_from_predict_never_stops_the_batcher() -> None:
 def test_a_batch_whose_callers_all_left_stops_at_its_next_step(caplog) -> None:
     """A long predict that asks `stop_if_abandoned` between steps ends once nobody waits for it, and a
     batch with one caller still waiting runs on."""
-    from docker_vit.calls import Abandoned, stop_if_abandoned
+    from docker_vit.abandon import Abandoned, stop_if_abandoned
 
     steps: dict[str, int] = {}
     outcome: dict[str, str] = {}
@@ -586,7 +586,7 @@ def test_a_batch_whose_callers_all_left_stops_at_its_next_step(caplog) -> None:
 
 
 def test_outside_a_batch_stop_if_abandoned_never_raises() -> None:
-    from docker_vit.calls import stop_if_abandoned, watched
+    from docker_vit.abandon import stop_if_abandoned, watched
 
     assert stop_if_abandoned() is None  # `docker-vit caption` runs predict outside any batch
     with watched(lambda: False):
@@ -600,7 +600,7 @@ def test_a_stopped_batch_frees_its_work_without_the_cycle_collector() -> None:
     import gc
     import weakref
 
-    from docker_vit.calls import stop_if_abandoned
+    from docker_vit.handler import stop_if_abandoned  # where handler authors find it
 
     class Caches:
         pass
