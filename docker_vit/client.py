@@ -122,7 +122,7 @@ class RemoteRunner:
 
     def _caption(self, path: str) -> Outcome:
         try:
-            answer = self._post(read_file(path, self.max_bytes, self.servers_limit))  # none it would refuse
+            answer = self._send(read_file(path, self.max_bytes, self.servers_limit))  # none it would refuse
         except (OSError, InputError) as exc:
             return Outcome(path, error=describe_error(exc))
         except _Skip as exc:
@@ -131,7 +131,7 @@ class RemoteRunner:
         text = entry.pop("text")
         return Outcome(path, entry=record(path, text, answer.get("model", ""), self.recorded, entry))
 
-    def _post(self, data: bytes) -> dict[str, Any]:
+    def _send(self, data: bytes) -> dict[str, Any]:
         query = urllib.parse.urlencode(self.params)
         failures, deadline = 0, time.monotonic() + BUSY_WAIT
         while True:

@@ -77,7 +77,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
                 image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
             with decode_budget.hold(image.width * image.height):
                 image.load()
-                return to_rgb(_orient(image))
+                return _to_rgb(_orient(image))
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own cap, ~179 M pixels, met before ours
@@ -170,7 +170,7 @@ def _orient(image: Image.Image) -> Image.Image:
         return image
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: alpha composited on white, deep grays scaled, not clipped."""
     if "transparency" in image.info and image.mode in ("P", "L", "RGB"):  # a transparent color (tRNS)
         image = image.convert("RGBA")

@@ -66,16 +66,16 @@ class Worker:
 
     async def handle(self, job: Mapping[str, Any]) -> dict[str, Any]:
         """Runpod's handler: one job, answered on the service's loop whatever loop Runpod runs."""
-        return await asyncio.wrap_future(self._submit(self.process(job)))
-
-    async def process(self, job: Mapping[str, Any]) -> dict[str, Any]:
-        with memory.in_use:  # what a job leaves in the heap goes back to the OS once all are done
-            return await self._answer(job)
+        return await asyncio.wrap_future(self._submit(self._answer(job)))
 
     async def _answer(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        with memory.in_use:  # what a job leaves in the heap goes back to the OS once all are done
+            return await self._answered(job)
+
+    async def _answered(self, job: Mapping[str, Any]) -> dict[str, Any]:
         try:  # base64 of up to max_images x max_bytes: decoded off the loop that runs the batches
             names = self.service.handler.option_names
-            inputs, raw = await asyncio.to_thread(read_job, job, self.settings, names)
+            inputs, raw = await asyncio.to_thread(_read_job, job, self.settings, names)
             await self._wait_ready()
             results = await frontend.answer(self.service, inputs, raw, patient=True)
         except errors.ApiError as exc:
@@ -101,7 +101,7 @@ class Worker:
             self.loop.close()
 
 
-def read_job(
+def _read_job(
     job: Mapping[str, Any], settings: Settings, option_names: tuple[str, ...] | None = None
 ) -> tuple[list[bytes], dict[str, Any]]:
     """A job's images (decoded) and the handler's options, or an ApiError naming what is wrong."""

@@ -1,6 +1,6 @@
 """A request's images and options: from a multipart form, a raw image body or JSON, within the limits.
 
-The web layer's half of intake: bytes come out, still undecoded (`images.py` decodes them). Every
+The web layer's half of intake: bytes come out, still undecoded (the handler's `prepare` decodes them). Every
 limit that can be judged before decoding is judged here, with the 4xx it deserves.
 """
 
