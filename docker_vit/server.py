@@ -51,11 +51,13 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
         read_timeout=settings.read_timeout,
         proxied=proxied,
     )
-    _routes(app, service, settings)
+    _caption_routes(app, service, settings)
+    _open_routes(app, service)
     return app
 
 
-def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
+def _caption_routes(app: FastAPI, service: Service, settings: Settings) -> None:
+    """`POST /` and `POST /v1/captions`, behind the API key check."""
     authorized = Depends(_api_key_check(settings.api_keys))
 
     names = tuple(service.handler.option_names or ())  # the fields its `options` reads, for /docs
@@ -77,6 +79,10 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
             results = await _run(request, service, inputs, raw)
         return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
 
+
+def _open_routes(app: FastAPI, service: Service) -> None:
+    """What is served and whether it serves: open to all (probes have no keys), HEAD too."""
+
     @app.get("/v1/model")
     async def model() -> JSONResponse:
         return JSONResponse(await frontend.model_info(service))
@@ -85,10 +91,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    not_ready = {"description": "loading, failed to load, or stalled", "content": _JSON_ERROR}
-    unhealthy = {"description": "failed to load, or stalled", "content": _JSON_ERROR}
-
-    @app.get("/readyz", responses={503: not_ready})
+    @app.get("/readyz", responses={503: _NOT_READY})
     async def readyz() -> JSONResponse:
         """`status` for probes; while not ready, the standard error object says why."""
         if service.ready:
@@ -97,7 +100,7 @@ def _routes(app: FastAPI, service: Service, settings: Settings) -> None:
         body = {"status": service.status, **errors.error_body(why.type, why.message)}
         return JSONResponse(body, status_code=why.status, headers=why.headers)
 
-    @app.get("/ping", responses={204: {"description": "loading"}, 503: unhealthy})
+    @app.get("/ping", responses={204: {"description": "loading"}, 503: _UNHEALTHY})
     async def ping() -> Response:
         """Runpod's load balancer: 200 when ready, 204 while loading, 503 when loading failed or stalled."""
         if service.ready:
@@ -168,6 +171,8 @@ _ERROR = {  # every error answer's body (http_errors.error_response)
     },
 }
 _JSON_ERROR = {"application/json": {"schema": _ERROR}}
+_NOT_READY = {"description": "loading, failed to load, or stalled", "content": _JSON_ERROR}
+_UNHEALTHY = {"description": "failed to load, or stalled", "content": _JSON_ERROR}
 _ERRORS = {
     "400": "no image, or a malformed request",
     "401": "a missing or wrong API key (when the server has keys)",
