@@ -20,6 +20,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
 from docker_vit.abandon import Abandoned
+from docker_vit.abandon import stop_if_abandoned as stop_if_abandoned  # the path docs once gave
 from docker_vit.errors import OptionsError
 from docker_vit.handler import Handler, HandlerBug, Result
 from docker_vit.process import Stopped
