@@ -100,18 +100,17 @@ def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> li
     count = len(items)  # before predict, which may consume its list
     outputs = contained(handler.predict, items, options)
     try:
-        each = iter(outputs)
+        each = contained(iter, outputs)  # its `__iter__`, like its `__len__` below, is the handler's code
     except TypeError:
         raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
     # One output past the count is enough to know: an endless iterator would fill the memory of the
     # device thread, and never end. A generator's own errors keep their names.
     taken = contained(list, itertools.islice(each, count + 1))
     if len(taken) != count:
-        said: int | str = len(taken)
-        if isinstance(outputs, list | tuple):  # its own length (a handler's `__len__` is its code)
-            said = len(outputs)
-        elif taken[count:]:
-            said = f"more than {count}"
+        try:
+            said: int | str = contained(len, outputs)  # a list's or an array's own length
+        except Exception:  # none (a generator, an endless iterator), or a broken one
+            said = f"more than {count}" if taken[count:] else len(taken)
         raise WrongCount(f"predict returned {said} outputs for {count} items")
     return taken
 

@@ -14,6 +14,7 @@ import time
 from types import SimpleNamespace
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from conftest import serving
@@ -471,15 +472,18 @@ def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(statu
         (lambda items: itertools.repeat("x"), "predict returned more than 2 outputs for 2 items"),
         (lambda items: iter(["x"]), "predict returned 1 outputs for 2 items"),
         (lambda items: ["x"] * 5, "predict returned 5 outputs for 2 items"),
-        (lambda items: _LengthExits(["x"]), "predict returned 1 outputs for 2 items"),  # never asked
+        (lambda items: _LengthExits(["x"]), "predict returned 1 outputs for 2 items"),
+        (lambda items: _IterExits(), "the handler raised SystemExit: 3"),
+        (lambda items: np.zeros(5), "predict returned 5 outputs for 2 items"),
     ],
 )
 def test_a_predict_of_endless_outputs_fails_its_call(outputs: Any, words: str) -> None:
     """An endless iterator would fill the device thread's memory and never end: one output past the
     count is enough to say what is wrong."""
     handler = SimpleNamespace(predict=lambda items, options: outputs(items))
-    with pytest.raises(HandlerBug, match=words):
+    with pytest.raises(Exception, match=words) as raised:
         predict_all(handler, ["a", "b"], ())
+    assert isinstance(raised.value, HandlerBug | RuntimeError)  # an error of the call, not an exit
 
 
 class _LengthExits:
@@ -492,4 +496,11 @@ class _LengthExits:
         return iter(self.values)
 
     def __len__(self) -> int:
+        raise SystemExit(3)
+
+
+class _IterExits:
+    """A handler's sequence whose `__iter__` is broken: an error of the call, never the process's exit."""
+
+    def __iter__(self) -> Any:
         raise SystemExit(3)
