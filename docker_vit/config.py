@@ -111,6 +111,13 @@ class Settings:
     dir: str = _opt("", "save into this folder instead of the Hub cache", DOWNLOAD)
 
     def __post_init__(self) -> None:
+        """Every setting checked where it is made, so a bad flag or variable stops a command at once."""
+        self._check_numbers()
+        self._check_limits()
+        self._check_secrets()
+        self._check_choices()
+
+    def _check_numbers(self) -> None:
         for name, spec in options().items():
             if isinstance(spec.default, float) and not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
@@ -122,6 +129,8 @@ class Settings:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.port < 65536:
             raise ValueError(f"port must be between 1 and 65535, got {self.port}")
+
+    def _check_limits(self) -> None:
         if not self.url and self.num_beams > self.max_num_beams:  # with --url, the server's limits hold
             raise ValueError(f"num_beams {self.num_beams} exceeds max_num_beams {self.max_num_beams}")
         if not self.url and self.max_new_tokens > self.max_new_tokens_limit:
@@ -135,6 +144,9 @@ class Settings:
             raise ValueError(
                 f"max_wait_ms {self.max_wait_ms:g} must be shorter than request_timeout {self.request_timeout:g} s"
             )
+
+    def _check_secrets(self) -> None:
+        """API keys and the server's URL, as HTTP can carry them."""
         if any(not key.strip() for key in self.api_keys):
             raise ValueError("an API key cannot be empty: it would let any 'Bearer' header in")
         # HTTP carries other characters only as Latin-1 (no match), and blanks at either end are not sent
@@ -146,6 +158,8 @@ class Settings:
             )
         if self.url and self.api_key and not TOKEN.fullmatch(self.api_key):
             raise ValueError("api_key is not printable ASCII or has blanks at either end")
+
+    def _check_choices(self) -> None:
         if not DEVICE.fullmatch(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
         for name, spec in options().items():
