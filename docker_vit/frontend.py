@@ -42,22 +42,19 @@ async def answer(
     work = asyncio.ensure_future(
         _when_room(service, inputs, options) if patient else service.run(inputs, options)
     )
-    left = None if gone is None else asyncio.ensure_future(gone())
-    if left is not None:
-        left.add_done_callback(lambda task: task.cancelled() or task.exception())  # nobody else reads it
+    # the client's leaving (a future that never ends, where no one says)
+    left = asyncio.ensure_future(gone()) if gone else asyncio.get_running_loop().create_future()
+    left.add_done_callback(lambda task: task.cancelled() or task.exception())  # nobody else reads it
     # not wait_for: a TimeoutError the handler raises would read as our own timeout
     try:
         done, _ = await asyncio.wait(
-            {work} if left is None else {work, left},
-            timeout=service.settings.request_timeout,
-            return_when=asyncio.FIRST_COMPLETED,
+            {work, left}, timeout=service.settings.request_timeout, return_when=asyncio.FIRST_COMPLETED
         )
     finally:  # timed out, the client left, or this task was cancelled (Ray does it when its client leaves)
         work.cancel()  # no-op once done; otherwise its images leave the queue
-        if left is not None:
-            left.cancel()
+        left.cancel()
     if work not in done:
-        if left is not None and left in done:
+        if left in done:
             raise ClientGone
         raise errors.ApiError(504, f"no answer within {service.settings.request_timeout:g} s")
     failure = work.exception()  # not re-raised here: its traceback would hold this frame, and so `work`
