@@ -55,29 +55,37 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     the result stays at least twice `draft` on each side, by a scale that divides both sides, so the
     model's own resize still decides the pixels it sees.
     """
+    scans = _check_before_opening(data, max_bytes, max_pixels)
+    with _refusals(max_pixels):
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+        _check_pixels(image, max_pixels, scans)
+        scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
+        if scale > 1:
+            image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
+        with decode_budget.hold(image.width * image.height):
+            image.load()
+            return _to_rgb(_orient(image))
+
+
+def _check_before_opening(data: bytes, max_bytes: int, max_pixels: int) -> int:
+    """What the bytes alone tell (size, an icon's pictures, the decoding work); a JPEG's scans."""
     if len(data) > max_bytes:
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", "max_bytes")
     if not data:  # missing input (400), rather than bytes that are not a picture (415)
         raise InputError("image is empty: it has no bytes")
     if structure.ico_pixels(data) > max_pixels:
         raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}", "max_pixels")
-    scans = _check_decoding_work(data)
+    return _check_decoding_work(data)
+
+
+@contextmanager
+def _refusals(max_pixels: int) -> Iterator[None]:
+    """Pillow's failures on a client's bytes, as the client's errors; its warnings (a truncated
+    file, odd metadata) kept quiet."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            image = Image.open(io.BytesIO(data), formats=FORMATS)
-            _check_pixels(image, max_pixels)
-            if scans > FEW_JPEG_SCANS and scans * image.width * image.height > MAX_JPEG_SCAN_PIXELS:
-                raise TooLarge(
-                    f"the JPEG has {scans} scans of {image.width}x{image.height} pixels; past "
-                    f"{FEW_JPEG_SCANS} scans, the limit is {MAX_JPEG_SCAN_PIXELS:,} pixels over all of them"
-                )
-            scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
-            if scale > 1:
-                image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
-            with decode_budget.hold(image.width * image.height):
-                image.load()
-                return _to_rgb(_orient(image))
+            yield
     except ImageError:
         raise
     except Image.DecompressionBombError:  # Pillow's own cap, ~179 M pixels, met before ours
@@ -154,12 +162,18 @@ def _check_decoding_work(data: bytes) -> int:
     return scans
 
 
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+def _check_pixels(image: Image.Image, max_pixels: int, scans: int = 0) -> None:
+    """The pixels the header gives, and a JPEG's passes over them (past FEW_JPEG_SCANS scans)."""
     width, height = image.size
     if width * height > max_pixels:
         raise TooLarge(f"image is {width}x{height} pixels; the limit is {max_pixels}", "max_pixels")
     if width == 0 or height == 0:
         raise NotAnImage("image has no pixels")
+    if scans > FEW_JPEG_SCANS and scans * width * height > MAX_JPEG_SCAN_PIXELS:
+        raise TooLarge(
+            f"the JPEG has {scans} scans of {width}x{height} pixels; past "
+            f"{FEW_JPEG_SCANS} scans, the limit is {MAX_JPEG_SCAN_PIXELS:,} pixels over all of them"
+        )
 
 
 def _orient(image: Image.Image) -> Image.Image:
