@@ -43,7 +43,7 @@ async def answer(
         _when_room(service, inputs, options) if patient else service.run(inputs, options)
     )
     # the client's leaving (a future that never ends, where no one says)
-    left = asyncio.ensure_future(gone()) if gone else asyncio.get_running_loop().create_future()
+    left = asyncio.ensure_future(gone()) if gone is not None else asyncio.get_running_loop().create_future()
     left.add_done_callback(lambda task: task.cancelled() or task.exception())  # nobody else reads it
     # not wait_for: a TimeoutError the handler raises would read as our own timeout
     try:
