@@ -147,6 +147,21 @@ def save_nougat(folder: Path) -> Path:
     return folder
 
 
+def _tiny_opt(vocab_size: int, **token_ids: int) -> dict:
+    """The OPT text model of 64 positions that the tiny BLIP-2 and InstructBLIP builders share."""
+    return dict(
+        model_type="opt",
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        ffn_dim=64,
+        word_embed_proj_dim=32,
+        max_position_embeddings=64,
+        **token_ids,
+    )
+
+
 def save_instructblip(folder: Path) -> Path:
     """InstructBLIP: its Q-Former reads an instruction, so it captions nothing from the image alone."""
     from transformers import (
@@ -163,17 +178,7 @@ def save_instructblip(folder: Path) -> Path:
         qformer_config=dict(
             **small, vocab_size=len(qformer_tokenizer), intermediate_size=64, encoder_hidden_size=32
         ),
-        text_config=dict(
-            **small,
-            model_type="opt",
-            vocab_size=len(tokenizer),
-            ffn_dim=64,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
-            eos_token_id=0,
-            bos_token_id=0,
-            pad_token_id=0,
-        ),
+        text_config=_tiny_opt(len(tokenizer), eos_token_id=0, bos_token_id=0, pad_token_id=0),
         num_query_tokens=4,
     )
     torch.manual_seed(0)
@@ -207,13 +212,8 @@ def save_blip2(folder: Path) -> Path:
             **small, intermediate_size=64, image_size=64, patch_size=16, initializer_range=0.5
         ),
         qformer_config=dict(**small, vocab_size=100, intermediate_size=64, encoder_hidden_size=32),
-        text_config=dict(
-            **small,
-            model_type="opt",
-            vocab_size=len(tokenizer),
-            ffn_dim=64,
-            word_embed_proj_dim=32,
-            max_position_embeddings=64,
+        text_config=_tiny_opt(
+            len(tokenizer),
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
             pad_token_id=tokenizer.pad_token_id,
