@@ -28,7 +28,6 @@ from docker_vit.config import (
     flag_name,
     named,
     names_of,
-    open_by_mistake,
     options,
 )
 
@@ -146,9 +145,6 @@ def _server(settings: Settings) -> tuple[Any, Any]:
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
-    mistake = open_by_mistake(settings)
-    if mistake:
-        logging.getLogger("docker_vit").warning(mistake)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
 from docker_vit import logs
-from docker_vit.config import SERVING, Settings, open_by_mistake, options, parse
+from docker_vit.config import SERVING, Settings, options, parse
 from docker_vit.loader import check_methods, handler_class, own_batch_size
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
@@ -90,9 +90,6 @@ class DockerViT:
         settings = Settings.load(None, SERVING, **overrides)
         settings = replace(settings, device=replica_device(settings.device, ray.get_gpu_ids()))
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
-        mistake = open_by_mistake(settings)
-        if mistake:
-            logging.getLogger("docker_vit").warning(mistake)
         web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s

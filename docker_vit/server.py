@@ -8,6 +8,7 @@ and `/ping`, `/metrics`, and the OpenAPI page at `/docs`.
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from docker_vit import errors, frontend, http_errors, memory, uploads
-from docker_vit.config import Settings
+from docker_vit.config import Settings, open_by_mistake
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
@@ -29,6 +30,9 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this.
     `proxied`: behind a proxy (Ray Serve's) that answers with its own `X-Request-ID` and cancels a
     request whose client left."""
+    mistake = open_by_mistake(settings)  # every server says it, whichever entry point made it
+    if mistake:
+        logging.getLogger("docker_vit").warning(mistake)
     service = Service(settings, handler or load_handler(settings))
 
     @asynccontextmanager

@@ -496,6 +496,16 @@ def test_a_server_with_only_the_clients_key_variable_set_is_warned_open() -> Non
     assert open_by_mistake(Settings(), {"DOCKER_VIT_API_KEY": ""}) is None
 
 
+def test_every_server_app_says_it_is_open_by_mistake(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The app warns, so `serve` and each Ray replica do alike (they both build it)."""
+    monkeypatch.setenv("DOCKER_VIT_API_KEY", "secret")
+    with caplog.at_level(logging.WARNING, logger="docker_vit"):
+        create_app(Settings(), Echo(Settings()))
+    assert any("it is open to anyone" in record.getMessage() for record in caplog.records)
+
+
 def test_an_empty_keys_variable_is_warned_open_and_keys_stay_out_of_reprs() -> None:
     """`DOCKER_VIT_API_KEYS=${SECRET}` with the secret unset leaves the server open: it says so."""
     from docker_vit.config import open_by_mistake
