@@ -16,6 +16,7 @@ TYPES = {
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameters",
+    431: "request_headers_too_large",
     499: "client_closed_request",
     500: "internal_error",
     503: "unavailable",

@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocol, bounded: request headers get a deadline and a size cap.
+"""uvicorn's HTTP protocol, bounded: request headers get a deadline and a size cap (431 past it).
 
 uvicorn times out an idle keep-alive connection, but neither a fresh connection that never completes
 its headers nor a slow trickle of header bytes (slowloris), and httptools sets no bound on their size.
@@ -30,7 +30,8 @@ PARSES_AHEAD = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
 def header_deadline(timeout: float, metrics: Metrics | None = None) -> type[HeaderDeadline]:
     """uvicorn's HTTP protocol, closing connections whose request headers are not complete `timeout`
     seconds after the connection opened, or after the first bytes of a keep-alive connection's next
-    request, or that run past MAX_HEADER_BYTES; `metrics` counts its 400s for unparseable requests.
+    request, and answering 431 to request headers past MAX_HEADER_BYTES; `metrics` counts its
+    answers (400 for unparseable requests, 431).
 
     uvicorn times out an idle keep-alive connection (`--idle-timeout`), but never a fresh connection
     or a slow trickle of header bytes (slowloris): without this, such sockets stay open forever. A
@@ -68,30 +69,40 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._measure(current, 0 if leftover else len(data))
 
     def _measure(self, before: Any, received: int) -> None:
-        """Headers still incomplete (the cycle is still `before`) count the bytes received; headers
-        completed in this chunk are measured whole (h11 bounds only headers still incomplete)."""
+        """Bytes received while headers are still incomplete (the cycle is still `before`) count;
+        headers completed in a chunk are measured whole as uvicorn picks their app (`app`)."""
         if self.cycle is before:
             self._header_bytes += received
             if self._header_bytes > MAX_HEADER_BYTES:
                 self._too_big()
-        elif _head_size(self.cycle.scope) > MAX_HEADER_BYTES:
-            self._too_big(self.cycle)
 
-    def on_headers_complete(self) -> None:
-        """httptools' end of each request's headers: measured here too, as several requests read
-        at once (pipelined) would otherwise have only the last one's headers measured."""
-        super().on_headers_complete()
-        cycle = self.cycle
-        if cycle is not None and cycle.scope is self.scope and _head_size(self.scope) > MAX_HEADER_BYTES:
-            self._too_big(cycle)
-
-    def _too_big(self, cycle: Any = None) -> None:
-        """Close the connection; `cycle`, a request whose headers were too big, must not run: it
-        reads a disconnect, not the body."""
-        if cycle is not None:
-            cycle.disconnected = True
+    def _too_big(self) -> None:
+        """Headers still incomplete past the cap: answered 431 unless a response to an earlier
+        request is being written on this connection (then only closed), and never read further."""
         log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
+        if self.cycle is None or self.cycle.response_complete:
+            self._write_refusal(431)
         self.transport.close()
+
+    @property
+    def app(self) -> Any:
+        """The app for the request whose headers uvicorn has just parsed (it reads this once for
+        each, pipelined ones included): one whose headers are over the cap is answered 431."""
+        if _head_size(self.scope or {}) > MAX_HEADER_BYTES:
+            return self._headers_too_large
+        return self._app
+
+    @app.setter
+    def app(self, app: Any) -> None:
+        self._app = app
+
+    async def _headers_too_large(self, scope: dict, receive: Any, send: Any) -> None:
+        """A 431 in uvicorn's own response cycle, so that a pipelined one waits for its turn."""
+        request_id = uuid.uuid4().hex
+        head, body = _refusal(431, request_id)
+        await send({"type": "http.response.start", "status": 431, "headers": head})
+        await send({"type": "http.response.body", "body": body})
+        self._count(scope.get("method"), 431, request_id)
 
     def on_message_complete(self) -> None:
         """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before
@@ -102,16 +113,24 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().on_message_complete()
 
     def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape,
-        with a request id, a log line and a count like every other answer."""
-        request_id = uuid.uuid4().hex
-        body = json.dumps(error_body(TYPES[400], "malformed HTTP request"))
-        head = "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
-        head += f"content-length: {len(body)}\r\nx-request-id: {request_id}\r\nconnection: close\r\n\r\n"
-        self.transport.write((head + body).encode())
+        """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape, with
+        a request id, a log line and a count like every other answer; h11 gives up on headers past
+        its limit (the cap) this way too, and those get their own status."""
+        conn = getattr(self, "conn", None)  # h11's parser
+        overflowed = conn is not None and len(conn.trailing_data[0]) > MAX_HEADER_BYTES
+        self._write_refusal(431 if overflowed else 400)
         self.transport.close()
+
+    def _write_refusal(self, status: int) -> None:
+        request_id = uuid.uuid4().hex
+        head, body = _refusal(status, request_id)
+        lines = [f"HTTP/1.1 {status} {_REASONS[status]}"] + [f"{k.decode()}: {v.decode()}" for k, v in head]
+        self.transport.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
+        self._count(None, status, request_id)
+
+    def _count(self, method: str | None, status: int, request_id: str) -> None:
         if self.metrics is not None:
-            report(self.metrics, None, "unmatched", 400, 0.0, 0, request_id)
+            report(self.metrics, method, "unmatched", status, 0.0, 0, request_id)
 
     def connection_made(self, transport: Any) -> None:
         super().connection_made(transport)
@@ -147,6 +166,17 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self.cycle is cycle and not self.transport.is_closing():
             log.debug("closing a connection whose request headers took over %g s", self.timeout)
             self.transport.close()
+
+
+_REASONS = {400: "Bad Request", 431: "Request Header Fields Too Large"}
+_MESSAGES = {400: "malformed HTTP request", 431: f"request line and headers over {MAX_HEADER_BYTES} bytes"}
+
+
+def _refusal(status: int, request_id: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """Headers and body of an answer given below the app: JSON, a request id, the connection closed."""
+    body = json.dumps(error_body(TYPES[status], _MESSAGES[status])).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    return head + [(b"x-request-id", request_id.encode()), (b"connection", b"close")], body
 
 
 def _head_size(scope: dict) -> int:
