@@ -15,6 +15,7 @@ import csv
 import io
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -36,6 +37,7 @@ IMAGE_EXTENSIONS = frozenset(
         ".apng",
         ".gif",
         ".webp",
+        ".avif",
         ".bmp",
         ".tif",
         ".tiff",
@@ -47,6 +49,9 @@ IMAGE_EXTENSIONS = frozenset(
         ".tga",
     }
 )  # what the intake decodes (images.FORMATS)
+# Pictures the intake does not decode (HEIC needs a plugin, RAW a developer): passed over, but counted,
+# so that a phone's folder does not end in a bare "no images found".
+OTHER_PICTURES = frozenset({".heic", ".heif", ".jxl", ".jp2", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw"})
 
 
 def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:
@@ -58,7 +63,10 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     fmt = settings.format or ("jsonl" if settings.json else None)
     progress = Progress()
     unreadable: list[str] = []
-    images = find_images(paths, lambda message: unreadable.append(message) or progress.warn(message))
+    passed: Counter[str] = Counter()
+    images = find_images(paths, lambda message: unreadable.append(message) or progress.warn(message), passed)
+    if passed:  # a note, not a failure: they were never images of this run
+        progress.warn(_passed_over(passed))
     try:
         sink = (
             CaptionsFile(output, format_for(output, fmt), progress.warn)
@@ -83,6 +91,11 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
             bar = progress if output or not sys.stdout.isatty() else Progress(enabled=False)
             code = _run(partial(_runner, settings, params, chosen, bar.warn), todo, sink, bar)
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
+
+
+def _passed_over(passed: Counter[str]) -> str:
+    kinds = ", ".join(f"{count} {ext[1:]}" for ext, count in sorted(passed.items()))
+    return f"passed over {sum(passed.values())} pictures in formats not read ({kinds}); convert them to JPEG"
 
 
 def _is_output(path: str, output: str) -> bool:
@@ -176,21 +189,27 @@ def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Cal
     return LocalRunner(settings, params, chosen).run
 
 
-def find_images(paths: Sequence[str], warn: Callable[[str], None]) -> list[str]:
-    """Files as given; folders walked, sorted, image extensions only, hidden entries left out.
+def find_images(
+    paths: Sequence[str], warn: Callable[[str], None], passed: Counter[str] | None = None
+) -> list[str]:
+    """Files as given; folders walked, sorted, image extensions only, hidden entries left out;
+    `passed` counts the pictures in a folder that the intake does not read, by extension.
 
     Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
     joined under the argument as given, so the same command finds the same strings again.
     """
     found: dict[str, None] = {}
     visited: set[tuple[int, int]] = set()
+    passed = Counter() if passed is None else passed
     for argument in paths:
         path = os.path.normpath(argument)
-        found.update(dict.fromkeys(_walk(path, visited, warn) if os.path.isdir(path) else [path]))
+        found.update(dict.fromkeys(_walk(path, visited, warn, passed) if os.path.isdir(path) else [path]))
     return list(found)
 
 
-def _walk(root: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> Iterator[str]:
+def _walk(
+    root: str, visited: set[tuple[int, int]], warn: Callable[[str], None], passed: Counter[str]
+) -> Iterator[str]:
     stack = [iter([root])]
     while stack:
         path = next(stack[-1], None)
@@ -199,8 +218,10 @@ def _walk(root: str, visited: set[tuple[int, int]], warn: Callable[[str], None])
         elif os.path.isdir(path):
             entries = _entries(path, visited, warn)
             stack.append(iter([os.path.join(path, name) for name in entries]))
-        elif os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
+        elif (ext := os.path.splitext(path)[1].lower()) in IMAGE_EXTENSIONS:
             yield path
+        elif ext in OTHER_PICTURES:
+            passed[ext] += 1
 
 
 def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> list[str]:

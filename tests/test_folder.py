@@ -513,6 +513,20 @@ def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytes
     assert len(capsys.readouterr().out.splitlines()) == len(names) and not (Path.cwd() / "-").exists()
 
 
+def test_pictures_the_intake_cannot_read_are_counted_not_failed(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A phone's folder: its HEIC files are passed over with a count, and the AVIFs are captioned."""
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.avif")
+    for name in ("b.HEIC", "c.heic", "d.dng", "notes.txt"):
+        (tmp_path / name).write_bytes(b"not read")
+    assert cli.main(["caption", str(tmp_path), *DIGEST]) == 0
+    out, err = capsys.readouterr()
+    [line] = out.splitlines()
+    assert line.startswith(f"{tmp_path / 'a.avif'}: picture ")
+    assert "passed over 3 pictures in formats not read (1 dng, 2 heic)" in err
+
+
 def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
     path = tmp_path / "o.jsonl"
     first = CaptionsFile(str(path), "jsonl")

@@ -40,6 +40,7 @@ def _samples() -> list[bytes]:
         ("PNG", {}),
         ("GIF", {}),
         ("WEBP", {}),
+        ("AVIF", {}),
         ("BMP", {}),
         ("TIFF", {"compression": "tiff_lzw"}),
     ]:

@@ -132,7 +132,9 @@ def test_animated_gif_uses_first_frame() -> None:
     assert red > 200 and blue < 50
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA", "MPO"])
+@pytest.mark.parametrize(
+    "fmt", ["JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO", "PPM", "TGA", "MPO"]
+)
 def test_every_listed_format_decodes(fmt: str) -> None:
     """Each format the README lists, the last ones too (an unknown name early in the allow-list once
     made Pillow refuse everything after it)."""
@@ -164,6 +166,8 @@ def test_pixel_limit_refuses_bombs_before_decoding() -> None:
         open_image(_png_header_only(50_000, 50_000), **LIMITS)
     with pytest.raises(TooLarge):
         open_image(encode(Image.new("RGB", (100, 100))), max_bytes=10**6, max_pixels=9_999)
+    with pytest.raises(TooLarge):  # AVIF: its size comes from the container, before any AV1 decoding
+        open_image(encode(Image.new("RGB", (100, 100)), "AVIF"), max_bytes=10**6, max_pixels=9_999)
 
 
 def test_a_jpeg_of_thousands_of_scans_is_refused_before_decoding() -> None:
