@@ -172,6 +172,12 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
     return 1 if skipped else 0
 
 
+def _one_line(text: str) -> str:
+    """A caption's line breaks (a model that writes markdown) as `\\n`, so that each image stays one
+    `PATH: caption` line; the JSON lines and CSV keep the text as it is."""
+    return "\\n".join(str(text).splitlines())
+
+
 def _reader_left(progress: Progress) -> int:
     """stdout's reader left (`| head`): stop, quietly, as a shell tool does (SIGPIPE's status)."""
     progress.stop()
@@ -253,7 +259,9 @@ class _Stdout:
             if self.format != "text":
                 sys.stdout.write(encode(entry, self.format))
             else:
-                print(f"{entry['path']}: {entry['caption']}" if self.with_path else entry["caption"])
+                print(
+                    f"{entry['path']}: {_one_line(entry['caption'])}" if self.with_path else entry["caption"]
+                )
         sys.stdout.flush()
 
     def __enter__(self) -> _Stdout:

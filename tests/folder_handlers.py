@@ -34,6 +34,13 @@ class Digest(Handler):
         return [f"picture {item}" for item in items]
 
 
+class Lines(Digest):
+    """Captions of several lines, as a model that writes markdown gives them."""
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        return [f"# {caption}\r\n\nbody\n" for caption in super().predict(items, options)]
+
+
 class Slow(Digest):
     """A quarter of a second per batch: slow enough for a test to interrupt a run midway."""
 

@@ -304,6 +304,19 @@ def test_stdout_keeps_the_old_behaviour(library: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out.splitlines()[0] == "path,caption,model,num_beams,max_new_tokens"
 
 
+def test_a_caption_of_several_lines_stays_one_line_after_its_path(
+    library: Path, capsys: pytest.CaptureFixture
+) -> None:
+    lines = ["--handler", "folder_handlers:Lines"]
+    assert cli.main(["caption", str(library / "z"), *lines]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{library / 'z' / 'last.bmp'}: # picture ") and line.endswith("\\n\\nbody")
+    assert cli.main(["caption", str(library / "z" / "last.bmp"), *lines]) == 0  # alone: as it is
+    assert capsys.readouterr().out.endswith("\n\nbody\n\n")
+    assert cli.main(["caption", str(library / "z"), "--json", *lines]) == 0
+    assert json.loads(capsys.readouterr().out)["caption"].endswith("\r\n\nbody\n")
+
+
 def test_the_captioner_itself_with_a_tiny_model(vit_gpt2_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "pictures"
     folder.mkdir()
