@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -232,6 +233,10 @@ def _set_sigterm(handler: Any) -> Any:
 def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.hub import download
 
+    if os.path.isdir(settings.model):  # its path, as a download prints the folder it filled
+        print(f"docker-vit: {settings.model} is a local folder: nothing to download", file=sys.stderr)
+        print(os.path.abspath(settings.model))
+        return 0
     try:
         print(download(settings.model, settings.dir or None))
     except Exception as exc:  # no network, no such repository, no room: one line, not a traceback

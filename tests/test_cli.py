@@ -304,6 +304,17 @@ def test_download_does_not_load_torch() -> None:
     assert done.stdout.splitlines() == ["/cache/x", "[]"]
 
 
+def test_download_of_a_local_folder_names_it_and_fetches_nothing(
+    monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(hub, "download", lambda *args: pytest.fail("asked the Hub"))
+    assert cli.main(["download", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert (
+        out == f"{tmp_path}\n" and err == f"docker-vit: {tmp_path} is a local folder: nothing to download\n"
+    )
+
+
 def test_a_failed_download_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def offline(model: str, folder: str | None = None) -> str:
         raise OSError("no network here")
