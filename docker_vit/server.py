@@ -88,8 +88,8 @@ def _open_routes(app: FastAPI, service: Service) -> None:
     """What is served and whether it serves: open to all (probes have no keys), HEAD too."""
 
     @app.get("/v1/model")
-    async def model() -> JSONResponse:
-        return JSONResponse(await frontend.model_info(service))
+    async def model() -> JSONResponse:  # and which Docker-ViT serves it, as Triton's metadata says
+        return JSONResponse({**await frontend.model_info(service), "version": app.version})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

@@ -17,6 +17,7 @@ from transformers import AutoImageProcessor, AutoTokenizer, VisionEncoderDecoder
 
 from docker_vit.config import Settings
 from docker_vit.handler import Handler
+from docker_vit.process import version
 
 PHOTOS = ["french_bulldog.jpg", "astronaut.jpg", "coffee.jpg", "chelsea.jpg"]
 
@@ -223,6 +224,7 @@ def test_probes_model_docs_and_metrics(client) -> None:
     info = client.get("/v1/model").json()
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["generation"] == {"num_beams": 4, "max_new_tokens": 15}
+    assert info["version"] == client.app.version == version()
     assert (
         info["batching"] == {"max_batch_size": 16, "max_wait_ms": 5.0}
         and info["limits"]["request_timeout"] == 60
