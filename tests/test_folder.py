@@ -540,6 +540,15 @@ def test_pictures_the_intake_cannot_read_are_counted_not_failed(
     assert "passed over 3 pictures in formats not read (1 dng, 2 heic)" in err
 
 
+def test_a_json_file_name_is_told_it_gets_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "captions.json"
+    assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), *DIGEST]) == 0
+    assert f"{out} gets JSON lines, one record per line" in capsys.readouterr().err
+    assert json.loads(out.read_text().splitlines()[0])["caption"].startswith("picture ")
+    assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--format", "jsonl", *DIGEST]) == 0
+    assert "gets JSON lines" not in capsys.readouterr().err  # asked for by name
+
+
 def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
     path = tmp_path / "o.jsonl"
     first = CaptionsFile(str(path), "jsonl")
