@@ -49,6 +49,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     _waiting_for: Any = None  # the cycle that was current when we started waiting for headers
     _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
     _header_bytes = 0
+    _h11_status = 400
 
     def data_received(self, data: bytes) -> None:
         """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
@@ -114,12 +115,25 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape, with
-        a request id, a log line and a count like every other answer; h11 gives up on headers past
-        its limit (the cap) this way too, and those get their own status."""
-        conn = getattr(self, "conn", None)  # h11's parser
-        overflowed = conn is not None and len(conn.trailing_data[0]) > MAX_HEADER_BYTES
-        self._write_refusal(431 if overflowed else 400)
+        a request id, a log line and a count like every other answer. A parser that gave up on a
+        head past the cap (h11's buffer, httptools' URL) gets the cap's own status."""
+        self._write_refusal(431 if self._head_overflowed() else 400)
         self.transport.close()
+
+    def _head_overflowed(self) -> bool:
+        if getattr(self, "conn", None) is not None:  # h11, which said why (`_h11_event`)
+            return self._h11_status == 431
+        headers = sum(len(name) + len(value) + 4 for name, value in getattr(self, "headers", []))
+        return len(getattr(self, "url", b"")) + headers > MAX_HEADER_BYTES
+
+    def _h11_event(self) -> Any:
+        """h11's next event; when it gives up, what it hints the status should be (431 for a head
+        past its limit), which uvicorn does not pass on to `send_400_response`."""
+        try:
+            return self._h11_next_event()
+        except Exception as exc:  # h11.RemoteProtocolError, answered by uvicorn
+            self._h11_status = getattr(exc, "error_status_hint", 400)
+            raise
 
     def _write_refusal(self, status: int) -> None:
         request_id = uuid.uuid4().hex
@@ -133,6 +147,9 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             report(self.metrics, method, "unmatched", status, 0.0, 0, request_id)
 
     def connection_made(self, transport: Any) -> None:
+        conn = getattr(self, "conn", None)
+        if conn is not None:  # h11's parser, one per connection
+            self._h11_next_event, conn.next_event = conn.next_event, self._h11_event
         super().connection_made(transport)
         self._expect_headers()
         self._arm()

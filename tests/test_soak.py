@@ -410,6 +410,29 @@ def test_oversized_headers_in_one_chunk_are_refused(each_parser: str, size: int)
     answered_promptly(each_parser)
 
 
+def test_a_request_line_over_the_cap_is_refused_as_headers_are(each_parser: str) -> None:
+    """httptools' URL parser gives up at 64 KiB itself: still the cap's 431, not a malformed 400."""
+    with connect(each_parser) as sock:
+        sock.sendall(b"GET /healthz?" + b"a" * 70_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        refused_431(closed_by_server(sock, PROMPT))
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"POST / HTTP/1.1\r\nHost: x\r\nBad Header\r\nContent-Length: 70000\r\n\r\n" + b"a" * 70_000,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nNOT HTTP AT ALL\r\n\r\n" + b"a" * 70_000,
+    ],
+)
+def test_malformed_http_with_much_behind_it_is_still_400(each_parser: str, request_bytes: bytes) -> None:
+    """h11 took the bytes left behind a malformed head (a body, pipelined ones) for headers past the cap."""
+    with connect(each_parser) as sock:
+        sock.sendall(request_bytes)
+        answer = closed_by_server(sock, PROMPT)
+    last = answer[answer.rindex(b"HTTP/1.1 ") :]
+    assert last.startswith(b"HTTP/1.1 400 ") and b'"invalid_request"' in last, answer[:300]
+
+
 def test_oversized_headers_arriving_in_pieces_are_refused(each_parser: str) -> None:
     """Headers still incomplete past 64 KiB, sent as a network delivers them: a 431, then the close."""
     with connect(each_parser) as sock:
