@@ -37,7 +37,6 @@ IMAGE_EXTENSIONS = frozenset(
         ".apng",
         ".gif",
         ".webp",
-        ".avif",
         ".bmp",
         ".tif",
         ".tiff",
@@ -49,9 +48,12 @@ IMAGE_EXTENSIONS = frozenset(
         ".tga",
     }
 )  # what the intake decodes (images.FORMATS)
-# Pictures the intake does not decode (HEIC needs a plugin, RAW a developer): passed over, but counted,
-# so that a phone's folder does not end in a bare "no images found".
-OTHER_PICTURES = frozenset({".heic", ".heif", ".jxl", ".jp2", ".svg", ".psd", ".dng", ".cr2", ".nef", ".arw"})
+# Pictures the intake does not decode (HEIC needs a plugin, RAW a developer, AVIF a size check): passed
+# over, but counted, so that a phone's folder does not end in a bare "no images found".
+OTHER_PICTURES = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd"}
+    | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef"}  # cameras' RAW
+)
 
 
 def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:
@@ -97,7 +99,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
 
 def _passed_over(passed: Counter[str]) -> str:
     kinds = ", ".join(f"{count} {ext[1:]}" for ext, count in sorted(passed.items()))
-    return f"passed over {sum(passed.values())} pictures in formats not read ({kinds}); convert them to JPEG"
+    count = sum(passed.values())
+    return f"passed over {count} {'picture' if count == 1 else 'pictures'} in formats not read ({kinds}); convert to JPEG"
 
 
 def _is_output(path: str, output: str) -> bool:

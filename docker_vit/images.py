@@ -24,12 +24,13 @@ from docker_vit import structure
 from docker_vit.errors import ImageError, InputError, NotAnImage, TooLarge
 
 # Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
-# JPEG, comes through the JPEG opener; AVIF needs Pillow 11.3's wheels, which bring libavif.) Only
-# names this Pillow registers: `Image.open` stops at the first unknown name in the list, and every
-# format after it would be refused.
+# JPEG, comes through the JPEG opener.) Only names this Pillow registers: `Image.open` stops at the
+# first unknown name in the list, and every format after it would be refused. Not AVIF: libavif decodes
+# the frame its AV1 data holds, whatever size the container claims, so a pixel limit read from the
+# container would let a 1 KB file claiming 100 x 100 decode 144 megapixels (a review, 2026-11-30).
 Image.init()
 FORMATS = tuple(
-    f for f in ("JPEG", "PNG", "GIF", "WEBP", "AVIF", "BMP", "TIFF", "ICO", "PPM", "TGA") if f in Image.OPEN
+    f for f in ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF", "ICO", "PPM", "TGA") if f in Image.OPEN
 )
 WHITE = (255, 255, 255)
 UNSUPPORTED = "cannot decode the image: not a supported image format"

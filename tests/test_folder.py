@@ -529,15 +529,19 @@ def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytes
 def test_pictures_the_intake_cannot_read_are_counted_not_failed(
     tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    """A phone's folder: its HEIC files are passed over with a count, and the AVIFs are captioned."""
-    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.avif")
-    for name in ("b.HEIC", "c.heic", "d.dng", "notes.txt"):
+    """A phone's folder: its HEIC and AVIF files are passed over with a count, the JPEGs captioned."""
+    picture(tmp_path / "a.jpg", 10)
+    for name in ("b.HEIC", "c.heic", "d.cr3", "e.avif", "notes.txt", ".hidden.heic"):
         (tmp_path / name).write_bytes(b"not read")
     assert cli.main(["caption", str(tmp_path), *DIGEST]) == 0
     out, err = capsys.readouterr()
     [line] = out.splitlines()
-    assert line.startswith(f"{tmp_path / 'a.avif'}: picture ")
-    assert "passed over 3 pictures in formats not read (1 dng, 2 heic)" in err
+    assert line.startswith(f"{tmp_path / 'a.jpg'}: picture ")
+    assert "passed over 4 pictures in formats not read (1 avif, 1 cr3, 2 heic); convert to JPEG" in err
+    for name in ("b.HEIC", "c.heic", "d.cr3"):
+        (tmp_path / name).unlink()
+    assert cli.main(["caption", str(tmp_path), *DIGEST]) == 0
+    assert "passed over 1 picture in formats not read (1 avif)" in capsys.readouterr().err
 
 
 def test_a_json_file_name_is_told_it_gets_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

@@ -40,7 +40,6 @@ def _samples() -> list[bytes]:
         ("PNG", {}),
         ("GIF", {}),
         ("WEBP", {}),
-        ("AVIF", {}),
         ("BMP", {}),
         ("TIFF", {"compression": "tiff_lzw"}),
     ]:
