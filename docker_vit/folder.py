@@ -69,8 +69,6 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     images = find_images(paths, lambda message: unreadable.append(message) or progress.warn(message), passed)
     if passed:  # a note, not a failure: they were never images of this run
         progress.warn(_passed_over(passed))
-    if output and not fmt and output.lower().endswith(".json"):  # `json.load` would refuse the file
-        progress.warn(f"{output} gets JSON lines, one record per line (as a .jsonl file would)")
     try:
         sink = (
             CaptionsFile(output, format_for(output, fmt), progress.warn)
@@ -85,6 +83,8 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     with sink:
         if output:  # only now: a first run's file exists once opened
             images = [path for path in images if not _is_output(path, output)]
+            if not fmt and output.lower().endswith(".json"):  # `json.load` would refuse the file
+                progress.warn(f"{output} gets JSON lines, one record per line (as a .jsonl file would)")
         if not images:
             progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
         todo = _not_done(images, sink.done)

@@ -13,6 +13,7 @@ import logging
 import uuid
 from typing import Any
 
+import h11
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from docker_vit.errors import TYPES, error_body
@@ -124,15 +125,17 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if getattr(self, "conn", None) is not None:  # h11, which said why (`_h11_event`)
             return self._h11_status == 431
         headers = sum(len(name) + len(value) + 4 for name, value in getattr(self, "headers", []))
-        return len(getattr(self, "url", b"")) + headers > MAX_HEADER_BYTES
+        return len(getattr(self, "url", b"")) + 12 + headers > MAX_HEADER_BYTES  # as `_head_size` counts
 
     def _h11_event(self) -> Any:
-        """h11's next event; when it gives up, what it hints the status should be (431 for a head
-        past its limit), which uvicorn does not pass on to `send_400_response`."""
+        """h11's next event; when it gives up on a request's head, what it hints the status should
+        be (431 past its limit), which uvicorn does not pass on to `send_400_response`. Its hint for
+        a body's line (a chunk size past the limit) is not about headers: that stays a 400."""
+        reading_head = self.conn.their_state is h11.IDLE
         try:
             return self._h11_next_event()
-        except Exception as exc:  # h11.RemoteProtocolError, answered by uvicorn
-            self._h11_status = getattr(exc, "error_status_hint", 400)
+        except h11.RemoteProtocolError as exc:  # answered by uvicorn
+            self._h11_status = exc.error_status_hint if reading_head else 400
             raise
 
     def _write_refusal(self, status: int) -> None:

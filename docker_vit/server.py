@@ -88,8 +88,9 @@ def _open_routes(app: FastAPI, service: Service) -> None:
     """What is served and whether it serves: open to all (probes have no keys), HEAD too."""
 
     @app.get("/v1/model")
-    async def model() -> JSONResponse:  # and which Docker-ViT serves it, as Triton's metadata says
-        return JSONResponse({**await frontend.model_info(service), "version": app.version})
+    async def model() -> JSONResponse:  # and what serves it, as Triton's server metadata says
+        server = {"name": "docker-vit", "version": app.version}
+        return JSONResponse({**await frontend.model_info(service), "server": server})
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
