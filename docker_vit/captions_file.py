@@ -69,6 +69,8 @@ class CaptionsFile:
         self.format = fmt
         self.warn = warn
         self.makers: set[tuple[str, ...]] = set()  # (model, num_beams, max_new_tokens) of its records
+        self._new = not os.path.lexists(path)  # a run that writes no record leaves no file behind
+        self._wrote = False
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
         try:
@@ -87,6 +89,7 @@ class CaptionsFile:
         if text:
             self._note_other_makers(entries)
             self._write(text)
+            self._wrote = True
         self.done.update(entry["path"] for entry in entries)
 
     def _note_other_makers(self, entries: Sequence[Mapping[str, Any]]) -> None:
@@ -102,6 +105,8 @@ class CaptionsFile:
         self.makers |= makers
 
     def close(self) -> None:
+        if self._new and not self._wrote and stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
+            os.unlink(self.path)  # still locked: no other run has it open for writing
         self._file.close()
 
     def __enter__(self) -> CaptionsFile:
@@ -132,7 +137,12 @@ class CaptionsFile:
                 f"{self.path} is being written by another docker-vit caption run"
             ) from None
         except OSError:  # a file system without locks (some network mounts): go on unlocked
-            pass
+            return
+        if not _still_named(self._file, self.path):
+            # the run that held it ended without a record and removed the file it had made
+            raise CaptionsFileError(
+                f"{self.path} was just removed by another docker-vit caption run; run again"
+            )
 
     def _write(self, text: str) -> None:
         self._file.write(text.encode(**_ENCODING))
@@ -230,3 +240,10 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
     except csv.Error as exc:
         if lines.read < lines.size or header is None:  # broken in the middle, or no captions file at all
             raise CaptionsFileError(f"{name} is not a valid CSV file: {exc}") from None
+
+
+def _still_named(file: BinaryIO, path: str) -> bool:
+    try:
+        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False

@@ -234,7 +234,10 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.hub import download
 
     if os.path.isdir(settings.model):  # its path, as a download prints the folder it filled
-        print(f"docker-vit: {settings.model} is a local folder: nothing to download", file=sys.stderr)
+        ignored = f" (--dir {settings.dir} left alone: copy the folder yourself)" if settings.dir else ""
+        print(
+            f"docker-vit: {settings.model} is a local folder: nothing to download{ignored}", file=sys.stderr
+        )
         print(os.path.abspath(settings.model))
         return 0
     try:

@@ -172,7 +172,7 @@ class RemoteRunner:
             minutes = BUSY_WAIT / 60
             self.warn(
                 f"{self.url}: {problem}; trying again "
-                f"(an image is given up after {ATTEMPTS} failures or {minutes:g} min)"
+                f"(an image is given up after {ATTEMPTS} failed tries or {minutes:g} min; a full queue is no failure)"
             )
 
     def _captions(self, body: bytes) -> dict[str, Any]:
