@@ -69,7 +69,7 @@ class CaptionsFile:
         self.format = fmt
         self.warn = warn
         self.makers: set[tuple[str, ...]] = set()  # (model, num_beams, max_new_tokens) of its records
-        self._new = not os.path.lexists(path)  # a run that writes no record leaves no file behind
+        self._new = not os.path.lexists(path)  # see `discard_if_unused`
         self._wrote = False
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
@@ -104,9 +104,13 @@ class CaptionsFile:
             )
         self.makers |= makers
 
-    def close(self) -> None:
+    def discard_if_unused(self) -> None:
+        """Remove the file if this run made it and wrote no record to it: a failed run (a refused
+        key, a model that will not load) leaves nothing behind. An interrupted one keeps its file."""
         if self._new and not self._wrote and stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
             os.unlink(self.path)  # still locked: no other run has it open for writing
+
+    def close(self) -> None:
         self._file.close()
 
     def __enter__(self) -> CaptionsFile:
