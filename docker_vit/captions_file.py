@@ -69,8 +69,6 @@ class CaptionsFile:
         self.format = fmt
         self.warn = warn
         self.makers: set[tuple[str, ...]] = set()  # (model, num_beams, max_new_tokens) of its records
-        self._new = not os.path.lexists(path)  # see `discard_if_unused`
-        self._wrote = False
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
         try:
@@ -89,7 +87,6 @@ class CaptionsFile:
         if text:
             self._note_other_makers(entries)
             self._write(text)
-            self._wrote = True
         self.done.update(entry["path"] for entry in entries)
 
     def _note_other_makers(self, entries: Sequence[Mapping[str, Any]]) -> None:
@@ -103,12 +100,6 @@ class CaptionsFile:
                 f"({_shown(min(makers - self.makers))}) are added beside them"
             )
         self.makers |= makers
-
-    def discard_if_unused(self) -> None:
-        """Remove the file if this run made it and wrote no record to it: a failed run (a refused
-        key, a model that will not load) leaves nothing behind. An interrupted one keeps its file."""
-        if self._new and not self._wrote and stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
-            os.unlink(self.path)  # still locked: no other run has it open for writing
 
     def close(self) -> None:
         self._file.close()
@@ -141,12 +132,7 @@ class CaptionsFile:
                 f"{self.path} is being written by another docker-vit caption run"
             ) from None
         except OSError:  # a file system without locks (some network mounts): go on unlocked
-            return
-        if not _still_named(self._file, self.path):
-            # the run that held it ended without a record and removed the file it had made
-            raise CaptionsFileError(
-                f"{self.path} was just removed by another docker-vit caption run; run again"
-            )
+            pass
 
     def _write(self, text: str) -> None:
         self._file.write(text.encode(**_ENCODING))
@@ -244,10 +230,3 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
     except csv.Error as exc:
         if lines.read < lines.size or header is None:  # broken in the middle, or no captions file at all
             raise CaptionsFileError(f"{name} is not a valid CSV file: {exc}") from None
-
-
-def _still_named(file: BinaryIO, path: str) -> bool:
-    try:
-        return os.path.samestat(os.fstat(file.fileno()), os.stat(path))
-    except FileNotFoundError:
-        return False

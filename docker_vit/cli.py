@@ -234,7 +234,7 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.hub import download
 
     if os.path.isdir(settings.model):  # its path, as a download prints the folder it filled
-        ignored = f" (--dir {settings.dir} left alone: copy the folder yourself)" if settings.dir else ""
+        ignored = f"; nothing is copied to {settings.dir}" if settings.dir else ""
         print(
             f"docker-vit: {settings.model} is a local folder: nothing to download{ignored}", file=sys.stderr
         )

@@ -94,8 +94,6 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
             # captions printed to a terminal would be torn by the bar; redirected, they leave it room
             bar = progress if output or not sys.stdout.isatty() else Progress(enabled=False)
             code = _run(partial(_runner, settings, params, chosen, bar.warn), todo, sink, bar)
-        if code == 1 and output:
-            sink.discard_if_unused()
     return code if code or not unreadable else 1  # a folder left unread is images not captioned
 
 

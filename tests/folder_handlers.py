@@ -41,13 +41,6 @@ class Lines(Digest):
         return [f"# {caption}\r\n\nbody\n" for caption in super().predict(items, options)]
 
 
-class CtrlC(Digest):
-    """Ctrl-C pressed while the first batch runs (the model runs on the main thread locally)."""
-
-    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
-        raise KeyboardInterrupt
-
-
 class Slow(Digest):
     """A quarter of a second per batch: slow enough for a test to interrupt a run midway."""
 

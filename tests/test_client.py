@@ -191,7 +191,7 @@ def test_a_wrong_api_key_stops_the_run_at_once(
     out = tmp_path / "out.jsonl"
     assert cli.main(["caption", str(pictures), "-o", str(out), "--url", server, "--api-key", "nope"]) == 1
     assert "401 missing or invalid API key" in capsys.readouterr().err
-    assert not out.exists()  # nothing written: no file left behind
+    assert out.read_text() == ""
 
 
 def test_a_url_naming_the_route_gets_a_hint(
