@@ -12,6 +12,7 @@ as the same bytes, so even such paths resume.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -102,7 +103,10 @@ class CaptionsFile:
         self.makers |= makers
 
     def close(self) -> None:
-        self._file.close()
+        """A write that failed (a full disk) has said so and ended the run; the rest of its bytes,
+        still buffered, fail again here, and are given up without a second report."""
+        with contextlib.suppress(OSError):
+            self._file.close()
 
     def __enter__(self) -> CaptionsFile:
         return self

@@ -6,6 +6,7 @@ import csv
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -551,6 +552,35 @@ def test_a_json_file_name_is_told_it_gets_json_lines(tmp_path: Path, capsys: pyt
     assert json.loads(out.read_text().splitlines()[0])["caption"].startswith("picture ")
     assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--format", "jsonl", *DIGEST]) == 0
     assert "gets JSON lines" not in capsys.readouterr().err  # asked for by name
+
+
+def test_a_full_disk_ends_the_run_with_one_line(tmp_path: Path) -> None:
+    """A write the file system refuses (here past a file-size limit) is one line and exit 1: the
+    buffered rest of the records failed again on close, as a traceback."""
+    for shade in range(30):
+        picture(tmp_path / "many" / f"{shade:02}.png", shade)
+    command = [
+        sys.executable,
+        "-m",
+        "docker_vit.cli",
+        "caption",
+        str(tmp_path / "many"),
+        "-o",
+        str(tmp_path / "o.jsonl"),
+    ]
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))  # noqa: E731
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run(
+        [*command, *DIGEST[:2], "--max-batch-size", "30"],
+        env=env,
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=60,
+    )
+    assert done.returncode == 1 and "File too large" in done.stderr and "Traceback" not in done.stderr, (
+        done.stderr
+    )
 
 
 def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
