@@ -23,6 +23,7 @@ from docker_vit.middleware import report
 log = logging.getLogger("docker_vit.access")
 
 MAX_HEADER_BYTES = 64 * 1024  # request line and headers; h11 allows 16 KiB, nginx 32 KiB
+LINGER = 2.0  # seconds a connection answered below the app reads and drops what still comes
 # httptools parses a request pipelined behind a running one as its bytes come (h11 waits, and
 # bounds headers itself): those headers must be counted too.
 PARSES_AHEAD = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
@@ -51,12 +52,15 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     _ahead_of: Any = None  # the running cycle whose successor's headers are being counted
     _header_bytes = 0
     _h11_status = 400
+    _refused = False
 
     def data_received(self, data: bytes) -> None:
         """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
         and the size of headers that arrived whole in one chunk. That holds as well for the headers
         of a request pipelined behind a running one (bytes after its body), which httptools reads
         on until they are complete."""
+        if self._refused:  # answered below the app: what still comes is read and dropped
+            return
         current = self.cycle
         waiting = current is self._waiting_for
         # The rest of a body answered early (a 404 before its upload was read) is not headers.
@@ -67,7 +71,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
             self._arm()
         super().data_received(data)
-        if (waiting or ahead) and not self.transport.is_closing():
+        if (waiting or ahead) and not self.transport.is_closing() and not self._refused:
             self._measure(current, 0 if leftover else len(data))
 
     def _measure(self, before: Any, received: int) -> None:
@@ -83,8 +87,9 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         request is being written on this connection (then only closed), and never read further."""
         log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
         if self.cycle is None or self.cycle.response_complete:
-            self._write_refusal(431)
-        self.transport.close()
+            self._refuse(431)
+        else:
+            self.transport.close()
 
     @property
     def app(self) -> Any:
@@ -118,8 +123,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """uvicorn's answer to bytes it cannot parse as HTTP, in every other error's JSON shape, with
         a request id, a log line and a count like every other answer. A parser that gave up on a
         head past the cap (h11's buffer, httptools' URL) gets the cap's own status."""
-        self._write_refusal(431 if self._head_overflowed() else 400)
-        self.transport.close()
+        self._refuse(431 if self._head_overflowed() else 400)
 
     def _head_overflowed(self) -> bool:
         if getattr(self, "conn", None) is not None:  # h11, which said why (`_h11_event`)
@@ -138,12 +142,21 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._h11_status = exc.error_status_hint if reading_head else 400
             raise
 
-    def _write_refusal(self, status: int) -> None:
+    def _refuse(self, status: int) -> None:
+        """Answer below the app, then close once the client has had the answer: a socket closed
+        with input unread is reset, and the reset can overtake the answer the client has not read
+        yet (a lingering close, as nginx's). Its rest is read and dropped for LINGER seconds at most,
+        or until the client closes its side."""
         request_id = uuid.uuid4().hex
         head, body = _refusal(status, request_id)
         lines = [f"HTTP/1.1 {status} {_REASONS[status]}"] + [f"{k.decode()}: {v.decode()}" for k, v in head]
         self.transport.write("\r\n".join(lines).encode() + b"\r\n\r\n" + body)
         self._count(None, status, request_id)
+        self._refused = True
+        self._disarm()
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._deadline = self.loop.call_later(LINGER, self.transport.close)
 
     def _count(self, method: str | None, status: int, request_id: str) -> None:
         if self.metrics is not None:
