@@ -83,8 +83,9 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
                 self._too_big()
 
     def _too_big(self) -> None:
-        """Headers still incomplete past the cap: answered 431 unless a response to an earlier
-        request is being written on this connection (then only closed), and never read further."""
+        """Headers still incomplete past the cap: answered 431 and never read further; behind a
+        request still running on this connection (httptools reads ahead), only closed, as an
+        answer now would pass for that request's."""
         log.debug("closing a connection that sent over %d bytes of headers", MAX_HEADER_BYTES)
         if self.cycle is None or self.cycle.response_complete:
             self._refuse(431)
@@ -146,7 +147,16 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """Answer below the app, then close once the client has had the answer: a socket closed
         with input unread is reset, and the reset can overtake the answer the client has not read
         yet (a lingering close, as nginx's). Its rest is read and dropped for LINGER seconds at most,
-        or until the client closes its side."""
+        or until the client closes its side. Once a running request's answer has begun, another
+        cannot be put in its stream: the connection only closes; before that, the running request
+        is given up (its app reads a disconnect and writes nothing)."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                self.transport.close()
+                return
+            cycle.disconnected = True  # uvicorn drops what its app still sends (no write after EOF)
+            cycle.message_event.set()  # an app waiting for its body hears it at once
         request_id = uuid.uuid4().hex
         head, body = _refusal(status, request_id)
         lines = [f"HTTP/1.1 {status} {_REASONS[status]}"] + [f"{k.decode()}: {v.decode()}" for k, v in head]
@@ -181,6 +191,8 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         super().connection_lost(exc)
 
     def _expect_headers(self) -> None:
+        if self._refused:  # lingering (h11 refuses inside on_response_complete): its close stays set
+            return
         self._disarm()
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a pipelined request's headers are in: it runs, or waits for its turn
