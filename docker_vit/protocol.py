@@ -129,8 +129,8 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     def _head_overflowed(self) -> bool:
         if getattr(self, "conn", None) is not None:  # h11, which said why (`_h11_event`)
             return self._h11_status == 431
-        headers = sum(len(name) + len(value) + 4 for name, value in getattr(self, "headers", []))
-        return len(getattr(self, "url", b"")) + 12 + headers > MAX_HEADER_BYTES  # as `_head_size` counts
+        # httptools' URL parser gives up before the scope has the path: the URL as received counts
+        return len(getattr(self, "url", b"")) + _rest_of_head(getattr(self, "headers", [])) > MAX_HEADER_BYTES
 
     def _h11_event(self) -> Any:
         """h11's next event; when it gives up on a request's head, what it hints the status should
@@ -229,4 +229,10 @@ def _head_size(scope: dict) -> int:
     line = (
         len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
     )
-    return line + 12 + sum(len(name) + len(value) + 4 for name, value in scope.get("headers", []))
+    return line + _rest_of_head(scope.get("headers", []))
+
+
+def _rest_of_head(headers: list[tuple[bytes, bytes]]) -> int:
+    """A head's bytes besides its method and target: the request line's version, spaces and end, and
+    each header line."""
+    return 12 + sum(len(name) + len(value) + 4 for name, value in headers)
