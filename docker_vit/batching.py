@@ -21,6 +21,7 @@ import logging
 import time
 from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,7 +98,9 @@ class Batcher:
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="docker-vit-batcher")
 
-    async def stop(self) -> None:
+    async def stop(self, last: Callable[[], Any] | None = None) -> Future | None:
+        """Answer every caller (cancelled) and end the device thread, `last` its final call (whose
+        future this returns)."""
         running = self._running  # the batch on the device: its callers are answered too
         if self._task:
             self._task.cancel()
@@ -107,7 +110,7 @@ class Batcher:
             entry.future.cancel()  # no-op for the answered ones
         self._groups.clear()
         self._queued = 0
-        self.device.shutdown()
+        return self.device.shutdown(last)
 
     def admit(self, count: int, options: Hashable) -> None:
         """Hold room for `count` items that are still being prepared (decoded), or raise QueueFull: load

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from functools import partial
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from docker_vit.abandon import watched
@@ -23,6 +22,8 @@ class DeviceThread:
     def __init__(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="docker-vit-device")
         self._calls = 0  # calls running on the thread right now
+        self._waiting: set[Future] = set()  # calls submitted and not yet ended
+        self._ended = False  # shut down: a second shutdown has no final call to make
 
     @property
     def busy(self) -> bool:
@@ -31,8 +32,10 @@ class DeviceThread:
 
     async def run(self, fn: Callable[..., Any], *args: Any, gone: Callable[[], bool] | None = None) -> Any:
         """`fn(*args)` on the thread; `gone` is what `abandon.stop_if_abandoned` asks there meanwhile."""
-        call = partial(self._counted, fn, *args, gone=gone)
-        return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        call = self._pool.submit(self._counted, fn, *args, gone=gone)
+        self._waiting.add(call)
+        call.add_done_callback(self._waiting.discard)
+        return await asyncio.wrap_future(call)
 
     def _counted(self, fn: Callable[..., Any], *args: Any, gone: Callable[[], bool] | None) -> Any:
         self._calls += 1
@@ -42,6 +45,14 @@ class DeviceThread:
         finally:
             self._calls -= 1
 
-    def shutdown(self) -> None:
-        """Queued calls are dropped; a running one is left to finish (it cannot be stopped)."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def shutdown(self, last: Callable[[], Any] | None = None) -> Future | None:
+        """Queued calls are dropped; a running one is left to finish (it cannot be stopped), then
+        `last` runs, the thread's final call: its future is returned."""
+        for call in list(self._waiting):
+            call.cancel()  # only those not started
+        final = None
+        if last is not None and not self._ended:
+            final = self._pool.submit(self._counted, last, gone=None)
+        self._ended = True
+        self._pool.shutdown(wait=False)
+        return final

@@ -197,7 +197,7 @@ def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Cal
         return RemoteRunner(settings, params, chosen, warn).run
     from docker_vit.local import LocalRunner
 
-    return LocalRunner(settings, params, chosen).run
+    return LocalRunner(settings, params, chosen, warn).run
 
 
 def find_images(

@@ -6,7 +6,8 @@ configured one. The captioner is one handler; a user's model is another (`--hand
 
 A request travels through a handler in three stages, so that CPU and device work overlap:
 `prepare` (CPU, in a thread pool, one input), `predict` (the device, one batch of items that share
-the same options) and `respond` (CPU, one output). `load` runs once, before any of them.
+the same options) and `respond` (CPU, one output). `load` runs once, before any of them, and `close`
+once, after them all.
 """
 
 from __future__ import annotations
@@ -105,6 +106,12 @@ class Handler:
     def respond(self, output: Any) -> Result:
         """Turn one output into the answer a client gets."""
         return Result(text=str(output))
+
+    def close(self) -> None:
+        """Give back what `load` took that the process's exit would not (a child process, a temporary
+        folder, a session on another server). Runs once as serving ends (a server's shutdown, the end
+        of a `caption` run), after the last `predict` and on its thread; only after a `load` that
+        returned. A server waits for it, and for a model call still running before it, at most 10 s."""
 
     def open_image(self, data: bytes, draft: int | None = None) -> Image.Image:
         """The server's own image intake and limits (`--max-bytes`, `--max-pixels`), for vision handlers."""

@@ -68,7 +68,7 @@ def check_methods(handler: Handler | type[Handler]) -> None:
         ]
         if missing:
             raise HandlerError(f"{cls.__name__} does not implement {' or '.join(m + '()' for m in missing)}")
-    methods = ("load", "options", "prepare", "predict", "respond", "example", "describe")
+    methods = ("load", "options", "prepare", "predict", "respond", "example", "describe", "close")
     asynchronous = [m for m in methods if inspect.iscoroutinefunction(getattr(handler, m, None))]
     if asynchronous:  # called in threads, a coroutine would never run: a puzzle at the first request
         raise HandlerError(

@@ -8,7 +8,7 @@ only itself.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -40,7 +40,14 @@ from docker_vit.runner import (
 class LocalRunner:
     """The configured handler in this process: batches of its size, the next one prepared meanwhile."""
 
-    def __init__(self, settings: Settings, params: Mapping[str, Any], chosen: Collection[str] = ()) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        params: Mapping[str, Any],
+        chosen: Collection[str] = (),
+        warn: Callable[[str], None] = lambda line: None,
+    ) -> None:
+        self.warn = warn
         self.handler = load_handler(settings)
         try:
             contained(self.handler.load)
@@ -56,8 +63,10 @@ class LocalRunner:
         try:
             self.options = read_options(self.handler, params)
         except OptionsError as exc:
+            self.close()
             raise CaptionError(str(exc)) from None
         except Exception as exc:
+            self.close()
             raise CaptionError(f"the handler's options() failed: {type(exc).__name__}: {exc}") from None
         self.params = {**_defaults(self.handler), **params}  # what the records say made them
         self.batch_size = batch_size(self.handler, settings)
@@ -73,8 +82,16 @@ class LocalRunner:
                 prepared = upcoming
                 upcoming = self._submit(cpu, batches[index + 1]) if index + 1 < len(batches) else []
                 yield self._predict(prepared)
-        finally:
+        finally:  # the run's end, an error or Ctrl-C alike (folder.py drops the generator at once)
             cpu.shutdown(wait=False, cancel_futures=True)
+            self.close()
+
+    def close(self) -> None:
+        """The handler's close(), said in one line if it fails: the captions written stand."""
+        try:
+            contained(getattr(self.handler, "close", lambda: None))
+        except Exception as exc:
+            self.warn(f"the handler's close() failed: {type(exc).__name__}: {exc}")
 
     def _submit(self, cpu: ThreadPoolExecutor, batch: list[str]) -> list[tuple[str, Future]]:
         return [(path, cpu.submit(self._prepare, path)) for path in batch]

@@ -10,7 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
@@ -26,6 +26,7 @@ from docker_vit.process import cpu_threads
 log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
+CLOSE_WAIT = 10.0  # seconds `stop` waits for a model call still running, then for the handler's close()
 STALLED = "stalled"  # ready, but a model call has outrun the request timeout
 
 
@@ -50,6 +51,7 @@ class Service:
         self.error: str | None = None
         self.on_failed: Callable[[], None] = lambda: None
         self._loading: asyncio.Task | None = None  # the load, from `start`
+        self._loaded = False  # the handler's load returned: its close() is due at the end
         workers = cpu_threads()
         self._pre_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
         # Answers out of the decoding pool, where they would queue behind images still decoding; not in
@@ -77,11 +79,33 @@ class Service:
         self._loading = asyncio.get_running_loop().create_task(self._load())
 
     async def stop(self) -> None:
+        """Answer what waits (cancelled), then the handler's close() after its last call on the device."""
         if self._loading is not None:
             self._loading.cancel()
-        await self.batcher.stop()
+        # Only a close() of its own is waited for: nothing else holds up an exit behind a hung call.
+        closes = getattr(type(self.handler), "close", Handler.close) is not Handler.close
+        final = await self.batcher.stop(self._close if closes else None)
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
+        if final is not None:
+            await self._closed(final)
+
+    def _close(self) -> None:
+        if self._loaded:  # on the device thread, so after a load still running when the stop came
+            self.handler.close()
+
+    async def _closed(self, final: Future) -> None:
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(final), CLOSE_WAIT)
+        except TimeoutError:  # the wait's cancellation dropped a close() not started yet
+            if final.running():
+                log.warning("the handler's close() still runs after %g s; going on without it", CLOSE_WAIT)
+            else:
+                log.warning(
+                    "the handler's close() was not called: a model call still ran after %g s", CLOSE_WAIT
+                )
+        except Exception:
+            log.exception("the handler's close() failed")
 
     @property
     def busy(self) -> bool:
@@ -102,7 +126,7 @@ class Service:
     async def _load(self) -> None:
         try:
             started = time.perf_counter()
-            await self.batcher.device.run(self.handler.load)
+            await self.batcher.device.run(self._load_handler)
             seconds = time.perf_counter() - started
             self.metrics.load_seconds.set(seconds)
             log.info("loaded %s in %.1f s", self.handler.name, seconds)
@@ -116,6 +140,10 @@ class Service:
             self.on_failed()
             return
         self.state = READY
+
+    def _load_handler(self) -> None:
+        self.handler.load()
+        self._loaded = True
 
     async def _warm_up(self) -> None:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""

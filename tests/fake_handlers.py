@@ -354,3 +354,41 @@ class PreparesInInit(OnlyPredicts):
     def __init__(self, settings) -> None:
         super().__init__(settings)
         self.prepare = lambda data, options: data  # set on the instance: as good as a method
+
+
+class Closing(Echo):
+    """Records its calls and their threads in `calls` (on the class: the CLI makes its own instance);
+    `close_fails` and `load_fails` steer it, `gate` (when set to an Event) holds predict until set."""
+
+    calls: list[tuple[str, str]] = []
+    close_fails = False
+    load_fails = False
+    predict_fails = False
+    gate: threading.Event | None = None
+
+    def _note(self, what: str) -> None:
+        type(self).calls.append((what, threading.current_thread().name))
+
+    def load(self) -> None:
+        self._note("load")
+        if self.load_fails:
+            raise OSError("no weights here")
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        self._note("predict")
+        if self.gate is not None:
+            self.gate.wait(10)
+        self._note("predicted")
+        if self.predict_fails:
+            raise ValueError("this model is broken")
+        return super().predict(items, options)
+
+    def close(self) -> None:
+        self._note("close")
+        if self.close_fails:
+            raise RuntimeError("the socket is gone")
+
+
+class AsyncClose(Echo):
+    async def close(self) -> None:  # type: ignore[override]
+        pass

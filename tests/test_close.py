@@ -1,0 +1,146 @@
+"""A handler's `close()`: once, after its last `predict`, on that thread; only after a load that returned."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import serving
+from fake_handlers import AsyncClose, Closing, Echo
+
+from docker_vit import cli, service
+from docker_vit.config import Settings
+from docker_vit.handler import HandlerError
+from docker_vit.loader import check_methods
+from docker_vit.service import Service
+
+IMAGE = {"content-type": "image/x"}
+
+
+@pytest.fixture(autouse=True)
+def fresh() -> Iterator[None]:
+    """`Closing` records on its class: each test starts from no calls and the default steering."""
+    Closing.calls = []
+    yield
+    Closing.close_fails = Closing.load_fails = Closing.predict_fails = False
+    Closing.gate = None
+
+
+def names() -> list[str]:
+    return [what for what, _ in Closing.calls]
+
+
+def test_a_server_closes_its_handler_once_after_the_last_predict_on_its_thread() -> None:
+    settings = Settings()
+    with serving(settings, Closing(settings)) as client:
+        assert client.post("/", content=b"hello", headers=IMAGE).text == "hello"
+        assert "close" not in names()
+    assert names() == ["load", "predict", "predicted", "predict", "predicted", "close"]  # warm-up, then ours
+    threads = {thread for _, thread in Closing.calls}
+    assert len(threads) == 1 and threads.pop().startswith("docker-vit-device")
+
+
+def test_a_handler_whose_load_failed_is_not_closed() -> None:
+    Closing.load_fails = True
+    settings = Settings()
+    with serving(settings, Closing(settings), wait=False) as client:
+        while client.get("/readyz").json()["status"] == "loading":
+            pass
+        assert client.get("/readyz").status_code == 503
+    assert names() == ["load"]
+
+
+def test_a_close_that_fails_is_logged_and_the_server_still_stops(caplog: pytest.LogCaptureFixture) -> None:
+    Closing.close_fails = True
+    settings = Settings()
+    with caplog.at_level(logging.ERROR, "docker_vit"), serving(settings, Closing(settings)):
+        pass
+    assert names()[-1] == "close"
+    assert "the handler's close() failed" in caplog.text and "the socket is gone" in caplog.text
+
+
+def run_and_stop(handler: Echo, release_after: float | None) -> list[str]:
+    """Start a service, leave a request in `predict`, stop the service meanwhile; the calls made."""
+
+    async def scenario() -> None:
+        serving = Service(Settings(), handler)
+        await serving.start()
+        assert await serving.settled(10)
+        Closing.gate = threading.Event()
+        request = asyncio.ensure_future(serving.run([b"late"], serving.options({})))
+        while names().count("predict") < 2:  # the warm-up's, then the request's
+            await asyncio.sleep(0.01)
+        if release_after is not None:
+            asyncio.get_running_loop().call_later(release_after, Closing.gate.set)
+        await serving.stop()
+        request.cancel()
+
+    asyncio.run(scenario())
+    return names()
+
+
+def test_stop_waits_for_the_running_predict_before_closing() -> None:
+    calls = run_and_stop(Closing(Settings()), release_after=0.3)
+    assert calls[-3:] == ["predict", "predicted", "close"]
+
+
+def test_a_predict_running_past_the_wait_means_no_close_and_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(service, "CLOSE_WAIT", 0.2)
+    with caplog.at_level(logging.WARNING, "docker_vit"):
+        calls = run_and_stop(Closing(Settings()), release_after=None)
+        Closing.gate.set()
+    assert (
+        "close" not in calls and "close() was not called: a model call still ran after 0.2 s" in caplog.text
+    )
+
+
+def test_a_caption_run_closes_its_handler_at_the_end(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "a.png").write_bytes(b"a")
+    (tmp_path / "b.png").write_bytes(b"b")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["caption", str(tmp_path), "--handler", "fake_handlers:Closing", "-o", str(out)]) == 0
+    assert names() == ["load", "predict", "predicted", "close"]
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_a_caption_run_that_fails_closes_its_handler_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    Closing.predict_fails = True
+    for index in range(4):
+        (tmp_path / f"{index}.png").write_bytes(b"x")
+    command = ["caption", str(tmp_path), "--handler", "fake_handlers:Closing", "--max-batch-size", "1"]
+    assert cli.main([*command, "-o", str(tmp_path / "out.jsonl")]) == 1
+    assert "batches in a row" in capsys.readouterr().err
+    assert names()[-1] == "close" and names().count("close") == 1
+
+
+def test_a_caption_run_says_a_failed_close_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    Closing.close_fails = True
+    (tmp_path / "a.png").write_bytes(b"a")
+    code = cli.main(["caption", str(tmp_path / "a.png"), "--handler", "fake_handlers:Closing"])
+    err = capsys.readouterr().err
+    assert code == 0 and "the handler's close() failed: RuntimeError: the socket is gone" in err
+    assert "Traceback" not in err
+
+
+def test_an_async_close_is_refused_at_load() -> None:
+    with pytest.raises(HandlerError, match=r"AsyncClose.close is an async def"):
+        check_methods(AsyncClose)
+
+
+def test_a_runpod_worker_closes_its_handler_as_it_stops() -> None:
+    from docker_vit.runpod import Worker
+
+    worker = Worker(Settings(), Closing(Settings()))
+    try:
+        assert worker.wait_ready()
+    finally:
+        worker.close()
+    assert names()[-1] == "close" and names().count("close") == 1
