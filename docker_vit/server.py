@@ -181,9 +181,11 @@ _UNHEALTHY = {"description": "failed to load, or stalled", "content": _JSON_ERRO
 _ERRORS = {
     "400": "no image, or a malformed request",
     "401": "a missing or wrong API key (when the server has keys)",
+    "408": "the body did not arrive within the read timeout",
     "413": "an image, a request or the count of images over a limit",
     "415": "not a picture this server decodes",
     "422": "an option out of bounds",
+    "431": "a request line and headers over 64 KiB",
     "500": "the model failed on this input",
     "503": "the queue is full (Retry-After), or the model is not loaded",
     "504": "no caption within the request timeout",

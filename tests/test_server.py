@@ -240,7 +240,9 @@ def test_probes_model_docs_and_metrics(client) -> None:
     assert {"multipart/form-data", "image/*", "application/octet-stream"} <= set(
         upload["requestBody"]["content"]
     )
-    assert {"200", "400", "413", "415", "422", "503", "504"} <= set(upload["responses"])
+    assert {"200", "400", "401", "408", "413", "415", "422", "431", "500", "503", "504"} <= set(
+        upload["responses"]
+    )
     form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert {"file", "num_beams", "max_new_tokens"} <= set(form)
     client.post("/", files={"file": png()})
