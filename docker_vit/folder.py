@@ -55,6 +55,10 @@ OTHER_PICTURES = frozenset(
     | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef"}  # cameras' RAW
 )
 
+# Output names that promise something else than the JSON lines they get (`json.load` refuses them, a
+# spreadsheet looks for tabs): told so once the file is open.
+TOLD_JSON_LINES = (".json", ".txt", ".tsv", ".tab", ".xlsx", ".xls", ".ods")
+
 
 def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = ()) -> int:
     """The `caption` command: find images, skip those already in `--output`, caption the rest.
@@ -83,8 +87,11 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     with sink:
         if output:  # only now: a first run's file exists once opened
             images = [path for path in images if not _is_output(path, output)]
-            if not fmt and output.lower().endswith(".json"):  # `json.load` would refuse the file
-                progress.warn(f"{output} gets JSON lines, one record per line (as a .jsonl file would)")
+            if not fmt and output.lower().endswith(TOLD_JSON_LINES):  # not what the name promises
+                progress.warn(
+                    f"{output} gets JSON lines, one record per line (as a .jsonl file would; "
+                    "--format csv writes CSV)"
+                )
         if not images:
             progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
         todo = _not_done(images, sink.done)

@@ -545,8 +545,11 @@ def test_pictures_the_intake_cannot_read_are_counted_not_failed(
     assert "passed over 1 picture in formats not read (1 avif)" in capsys.readouterr().err
 
 
-def test_a_json_file_name_is_told_it_gets_json_lines(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    out = tmp_path / "captions.json"
+@pytest.mark.parametrize("name", ["captions.json", "captions.txt", "captions.TSV", "captions.xlsx"])
+def test_a_json_file_name_is_told_it_gets_json_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture, name: str
+) -> None:
+    out = tmp_path / name
     assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), *DIGEST]) == 0
     assert f"{out} gets JSON lines, one record per line" in capsys.readouterr().err
     assert json.loads(out.read_text().splitlines()[0])["caption"].startswith("picture ")
