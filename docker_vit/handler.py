@@ -7,7 +7,7 @@ configured one. The captioner is one handler; a user's model is another (`--hand
 A request travels through a handler in three stages, so that CPU and device work overlap:
 `prepare` (CPU, in a thread pool, one input), `predict` (the device, one batch of items that share
 the same options) and `respond` (CPU, one output). `load` runs once, before any of them, and `close`
-once, after them all.
+once, after the last `predict`.
 """
 
 from __future__ import annotations

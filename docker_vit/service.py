@@ -83,7 +83,8 @@ class Service:
         if self._loading is not None:
             self._loading.cancel()
         # Only a close() of its own is waited for: nothing else holds up an exit behind a hung call.
-        closes = getattr(type(self.handler), "close", Handler.close) is not Handler.close
+        close = getattr(self.handler, "close", None)  # a method, or one set on the instance (in load)
+        closes = callable(close) and getattr(close, "__func__", close) is not Handler.close
         final = await self.batcher.stop(self._close if closes else None)
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
@@ -95,17 +96,23 @@ class Service:
             self.handler.close()
 
     async def _closed(self, final: Future) -> None:
-        try:
-            await asyncio.wait_for(asyncio.wrap_future(final), CLOSE_WAIT)
-        except TimeoutError:  # the wait's cancellation dropped a close() not started yet
-            if final.running():
-                log.warning("the handler's close() still runs after %g s; going on without it", CLOSE_WAIT)
-            else:
+        # asyncio.wait, not wait_for: a TimeoutError close() raises is its failure, not our wait's end
+        # (and on 3.10 wait_for's own is asyncio.TimeoutError, which `except TimeoutError` misses)
+        waiting = asyncio.wrap_future(final)
+        done, _ = await asyncio.wait({waiting}, timeout=CLOSE_WAIT)
+        if not done:
+            dropped = final.cancel()  # a close() not started yet never runs; a running one goes on
+            waiting.cancel()
+            if dropped:
                 log.warning(
-                    "the handler's close() was not called: a model call still ran after %g s", CLOSE_WAIT
+                    "the handler's close() was not called: the load or a model call still ran after %g s",
+                    CLOSE_WAIT,
                 )
-        except Exception:
-            log.exception("the handler's close() failed")
+            else:
+                log.warning("the handler's close() still runs after %g s; going on without it", CLOSE_WAIT)
+            return
+        if waiting.exception() is not None:
+            log.error("the handler's close() failed", exc_info=waiting.exception())
 
     @property
     def busy(self) -> bool:

@@ -96,7 +96,8 @@ def test_a_predict_running_past_the_wait_means_no_close_and_a_warning(
         calls = run_and_stop(Closing(Settings()), release_after=None)
         Closing.gate.set()
     assert (
-        "close" not in calls and "close() was not called: a model call still ran after 0.2 s" in caplog.text
+        "close" not in calls
+        and "close() was not called: the load or a model call still ran after 0.2 s" in caplog.text
     )
 
 
@@ -144,3 +145,31 @@ def test_a_runpod_worker_closes_its_handler_as_it_stops() -> None:
     finally:
         worker.close()
     assert names()[-1] == "close" and names().count("close") == 1
+
+
+class TimesOutClosing(Closing):
+    def close(self) -> None:
+        super().close()
+        raise TimeoutError("ending the session timed out")  # a socket's timeout: close()'s own failure
+
+
+def test_a_close_that_raises_timeout_error_is_its_failure_not_the_wait(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings()
+    with caplog.at_level(logging.WARNING, "docker_vit"), serving(settings, TimesOutClosing(settings)):
+        pass
+    assert names()[-1] == "close"
+    assert "the handler's close() failed" in caplog.text and "was not called" not in caplog.text
+
+
+class ClosesOnItsInstance(Echo):
+    def load(self) -> None:  # no close() on the class: one set on the instance, as prepare may be
+        self.close = lambda: Closing.calls.append(("instance close", ""))  # type: ignore[method-assign]
+
+
+def test_a_close_set_on_the_instance_is_called_as_caption_calls_it() -> None:
+    settings = Settings()
+    with serving(settings, ClosesOnItsInstance(settings)):
+        pass
+    assert names() == ["instance close"]
