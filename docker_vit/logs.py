@@ -69,3 +69,17 @@ def adopt_library_loggers() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    generation = logging.getLogger("transformers.generation.utils")
+    if not any(isinstance(f, _NoPadding) for f in generation.filters):
+        generation.addFilter(_NoPadding())
+
+
+class _NoPadding(logging.Filter):
+    """`generate`'s warning that a batch without an attention mask may hold padding it cannot tell
+    apart (the pad token is the end token, as in vit-gpt2): the engine stacks items of one shape, so
+    its batches never hold padding, and the warning ("you may observe unexpected behavior") is wrong."""
+
+    SAID = ("The attention mask is not set with a batched input", "The attention mask and the pad token id")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.SAID)
