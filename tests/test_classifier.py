@@ -273,3 +273,23 @@ def test_a_non_vision_handler_gets_the_same_routes_and_batching() -> None:
 
 def test_blanks_around_a_handler_name_are_ignored() -> None:
     assert load_handler(Settings(handler=" examples.minimal_handler : ColorNamer ")).name == "dominant-color"
+
+
+def test_the_classifier_takes_threads_and_an_apple_gpu_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`--threads` and `--device auto` mean for the example what they mean for the captioner."""
+    import torch
+
+    from examples import imagenet_classifier
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert imagenet_classifier._device("auto") == torch.device("mps")
+    assert imagenet_classifier._device("cpu") == torch.device("cpu")
+    before = torch.get_num_threads()
+    try:
+        imagenet_classifier.Classifier(Settings(threads=1, device="cpu")).load()
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
