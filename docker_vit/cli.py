@@ -12,7 +12,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from docker_vit.config import (
     CLIENT,
@@ -31,6 +31,11 @@ from docker_vit.config import (
     names_of,
     options,
 )
+
+if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
+    import uvicorn
+
+    from docker_vit.service import Service
 
 # Model settings a `caption --url` run leaves to the server (it sends only the generation options;
 # the server's byte limit holds, the client's is its fallback)
@@ -137,7 +142,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     return code
 
 
-def _server(settings: Settings) -> tuple[Any, Any]:
+def _server(settings: Settings) -> tuple[uvicorn.Server, Service]:
     """uvicorn's server around the app, and the app's service."""
     import uvicorn
 
