@@ -3,6 +3,7 @@ before the first request, so that a mistake in it is one line at start-up, not a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import os
@@ -69,12 +70,20 @@ def check_methods(handler: Handler | type[Handler]) -> None:
         if missing:
             raise HandlerError(f"{cls.__name__} does not implement {' or '.join(m + '()' for m in missing)}")
     methods = ("load", "options", "prepare", "predict", "respond", "example", "describe", "close")
-    asynchronous = [m for m in methods if inspect.iscoroutinefunction(getattr(handler, m, None))]
+    asynchronous = [m for m in methods if _is_async(getattr(handler, m, None))]
     if asynchronous:  # called in threads, a coroutine would never run: a puzzle at the first request
         raise HandlerError(
             f"{cls.__name__}.{asynchronous[0]} is an async def: handler methods are plain functions "
             "(the server runs them in threads)"
         )
+
+
+def _is_async(method: Any) -> bool:
+    """An `async def` (a coroutine or an async generator), seen through `functools.wraps` decorators."""
+    with contextlib.suppress(ValueError):  # a __wrapped__ cycle: judged as it is
+        method = inspect.unwrap(method)
+    method = getattr(method, "__func__", method)
+    return inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
 
 
 def check_attributes(handler: Handler, settings: Settings) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import serving
-from fake_handlers import AsyncClose, Closing, Echo
+from fake_handlers import AsyncClose, AsyncGeneratorClose, Closing, DecoratedAsyncLoad, Echo
 
 from docker_vit import cli, service
 from docker_vit.config import Settings
@@ -131,9 +131,14 @@ def test_a_caption_run_says_a_failed_close_in_one_line(tmp_path: Path, capsys: p
     assert "Traceback" not in err
 
 
-def test_an_async_close_is_refused_at_load() -> None:
-    with pytest.raises(HandlerError, match=r"AsyncClose.close is an async def"):
-        check_methods(AsyncClose)
+@pytest.mark.parametrize(
+    ("handler", "method"),
+    [(AsyncClose, "close"), (AsyncGeneratorClose, "close"), (DecoratedAsyncLoad, "load")],
+)
+def test_an_async_method_is_refused_at_load_behind_a_decorator_too(handler: type, method: str) -> None:
+    """A coroutine (or async generator) from load or close would never run: nothing else would say so."""
+    with pytest.raises(HandlerError, match=rf"{handler.__name__}.{method} is an async def"):
+        check_methods(handler)
 
 
 def test_a_runpod_worker_closes_its_handler_as_it_stops() -> None:
