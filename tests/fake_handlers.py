@@ -8,6 +8,7 @@ the production intake. Every class can be served as `docker-vit serve --handler 
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import sys
@@ -392,3 +393,33 @@ class Closing(Echo):
 class AsyncClose(Echo):
     async def close(self) -> None:  # type: ignore[override]
         pass
+
+
+def traced(method: Any) -> Any:
+    """A decorator as most are written (functools.wraps): the method it wraps stays async."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return method(*args, **kwargs)
+
+    return wrapper
+
+
+class DecoratedAsyncLoad(Echo):
+    @traced
+    async def load(self) -> None:  # type: ignore[override]
+        pass
+
+
+class AsyncGeneratorClose(Echo):
+    async def close(self):  # type: ignore[override]
+        yield
+
+
+class DescribesOptions(Echo):
+    """describe() naming `options`: what `caption --url` sends by stays the handler's option_names."""
+
+    option_names = ("delay",)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "options": ["zzz"], "handler": "mine"}

@@ -21,6 +21,7 @@ from conftest import serving
 from fake_handlers import (
     BadDescribe,
     DescribesItsModel,
+    DescribesOptions,
     Exiting,
     Gated,
     Holding,
@@ -504,3 +505,11 @@ class _IterExits:
 
     def __iter__(self) -> Any:
         raise SystemExit(3)
+
+
+def test_v1_model_options_are_the_handlers_option_names_whatever_describe_says() -> None:
+    """`caption --url` sends only the fields `/v1/model` lists: a describe() must not change them."""
+    settings = Settings()
+    with serving(settings, DescribesOptions(settings)) as client:
+        info = client.get("/v1/model").json()
+    assert info["options"] == ["delay"] and info["handler"] == "mine"
