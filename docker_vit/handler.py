@@ -19,12 +19,13 @@ from typing import Any
 
 from PIL import Image
 
-from docker_vit.abandon import stop_if_abandoned
+from docker_vit.abandon import Abandoned, stop_if_abandoned
 from docker_vit.config import Settings
 from docker_vit.errors import ImageError, InputError, OptionsError, TooLarge
 from docker_vit.images import open_image
 
 __all__ = [
+    "Abandoned",
     "Handler",
     "HandlerBug",
     "HandlerError",
