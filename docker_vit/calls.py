@@ -102,7 +102,7 @@ def predict_all(handler: Handler, items: Sequence[Any], options: Hashable) -> li
     try:
         each = contained(iter, outputs)  # its `__iter__`, like its `__len__` below, is the handler's code
     except TypeError:
-        raise HandlerBug(f"predict returned a {type(outputs).__name__}, not a sequence") from None
+        raise HandlerBug(f"predict returned {_kind(outputs)}, which is not iterable") from None
     # One output past the count is enough to know: an endless iterator would fill the memory of the
     # device thread, and never end. A generator's own errors keep their names.
     taken = contained(list, itertools.islice(each, count + 1))
@@ -135,12 +135,20 @@ def respond(handler: Handler, output: Any) -> Result:
     """`handler.respond(output)`, checked to be a Result that every front end can send as JSON."""
     result = contained(handler.respond, output)
     if not isinstance(result, Result):
-        raise HandlerBug(f"respond returned a {type(result).__name__}, not a Result")
+        raise HandlerBug(f"respond returned {_kind(result)}, not a Result")
     if not isinstance(result.text, str):
-        raise HandlerBug(f"respond returned a Result whose text is a {type(result.text).__name__}")
+        raise HandlerBug(f"respond returned a Result whose text is {_kind(result.text)}, not a str")
     if not isinstance(result.data, dict) or not all(isinstance(key, str) for key in result.data):
         raise HandlerBug("respond returned a Result whose data is not a dict with str keys")
     if "text" in result.data:
         raise HandlerBug("respond returned a Result whose data has a 'text' key: it would hide the text")
     _json(result.to_json(), "respond returned")
     return result
+
+
+def _kind(value: Any) -> str:
+    """`a str`, `an int`, `None`: a value's type as a message names it."""
+    if value is None:
+        return "None"
+    name = type(value).__name__
+    return f"{'an' if name[0].lower() in 'aeiou' else 'a'} {name}"

@@ -221,7 +221,7 @@ def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> No
             ("unhashable", 500, "unhashable"),
             ("crash", 500, "options are broken"),
             ("short", 500, "0 outputs for 1 items"),
-            ("nothing", 500, "not a sequence"),
+            ("nothing", 500, "predict returned None, which is not iterable"),
             ("stop", 500, "the handler raised StopIteration"),
             ("timeout", 500, "TimeoutError: the disk was slow"),
             ("unprintable", 500, "the handler raised Unprintable (its message cannot be shown)"),
