@@ -145,7 +145,9 @@ def report(
         "images": images,
         "request_id": request_id,
     }
-    log.info(" ".join(f"{k}={v}" for k, v in fields.items()), extra={"fields": fields})
+    # no method (bytes that were not HTTP) reads `-` in the text line, as in a web server's access log
+    text = " ".join(f"{key}={'-' if value is None else value}" for key, value in fields.items())
+    log.info(text, extra={"fields": fields})
 
 
 def _declared_length(headers: dict[bytes, bytes]) -> int:

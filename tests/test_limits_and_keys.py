@@ -548,3 +548,17 @@ def test_docs_list_the_fields_the_handlers_options_read_not_the_captioners() -> 
     assert [param["name"] for param in upload["parameters"]] == ["shout"]
     form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
     assert set(form) == {"file", "shout"}
+
+
+def test_a_request_without_a_method_logs_a_dash_in_text_and_null_in_json(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Bytes that were not HTTP have no method: `method=-` as web servers' access logs write it."""
+    from docker_vit.metrics import Metrics
+    from docker_vit.middleware import report
+
+    with caplog.at_level(logging.INFO, "docker_vit.access"):
+        report(Metrics(), None, "unmatched", 400, 0.0, 0, "rid-1")
+    (record,) = [r for r in caplog.records if r.name == "docker_vit.access"]
+    assert record.getMessage().startswith("method=- route=unmatched status=400 ")
+    assert json.loads(JsonFormatter().format(record))["method"] is None
