@@ -28,7 +28,7 @@ from typing import Any
 from docker_vit.abandon import Abandoned
 from docker_vit.calls import WrongOutputs, drop_frames, splittable
 from docker_vit.device import DeviceThread
-from docker_vit.errors import InputError, QueueFull, TooManyItems
+from docker_vit.errors import InputError, OptionsError, QueueFull, TooManyItems
 
 log = logging.getLogger("docker_vit.batching")
 
@@ -261,7 +261,7 @@ class Batcher:
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
             return
-        if isinstance(exc, InputError):  # a handler refusing an input in predict: answered 4xx
+        if isinstance(exc, InputError | OptionsError):  # a handler refusing an input in predict: 4xx
             log.info("model call refused its input: %s: %s", type(exc).__name__, exc)
         else:
             log.error("model call failed", exc_info=exc)

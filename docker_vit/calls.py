@@ -119,7 +119,7 @@ def description(handler: Handler) -> dict[str, Any]:
     """`handler.describe()`, checked to be a JSON object."""
     info = contained(handler.describe)
     if not isinstance(info, dict) or not all(isinstance(key, str) for key in info):
-        raise HandlerBug(f"describe returned a {type(info).__name__}, not a dict with str keys")
+        raise HandlerBug(f"describe returned {_kind(info)}, not a dict with str keys")
     _json(info, "describe returned")
     return info
 

@@ -86,9 +86,9 @@ async def model_info(service: Service) -> dict[str, Any]:
         if service.state == READY:
             raise errors.from_service(exc) from None
         info = base  # a describe() that needs the loaded model, asked while it loads
-    info.pop("options", None)  # what `caption --url` sends by: the handler's option_names, not describe's
-    if "options" in base:
-        info["options"] = base["options"]
+    info = {key: value for key, value in info.items() if key != "options"}  # `base` itself, while loading
+    if handler.option_names is not None:  # what `caption --url` sends by: the option_names, not describe's
+        info["options"] = list(handler.option_names)
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
     settings = service.settings
     request = {"max_bytes": settings.max_bytes, "max_pixels": settings.max_pixels}

@@ -3,7 +3,6 @@ before the first request, so that a mistake in it is one line at start-up, not a
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import os
@@ -79,11 +78,24 @@ def check_methods(handler: Handler | type[Handler]) -> None:
 
 
 def _is_async(method: Any) -> bool:
-    """An `async def` (a coroutine or an async generator), seen through `functools.wraps` decorators."""
-    with contextlib.suppress(ValueError):  # a __wrapped__ cycle: judged as it is
-        method = inspect.unwrap(method)
+    """An `async def` (a coroutine or an async generator). A `functools.wraps` decorator is judged as
+    it is: a plain wrapper may run the coroutine itself (`asyncio.run`, asgiref's `async_to_sync`);
+    one that returns it unrun is caught by `sync_result` when load or close is called."""
     method = getattr(method, "__func__", method)
     return inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
+
+
+def sync_result(name: str, result: Any) -> Any:
+    """What `load()` or `close()` returned, refused when it is a coroutine or async generator never run
+    (an async def behind a decorator): it would otherwise do nothing, silently."""
+    if inspect.iscoroutine(result) or inspect.isasyncgen(result):
+        if inspect.iscoroutine(result):
+            result.close()  # no "coroutine was never awaited" warning at exit
+        raise HandlerError(
+            f"{name}() returned {type(result).__name__} that never ran: handler methods are plain "
+            "functions (an async def behind a decorator too)"
+        )
+    return result
 
 
 def check_attributes(handler: Handler, settings: Settings) -> None:

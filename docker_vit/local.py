@@ -25,7 +25,7 @@ from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.errors import InputError, OptionsError
 from docker_vit.handler import Result
-from docker_vit.loader import batch_size, load_handler
+from docker_vit.loader import batch_size, load_handler, sync_result
 from docker_vit.process import cpu_threads
 from docker_vit.runner import (
     GIVE_UP_AFTER,
@@ -50,7 +50,7 @@ class LocalRunner:
         self.warn = warn
         self.handler = load_handler(settings)
         try:
-            contained(self.handler.load)
+            sync_result("load", contained(self.handler.load))
         except Exception as exc:  # a device torch lacks, a missing folder...: one line, not a traceback
             reason = " ".join(str(exc).split())  # transformers' messages span lines
             raise CaptionError(f"cannot load the model: {type(exc).__name__}: {reason}") from None
@@ -89,7 +89,7 @@ class LocalRunner:
     def close(self) -> None:
         """The handler's close(), said in one line if it fails: the captions written stand."""
         try:
-            contained(getattr(self.handler, "close", lambda: None))
+            sync_result("close", contained(getattr(self.handler, "close", lambda: None)))
         except Exception as exc:
             self.warn(f"the handler's close() failed: {type(exc).__name__}: {exc}")
 

@@ -17,9 +17,9 @@ from typing import Any
 from docker_vit.batching import Batcher
 from docker_vit.calls import contained, predict_all, read_options, respond
 from docker_vit.config import Settings
-from docker_vit.errors import InputError, TooLarge
+from docker_vit.errors import InputError, OptionsError, TooLarge
 from docker_vit.handler import Handler, Result
-from docker_vit.loader import batch_size, check_attributes
+from docker_vit.loader import batch_size, check_attributes, sync_result
 from docker_vit.metrics import Metrics
 from docker_vit.process import cpu_threads
 
@@ -93,7 +93,7 @@ class Service:
 
     def _close(self) -> None:
         if self._loaded:  # on the device thread, so after a load still running when the stop came
-            self.handler.close()
+            sync_result("close", self.handler.close())
 
     async def _closed(self, final: Future) -> None:
         # asyncio.wait, not wait_for: a TimeoutError close() raises is its failure, not our wait's end
@@ -149,7 +149,7 @@ class Service:
         self.state = READY
 
     def _load_handler(self) -> None:
-        self.handler.load()
+        sync_result("load", self.handler.load())
         self._loaded = True
 
     async def _warm_up(self) -> None:
@@ -249,7 +249,7 @@ class Service:
         jobs = [asyncio.ensure_future(one(index, data)) for index, data in enumerate(inputs)]
         try:
             return list(await asyncio.gather(*jobs))
-        except InputError:
+        except (InputError, OptionsError):  # the client's: answered 4xx, as from options()
             raise
         except Exception:
             log.exception("prepare failed")  # the client gets a 500: the log says why

@@ -513,3 +513,18 @@ def test_v1_model_options_are_the_handlers_option_names_whatever_describe_says()
     with serving(settings, DescribesOptions(settings)) as client:
         info = client.get("/v1/model").json()
     assert info["options"] == ["delay"] and info["handler"] == "mine"
+
+
+def test_v1_model_options_stay_while_a_describe_that_needs_the_model_fails() -> None:
+    """While loading, a failing describe() gives way to the base: the option_names are still listed."""
+    from docker_vit import frontend
+
+    class Loading(DescribesOptions):
+        def describe(self) -> dict[str, Any]:
+            raise AttributeError("set by load")
+
+    settings = Settings()
+    service = type("S", (), {"handler": Loading(settings), "state": "loading", "settings": settings})()
+    service.batch_size, service.status = 1, "loading"
+    info = asyncio.run(frontend.model_info(service))
+    assert info["options"] == ["delay"]
