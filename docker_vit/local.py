@@ -92,6 +92,8 @@ class LocalRunner:
             sync_result("close", contained(getattr(self.handler, "close", lambda: None)))
         except Exception as exc:
             self.warn(f"the handler's close() failed: {type(exc).__name__}: {exc}")
+        except KeyboardInterrupt:  # Ctrl-C on a slow close: the run's records stand, its status too
+            self.warn("the handler's close() was interrupted")
 
     def _submit(self, cpu: ThreadPoolExecutor, batch: list[str]) -> list[tuple[str, Future]]:
         return [(path, cpu.submit(self._prepare, path)) for path in batch]

@@ -27,6 +27,7 @@ log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
 CLOSE_WAIT = 10.0  # seconds `stop` waits for a model call still running, then for the handler's close()
+SAY_WAITING = 1.0  # seconds of that wait before the log says what it waits for
 STALLED = "stalled"  # ready, but a model call has outrun the request timeout
 
 
@@ -99,7 +100,12 @@ class Service:
         # asyncio.wait, not wait_for: a TimeoutError close() raises is its failure, not our wait's end
         # (and on 3.10 wait_for's own is asyncio.TimeoutError, which `except TimeoutError` misses)
         waiting = asyncio.wrap_future(final)
-        done, _ = await asyncio.wait({waiting}, timeout=CLOSE_WAIT)
+        say = min(SAY_WAITING, CLOSE_WAIT)
+        done, _ = await asyncio.wait({waiting}, timeout=say)
+        if not done and say < CLOSE_WAIT:  # said, so that a stop behind a long call is no silent pause
+            behind = "" if final.running() else " after the load or model call still running"
+            log.info("waiting for the handler's close()%s, at most %g s", behind, CLOSE_WAIT)
+            done, _ = await asyncio.wait({waiting}, timeout=CLOSE_WAIT - say)
         if not done:
             dropped = final.cancel()  # a close() not started yet never runs; a running one goes on
             waiting.cancel()

@@ -363,6 +363,7 @@ class Closing(Echo):
 
     calls: list[tuple[str, str]] = []
     close_fails = False
+    close_interrupts = False
     load_fails = False
     predict_fails = False
     gate: threading.Event | None = None
@@ -388,6 +389,8 @@ class Closing(Echo):
         self._note("close")
         if self.close_fails:
             raise RuntimeError("the socket is gone")
+        if self.close_interrupts:
+            raise KeyboardInterrupt  # Ctrl-C while it runs
 
 
 class AsyncClose(Echo):

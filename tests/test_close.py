@@ -27,7 +27,7 @@ def fresh() -> Iterator[None]:
     """`Closing` records on its class: each test starts from no calls and the default steering."""
     Closing.calls = []
     yield
-    Closing.close_fails = Closing.load_fails = Closing.predict_fails = False
+    Closing.close_fails = Closing.load_fails = Closing.predict_fails = Closing.close_interrupts = False
     Closing.gate = None
 
 
@@ -84,9 +84,11 @@ def run_and_stop(handler: Echo, release_after: float | None) -> list[str]:
     return names()
 
 
-def test_stop_waits_for_the_running_predict_before_closing() -> None:
-    calls = run_and_stop(Closing(Settings()), release_after=0.3)
+def test_stop_waits_for_the_running_predict_before_closing(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, "docker_vit"):
+        calls = run_and_stop(Closing(Settings()), release_after=service.SAY_WAITING + 0.3)
     assert calls[-3:] == ["predict", "predicted", "close"]
+    assert "waiting for the handler's close() after the load or model call still running" in caplog.text
 
 
 def test_a_predict_running_past_the_wait_means_no_close_and_a_warning(
@@ -123,6 +125,19 @@ def test_a_caption_run_that_fails_closes_its_handler_too(
     assert cli.main([*command, "-o", str(tmp_path / "out.jsonl")]) == 1
     assert "batches in a row" in capsys.readouterr().err
     assert names()[-1] == "close" and names().count("close") == 1
+
+
+def test_ctrl_c_on_a_slow_close_leaves_a_finished_caption_run_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Every record is written when close() runs: a Ctrl-C there is no "interrupted, run it again"."""
+    Closing.close_interrupts = True
+    (tmp_path / "a.png").write_bytes(b"a")
+    out = tmp_path / "out.jsonl"
+    assert cli.main(["caption", str(tmp_path), "--handler", "fake_handlers:Closing", "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "the handler's close() was interrupted" in err and "interrupted; run" not in err
+    assert len(out.read_text().splitlines()) == 1
 
 
 def test_a_caption_run_says_a_failed_close_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
