@@ -111,7 +111,7 @@ def check_attributes(handler: Handler, settings: Settings) -> None:
     if not isinstance(name, str):
         raise HandlerError(f"{title}.name must be a str, got {name!r}")
     if names is not None and not (isinstance(names, tuple | list) and all(isinstance(n, str) for n in names)):
-        raise HandlerError(f"{title}.option_names must be a tuple of str or None, got {names!r}")
+        raise HandlerError(f"{title}.option_names must be a tuple or a list of str, or None; got {names!r}")
     batch_size(handler, settings)
 
 

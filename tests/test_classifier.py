@@ -151,7 +151,10 @@ def test_cli_reads_the_handler_from_the_environment() -> None:
         ("fake_handlers:WordBatch", "max_batch_size must be a positive int, got '8'"),
         ("fake_handlers:NoSettings", "fake_handlers:NoSettings: TypeError"),
         ("fake_handlers:ZeroBatch", "max_batch_size must be a positive int, got 0"),
-        ("fake_handlers:OneStringOfNames", "option_names must be a tuple of str or None, got 'shout'"),
+        (
+            "fake_handlers:OneStringOfNames",
+            "option_names must be a tuple or a list of str, or None; got 'shout'",
+        ),
         ("fake_handlers:AsyncPrepare", "AsyncPrepare.prepare is an async def: handler methods are plain"),
         ("fake_handlers:NumberName", "name must be a str, got 7"),
         ("fake_handlers:RaisingName", "reading name or option_names raised RuntimeError"),
