@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory, payloads
-from docker_vit.config import SERVING, Settings, named
+from docker_vit.config import SERVING, Settings, env_name, named
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
@@ -58,8 +58,9 @@ class Worker:
 
     @property
     def concurrency(self) -> int:
-        """Jobs to hold at once: enough single-image jobs to fill a model batch."""
-        return self.service.batch_size
+        """Jobs to hold at once: enough single-image jobs to fill a model batch, no more than the queue
+        holds (a job taken beyond it would wait here, and time out, rather than in Runpod's queue)."""
+        return min(self.service.batch_size, self.settings.max_queue)
 
     def _submit(self, coroutine: Any) -> concurrent.futures.Future:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
@@ -171,7 +172,8 @@ def _worker() -> Worker:
         configure(settings.log_format, settings.log_level)
         return Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:
-        sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
+        said = named(exc, flags=False).replace("--handler", env_name("handler"))  # the worker has no flags
+        sys.exit(f"docker_vit.runpod: error: {said}")
 
 
 if __name__ == "__main__":

@@ -269,6 +269,15 @@ def test_the_worker_holds_a_model_batch_of_jobs():
         worker.close()
 
 
+def test_the_worker_takes_no_more_jobs_than_its_queue_holds():
+    """A job taken beyond the queue would wait in this worker, and time out, not in Runpod's queue."""
+    worker, _ = make_worker(max_batch_size=6, max_queue=2)
+    try:
+        assert worker.wait_ready() and worker.concurrency == 2
+    finally:
+        worker.close()
+
+
 def run_main(env: dict, job: dict | None = None) -> subprocess.CompletedProcess:
     args = ["--test_input", json.dumps(job or {"input": {"image": png()}})]
     return subprocess.run(
@@ -343,16 +352,18 @@ def test_a_stop_during_the_local_test_job_is_no_success() -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "said"),
+    ("name", "value", "said"),
     [
-        ("abc", "DOCKER_VIT_NUM_BEAMS='abc' is not a valid int"),
-        ("0", "DOCKER_VIT_NUM_BEAMS must be positive, got 0"),
+        ("NUM_BEAMS", "abc", "DOCKER_VIT_NUM_BEAMS='abc' is not a valid int"),
+        ("NUM_BEAMS", "0", "DOCKER_VIT_NUM_BEAMS must be positive, got 0"),
+        ("HANDLER", "nomod:X", "cannot import nomod for DOCKER_VIT_HANDLER nomod:X: ModuleNotFoundError"),
     ],
 )
-def test_bad_worker_settings_are_one_line(value: str, said: str):
-    done = run_main({"DOCKER_VIT_NUM_BEAMS": value})
+def test_bad_worker_settings_are_one_line(name: str, value: str, said: str):
+    done = run_main({f"DOCKER_VIT_{name}": value})
     assert done.returncode == 1
-    assert done.stderr.strip().splitlines() == [f"docker_vit.runpod: error: {said}"]
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"docker_vit.runpod: error: {said}")
 
 
 @pytest.fixture(scope="module")
