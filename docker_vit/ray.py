@@ -31,6 +31,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options, parse
+from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
@@ -89,6 +90,14 @@ class DockerViT:
         # Loaded here, not in the builder, so the replica's own DOCKER_VIT_* variables apply.
         settings = Settings.load(None, SERVING, **overrides)
         settings = replace(settings, device=replica_device(settings.device, ray.get_gpu_ids()))
+        try:
+            handler_class(settings)
+        except HandlerError as exc:  # the builder found it on `serve run`'s path, this worker did not
+            said = str(exc).replace("--handler", "handler")  # an argument here, not a flag
+            raise HandlerError(
+                f"{said} (in a replica: ship the module with `serve run --working-dir .`, or a config's "
+                "runtime_env working_dir, or install it where Ray's workers run)"
+            ) from None
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
         web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
         self.service = web.state.service
