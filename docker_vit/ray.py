@@ -93,9 +93,8 @@ class DockerViT:
         try:
             handler_class(settings)
         except HandlerError as exc:  # the builder found it on `serve run`'s path, this worker did not
-            said = str(exc).replace("--handler", "handler")  # an argument here, not a flag
             raise HandlerError(
-                f"{said} (in a replica: ship the module with `serve run --working-dir .`, or a config's "
+                f"{_as_argument(exc)} (in a replica: ship the module with `serve run --working-dir .`, or a config's "
                 "runtime_env working_dir, or install it where Ray's workers run)"
             ) from None
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
@@ -127,15 +126,23 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     settings = Settings.load(None, SERVING, **overrides)  # bad arguments fail here, before any replica
     # A handler's own batch size sizes the concurrency: read from its class, as building a handler
     # may touch the GPU, which this process (`serve run`, the controller) must leave to the replicas.
-    cls = handler_class(settings)
-    # Checked here: the replicas would refuse a bad one, each with a traceback, and `serve run` exit 0.
-    check_methods(cls)
+    try:
+        cls = handler_class(settings)
+        # Checked here: the replicas would refuse a bad one, each with a traceback, and `serve run` exit 0.
+        check_methods(cls)
+    except HandlerError as exc:
+        raise HandlerError(_as_argument(exc)) from None
     size = getattr(cls, "max_batch_size", None)  # a class attribute, as documented
     # A property is read per instance, by the replicas.
     size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
     options = deployment_options(settings, deployment, size)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
+
+
+def _as_argument(exc: HandlerError) -> str:
+    """The loader's message, which names the CLI's `--handler` flag, naming the argument it is here."""
+    return str(exc).replace("--handler", "handler")
 
 
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

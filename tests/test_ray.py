@@ -210,7 +210,11 @@ def test_max_ongoing_requests_below_the_batch_size_is_warned_of(caplog: pytest.L
         ({"num_replicas": "auto", "min_replicas": "101"}, "min_replicas=101 needs max_replicas"),
         ({"load_timeout_s": "nan"}, "load_timeout_s must be a finite number"),
         ({"target_ongoing_requests": "inf"}, "target_ongoing_requests must be a finite number"),
-        ({"handler": "no_such_module:Handler"}, "cannot import no_such_module"),
+        (
+            {"handler": "no_such_module:Handler"},
+            "cannot import no_such_module for handler no_such_module:Handler",
+        ),
+        ({"handler": "fake_handlers"}, "handler must look like module:Class"),
         ({"handler": "fake_handlers:WordBatch"}, "WordBatch.max_batch_size must be a positive int, got '8'"),
         ({"handler": "fake_handlers:AsyncPrepare"}, "AsyncPrepare.prepare is an async def"),
         ({"handler": "fake_handlers:OnlyPredicts"}, "OnlyPredicts does not implement prepare()"),
