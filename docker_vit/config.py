@@ -13,7 +13,7 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,7 +235,19 @@ def named(exc: Exception, flags: bool = True) -> str:
         return f"{flag_name(name)} ({env_name(name)})" if flags else env_name(name)
 
     # not an attribute (`MyHandler.max_batch_size`): only settings named on their own
-    return re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
+    text = re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
+    return text if flags else unflagged(text, env_name)
+
+
+def unflagged(text: str, spell: Callable[[str], str]) -> str:
+    """A message's flags (the loader names `--handler`) spelled as `spell` names their settings, for
+    a front end without flags: the Runpod worker's variables, Ray's arguments."""
+
+    def setting(match: re.Match) -> str:
+        name = match.group(0)[2:].replace("-", "_")
+        return spell(name) if name in options() and flag_name(name) == match.group(0) else match.group(0)
+
+    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", setting, text)
 
 
 def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:

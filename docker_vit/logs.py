@@ -41,24 +41,42 @@ def configure(log_format: str = "text", level: str = "info", logger: str = "") -
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # it warns of every malformed multipart body a client sends; the client gets its 400 anyway
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
-    uvicorn = logging.getLogger("uvicorn.error")
-    if not any(isinstance(f, _ClientsDoing) for f in uvicorn.filters):
-        uvicorn.addFilter(_ClientsDoing())
+    _leave_out("uvicorn.error", _CLIENTS_DOING)
 
 
-class _ClientsDoing(logging.Filter):
-    """uvicorn's warnings about what a client sent (a malformed request, an upgrade no route takes: its
-    access line says so already), which any client could repeat into a flood; and its advice to install
-    a WebSocket library, which would be wrong here (no route takes WebSockets, by choice)."""
+# uvicorn's warnings about what a client sent (a malformed request, an upgrade no route takes: its
+# access line says so already), which any client could repeat into a flood; and its advice to install
+# a WebSocket library, which would be wrong here (no route takes WebSockets, by choice).
+_CLIENTS_DOING = (
+    "Invalid HTTP request received.",
+    "Unsupported upgrade request.",
+    "No supported WebSocket library",
+)
+# `generate`'s warning that a batch without an attention mask may hold padding it cannot tell apart
+# (the pad token is the end token, as in vit-gpt2): the engine stacks items of one shape, so its
+# batches never hold padding, and the warning ("you may observe unexpected behavior") is wrong.
+_NO_PADDING = (
+    "The attention mask is not set with a batched input",
+    "The attention mask and the pad token id",
+)
 
-    SAID = (
-        "Invalid HTTP request received.",
-        "Unsupported upgrade request.",
-        "No supported WebSocket library",
-    )
+
+class _LeftOut(logging.Filter):
+    """Drops a library's records that begin with one of `said`."""
+
+    def __init__(self, said: tuple[str, ...]) -> None:
+        super().__init__()
+        self.said = said
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.SAID)
+        return not str(record.msg).startswith(self.said)
+
+
+def _leave_out(logger: str, said: tuple[str, ...]) -> None:
+    """Once per logger and set of messages, however often the logs are configured."""
+    target = logging.getLogger(logger)
+    if not any(isinstance(f, _LeftOut) and f.said == said for f in target.filters):
+        target.addFilter(_LeftOut(said))
 
 
 def adopt_library_loggers() -> None:
@@ -69,17 +87,4 @@ def adopt_library_loggers() -> None:
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
-    generation = logging.getLogger("transformers.generation.utils")
-    if not any(isinstance(f, _NoPadding) for f in generation.filters):
-        generation.addFilter(_NoPadding())
-
-
-class _NoPadding(logging.Filter):
-    """`generate`'s warning that a batch without an attention mask may hold padding it cannot tell
-    apart (the pad token is the end token, as in vit-gpt2): the engine stacks items of one shape, so
-    its batches never hold padding, and the warning ("you may observe unexpected behavior") is wrong."""
-
-    SAID = ("The attention mask is not set with a batched input", "The attention mask and the pad token id")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.SAID)
+    _leave_out("transformers.generation.utils", _NO_PADDING)

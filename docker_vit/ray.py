@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
 from docker_vit import logs
-from docker_vit.config import SERVING, Settings, options, parse
+from docker_vit.config import SERVING, Settings, options, parse, unflagged
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
 from docker_vit.server import create_app
@@ -142,7 +142,7 @@ def app(args: Mapping[str, Any]) -> serve.Application:
 
 def _as_argument(exc: HandlerError) -> str:
     """The loader's message, which names the CLI's `--handler` flag, naming the argument it is here."""
-    return str(exc).replace("--handler", "handler")
+    return unflagged(str(exc), lambda name: name)
 
 
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory, payloads
-from docker_vit.config import SERVING, Settings, env_name, named
+from docker_vit.config import SERVING, Settings, named
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
@@ -172,8 +172,7 @@ def _worker() -> Worker:
         configure(settings.log_format, settings.log_level)
         return Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:
-        said = named(exc, flags=False).replace("--handler", env_name("handler"))  # the worker has no flags
-        sys.exit(f"docker_vit.runpod: error: {said}")
+        sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
 
 
 if __name__ == "__main__":
