@@ -1,20 +1,30 @@
 #!/usr/bin/env bash
-# One-shot GPU benchmark for a lent machine (a bare copy of this repo, no network), under 6 minutes:
-#   1. the engine alone (no HTTP) at batch 1..128, float16 and bfloat16, beam 4 and greedy;
-#   2. the HTTP benchmark, baseline vs docker-vit, at 1/16/64 clients, --device cuda --max-batch-size 64.
-# Results go to $OUT/gpu_results.md (and stdout); server logs to $OUT/.
-# Python packages the machine lacks (fastapi, uvicorn, flask, gunicorn, ...) travel as wheels in .whl/
-# (prepare them as benchmarks/RESULTS.md's GPU section says, and carry .whl); torch is never installed here.
+# One-shot GPU benchmark for a lent machine (a bare copy of this repo, no network), at most 9.7 minutes (its parts' time limits), about 6 on an H200:
+#   1. the HTTP benchmark, baseline vs docker-vit, at 1/4/16/64 clients and greedy, --max-batch-size 64;
+#   2. the engine alone (no HTTP) at batch 1..128, float16 and bfloat16, beam 4 and greedy;
+#   3. transformers' generate against docker-vit's decode path on the GPU: speed, identical ids, and how
+#      busy the GPU's kernels keep it during one decode (launch-bound or compute-bound);
+#   4. bfloat16 and float16 captions against float32's on the GPU (what `--dtype auto` trades).
+# Each part has its own time limit and appends to $OUT/gpu_results.md as it goes, so a cut run keeps
+# what it measured. Python packages the machine lacks travel as wheels in .whl/ (benchmarks/RESULTS.md's
+# GPU section says how); torch is never installed here.
+# A dry run on a CPU, to check the script: BENCH_DEVICE=cpu BENCH_TINY=1 bash benchmarks/gpu_bench.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu-bench-out}
 mkdir -p "$OUT"
 RES="$OUT/gpu_results.md"
 PY=${PYTHON:-python3}
+DEVICE=${BENCH_DEVICE:-cuda}
+WHEELS=${BENCH_WHEELS:-.whl}
+TINY=${BENCH_TINY:+--tiny}
+QUICK=${BENCH_TINY:+--quick}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 started=$(date +%s)
 say() { echo "$@" | tee -a "$RES"; }
+elapsed() { say "(part exit status $1, $(($(date +%s) - started)) s since the start)"; }
+quiet() { grep -v -E "Loading weights|torchvision|Materializing param"; }
 
 say "## GPU benchmark, $(date -u '+%Y-%m-%d %H:%M UTC')"
 say ""
@@ -22,48 +32,64 @@ say "- GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=c
 say "- CPU: $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores; $($PY --version 2>&1)"
 cuda=$($PY -c "import torch; print(torch.cuda.is_available())" 2>&1 | tail -1)
 say "- torch $($PY -c 'import torch; print(torch.__version__)' 2>&1 | tail -1), cuda available: $cuda"
-if [ "$cuda" != "True" ]; then
+if [ "$DEVICE" = cuda ] && [ "$cuda" != "True" ]; then
   say "no CUDA torch here: stopping (this script never installs torch)"
   exit 1
 fi
 
-# Our package and its web dependencies, without touching torch: carried wheels first, then pip (offline: fails).
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+# Our package's web dependencies and the baseline's, without touching torch: carried wheels only.
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    "$WHEELS"/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || echo "(pip install -e . failed; using PYTHONPATH)"
 missing=$($PY - <<'PY'
 import importlib.util as u
 names = ["transformers", "tokenizers", "PIL", "fastapi", "uvicorn", "multipart", "prometheus_client", "flask", "gunicorn"]
 print(" ".join(n for n in names if u.find_spec(n) is None))
 PY
 )
-if [ -n "$missing" ]; then
-  say "- missing Python modules: $missing (trying pip; offline machines need .whl/)"
-  timeout 60 $PY -m pip install -q fastapi uvicorn python-multipart prometheus-client flask gunicorn 2>&1 | tail -2
-fi
+[ -n "$missing" ] && say "- missing Python modules: $missing (carry their wheels in .whl/)"
 say "- transformers $($PY -c 'import transformers; print(transformers.__version__)' 2>&1 | tail -1)"
+$PY -c "import docker_vit.cli, fastapi, flask, gunicorn" 2>&1 | tail -3 | tee -a "$RES"
 
 say ""
 say "### Model"
-timeout 150 $PY -c "from benchmarks import model; print(model.build())" 2>&1 | grep -v -i -E "warn|shards" | tee -a "$RES"
+tiny=$([ -n "$TINY" ] && echo True || echo False)
+timeout 120 $PY -c "from benchmarks import model; print(model.build(str(model.DEFAULT_FOLDER) + \
+'${BENCH_TINY:+-tiny}', tiny=$tiny))" 2>&1 | quiet | tee -a "$RES"
+elapsed $?
+
+say ""
+say "### HTTP: baseline (Flask + gunicorn, 1 sync worker, generate, fp32) vs docker-vit (--dtype auto, batch <= 64)"
+say ""
+timeout 220 $PY benchmarks/serve_bench.py --device "$DEVICE" --dtype auto --max-batch-size 64 $TINY \
+  --concurrency 1,4,16,64 --images tests/data --deadline 12 --out "$OUT/http_results.md" 2>&1 \
+  | quiet | tee "$OUT/http_log.txt"
+status=$?
+cat "$OUT/http_results.md" >>"$RES" 2>/dev/null || say "(no HTTP table: see http_log.txt)"
+cp /tmp/serve-bench-*.log "$OUT/" 2>/dev/null
+elapsed $status
 
 say ""
 say "### Engine alone (CaptionEngine.generate on random pixels, 15 new tokens)"
 say ""
-timeout 110 $PY benchmarks/engine_bench.py --device cuda --dtypes float16,bfloat16 --repeats 2 --budget 80 2>&1 \
-  | grep -v -E "Loading weights|torchvision" | tee -a "$RES"
-say "(engine part exit status $?, $(( $(date +%s) - started )) s since the start)"
+dtypes=$([ "$DEVICE" = cuda ] && echo float16,bfloat16 || echo float32)
+timeout 90 $PY benchmarks/engine_bench.py --device "$DEVICE" --dtypes $dtypes --repeats 2 --budget 65 $QUICK \
+  2>&1 | quiet | tee -a "$RES"
+elapsed $?
 
 say ""
-say "### HTTP: baseline (Flask + gunicorn, 1 sync worker, generate, fp32) vs docker-vit (bf16, batch <= 64)"
+say "### transformers' generate vs docker-vit's decode path, bfloat16 (median of 3; MISMATCH if ids differ)"
 say ""
-timeout 215 $PY benchmarks/serve_bench.py --device cuda --dtype auto --max-batch-size 64 \
-  --concurrency 1,16,64 --images tests/data --deadline 12 --out "$OUT/http_results.md" 2>&1 \
-  | grep -v -E "Loading weights|torchvision" | tee "$OUT/http_log.txt"
-status=$?
-cat "$OUT/http_results.md" >>"$RES" 2>/dev/null || say "(no HTTP table: exit status $status; see http_log.txt)"
-cp /tmp/serve-bench-*.log "$OUT/" 2>/dev/null
+dtype=$([ "$DEVICE" = cuda ] && echo bfloat16 || echo float32)
+timeout 75 $PY benchmarks/profile_decode.py --device "$DEVICE" --dtype $dtype --batches 1,16,64 --busy $QUICK \
+  2>&1 | quiet | tee -a "$RES"
+elapsed $?
+
 say ""
-say "(total $(( $(date +%s) - started )) s)"
+say "### Reduced precision on the GPU: captions against float32's"
+say ""
+timeout 75 $PY benchmarks/agreement.py --device "$DEVICE" --dtypes bfloat16,float16 $QUICK 2>&1 | quiet | tee -a "$RES"
+elapsed $?
+say ""
+say "(total $(($(date +%s) - started)) s)"

@@ -6,7 +6,7 @@ worst case. FLOPs and the matmul rate are `benchmarks/flops.py`'s, as in the ser
 
     python benchmarks/profile_decode.py                  # timings table (medians) + compute bound
     python benchmarks/profile_decode.py --profile        # plus torch.profiler op tables
-    python benchmarks/profile_decode.py --device cuda --dtype float16
+    python benchmarks/profile_decode.py --device cuda --dtype float16 --busy   # + GPU kernel time / wall
     python benchmarks/profile_decode.py --quick          # tiny model, to check the script
 """
 
@@ -62,6 +62,29 @@ def profile(fn, label: str, rows: int = 14) -> str:
     return f"### {label}\n```\n{table}\n```\n"
 
 
+def busy(fn, device: str) -> str:
+    """How much of one call the device spends in kernels: far below 100% means the decode is bound by
+    launching them (Python and per-op overhead), not by the arithmetic, and bigger batches come free."""
+    if not device.startswith("cuda"):
+        return "no GPU: nothing to measure"
+    kinds = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    flops.sync(device)
+    try:
+        with torch.profiler.profile(activities=kinds) as prof:
+            started = time.perf_counter()
+            fn()
+            flops.sync(device)
+            wall = time.perf_counter() - started
+        kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+        gpu = sum(e.self_device_time_total for e in kernels) / 1e6
+        launches = sum(e.count for e in kernels)
+    except Exception as exc:  # a one-shot run on a lent machine keeps its other figures
+        return f"profiler failed: {type(exc).__name__}: {exc}"
+    return (
+        f"kernels {gpu * 1000:.1f} ms of {wall * 1000:.1f} ms wall ({gpu / wall:.0%}), {launches} kernel runs"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", default="cpu")
@@ -72,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=15)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--busy", action="store_true", help="on a GPU: kernel time over wall time, per shape")
     ap.add_argument("--quick", action="store_true", help="tiny model, one repeat")
     args = ap.parse_args(argv)
     if args.threads:
@@ -82,13 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     dtype = getattr(torch, args.dtype)
     net = VisionEncoderDecoderModel.from_pretrained(folder, dtype=dtype).eval().to(args.device)
     shape, side = flops.shape_of(folder), net.config.encoder.image_size
-    rate = flops.matmul_rate(args.device, args.dtype)["best"]
+    square = 8192 if args.device.startswith("cuda") else 2048  # a GPU needs a big product to near its peak
+    rate = flops.matmul_rate(args.device, args.dtype, square=square)["best"]
     print(f"threads={torch.get_num_threads()} device={args.device} dtype={args.dtype}")
     print(f"matmul rate: {rate:.1f} GFLOP/s")
     print(
         "| batch | beams | generate s (cpu s) | ours s (cpu s) | speedup | ours img/s | GFLOP/img | of bound |"
     )
     print("|---|---|---|---|---|---|---|---|")
+    shapes = []
     for beams in map(int, args.beams.split(",")):
         cfg = gen_config(beams, args.new_tokens)
         assert decoding.supports(net, cfg)
@@ -109,6 +135,13 @@ def main(argv: list[str] | None = None) -> int:
                 + ("" if same else " MISMATCH"),
                 flush=True,
             )
+            shapes.append((batch, beams, fns))
+    if args.busy:  # after the table: the profiler's first start on a GPU can take many seconds
+        print("\nGPU kernel time over wall time, one call under torch.profiler:", flush=True)
+        for batch, beams, fns in shapes:
+            with torch.inference_mode():
+                for name, fn in fns.items():
+                    print(f"- batch {batch}, beams {beams}, {name}: {busy(fn, args.device)}", flush=True)
     if args.profile:
         cfg = gen_config(4, args.new_tokens)
         px = torch.randn(16, 3, side, side, device=args.device, dtype=dtype)

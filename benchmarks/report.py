@@ -26,6 +26,15 @@ def rate_dtype(args: argparse.Namespace) -> str:
     return "bfloat16" if args.device.startswith("cuda") else "float32"
 
 
+def _where(args: argparse.Namespace) -> str:
+    return f"{_threads()} CPU threads" if args.device == "cpu" else f"on {args.device}"
+
+
+def _share(part: float) -> str:
+    """A share of the compute bound: a GPU's is well under 1%, which `:.0%` would print as 0%."""
+    return f"{part:.0%}" if part >= 0.01 else f"{part:.2%}"
+
+
 def _ratio(a: float, b: float) -> str:
     return f"{a / b:.2f}x" if b else "n/a"
 
@@ -74,16 +83,16 @@ def markdown(
     )
     lines += [
         "",
-        f"- Matmul rate ({rate_dtype(args)}, {_threads()} CPU threads, best of a square and the ViT MLP shape): "
+        f"- Matmul rate ({rate_dtype(args)}, {_where(args)}, best of a square and the ViT MLP shape): "
         f"run start / end {facts['rate_start']['best']:.1f} / {facts['rate_end']['best']:.1f} GFLOP/s; "
         f"{around} (the better of just before and just after; used for the shares below).",
         f"- FLOPs per image: beam {args.beams} {beam_flops / 1e9:.1f} GFLOP, greedy {greedy_flops / 1e9:.1f} GFLOP "
         f"(formula in benchmarks/flops.py) -> compute bound {bound_beam:.3f} / {bound_greedy:.3f} img/s.",
         f"- Share of the compute bound at {top} clients: docker-vit beam {args.beams} "
-        f"{ours[top].throughput / bound_beam:.0%}"
-        + (f", baseline {base[top].throughput / bound_beam:.0%}" if base else "")
-        + (f"; greedy docker-vit {ours['greedy'].throughput / bound_greedy:.0%}" if greedy_c else "")
-        + (f", baseline {base['greedy'].throughput / bound_greedy:.0%}" if greedy_c and base else "")
+        f"{_share(ours[top].throughput / bound_beam)}"
+        + (f", baseline {_share(base[top].throughput / bound_beam)}" if base else "")
+        + (f"; greedy docker-vit {_share(ours['greedy'].throughput / bound_greedy)}" if greedy_c else "")
+        + (f", baseline {_share(base['greedy'].throughput / bound_greedy)}" if greedy_c and base else "")
         + ".",
     ]
     if base and 1 in levels:

@@ -112,3 +112,28 @@ def test_agreement_counts_a_captions_own_tokens() -> None:
 
     assert own_tokens([0, 5, 6, 2, 2, 2], {2}) == [5, 6, 2]  # no start token, no padding after the end
     assert own_tokens([0, 5, 6, 7], {2}) == [5, 6, 7]  # cut by the length
+
+
+def test_graph_probe_times_the_eager_steps_on_a_cpu(
+    vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """Without a GPU the probe still runs its eager column: the script is checked before a lent run."""
+    from benchmarks import graph_probe
+
+    monkeypatch.setattr(graph_probe.model, "build", lambda folder, tiny: vit_gpt2_dir)
+    assert graph_probe.main(["--quick", "--device", "cpu", "--beams", "2"]) == 0
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "|---" not in line
+    ]
+    assert [row.split("|")[1:3] for row in rows[1:]] == [[" 1 ", " 2 "], [" 4 ", " 2 "]], rows
+    assert all(row.count("–") == 3 for row in rows[1:]), rows
+
+
+def test_report_names_a_gpu_and_keeps_its_small_shares() -> None:
+    import argparse
+
+    from benchmarks import report
+
+    assert report._where(argparse.Namespace(device="cuda")) == "on cuda"
+    assert report._where(argparse.Namespace(device="cpu")).endswith("CPU threads")
+    assert report._share(0.0034) == "0.34%" and report._share(0.48) == "48%"
