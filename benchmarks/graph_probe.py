@@ -66,7 +66,7 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
     cfg.num_beams, cfg.max_new_tokens = beams, steps
     whole = _median(lambda: decoding.generate(net, px, cfg), args.repeats, args.device)
     enc = decoding._encode(net, px)
-    stepper = Gpt2Stepper(net.decoder, enc, beams, steps)
+    stepper = Gpt2Stepper(net.decoder, enc, beams, steps, per_beam=decoding._per_beam(enc.device))
     tokens = torch.randint(0, net.decoder.config.vocab_size, (batch * beams,), device=args.device)
 
     def eager() -> torch.Tensor:

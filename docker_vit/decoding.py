@@ -4,8 +4,9 @@
 plain beam search, with EOS/pad/length-penalty/early-stopping/min-length); anything else must go to
 `model.generate`. `generate()` mirrors transformers' `_sample` (greedy) and `_beam_search` step by
 step -- same scores, same top-k calls, same finished-hypothesis bookkeeping -- so ties break the same
-way, but it runs the encoder once, computes cross-attention K/V once per image and drives the
-decoder through `Gpt2Stepper` with a preallocated cache and little Python per step.
+way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU; per beam
+elsewhere, `_per_beam`) and drives the decoder through `Gpt2Stepper` with a preallocated cache and
+little Python per step.
 """
 
 from __future__ import annotations
@@ -116,9 +117,9 @@ def _decoder_ok(model: VisionEncoderDecoderModel) -> bool:
     # The stepper always runs SDPA; eager (or any other) attention rounds otherwise in `generate`.
     if getattr(dec.config, "_attn_implementation", None) != "sdpa":
         return False
-    # In float16 the per-beam attention calls round otherwise than `generate`'s expanded ones: 3 of 30
-    # tiny-model configurations differed on an H200 (benchmarks/NOTES.md, CUDA), so half precision takes
-    # `generate` (what `auto` picks on GPUs without native bfloat16: T4, V100).
+    # In float16 3 of 30 tiny-model configurations differed from `generate` on an H200 with per-image
+    # K/V (benchmarks/NOTES.md, CUDA); the per-beam K/V that cured bfloat16 were not tried in float16,
+    # so half precision takes `generate` (what `auto` picks on GPUs without native bfloat16: T4, V100).
     if next(dec.parameters()).dtype == torch.float16:
         return False
     return all(hasattr(b, "crossattention") for b in dec.transformer.h)
@@ -170,11 +171,21 @@ def generate(
     param = next(model.parameters())
     px = pixel_values.to(device=param.device, dtype=param.dtype)
     enc = _encode(model, px)
-    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1)
+    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1, per_beam=_per_beam(enc.device))
     batch, device = enc.shape[0], enc.device
     del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search
     return run(stepper, p, batch, device, between_steps or _nothing)
+
+
+def _per_beam(device: torch.device) -> bool:
+    """Cross-attention K/V per beam, as `generate` has them, except on a CPU (per image there).
+
+    A GPU's kernels split their sums by the rows they get: on an H200 in bfloat16 the per-image K/V
+    gave `generate`'s ids in only some configurations (at 197 and 577 encoder tokens), the per-beam
+    K/V in all (benchmarks/cuda_parity.py). On a CPU the per-image form is exact and saves what its
+    memory-bound steps are short of, the reading of one K/V copy per beam."""
+    return device.type != "cpu"
 
 
 def _nothing() -> None:

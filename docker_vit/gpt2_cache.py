@@ -2,9 +2,12 @@
 
 Why this exists: `generate` expands the encoder output to every beam, so each beam recomputes the
 cross-attention keys/values and carries its own copy of them, and the self-attention cache grows by
-`torch.cat` every step. Here the cross K/V are computed once per image, and every beam of the image
-attends to that one copy (one query row at a time, as `generate` rounds it), so nothing is duplicated. The
-self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
+`torch.cat` every step. On a CPU the cross K/V here are computed once per image, and every beam of the
+image attends to that one copy (one query row at a time, as `generate` rounds it), so nothing is
+duplicated. On a GPU the kernels split their sums by the row count they are given, so in bfloat16 fewer
+rows gave other bits than `generate` (an H200, benchmarks/RESULTS.md); there the K/V are per beam, as
+`generate` shapes them (`per_beam`), and the saving that matters on a launch-bound GPU, the few ops a
+step, stays. The self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
 parameters (no copies), applied with the same ops GPT-2 uses (`addmm` for Conv1D, the module's
 LayerNorm eps and activation, SDPA with the module's scaling); on CPU the few-row products are split
 over the threads where that gives the same bits (`docker_vit.products`).
@@ -22,7 +25,13 @@ class Gpt2Stepper:
     """Runs GPT-2 decoder steps for `batch` images x `beams` rows with preallocated caches."""
 
     def __init__(
-        self, decoder: torch.nn.Module, encoder_states: torch.Tensor, beams: int, max_steps: int
+        self,
+        decoder: torch.nn.Module,
+        encoder_states: torch.Tensor,
+        beams: int,
+        max_steps: int,
+        *,
+        per_beam: bool = False,
     ) -> None:
         self.gpt = decoder.transformer
         self.lm_head = decoder.lm_head
@@ -30,7 +39,9 @@ class Gpt2Stepper:
         first = self.blocks[0].attn
         self.heads, self.head_dim, self.dim = first.num_heads, first.head_dim, first.embed_dim
         self.batch, self.beams = encoder_states.shape[0], beams
-        self.cross = [self._cross_kv(b.crossattention, encoder_states) for b in self.blocks]
+        self.per_beam = per_beam
+        states = encoder_states.repeat_interleave(beams, dim=0) if per_beam else encoder_states
+        self.cross = [self._cross_kv(b.crossattention, states) for b in self.blocks]
         rows = self.batch * beams
         shape = (len(self.blocks), 2, rows, self.heads, max(max_steps, 1), self.head_dim)
         self.kv = torch.empty(shape, dtype=encoder_states.dtype, device=encoder_states.device)
@@ -40,7 +51,7 @@ class Gpt2Stepper:
         return x.view(groups, -1, self.heads, self.head_dim).transpose(1, 2)
 
     def _cross_kv(self, attn: torch.nn.Module, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cross-attention K/V of one layer, once per image: [batch, heads, enc_len, head_dim] each."""
+        """Cross-attention K/V of one layer, per image (or per beam): [groups, heads, enc_len, head_dim]."""
         kv = attn.c_attn(enc)  # the module's own Conv1D, exactly as GPT-2 does it
         k, v = kv.split(self.dim, dim=2)
         return self._heads(k.reshape(-1, self.dim), enc.shape[0]), self._heads(
@@ -81,8 +92,12 @@ class Gpt2Stepper:
     def _cross_attention(self, block: torch.nn.Module, layer: int, x: torch.Tensor) -> torch.Tensor:
         attn, ln = block.crossattention, block.ln_cross_attn
         h = F.layer_norm(x, (self.dim,), ln.weight, ln.bias, ln.eps)
-        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # [batch, heads, beams, head_dim]
         k, v = self.cross[layer]
+        if self.per_beam:  # `generate`'s shapes: every row one query against its own K/V
+            q = self._heads(self._linear(attn.q_attn, h), x.shape[0])  # [rows, heads, 1, head_dim]
+            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
+            return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
+        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # [batch, heads, beams, head_dim]
         # Each beam is a query of length 1, as in `generate`: SDPA's kernel rounds a longer query
         # otherwise (a product of more rows). The K/V stay one per image, read once per beam.
         rows = [

@@ -137,3 +137,18 @@ def test_report_names_a_gpu_and_keeps_its_small_shares() -> None:
     assert report._where(argparse.Namespace(device="cuda")) == "on cuda"
     assert report._where(argparse.Namespace(device="cpu")).endswith("CPU threads")
     assert report._share(0.0034) == "0.34%" and report._share(0.48) == "48%"
+
+
+def test_cuda_parity_script_compares_every_form_with_generate(capsys: pytest.CaptureFixture) -> None:
+    """The script a lent GPU runs works here first: every form exact on a CPU, narrow model."""
+    from benchmarks import cuda_parity
+
+    forms = ",".join(cuda_parity.VARIANTS)
+    assert (
+        cuda_parity.main(
+            ["--quick", "--device", "cpu", "--sides", "32", "--dtypes", "float32", "--variants", forms]
+        )
+        == 0
+    )
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 32 ")]
+    assert len(rows) == 2 * len(cuda_parity.VARIANTS) and all(row.endswith("| 0: - |") for row in rows), rows

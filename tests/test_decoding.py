@@ -171,6 +171,38 @@ def test_beam_search_rounds_as_generate_does(near_ties) -> None:
         assert _mismatches(near_ties, px, configs) == []
 
 
+@pytest.mark.parametrize("name", ["sharp", "eos_model", "near_ties"])
+def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monkeypatch) -> None:
+    """The form a GPU gets (cross K/V per beam, one attention call, as `generate` shapes them) keeps
+    every token too; it is chosen by the device, so here it is forced."""
+    model = request.getfixturevalue(name)
+    made = []
+
+    class Recording(decoding.Gpt2Stepper):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(decoding, "_per_beam", lambda device: True)
+    monkeypatch.setattr(decoding, "Gpt2Stepper", Recording)
+    px = (
+        pixels
+        if name != "near_ties"
+        else torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(9))
+    )
+    configs = [_cfg(model, num_beams=b, max_new_tokens=9) for b in (1, 2, 4, 5)]
+    configs.append(_cfg(model, num_beams=4, max_new_tokens=9, early_stopping="never", length_penalty=2.0))
+    assert _mismatches(model, px, configs) == []
+    assert made and all(s.per_beam for s in made)
+    assert made[-1].cross[0][0].shape[0] == px.shape[0] * 4  # K/V rows: images x beams
+
+
+def test_cross_attention_is_per_image_on_a_cpu_and_per_beam_elsewhere() -> None:
+    assert decoding._per_beam(torch.device("cpu")) is False
+    assert decoding._per_beam(torch.device("cuda", 0)) is True
+    assert decoding._per_beam(torch.device("mps")) is True
+
+
 def test_split_products_keep_parity(sharp, eos_model, pixels, monkeypatch) -> None:
     """The CPU fast paths (vocabulary blocks incl. a short last one, Conv1D column halves) keep every
     token of `generate`, and really run."""
