@@ -2,6 +2,7 @@
 
     python benchmarks/cuda_parity.py                 # cuda: image sides 224 and 384, float32 and bfloat16
     python benchmarks/cuda_parity.py --variants "shipped,per-image K/V,per-image K/V attended per beam"
+    python benchmarks/cuda_parity.py --encoder-width 1024   # with the encoder-to-decoder projection
     python benchmarks/cuda_parity.py --quick         # a narrow model, to check the script (any device)
 
 `generate` repeats the encoder states per beam, so its cross-attention K/V product and attention run
@@ -49,23 +50,37 @@ class AttendedPerBeam(Gpt2Stepper):
         return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(rows, self.dim))
 
 
-def _forced(kind: type, per_beam: bool):
-    return lambda decoder, states, beams, steps, **_: kind(decoder, states, beams, steps, per_beam=per_beam)
-
-
+# name: (the form `decoding._per_beam` is made to pick, None: the device's own; the stepper class)
 VARIANTS = {
-    "shipped": Gpt2Stepper,  # whatever `decoding` picks for the device
-    "per-image K/V": _forced(Gpt2Stepper, False),
-    "per-image K/V attended per beam": _forced(AttendedPerBeam, False),
-    "per-beam K/V": _forced(Gpt2Stepper, True),
+    "shipped": (None, Gpt2Stepper),
+    "per-image K/V": (False, Gpt2Stepper),
+    "per-image K/V attended per beam": (False, AttendedPerBeam),
+    "per-beam K/V": (True, Gpt2Stepper),
 }
+
+
+def _decode(model, px: torch.Tensor, cfg: GenerationConfig, variant: str) -> torch.Tensor:
+    """`decoding.generate` in one of the forms, put back as shipped afterwards."""
+    per_beam, stepper = VARIANTS[variant]
+    own = decoding._per_beam, decoding.Gpt2Stepper
+    if per_beam is not None:
+        decoding._per_beam = lambda device: per_beam
+    decoding.Gpt2Stepper = stepper
+    try:
+        return decoding.generate(model, px, cfg)
+    finally:
+        decoding._per_beam, decoding.Gpt2Stepper = own
+
 
 EOS = 299
 
 
-def build(side: int, quick: bool, device: str) -> VisionEncoderDecoderModel:
+def build(side: int, quick: bool, device: str, encoder_width: int = 0) -> VisionEncoderDecoderModel:
+    """`encoder_width` other than the decoder's adds the encoder-to-decoder projection."""
     narrow = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
     encoder = ViTConfig(image_size=side, **(narrow if quick else {}))
+    if encoder_width:
+        encoder.hidden_size, encoder.intermediate_size = encoder_width, 4 * encoder_width
     sizes = dict(n_embd=64, n_layer=2, n_head=2) if quick else {}
     decoder = GPT2Config(
         vocab_size=EOS + 1, bos_token_id=EOS, eos_token_id=EOS, add_cross_attention=True, **sizes
@@ -100,14 +115,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--batch", type=int, default=5)
     p.add_argument("--variants", default="shipped", help=f"of: {', '.join(VARIANTS)}")
+    p.add_argument("--encoder-width", type=int, default=0, help="e.g. 1024: with the projection to 768")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     variants = args.variants.split(",")
-    print(f"device {args.device}; batch {args.batch}; {len(configs())} generation configs per row\n")
+    width = f"; encoder width {args.encoder_width}, projected to the decoder's" if args.encoder_width else ""
+    print(f"device {args.device}; batch {args.batch}; {len(configs())} generation configs per row{width}\n")
     print("| image side (tokens) | dtype | weights | decode path | configs with other ids than generate |")
     print("|---|---|---|---|---|")
     for side in (int(s) for s in args.sides.split(",")):
-        base = build(side, args.quick, args.device)
+        base = build(side, args.quick, args.device, args.encoder_width)
         tokens = (side // 16) ** 2 + 1
         for dtype in args.dtypes.split(","):
             for kind in ("random", "sharpened"):
@@ -124,20 +141,20 @@ def main(argv: list[str] | None = None) -> int:
                             continue
                         want = model.generate(pixel_values=px, generation_config=cfg)
                         for name in variants:
-                            decoding.Gpt2Stepper = VARIANTS[name]
-                            got = decoding.generate(model, px, cfg)
+                            got = _decode(model, px, cfg, name)
                             if want.shape != got.shape or not torch.equal(want, got):
                                 bad.setdefault(name, []).append(
                                     f"beams {cfg.num_beams} es {cfg.early_stopping}"
                                 )
-                        decoding.Gpt2Stepper = Gpt2Stepper
                 for name in variants:
                     miss = bad.get(name, [])
                     print(
                         f"| {side} ({tokens}) | {dtype} | {kind} | {name} | {len(miss)}: {', '.join(miss) or '-'} |",
                         flush=True,
                     )
-            base = build(side, args.quick, args.device)  # unsharpened, float32 again for the next dtype
+            base = build(
+                side, args.quick, args.device, args.encoder_width
+            )  # unsharpened, float32 again for the next dtype
     return 0
 
 

@@ -65,8 +65,9 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
     cfg = copy.deepcopy(net.generation_config)  # the model's own token ids
     cfg.num_beams, cfg.max_new_tokens = beams, steps
     whole = _median(lambda: decoding.generate(net, px, cfg), args.repeats, args.device)
-    enc = decoding._encode(net, px)
-    stepper = Gpt2Stepper(net.decoder, enc, beams, steps, per_beam=decoding._per_beam(enc.device))
+    per_beam = decoding._per_beam(px.device)  # the form `decoding.generate` takes on this device
+    enc = decoding._encode(net, px, beams if per_beam else 1)
+    stepper = Gpt2Stepper(net.decoder, enc, beams, steps, per_beam=per_beam)
     tokens = torch.randint(0, net.decoder.config.vocab_size, (batch * beams,), device=args.device)
 
     def eager() -> torch.Tensor:
@@ -77,7 +78,7 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
     eager_s = _median(eager, args.repeats, args.device)
     if not args.device.startswith("cuda"):
         return f"| {batch} | {beams} | {whole:.4f} | {eager_s:.4f} | – | – | – |"
-    want = eager().clone()
+    want = [stepper.logits(tokens, pos).clone() for pos in range(steps)]
     graphs, outs = _graphs(stepper, tokens, steps)
 
     def replay() -> None:
@@ -85,7 +86,7 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
             graph.replay()
 
     replay_s = _median(replay, args.repeats, args.device)
-    same = torch.equal(want, outs[-1])
+    same = all(torch.equal(a, b) for a, b in zip(want, outs, strict=True))  # every position
     return (
         f"| {batch} | {beams} | {whole:.4f} | {eager_s:.4f} | {replay_s:.4f} | {eager_s / replay_s:.1f}x "
         f"| {'yes' if same else 'NO'} |"

@@ -138,9 +138,13 @@ def supports(model: VisionEncoderDecoderModel, generation_config: GenerationConf
     return 1 < p.max_len <= n_pos + 1 and p.beams >= 1 and (p.beams == 1 or vocab >= _kept(p))
 
 
-def _encode(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Encoder states as the decoder sees them (incl. the optional enc->dec projection)."""
+def _encode(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, copies: int = 1) -> torch.Tensor:
+    """Encoder states as the decoder sees them (incl. the optional enc->dec projection).
+
+    `copies` > 1 repeats each image's states (per beam) before the projection, where `generate` does."""
     enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
+    if copies > 1:
+        enc = enc.repeat_interleave(copies, dim=0)
     proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
     if proj_needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
         enc = model.enc_to_dec_proj(enc)
@@ -170,9 +174,10 @@ def generate(
     p = _plan(model, generation_config)
     param = next(model.parameters())
     px = pixel_values.to(device=param.device, dtype=param.dtype)
-    enc = _encode(model, px)
-    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1, per_beam=_per_beam(enc.device))
-    batch, device = enc.shape[0], enc.device
+    per_beam = _per_beam(px.device)
+    enc = _encode(model, px, p.beams if per_beam else 1)
+    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1, per_beam=per_beam)
+    batch, device = px.shape[0], enc.device
     del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search
     return run(stepper, p, batch, device, between_steps or _nothing)

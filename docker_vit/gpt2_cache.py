@@ -5,9 +5,9 @@ cross-attention keys/values and carries its own copy of them, and the self-atten
 `torch.cat` every step. On a CPU the cross K/V here are computed once per image, and every beam of the
 image attends to that one copy (one query row at a time, as `generate` rounds it), so nothing is
 duplicated. On a GPU the kernels split their sums by the row count they are given, so in bfloat16 fewer
-rows gave other bits than `generate` (an H200, benchmarks/RESULTS.md); there the K/V are per beam, as
-`generate` shapes them (`per_beam`), and the saving that matters on a launch-bound GPU, the few ops a
-step, stays. The self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
+rows gave other bits than `generate` (an H200, benchmarks/RESULTS.md); there the encoder states come
+repeated per beam, as `generate` expands them, the K/V are computed from them (`per_beam`), and the
+saving that matters on a launch-bound GPU, the few ops a step, stays. The self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
 parameters (no copies), applied with the same ops GPT-2 uses (`addmm` for Conv1D, the module's
 LayerNorm eps and activation, SDPA with the module's scaling); on CPU the few-row products are split
 over the threads where that gives the same bits (`docker_vit.products`).
@@ -38,10 +38,10 @@ class Gpt2Stepper:
         self.blocks = list(self.gpt.h)
         first = self.blocks[0].attn
         self.heads, self.head_dim, self.dim = first.num_heads, first.head_dim, first.embed_dim
-        self.batch, self.beams = encoder_states.shape[0], beams
+        # per_beam: the states hold one row per beam (image-major), as `generate` expands them
+        self.batch, self.beams = encoder_states.shape[0] // (beams if per_beam else 1), beams
         self.per_beam = per_beam
-        states = encoder_states.repeat_interleave(beams, dim=0) if per_beam else encoder_states
-        self.cross = [self._cross_kv(b.crossattention, states) for b in self.blocks]
+        self.cross = [self._cross_kv(b.crossattention, encoder_states) for b in self.blocks]
         rows = self.batch * beams
         shape = (len(self.blocks), 2, rows, self.heads, max(max_steps, 1), self.head_dim)
         self.kv = torch.empty(shape, dtype=encoder_states.dtype, device=encoder_states.device)

@@ -193,8 +193,23 @@ def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monke
     configs = [_cfg(model, num_beams=b, max_new_tokens=9) for b in (1, 2, 4, 5)]
     configs.append(_cfg(model, num_beams=4, max_new_tokens=9, early_stopping="never", length_penalty=2.0))
     assert _mismatches(model, px, configs) == []
-    assert made and all(s.per_beam for s in made)
+    assert made and all(s.per_beam and s.batch == px.shape[0] for s in made)
     assert made[-1].cross[0][0].shape[0] == px.shape[0] * 4  # K/V rows: images x beams
+    if name == "near_ties":  # a 32-wide encoder, a 256-wide decoder: both project the per-beam states
+        rows: list[int] = []
+        hook = model.enc_to_dec_proj.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
+        try:
+            for run in (
+                model.generate,
+                lambda pixel_values, generation_config: decoding.generate(
+                    model, pixel_values, generation_config
+                ),
+            ):
+                rows.clear()
+                run(pixel_values=px, generation_config=configs[2])  # 4 beams
+                assert rows and set(rows) == {px.shape[0] * 4}, rows
+        finally:
+            hook.remove()
 
 
 def test_cross_attention_is_per_image_on_a_cpu_and_per_beam_elsewhere() -> None:
@@ -396,7 +411,7 @@ def test_declines_attention_other_than_sdpa(near_ties) -> None:
     ("dtype", "fast"), [(torch.float16, False), (torch.bfloat16, True), (torch.float32, True)]
 )
 def test_declines_float16(vit_gpt2_dir: Path, dtype: torch.dtype, fast: bool) -> None:
-    """Half precision rounds the per-beam attention calls otherwise than `generate` (an H200 gave 27 of 30
+    """Half precision rounds the per-image attention calls otherwise than `generate` (an H200 gave 27 of 30
     configurations alike): it takes `generate`; bfloat16 and float32 keep the fast path."""
     model = _load(vit_gpt2_dir).to(dtype)  # its own copy: the module's shared models stay float32
     assert decoding.supports(model, _cfg(model, num_beams=2, max_new_tokens=5)) is fast
