@@ -30,6 +30,7 @@ from docker_vit.config import (
     named,
     names_of,
     options,
+    unknown_variables,
 )
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
@@ -185,6 +186,8 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
             terminated.set()
             raise Stopped  # the run ends as at Ctrl-C: rows flushed, a line saying so
 
+    for line in unknown_variables():
+        print(f"docker-vit: {line}", file=sys.stderr)
     ignored = sorted(flag_name(name) for name in args.flagged & LOCAL_ONLY)
     if settings.url and ignored:  # said, not refused: a script may pass the same flags either way
         print(

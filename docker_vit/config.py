@@ -9,6 +9,7 @@ module receives a `Settings`. (images.py sets a libtiff limit in it, a decoder's
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import os
 import re
@@ -264,6 +265,19 @@ def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) ->
         f"{env_name('api_key')} is the client's key (caption --url); the server reads "
         f"{env_name('api_keys')}: it is open to anyone"
     )
+
+
+def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
+    """A line for each `DOCKER_VIT_*` variable (from `env`; None: this process's) that names no
+    setting: a misspelt one (`DOCKER_VIT_APIKEYS`) would leave the default in force without a word."""
+    env = os.environ if env is None else env
+    known = [name.upper() for name in options()]
+    lines = []
+    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n[len(ENV_PREFIX) :] not in known):
+        near = difflib.get_close_matches(name[len(ENV_PREFIX) :], known, n=1)  # the prefix matches all
+        hint = f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""
+        lines.append(f"{name} is not a Docker-ViT setting and is ignored{hint}")
+    return lines
 
 
 def env_name(name: str) -> str:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures
+import logging
 import signal
 import sys
 import threading
@@ -28,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory, payloads
-from docker_vit.config import SERVING, Settings, named
+from docker_vit.config import SERVING, Settings, named, unknown_variables
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
@@ -170,6 +171,8 @@ def _worker() -> Worker:
     try:
         settings = Settings.load(None, SERVING)
         configure(settings.log_format, settings.log_level)
+        for line in unknown_variables():
+            logging.getLogger("docker_vit").warning(line)
         return Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:
         sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from docker_vit import errors, frontend, http_errors, memory, uploads
-from docker_vit.config import Settings, open_by_mistake
+from docker_vit.config import Settings, open_by_mistake, unknown_variables
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
@@ -30,9 +30,9 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this.
     `proxied`: behind a proxy (Ray Serve's) that answers with its own `X-Request-ID` and cancels a
     request whose client left."""
-    mistake = open_by_mistake(settings)  # every server says it, whichever entry point made it
-    if mistake:
-        logging.getLogger("docker_vit").warning(mistake)
+    mistake = open_by_mistake(settings)  # every server says these, whichever entry point made it
+    for line in [mistake] * bool(mistake) + unknown_variables():
+        logging.getLogger("docker_vit").warning(line)
     service = Service(settings, handler or load_handler(settings))
 
     @asynccontextmanager

@@ -191,6 +191,17 @@ def test_caption_prints_captions_and_json(vit_gpt2_dir: Path, capsys: pytest.Cap
     assert [line["path"] for line in lines] == paths and lines[0]["caption"] == single
 
 
+def test_caption_names_a_misspelt_variable(
+    vit_gpt2_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.setenv("DOCKER_VIT_MAX_NEW_TOKEN", "3")
+    assert cli.main(["caption", str(photo("coffee.jpg")), "--model", str(vit_gpt2_dir)]) == 0
+    hint = "(did you mean DOCKER_VIT_MAX_NEW_TOKENS?)"
+    assert f"docker-vit: DOCKER_VIT_MAX_NEW_TOKEN is not a Docker-ViT setting and is ignored {hint}" in (
+        capsys.readouterr().err
+    )
+
+
 def test_bad_options_are_usage_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("DOCKER_VIT_PORT", "not-a-port")
     with pytest.raises(SystemExit) as info:

@@ -506,6 +506,30 @@ def test_every_server_app_says_it_is_open_by_mistake(
     assert any("it is open to anyone" in record.getMessage() for record in caplog.records)
 
 
+def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
+    """`DOCKER_VIT_APIKEYS` would leave a server open without a word: every entry point says it."""
+    from docker_vit.config import env_name, options, unknown_variables
+
+    env = {"DOCKER_VIT_APIKEYS": "k", "DOCKER_VIT_PORT": "9", "DOCKER_VIT_ZZZ": "", "OTHER_PORT": "1"}
+    assert unknown_variables(env) == [
+        "DOCKER_VIT_APIKEYS is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_API_KEYS?)",
+        "DOCKER_VIT_ZZZ is not a Docker-ViT setting and is ignored",
+    ]
+    assert unknown_variables({name: "1" for name in map(env_name, options())}) == []
+
+
+def test_every_server_app_names_a_misspelt_variable(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setenv("DOCKER_VIT_NUM_BEAM", "2")
+    with caplog.at_level(logging.WARNING, logger="docker_vit"):
+        create_app(Settings(), Echo(Settings()))
+    said = [r.getMessage() for r in caplog.records if "DOCKER_VIT_NUM_BEAM " in r.getMessage()]
+    assert said == [
+        "DOCKER_VIT_NUM_BEAM is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_NUM_BEAMS?)"
+    ]
+
+
 def test_an_empty_keys_variable_is_warned_open_and_keys_stay_out_of_reprs() -> None:
     """`DOCKER_VIT_API_KEYS=${SECRET}` with the secret unset leaves the server open: it says so."""
     from docker_vit.config import open_by_mistake

@@ -292,10 +292,13 @@ def run_main(env: dict, job: dict | None = None) -> subprocess.CompletedProcess:
 
 def test_a_worker_whose_model_fails_to_load_exits_before_taking_a_job(tmp_path):
     pytest.importorskip("runpod")
-    done = run_main({"DOCKER_VIT_MODEL": str(tmp_path / "missing")})
+    done = run_main({"DOCKER_VIT_MODEL": str(tmp_path / "missing"), "DOCKER_VIT_MAX_BATCH": "8"})
     log = done.stdout + done.stderr
     assert done.returncode == 1, log
     assert "no model folder" in log and "local_test" not in log, log
+    # a misspelt variable is said before the model loads (the worker's own settings went by it)
+    said = "DOCKER_VIT_MAX_BATCH is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_MAX_BATCH_SIZE?)"
+    assert said in log and log.index(said) < log.index("no model folder"), log
 
 
 def stopped_worker(handler: str, job: dict, until: str, sig: int) -> tuple[subprocess.Popen, str]:
