@@ -10,7 +10,6 @@ vit-gpt2-architecture model from `benchmarks/model.py`, after one warm-up call p
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -70,7 +69,7 @@ def _run_dtype(args, folder: Path, shape: flops.Shape, dtype: str, stop_at: floa
                 continue
             pixels = [{"pixel_values": torch.randn(3, 224, 224)} for _ in range(batch)]
             try:
-                seconds = _time(
+                seconds = flops.median_seconds(
                     lambda px=pixels, b=beams: engine.generate(px, b, 15), args.repeats, args.device
                 )
             except Exception as exc:  # one failing shape (out of memory, say) must not end a one-shot run
@@ -92,18 +91,6 @@ def _free(device: str) -> None:
         import torch
 
         torch.cuda.empty_cache()
-
-
-def _time(call, repeats: int, device: str) -> float:
-    call()  # warm-up: kernels, allocator, cache buffers
-    times = []
-    for _ in range(repeats):
-        flops.sync(device)
-        started = time.perf_counter()
-        call()
-        flops.sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 if __name__ == "__main__":

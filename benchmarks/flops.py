@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,3 +102,17 @@ def sync(device: str) -> None:
         import torch
 
         torch.cuda.synchronize()
+
+
+def median_seconds(call: Callable[[], object], repeats: int, device: str) -> float:
+    """Median wall time of `repeats` calls after one warm-up (kernels, allocator, caches), each timed
+    from an idle device to an idle device."""
+    call()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        started = time.perf_counter()
+        call()
+        sync(device)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)

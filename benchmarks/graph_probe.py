@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,18 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks import flops, model  # noqa: E402
 from docker_vit import decoding  # noqa: E402
 from docker_vit.gpt2_cache import Gpt2Stepper  # noqa: E402
-
-
-def _median(fn, repeats: int, device: str) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        flops.sync(device)
-        started = time.perf_counter()
-        fn()
-        flops.sync(device)
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def _graphs(stepper: Gpt2Stepper, tokens: torch.Tensor, steps: int) -> tuple[list, list[torch.Tensor]]:
@@ -64,7 +50,7 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
     px = torch.randn(batch, 3, side, side, device=args.device, dtype=net.dtype)
     cfg = copy.deepcopy(net.generation_config)  # the model's own token ids
     cfg.num_beams, cfg.max_new_tokens = beams, steps
-    whole = _median(lambda: decoding.generate(net, px, cfg), args.repeats, args.device)
+    whole = flops.median_seconds(lambda: decoding.generate(net, px, cfg), args.repeats, args.device)
     per_beam = decoding._per_beam(px.device)  # the form `decoding.generate` takes on this device
     enc = decoding._encode(net, px, beams if per_beam else 1)
     stepper = Gpt2Stepper(net.decoder, enc, beams, steps, per_beam=per_beam)
@@ -75,7 +61,7 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
             out = stepper.logits(tokens, pos)
         return out
 
-    eager_s = _median(eager, args.repeats, args.device)
+    eager_s = flops.median_seconds(eager, args.repeats, args.device)
     if not args.device.startswith("cuda"):
         return f"| {batch} | {beams} | {whole:.4f} | {eager_s:.4f} | – | – | – |"
     want = [stepper.logits(tokens, pos).clone() for pos in range(steps)]
@@ -85,7 +71,7 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
         for graph in graphs:
             graph.replay()
 
-    replay_s = _median(replay, args.repeats, args.device)
+    replay_s = flops.median_seconds(replay, args.repeats, args.device)
     same = all(torch.equal(a, b) for a, b in zip(want, outs, strict=True))  # every position
     return (
         f"| {batch} | {beams} | {whole:.4f} | {eager_s:.4f} | {replay_s:.4f} | {eager_s / replay_s:.1f}x "
