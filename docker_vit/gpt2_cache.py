@@ -7,10 +7,11 @@ image attends to that one copy (one query row at a time, as `generate` rounds it
 duplicated. On a GPU the kernels split their sums by the row count they are given, so in bfloat16 fewer
 rows gave other bits than `generate` (an H200, benchmarks/RESULTS.md); there the encoder states come
 repeated per beam, as `generate` expands them, the K/V are computed from them (`per_beam`), and the
-saving that matters on a launch-bound GPU, the few ops a step, stays. The self-attention cache is one preallocated tensor reordered in place. All weights are the model's own
-parameters (no copies), applied with the same ops GPT-2 uses (`addmm` for Conv1D, the module's
-LayerNorm eps and activation, SDPA with the module's scaling); on CPU the few-row products are split
-over the threads where that gives the same bits (`docker_vit.products`).
+saving that matters on a launch-bound GPU, the few ops a step, stays. The self-attention cache is one
+preallocated tensor reordered in place. All weights are the model's own parameters (no copies), applied
+with the same ops GPT-2 uses (`addmm` for Conv1D, the module's LayerNorm eps and activation, SDPA with
+the module's scaling); on CPU the few-row products are split over the threads where that gives the
+same bits (`docker_vit.products`).
 """
 
 from __future__ import annotations
