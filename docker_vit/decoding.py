@@ -187,8 +187,8 @@ def _per_beam(device: torch.device) -> bool:
     """Cross-attention K/V per beam, as `generate` has them, except on a CPU (per image there).
 
     A GPU's kernels split their sums by the rows they get: on an H200 in bfloat16 the per-image K/V
-    gave `generate`'s ids in only some configurations (at 197 and 577 encoder tokens), the per-beam
-    K/V in all (benchmarks/cuda_parity.py). On a CPU the per-image form is exact and saves what its
+    gave `generate`'s ids in only some configurations (at 197 and 577 encoder tokens), a prototype of
+    the per-beam K/V in all (benchmarks/cuda_parity.py). On a CPU the per-image form is exact and saves what its
     memory-bound steps are short of, the reading of one K/V copy per beam."""
     return device.type != "cpu"
 

@@ -31,7 +31,7 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     `proxied`: behind a proxy (Ray Serve's) that answers with its own `X-Request-ID` and cancels a
     request whose client left."""
     mistake = open_by_mistake(settings)  # every server says these, whichever entry point made it
-    for line in [mistake] * bool(mistake) + unknown_variables():
+    for line in ([mistake] if mistake else []) + unknown_variables():
         logging.getLogger("docker_vit").warning(line)
     service = Service(settings, handler or load_handler(settings))
 
