@@ -7,7 +7,7 @@ loop), hang a future (StopIteration cannot be set on one) or keep a failed batch
 its traceback; `contained` turns each into an ordinary error of the one call, and the checked calls
 below (`read_options`, `predict_all`, `respond`, `description`) refuse what no front end could send.
 Also here, for the server's batcher and `caption` alike: which failed calls are worth retrying in
-halves, and how a failed call's memory is let go.
+halves, which leave the device unusable, and how a failed call's memory is let go.
 """
 
 from __future__ import annotations
@@ -33,7 +33,27 @@ class WrongOutputs(RuntimeError):
 
 def splittable(exc: BaseException) -> bool:
     """Whether a failed batch is worth retrying in halves (a poison item, an out-of-memory error)."""
-    return not isinstance(exc, WrongOutputs | Abandoned)
+    return not isinstance(exc, WrongOutputs | Abandoned) and not device_lost(exc)
+
+
+# What torch says once a kernel's fault has poisoned a GPU's context (CUDA's "sticky" errors): every
+# later call on it fails, whatever its input, until the process is replaced.
+_DEVICE_LOST = (
+    "CUDA error",
+    "CUDA driver error",
+    "cuDNN error",
+    "CUBLAS_STATUS_EXECUTION_FAILED",
+    "device-side assert",
+    "illegal memory access",
+    "unspecified launch failure",
+)
+
+
+def device_lost(exc: BaseException) -> bool:
+    """Whether a model call's error leaves its device unusable, so that serving must stop and the
+    process be replaced (an out-of-memory error passes with its batch: not this)."""
+    text = str(exc)
+    return "out of memory" not in text.lower() and any(mark in text for mark in _DEVICE_LOST)
 
 
 def contained(fn: Callable[..., Any], *args: Any) -> Any:

@@ -15,6 +15,7 @@ from typing import Any
 from docker_vit.calls import (
     contained,
     description,
+    device_lost,
     drop_frames,
     predict_all,
     read_options,
@@ -133,6 +134,9 @@ class LocalRunner:
     def _give_up_on_a_broken_model(self, results: list[Result | Exception]) -> None:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken
         (a wrong device, an out-of-memory at any size): end the run rather than retry every image."""
+        lost = [result for result in results if isinstance(result, Exception) and device_lost(result)]
+        if lost:  # every later call on this device would fail too
+            raise CaptionError(f"the device failed: {type(lost[0]).__name__}: {lost[0]}")
         if not results or not all(isinstance(result, Exception) for result in results):
             self.failed_in_a_row = 0
             return

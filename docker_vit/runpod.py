@@ -34,7 +34,7 @@ from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
 from docker_vit.process import Terminated, exit_now, terminate
-from docker_vit.service import Service
+from docker_vit.service import FAILED, Service
 
 
 class Worker:
@@ -82,8 +82,10 @@ class Worker:
             results = await frontend.answer(self.service, inputs, raw, patient=True)
         except errors.ApiError as exc:
             answer: dict[str, Any] = errors.error_body(exc.type, exc.message)  # Runpod's error object
-            if exc.status == 504 and self.service.stalled:  # a model call hung past the timeout: every
-                answer["refresh_worker"] = True  # job would wait behind it, so Runpod replaces this worker
+            # A model call hung past the timeout (every job would wait behind it), or the device
+            # failed for good: Runpod replaces this worker.
+            if (exc.status == 504 and self.service.stalled) or self.service.state == FAILED:
+                answer["refresh_worker"] = True
                 self.on_refresh()
             return answer
         return {"captions": [result.to_json() for result in results], "model": self.service.handler.name}

@@ -15,7 +15,7 @@ from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained, predict_all, read_options, respond
+from docker_vit.calls import contained, device_lost, predict_all, read_options, respond
 from docker_vit.config import Settings
 from docker_vit.errors import InputError, OptionsError, TooLarge
 from docker_vit.handler import Handler, Result
@@ -50,6 +50,7 @@ class Service:
         self.metrics = Metrics()
         self.state = LOADING
         self.error: str | None = None
+        self._failure = "the model failed to load"  # what `error` is the reason for
         self.on_failed: Callable[[], None] = lambda: None
         self._loading: asyncio.Task | None = None  # the load, from `start`
         self._loaded = False  # the handler's load returned: its close() is due at the end
@@ -145,8 +146,7 @@ class Service:
             log.info("loaded %s in %.1f s", self.handler.name, seconds)
             await self._warm_up()
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
-            self.state, self.error = FAILED, reason  # JSON (/readyz) carries no lone surrogate
+            self.state, self.error = FAILED, _said(exc)
             # A missing file or no network says all in its message; anything else may be a bug.
             plain = isinstance(exc, OSError | LimitsTooLow)
             log.error("loading the model failed: %s", self.error, exc_info=not plain)
@@ -217,7 +217,7 @@ class Service:
         """What a caller turned away while the model is not ready reads: loading, failed and why, or
         stalled."""
         if self.error:
-            return f"the model failed to load: {self.error}"
+            return f"{self._failure}: {self.error}"
         if self.state == READY:
             return (
                 f"a model call has run for {self.batcher.running_for:.1f} s, past the request timeout "
@@ -270,9 +270,23 @@ class Service:
         futures = self.batcher.submit(items, options)
         try:
             return list(await asyncio.gather(*futures))
+        except Exception as exc:
+            if device_lost(exc):
+                self._lose_device(exc)
+            raise
         finally:
             _cancel(futures)
             del futures  # as in `_pre`: a model error must not hold this frame's inputs in a cycle
+
+    def _lose_device(self, exc: Exception) -> None:
+        """A device that every later call would fail on: not ready from now on, and the entry point's
+        `on_failed` stops serving (`serve` exits 1, Runpod replaces the worker, Ray the replica)."""
+        if self.state != READY:
+            return  # said once, by the first of the batch's requests
+        self.state, self.error = FAILED, _said(exc)
+        self._failure = "the device failed"
+        log.error("the device failed: %s; serving stops, so that this process is replaced", self.error)
+        self.on_failed()
 
     async def _post(self, outputs: list[Any]) -> list[Result]:
         """`respond` in its own pool, off the event loop, which a slow `respond` (or the check
@@ -286,6 +300,11 @@ class Service:
         except Exception:
             log.exception("respond failed")
             raise
+
+
+def _said(exc: Exception) -> str:
+    """A failure's reason as `/readyz` can carry it (JSON holds no lone surrogate)."""
+    return f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
 
 
 def _cancel(futures: Sequence[asyncio.Future]) -> None:

@@ -153,11 +153,18 @@ class Unprintable(Exception):
         raise RuntimeError("no words for it")
 
 
+LOST_DEVICE = (
+    "CUDA error: an illegal memory access was encountered\nCUDA kernel errors might be reported later"
+)
+
+
 class Misbehaving(Echo):
     """Breaks the interface on request: option `mode` (read by `options`, `predict`) or the input text
-    (read by `respond`) names the mistake. Any other input echoes. `mode` is the subclasses' default."""
+    (read by `respond`) names the mistake. Any other input echoes. `mode` is the subclasses' default.
+    Mode `lost` fails as a GPU whose context a fault poisoned: that call and every later one."""
 
     mode = ""
+    lost = False  # set on the class: a test makes a subclass of its own, `type("X", (Misbehaving,), {})`
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:
         mode = raw.get("mode", self.mode)
@@ -186,6 +193,9 @@ class Misbehaving(Echo):
             raise Unprintable()
         if options == "surrogate":
             raise ValueError("bad byte \udcff here")  # JSON cannot carry a lone surrogate
+        if options == "lost" or type(self).lost:  # as torch words a fault that poisons a GPU's context
+            type(self).lost = True  # and so it stays, for every later call
+            raise RuntimeError(LOST_DEVICE)
         return list(items)
 
     def prepare(self, data: bytes, options: Hashable) -> Any:

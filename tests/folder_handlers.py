@@ -68,6 +68,14 @@ class Broken(Digest):
         raise RuntimeError("no such device")
 
 
+class DeviceLost(Digest):
+    """A GPU whose context a fault poisoned: torch's words for it, on every call."""
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        Digest.batches.append(len(items))
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
 class Strict(Digest):
     """Says nothing of its option names, and refuses any field it does not know."""
 

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
@@ -155,6 +156,28 @@ def test_sigterm_while_serve_starts_is_a_clean_stop(tmp_path: Path, where: str) 
     assert process.returncode == 0, process.stderr
     assert time.monotonic() - started < 30 and "Traceback" not in process.stderr
     assert "error" not in process.stderr
+
+
+def test_serve_exits_1_once_its_device_fails_for_good() -> None:
+    """After a fault that poisons the GPU every call fails: `serve` says so and exits 1 (a container's
+    restart policy, or Kubernetes, then starts a fresh process), having answered the request."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent)}
+    command = [*DOCKER_VIT, "serve", "--handler", "fake_handlers:Misbehaving", "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(port, process)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/?mode=lost", data=b"a", headers={"Content-Type": "image/x"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as answer:
+            urllib.request.urlopen(request, timeout=30)
+        assert answer.value.code == 500
+    finally:
+        _, err = finished(process, 60)
+    assert process.returncode == 1, err
+    assert "the device failed: RuntimeError: CUDA error: an illegal memory access" in err
+    assert "Traceback" not in err.split("the device failed")[1]  # the stop itself is clean
 
 
 @pytest.mark.parametrize("limit", [["--max-pixels", "1000"], ["--max-bytes", "100"]])

@@ -201,6 +201,41 @@ def test_a_handler_raising_systemexit_or_keyboardinterrupt_fails_only_its_reques
         assert still.status_code == 200 and still.text == "fine"
 
 
+def test_a_device_that_fails_for_good_stops_serving() -> None:
+    """A fault that poisons a GPU's context fails every later call: the first such failure makes the
+    server not ready (503 naming it, on the probes and the routes) and tells its entry point to stop
+    (`serve` exits 1, Runpod and Ray replace it); an ordinary model error leaves it ready."""
+    settings = Settings(max_wait_ms=0)
+    handler = type("Lost", (Misbehaving,), {})(settings)
+    with serving(settings, handler) as client:
+        stopped: list[bool] = []
+        client.app.state.service.on_failed = lambda: stopped.append(True)
+        image = {"content-type": "image/x"}
+        assert client.post("/?mode=timeout", content=b"a", headers=image).status_code == 500
+        assert client.get("/readyz").status_code == 200 and not stopped
+        lost = client.post("/?mode=lost", content=b"a", headers=image)
+        assert lost.status_code == 500 and "CUDA error" in lost.json()["error"]["message"]
+        ready = client.get("/readyz")
+        said = "the device failed: RuntimeError: CUDA error: an illegal memory access was encountered"
+        assert ready.status_code == 503 and ready.json()["status"] == "failed", ready.text
+        assert ready.json()["error"]["message"].startswith(said)
+        after = client.post("/", content=b"fine", headers=image)
+        assert after.status_code == 503 and after.json()["error"]["message"].startswith(said)
+        assert client.get("/ping").status_code == 503 and stopped == [True]
+
+
+def test_an_out_of_memory_error_is_no_lost_device() -> None:
+    from docker_vit.calls import device_lost, splittable
+
+    assert device_lost(RuntimeError("CUDA error: device-side assert triggered"))
+    assert device_lost(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
+    assert not device_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not device_lost(RuntimeError("CUDA error: out of memory"))
+    assert not device_lost(ValueError("this input breaks the model"))
+    assert not splittable(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert splittable(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+
+
 RESPOND_MISTAKES = ["plain-string", "number-text", "nan-data", "object-data", "text-key", "surrogate"]
 
 

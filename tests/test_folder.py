@@ -741,6 +741,19 @@ def test_a_model_that_fails_on_everything_ends_the_run(
     assert sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved
 
 
+def test_a_device_that_fails_for_good_ends_the_run_at_its_first_batch(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A fault that poisons a GPU fails every later call: no halves, no second batch."""
+    Digest.batches.clear()
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:DeviceLost"]
+    assert cli.main([*command, "--max-batch-size", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "the device failed: RuntimeError: CUDA error: an illegal memory access was encountered" in err
+    assert len(Digest.batches) == 1 and out.read_text() == ""  # one call: no halves, no next batch
+
+
 def test_a_respond_bug_is_not_retried_in_halves(
     library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -461,6 +461,27 @@ def test_a_hung_model_call_asks_runpod_for_another_worker():
         healthy.close()
 
 
+def test_a_lost_device_asks_runpod_for_another_worker():
+    """A fault that poisons the GPU fails every later job: the job says `refresh_worker`, the SDK is
+    told to take no more, and later jobs are refused as not ready; an ordinary model error does not."""
+    from fake_handlers import Misbehaving
+
+    worker = Worker(Settings(max_wait_ms=0), type("Lost", (Misbehaving,), {})(Settings()))
+    refreshed: list[bool] = []
+    worker.on_refresh = lambda: refreshed.append(True)
+    one = base64.b64encode(b"a").decode()
+    try:
+        own = run(worker, {"input": {"image": one, "mode": "timeout"}})
+        assert own["error"]["type"] == "model_error" and "refresh_worker" not in own and not refreshed
+        lost = run(worker, {"input": {"image": one, "mode": "lost"}})
+        assert "CUDA error" in lost["error"]["message"] and lost["refresh_worker"] is True
+        later = run(worker, {"input": {"image": one}})
+        assert later["error"]["message"].startswith("the device failed: RuntimeError: CUDA error")
+        assert later["refresh_worker"] is True and refreshed == [True, True]
+    finally:
+        worker.close()
+
+
 def test_a_handler_breaking_the_interface_is_answered_as_the_server_answers_it():
     from fake_handlers import Misbehaving
 
