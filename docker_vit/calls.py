@@ -36,24 +36,31 @@ def splittable(exc: BaseException) -> bool:
     return not isinstance(exc, WrongOutputs | Abandoned) and not device_lost(exc)
 
 
-# What torch says once a kernel's fault has poisoned a GPU's context (CUDA's "sticky" errors): every
-# later call on it fails, whatever its input, until the process is replaced.
-_DEVICE_LOST = (
-    "CUDA error",
-    "CUDA driver error",
-    "cuDNN error",
-    "CUBLAS_STATUS_EXECUTION_FAILED",
-    "device-side assert",
+# Torch's words for the faults that poison a GPU's context (CUDA's "sticky" errors), after which every
+# later call on it fails, whatever its input, until the process is replaced. Other CUDA errors (an
+# invalid launch configuration at some batch size, out of memory) pass with their batch.
+_DEVICE_ERROR = ("CUDA error:", "CUDA driver error:", "cuDNN error:")
+_STICKY = (
     "illegal memory access",
+    "device-side assert",
     "unspecified launch failure",
+    "misaligned address",
+    "illegal instruction",
+    "uncorrectable ECC error",
+    "hardware stack error",
+    "launch timed out",
+    "EXECUTION_FAILED",  # cuBLAS's and cuDNN's word for a kernel that faulted
 )
 
 
 def device_lost(exc: BaseException) -> bool:
     """Whether a model call's error leaves its device unusable, so that serving must stop and the
-    process be replaced (an out-of-memory error passes with its batch: not this)."""
+    process be replaced. Torch raises these as RuntimeError (AcceleratorError) with its words first:
+    a message that only quotes them (a handler echoing what a client sent) is not one."""
     text = str(exc)
-    return "out of memory" not in text.lower() and any(mark in text for mark in _DEVICE_LOST)
+    return (
+        isinstance(exc, RuntimeError) and text.startswith(_DEVICE_ERROR) and any(s in text for s in _STICKY)
+    )
 
 
 def contained(fn: Callable[..., Any], *args: Any) -> Any:

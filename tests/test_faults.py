@@ -231,7 +231,12 @@ def test_an_out_of_memory_error_is_no_lost_device() -> None:
     assert device_lost(RuntimeError("cuDNN error: CUDNN_STATUS_EXECUTION_FAILED"))
     assert not device_lost(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert not device_lost(RuntimeError("CUDA error: out of memory"))
+    assert not device_lost(RuntimeError("CUDA error: invalid configuration argument"))  # a batch size's
+    assert device_lost(RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx`"))
     assert not device_lost(ValueError("this input breaks the model"))
+    # a client's words quoted in a handler's error, or the words in another kind of error, are no fault
+    assert not device_lost(RuntimeError("cannot read 'CUDA error: an illegal memory access' as an image"))
+    assert not device_lost(ValueError("CUDA error: an illegal memory access was encountered"))
     assert not splittable(RuntimeError("CUDA error: an illegal memory access was encountered"))
     assert splittable(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"))
 
