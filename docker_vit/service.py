@@ -50,7 +50,7 @@ class Service:
         self.metrics = Metrics()
         self.state = LOADING
         self.error: str | None = None
-        self._failure = "the model failed to load"  # what `error` is the reason for
+        self.failure = "the model failed to load"  # what `error`, once set, is the reason for
         self.on_failed: Callable[[], None] = lambda: None
         self._loading: asyncio.Task | None = None  # the load, from `start`
         self._loaded = False  # the handler's load returned: its close() is due at the end
@@ -217,7 +217,7 @@ class Service:
         """What a caller turned away while the model is not ready reads: loading, failed and why, or
         stalled."""
         if self.error:
-            return f"{self._failure}: {self.error}"
+            return f"{self.failure}: {self.error}"
         if self.state == READY:
             return (
                 f"a model call has run for {self.batcher.running_for:.1f} s, past the request timeout "
@@ -284,7 +284,7 @@ class Service:
         if self.state != READY:
             return  # said once, by the first of the batch's requests
         self.state, self.error = FAILED, _said(exc)
-        self._failure = "the device failed"
+        self.failure = "the device failed"
         log.error("the device failed: %s; serving stops, so that this process is replaced", self.error)
         self.on_failed()
 

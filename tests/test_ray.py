@@ -275,6 +275,7 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
         service = StubService(
             state=LOADING,
             error=None,
+            failure="the model failed to load",
             batcher=SimpleNamespace(running_for=0.0),  # no model call running
             settings=SimpleNamespace(request_timeout=60.0),
         )
@@ -312,6 +313,7 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
         return StubService(
             state=READY,
             error=None,
+            failure="the model failed to load",
             settings=SimpleNamespace(request_timeout=60.0),
             batcher=SimpleNamespace(running_for=running_for),
         )
@@ -320,6 +322,17 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
     asyncio.run(check(SimpleNamespace(service=service(299.0), load_timeout_s=30)))
     with pytest.raises(RuntimeError, match="a model call has run for 301.0 s, past the request timeout"):
         asyncio.run(check(SimpleNamespace(service=service(301.0), load_timeout_s=30)))
+    # a GPU that failed for good (the service says so: tests/test_faults.py) fails the check too
+    lost = service(0.0)
+    lost.state, lost.failure, lost.error = (
+        "failed",
+        "the device failed",
+        "RuntimeError: CUDA error: an illegal memory",
+    )
+    with pytest.raises(
+        RuntimeError, match="^the device failed: RuntimeError: CUDA error: an illegal memory$"
+    ):
+        asyncio.run(check(SimpleNamespace(service=lost, load_timeout_s=30)))
 
 
 def test_shutdown_is_clean(ray_url: str) -> None:
