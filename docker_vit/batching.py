@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from docker_vit.abandon import Abandoned
-from docker_vit.calls import WrongOutputs, drop_frames, splittable
+from docker_vit.calls import WrongOutputs, device_lost, drop_frames, splittable
 from docker_vit.device import DeviceThread
 from docker_vit.errors import InputError, OptionsError, QueueFull, TooManyItems
 
@@ -59,6 +59,7 @@ class Batcher:
         on_batch: Callable[[list[float]], None] = lambda waits: None,
         on_call: Callable[[float], None] = lambda seconds: None,
         on_outputs: Callable[[int], None] = lambda count: None,
+        on_device_lost: Callable[[Exception], None] = lambda exc: None,
     ) -> None:
         self.predict = predict
         self.max_batch_size = max_batch_size
@@ -67,6 +68,7 @@ class Batcher:
         self.on_batch = on_batch  # a model call starts: the seconds each of its items waited in the queue
         self.on_call = on_call  # it ended (or failed) after this many seconds on the device
         self.on_outputs = on_outputs  # it gave this many outputs, also for callers gone meanwhile
+        self.on_device_lost = on_device_lost  # it failed so that no later call can run (`device_lost`)
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
         self._incoming: Counter[Hashable] = Counter()  # admitted items still being prepared, by options
@@ -111,6 +113,13 @@ class Batcher:
         self._groups.clear()
         self._queued = 0
         return self.device.shutdown(last)
+
+    def fail_queued(self, error: Callable[[], Exception]) -> None:
+        """Answer every caller still queued with a fresh `error()` (the batch on the device runs on):
+        what a device that failed for good would only fail later, one model call per group."""
+        for entry in [e for group in self._groups.values() for e in group]:
+            if not entry.future.done():
+                entry.future.set_exception(error())
 
     def admit(self, count: int, options: Hashable) -> None:
         """Hold room for `count` items that are still being prepared (decoded), or raise QueueFull: load
@@ -267,6 +276,8 @@ class Batcher:
             log.error("model call failed", exc_info=exc)
         drop_frames(exc)  # the callers get the error, not the failed call's tensors
         _fail(live, exc)
+        if device_lost(exc):  # said before the next batch is taken: the device can run none
+            _report(self.on_device_lost, exc)
 
 
 def _report(callback: Callable[[Any], None], value: Any) -> None:

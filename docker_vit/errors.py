@@ -66,6 +66,10 @@ class QueueFull(Exception):
     """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
 
 
+class NotServing(Exception):
+    """The model can serve no more (its device failed for good): 503, for a caller to try elsewhere."""
+
+
 class TooManyItems(Exception):
     """One request holds more items than the whole queue: retrying can never help (413)."""
 
@@ -98,6 +102,8 @@ def from_service(exc: Exception) -> ApiError:
         return ApiError(422, str(exc))
     if isinstance(exc, TooManyItems):
         return ApiError(413, str(exc))
+    if isinstance(exc, NotServing):
+        return ApiError(503, str(exc), headers={"Retry-After": "5"})
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"})
     return ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")

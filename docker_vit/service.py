@@ -15,9 +15,9 @@ from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained, device_lost, predict_all, read_options, respond
+from docker_vit.calls import contained, predict_all, read_options, respond
 from docker_vit.config import Settings
-from docker_vit.errors import InputError, OptionsError, TooLarge
+from docker_vit.errors import InputError, NotServing, OptionsError, TooLarge
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import batch_size, check_attributes, sync_result
 from docker_vit.metrics import Metrics
@@ -72,6 +72,7 @@ class Service:
             on_batch=self.metrics.batch_started,
             on_call=self.metrics.model_seconds.observe,
             on_outputs=self.metrics.images.inc,
+            on_device_lost=self._lose_device,
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
 
@@ -267,25 +268,25 @@ class Service:
 
     async def _core(self, items: list[Any], options: Hashable) -> list[Any]:
         """The items through the batcher: the model's outputs, in order."""
+        if self.state == FAILED:  # decoded while the device failed: not queued for a dead one
+            raise NotServing(self.why_not_ready)
         futures = self.batcher.submit(items, options)
         try:
             return list(await asyncio.gather(*futures))
-        except Exception as exc:
-            if device_lost(exc):
-                self._lose_device(exc)
-            raise
         finally:
             _cancel(futures)
             del futures  # as in `_pre`: a model error must not hold this frame's inputs in a cycle
 
     def _lose_device(self, exc: Exception) -> None:
-        """A device that every later call would fail on: not ready from now on, and the entry point's
-        `on_failed` stops serving (`serve` exits 1, Runpod replaces the worker, Ray the replica)."""
+        """A device that every later call would fail on (the batcher says so as the call fails): not
+        ready from now on, the queued callers answered 503, and the entry point's `on_failed` stops
+        serving (`serve` exits 1, Runpod replaces the worker, Ray the replica)."""
         if self.state != READY:
-            return  # said once, by the first of the batch's requests
+            return  # the warm-up's failure is the load's
         self.state, self.error = FAILED, _said(exc)
         self.failure = "the device failed"
         log.error("the device failed: %s; serving stops, so that this process is replaced", self.error)
+        self.batcher.fail_queued(lambda: NotServing(self.why_not_ready))  # 503s: try elsewhere
         self.on_failed()
 
     async def _post(self, outputs: list[Any]) -> list[Result]:

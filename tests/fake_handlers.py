@@ -193,6 +193,8 @@ class Misbehaving(Echo):
             raise Unprintable()
         if options == "surrogate":
             raise ValueError("bad byte \udcff here")  # JSON cannot carry a lone surrogate
+        if options == "quote":  # a client's mistake, in its own words: a 400 whatever they say
+            raise InputError(f"cannot read {items[0]!r}")
         if options == "lost" or type(self).lost:  # as torch words a fault that poisons a GPU's context
             type(self).lost = True  # and so it stays, for every later call
             raise RuntimeError(LOST_DEVICE)

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
 from typing import Any
 
@@ -222,6 +223,55 @@ def test_a_device_that_fails_for_good_stops_serving() -> None:
         after = client.post("/", content=b"fine", headers=image)
         assert after.status_code == 503 and after.json()["error"]["message"].startswith(said)
         assert client.get("/ping").status_code == 503 and stopped == [True]
+
+
+class SlowlyLost(Misbehaving):
+    """Mode `lost` fails as a poisoned GPU after half a second on the device; `calls` records each
+    model call's mode."""
+
+    def __init__(self, settings: Any) -> None:
+        super().__init__(settings)
+        self.calls: list[Any] = []
+
+    def predict(self, items: Any, options: Any) -> Any:
+        self.calls.append(options)
+        if options == "lost":
+            time.sleep(0.5)
+        return super().predict(items, options)
+
+
+def test_requests_queued_behind_a_lost_device_are_told_to_try_elsewhere() -> None:
+    """What waited behind the failing call gets a 503 (with Retry-After) naming the failure, not the
+    device's error, and no model call runs on the dead device."""
+    settings = Settings(max_wait_ms=0)
+    handler = SlowlyLost(settings)
+    image = {"content-type": "image/x"}
+    with serving(settings, handler) as client:
+        client.app.state.service.on_failed = lambda: None
+        with ThreadPoolExecutor(4) as pool:
+            lost = pool.submit(client.post, "/?mode=lost", content=b"a", headers=image)
+            time.sleep(0.25)  # its call is on the device: these queue behind it
+            queued = [pool.submit(client.post, f"/?mode=m{i}", content=b"q", headers=image) for i in range(3)]
+            assert lost.result().status_code == 500
+            answers = [future.result() for future in queued]
+    assert [answer.status_code for answer in answers] == [503] * 3, [a.text for a in answers]
+    assert all(
+        a.json()["error"]["message"].startswith("the device failed: RuntimeError: CUDA error")
+        for a in answers
+    )
+    assert all(answer.headers["retry-after"] == "5" for answer in answers)
+    assert handler.calls[1:] == ["lost"]  # after the warm-up, only the call that failed
+
+
+def test_a_client_error_that_quotes_a_cuda_error_leaves_the_server_serving() -> None:
+    """A handler's InputError quoting what the client sent is the client's 400, however it reads."""
+    settings = Settings(max_wait_ms=0)
+    with serving(settings, Misbehaving(settings)) as client:
+        image = {"content-type": "image/x"}
+        said = client.post("/?mode=quote", content=b"CUDA error: an illegal memory access", headers=image)
+        assert said.status_code == 400 and "CUDA error" in said.json()["error"]["message"]
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/", content=b"fine", headers=image).text == "fine"
 
 
 def test_an_out_of_memory_error_is_no_lost_device() -> None:
