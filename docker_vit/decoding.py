@@ -188,8 +188,8 @@ def _per_beam(device: torch.device) -> bool:
 
     A GPU's kernels split their sums by the rows they get: on an H200 in bfloat16 the per-image K/V
     gave `generate`'s ids in only some configurations (at 197 and 577 encoder tokens), a prototype of
-    the per-beam K/V in all (benchmarks/cuda_parity.py). On a CPU the per-image form is exact and saves what its
-    memory-bound steps are short of, the reading of one K/V copy per beam."""
+    the per-beam K/V in all (benchmarks/cuda_parity.py). On a CPU the per-image form is exact and
+    saves what its memory-bound steps are short of, the reading of one K/V copy per beam."""
     return device.type != "cpu"
 
 

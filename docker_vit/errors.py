@@ -67,7 +67,8 @@ class QueueFull(Exception):
 
 
 class NotServing(Exception):
-    """The model can serve no more (its device failed for good): 503, for a caller to try elsewhere."""
+    """The model does not serve now (loading, its load or its device failed, a call stalled): 503, for a
+    caller to retry or try elsewhere."""
 
 
 class TooManyItems(Exception):

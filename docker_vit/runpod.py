@@ -93,7 +93,7 @@ class Worker:
     async def _wait_ready(self) -> None:
         """Jobs that arrive during the cold start wait for the model, up to the request timeout."""
         if not await self.service.settled(self.settings.request_timeout):
-            raise errors.ApiError(503, self.service.why_not_ready)
+            raise errors.from_service(errors.NotServing(self.service.why_not_ready))
 
     def close(self) -> None:
         """Stop the service and its loop (idempotent; runs at exit, as the SDK leaves by sys.exit)."""

@@ -126,7 +126,7 @@ def _open_routes(app: FastAPI, service: Service) -> None:
 def _not_ready(service: Service) -> errors.ApiError:
     """The one 503 of a model that is not serving: probes while it loads, failed or stalled, the
     captioning routes while it loads or failed (a stalled model's requests queue behind its call)."""
-    return errors.ApiError(503, service.why_not_ready, headers={"Retry-After": "5"})
+    return errors.from_service(errors.NotServing(service.why_not_ready))
 
 
 def _api_key_check(keys: tuple[str, ...]) -> Any:
