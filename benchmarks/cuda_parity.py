@@ -24,14 +24,12 @@ import torch
 import torch.nn.functional as F
 from transformers import (
     GenerationConfig,
-    GPT2Config,
-    VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
-    ViTConfig,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks import model  # noqa: E402
 from docker_vit import decoding  # noqa: E402
 from docker_vit.gpt2_cache import Gpt2Stepper  # noqa: E402
 
@@ -77,17 +75,7 @@ EOS = 299
 
 def build(side: int, quick: bool, device: str, encoder_width: int = 0) -> VisionEncoderDecoderModel:
     """`encoder_width` other than the decoder's adds the encoder-to-decoder projection."""
-    narrow = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-    encoder = ViTConfig(image_size=side, **(narrow if quick else {}))
-    if encoder_width:
-        encoder.hidden_size, encoder.intermediate_size = encoder_width, 4 * encoder_width
-    sizes = dict(n_embd=64, n_layer=2, n_head=2) if quick else {}
-    decoder = GPT2Config(
-        vocab_size=EOS + 1, bos_token_id=EOS, eos_token_id=EOS, add_cross_attention=True, **sizes
-    )
-    decoder.is_decoder = True
-    config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = EOS
+    config = model.architecture(tiny=quick, vocab_size=EOS + 1, image_size=side, encoder_width=encoder_width)
     torch.manual_seed(side)
     with torch.device(device):
         return VisionEncoderDecoderModel(config).eval()

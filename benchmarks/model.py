@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 from pathlib import Path
+from typing import Any
 
 VOCAB_SIZE = 50257
 EOS_ID = VOCAB_SIZE - 1
@@ -39,25 +40,39 @@ def build(folder: Path | str = DEFAULT_FOLDER, *, seed: int = 0, tiny: bool = Fa
     return folder
 
 
-def _save_model(folder: Path, seed: int, tiny: bool) -> None:
-    import torch
-    from transformers import GPT2Config, VisionEncoderDecoderConfig, VisionEncoderDecoderModel, ViTConfig
+def architecture(
+    *, tiny: bool = False, vocab_size: int = VOCAB_SIZE, image_size: int = 224, encoder_width: int = 0
+) -> Any:
+    """vit-gpt2's configuration (ViT-B/16, GPT-2 small with cross-attention), its end, start and pad
+    token the vocabulary's last id. `tiny` narrows both halves; an `encoder_width` other than the
+    decoder's adds the encoder-to-decoder projection."""
+    from transformers import GPT2Config, VisionEncoderDecoderConfig, ViTConfig
 
     small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-    encoder = ViTConfig(**(small if tiny else {}))  # defaults: ViT-B/16, 224x224
+    encoder = ViTConfig(image_size=image_size, **(small if tiny else {}))  # defaults: ViT-B/16
+    if encoder_width:
+        encoder.hidden_size, encoder.intermediate_size = encoder_width, 4 * encoder_width
+    eos = vocab_size - 1
     sizes = dict(n_embd=64, n_layer=2, n_head=2) if tiny else {}  # defaults: GPT-2 small
     decoder = GPT2Config(
-        vocab_size=VOCAB_SIZE,
-        bos_token_id=EOS_ID,
-        eos_token_id=EOS_ID,
+        vocab_size=vocab_size,
+        bos_token_id=eos,
+        eos_token_id=eos,
         add_cross_attention=True,
         is_decoder=True,
         **sizes,
     )
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
-    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = EOS_ID
+    config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = eos
+    return config
+
+
+def _save_model(folder: Path, seed: int, tiny: bool) -> None:
+    import torch
+    from transformers import VisionEncoderDecoderModel
+
     torch.manual_seed(seed)
-    model = VisionEncoderDecoderModel(config).eval()
+    model = VisionEncoderDecoderModel(architecture(tiny=tiny)).eval()
     for key in ("decoder_start_token_id", "pad_token_id", "eos_token_id", "bos_token_id"):
         setattr(model.generation_config, key, EOS_ID)
     model.save_pretrained(folder)
