@@ -27,11 +27,11 @@ from docker_vit.config import (
     chosen,
     env_name,
     flag_name,
-    named,
     names_of,
     options,
     unknown_variables,
 )
+from docker_vit.naming import named
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
     import uvicorn

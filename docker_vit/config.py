@@ -14,7 +14,7 @@ import math
 import os
 import re
 import urllib.parse
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -223,32 +223,6 @@ def _http_url(url: str) -> bool:
     # the routes are joined to its path: a query or fragment would end up before them
     plain = not (parts.query or parts.fragment or "?" in url or "#" in url)
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and plain
-
-
-def named(exc: Exception, flags: bool = True) -> str:
-    """A settings error with the flag and variable a user sets (or the variable alone, where there
-    are no flags) in place of each setting's name: the first word, and any name with an underscore."""
-
-    def user_name(match: re.Match) -> str:
-        name = match.group(0)
-        if name not in options():
-            return name
-        return f"{flag_name(name)} ({env_name(name)})" if flags else env_name(name)
-
-    # not an attribute (`MyHandler.max_batch_size`): only settings named on their own
-    text = re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
-    return text if flags else unflagged(text, env_name)
-
-
-def unflagged(text: str, spell: Callable[[str], str]) -> str:
-    """A message's flags (the loader names `--handler`) spelled as `spell` names their settings, for
-    a front end without flags: the Runpod worker's variables, Ray's arguments."""
-
-    def setting(match: re.Match) -> str:
-        name = match.group(0)[2:].replace("-", "_")
-        return spell(name) if name in options() and flag_name(name) == match.group(0) else match.group(0)
-
-    return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", setting, text)
 
 
 def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:

@@ -30,9 +30,10 @@ from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
 from docker_vit import logs
-from docker_vit.config import SERVING, Settings, options, parse, unflagged
+from docker_vit.config import SERVING, Settings, options, parse
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
+from docker_vit.naming import unflagged
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
 

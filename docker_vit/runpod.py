@@ -29,10 +29,11 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory, payloads
-from docker_vit.config import SERVING, Settings, named, unknown_variables
+from docker_vit.config import SERVING, Settings, unknown_variables
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
+from docker_vit.naming import named
 from docker_vit.process import Terminated, exit_now, terminate
 from docker_vit.service import FAILED, Service
 

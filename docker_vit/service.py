@@ -10,12 +10,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
 from docker_vit.calls import contained, predict_all, read_options, respond
+from docker_vit.closing import closed
 from docker_vit.config import Settings
 from docker_vit.errors import InputError, NotServing, OptionsError, TooLarge
 from docker_vit.handler import Handler, Result
@@ -26,8 +27,6 @@ from docker_vit.process import cpu_threads
 log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
-CLOSE_WAIT = 10.0  # seconds `stop` waits for a model call still running, then for the handler's close()
-SAY_WAITING = 1.0  # seconds of that wait before the log says what it waits for
 STALLED = "stalled"  # ready, but a model call has outrun the request timeout
 
 
@@ -92,35 +91,11 @@ class Service:
         self._pre_pool.shutdown(wait=False, cancel_futures=True)
         self._post_pool.shutdown(wait=False, cancel_futures=True)
         if final is not None:
-            await self._closed(final)
+            await closed(final)
 
     def _close(self) -> None:
         if self._loaded:  # on the device thread, so after a load still running when the stop came
             sync_result("close", self.handler.close())
-
-    async def _closed(self, final: Future) -> None:
-        # asyncio.wait, not wait_for: a TimeoutError close() raises is its failure, not our wait's end
-        # (and on 3.10 wait_for's own is asyncio.TimeoutError, which `except TimeoutError` misses)
-        waiting = asyncio.wrap_future(final)
-        say = min(SAY_WAITING, CLOSE_WAIT)
-        done, _ = await asyncio.wait({waiting}, timeout=say)
-        if not done and say < CLOSE_WAIT:  # said, so that a stop behind a long call is no silent pause
-            behind = "" if final.running() else " after the load or model call still running"
-            log.info("waiting for the handler's close()%s, at most %g s", behind, CLOSE_WAIT)
-            done, _ = await asyncio.wait({waiting}, timeout=CLOSE_WAIT - say)
-        if not done:
-            dropped = final.cancel()  # a close() not started yet never runs; a running one goes on
-            waiting.cancel()
-            if dropped:
-                log.warning(
-                    "the handler's close() was not called: the load or a model call still ran after %g s",
-                    CLOSE_WAIT,
-                )
-            else:
-                log.warning("the handler's close() still runs after %g s; going on without it", CLOSE_WAIT)
-            return
-        if waiting.exception() is not None:
-            log.error("the handler's close() failed", exc_info=waiting.exception())
 
     @property
     def busy(self) -> bool:

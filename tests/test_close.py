@@ -13,7 +13,7 @@ import pytest
 from conftest import serving
 from fake_handlers import AsyncClose, AsyncGeneratorClose, Closing, DecoratedAsyncLoad, Echo
 
-from docker_vit import cli, service
+from docker_vit import cli, closing
 from docker_vit.config import Settings
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods
@@ -86,7 +86,7 @@ def run_and_stop(handler: Echo, release_after: float | None) -> list[str]:
 
 def test_stop_waits_for_the_running_predict_before_closing(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, "docker_vit"):
-        calls = run_and_stop(Closing(Settings()), release_after=service.SAY_WAITING + 0.3)
+        calls = run_and_stop(Closing(Settings()), release_after=closing.SAY_WAITING + 0.3)
     assert calls[-3:] == ["predict", "predicted", "close"]
     assert "waiting for the handler's close() after the load or model call still running" in caplog.text
 
@@ -94,7 +94,7 @@ def test_stop_waits_for_the_running_predict_before_closing(caplog: pytest.LogCap
 def test_a_predict_running_past_the_wait_means_no_close_and_a_warning(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    monkeypatch.setattr(service, "CLOSE_WAIT", 0.2)
+    monkeypatch.setattr(closing, "CLOSE_WAIT", 0.2)
     with caplog.at_level(logging.WARNING, "docker_vit"):
         calls = run_and_stop(Closing(Settings()), release_after=None)
         Closing.gate.set()

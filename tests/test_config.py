@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from docker_vit.cli import _parser
-from docker_vit.config import DEFAULT_MODEL, Settings, env_name, named, options
+from docker_vit.config import DEFAULT_MODEL, Settings, env_name, options
+from docker_vit.naming import named
 
 
 def test_defaults_are_the_seeds() -> None:
