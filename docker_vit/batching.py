@@ -79,6 +79,7 @@ class Batcher:
         self.device = DeviceThread()  # where every batch (and the model's load) runs
         self._batch_started: float | None = None  # monotonic start of the batch on the device
         self._running: list[_Entry] = []  # the batch taken for the device, for stop() to answer
+        self._refusal: Callable[[], Exception] | None = None  # set by `refuse`: no model call runs now
 
     @property
     def running_for(self) -> float:
@@ -114,9 +115,11 @@ class Batcher:
         self._queued = 0
         return self.device.shutdown(last)
 
-    def fail_queued(self, error: Callable[[], Exception]) -> None:
-        """Answer every caller still queued with a fresh `error()` (the batch on the device runs on):
-        what a device that failed for good would only fail later, one model call per group."""
+    def refuse(self, error: Callable[[], Exception]) -> None:
+        """Run no model call from now on: every caller still queued, and each of a batch still to run
+        (the other half of one retried in halves), gets a fresh `error()` at once. For a device that
+        failed for good, which would fail them too, but only later and one model call each."""
+        self._refusal = error
         for entry in [e for group in self._groups.values() for e in group]:
             if not entry.future.done():
                 entry.future.set_exception(error())
@@ -223,6 +226,10 @@ class Batcher:
 
     async def _execute(self, batch: list[_Entry], options: Hashable) -> None:
         batch = [entry for entry in batch if not entry.future.done()]  # callers gone since: not run
+        if self._refusal is not None:
+            for entry in batch:
+                entry.future.set_exception(self._refusal())
+            return
         if not batch:
             return
         started = time.monotonic()

@@ -73,6 +73,7 @@ class LocalRunner:
         self.batch_size = batch_size(self.handler, settings)
         self.max_bytes = settings.max_bytes
         self.failed_in_a_row = 0  # batches in which the model failed on every image
+        self.lost: Exception | None = None  # what failed the device for good: nothing more runs on it
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
@@ -83,6 +84,8 @@ class LocalRunner:
                 prepared = upcoming
                 upcoming = self._submit(cpu, batches[index + 1]) if index + 1 < len(batches) else []
                 yield self._predict(prepared)
+                if self.lost is not None:  # after that batch's records: what it captioned stands
+                    raise CaptionError(f"the device failed: {type(self.lost).__name__}: {self.lost}")
         finally:  # the run's end, an error or Ctrl-C alike (folder.py drops the generator at once)
             cpu.shutdown(wait=False, cancel_futures=True)
             self.close()
@@ -135,8 +138,9 @@ class LocalRunner:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken
         (a wrong device, an out-of-memory at any size): end the run rather than retry every image."""
         lost = [result for result in results if isinstance(result, Exception) and device_lost(result)]
-        if lost:  # every later call on this device would fail too
-            raise CaptionError(f"the device failed: {type(lost[0]).__name__}: {lost[0]}")
+        if lost:  # every later call on this device would fail too: the run ends after this batch
+            self.lost = self.lost or lost[0]
+            return
         if not results or not all(isinstance(result, Exception) for result in results):
             self.failed_in_a_row = 0
             return
@@ -162,11 +166,15 @@ class LocalRunner:
         batch) costs only what really fails, and a later run can retry it."""
         if not items:
             return []
+        if self.lost is not None:  # the other half of a split batch, after the first lost the device
+            return [_Failed(self.lost)] * len(items)
         try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
             return predict_all(self.handler, items, self.options)
         except Exception as exc:
             failure = exc
         drop_frames(failure)  # the failed call's memory must be free for the halves
+        if device_lost(failure):
+            self.lost = failure
         if len(items) == 1 or not splittable(failure):
             return [_Failed(failure)] * len(items)
         middle = len(items) // 2

@@ -261,7 +261,7 @@ class Service:
         self.state, self.error = FAILED, _said(exc)
         self.failure = "the device failed"
         log.error("the device failed: %s; serving stops, so that this process is replaced", self.error)
-        self.batcher.fail_queued(lambda: NotServing(self.why_not_ready))  # 503s: try elsewhere
+        self.batcher.refuse(lambda: NotServing(self.why_not_ready))  # 503s: try elsewhere
         self.on_failed()
 
     async def _post(self, outputs: list[Any]) -> list[Result]:

@@ -76,6 +76,24 @@ class DeviceLost(Digest):
         raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
 
+class LostLater(Digest):
+    """Out of memory above two pictures; a batch holding a picture whose digest is in `fatal` (tests
+    set it) poisons the GPU, which fails every call after it."""
+
+    fatal: ClassVar[set[str]] = set()
+    lost: ClassVar[bool] = False
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        if len(items) > 2 and not LostLater.lost:
+            Digest.batches.append(len(items))
+            raise RuntimeError(f"out of memory (batch of {len(items)})")
+        if LostLater.lost or LostLater.fatal & set(items):
+            Digest.batches.append(len(items))
+            LostLater.lost = True
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return super().predict(items, options)
+
+
 class Strict(Digest):
     """Says nothing of its option names, and refuses any field it does not know."""
 

@@ -20,9 +20,11 @@ import pytest
 import torch
 from conftest import serving
 from fake_handlers import (
+    LOST_DEVICE,
     BadDescribe,
     DescribesItsModel,
     DescribesOptions,
+    Echo,
     Exiting,
     Gated,
     Holding,
@@ -261,6 +263,42 @@ def test_requests_queued_behind_a_lost_device_are_told_to_try_elsewhere() -> Non
     )
     assert all(answer.headers["retry-after"] == "5" for answer in answers)
     assert handler.calls[1:] == ["lost"]  # after the warm-up, only the call that failed
+
+
+class LostInHalves(Echo):
+    """Runs out of memory on more than two items; an item `die` fails as a poisoned GPU, and so does
+    every call after it."""
+
+    lost = False
+
+    def predict(self, items: Any, options: Any) -> Any:
+        self.seen.append(list(items))
+        if len(items) > 2 and not self.lost:
+            raise self.oom_error(f"CUDA out of memory (batch of {len(items)})")
+        if self.lost or "die" in items:
+            self.lost = True
+            raise RuntimeError(LOST_DEVICE)
+        return list(items)
+
+
+def test_the_other_half_of_a_split_batch_does_not_run_on_a_lost_device() -> None:
+    """A batch retried in halves after an out-of-memory error: once its first half loses the device,
+    the second half is answered 503 (try elsewhere) without a call on the dead device."""
+    settings = Settings(max_wait_ms=400)
+    handler = LostInHalves(settings)
+    image = {"content-type": "image/x"}
+    with serving(settings, handler) as client:
+        client.app.state.service.on_failed = lambda: None
+        handler.seen.clear()
+        with ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(client.post, "/", content=b"die", headers=image)]
+            time.sleep(0.05)  # first in the batch, so in its first half
+            answers += [
+                pool.submit(client.post, "/", content=text, headers=image) for text in (b"a", b"c", b"d")
+            ]
+            statuses = sorted(future.result().status_code for future in answers)
+    assert len(handler.seen) == 2 and len(handler.seen[0]) == 4, handler.seen  # the batch, its first half
+    assert "die" in handler.seen[1] and statuses == [500, 500, 503, 503], statuses
 
 
 def test_a_client_error_that_quotes_a_cuda_error_leaves_the_server_serving() -> None:

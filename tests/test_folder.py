@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import finished, killed_after, photo
-from folder_handlers import Digest, Fussy
+from folder_handlers import Digest, Fussy, LostLater
 from PIL import Image
 
 from docker_vit import cli
@@ -752,6 +752,37 @@ def test_a_device_that_fails_for_good_ends_the_run_at_its_first_batch(
     err = capsys.readouterr().err
     assert "the device failed: RuntimeError: CUDA error: an illegal memory access was encountered" in err
     assert len(Digest.batches) == 1 and out.read_text() == ""  # one call: no halves, no next batch
+
+
+@pytest.mark.parametrize(
+    ("fatal", "batch", "written", "calls"),
+    [
+        ("03.png", "4", ["01.png", "02.png"], [4, 2, 2]),  # out of memory; the half that ran stands
+        ("01.png", "4", [], [4, 2]),  # out of memory, then its first half loses the device: no second
+    ],
+)
+def test_a_lost_device_ends_the_run_after_its_batch_with_no_call_on_the_dead_device(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    fatal: str,
+    batch: str,
+    written: list[str],
+    calls: list[int],
+) -> None:
+    for index in range(1, 6):
+        picture(tmp_path / "photos" / f"{index:02}.png", 40 * index)
+    LostLater.fatal = {LostLater(Settings()).prepare((tmp_path / "photos" / fatal).read_bytes(), None)}
+    LostLater.lost = False
+    Digest.batches.clear()
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(tmp_path / "photos"), "-o", str(out), "--handler", "folder_handlers:LostLater"]
+    try:
+        assert cli.main([*command, "--max-batch-size", batch]) == 1
+    finally:
+        LostLater.fatal, LostLater.lost = set(), False
+    assert "the device failed: RuntimeError: CUDA error: an illegal memory access" in capsys.readouterr().err
+    assert [Path(entry["path"]).name for entry in lines(out)] == written
+    assert Digest.batches == calls
 
 
 def test_a_respond_bug_is_not_retried_in_halves(
