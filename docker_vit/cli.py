@@ -186,7 +186,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
             terminated.set()
             raise Stopped  # the run ends as at Ctrl-C: rows flushed, a line saying so
 
-    for line in unknown_variables():
+    for line in unknown_variables(names=args.names):
         print(f"docker-vit: {line}", file=sys.stderr)
     ignored = sorted(flag_name(name) for name in args.flagged & LOCAL_ONLY)
     if settings.url and ignored:  # said, not refused: a script may pass the same flags either way

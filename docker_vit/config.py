@@ -241,14 +241,20 @@ def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) ->
     )
 
 
-def unknown_variables(env: Mapping[str, str] | None = None) -> list[str]:
-    """A line for each `DOCKER_VIT_*` variable (from `env`; None: this process's) that names no
-    setting: a misspelt one (`DOCKER_VIT_APIKEYS`) would leave the default in force without a word."""
+def unknown_variables(
+    env: Mapping[str, str] | None = None, names: Collection[str] | None = None
+) -> list[str]:
+    """A line for each `DOCKER_VIT_*` variable, in any case (from `env`; None: this process's), that
+    names no setting: a misspelt one (`DOCKER_VIT_APIKEYS`) would leave the default in force without a
+    word. `names`: the command's settings (None: all), the only ones a hint names (a server's
+    `DOCKER_VIT_APIKEY` means its own `API_KEYS`, not `caption`'s `API_KEY`, which would leave it open)."""
     env = os.environ if env is None else env
-    known = [name.upper() for name in options()]
+    known = {env_name(name) for name in options()}
+    own = [name.upper() for name in (options() if names is None else names)]
     lines = []
-    for name in sorted(n for n in env if n.startswith(ENV_PREFIX) and n[len(ENV_PREFIX) :] not in known):
-        near = difflib.get_close_matches(name[len(ENV_PREFIX) :], known, n=1)  # the prefix matches all
+    for name in sorted(n for n in env if n.upper().startswith(ENV_PREFIX) and n not in known):
+        rest = name[len(ENV_PREFIX) :].upper()  # the prefix would match them all
+        near = difflib.get_close_matches(rest, own, n=1)
         hint = f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""
         lines.append(f"{name} is not a Docker-ViT setting and is ignored{hint}")
     return lines

@@ -174,7 +174,7 @@ def _worker() -> Worker:
     try:
         settings = Settings.load(None, SERVING)
         configure(settings.log_format, settings.log_level)
-        for line in unknown_variables():
+        for line in unknown_variables(names=SERVING):
             logging.getLogger("docker_vit").warning(line)
         return Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:

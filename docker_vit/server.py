@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from docker_vit import errors, frontend, http_errors, memory, uploads
-from docker_vit.config import Settings, open_by_mistake, unknown_variables
+from docker_vit.config import SERVING, Settings, open_by_mistake, unknown_variables
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
@@ -31,7 +31,7 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     `proxied`: behind a proxy (Ray Serve's) that answers with its own `X-Request-ID` and cancels a
     request whose client left."""
     mistake = open_by_mistake(settings)  # every server says these, whichever entry point made it
-    for line in ([mistake] if mistake else []) + unknown_variables():
+    for line in ([mistake] if mistake else []) + unknown_variables(names=SERVING):
         logging.getLogger("docker_vit").warning(line)
     service = Service(settings, handler or load_handler(settings))
 
@@ -107,7 +107,8 @@ def _open_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/ping", responses={204: {"description": "loading"}, 503: _UNHEALTHY})
     async def ping() -> Response:
-        """Runpod's load balancer: 200 when ready, 204 while loading, 503 when loading failed or stalled."""
+        """Runpod's load balancer: 200 when ready, 204 while loading, 503 when the load or the device
+        failed, or a call stalled."""
         if service.ready:
             return JSONResponse({"status": "healthy"})
         if service.state != LOADING:
@@ -176,8 +177,8 @@ _ERROR = {  # every error answer's body (http_errors.error_response)
     },
 }
 _JSON_ERROR = {"application/json": {"schema": _ERROR}}
-_NOT_READY = {"description": "loading, failed to load, or stalled", "content": _JSON_ERROR}
-_UNHEALTHY = {"description": "failed to load, or stalled", "content": _JSON_ERROR}
+_NOT_READY = {"description": "loading, failed (to load, or the device), or stalled", "content": _JSON_ERROR}
+_UNHEALTHY = {"description": "failed (to load, or the device), or stalled", "content": _JSON_ERROR}
 _ERRORS = {
     "400": "no image, or a malformed request",
     "401": "a missing or wrong API key (when the server has keys)",
@@ -187,7 +188,7 @@ _ERRORS = {
     "422": "an option out of bounds",
     "431": "a request line and headers over 64 KiB",
     "500": "the model failed on this input",
-    "503": "the queue is full (Retry-After), or the model is not loaded",
+    "503": "the queue is full, or the model does not serve: loading, failed, stalled (Retry-After)",
     "504": "no caption within the request timeout",
 }
 

@@ -518,6 +518,19 @@ def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
     assert unknown_variables({name: "1" for name in map(env_name, options())}) == []
 
 
+def test_a_servers_misspelt_key_variable_is_pointed_at_its_own_setting() -> None:
+    """Pointed at `caption`'s `DOCKER_VIT_API_KEY`, a server's operator would leave it open again; a
+    name in lower case is read by no command, so it is said too."""
+    from docker_vit.config import SERVING, unknown_variables
+
+    env = {"DOCKER_VIT_APIKEY": "k", "docker_vit_api_keys": "k", "DOCKER_VIT_KEY": "k"}
+    assert unknown_variables(env, names=SERVING) == [
+        "DOCKER_VIT_APIKEY is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_API_KEYS?)",
+        "DOCKER_VIT_KEY is not a Docker-ViT setting and is ignored",
+        "docker_vit_api_keys is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_API_KEYS?)",
+    ]
+
+
 def test_every_server_app_names_a_misspelt_variable(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
