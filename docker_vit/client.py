@@ -6,8 +6,8 @@ once; the server's batcher turns concurrent requests into full batches. Answers 
 order, so the output matches a local run line for line.
 
 Errors: 429, 502/503/504 and dropped connections are retried (honouring Retry-After, bounded: a full
-queue is waited for, up to ten minutes an image); a refused image (400, 413, 415) or a failed one (500)
-is skipped with a warning, but a model failing on three batches' worth in a row ends the run;
+queue is waited for, up to ten minutes an image); a refused image (400, 413, 415), a failed one (500)
+or one that still times out (504) after its last try is skipped with a warning, but a model failing on three batches' worth in a row ends the run;
 401/403/404/405, 422 (the options) and 501 stop the run, since every other image would meet the same
 answer. Files over the server's byte limit are skipped without being sent.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import sys
 import threading
 import time
@@ -107,7 +108,9 @@ class RemoteRunner:
         else:  # a server that won't say its defaults gets ours, so that records stay true
             self.params = self.recorded = dict(params)
         limit = model.get("limits", {}).get("max_bytes") if isinstance(model.get("limits"), dict) else None
-        self.servers_limit = isinstance(limit, int) and limit > 0
+        # the server's limit holds; one of this run's own (a flag, a variable) holds where it is lower
+        lower = "max_bytes" in chosen and (not isinstance(limit, int) or settings.max_bytes < limit)
+        self.servers_limit = isinstance(limit, int) and limit > 0 and not lower
         self.max_bytes = limit if self.servers_limit else settings.max_bytes
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
@@ -155,6 +158,8 @@ class RemoteRunner:
                 if exc.code not in (429, 502, 503, 504):
                     raise _Skip(f"the server answered {problem}", broke=exc.code >= 500) from None
                 failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
+                if failures >= ATTEMPTS and exc.code == 504:  # the server is up: this image outruns it
+                    raise _Skip(f"the server answered {problem} ({failures} times)", broke=True) from None
                 delay = _retry_after(exc, failures)
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 problem = _problem(exc)  # a dropped connection or a cut-off answer: try again
@@ -287,7 +292,8 @@ def _problem(exc: Exception) -> str:
 
 
 def _backoff(attempt: int) -> float:
-    return min(0.5 * 2**attempt, MAX_DELAY)
+    """Doubling, and jittered: images that failed in one batch are not sent back into one batch again."""
+    return min(0.5 * 2**attempt, MAX_DELAY) * random.uniform(0.5, 1.0)
 
 
 def _error(exc: urllib.error.HTTPError) -> tuple[dict[str, Any], str]:

@@ -172,6 +172,18 @@ def test_url_holds_the_servers_limits_not_the_clients(
         err = capsys.readouterr().err  # no flag of this run raises the server's limit: no hint
         assert "big.jpg: the file is over the server's limit of 250000 bytes\n" in err
         assert [entry["num_beams"] for entry in read(out)] == [9]
+        higher, lower = tmp_path / "higher.jsonl", tmp_path / "lower.jsonl"  # a flag lowers it, never raises
+        assert (
+            cli.main(["caption", str(big.parent), "-o", str(higher), "--url", url, "--max-bytes", "9999999"])
+            == 1
+        )
+        assert "big.jpg: the file is over the server's limit of 250000 bytes\n" in capsys.readouterr().err
+        assert (
+            cli.main(["caption", str(big.parent), "-o", str(lower), "--url", url, "--max-bytes", "1000"]) == 1
+        )
+        err = capsys.readouterr().err
+        assert "small.jpg: the file is over the limit of 1000 bytes (--max-bytes raises it)" in err
+        assert len(read(higher)) == 1 and read(lower) == []
         refused = cli.main(["caption", str(photo("coffee.jpg")), "--url", url, "--num-beams", "13"])
         err = capsys.readouterr().err
         assert refused == 1 and err.count("num_beams must be between 1 and 12") == 1
@@ -373,6 +385,34 @@ def test_a_proxys_502_is_retried_saying_so_once(tmp_path: Path, capsys: pytest.C
         assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
     assert _Gateway.refusals == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
     assert capsys.readouterr().err.count(f"{url}: 502 Bad Gateway; trying again") == 1
+
+
+class _Hangs(_Flaky):
+    """A server up and answering, on which one image (a file holding `HANG`) always times out."""
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b"HANG" in body:
+            self._answer(
+                504, {"error": {"type": "timeout", "message": "no answer within 2 s"}}, {"Retry-After": "0"}
+            )
+        else:
+            self._caption()
+
+
+def test_an_image_the_server_keeps_timing_out_on_is_skipped_and_the_run_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rerun would meet the same image first: ending the run there, no run could ever pass it."""
+    monkeypatch.setattr(client, "ATTEMPTS", 2)
+    for name, text in (("a.jpg", b"one"), ("h.jpg", b"HANG"), ("b.jpg", b"two")):
+        (tmp_path / name).write_bytes(text)
+    out = tmp_path / "o.jsonl"
+    with stub_server(_Hangs) as url:
+        assert cli.main(["caption", str(tmp_path), "-o", str(out), "--url", url]) == 1
+    err = capsys.readouterr().err
+    assert "h.jpg: the server answered 504 no answer within 2 s (2 times)" in err
+    assert [Path(entry["path"]).name for entry in read(out)] == ["a.jpg", "b.jpg"]
 
 
 class _KeyEverywhere(_Flaky):
