@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # imported where used: `caption` and `download` start without
     from docker_vit.service import Service
 
 # Model settings a `caption --url` run leaves to the server (it sends only the generation options;
-# the server's byte limit holds, the client's is its fallback)
+# the server's byte limit holds, or a lower --max-bytes given to the run, or the default where it says none)
 LOCAL_ONLY = set(names_of(MODEL)) - {*GENERATION, "max_bytes"}
 
 
@@ -186,8 +186,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
             terminated.set()
             raise Stopped  # the run ends as at Ctrl-C: rows flushed, a line saying so
 
-    for line in unknown_variables(names=args.names):
-        print(f"docker-vit: {line}", file=sys.stderr)
+    _say_unknown_variables(args)
     ignored = sorted(flag_name(name) for name in args.flagged & LOCAL_ONLY)
     if settings.url and ignored:  # said, not refused: a script may pass the same flags either way
         print(
@@ -241,6 +240,7 @@ def _set_sigterm(handler: Any) -> Any:
 def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.hub import download
 
+    _say_unknown_variables(args)  # DOCKER_VIT_MODLE would fetch the default model, 1 GB, unsaid
     if os.path.isdir(settings.model):  # its path, as a download prints the folder it filled
         ignored = f"; nothing is copied to {settings.dir}" if settings.dir else ""
         print(
@@ -257,6 +257,12 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
         )
         return 1
     return 0
+
+
+def _say_unknown_variables(args: argparse.Namespace) -> None:
+    """On stderr; a server logs them, in its log format, whichever entry point made it."""
+    for line in unknown_variables(names=args.names):
+        print(f"docker-vit: {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -74,6 +74,7 @@ class LocalRunner:
         self.max_bytes = settings.max_bytes
         self.failed_in_a_row = 0  # batches in which the model failed on every image
         self.lost: Exception | None = None  # what failed the device for good: nothing more runs on it
+        self.ends: str | None = None  # why the run ends once this batch's outcomes are out
 
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
@@ -83,9 +84,9 @@ class LocalRunner:
             for index in range(len(batches)):
                 prepared = upcoming
                 upcoming = self._submit(cpu, batches[index + 1]) if index + 1 < len(batches) else []
-                yield self._predict(prepared)
-                if self.lost is not None:  # after that batch's records: what it captioned stands
-                    raise CaptionError(f"the device failed: {type(self.lost).__name__}: {self.lost}")
+                yield self._predict(prepared)  # its records and skipped lines stand, the run's end too
+                if self.ends is not None:
+                    raise CaptionError(self.ends)
         finally:  # the run's end, an error or Ctrl-C alike (folder.py drops the generator at once)
             cpu.shutdown(wait=False, cancel_futures=True)
             self.close()
@@ -136,10 +137,12 @@ class LocalRunner:
 
     def _give_up_on_a_broken_model(self, results: list[Result | Exception]) -> None:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken
-        (a wrong device, an out-of-memory at any size): end the run rather than retry every image."""
+        (a wrong device, an out-of-memory at any size): end the run after this batch rather than retry
+        every image."""
         lost = [result for result in results if isinstance(result, Exception) and device_lost(result)]
-        if lost:  # every later call on this device would fail too: the run ends after this batch
+        if lost:  # every later call on this device would fail too
             self.lost = self.lost or lost[0]
+            self.ends = f"the device failed: {type(self.lost).__name__}: {self.lost}"
             return
         if not results or not all(isinstance(result, Exception) for result in results):
             self.failed_in_a_row = 0
@@ -147,7 +150,7 @@ class LocalRunner:
         self.failed_in_a_row += 1
         if self.failed_in_a_row >= GIVE_UP_AFTER:
             error = results[-1]
-            raise CaptionError(
+            self.ends = (
                 f"the model failed on every image of {GIVE_UP_AFTER} batches in a row: "
                 f"{type(error).__name__}: {error}"
             )

@@ -50,10 +50,7 @@ async def read_inputs(
         inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
         options.update(fields)
     else:
-        wanted = "multipart field 'file'" + (", JSON {'images': [...]}" if json_allowed else "")
-        raise errors.ApiError(
-            400, f"send the image as {wanted}, or an image/* or application/octet-stream body"
-        )
+        raise errors.ApiError(400, _unreadable(content_type, json_allowed))
     if not inputs:
         how = {
             "multipart/form-data": "as a file in the multipart field 'file' (curl -F file=@image.jpg)",
@@ -112,6 +109,15 @@ async def _read_image_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
+def _unreadable(content_type: str, json_allowed: bool) -> str:
+    """What a body of another type should be, naming the type it has: `curl -d '{"images": ...}'`
+    sends a form, and its sender believes it sent JSON."""
+    got = f"a body of type {content_type[:100]!r}" if content_type else "a body with no Content-Type"
+    json_too = ", JSON {'images': [...]} (Content-Type: application/json)" if json_allowed else ""
+    either = "an image/* or application/octet-stream body"
+    return f"{got} holds no image: send it as multipart field 'file'{json_too}, or {either}"
+
+
 def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
     # Each JSON value costs the parser far more than its bytes, and it holds the interpreter lock
     # (the event loop stops too): millions of tiny values froze the server for seconds. Values are
@@ -124,8 +130,10 @@ def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, 
         payload = json.loads(body, parse_int=_short_int)
     except _LongNumber:
         raise errors.ApiError(422, f"a number in the JSON body has more than {MAX_DIGITS} digits") from None
-    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser goes
-        raise errors.ApiError(400, "the body is not valid JSON") from None
+    except RecursionError:  # nested deeper than the parser goes
+        raise errors.ApiError(400, "the body is not valid JSON: nested too deep") from None
+    except ValueError as exc:  # where, not what: a line break inside a string (`base64` without -w0)
+        raise errors.ApiError(400, f"the body is not valid JSON: {exc}") from None
     images = payload.get("images") if isinstance(payload, dict) else None
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')

@@ -349,6 +349,17 @@ def test_download_of_a_local_folder_names_it_and_fetches_nothing(
     )
 
 
+def test_download_names_a_misspelt_variable(monkeypatch: pytest.MonkeyPatch, capsys, tmp_path: Path) -> None:
+    """`DOCKER_VIT_MODLE=folder docker-vit download` would fetch the default model, 1 GB, unsaid."""
+    monkeypatch.setattr(hub, "download", lambda *args: str(tmp_path))
+    monkeypatch.setenv("DOCKER_VIT_MODLE", str(tmp_path))
+    assert cli.main(["download"]) == 0
+    hint = "(did you mean DOCKER_VIT_MODEL?)"
+    assert f"docker-vit: DOCKER_VIT_MODLE is not a Docker-ViT setting and is ignored {hint}\n" in (
+        capsys.readouterr().err
+    )
+
+
 def test_a_failed_download_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     def offline(model: str, folder: str | None = None) -> str:
         raise OSError("no network here")

@@ -158,6 +158,24 @@ def assert_error(response, status: int) -> dict:
     return error
 
 
+def test_a_body_of_the_wrong_type_or_broken_json_says_what_it_got(client) -> None:
+    """`curl -d '{"images": ...}'` sends a form; `base64` without -w0 breaks a JSON string's line."""
+    form = {"content-type": "application/x-www-form-urlencoded"}
+    said = assert_error(client.post("/v1/captions", content=b'{"images": []}', headers=form), 400)["message"]
+    assert said.startswith("a body of type 'application/x-www-form-urlencoded' holds no image")
+    assert "(Content-Type: application/json)" in said
+    said = assert_error(client.post("/", content=b"x", headers=form), 400)["message"]
+    assert "JSON" not in said and "multipart field 'file'" in said  # the original route takes no JSON
+    wrapped = b'{"images": ["iVBORw0KGgo\nAAAA"]}'
+    said = assert_error(
+        client.post("/v1/captions", content=wrapped, headers={"content-type": "application/json"}), 400
+    )
+    assert (
+        said["message"]
+        == "the body is not valid JSON: Invalid control character at: line 1 column 25 (char 24)"
+    )
+
+
 def test_missing_or_malformed_input_is_400(client) -> None:
     assert_error(client.post("/"), 400)
     assert_error(client.post("/", files={"other": png()}), 400)
