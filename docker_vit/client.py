@@ -23,12 +23,13 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.errors import InputError
+from docker_vit.ordered import in_order
 from docker_vit.runner import (
     GIVE_UP_AFTER,
     CaptionError,
@@ -231,50 +232,6 @@ class RemoteRunner:
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}") from None
             time.sleep(1.0)
-
-
-def in_order(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
-    """`work` over `items` in daemon threads, results yielded in input order.
-
-    At most twice `workers` results wait ahead of the one being yielded, bounding memory. Daemon
-    threads never keep Ctrl-C waiting for a slow request; closing the iterator stops the workers.
-    """
-    results: dict[int, tuple[bool, Any]] = {}
-    changed = threading.Condition()
-    room = threading.Semaphore(2 * workers)
-    indexes = iter(range(len(items)))
-    stopped = threading.Event()
-
-    def worker() -> None:
-        while room.acquire() and not stopped.is_set():
-            with changed:
-                index = next(indexes, None)
-            if index is None:
-                return
-            try:
-                result = (True, work(items[index]))
-            except BaseException as exc:  # handed to the consumer, who raises it in order
-                result = (False, exc)
-            with changed:
-                results[index] = result
-                changed.notify_all()
-
-    for _ in range(min(workers, len(items))):
-        threading.Thread(target=worker, daemon=True, name="docker-vit-client").start()
-    try:
-        for index in range(len(items)):
-            with changed:
-                while index not in results:
-                    changed.wait(timeout=0.5)
-                ok, value = results.pop(index)
-            room.release()
-            if not ok:
-                raise value
-            yield value
-    finally:
-        stopped.set()
-        for _ in range(workers):
-            room.release()
 
 
 def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:

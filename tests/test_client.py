@@ -19,7 +19,7 @@ import uvicorn
 from conftest import photo
 from PIL import Image
 
-from docker_vit import cli, client
+from docker_vit import cli, client, ordered
 from docker_vit.config import Settings
 from docker_vit.server import create_app
 
@@ -565,7 +565,7 @@ def test_in_order_yields_in_input_order_and_raises_in_place() -> None:
             raise ValueError("five")
         return item * 10
 
-    results = client.in_order(work, list(range(8)), workers=4)
+    results = ordered.in_order(work, list(range(8)), workers=4)
     assert [next(results) for _ in range(5)] == [0, 10, 20, 30, 40]
     with pytest.raises(ValueError, match="five"):
         next(results)

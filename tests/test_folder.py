@@ -737,7 +737,9 @@ def test_a_model_that_fails_on_everything_ends_the_run(
     err = capsys.readouterr().err
     assert f"the model failed: {reason}" in err
     assert f"the model failed on every image of 3 batches in a row: {reason}" in err
-    assert out.read_text() == "" and 3 * 2 <= err.count("skipping") <= 3 * 2 + 1  # three batches, a broken file
+    assert (
+        out.read_text() == "" and 3 * 2 <= err.count("skipping") <= 3 * 2 + 1
+    )  # three batches, a broken file
     assert sum(Digest.batches) <= 3 * (2 + 1 + 1)  # three batches, halved
 
 
