@@ -159,9 +159,10 @@ class RemoteRunner:
                 if exc.code not in (429, 502, 503, 504):
                     raise _Skip(f"the server answered {problem}", broke=exc.code >= 500) from None
                 failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
-                if failures >= ATTEMPTS and exc.code == 504:  # the server is up: this image outruns it
-                    raise _Skip(f"the server answered {problem} ({failures} times)", broke=True) from None
                 delay = _retry_after(exc, failures)
+                last = failures >= ATTEMPTS or time.monotonic() + delay > deadline  # a slow 504 too
+                if last and exc.code == 504:  # the server is up and answers: this image outruns it
+                    raise _Skip(f"the server answered {problem} on the last try", broke=True) from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
                 problem = _problem(exc)  # a dropped connection or a cut-off answer: try again
                 failures += 1
@@ -177,8 +178,9 @@ class RemoteRunner:
             self._said_retrying.set()
             minutes = BUSY_WAIT / 60
             self.warn(
-                f"{self.url}: {problem}; trying again "
-                f"(an image is given up after {ATTEMPTS} failed tries or {minutes:g} min; a full queue is no failure)"
+                f"{self.url}: {problem}; trying again (after {ATTEMPTS} failed tries or {minutes:g} min an "
+                "image still timed out is skipped, and a server still failing otherwise ends the run; a "
+                "full queue is no failure)"
             )
 
     def _captions(self, body: bytes) -> dict[str, Any]:

@@ -388,11 +388,15 @@ def test_a_proxys_502_is_retried_saying_so_once(tmp_path: Path, capsys: pytest.C
 
 
 class _Hangs(_Flaky):
-    """A server up and answering, on which one image (a file holding `HANG`) always times out."""
+    """A server up and answering, on which one image (a file holding `HANG`) always times out, after
+    `after` seconds."""
+
+    after = 0.0
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         if b"HANG" in body:
+            time.sleep(_Hangs.after)
             self._answer(
                 504, {"error": {"type": "timeout", "message": "no answer within 2 s"}}, {"Retry-After": "0"}
             )
@@ -400,18 +404,20 @@ class _Hangs(_Flaky):
             self._caption()
 
 
+@pytest.mark.parametrize("slow", [False, True])  # tries spent, or time: a 504 after a long request timeout
 def test_an_image_the_server_keeps_timing_out_on_is_skipped_and_the_run_goes_on(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, slow: bool
 ) -> None:
     """A rerun would meet the same image first: ending the run there, no run could ever pass it."""
-    monkeypatch.setattr(client, "ATTEMPTS", 2)
+    monkeypatch.setattr(_Hangs, "after", 0.3 if slow else 0.0)
+    monkeypatch.setattr(client, "BUSY_WAIT" if slow else "ATTEMPTS", 0.5 if slow else 2)
     for name, text in (("a.jpg", b"one"), ("h.jpg", b"HANG"), ("b.jpg", b"two")):
         (tmp_path / name).write_bytes(text)
     out = tmp_path / "o.jsonl"
     with stub_server(_Hangs) as url:
         assert cli.main(["caption", str(tmp_path), "-o", str(out), "--url", url]) == 1
     err = capsys.readouterr().err
-    assert "h.jpg: the server answered 504 no answer within 2 s (2 times)" in err
+    assert "h.jpg: the server answered 504 no answer within 2 s on the last try" in err
     assert [Path(entry["path"]).name for entry in read(out)] == ["a.jpg", "b.jpg"]
 
 
