@@ -24,13 +24,12 @@ from docker_vit.config import (
     SERVER,
     Settings,
     any_case,
-    chosen,
     env_name,
     flag_name,
     names_of,
     options,
-    unknown_variables,
 )
+from docker_vit.environment import chosen, ignored_variables
 from docker_vit.naming import named
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
@@ -186,7 +185,7 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
             terminated.set()
             raise Stopped  # the run ends as at Ctrl-C: rows flushed, a line saying so
 
-    _say_unknown_variables(args)
+    _say_ignored_variables(args)
     ignored = sorted(flag_name(name) for name in args.flagged & LOCAL_ONLY)
     if settings.url and ignored:  # said, not refused: a script may pass the same flags either way
         print(
@@ -240,7 +239,7 @@ def _set_sigterm(handler: Any) -> Any:
 def _download(settings: Settings, args: argparse.Namespace) -> int:
     from docker_vit.hub import download
 
-    _say_unknown_variables(args)  # DOCKER_VIT_MODLE would fetch the default model, 1 GB, unsaid
+    _say_ignored_variables(args)  # DOCKER_VIT_MODLE would fetch the default model, 1 GB, unsaid
     if os.path.isdir(settings.model):  # its path, as a download prints the folder it filled
         ignored = f"; nothing is copied to {settings.dir}" if settings.dir else ""
         print(
@@ -259,9 +258,9 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _say_unknown_variables(args: argparse.Namespace) -> None:
+def _say_ignored_variables(args: argparse.Namespace) -> None:
     """On stderr; a server logs them, in its log format, whichever entry point made it."""
-    for line in unknown_variables(names=args.names):
+    for line in ignored_variables(names=args.names):
         print(f"docker-vit: {line}", file=sys.stderr)
 
 

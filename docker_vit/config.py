@@ -1,17 +1,16 @@
 """Every setting in one typed place.
 
 Settings come from three layers, strongest first: command-line flags, `DOCKER_VIT_*` environment
-variables (what containers and Runpod templates set), then the defaults below. This module is the one
-that reads the environment: the entry points (cli, ray, runpod) call `Settings.load`, and every other
-module receives a `Settings`. (images.py sets a libtiff limit in it, a decoder's knob, not a setting.)
+variables (what containers and Runpod templates set), then the defaults below. environment.py is the
+one module that reads the environment: the entry points (cli, ray, runpod) call `Settings.load`, and
+every other module receives a `Settings`. (images.py sets a libtiff limit in it, a decoder's knob, not
+a setting.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
-import os
 import re
 import urllib.parse
 from collections.abc import Collection, Mapping
@@ -182,20 +181,9 @@ class Settings:
 
         `names`: the settings a command uses; other variables are not read (so one meant for `serve`
         cannot stop `caption`). None reads them all."""
+        from docker_vit.environment import chosen  # which reads this module's options
+
         return cls(**chosen(env, names, **overrides))
-
-
-def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, **overrides: Any) -> dict:
-    """The settings a variable (from `env`; None: this process's) or a flag sets, parsed: what differs
-    from "left at its default"."""
-    env = os.environ if env is None else env
-    values: dict[str, Any] = {}
-    for name, spec in options().items():
-        raw = env.get(env_name(name))
-        if raw is not None and raw != "" and (names is None or name in names):
-            values[name] = parse(spec, raw)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return values
 
 
 def options() -> dict[str, dataclasses.Field]:
@@ -225,41 +213,6 @@ def _http_url(url: str) -> bool:
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and plain
 
 
-def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
-    """A server with no keys whose environment (None: this process's) sets the client's key variable,
-    or sets its own to nothing: someone meant to lock it. What to warn, or None."""
-    env = os.environ if env is None else env
-    if settings.api_keys:
-        return None
-    if env.get(env_name("api_keys")) == "":  # a template's secret that resolved to nothing, say
-        return f"{env_name('api_keys')} is set but empty: the server is open to anyone"
-    if not env.get(env_name("api_key")):
-        return None
-    return (
-        f"{env_name('api_key')} is the client's key (caption --url); the server reads "
-        f"{env_name('api_keys')}: it is open to anyone"
-    )
-
-
-def unknown_variables(
-    env: Mapping[str, str] | None = None, names: Collection[str] | None = None
-) -> list[str]:
-    """A line for each `DOCKER_VIT_*` variable, in any case (from `env`; None: this process's), that
-    names no setting: a misspelt one (`DOCKER_VIT_APIKEYS`) would leave the default in force without a
-    word. `names`: the command's settings (None: all), the only ones a hint names (a server's
-    `DOCKER_VIT_APIKEY` means its own `API_KEYS`, not `caption`'s `API_KEY`, which would leave it open)."""
-    env = os.environ if env is None else env
-    known = {env_name(name) for name in options()}
-    own = [name.upper() for name in (options() if names is None else names)]
-    lines = []
-    for name in sorted(n for n in env if n.upper().startswith(ENV_PREFIX) and n not in known):
-        rest = name[len(ENV_PREFIX) :].upper()  # the prefix would match them all
-        near = difflib.get_close_matches(rest, own, n=1)
-        hint = f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""
-        lines.append(f"{name} is not a Docker-ViT setting and is ignored{hint}")
-    return lines
-
-
 def env_name(name: str) -> str:
     return ENV_PREFIX + name.upper()
 
@@ -268,36 +221,6 @@ def flag_name(name: str) -> str:
     return options()[name].metadata.get("flag", "--" + name.replace("_", "-"))
 
 
-_BOOLEANS = {
-    "1": True,
-    "true": True,
-    "yes": True,
-    "on": True,
-    "0": False,
-    "false": False,
-    "no": False,
-    "off": False,
-}
-
-
 def any_case(spec: dataclasses.Field) -> bool:
     """A setting read in any case: a choice (`--log-level INFO`), or a device (`CPU`, `CUDA:0`)."""
     return bool(spec.metadata.get("choices") or spec.metadata.get("any_case"))
-
-
-def parse(spec: dataclasses.Field, raw: str) -> Any:
-    """Turn one environment string into the field's type, with a message naming the variable."""
-    kind = type(spec.default)
-    if kind is tuple:
-        parts = tuple(part.strip() for part in raw.split(",") if part.strip())
-        if not parts:  # say ",": read as "no API keys", it would switch the key check off unseen
-            raise ValueError(f"{env_name(spec.name)}={raw!r} holds no value")
-        return parts
-    try:
-        if kind is bool:
-            return _BOOLEANS[raw.strip().lower()]
-        if any_case(spec):
-            return raw.strip().lower()  # LOG_LEVEL=INFO means info
-        return kind(raw)
-    except (ValueError, KeyError):
-        raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

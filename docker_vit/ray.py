@@ -30,7 +30,8 @@ from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
 from docker_vit import logs
-from docker_vit.config import SERVING, Settings, options, parse
+from docker_vit.config import SERVING, Settings, options
+from docker_vit.environment import parse
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
 from docker_vit.naming import unflagged

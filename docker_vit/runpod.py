@@ -29,7 +29,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory, payloads
-from docker_vit.config import SERVING, Settings, unknown_variables
+from docker_vit.config import SERVING, Settings
+from docker_vit.environment import ignored_variables
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
@@ -174,7 +175,7 @@ def _worker() -> Worker:
     try:
         settings = Settings.load(None, SERVING)
         configure(settings.log_format, settings.log_level)
-        for line in unknown_variables(names=SERVING):
+        for line in ignored_variables(names=SERVING):
             logging.getLogger("docker_vit").warning(line)
         return Worker(settings)
     except (ValueError, TypeError, HandlerError) as exc:

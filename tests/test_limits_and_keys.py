@@ -487,7 +487,7 @@ def test_library_warnings_print_once_through_the_configured_format(capsys: pytes
 
 def test_a_server_with_only_the_clients_key_variable_set_is_warned_open() -> None:
     """`serve` and every Ray replica log it: the server reads DOCKER_VIT_API_KEYS, plural."""
-    from docker_vit.config import open_by_mistake
+    from docker_vit.environment import open_by_mistake
 
     env = {"DOCKER_VIT_API_KEY": "secret"}
     assert "DOCKER_VIT_API_KEYS: it is open to anyone" in (open_by_mistake(Settings(), env) or "")
@@ -508,26 +508,56 @@ def test_every_server_app_says_it_is_open_by_mistake(
 
 def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
     """`DOCKER_VIT_APIKEYS` would leave a server open without a word: every entry point says it."""
-    from docker_vit.config import env_name, options, unknown_variables
+    from docker_vit.config import env_name, options
+    from docker_vit.environment import ignored_variables
 
     env = {"DOCKER_VIT_APIKEYS": "k", "DOCKER_VIT_PORT": "9", "DOCKER_VIT_ZZZ": "", "OTHER_PORT": "1"}
-    assert unknown_variables(env) == [
+    assert ignored_variables(env) == [
         "DOCKER_VIT_APIKEYS is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_API_KEYS?)",
         "DOCKER_VIT_ZZZ is not a Docker-ViT setting and is ignored",
     ]
-    assert unknown_variables({name: "1" for name in map(env_name, options())}) == []
+    assert ignored_variables({name: "1" for name in map(env_name, options())}) == []
 
 
 def test_a_servers_misspelt_key_variable_is_pointed_at_its_own_setting() -> None:
     """Pointed at `caption`'s `DOCKER_VIT_API_KEY`, a server's operator would leave it open again; a
     name in lower case is read by no command, so it is said too."""
-    from docker_vit.config import SERVING, unknown_variables
+    from docker_vit.config import SERVING
+    from docker_vit.environment import ignored_variables
 
     env = {"DOCKER_VIT_APIKEY": "k", "docker_vit_api_keys": "k", "DOCKER_VIT_KEY": "k"}
-    assert unknown_variables(env, names=SERVING) == [
+    assert ignored_variables(env, names=SERVING) == [
         "DOCKER_VIT_APIKEY is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_API_KEYS?)",
         "DOCKER_VIT_KEY is not a Docker-ViT setting and is ignored",
         "docker_vit_api_keys is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_API_KEYS?)",
+    ]
+
+
+def test_kubernetes_service_links_set_nothing_and_stop_nothing() -> None:
+    """Every pod gets variables for each Service of its namespace: one named docker-vit gives
+    DOCKER_VIT_PORT=tcp://IP:PORT, which stopped `serve` as a port that is not a number."""
+    from docker_vit.config import SERVING, Settings
+    from docker_vit.environment import ignored_variables
+
+    env = {
+        "DOCKER_VIT_PORT": "tcp://10.0.0.11:8000",
+        "DOCKER_VIT_SERVICE_HOST": "10.0.0.11",
+        "DOCKER_VIT_SERVICE_PORT": "8000",
+        "DOCKER_VIT_SERVICE_PORT_HTTP": "8000",
+        "DOCKER_VIT_PORT_8000_TCP": "tcp://10.0.0.11:8000",
+        "DOCKER_VIT_PORT_8000_TCP_PROTO": "tcp",
+        "DOCKER_VIT_PORT_8000_TCP_PORT": "8000",
+        "DOCKER_VIT_PORT_8000_TCP_ADDR": "10.0.0.11",
+        "DOCKER_VIT_HEAD_SVC_PORT": "tcp://10.0.0.12:6379",  # KubeRay's docker-vit-head-svc
+        "DOCKER_VIT_SERVE_SVC_SERVICE_HOST": "10.0.0.13",
+        "DOCKER_VIT_MAX_BATCH": "8",  # a real mistake among them is still said
+    }
+    assert Settings.load(env, SERVING).port == 8000
+    assert Settings.load({**env, "DOCKER_VIT_PORT": "9000"}, SERVING).port == 9000
+    assert ignored_variables(env, names=SERVING) == [
+        "DOCKER_VIT_PORT='tcp://10.0.0.11:8000' is a Kubernetes service link (of a Service named "
+        "docker-vit), not a setting, and is ignored",
+        "DOCKER_VIT_MAX_BATCH is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_MAX_BATCH_SIZE?)",
     ]
 
 
@@ -545,7 +575,7 @@ def test_every_server_app_names_a_misspelt_variable(
 
 def test_an_empty_keys_variable_is_warned_open_and_keys_stay_out_of_reprs() -> None:
     """`DOCKER_VIT_API_KEYS=${SECRET}` with the secret unset leaves the server open: it says so."""
-    from docker_vit.config import open_by_mistake
+    from docker_vit.environment import open_by_mistake
 
     warned = open_by_mistake(Settings(), {"DOCKER_VIT_API_KEYS": ""}) or ""
     assert "DOCKER_VIT_API_KEYS is set but empty: the server is open to anyone" in warned

@@ -1,0 +1,113 @@
+"""The one module that reads the process's environment: `DOCKER_VIT_*` variables parsed into settings
+(what `Settings.load` and the commands' flags start from), and what a start warns of in it: a name
+that sets nothing (misspelt, or a Kubernetes service link), a server left open by mistake.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from docker_vit.config import ENV_PREFIX, Settings, any_case, env_name, options
+
+# What Kubernetes sets in every pod for each Service of its namespace (unless `enableServiceLinks:
+# false`): a Service named docker-vit gives DOCKER_VIT_SERVICE_HOST, DOCKER_VIT_PORT_8000_TCP_ADDR, ...
+# and DOCKER_VIT_PORT=tcp://10.0.0.11:8000, which would stop `serve` as a port that is not a number.
+_LINK_NAME = re.compile(
+    r"\w*_(SERVICE_HOST|SERVICE_PORT(_\w+)?|PORT_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)"
+)
+_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def service_link(name: str, value: str) -> bool:
+    """A variable Kubernetes set for a Service: it sets nothing here, whatever its name."""
+    return bool(_LINK_NAME.fullmatch(name) or (name.endswith("_PORT") and _LINK_VALUE.match(value)))
+
+
+def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, **overrides: Any) -> dict:
+    """The settings a variable (from `env`; None: this process's) or a flag sets, parsed: what differs
+    from "left at its default"."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, spec in options().items():
+        raw = env.get(env_name(name))
+        if raw and not service_link(env_name(name), raw) and (names is None or name in names):
+            values[name] = parse(spec, raw)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return values
+
+
+def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:
+    """A server with no keys whose environment (None: this process's) sets the client's key variable,
+    or sets its own to nothing: someone meant to lock it. What to warn, or None."""
+    env = os.environ if env is None else env
+    if settings.api_keys:
+        return None
+    if env.get(env_name("api_keys")) == "":  # a template's secret that resolved to nothing, say
+        return f"{env_name('api_keys')} is set but empty: the server is open to anyone"
+    if not env.get(env_name("api_key")):
+        return None
+    return (
+        f"{env_name('api_key')} is the client's key (caption --url); the server reads "
+        f"{env_name('api_keys')}: it is open to anyone"
+    )
+
+
+def ignored_variables(
+    env: Mapping[str, str] | None = None, names: Collection[str] | None = None
+) -> list[str]:
+    """A line for each `DOCKER_VIT_*` variable, in any case (from `env`; None: this process's), that
+    names no setting: a misspelt one (`DOCKER_VIT_APIKEYS`) would leave the default in force without a
+    word. `names`: the command's settings (None: all), the only ones a hint names (a server's
+    `DOCKER_VIT_APIKEY` means its own `API_KEYS`, not `caption`'s `API_KEY`, which would leave it open).
+    Kubernetes' service links are passed over, but for the one that takes a setting's name."""
+    env = os.environ if env is None else env
+    known = {env_name(name) for name in options()}
+    own = [name.upper() for name in (options() if names is None else names)]
+    lines = [
+        f"{name}={env[name]!r} is a Kubernetes service link (of a Service named docker-vit), not a "
+        f"setting, and is ignored"
+        for name in sorted(known & env.keys())
+        if service_link(name, env[name])
+    ]
+    unknown = (n for n in env if n.upper().startswith(ENV_PREFIX) and n not in known)
+    for name in sorted(n for n in unknown if not service_link(n, env[n])):
+        rest = name[len(ENV_PREFIX) :].upper()  # the prefix would match them all
+        near = difflib.get_close_matches(rest, own, n=1)
+        hint = f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""
+        lines.append(f"{name} is not a Docker-ViT setting and is ignored{hint}")
+    return lines
+
+
+_BOOLEANS = {
+    "1": True,
+    "true": True,
+    "yes": True,
+    "on": True,
+    "0": False,
+    "false": False,
+    "no": False,
+    "off": False,
+}
+
+
+def parse(spec: dataclasses.Field, raw: str) -> Any:
+    """Turn one environment string into the field's type, with a message naming the variable."""
+    kind = type(spec.default)
+    if kind is tuple:
+        parts = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if not parts:  # say ",": read as "no API keys", it would switch the key check off unseen
+            raise ValueError(f"{env_name(spec.name)}={raw!r} holds no value")
+        return parts
+    try:
+        if kind is bool:
+            return _BOOLEANS[raw.strip().lower()]
+        if any_case(spec):
+            return raw.strip().lower()  # LOG_LEVEL=INFO means info
+        return kind(raw)
+    except (ValueError, KeyError):
+        raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None
