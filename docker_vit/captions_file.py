@@ -171,7 +171,8 @@ def _maker(entry: Mapping[str, Any]) -> tuple[str, ...]:
 
 
 def _shown(maker: tuple[str, ...]) -> str:
-    return ", ".join(f"{name} {value}" for name, value in zip(CSV_COLUMNS[2:], maker, strict=True) if value)
+    said = ", ".join(f"{name} {value}" for name, value in zip(CSV_COLUMNS[2:], maker, strict=True) if value)
+    return said or "no model or options named"
 
 
 class _Lines:

@@ -166,6 +166,17 @@ def test_resuming_with_other_options_says_the_file_now_mixes_them(
     assert "(model digest, num_beams 2) are added beside them" in err
 
 
+def test_resuming_a_file_of_bare_records_names_what_they_lack(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "partial.jsonl"
+    out.write_text(json.dumps({"path": str(library / "b.png"), "caption": "x"}) + "\n")
+    cli.main(["caption", str(library), "--output", str(out), *DIGEST])
+    assert f"{out} holds captions made otherwise (no model or options named); this run's" in (
+        capsys.readouterr().err
+    )
+
+
 def test_resume_knows_a_file_named_otherwise(
     library: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
