@@ -56,9 +56,9 @@ def test_the_server_and_adapters_know_the_interface_not_the_captioner() -> None:
     assert "docker_vit.captioner" not in imported(INTERFACE_ONLY)
 
 
-def test_only_config_reads_the_environment() -> None:
+def test_only_the_environment_module_reads_the_environment() -> None:
     # images.py *sets* one decoder knob (libtiff's scan limit) for every caller; no module reads one
     reads = re.compile(r"os\.environ(?!\.setdefault\(\"LIBTIFF_)|getenv\(")
     package = Path(docker_vit.__file__).parent
     readers = [path.name for path in package.glob("*.py") if reads.search(path.read_text())]
-    assert readers == ["config.py"]
+    assert readers == ["environment.py"]
