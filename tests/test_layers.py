@@ -1,6 +1,6 @@
 """The layering the code keeps: the web layer imports no torch, the model path and the Runpod worker no
 web framework, the server and its adapters know the handler interface and never the captioner, and
-only config.py reads the environment. Each layer is imported in a fresh interpreter: importing several
+only environment.py reads the environment. Each layer is imported in a fresh interpreter: importing several
 modules together loads whatever any one of them loads, so one interpreter a layer checks each."""
 
 from __future__ import annotations
