@@ -116,11 +116,12 @@ def _add_settings(
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
     # Until the server runs, a stop has nothing to drain. As PID 1 in a container a process without a
     # handler never sees SIGTERM, and a stop during start-up would wait for the runtime's SIGKILL.
-    from docker_vit.process import Terminated, exit_now, terminate
+    from docker_vit.process import Terminated, exit_now, raise_if_terminated, terminate
 
     signal.signal(signal.SIGTERM, terminate)
     try:
         server, service = _server(settings)
+        raise_if_terminated()  # a SIGTERM whose raise went astray (a weakref callback dropped it)
     except Terminated:
         return 0
     from docker_vit.service import FAILED  # imported by now, with the app

@@ -9,6 +9,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 from typing import NoReturn
 
 
@@ -25,9 +26,21 @@ class Terminated(BaseException):
     which must not join the loading thread) would let one pass."""
 
 
+_terminated = threading.Event()
+
+
 def terminate(signum: int, frame: object) -> NoReturn:
-    """The SIGTERM handler of a process that does not serve yet."""
+    """The SIGTERM handler of a process that does not serve yet. Also remembered: a signal that lands
+    while the main thread runs a weakref callback or a `__del__` raises there, where Python prints the
+    exception and drops it, and the stop would be lost (`raise_if_terminated`)."""
+    _terminated.set()
     raise Terminated
+
+
+def raise_if_terminated() -> None:
+    """Raise Terminated if `terminate` ran, though its own raise went astray: what a wait checks."""
+    if _terminated.is_set():
+        raise Terminated
 
 
 def cpu_threads() -> int:

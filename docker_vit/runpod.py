@@ -35,7 +35,7 @@ from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
 from docker_vit.logs import configure
 from docker_vit.naming import named
-from docker_vit.process import Terminated, exit_now, terminate
+from docker_vit.process import Terminated, exit_now, raise_if_terminated, terminate
 from docker_vit.service import FAILED, Service
 
 
@@ -55,7 +55,11 @@ class Worker:
         """Block until the model is loaded and warm (True) or has failed to load (False)."""
         settled = self._submit(self.service.settled())
         try:
-            return settled.result()
+            while True:
+                try:
+                    return settled.result(timeout=0.5)
+                except concurrent.futures.TimeoutError:
+                    raise_if_terminated()  # a SIGTERM whose raise a weakref callback swallowed
         finally:
             settled.cancel()  # after Ctrl-C: nothing left pending on the loop
 

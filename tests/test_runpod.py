@@ -482,6 +482,26 @@ def test_a_lost_device_asks_runpod_for_another_worker():
         worker.close()
 
 
+def test_a_sigterm_whose_raise_went_astray_still_ends_the_wait_for_the_load(monkeypatch) -> None:
+    """A signal that lands in a weakref callback raises there, and Python drops the exception: the
+    stop must not wait for the whole load (seen once in a suite run, 30 s of a slow load)."""
+    from fake_handlers import DescribesItsModel
+
+    from docker_vit import process
+
+    monkeypatch.setattr(process, "_terminated", threading.Event())
+    with pytest.raises(process.Terminated):
+        process.terminate(signal.SIGTERM, None)  # raised, as it would be into a callback that drops it
+    DescribesItsModel.loaded.clear()
+    worker = Worker(Settings(), DescribesItsModel(Settings()))
+    try:
+        with pytest.raises(process.Terminated):
+            worker.wait_ready()  # the load still waits for `loaded`
+    finally:
+        DescribesItsModel.loaded.set()
+        worker.close()
+
+
 def test_a_handler_breaking_the_interface_is_answered_as_the_server_answers_it():
     from fake_handlers import Misbehaving
 
