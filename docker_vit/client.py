@@ -43,6 +43,7 @@ ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connec
 BUSY_WAIT = 600.0  # seconds an image keeps being offered to a server answering 503 (queue full) or 429
 MAX_DELAY = 30.0  # seconds, the longest wait between two tries, whatever Retry-After says
 TIMEOUT = 300.0  # seconds for one request: the server's own request_timeout answers long before
+MARGIN = 30.0  # seconds past a server's own longer request_timeout (its /v1/model says) for one request
 READY_WAIT = 600.0  # seconds to wait for a server that is still loading its model
 FATAL = (401, 403, 404, 405, 422, 501)  # every other image would get the same answer
 
@@ -108,7 +109,12 @@ class RemoteRunner:
             self.recorded = {**generation_defaults(model), **self.params}
         else:  # a server that won't say its defaults gets ours, so that records stay true
             self.params = self.recorded = dict(params)
-        limit = model.get("limits", {}).get("max_bytes") if isinstance(model.get("limits"), dict) else None
+        limits = model.get("limits") if isinstance(model.get("limits"), dict) else {}
+        # a server that may take longer than TIMEOUT answers its own 504 (a skip), not our timeout (an end)
+        served = limits.get("request_timeout")
+        usable = isinstance(served, int | float) and not isinstance(served, bool) and 0 < served < 86_400
+        self.timeout = max(TIMEOUT, served + MARGIN) if usable else TIMEOUT
+        limit = limits.get("max_bytes")
         # the server's limit holds; one of this run's own (a flag, a variable) holds where it is lower
         lower = "max_bytes" in chosen and (not isinstance(limit, int) or settings.max_bytes < limit)
         self.servers_limit = isinstance(limit, int) and limit > 0 and not lower
@@ -146,7 +152,7 @@ class RemoteRunner:
                 method="POST",
             )
             try:
-                with _open(request, timeout=TIMEOUT) as response:
+                with _open(request, timeout=self.timeout) as response:
                     return self._captions(response.read())
             except urllib.error.HTTPError as exc:
                 if redirect := _redirected(exc, self.url):

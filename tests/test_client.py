@@ -389,9 +389,15 @@ def test_a_proxys_502_is_retried_saying_so_once(tmp_path: Path, capsys: pytest.C
 
 class _Hangs(_Flaky):
     """A server up and answering, on which one image (a file holding `HANG`) always times out, after
-    `after` seconds."""
+    `after` seconds; its /v1/model says its request timeout is that long."""
 
     after = 0.0
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/model":
+            self._answer(200, {"model": "stub", "limits": {"request_timeout": _Hangs.after}})
+        else:
+            super().do_GET()
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -404,13 +410,25 @@ class _Hangs(_Flaky):
             self._caption()
 
 
-@pytest.mark.parametrize("slow", [False, True])  # tries spent, or time: a 504 after a long request timeout
+@pytest.mark.parametrize(
+    ("after", "changed"),
+    [
+        (0.0, {"ATTEMPTS": 2}),  # its tries spent
+        (0.3, {"BUSY_WAIT": 0.5}),  # its time spent: 504s behind a long request timeout
+        (0.5, {"BUSY_WAIT": 1.0, "TIMEOUT": 0.3, "MARGIN": 0.2}),  # one past the client's own timeout
+    ],
+)
 def test_an_image_the_server_keeps_timing_out_on_is_skipped_and_the_run_goes_on(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, slow: bool
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    after: float,
+    changed: dict,
 ) -> None:
     """A rerun would meet the same image first: ending the run there, no run could ever pass it."""
-    monkeypatch.setattr(_Hangs, "after", 0.3 if slow else 0.0)
-    monkeypatch.setattr(client, "BUSY_WAIT" if slow else "ATTEMPTS", 0.5 if slow else 2)
+    monkeypatch.setattr(_Hangs, "after", after)
+    for name, value in changed.items():
+        monkeypatch.setattr(client, name, value)
     for name, text in (("a.jpg", b"one"), ("h.jpg", b"HANG"), ("b.jpg", b"two")):
         (tmp_path / name).write_bytes(text)
     out = tmp_path / "o.jsonl"
