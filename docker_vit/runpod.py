@@ -56,10 +56,10 @@ class Worker:
         settled = self._submit(self.service.settled())
         try:
             while True:
-                try:
-                    return settled.result(timeout=0.5)
-                except concurrent.futures.TimeoutError:
-                    raise_if_terminated()  # a SIGTERM whose raise a weakref callback swallowed
+                done = concurrent.futures.wait([settled], timeout=0.5).done
+                raise_if_terminated()  # a SIGTERM whose raise went astray, in the worker's start or here
+                if done:
+                    return settled.result()
         finally:
             settled.cancel()  # after Ctrl-C: nothing left pending on the loop
 

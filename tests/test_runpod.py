@@ -500,6 +500,14 @@ def test_a_sigterm_whose_raise_went_astray_still_ends_the_wait_for_the_load(monk
     finally:
         DescribesItsModel.loaded.set()
         worker.close()
+    from fake_handlers import Echo
+
+    worker = Worker(Settings(), Echo(Settings()))
+    try:
+        with pytest.raises(process.Terminated):  # a load that ends within the first look at it
+            worker.wait_ready()
+    finally:
+        worker.close()
 
 
 def test_a_handler_breaking_the_interface_is_answered_as_the_server_answers_it():
