@@ -548,8 +548,6 @@ def test_kubernetes_service_links_set_nothing_and_stop_nothing() -> None:
         "DOCKER_VIT_PORT_8000_TCP_PROTO": "tcp",
         "DOCKER_VIT_PORT_8000_TCP_PORT": "8000",
         "DOCKER_VIT_PORT_8000_TCP_ADDR": "10.0.0.11",
-        "DOCKER_VIT_HEAD_SVC_PORT": "tcp://10.0.0.12:6379",  # KubeRay's docker-vit-head-svc
-        "DOCKER_VIT_SERVE_SVC_SERVICE_HOST": "10.0.0.13",
         "DOCKER_VIT_MAX_BATCH": "8",  # a real mistake among them is still said
     }
     assert Settings.load(env, SERVING).port == 8000
@@ -559,6 +557,17 @@ def test_kubernetes_service_links_set_nothing_and_stop_nothing() -> None:
         "docker-vit), not a setting, and is ignored",
         "DOCKER_VIT_MAX_BATCH is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_MAX_BATCH_SIZE?)",
     ]
+    kuberay = {  # a pod beside KubeRay's docker-vit-head-svc, and no Service named docker-vit
+        "DOCKER_VIT_HEAD_SVC_SERVICE_HOST": "10.0.0.12",
+        "DOCKER_VIT_HEAD_SVC_SERVICE_PORT": "6379",
+        "DOCKER_VIT_HEAD_SVC_SERVICE_PORT_GCS": "6379",
+        "DOCKER_VIT_HEAD_SVC_PORT": "tcp://10.0.0.12:6379",
+        "DOCKER_VIT_HEAD_SVC_PORT_6379_TCP_ADDR": "10.0.0.12",
+    }
+    assert ignored_variables(kuberay, names=SERVING) == []
+    guess = "DOCKER_VIT_SERVICE_PORT is not a Docker-ViT setting and is ignored"  # no Service beside it
+    assert ignored_variables({"DOCKER_VIT_SERVICE_PORT": "9000"}, names=SERVING) == [guess]
+    assert ignored_variables({"DOCKER_VIT_PORT": "tcp://10.0.0.11:8000"}, names=["model"]) == []  # caption
 
 
 def test_every_server_app_names_a_misspelt_variable(
