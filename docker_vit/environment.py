@@ -28,12 +28,12 @@ def service_link(name: str, value: str) -> bool:
     return bool(_LINK_NAME.fullmatch(name) or (name.endswith("_PORT") and _LINK_VALUE.match(value)))
 
 
-def _linked(name: str, env: Mapping[str, str]) -> bool:
-    """A service link beside its Service's host and port, as Kubernetes always sets them: a lone
+def _links(env: Mapping[str, str]) -> set[str]:
+    """The service links beside their Service's host and port, as Kubernetes always sets them: a lone
     `DOCKER_VIT_SERVICE_PORT=9000` is someone's guess at the port setting, and is said."""
-    services = {n.removesuffix("_SERVICE_HOST") for n in env if n.endswith("_SERVICE_HOST")}
-    services = {s for s in services if f"{s}_SERVICE_PORT" in env}
-    return service_link(name, env[name]) and any(name.startswith(f"{s}_") for s in services)
+    hosts = {n.removesuffix("_SERVICE_HOST") for n in env if n.endswith("_SERVICE_HOST")}
+    services = tuple(f"{s}_" for s in hosts if f"{s}_SERVICE_PORT" in env)
+    return {n for n in env if n.startswith(services) and service_link(n, env[n])}
 
 
 def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, **overrides: Any) -> dict:
@@ -82,8 +82,8 @@ def ignored_variables(
         for name in sorted(known & env.keys())
         if service_link(name, env[name]) and name[len(ENV_PREFIX) :] in own  # a setting it reads
     ]
-    unknown = (n for n in env if n.upper().startswith(ENV_PREFIX) and n not in known)
-    for name in sorted(n for n in unknown if not _linked(n, env)):
+    unknown = {n for n in env if n.upper().startswith(ENV_PREFIX)} - known - _links(env)
+    for name in sorted(unknown):
         rest = name[len(ENV_PREFIX) :].upper()  # the prefix would match them all
         near = difflib.get_close_matches(rest, own, n=1)
         hint = f" (did you mean {ENV_PREFIX}{near[0]}?)" if near else ""
