@@ -129,7 +129,9 @@ class LocalRunner:
         results = self._results(items)
         self._give_up_on_a_broken_model(broke + results)
         for outcome, result in zip(ready, results, strict=True):
-            if isinstance(result, Exception):
+            if isinstance(result, _NotRun):
+                outcome.error = str(result)
+            elif isinstance(result, Exception):
                 outcome.error = f"the model failed: {type(result).__name__}: {result}"
             else:
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
@@ -170,7 +172,7 @@ class LocalRunner:
         if not items:
             return []
         if self.lost is not None:  # the other half of a split batch, after the first lost the device
-            return [_Failed(self.lost)] * len(items)
+            return [_Failed(_NotRun("not run: the device failed before its turn"))] * len(items)
         try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
             return predict_all(self.handler, items, self.options)
         except Exception as exc:
@@ -191,6 +193,11 @@ class _Failed(Exception):
     def __init__(self, error: Exception) -> None:
         super().__init__(error)
         self.error = error
+
+
+class _NotRun(Exception):
+    """An item of a split batch's other half once the device was lost: the model never saw it, so its
+    line must not say the model failed on it."""
 
 
 def _respond(handler: Any, output: Any) -> Result | Exception:

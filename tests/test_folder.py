@@ -768,10 +768,10 @@ def test_a_device_that_fails_for_good_ends_the_run_at_its_first_batch(
 
 
 @pytest.mark.parametrize(
-    ("fatal", "batch", "written", "calls"),
+    ("fatal", "batch", "written", "calls", "unseen"),
     [
-        ("03.png", "4", ["01.png", "02.png"], [4, 2, 2]),  # out of memory; the half that ran stands
-        ("01.png", "4", [], [4, 2]),  # out of memory, then its first half loses the device: no second
+        ("03.png", "4", ["01.png", "02.png"], [4, 2, 2], []),  # out of memory; the half that ran stands
+        ("01.png", "4", [], [4, 2], ["03.png", "04.png"]),  # then its first half loses the device
     ],
 )
 def test_a_lost_device_ends_the_run_after_its_batch_with_no_call_on_the_dead_device(
@@ -781,6 +781,7 @@ def test_a_lost_device_ends_the_run_after_its_batch_with_no_call_on_the_dead_dev
     batch: str,
     written: list[str],
     calls: list[int],
+    unseen: list[str],
 ) -> None:
     for index in range(1, 6):
         picture(tmp_path / "photos" / f"{index:02}.png", 40 * index)
@@ -793,9 +794,12 @@ def test_a_lost_device_ends_the_run_after_its_batch_with_no_call_on_the_dead_dev
         assert cli.main([*command, "--max-batch-size", batch]) == 1
     finally:
         LostLater.fatal, LostLater.lost = set(), False
-    assert "the device failed: RuntimeError: CUDA error: an illegal memory access" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the device failed: RuntimeError: CUDA error: an illegal memory access" in err
     assert [Path(entry["path"]).name for entry in lines(out)] == written
     assert Digest.batches == calls
+    for name in unseen:  # the other half: the model never saw it
+        assert f"{name}: not run: the device failed before its turn" in err
 
 
 def test_a_respond_bug_is_not_retried_in_halves(
