@@ -141,9 +141,7 @@ class LocalRunner:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken
         (a wrong device, an out-of-memory at any size): end the run after this batch rather than retry
         every image."""
-        lost = [result for result in results if isinstance(result, Exception) and device_lost(result)]
-        if lost:  # every later call on this device would fail too
-            self.lost = self.lost or lost[0]
+        if self.lost is not None:  # `predict` lost the device: every later call on it would fail too
             self.ends = f"the device failed: {type(self.lost).__name__}: {self.lost}"
             return
         if not results or not all(isinstance(result, Exception) for result in results):

@@ -94,6 +94,19 @@ class LostLater(Digest):
         return super().predict(items, options)
 
 
+class PrepareSaysCuda(Digest):
+    """`prepare` (on the CPU) fails on the picture whose digest is in `fatal` with words that name
+    CUDA: a lost device is `predict`'s to tell, as on a server."""
+
+    fatal: ClassVar[set[str]] = set()
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        item = super().prepare(data, options)
+        if item in PrepareSaysCuda.fatal:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return item
+
+
 class Strict(Digest):
     """Says nothing of its option names, and refuses any field it does not know."""
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import finished, killed_after, photo
-from folder_handlers import Digest, Fussy, LostLater
+from folder_handlers import Digest, Fussy, LostLater, PrepareSaysCuda
 from PIL import Image
 
 from docker_vit import cli
@@ -800,6 +800,27 @@ def test_a_lost_device_ends_the_run_after_its_batch_with_no_call_on_the_dead_dev
     assert Digest.batches == calls
     for name in unseen:  # the other half: the model never saw it
         assert f"{name}: not run: the device failed before its turn" in err
+
+
+def test_only_predict_tells_that_the_device_was_lost(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """CUDA's words from `prepare` skip that image; the run goes on, as a server answers it 500."""
+    PrepareSaysCuda.fatal = {PrepareSaysCuda(Settings()).prepare((library / "b.png").read_bytes(), None)}
+    out = tmp_path / "out.jsonl"
+    command = ["caption", str(library), "-o", str(out), "--handler", "folder_handlers:PrepareSaysCuda"]
+    try:
+        assert cli.main([*command, "--max-batch-size", "2"]) == 1
+    finally:
+        PrepareSaysCuda.fatal = set()
+    err = capsys.readouterr().err
+    assert "the device failed" not in err and "b.png: the model failed: RuntimeError: CUDA error" in err
+    assert sorted(Path(entry["path"]).name for entry in lines(out)) == [
+        "a.JPG",
+        "beach.webp",
+        "c.gif",
+        "last.bmp",
+    ]
 
 
 def test_a_respond_bug_is_not_retried_in_halves(
