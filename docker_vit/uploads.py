@@ -67,7 +67,8 @@ async def read_inputs(
 async def _read_form(request: Request, most: int, first_only: bool) -> tuple[list[bytes], dict[str, str]]:
     """The form's `file` parts (at most `most`, or only the first is kept) and its other fields. File
     parts under other names are ignored, not counted as images. Starlette has parsed the whole form
-    by then (bounded by the body limit and MAX_FORM_FILES)."""
+    by then (bounded by the body limit and MAX_FORM_FILES); it keeps a file part past 1 MiB in a
+    temporary file, so a full disk is the server's want of room, for the client to retry (503)."""
     try:
         form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
     except HTTPException as exc:
@@ -79,6 +80,8 @@ async def _read_form(request: Request, most: int, first_only: bool) -> tuple[lis
         if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MiB
             raise errors.ApiError(413, f"a form field that is not a file is over 1 MiB: {detail}") from None
         raise errors.ApiError(400, f"malformed multipart body: {detail}") from None
+    except OSError as exc:
+        raise _no_room(exc) from None
     try:
         files = [item for item in form.getlist("file") if isinstance(item, UploadFile)]
         if first_only:
@@ -87,8 +90,16 @@ async def _read_form(request: Request, most: int, first_only: bool) -> tuple[lis
             payloads.count_images(len(files), most)
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return [await upload.read() for upload in files], fields
+    except OSError as exc:
+        raise _no_room(exc) from None
     finally:
         await form.close()
+
+
+def _no_room(exc: OSError) -> errors.ApiError:
+    reason = exc.strerror or type(exc).__name__  # never the temporary file's name
+    message = f"the server cannot hold this upload now ({reason}); try again later"
+    return errors.ApiError(503, message, "overloaded", headers={**errors.CLOSE, "Retry-After": "5"})
 
 
 async def _read_image_body(request: Request, max_bytes: int) -> bytes:

@@ -77,6 +77,25 @@ def test_form_fields_past_starlettes_bounds_are_413() -> None:
         )
 
 
+def test_a_full_disk_under_a_multipart_upload_is_503_to_retry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette keeps a file part past 1 MiB in a temporary file: a disk with no room is no 500."""
+    from starlette.datastructures import UploadFile
+
+    async def full(self, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+    settings = Settings()
+    with serving(settings, Pictures(settings)) as client:
+        assert client.post("/", files={"file": png()}).text == "16x16"
+        monkeypatch.setattr(UploadFile, "write", full)
+        for route in ("/", "/v1/captions"):
+            answer = client.post(route, files={"file": png()})
+            error = assert_error(answer, 503, "overloaded")
+            assert "No space left on device" in error["message"] and answer.headers["retry-after"] == "5"
+        monkeypatch.undo()
+        assert client.post("/", files={"file": png()}).text == "16x16"  # the server goes on
+
+
 def test_declared_and_streamed_bodies_over_the_limit_are_413_and_close() -> None:
     settings = Settings(max_bytes=1_000, max_images=1)  # body limit: 1_000 * 4 // 3 + 1_000_000
     with serving(settings, Echo(settings)) as client:
