@@ -11,6 +11,7 @@ not (skipped with a warning, or the run stopped on an error: rerun to retry them
 
 from __future__ import annotations
 
+import codecs
 import csv
 import io
 import os
@@ -262,7 +263,10 @@ class _Stdout:
         self.done: set[str] = set()
         self.with_path = len(images) > 1 or any(os.path.isdir(path) for path in paths)
         if isinstance(sys.stdout, io.TextIOWrapper):  # a name that is not UTF-8 goes out as its bytes,
-            sys.stdout.reconfigure(errors="surrogateescape")  # as in an output file, not as an error
+            # as in an output file, not as an error; where stdout is not UTF-8 (a Windows redirect, a
+            # legacy locale), what its encoding lacks is written escaped, never the end of the run
+            utf8 = codecs.lookup(sys.stdout.encoding).name == "utf-8"
+            sys.stdout.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
         if self.format == "csv":
             csv.writer(sys.stdout, lineterminator="\n").writerow(CSV_COLUMNS)
 
