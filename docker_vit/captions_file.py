@@ -70,10 +70,12 @@ class CaptionsFile:
         self.format = fmt
         self.warn = warn
         self.makers: set[tuple[str, ...]] = set()  # (model, num_beams, max_new_tokens) of its records
+        if os.path.exists(path):  # a pipe (-o /dev/stdout | ...) would fail to open with a stranger error
+            self._check_kind(os.stat(path).st_mode)
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header
         try:
-            self._check_kind()
+            self._check_kind(os.fstat(self._file.fileno()).st_mode)
             self._lock()
             self.done = self._resume()
         except BaseException:
@@ -114,9 +116,8 @@ class CaptionsFile:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_kind(self) -> None:
+    def _check_kind(self, mode: int) -> None:
         """A file, or /dev/null: resuming reads the output, and a device such as /dev/zero never ends."""
-        mode = os.fstat(self._file.fileno()).st_mode
         if not stat.S_ISREG(mode) and os.path.realpath(self.path) != os.devnull:
             raise CaptionsFileError("not a regular file (for captions on stdout: -o - or no -o)")
 

@@ -640,6 +640,15 @@ def test_a_record_cut_anywhere_is_dropped_without_leaving_a_blank_line(tmp_path:
     assert path.read_text() == '{"path": "a.png", "caption": "x"}\n{"path": "b.png", "caption": "y"}\n'
 
 
+def test_an_output_that_is_a_pipe_is_refused_with_the_hint(library: Path, tmp_path: Path) -> None:
+    """`-o /dev/stdout | cat`: a pipe cannot be opened for appending and reading; the hint still shows."""
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(library), "-o", "/dev/stdout", *DIGEST]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert "cannot use /dev/stdout: not a regular file (for captions on stdout: -o - or no -o)" in done.stderr
+
+
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/full"])
 def test_an_output_that_is_a_device_is_refused(library: Path, device: str, capsys) -> None:
     """Resuming reads the output first, and /dev/zero never ends: refused before reading."""
