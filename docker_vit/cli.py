@@ -40,6 +40,7 @@ if TYPE_CHECKING:  # imported where used: `caption` and `download` start without
 # Model settings a `caption --url` run leaves to the server (it sends only the generation options;
 # the server's byte limit holds, or a lower --max-bytes given to the run, or the default where it says none)
 LOCAL_ONLY = set(names_of(MODEL)) - {*GENERATION, "max_bytes"}
+REMOTE_ONLY = set(names_of(CLIENT)) - {"url"}  # --api-key, --concurrency: a forgotten --url loads a model
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +194,9 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
             f"docker-vit: {', '.join(ignored)} ignored with --url: the server's own settings apply",
             file=sys.stderr,
         )
+    remote = sorted(flag_name(name) for name in args.flagged & REMOTE_ONLY)
+    if not settings.url and remote:
+        print(f"docker-vit: {', '.join(remote)} ignored without --url: the model runs here", file=sys.stderr)
     previous = _set_sigterm(stop)
     try:
         code = folder.caption(settings, args.paths, args.chosen)

@@ -514,6 +514,15 @@ def test_model_flags_that_url_leaves_to_the_server_are_said_to_be_ignored(
     assert "--max-batch-size, --model ignored with --url" in err and "--device" not in err
 
 
+def test_client_flags_without_url_are_said_to_be_ignored(capsys: pytest.CaptureFixture) -> None:
+    """A forgotten --url loads a model here: the key and concurrency given for a server say so."""
+    command = ["caption", str(photo("coffee.jpg")), "--handler", "folder_handlers:Digest"]
+    assert cli.main([*command, "--api-key", "k", "--concurrency", "3"]) == 0
+    assert "--api-key, --concurrency ignored without --url: the model runs here" in capsys.readouterr().err
+    assert cli.main(command) == 0
+    assert "ignored" not in capsys.readouterr().err
+
+
 class _Loading(_Flaky):
     """Loading its model at the first look, ready at the second; then captions."""
 
