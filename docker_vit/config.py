@@ -152,6 +152,10 @@ class Settings:
         # HTTP carries other characters only as Latin-1 (no match), and blanks at either end are not sent
         if any(not TOKEN.fullmatch(key) for key in self.api_keys):
             raise ValueError("api_keys holds a key that is not printable ASCII or has blanks at either end")
+        if self.url and _user_info(self.url):  # never echoed: it may hold a password
+            raise ValueError(
+                "url cannot hold a user or password (user:pw@): send a key with --api-key instead"
+            )
         if self.url and not _http_url(self.url):
             raise ValueError(
                 f"url must be http:// or https://, a host and an optional path (no query), got {self.url!r}"
@@ -211,6 +215,12 @@ def _http_url(url: str) -> bool:
     # the routes are joined to its path: a query or fragment would end up before them
     plain = not (parts.query or parts.fragment or "?" in url or "#" in url)
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and plain
+
+
+def _user_info(url: str) -> str:
+    """What stands before an `@` in the URL's host part: urllib would take it for the host's name."""
+    authority = url.partition("//")[2].partition("/")[0]
+    return authority.rpartition("@")[0]
 
 
 def env_name(name: str) -> str:

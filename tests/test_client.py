@@ -243,6 +243,13 @@ def test_a_bad_url_stops_before_anything_with_one_line(
         assert "--url (DOCKER_VIT_URL) must be http:// or https://, a host" in capsys.readouterr().err
 
 
+def test_a_url_with_a_password_is_refused_without_echoing_it(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["caption", "x.jpg", "--url", "http://ann:hunter2@127.0.0.1:9401/"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "cannot hold a user or password" in err and "hunter2" not in err
+
+
 def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
