@@ -62,10 +62,10 @@ class Settings:
     max_bytes: int = _opt(20_000_000, "largest accepted image, in bytes", MODEL)
     max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
     jpeg_draft: bool = _opt(
-        True,
-        "decode big JPEGs at a reduced scale that divides both sides, keeping at least 1024 px a side "
-        "(vit-gpt2: those of 2048 px or more) before the model's resize; --no-jpeg-draft decodes every "
-        "image whole, as the model's own processor would",
+        False,
+        "decode JPEGs of 2048 px or more a side at a reduced scale that divides both sides, keeping at "
+        "least 1024 px, before the model's resize: faster, but a caption near a tie can change, so off "
+        "by default (every image decoded whole, as the model's own processor and the original do)",
         MODEL,
     )
 

@@ -191,10 +191,10 @@ def test_photos_are_decoded_whole_unless_far_larger_than_any_model_input(
     git_dir: Path, bulldog: bytes
 ) -> None:
     """Parity with the model's own processor holds for ordinary photos, even for a 64-px model; the
-    JPEG draft only touches images of 2048 px and more, and --no-jpeg-draft turns it off."""
+    JPEG draft (opt-in: --jpeg-draft) only touches images of 2048 px and more."""
     exact, drafted = (
-        Captioner(Settings(model=str(git_dir), jpeg_draft=False)),
         Captioner(Settings(model=str(git_dir))),
+        Captioner(Settings(model=str(git_dir), jpeg_draft=True)),
     )
     exact.load()
     drafted.engine = exact.engine
