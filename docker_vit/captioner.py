@@ -120,6 +120,7 @@ class Captioner(Handler):
         return Result(text=self.engine.text(output))
 
 
+MAX_DIGITS = 100  # Python refuses to read past 4,300 digits; no count needs a hundred
 _INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # as a form or query field writes one: "4", " 04", "+4"
 
 
@@ -127,6 +128,10 @@ def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int
     value = raw.get(name)
     if value is None or value == "":
         return default
+    if isinstance(value, str) and len(value) > MAX_DIGITS and _INTEGER.fullmatch(value):  # int() refuses
+        raise OptionsError(
+            f"{name} must be between 1 and {limit}, got a number of {len(value.strip())} characters"
+        )
     try:
         number = int(value)
         # JSON's 2.0 is a count (a client computed it as a float; pydantic takes it too); 2.5, true,

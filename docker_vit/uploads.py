@@ -50,7 +50,7 @@ async def read_inputs(
         inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
         options.update(fields)
     else:
-        raise errors.ApiError(400, _unreadable(content_type, json_allowed))
+        raise errors.ApiError(400, _unreadable(request.headers.get("content-type"), json_allowed))
     if not inputs:
         how = {
             "multipart/form-data": "as a file in the multipart field 'file' (curl -F file=@image.jpg)",
@@ -120,11 +120,15 @@ async def _read_image_body(request: Request, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _unreadable(content_type: str, json_allowed: bool) -> str:
+def _unreadable(content_type: str | None, json_allowed: bool) -> str:
     """What a body of another type should be, naming the type it has: `curl -d '{"images": ...}'`
     sends a form, and its sender believes it sent JSON."""
-    got = f"a body of type {content_type[:100]!r}" if content_type else "a body with no Content-Type"
-    json_too = ", JSON {'images': [...]} (Content-Type: application/json)" if json_allowed else ""
+    got = (
+        f"a body of type {content_type[:100]!r}"
+        if content_type is not None
+        else "a body with no Content-Type"
+    )
+    json_too = ', JSON {"images": [...]} (Content-Type: application/json)' if json_allowed else ""
     either = "an image/* or application/octet-stream body"
     return f"{got} holds no image: send it as multipart field 'file'{json_too}, or {either}"
 

@@ -112,6 +112,16 @@ def test_bad_parameters_are_422(client, query) -> None:
     assert response.json()["error"]["type"] == "invalid_parameters"
 
 
+def test_a_count_of_thousands_of_digits_is_out_of_range_not_unreadable(client) -> None:
+    """Python reads no integer past 4,300 digits; the number is still a number, and too big."""
+    response = client.post(f"/v1/captions?num_beams={'9' * 5000}", files={"file": png()})
+    assert response.status_code == 422
+    assert (
+        response.json()["error"]["message"]
+        == "num_beams must be between 1 and 8, got a number of 5000 characters"
+    )
+
+
 @pytest.mark.parametrize("query", ["num_beams=04", "num_beams=%2B4", "num_beams=%204%20"])
 def test_integers_written_otherwise_are_integers(client, query) -> None:
     assert client.post(f"/v1/captions?{query}", files={"file": png()}).status_code == 200
@@ -163,7 +173,10 @@ def test_a_body_of_the_wrong_type_or_broken_json_says_what_it_got(client) -> Non
     form = {"content-type": "application/x-www-form-urlencoded"}
     said = assert_error(client.post("/v1/captions", content=b'{"images": []}', headers=form), 400)["message"]
     assert said.startswith("a body of type 'application/x-www-form-urlencoded' holds no image")
-    assert "(Content-Type: application/json)" in said
+    assert 'JSON {"images": [...]} (Content-Type: application/json)' in said
+    garbage = {"content-type": ';;;="'}  # a header was sent: it is named, not said to be missing
+    said = assert_error(client.post("/v1/captions", content=b"x", headers=garbage), 400)["message"]
+    assert said.startswith("a body of type ';;;=\"' holds no image")
     said = assert_error(client.post("/", content=b"x", headers=form), 400)["message"]
     assert "JSON" not in said and "multipart field 'file'" in said  # the original route takes no JSON
     wrapped = b'{"images": ["iVBORw0KGgo\nAAAA"]}'
