@@ -640,6 +640,19 @@ def test_a_record_cut_anywhere_is_dropped_without_leaving_a_blank_line(tmp_path:
     assert path.read_text() == '{"path": "a.png", "caption": "x"}\n{"path": "b.png", "caption": "y"}\n'
 
 
+def test_a_resume_from_the_folder_below_finds_the_records_by_the_output_files_folder(
+    library: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`caption photos -o out.jsonl`, then `cd photos; caption . -o ../out.jsonl`: nothing twice."""
+    monkeypatch.chdir(library.parent)
+    assert cli.main(["caption", "photos", "-o", "out.jsonl", *DIGEST]) == 1  # broken.jpg
+    monkeypatch.chdir(library)
+    Digest.batches.clear()
+    assert cli.main(["caption", ".", "-o", "../out.jsonl", *DIGEST]) == 1
+    entries = lines(library.parent / "out.jsonl")
+    assert len(entries) == 5 and Digest.batches == [] and entries[0]["path"].startswith("photos/")
+
+
 def test_an_output_that_is_a_pipe_is_refused_with_the_hint(library: Path, tmp_path: Path) -> None:
     """`-o /dev/stdout | cat`: a pipe cannot be opened for appending and reading; the hint still shows."""
     command = [sys.executable, "-m", "docker_vit.cli", "caption", str(library), "-o", "/dev/stdout", *DIGEST]
