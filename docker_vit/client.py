@@ -238,7 +238,13 @@ class RemoteRunner:
                     minutes = READY_WAIT / 60
                     self.warn(f"{self.url} {why}; waiting up to {minutes:g} min")
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}") from None
+                refused = isinstance(getattr(exc, "reason", exc), ConnectionRefusedError)
+                hint = (
+                    " (is it started? a server opens its port a few seconds after it starts)"
+                    if refused
+                    else ""
+                )
+                raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}{hint}") from None
             time.sleep(1.0)
 
 
