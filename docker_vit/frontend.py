@@ -11,7 +11,6 @@ from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Any
 
 from docker_vit import errors
-from docker_vit.calls import description
 from docker_vit.errors import QueueFull
 from docker_vit.handler import Handler, Result
 from docker_vit.service import READY, Service
@@ -80,9 +79,12 @@ async def model_info(service: Service) -> dict[str, Any]:
     if handler.option_names is not None:  # the fields a request may set (`caption --url` sends no others)
         base["options"] = list(handler.option_names)
     try:
-        # off the loop: a slow describe() must not hold up the probes
-        info = {**base, **await asyncio.to_thread(description, handler)}
+        info = {**base, **await service.describe()}
     except Exception as exc:
+        if service.state == READY and isinstance(exc, asyncio.TimeoutError):  # 3.10's is not TimeoutError
+            raise errors.ApiError(
+                504, "the handler's describe() did not answer in the request timeout"
+            ) from None
         if service.state == READY:
             raise errors.from_service(exc) from None
         info = base  # a describe() that needs the loaded model, asked while it loads

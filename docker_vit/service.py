@@ -7,27 +7,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
 from docker_vit.batching import Batcher
-from docker_vit.calls import contained, predict_all, read_options, respond
+from docker_vit.calls import contained, description, predict_all, read_options, respond
 from docker_vit.closing import closed
 from docker_vit.config import Settings
 from docker_vit.errors import InputError, NotServing, OptionsError, TooLarge
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import batch_size, check_attributes, sync_result
 from docker_vit.metrics import Metrics
+from docker_vit.pools import Pools
 from docker_vit.process import cpu_threads
 
 log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
-STALLED = "stalled"  # ready, but a model call has outrun the request timeout
+STALLED = "stalled"  # ready, but a model call (or a prepare, a respond) has outrun the request timeout
 
 
 class WarmUpError(RuntimeError):
@@ -54,12 +53,7 @@ class Service:
         self._loading: asyncio.Task | None = None  # the load, from `start`
         self._loaded = False  # the handler's load returned: its close() is due at the end
         workers = cpu_threads()
-        self._pre_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-prepare")
-        # Answers out of the decoding pool, where they would queue behind images still decoding; not in
-        # asyncio's default pool, which the event loop waits for at exit, a stuck `respond` forever.
-        self._post_pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="docker-vit-respond")
-        self._calls = 0  # prepare and respond calls running in those pools right now
-        self._calls_lock = threading.Lock()
+        self.pools = Pools(workers)
         # One request's images take at most all but one of the pool's threads at a time, so a request
         # of many large images cannot make every other request's decoding wait for all of them.
         self._cpu_share = max(1, workers - 1)
@@ -88,8 +82,7 @@ class Service:
         close = getattr(self.handler, "close", None)  # a method, or one set on the instance (in load)
         closes = callable(close) and getattr(close, "__func__", close) is not Handler.close
         final = await self.batcher.stop(self._close if closes else None)
-        self._pre_pool.shutdown(wait=False, cancel_futures=True)
-        self._post_pool.shutdown(wait=False, cancel_futures=True)
+        self.pools.shutdown()
         if final is not None:
             await closed(final)
 
@@ -101,17 +94,13 @@ class Service:
     def busy(self) -> bool:
         """A handler call still runs (a model call, a load, a stuck prepare or respond): a process that
         exits normally joins its thread, so it would wait for the call to finish."""
-        return self.batcher.device.busy or self._calls > 0
+        return self.batcher.device.busy or self.pools.busy
 
-    def _tracked(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """`fn(*args)` on a pool thread, counted in `busy` while it runs."""
-        with self._calls_lock:
-            self._calls += 1
-        try:
-            return fn(*args)
-        finally:
-            with self._calls_lock:
-                self._calls -= 1
+    async def describe(self) -> dict[str, Any]:
+        """The handler's describe(), off the loop and off the request path, within the request timeout
+        (TimeoutError past it): a hung one must hold up neither the probes, the answers nor an exit."""
+        work = self.pools.run(self.pools.side, description, self.handler)
+        return await asyncio.wait_for(work, self.settings.request_timeout)
 
     async def _load(self) -> None:
         try:
@@ -138,7 +127,7 @@ class Service:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
         preparing = False
         try:
-            example = await asyncio.to_thread(contained, self.handler.example)  # probes answer meanwhile
+            example = await self.pools.run(self.pools.side, contained, self.handler.example)
             options = self.options({})
             started = time.perf_counter()  # the whole path, once: what a client's first request costs
             preparing = True
@@ -165,14 +154,18 @@ class Service:
 
     @property
     def stalled(self) -> bool:
-        """The model call on the device has outrun the request timeout (a hung handler, say): every
-        request waiting behind it times out, so probes must send traffic elsewhere (or have Ray replace
-        the replica) until it ends."""
+        """The model call on the device, or a prepare or respond in the pools, has outrun the request
+        timeout (a hung handler, say): every request waiting behind it times out, so probes must send
+        traffic elsewhere (or have Ray replace the replica) until it ends."""
         return self.overran()
 
     def overran(self, timeouts: float = 1.0) -> bool:
-        """The model call on the device has run longer than `timeouts` request timeouts."""
-        return self.batcher.running_for > timeouts * self.settings.request_timeout
+        """A handler call on the request path has run longer than `timeouts` request timeouts."""
+        return self._longest_call > timeouts * self.settings.request_timeout
+
+    @property
+    def _longest_call(self) -> float:
+        return max(self.batcher.running_for, self.pools.running_for)
 
     @property
     def batch_size(self) -> int:
@@ -196,7 +189,7 @@ class Service:
             return f"{self.failure}: {self.error}"
         if self.state == READY:
             return (
-                f"a model call has run for {self.batcher.running_for:.1f} s, past the request timeout "
+                f"a handler call has run for {self._longest_call:.1f} s, past the request timeout "
                 f"({self.settings.request_timeout:g} s); requests wait behind it"
             )
         return f"the model is {self.state}"
@@ -214,14 +207,13 @@ class Service:
         """Every input decoded and preprocessed in the CPU pool, with queue room held meanwhile (load
         is shed before decoding, not after); the first bad input raises."""
         self.batcher.admit(len(inputs), options)
-        loop = asyncio.get_running_loop()
         share = asyncio.Semaphore(self._cpu_share)
 
         async def one(index: int, data: bytes) -> Any:
             try:
                 async with share:
-                    return await loop.run_in_executor(
-                        self._pre_pool, self._tracked, contained, self.handler.prepare, data, options
+                    return await self.pools.run(
+                        self.pools.pre, contained, self.handler.prepare, data, options
                     )
             except InputError as exc:
                 if len(inputs) > 1:  # say which image of the request it was
@@ -267,8 +259,7 @@ class Service:
     async def _post(self, outputs: list[Any]) -> list[Result]:
         """`respond` in its own pool, off the event loop, which a slow `respond` (or the check
         of a big result) would stall."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._post_pool, self._tracked, self._respond, outputs)
+        return await self.pools.run(self.pools.post, self._respond, outputs)
 
     def _respond(self, outputs: Sequence[Any]) -> list[Result]:
         try:

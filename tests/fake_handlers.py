@@ -351,6 +351,22 @@ class Stuck(Echo):
         return super().respond(output)
 
 
+class StuckExample(Echo):
+    """The warm-up's input never comes: the model never becomes ready."""
+
+    def example(self) -> bytes:
+        threading.Event().wait()
+        return b""
+
+
+class StuckDescribe(Echo):
+    """`describe()` never comes back: only `/v1/model` asks it."""
+
+    def describe(self) -> dict[str, Any]:
+        threading.Event().wait()
+        return {}
+
+
 class AsyncPrepare(Echo):
     """`async def` where a plain method is called from a thread: the coroutine would never run."""
 

@@ -271,12 +271,14 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
     async def scenario(final: str, load_timeout_s: float = 30) -> str | None:
         class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
             why_not_ready, settled, overran = Service.why_not_ready, Service.settled, Service.overran
+            _longest_call = Service._longest_call
 
         service = StubService(
             state=LOADING,
             error=None,
             failure="the model failed to load",
             batcher=SimpleNamespace(running_for=0.0),  # no model call running
+            pools=SimpleNamespace(running_for=0.0),  # nor a prepare or respond
             settings=SimpleNamespace(request_timeout=60.0),
         )
         replica = SimpleNamespace(service=service, load_timeout_s=load_timeout_s)
@@ -308,6 +310,7 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
 
     class StubService(SimpleNamespace):
         why_not_ready, settled, overran = Service.why_not_ready, Service.settled, Service.overran
+        _longest_call = Service._longest_call
 
     def service(running_for: float) -> StubService:
         return StubService(
@@ -316,11 +319,12 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
             failure="the model failed to load",
             settings=SimpleNamespace(request_timeout=60.0),
             batcher=SimpleNamespace(running_for=running_for),
+            pools=SimpleNamespace(running_for=0.0),
         )
 
     # a long but valid batch (a client's 16 images at 8 beams on a slow CPU) is not a reason to kill
     asyncio.run(check(SimpleNamespace(service=service(299.0), load_timeout_s=30)))
-    with pytest.raises(RuntimeError, match="a model call has run for 301.0 s, past the request timeout"):
+    with pytest.raises(RuntimeError, match="a handler call has run for 301.0 s, past the request timeout"):
         asyncio.run(check(SimpleNamespace(service=service(301.0), load_timeout_s=30)))
     # a GPU that failed for good (the service says so: tests/test_faults.py) fails the check too
     lost = service(0.0)

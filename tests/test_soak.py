@@ -590,6 +590,44 @@ def test_a_handler_call_stuck_in_prepare_or_respond_does_not_keep_the_process_al
             time.sleep(0.1)
         answer = httpx.post(f"{url}/", content=body, headers={"content-type": "image/x"}, timeout=30)
         assert answer.status_code == 504
+        time.sleep(0.2)  # the call has now run past the request timeout: traffic goes elsewhere
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "stalled", ready.text
+        assert ready.json()["error"]["message"].startswith("a handler call has run for")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert "exiting with a handler call unfinished" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.stderr.close()
+
+
+@pytest.mark.parametrize("handler", ["StuckExample", "StuckDescribe"])
+def test_a_stuck_example_or_describe_does_not_keep_the_process_alive(handler: str) -> None:
+    """They ran in asyncio's default pool, which the event loop joins at exit: forever."""
+    port = free_port()
+    command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", f"fake_handlers:{handler}"]
+    command += ["--port", str(port), "--request-timeout", "1", "--shutdown-timeout", "1"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline, ready = time.monotonic() + 60, handler == "StuckExample"  # that one never is
+        while not ready and "docker_vit_batch_size_count 1.0" not in _metrics(url):
+            assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
+            time.sleep(0.1)
+        while "docker_vit_" not in _metrics(url):  # listening
+            assert process.poll() is None and time.monotonic() < deadline, "the server never listened"
+            time.sleep(0.1)
+        if handler == "StuckDescribe":
+            for _ in range(3):  # more than its pool's threads: the next ones wait, and time out too
+                answer = httpx.get(f"{url}/v1/model", timeout=30)
+                assert answer.status_code == 504 and "describe()" in answer.json()["error"]["message"]
+            captioned = httpx.post(f"{url}/v1/captions", json={"images": ["aGk="]}, timeout=30)
+            assert captioned.status_code == 200 and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
+        else:
+            time.sleep(0.5)
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         assert "exiting with a handler call unfinished" in process.stderr.read()
