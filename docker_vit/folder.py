@@ -224,6 +224,9 @@ def find_images(
     passed = Counter() if passed is None else passed
     for argument in paths:
         path = os.path.normpath(argument)
+        if not os.path.exists(path):  # said now, not after a model load (a download, even) for nothing
+            warn(f"skipping {path}: No such file or directory")
+            continue
         found.update(dict.fromkeys(_walk(path, visited, warn, passed) if os.path.isdir(path) else [path]))
     return list(found)
 

@@ -653,6 +653,19 @@ def test_a_resume_from_the_folder_below_finds_the_records_by_the_output_files_fo
     assert len(entries) == 5 and Digest.batches == [] and entries[0]["path"].startswith("photos/")
 
 
+def test_a_path_that_does_not_exist_is_said_before_any_model_loads(
+    library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A typo is told at once, not after a model load (or a download) that had nothing to caption."""
+    missing = str(tmp_path / "typo.jpg")
+    assert cli.main(["caption", missing, "--model", str(tmp_path / "no-model")]) == 1
+    err = capsys.readouterr().err
+    assert f"skipping {missing}: No such file or directory" in err and "cannot load" not in err
+    out = tmp_path / "o.jsonl"
+    assert cli.main(["caption", missing, str(library / "b.png"), "-o", str(out), *DIGEST]) == 1
+    assert [Path(entry["path"]).name for entry in lines(out)] == ["b.png"]
+
+
 def test_an_output_that_is_a_pipe_is_refused_with_the_hint(library: Path, tmp_path: Path) -> None:
     """`-o /dev/stdout | cat`: a pipe cannot be opened for appending and reading; the hint still shows."""
     command = [sys.executable, "-m", "docker_vit.cli", "caption", str(library), "-o", "/dev/stdout", *DIGEST]
