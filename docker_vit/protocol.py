@@ -219,7 +219,7 @@ _MESSAGES = {400: "malformed HTTP request", 431: f"request line and headers over
 
 def _refusal(status: int, request_id: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
     """Headers and body of an answer given below the app: JSON, a request id, the connection closed."""
-    body = json.dumps(error_body(TYPES[status], _MESSAGES[status])).encode()
+    body = json.dumps(error_body(TYPES[status], _MESSAGES[status]), separators=(",", ":")).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     return head + [(b"x-request-id", request_id.encode()), (b"connection", b"close")], body
 

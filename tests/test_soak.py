@@ -405,6 +405,7 @@ def refused_431(answer: bytes) -> None:
     assert head.startswith(b"HTTP/1.1 431 ") and b"application/json" in head, answer[:300]
     assert re.search(rb"\r\nx-request-id: [0-9a-f]{32}\r\n", head) and b"connection: close" in head.lower()
     assert json.loads(body)["error"]["type"] == "request_headers_too_large"
+    assert body.startswith(b'{"error":{"type":')  # compact, as every other answer's JSON
 
 
 @pytest.mark.parametrize("size", [70_000, 100_000])
