@@ -196,14 +196,15 @@ def deployment_options(
     actor = {key: deployment[key] for key in ("num_gpus", "num_cpus") if key in deployment}
     result: dict[str, Any] = {
         # One batch runs while the next one forms; more would only wait in this replica's queue
-        # instead of Ray's router, which can still send them to a less busy replica.
-        "max_ongoing_requests": deployment.get("max_ongoing_requests", 2 * batch),
+        # instead of Ray's router, which can still send them to a less busy replica (and never more
+        # than that queue holds, or the replica answers 503 while another has room).
+        "max_ongoing_requests": deployment.get("max_ongoing_requests", min(2 * batch, settings.max_queue)),
         # Requests wait in Ray's router before a replica's own queue limit can see them: bound them too.
         "max_queued_requests": deployment.get("max_queued_requests", settings.max_queue),
         "graceful_shutdown_timeout_s": settings.shutdown_timeout,
         "ray_actor_options": actor,
     }
-    if result["max_ongoing_requests"] < batch:
+    if "max_ongoing_requests" in deployment and result["max_ongoing_requests"] < batch:
         logging.getLogger("docker_vit").warning(
             "max_ongoing_requests=%d is below the batch size %d: a replica's batches can never fill",
             result["max_ongoing_requests"],

@@ -185,6 +185,13 @@ def test_arguments_become_settings_and_deployment_options() -> None:
     assert options["num_replicas"] == 2 and "autoscaling_config" not in options
 
 
+def test_a_replica_takes_no_more_requests_than_its_queue_holds(caplog: pytest.LogCaptureFixture) -> None:
+    """Else it answers 503 "queue is full" while Ray's router could wait for another replica's room."""
+    with caplog.at_level("WARNING", logger="docker_vit"):
+        options = ray_adapter.deployment_options(Settings(max_queue=8), {"num_replicas": 2})
+    assert options["max_ongoing_requests"] == 8 and "below the batch size" not in caplog.text
+
+
 def test_max_ongoing_requests_below_the_batch_size_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
     _, few = ray_adapter.split_args({"max_ongoing_requests": "2"})
     with caplog.at_level("WARNING", logger="docker_vit"):
