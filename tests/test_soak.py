@@ -5,6 +5,7 @@ timing target beyond a generous bound). Loopback only, bounded in count and time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -575,38 +576,10 @@ def test_shutdown_timeout_bounds_a_long_model_call() -> None:
     assert answers[0].headers["retry-after"] == "1"
 
 
-@pytest.mark.parametrize("body", [b"stuck", b"answer-stuck"])
-def test_a_handler_call_stuck_in_prepare_or_respond_does_not_keep_the_process_alive(body: bytes) -> None:
-    """Their threads would be joined at exit (asyncio's default pool, the decoding pool): forever."""
-    port = free_port()
-    command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", "fake_handlers:Stuck"]
-    command += ["--port", str(port), "--request-timeout", "1", "--shutdown-timeout", "1"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])}
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while "docker_vit_batch_size_count 1.0" not in _metrics(url):  # warmed up
-            assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
-            time.sleep(0.1)
-        answer = httpx.post(f"{url}/", content=body, headers={"content-type": "image/x"}, timeout=30)
-        assert answer.status_code == 504
-        time.sleep(0.2)  # the call has now run past the request timeout: traffic goes elsewhere
-        ready = httpx.get(f"{url}/readyz", timeout=5)
-        assert ready.status_code == 503 and ready.json()["status"] == "stalled", ready.text
-        assert ready.json()["error"]["message"].startswith("a handler call has run for")
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
-        assert "exiting with a handler call unfinished" in process.stderr.read()
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.stderr.close()
-
-
-@pytest.mark.parametrize("handler", ["StuckExample", "StuckDescribe"])
-def test_a_stuck_example_or_describe_does_not_keep_the_process_alive(handler: str) -> None:
-    """They ran in asyncio's default pool, which the event loop joins at exit: forever."""
+@contextlib.contextmanager
+def stuck_server(handler: str, warmed: bool = True) -> Iterator[str]:
+    """`serve --handler fake_handlers:HANDLER` (1 s timeouts) in a process, listening (and warmed up):
+    its URL. At the end it must exit 0 on SIGTERM, saying a handler call was left unfinished."""
     port = free_port()
     command = [sys.executable, "-m", "docker_vit.cli", "serve", "--handler", f"fake_handlers:{handler}"]
     command += ["--port", str(port), "--request-timeout", "1", "--shutdown-timeout", "1"]
@@ -614,21 +587,11 @@ def test_a_stuck_example_or_describe_does_not_keep_the_process_alive(handler: st
     process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline, ready = time.monotonic() + 60, handler == "StuckExample"  # that one never is
-        while not ready and "docker_vit_batch_size_count 1.0" not in _metrics(url):
+        deadline, cue = time.monotonic() + 60, "docker_vit_batch_size_count 1.0" if warmed else "docker_vit_"
+        while cue not in _metrics(url):
             assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
             time.sleep(0.1)
-        while "docker_vit_" not in _metrics(url):  # listening
-            assert process.poll() is None and time.monotonic() < deadline, "the server never listened"
-            time.sleep(0.1)
-        if handler == "StuckDescribe":
-            for _ in range(3):  # more than its pool's threads: the next ones wait, and time out too
-                answer = httpx.get(f"{url}/v1/model", timeout=30)
-                assert answer.status_code == 504 and "describe()" in answer.json()["error"]["message"]
-            captioned = httpx.post(f"{url}/v1/captions", json={"images": ["aGk="]}, timeout=30)
-            assert captioned.status_code == 200 and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-        else:
-            time.sleep(0.5)
+        yield url
         process.send_signal(signal.SIGTERM)
         assert process.wait(30) == 0
         assert "exiting with a handler call unfinished" in process.stderr.read()
@@ -636,6 +599,34 @@ def test_a_stuck_example_or_describe_does_not_keep_the_process_alive(handler: st
         if process.poll() is None:
             process.kill()
         process.stderr.close()
+
+
+@pytest.mark.parametrize("body", [b"stuck", b"answer-stuck"])
+def test_a_handler_call_stuck_in_prepare_or_respond_does_not_keep_the_process_alive(body: bytes) -> None:
+    """Their threads would be joined at exit (asyncio's default pool, the decoding pool): forever."""
+    with stuck_server("Stuck") as url:
+        answer = httpx.post(f"{url}/", content=body, headers={"content-type": "image/x"}, timeout=30)
+        assert answer.status_code == 504
+        time.sleep(0.2)  # the call has now run past the request timeout: traffic goes elsewhere
+        ready = httpx.get(f"{url}/readyz", timeout=5)
+        assert ready.status_code == 503 and ready.json()["status"] == "stalled", ready.text
+        assert ready.json()["error"]["message"].startswith("a handler call has run for")
+
+
+def test_a_stuck_example_does_not_keep_the_process_alive() -> None:
+    """It ran in asyncio's default pool, which the event loop joins at exit: forever."""
+    with stuck_server("StuckExample", warmed=False) as url:
+        time.sleep(0.5)
+        assert httpx.get(f"{url}/readyz", timeout=5).json()["status"] == "loading"
+
+
+def test_a_stuck_describe_times_out_alone_and_does_not_keep_the_process_alive() -> None:
+    with stuck_server("StuckDescribe") as url:
+        for _ in range(3):  # more than its pool's threads: the next ones wait, and time out too
+            answer = httpx.get(f"{url}/v1/model", timeout=30)
+            assert answer.status_code == 504 and "describe()" in answer.json()["error"]["message"]
+        captioned = httpx.post(f"{url}/v1/captions", json={"images": ["aGk="]}, timeout=30)
+        assert captioned.status_code == 200 and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
 
 
 def _metrics(url: str) -> str:
