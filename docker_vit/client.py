@@ -233,7 +233,7 @@ class RemoteRunner:
                     waiting = True
                     why = {
                         "loading": "is loading its model",
-                        "stalled": "has a model call running past its request timeout",
+                        "stalled": "has a handler call running past its request timeout",
                     }.get(body.get("status"), f"answers {exc.code}")
                     minutes = READY_WAIT / 60
                     self.warn(f"{self.url} {why}; waiting up to {minutes:g} min")

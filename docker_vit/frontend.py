@@ -13,7 +13,7 @@ from typing import Any
 from docker_vit import errors
 from docker_vit.errors import QueueFull
 from docker_vit.handler import Handler, Result
-from docker_vit.service import READY, Service
+from docker_vit.service import READY, Service, Unanswered
 
 ROOM_POLL = 0.05  # seconds between looks for queue room, for a caller that waits for it
 
@@ -81,10 +81,8 @@ async def model_info(service: Service) -> dict[str, Any]:
     try:
         info = {**base, **await service.describe()}
     except Exception as exc:
-        if service.state == READY and isinstance(exc, asyncio.TimeoutError):  # 3.10's is not TimeoutError
-            raise errors.ApiError(
-                504, "the handler's describe() did not answer in the request timeout"
-            ) from None
+        if service.state == READY and isinstance(exc, Unanswered):
+            raise errors.ApiError(504, str(exc)) from None
         if service.state == READY:
             raise errors.from_service(exc) from None
         info = base  # a describe() that needs the loaded model, asked while it loads

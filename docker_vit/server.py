@@ -88,7 +88,15 @@ def _caption_routes(app: FastAPI, service: Service, settings: Settings) -> None:
 def _open_routes(app: FastAPI, service: Service) -> None:
     """What is served and whether it serves: open to all (probes have no keys), HEAD too."""
 
-    @app.get("/v1/model")
+    described = {
+        500: {"description": "the handler's describe() failed", "content": _JSON_ERROR},
+        504: {
+            "description": "the handler's describe() did not answer within the request timeout",
+            "content": _JSON_ERROR,
+        },
+    }
+
+    @app.get("/v1/model", responses=described)
     async def model() -> JSONResponse:  # and what serves it, as Triton's server metadata says
         server = {"name": "docker-vit", "version": app.version}
         return JSONResponse({**await frontend.model_info(service), "server": server})

@@ -29,6 +29,10 @@ LOADING, READY, FAILED = "loading", "ready", "failed"
 STALLED = "stalled"  # ready, but a model call (or a prepare, a respond) has outrun the request timeout
 
 
+class Unanswered(Exception):
+    """A call beside the request path (describe) ran past the request timeout: 504."""
+
+
 class WarmUpError(RuntimeError):
     """The first call, on the handler's own `example()`, failed: the model is not fit to serve."""
 
@@ -98,9 +102,13 @@ class Service:
 
     async def describe(self) -> dict[str, Any]:
         """The handler's describe(), off the loop and off the request path, within the request timeout
-        (TimeoutError past it): a hung one must hold up neither the probes, the answers nor an exit."""
-        work = self.pools.run(self.pools.side, description, self.handler)
-        return await asyncio.wait_for(work, self.settings.request_timeout)
+        (Unanswered past it): a hung one must hold up neither the probes, the answers nor an exit."""
+        work = asyncio.ensure_future(self.pools.run(self.pools.side, description, self.handler))
+        done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout)
+        if not done:  # not wait_for: a TimeoutError of the handler's own is its failure, not ours
+            work.cancel()
+            raise Unanswered("the handler's describe() did not answer within the request timeout")
+        return work.result()
 
     async def _load(self) -> None:
         try:
@@ -127,7 +135,7 @@ class Service:
         """One real call through the whole path, so the first client doesn't pay for lazy setup."""
         preparing = False
         try:
-            example = await self.pools.run(self.pools.side, contained, self.handler.example)
+            example = await self.pools.run(self.pools.pre, contained, self.handler.example)
             options = self.options({})
             started = time.perf_counter()  # the whole path, once: what a client's first request costs
             preparing = True
@@ -154,18 +162,19 @@ class Service:
 
     @property
     def stalled(self) -> bool:
-        """The model call on the device, or a prepare or respond in the pools, has outrun the request
-        timeout (a hung handler, say): every request waiting behind it times out, so probes must send
-        traffic elsewhere (or have Ray replace the replica) until it ends."""
+        """The model call on the device has outrun the request timeout, or the calls holding every
+        thread of a pool (prepare's, respond's) have (a hung handler, say): every request waiting behind
+        them times out, so probes must send traffic elsewhere (or have Ray replace the replica) until
+        they end."""
         return self.overran()
 
     def overran(self, timeouts: float = 1.0) -> bool:
-        """A handler call on the request path has run longer than `timeouts` request timeouts."""
+        """The request path has been held by the same handler calls for `timeouts` request timeouts."""
         return self._longest_call > timeouts * self.settings.request_timeout
 
     @property
     def _longest_call(self) -> float:
-        return max(self.batcher.running_for, self.pools.running_for)
+        return max(self.batcher.running_for, self.pools.jammed_for)
 
     @property
     def batch_size(self) -> int:

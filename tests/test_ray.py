@@ -285,7 +285,7 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
             error=None,
             failure="the model failed to load",
             batcher=SimpleNamespace(running_for=0.0),  # no model call running
-            pools=SimpleNamespace(running_for=0.0),  # nor a prepare or respond
+            pools=SimpleNamespace(jammed_for=0.0),  # nor a jammed pool
             settings=SimpleNamespace(request_timeout=60.0),
         )
         replica = SimpleNamespace(service=service, load_timeout_s=load_timeout_s)
@@ -326,7 +326,7 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
             failure="the model failed to load",
             settings=SimpleNamespace(request_timeout=60.0),
             batcher=SimpleNamespace(running_for=running_for),
-            pools=SimpleNamespace(running_for=0.0),
+            pools=SimpleNamespace(jammed_for=0.0),
         )
 
     # a long but valid batch (a client's 16 images at 8 beams on a slow CPU) is not a reason to kill
