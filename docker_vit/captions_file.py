@@ -50,10 +50,13 @@ def format_for(path: str, chosen: str | None) -> str:
 _LINE_BREAKS = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
 
 
-def encode(entry: Mapping[str, Any], fmt: str, columns: Sequence[str] = CSV_COLUMNS) -> str:
-    """One record as one line of text (a CSV row may span lines only if a value holds a newline)."""
+def encode(
+    entry: Mapping[str, Any], fmt: str, columns: Sequence[str] = CSV_COLUMNS, ascii_only: bool = False
+) -> str:
+    """One record as one line of text (a CSV row may span lines only if a value holds a newline);
+    `ascii_only`: JSON's own escapes for the rest, for a stream that cannot encode it."""
     if fmt == "jsonl":
-        return json.dumps(entry, ensure_ascii=False).translate(_LINE_BREAKS) + "\n"
+        return json.dumps(entry, ensure_ascii=ascii_only).translate(_LINE_BREAKS) + "\n"
     row = [entry.get(column, "") for column in columns]
     # csv quotes a field holding "\n" (the line end here) but not a lone "\r", which its reader refuses
     quoting = csv.QUOTE_ALL if any("\r" in str(value) for value in row) else csv.QUOTE_MINIMAL

@@ -267,18 +267,19 @@ class _Stdout:
         self.format = fmt or "text"
         self.done: set[str] = set()
         self.with_path = len(images) > 1 or any(os.path.isdir(path) for path in paths)
+        self.ascii_only = False  # JSON lines in JSON's own escapes, on a stdout that is not UTF-8
         if isinstance(sys.stdout, io.TextIOWrapper):  # a name that is not UTF-8 goes out as its bytes,
             # as in an output file, not as an error; where stdout is not UTF-8 (a Windows redirect, a
             # legacy locale), what its encoding lacks is written escaped, never the end of the run
-            utf8 = codecs.lookup(sys.stdout.encoding).name == "utf-8"
-            sys.stdout.reconfigure(errors="surrogateescape" if utf8 else "backslashreplace")
+            self.ascii_only = codecs.lookup(sys.stdout.encoding).name != "utf-8"
+            sys.stdout.reconfigure(errors="backslashreplace" if self.ascii_only else "surrogateescape")
         if self.format == "csv":
             csv.writer(sys.stdout, lineterminator="\n").writerow(CSV_COLUMNS)
 
     def write(self, entries: Sequence[Mapping[str, Any]]) -> None:
         for entry in entries:
             if self.format != "text":
-                sys.stdout.write(encode(entry, self.format))
+                sys.stdout.write(encode(entry, self.format, ascii_only=self.ascii_only))
             else:
                 print(
                     f"{entry['path']}: {_one_line(entry['caption'])}" if self.with_path else entry["caption"]

@@ -531,12 +531,19 @@ def test_a_stdout_that_is_not_utf8_gets_what_it_cannot_encode_escaped(tmp_path: 
     """A Windows redirect (cp1252) met a CJK name and the run ended with no caption written at all."""
     folder = tmp_path / "photos"
     picture(folder / "猫.png", 70)
+    picture(folder / "🎉.png", 75)
     picture(folder / "z.png", 80)
     command = [sys.executable, "-m", "docker_vit.cli", "caption", str(folder), *fmt, *DIGEST]
     env = {**os.environ, "PYTHONPATH": str(TESTS), "PYTHONIOENCODING": "cp1252"}
     done = subprocess.run(command, env=env, capture_output=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    assert b"\\u732b.png" in done.stdout and b"z.png" in done.stdout and done.stdout.count(b"picture") == 2
+    assert b"\\u732b.png" in done.stdout and b"z.png" in done.stdout and done.stdout.count(b"picture") == 3
+    if fmt == ["--json"]:  # still JSON, whatever a name holds (an emoji's escape must be JSON's too)
+        assert [Path(json.loads(line)["path"]).name for line in done.stdout.splitlines()] == [
+            "z.png",
+            "猫.png",
+            "🎉.png",
+        ]
 
 
 def test_every_format_the_intake_decodes_is_walked(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
