@@ -95,7 +95,7 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
                 )
         if not images:
             progress.warn(f"no images found ({', '.join(sorted(ext[1:] for ext in IMAGE_EXTENSIONS))})")
-        todo = _not_done(images, sink.done, os.path.dirname(os.path.abspath(output)) if output else None)
+        todo = _not_done(images, sink.done)
         code = 0
         if todo:
             params = settings.generation()
@@ -122,11 +122,10 @@ def _is_output(path: str, output: str) -> bool:
         return False
 
 
-def _not_done(images: list[str], done: set[str], beside: str | None = None) -> list[str]:
+def _not_done(images: list[str], done: set[str]) -> list[str]:
     """Images not in the file yet, also when it names them otherwise (relative vs absolute, through a
-    linked folder): a recorded relative path is read from the current folder, as the run that wrote it
-    most likely was, and from the output file's folder (`beside`), where a run from another folder
-    most likely started (`caption photos -o out.jsonl`, then `cd photos; caption . -o ../out.jsonl`). A record stands for the image in its place (folders resolved, not the file's own
+    linked folder): a recorded path is read from the current folder, as the run that wrote it most
+    likely was. A record stands for the image in its place (folders resolved, not the file's own
     link): names that link to one shared file (a Hub snapshot's blobs, `y.jpg -> x.jpg`) each keep
     their own row, as in a run never cut short. Only a record that names none of this run's images
     stands for its file under any name (the blob itself, after its links were captioned)."""
@@ -135,7 +134,6 @@ def _not_done(images: list[str], done: set[str], beside: str | None = None) -> l
     if not others:  # the usual resume: the same command again
         return [path for path in images if path not in done]
     place = _Places()
-    others += [os.path.join(beside, path) for path in others if beside and not os.path.isabs(path)]
     places = {place(path) for path in others}
     here = {place(path) for path in images}
     files = {os.path.realpath(path) for path in others if place(path) not in here}

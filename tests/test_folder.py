@@ -647,17 +647,18 @@ def test_a_record_cut_anywhere_is_dropped_without_leaving_a_blank_line(tmp_path:
     assert path.read_text() == '{"path": "a.png", "caption": "x"}\n{"path": "b.png", "caption": "y"}\n'
 
 
-def test_a_resume_from_the_folder_below_finds_the_records_by_the_output_files_folder(
-    library: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_resume_never_skips_an_image_a_relative_record_might_not_mean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """`caption photos -o out.jsonl`, then `cd photos; caption . -o ../out.jsonl`: nothing twice."""
-    monkeypatch.chdir(library.parent)
-    assert cli.main(["caption", "photos", "-o", "out.jsonl", *DIGEST]) == 1  # broken.jpg
-    monkeypatch.chdir(library)
-    Digest.batches.clear()
-    assert cli.main(["caption", ".", "-o", "../out.jsonl", *DIGEST]) == 1
-    entries = lines(library.parent / "out.jsonl")
-    assert len(entries) == 5 and Digest.batches == [] and entries[0]["path"].startswith("photos/")
+    """`./IMG_1.jpg` written from photos/2023 says nothing of its folder: read from another folder
+    it must not stand for photos/IMG_1.jpg (camera names repeat across folders)."""
+    picture(tmp_path / "photos" / "IMG_1.png", 10)
+    picture(tmp_path / "photos" / "2023" / "IMG_1.png", 20)
+    monkeypatch.chdir(tmp_path / "photos" / "2023")
+    assert cli.main(["caption", ".", "-o", "../captions.jsonl", *DIGEST]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["caption", "photos", "-o", "photos/captions.jsonl", *DIGEST]) == 0
+    assert "photos/IMG_1.png" in [entry["path"] for entry in lines(tmp_path / "photos" / "captions.jsonl")]
 
 
 def test_a_path_that_does_not_exist_is_said_before_any_model_loads(
