@@ -217,10 +217,13 @@ def _http_url(url: str) -> bool:
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname) and plain
 
 
-def _user_info(url: str) -> str:
-    """What stands before an `@` in the URL's host part: urllib would take it for the host's name."""
-    authority = url.partition("//")[2].partition("/")[0]
-    return authority.rpartition("@")[0]
+# an `@` before the host part ends, a scheme or its slashes missing or not: `user:pw@host` too
+_USER_INFO = re.compile(r"(?:[A-Za-z][\w+.-]*:)?/*[^/?#@]+@")
+
+
+def _user_info(url: str) -> bool:
+    """The URL holds a user (and a password) before its host: urllib takes them for the host's name."""
+    return bool(_USER_INFO.match(url))
 
 
 def env_name(name: str) -> str:

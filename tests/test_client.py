@@ -243,11 +243,21 @@ def test_a_bad_url_stops_before_anything_with_one_line(
         assert "--url (DOCKER_VIT_URL) must be http:// or https://, a host" in capsys.readouterr().err
 
 
-def test_a_url_with_a_password_is_refused_without_echoing_it(capsys: pytest.CaptureFixture) -> None:
+@pytest.mark.parametrize(
+    "url", ["http://ann:hunter2@127.0.0.1:9401/", "ann:hunter2@127.0.0.1:9401", "http:/ann:hunter2@h"]
+)
+def test_a_url_with_a_password_is_refused_without_echoing_it(url: str, capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as stop:
-        cli.main(["caption", "x.jpg", "--url", "http://ann:hunter2@127.0.0.1:9401/"])
+        cli.main(["caption", "x.jpg", "--url", url])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and "cannot hold a user or password" in err and "hunter2" not in err
+
+
+def test_an_at_sign_past_the_host_is_no_user() -> None:
+    from docker_vit.config import _user_info
+
+    assert not _user_info("http://127.0.0.1:9401/v1?k=a@b") and not _user_info("http://h/a@b")
+    assert not _user_info("http://@")  # no user: the host check says what is wrong
 
 
 def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.CaptureFixture) -> None:
