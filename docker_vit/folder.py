@@ -222,8 +222,10 @@ def find_images(
     passed = Counter() if passed is None else passed
     for argument in paths:
         path = os.path.normpath(argument)
-        if not os.path.exists(path):  # said now, not after a model load (a download, even) for nothing
-            warn(f"skipping {path}: No such file or directory")
+        try:  # said now, not after a model load (a download, even) for nothing
+            os.stat(path)
+        except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
+            warn(f"skipping {path}: {exc.strerror or exc}")
             continue
         found.update(dict.fromkeys(_walk(path, visited, warn, passed) if os.path.isdir(path) else [path]))
     return list(found)
