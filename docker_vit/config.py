@@ -63,9 +63,10 @@ class Settings:
     max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
     jpeg_draft: bool = _opt(
         False,
-        "decode JPEGs of 2048 px or more a side at a reduced scale that divides both sides, keeping at "
-        "least 1024 px, before the model's resize: faster, but a caption near a tie can change, so off "
-        "by default (every image decoded whole, as the model's own processor and the original do)",
+        "decode big JPEGs (2048 px or more a side for a model input of up to 512) at a reduced scale "
+        "that divides both sides, keeping twice the larger of 512 and the input, before the model's "
+        "resize: faster, but a caption near a tie can change, so off by default (every image decoded "
+        "whole, as the model's own processor and the original do)",
         MODEL,
     )
 
