@@ -158,8 +158,13 @@ class Settings:
                 "url cannot hold a user or password (user:pw@): send a key with --api-key instead"
             )
         if self.url and not _http_url(self.url):
+            shown = (
+                "a URL holding an @ (not shown: a password may be in it)"
+                if "@" in self.url
+                else repr(self.url)
+            )
             raise ValueError(
-                f"url must be http:// or https://, a host and an optional path (no query), got {self.url!r}"
+                f"url must be http:// or https://, a host and an optional path (no query), got {shown}"
             )
         if self.url and self.api_key and not TOKEN.fullmatch(self.api_key):
             raise ValueError("api_key is not printable ASCII or has blanks at either end")

@@ -26,7 +26,7 @@ from docker_vit.process import cpu_threads
 log = logging.getLogger("docker_vit.service")
 
 LOADING, READY, FAILED = "loading", "ready", "failed"
-STALLED = "stalled"  # ready, but a model call (or a prepare, a respond) has outrun the request timeout
+STALLED = "stalled"  # ready, but a model call, or the calls holding a pool, outran the request timeout
 
 
 class Unanswered(Exception):
@@ -104,9 +104,11 @@ class Service:
         """The handler's describe(), off the loop and off the request path, within the request timeout
         (Unanswered past it): a hung one must hold up neither the probes, the answers nor an exit."""
         work = asyncio.ensure_future(self.pools.run(self.pools.side, description, self.handler))
-        done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout)
-        if not done:  # not wait_for: a TimeoutError of the handler's own is its failure, not ours
+        try:  # not wait_for: a TimeoutError of the handler's own is its failure, not ours
+            done, _ = await asyncio.wait({work}, timeout=self.settings.request_timeout)
+        finally:  # the caller gone (Ray cancels a request whose client left) or timed out: not left behind
             work.cancel()
+        if not done:
             raise Unanswered("the handler's describe() did not answer within the request timeout")
         return work.result()
 
@@ -197,10 +199,13 @@ class Service:
         if self.error:
             return f"{self.failure}: {self.error}"
         if self.state == READY:
-            return (
-                f"a handler call has run for {self._longest_call:.1f} s, past the request timeout "
-                f"({self.settings.request_timeout:g} s); requests wait behind it"
+            model, pools = self.batcher.running_for, self.pools.jammed_for
+            held = (
+                f"a model call has run for {model:.1f} s"
+                if model >= pools
+                else (f"every thread of a pool (prepare's or respond's) has been held for {pools:.1f} s")
             )
+            return f"{held}, past the request timeout ({self.settings.request_timeout:g} s); requests wait behind it"
         return f"the model is {self.state}"
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:

@@ -4,6 +4,7 @@ and that a hung describe() holds neither a request's thread nor the warm-up."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
 from typing import Any
@@ -87,3 +88,38 @@ def test_a_timeout_error_of_describes_own_is_its_failure_not_the_request_timeout
     assert (
         answer.status_code == 500 and "the model registry did not answer" in answer.json()["error"]["message"]
     )
+
+
+class DescribeBreaksLate(Echo):
+    let_go = threading.Event()
+
+    def describe(self) -> dict[str, Any]:
+        self.let_go.wait(30)
+        raise RuntimeError("describe broke late")
+
+
+def test_a_describe_whose_caller_left_is_not_left_behind_to_fail_unseen() -> None:
+    """Ray cancels a request whose client left: its describe() failing later logged 'Task exception
+    was never retrieved', with a traceback, as if the server had a bug."""
+    from docker_vit.service import Service
+
+    async def scenario() -> list[dict]:
+        unseen: list[dict] = []
+        asyncio.get_running_loop().set_exception_handler(lambda loop, context: unseen.append(context))
+        settings = Settings()
+        service = Service(settings, DescribeBreaksLate(settings))
+        asker = asyncio.ensure_future(service.describe())
+        await asyncio.sleep(0.2)
+        asker.cancel()
+        DescribeBreaksLate.let_go.set()
+        while service.busy:
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.05)
+        gc.collect()  # an unretrieved exception is reported when its task is collected
+        service.pools.shutdown()
+        return unseen
+
+    try:
+        assert asyncio.run(scenario()) == []
+    finally:
+        DescribeBreaksLate.let_go.set()

@@ -331,7 +331,7 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
 
     # a long but valid batch (a client's 16 images at 8 beams on a slow CPU) is not a reason to kill
     asyncio.run(check(SimpleNamespace(service=service(299.0), load_timeout_s=30)))
-    with pytest.raises(RuntimeError, match="a handler call has run for 301.0 s, past the request timeout"):
+    with pytest.raises(RuntimeError, match="a model call has run for 301.0 s, past the request timeout"):
         asyncio.run(check(SimpleNamespace(service=service(301.0), load_timeout_s=30)))
     # a GPU that failed for good (the service says so: tests/test_faults.py) fails the check too
     lost = service(0.0)
