@@ -83,6 +83,7 @@ class Captioner(Handler):
             **({"name": self.name} if type(self).name != Handler.name else {}),
             "generation": s.generation(),
             "limits": {"max_num_beams": s.max_num_beams, "max_new_tokens": self._token_limit()},
+            "jpeg_draft": s.jpeg_draft,  # big JPEGs decoded at a reduced scale: what the model sees
         }
 
     def options(self, raw: Mapping[str, Any]) -> Hashable:

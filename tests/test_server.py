@@ -255,6 +255,7 @@ def test_probes_model_docs_and_metrics(client) -> None:
     info = client.get("/v1/model").json()
     assert info["device"] == "cpu" and info["dtype"] == "float32"
     assert info["generation"] == {"num_beams": 4, "max_new_tokens": 15}
+    assert info["jpeg_draft"] is False  # opt-in: what the model sees of a big JPEG
     assert info["server"] == {"name": "docker-vit", "version": version()}
     assert (
         info["batching"] == {"max_batch_size": 16, "max_wait_ms": 5.0}
