@@ -123,12 +123,19 @@ class RemoteRunner:
     def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
         """As a local run: a model that fails on every image of GIVE_UP_AFTER batches' worth in a row is
         broken, and the run ends rather than send every other image to it."""
-        in_a_row, limit = 0, GIVE_UP_AFTER * self.concurrency
-        for outcome in in_order(self._caption, paths, self.concurrency):
-            in_a_row = in_a_row + 1 if outcome.broke else 0
-            yield [outcome]
-            if in_a_row >= limit:
-                raise CaptionError(f"the server's model failed on {limit} images in a row: {outcome.error}")
+        in_a_row, limit, ahead = 0, GIVE_UP_AFTER * self.concurrency, []
+        try:
+            for outcome in in_order(self._caption, paths, self.concurrency, ahead):
+                in_a_row = in_a_row + 1 if outcome.broke else 0
+                yield [outcome]
+                if in_a_row >= limit:
+                    raise CaptionError(
+                        f"the server's model failed on {limit} images in a row: {outcome.error}"
+                    )
+        except (Exception, KeyboardInterrupt):  # the run ends: what came back behind the image that
+            if ahead:  # ended it (or behind Ctrl-C) is written first, not made again on resume
+                yield ahead
+            raise
 
     def _caption(self, path: str) -> Outcome:
         try:

@@ -9,11 +9,15 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 
-def in_order(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> Iterator[Any]:
+def in_order(
+    work: Callable[[Any], Any], items: Sequence[Any], workers: int, ahead: list[Any] | None = None
+) -> Iterator[Any]:
     """`work` over `items` in daemon threads, results yielded in input order.
 
     At most twice `workers` results wait ahead of the one being yielded, bounding memory. Daemon
     threads never keep Ctrl-C waiting for a slow request; closing the iterator stops the workers.
+    When an error (or Ctrl-C) ends the iteration, the results already done behind a later item go to
+    `ahead`, in input order: work done, for the caller to keep.
     """
     results: dict[int, tuple[bool, Any]] = {}
     changed = threading.Condition()
@@ -47,6 +51,13 @@ def in_order(work: Callable[[Any], Any], items: Sequence[Any], workers: int) -> 
             if not ok:
                 raise value
             yield value
+    except GeneratorExit:
+        raise
+    except BaseException:
+        if ahead is not None:
+            with changed:
+                ahead.extend(value for _, (ok, value) in sorted(results.items()) if ok)
+        raise
     finally:
         stopped.set()
         for _ in range(workers):

@@ -465,6 +465,29 @@ def test_an_image_the_server_keeps_timing_out_on_is_skipped_and_the_run_goes_on(
     assert [Path(entry["path"]).name for entry in read(out)] == ["a.jpg", "b.jpg"]
 
 
+class _Drops(_Flaky):
+    """Drops the connection on one image (a file holding `DROP`) every time; captions the others."""
+
+    def do_POST(self) -> None:
+        if b"DROP" not in self.rfile.read(int(self.headers["Content-Length"])):
+            self._caption()
+        self.close_connection = True
+
+
+def test_a_run_that_ends_keeps_the_captions_that_came_back_behind_the_image_that_ended_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Answers wait in input order: those behind the failing image were dropped and made again."""
+    monkeypatch.setattr(client, "ATTEMPTS", 2)
+    for name, text in (("a.jpg", b"DROP"), ("b.jpg", b"one"), ("c.jpg", b"two")):
+        (tmp_path / name).write_bytes(text)
+    out = tmp_path / "o.jsonl"
+    with stub_server(_Drops) as url:
+        assert cli.main(["caption", str(tmp_path), "-o", str(out), "--url", url]) == 1
+    assert "still failing" in capsys.readouterr().err
+    assert [Path(entry["path"]).name for entry in read(out)] == ["b.jpg", "c.jpg"]
+
+
 class _KeyEverywhere(_Flaky):
     """A gateway (Runpod's load-balancing endpoint, say) that wants the key on every route, probes too."""
 
@@ -618,13 +641,21 @@ def test_a_peer_that_does_not_speak_http_is_one_line(capsys: pytest.CaptureFixtu
 
 
 def test_in_order_yields_in_input_order_and_raises_in_place() -> None:
+    later_done = threading.Semaphore(0)
+
     def work(item: int) -> int:
         time.sleep((7 - item) * 0.005)  # later items finish first
         if item == 5:
+            assert later_done.acquire(timeout=10) and later_done.acquire(timeout=10)  # 6 and 7 are done
+            time.sleep(0.2)  # and their results handed over
             raise ValueError("five")
+        if item > 5:
+            later_done.release()
         return item * 10
 
-    results = ordered.in_order(work, list(range(8)), workers=4)
+    ahead: list[int] = []
+    results = ordered.in_order(work, list(range(8)), workers=4, ahead=ahead)
     assert [next(results) for _ in range(5)] == [0, 10, 20, 30, 40]
     with pytest.raises(ValueError, match="five"):
         next(results)
+    assert ahead == [60, 70]  # done behind it: the caller's to keep
