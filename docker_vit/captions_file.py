@@ -73,7 +73,7 @@ class CaptionsFile:
         self.format = fmt
         self.warn = warn
         self.makers: set[tuple[str, ...]] = set()  # (model, num_beams, max_new_tokens) of its records
-        if os.path.exists(path):  # a pipe (-o /dev/stdout | ...) would fail to open with a stranger error
+        with contextlib.suppress(FileNotFoundError):  # a pipe (-o /dev/stdout | ...) fails to open oddly
             self._check_kind(os.stat(path).st_mode)
         self._file: BinaryIO = open(path, "a+b")  # noqa: SIM115 -- stays open for the whole run
         self.columns: list[str] = list(CSV_COLUMNS)  # a resumed CSV keeps its own header

@@ -15,6 +15,7 @@ import codecs
 import csv
 import io
 import os
+import stat
 import sys
 from collections import Counter
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
@@ -223,11 +224,11 @@ def find_images(
     for argument in paths:
         path = os.path.normpath(argument)
         try:  # said now, not after a model load (a download, even) for nothing
-            os.stat(path)
+            folder = stat.S_ISDIR(os.stat(path).st_mode)
         except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
             warn(f"skipping {path}: {exc.strerror or exc}")
             continue
-        found.update(dict.fromkeys(_walk(path, visited, warn, passed) if os.path.isdir(path) else [path]))
+        found.update(dict.fromkeys(_walk(path, visited, warn, passed) if folder else [path]))
     return list(found)
 
 
