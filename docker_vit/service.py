@@ -172,11 +172,8 @@ class Service:
 
     def overran(self, timeouts: float = 1.0) -> bool:
         """The request path has been held by the same handler calls for `timeouts` request timeouts."""
-        return self._longest_call > timeouts * self.settings.request_timeout
-
-    @property
-    def _longest_call(self) -> float:
-        return max(self.batcher.running_for, self.pools.jammed_for)
+        held = max(self.batcher.running_for, self.pools.jammed_for)
+        return held > timeouts * self.settings.request_timeout
 
     @property
     def batch_size(self) -> int:

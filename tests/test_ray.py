@@ -278,7 +278,6 @@ def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
     async def scenario(final: str, load_timeout_s: float = 30) -> str | None:
         class StubService(SimpleNamespace):  # state and error only, and the real wait for and wording of them
             why_not_ready, settled, overran = Service.why_not_ready, Service.settled, Service.overran
-            _longest_call = Service._longest_call
 
         service = StubService(
             state=LOADING,
@@ -317,7 +316,6 @@ def test_health_check_fails_while_a_model_call_outruns_five_request_timeouts() -
 
     class StubService(SimpleNamespace):
         why_not_ready, settled, overran = Service.why_not_ready, Service.settled, Service.overran
-        _longest_call = Service._longest_call
 
     def service(running_for: float) -> StubService:
         return StubService(
