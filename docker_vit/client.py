@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Mapping
 from typing import Any
 
 from docker_vit.captions_file import record
@@ -120,20 +120,22 @@ class RemoteRunner:
         self.servers_limit = isinstance(limit, int) and limit > 0 and not lower
         self.max_bytes = limit if self.servers_limit else settings.max_bytes
 
-    def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
+    def run(self, paths: list[str]) -> Generator[list[Outcome], None, None]:
         """As a local run: a model that fails on every image of GIVE_UP_AFTER batches' worth in a row is
         broken, and the run ends rather than send every other image to it."""
         in_a_row, limit, ahead = 0, GIVE_UP_AFTER * self.concurrency, []
+        results = in_order(self._caption, paths, self.concurrency, ahead)
         try:
-            for outcome in in_order(self._caption, paths, self.concurrency, ahead):
+            for outcome in results:
                 in_a_row = in_a_row + 1 if outcome.broke else 0
                 yield [outcome]
                 if in_a_row >= limit:
                     raise CaptionError(
                         f"the server's model failed on {limit} images in a row: {outcome.error}"
                     )
-        except (Exception, KeyboardInterrupt):  # the run ends: what came back behind the image that
-            if ahead:  # ended it (or behind Ctrl-C) is written first, not made again on resume
+        except (Exception, KeyboardInterrupt):  # the run ends (in a request, here, or at a Ctrl-C while
+            results.close()  # the last outcome was written): what came back behind it is written first,
+            if ahead:  # not made again on resume
                 yield ahead
             raise
 

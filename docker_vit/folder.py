@@ -12,13 +12,14 @@ not (skipped with a warning, or the run stopped on an error: rerun to retry them
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import io
 import os
 import stat
 import sys
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -26,7 +27,7 @@ from docker_vit.captions_file import CSV_COLUMNS, CaptionsFile, CaptionsFileErro
 from docker_vit.config import Settings
 from docker_vit.handler import HandlerError
 from docker_vit.progress import Progress
-from docker_vit.runner import CaptionError, Runner
+from docker_vit.runner import CaptionError, Outcome, Runner
 
 IMAGE_EXTENSIONS = frozenset(
     {
@@ -157,17 +158,10 @@ class _Places(dict):
 
 
 def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progress) -> int:
-    skipped = 0
     try:
         runner = make()
         progress.start(len(todo))
-        for outcomes in runner(todo):
-            sink.write([outcome.entry for outcome in outcomes if outcome.entry is not None])
-            for outcome in outcomes:
-                if outcome.error is not None:
-                    skipped += 1
-                    progress.warn(f"skipping {outcome.path}: {outcome.error}")
-            progress.advance(len(outcomes))
+        skipped = _write_all(runner(todo), sink, progress)
     except KeyboardInterrupt:
         progress.stop()
         progress.warn("interrupted; run the same command again to caption the rest")
@@ -184,6 +178,33 @@ def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progr
     progress.stop()
     progress.summary(skipped)
     return 1 if skipped else 0
+
+
+def _write(outcomes: list[Outcome], sink: Any, progress: Progress) -> int:
+    """The records of one batch of outcomes, and a line for each image skipped, counted."""
+    sink.write([outcome.entry for outcome in outcomes if outcome.entry is not None])
+    skipped = [outcome for outcome in outcomes if outcome.error is not None]
+    for outcome in skipped:
+        progress.warn(f"skipping {outcome.path}: {outcome.error}")
+    progress.advance(len(outcomes))
+    return len(skipped)
+
+
+def _write_all(batches: Generator[list[Outcome], None, None], sink: Any, progress: Progress) -> int:
+    """Every batch's records; the runner is closed before the run's end is said (its handler's close()
+    speaks first). At a Ctrl-C while a batch was written, the runner hears of it, and what it already
+    holds done (a `--url` run's answers waiting their turn in input order) is written too, not made
+    again on resume."""
+    skipped = 0
+    with contextlib.closing(batches):
+        try:
+            for outcomes in batches:
+                skipped += _write(outcomes, sink, progress)
+        except KeyboardInterrupt:
+            with contextlib.suppress(KeyboardInterrupt, StopIteration):  # a second Ctrl-C: the rest goes
+                _write(batches.throw(KeyboardInterrupt()), sink, progress)
+            raise
+    return skipped
 
 
 def _one_line(text: str) -> str:

@@ -8,7 +8,7 @@ only itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -76,7 +76,7 @@ class LocalRunner:
         self.lost: Exception | None = None  # what failed the device for good: nothing more runs on it
         self.ends: str | None = None  # why the run ends once this batch's outcomes are out
 
-    def run(self, paths: list[str]) -> Iterator[list[Outcome]]:
+    def run(self, paths: list[str]) -> Generator[list[Outcome], None, None]:
         batches = [paths[start : start + self.batch_size] for start in range(0, len(paths), self.batch_size)]
         cpu = ThreadPoolExecutor(max_workers=cpu_threads(), thread_name_prefix="docker-vit-prepare")
         try:

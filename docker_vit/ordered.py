@@ -16,8 +16,8 @@ def in_order(
 
     At most twice `workers` results wait ahead of the one being yielded, bounding memory. Daemon
     threads never keep Ctrl-C waiting for a slow request; closing the iterator stops the workers.
-    When an error (or Ctrl-C) ends the iteration, the results already done behind a later item go to
-    `ahead`, in input order: work done, for the caller to keep.
+    When an error (or Ctrl-C) ends the iteration, or the caller closes it, the results already done
+    behind the last one yielded go to `ahead`, in input order: work done, for the caller to keep.
     """
     results: dict[int, tuple[bool, Any]] = {}
     changed = threading.Condition()
@@ -51,8 +51,6 @@ def in_order(
             if not ok:
                 raise value
             yield value
-    except GeneratorExit:
-        raise
     except BaseException:
         if ahead is not None:
             with changed:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,7 @@ class Outcome:
     broke: bool = False  # the model failed on it (a 500), rather than refusing it
 
 
-Runner = Callable[[list[str]], Iterator[list[Outcome]]]
+Runner = Callable[[list[str]], Generator[list[Outcome], None, None]]
 GIVE_UP_AFTER = 3  # batches (of a server's: --concurrency images) in a row in which the model failed on all
 
 

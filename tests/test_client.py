@@ -21,6 +21,7 @@ from PIL import Image
 
 from docker_vit import cli, client, ordered
 from docker_vit.config import Settings
+from docker_vit.progress import Progress
 from docker_vit.server import create_app
 
 
@@ -488,6 +489,40 @@ def test_a_run_that_ends_keeps_the_captions_that_came_back_behind_the_image_that
     assert [Path(entry["path"]).name for entry in read(out)] == ["b.jpg", "c.jpg"]
 
 
+class _LastFirst(_Flaky):
+    """Answers the image holding `FIRST` only once the two others have been answered."""
+
+    others = threading.Semaphore(0)
+
+    def do_POST(self) -> None:
+        if b"FIRST" in self.rfile.read(int(self.headers["Content-Length"])):
+            assert _LastFirst.others.acquire(timeout=10) and _LastFirst.others.acquire(timeout=10)
+            time.sleep(0.5)  # their answers read by the client
+        else:
+            _LastFirst.others.release()
+        self._caption()
+
+
+def test_ctrl_c_while_a_caption_is_written_keeps_the_answers_waiting_behind_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """They were back, held for input order, and were dropped: made again on resume."""
+    for name, text in (("a.jpg", b"FIRST"), ("b.jpg", b"one"), ("c.jpg", b"two")):
+        (tmp_path / name).write_bytes(text)
+    advance = Progress.advance
+
+    def interrupted(self: Progress, count: int) -> None:  # the first record written, then Ctrl-C
+        advance(self, count)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "advance", interrupted)
+    out = tmp_path / "o.jsonl"
+    with stub_server(_LastFirst) as url:
+        assert cli.main(["caption", str(tmp_path), "-o", str(out), "--url", url]) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert [Path(entry["path"]).name for entry in read(out)] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
 class _KeyEverywhere(_Flaky):
     """A gateway (Runpod's load-balancing endpoint, say) that wants the key on every route, probes too."""
 
@@ -659,3 +694,22 @@ def test_in_order_yields_in_input_order_and_raises_in_place() -> None:
     with pytest.raises(ValueError, match="five"):
         next(results)
     assert ahead == [60, 70]  # done behind it: the caller's to keep
+
+
+def test_in_order_closed_early_hands_over_the_work_done_behind() -> None:
+    """The consumer stopped (a Ctrl-C while it wrote): what is back is its to keep."""
+    others = threading.Semaphore(0)
+
+    def work(item: int) -> int:
+        if item == 0:
+            assert others.acquire(timeout=10) and others.acquire(timeout=10)
+            time.sleep(0.2)  # and their results handed over
+        else:
+            others.release()
+        return item * 10
+
+    ahead: list[int] = []
+    results = ordered.in_order(work, [0, 1, 2], workers=3, ahead=ahead)
+    assert next(results) == 0
+    results.close()
+    assert ahead == [10, 20]
