@@ -29,7 +29,7 @@ from docker_vit.config import (
     names_of,
     options,
 )
-from docker_vit.environment import chosen, ignored_variables
+from docker_vit.environment import chosen, ignored_variables, server_warnings
 from docker_vit.naming import named
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
@@ -153,6 +153,8 @@ def _server(settings: Settings) -> tuple[uvicorn.Server, Service]:
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
+    for line in server_warnings(settings):
+        logging.getLogger("docker_vit").warning(line)
     app = create_app(settings)
     config = uvicorn.Config(
         app,

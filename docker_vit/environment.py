@@ -12,7 +12,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from docker_vit.config import ENV_PREFIX, Settings, any_case, env_name, options
+from docker_vit.config import ENV_PREFIX, SERVING, Settings, any_case, env_name, options
 
 # What Kubernetes sets in every pod for each Service of its namespace (unless `enableServiceLinks:
 # false`): a Service named docker-vit gives DOCKER_VIT_SERVICE_HOST, DOCKER_VIT_PORT_8000_TCP_ADDR, ...
@@ -63,6 +63,13 @@ def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) ->
         f"{env_name('api_key')} is the client's key (caption --url); the server reads "
         f"{env_name('api_keys')}: it is open to anyone"
     )
+
+
+def server_warnings(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+    """What every server (`serve`, each Ray replica) says of its environment (None: this process's) at
+    its start: left open by mistake, variables that set nothing."""
+    mistake = open_by_mistake(settings, env)
+    return ([mistake] if mistake else []) + ignored_variables(env, names=SERVING)
 
 
 def ignored_variables(

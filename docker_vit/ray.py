@@ -31,7 +31,7 @@ from ray import serve  # the real Ray: absolute imports never resolve to this mo
 
 from docker_vit import logs
 from docker_vit.config import SERVING, Settings, options
-from docker_vit.environment import parse
+from docker_vit.environment import parse, server_warnings
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
 from docker_vit.naming import unflagged
@@ -100,6 +100,8 @@ class DockerViT:
                 "runtime_env working_dir, or install it where Ray's workers run)"
             ) from None
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
+        for line in server_warnings(settings):
+            logging.getLogger("docker_vit").warning(line)
         web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s

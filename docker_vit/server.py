@@ -8,7 +8,6 @@ and `/ping`, `/metrics`, and the OpenAPI page at `/docs`.
 from __future__ import annotations
 
 import hmac
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,8 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.requests import ClientDisconnect
 
 from docker_vit import errors, frontend, http_errors, memory, uploads
-from docker_vit.config import SERVING, Settings
-from docker_vit.environment import ignored_variables, open_by_mistake
+from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
@@ -31,9 +29,6 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     """The ASGI app for one handler; `docker-vit serve`, Ray Serve and the tests all run this.
     `proxied`: behind a proxy (Ray Serve's) that answers with its own `X-Request-ID` and cancels a
     request whose client left."""
-    mistake = open_by_mistake(settings)  # every server says these, whichever entry point made it
-    for line in ([mistake] if mistake else []) + ignored_variables(names=SERVING):
-        logging.getLogger("docker_vit").warning(line)
     service = Service(settings, handler or load_handler(settings))
 
     @asynccontextmanager

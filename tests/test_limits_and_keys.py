@@ -515,14 +515,24 @@ def test_a_server_with_only_the_clients_key_variable_set_is_warned_open() -> Non
     assert open_by_mistake(Settings(), {"DOCKER_VIT_API_KEY": ""}) is None
 
 
-def test_every_server_app_says_it_is_open_by_mistake(
+def test_serve_says_it_is_open_by_mistake_and_the_app_reads_no_environment(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The app warns, so `serve` and each Ray replica do alike (they both build it)."""
+    """The entry point that loaded the settings warns (`serve`, each Ray replica); the app is handed
+    its settings whole and never reads a variable itself."""
+    from docker_vit import cli, logs
+    from docker_vit.environment import server_warnings
+
     monkeypatch.setenv("DOCKER_VIT_API_KEY", "secret")
+    monkeypatch.setenv("DOCKER_VIT_APIKEYS", "k")
+    monkeypatch.setattr(logs, "configure", lambda *args, **kwargs: None)  # the test's own logging stays
     with caplog.at_level(logging.WARNING, logger="docker_vit"):
         create_app(Settings(), Echo(Settings()))
-    assert any("it is open to anyone" in record.getMessage() for record in caplog.records)
+        assert caplog.records == []
+        cli._server(Settings(handler="fake_handlers:Echo"))
+    said = [record.getMessage() for record in caplog.records]
+    assert said == server_warnings(Settings()) and len(said) == 2
+    assert "it is open to anyone" in said[0] and "did you mean DOCKER_VIT_API_KEYS?" in said[1]
 
 
 def test_a_misspelt_variable_is_named_with_the_setting_it_resembles() -> None:
@@ -589,14 +599,10 @@ def test_kubernetes_service_links_set_nothing_and_stop_nothing() -> None:
     assert ignored_variables({"DOCKER_VIT_PORT": "tcp://10.0.0.11:8000"}, names=["model"]) == []  # caption
 
 
-def test_every_server_app_names_a_misspelt_variable(
-    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    monkeypatch.setenv("DOCKER_VIT_NUM_BEAM", "2")
-    with caplog.at_level(logging.WARNING, logger="docker_vit"):
-        create_app(Settings(), Echo(Settings()))
-    said = [r.getMessage() for r in caplog.records if "DOCKER_VIT_NUM_BEAM " in r.getMessage()]
-    assert said == [
+def test_a_servers_warnings_name_a_misspelt_variable() -> None:
+    from docker_vit.environment import server_warnings
+
+    assert server_warnings(Settings(), {"DOCKER_VIT_NUM_BEAM": "2"}) == [
         "DOCKER_VIT_NUM_BEAM is not a Docker-ViT setting and is ignored (did you mean DOCKER_VIT_NUM_BEAMS?)"
     ]
 
