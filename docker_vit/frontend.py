@@ -76,8 +76,6 @@ async def model_info(service: Service) -> dict[str, Any]:
     `describe()` adds, the limits a request meets, and the model's state."""
     handler = service.handler
     base = Handler.describe(handler)  # name and class: what a describe() adds to
-    if handler.option_names is not None:  # the fields a request may set (`caption --url` sends no others)
-        base["options"] = list(handler.option_names)
     try:
         info = {**base, **await service.describe()}
     except Exception as exc:
@@ -86,8 +84,8 @@ async def model_info(service: Service) -> dict[str, Any]:
         if service.state == READY:
             raise errors.from_service(exc) from None
         info = base  # a describe() that needs the loaded model, asked while it loads
-    info = {key: value for key, value in info.items() if key != "options"}  # `base` itself, while loading
-    if handler.option_names is not None:  # what `caption --url` sends by: the option_names, not describe's
+    info = {key: value for key, value in info.items() if key != "options"}  # not describe()'s: the
+    if handler.option_names is not None:  # fields a request may set (`caption --url` sends no others)
         info["options"] = list(handler.option_names)
     limits = info.get("limits") if isinstance(info.get("limits"), dict) else {}
     settings = service.settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -31,6 +32,13 @@ def photo(name: str) -> Path:
     """A test photo from ../shared/data, or the copy in tests/data when ../shared is absent."""
     path = PHOTOS / name
     return path if path.exists() else LOCAL_PHOTOS / name
+
+
+def free_port() -> int:
+    """A loopback port free now, for a server started in a child process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def finished(process: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -19,17 +19,11 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import finished, photo
+from conftest import finished, free_port, photo
 
 from docker_vit import cli, hub
 
 DOCKER_VIT = [sys.executable, "-m", "docker_vit.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_ready(port: int, process: subprocess.Popen, seconds: float = 90) -> None:

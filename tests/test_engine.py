@@ -15,7 +15,7 @@ import other_models
 import pytest
 import tiny_models
 import torch
-from conftest import photo, serving
+from conftest import free_port, photo, serving
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -161,7 +161,7 @@ def test_a_model_in_the_hub_cache_starts_without_asking_the_hub(vit_gpt2_dir: Pa
 
 
 def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(tmp_path: Path) -> None:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "DOCKER_VIT_PORT": "18731"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path), "DOCKER_VIT_PORT": str(free_port())}
     done = subprocess.run(
         [sys.executable, "-m", "docker_vit.cli", "serve"],
         env=env,

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ from fastapi.testclient import TestClient
 ray = pytest.importorskip(
     "ray", reason="the Ray Serve adapter needs the extra: pip install 'docker-vit[ray]'"
 )
-from conftest import photo, serving  # noqa: E402
+from conftest import free_port, photo, serving  # noqa: E402
 from ray import serve  # noqa: E402
 
 from docker_vit import ray as ray_adapter  # noqa: E402
@@ -34,12 +33,6 @@ from docker_vit.service import FAILED, LOADING, READY, Service  # noqa: E402
 
 ARGS = {"num_beams": "2", "max_new_tokens": "8", "max_wait_ms": "50", "max_batch_size": "8"}
 PREFIX = "/cap"  # served under a route prefix: every route must work below it
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

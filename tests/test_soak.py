@@ -22,6 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import free_port
 
 from docker_vit.process import cpu_threads
 from docker_vit.protocol import LINGER
@@ -29,12 +30,6 @@ from docker_vit.protocol import LINGER
 TESTS = Path(__file__).parent
 READ_TIMEOUT, IDLE_TIMEOUT = 1.0, 1.0
 PROMPT = 10.0  # "promptly": generous, only proves nothing hangs
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
