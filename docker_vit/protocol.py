@@ -225,14 +225,14 @@ def _refusal(status: int, request_id: str) -> tuple[list[tuple[bytes, bytes]], b
 
 
 def _head_size(scope: dict) -> int:
-    """Bytes of a parsed request line and headers, as sent (give or take the spaces)."""
-    line = (
-        len(scope.get("method", "")) + len(scope.get("raw_path") or b"") + len(scope.get("query_string", b""))
-    )
-    return line + _rest_of_head(scope.get("headers", []))
+    """Bytes of a parsed request line and headers, as sent (exact for `Name: value` headers; the
+    spaces around a value are not kept)."""
+    query = scope.get("query_string", b"")
+    target = len(scope.get("raw_path") or b"") + (len(query) + 1 if query else 0)  # and its `?`
+    return len(scope.get("method", "")) + target + _rest_of_head(scope.get("headers", []))
 
 
 def _rest_of_head(headers: list[tuple[bytes, bytes]]) -> int:
-    """A head's bytes besides its method and target: the request line's version, spaces and end, and
-    each header line."""
-    return 12 + sum(len(name) + len(value) + 4 for name, value in headers)
+    """A head's bytes besides its method and target: the request line's version, spaces and end, each
+    header line, and the blank line that ends them."""
+    return 14 + sum(len(name) + len(value) + 4 for name, value in headers)

@@ -25,7 +25,7 @@ import pytest
 from conftest import free_port
 
 from docker_vit.process import cpu_threads
-from docker_vit.protocol import LINGER
+from docker_vit.protocol import LINGER, MAX_HEADER_BYTES
 
 TESTS = Path(__file__).parent
 READ_TIMEOUT, IDLE_TIMEOUT = 1.0, 1.0
@@ -416,6 +416,21 @@ def test_oversized_headers_in_one_chunk_are_refused(each_parser: str, size: int)
         refused_431(closed_by_server(sock, PROMPT))
     assert metric(each_parser, 'docker_vit_requests_total{route="unmatched",status="431"}') == counted + 1
     answered_promptly(each_parser)
+
+
+@pytest.mark.parametrize("target", [b"/healthz", b"/healthz?q=1"])
+def test_the_header_cap_holds_to_the_byte(each_parser: str, target: bytes) -> None:
+    """64 KiB of request line and headers, the blank line that ends them included, is served; one byte
+    more is a 431."""
+    for size, served in ((MAX_HEADER_BYTES, True), (MAX_HEADER_BYTES + 1, False)):
+        head = b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: "
+        with connect(each_parser) as sock:
+            sock.sendall(head + b"a" * (size - len(head) - 4) + b"\r\n\r\n")
+            answer = closed_by_server(sock, PROMPT)
+        if served:
+            assert answer.startswith(b"HTTP/1.1 200 "), (size, answer[:200])
+        else:
+            refused_431(answer)
 
 
 @pytest.mark.parametrize(
