@@ -163,6 +163,10 @@ def main() -> None:
             code = 1  # the service has logged why
     except KeyboardInterrupt:  # Ctrl-C, say while the model loads (or while the worker starts it)
         code = 130
+    except SystemExit as exc:  # the SDK's test mode, and its Ctrl-C, leave by sys.exit; past a hung
+        if worker is None:  # call too (below). A setting refused before: its line, as it is
+            raise
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except Terminated:  # no job taken yet: nothing to drain
         code = 0
     finally:  # the SDK leaves by sys.exit: stop the service before the interpreter starts to shut

@@ -275,6 +275,8 @@ class Service:
     def _respond(self, outputs: Sequence[Any]) -> list[Result]:
         try:
             return [respond(self.handler, output) for output in outputs]
+        except (InputError, OptionsError):  # the client's, answered 4xx: no failure to log
+            raise
         except Exception:
             log.exception("respond failed")
             raise

@@ -216,6 +216,8 @@ class Misbehaving(Echo):
         }
         if output == "respond-stop":
             raise StopIteration
+        if output == "respond-refuses":
+            raise InputError("this output says the input was the client's mistake")
         return broken.get(output, Result(text=output))
 
 

@@ -367,6 +367,16 @@ def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> No
         assert client.post("/", content=b"fine", headers={"content-type": "image/x"}).text == "fine"
 
 
+def test_a_client_error_from_respond_is_a_4xx_and_no_failure_in_the_log(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = Settings()
+    with serving(settings, Misbehaving(settings)) as client, caplog.at_level(logging.INFO):
+        refused = client.post("/", content=b"respond-refuses", headers={"content-type": "image/x"})
+    assert refused.status_code == 400 and "client's mistake" in refused.json()["error"]["message"]
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 def _failed_warm_up(handler_class: type) -> str:
     """Why a server of `handler_class` failed to start, as /readyz says once its load has ended."""
     settings = Settings()

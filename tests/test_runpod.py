@@ -301,6 +301,15 @@ def test_a_worker_whose_model_fails_to_load_exits_before_taking_a_job(tmp_path):
     assert said in log and log.index(said) < log.index("no model folder"), log
 
 
+def test_the_local_test_job_ends_past_a_hung_model_call() -> None:
+    """The SDK's test mode leaves by sys.exit, which joined the device thread and waited for ever."""
+    pytest.importorskip("runpod")
+    job = {"input": {"image": base64.b64encode(b"x").decode(), "delay": 3600}}
+    env = {"DOCKER_VIT_HANDLER": "fake_handlers:Echo", "PYTHONPATH": str(ROOT / "tests")}
+    done = run_main({**env, "DOCKER_VIT_REQUEST_TIMEOUT": "1"}, job)
+    assert done.returncode == 1 and "timeout" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 def stopped_worker(handler: str, job: dict, until: str, sig: int) -> tuple[subprocess.Popen, str]:
     """`python -m docker_vit.runpod --test_input JOB` with a test handler, sent `sig` once its output
     (stdout and stderr as one) shows `until`; the process, finished, and all it wrote."""
