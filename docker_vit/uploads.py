@@ -38,6 +38,7 @@ async def read_inputs(
 ) -> tuple[list[bytes], dict]:
     """The request's images and options, from multipart, a raw image body, or JSON; `first_only`: the
     original's reading of several files, the first one alone (the others are neither counted nor checked)."""
+    _refuse_coded(request.headers.get("content-encoding", ""))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
@@ -62,6 +63,17 @@ async def read_inputs(
             raise errors.ApiError(413, f"an image is {len(data)} bytes; the limit is {settings.max_bytes}")
     request.state.images = len(inputs)
     return inputs, options
+
+
+def _refuse_coded(coding: str) -> None:
+    """A compressed body (`Content-Encoding: gzip`) is refused as such, unread, rather than read as a
+    broken image or JSON: RFC 9110's 415, with the one coding taken."""
+    if coding.strip().lower() not in ("", "identity"):
+        raise errors.ApiError(
+            415,
+            f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",
+            headers={**errors.CLOSE, "Accept-Encoding": "identity"},
+        )
 
 
 async def _read_form(request: Request, most: int, first_only: bool) -> tuple[list[bytes], dict[str, str]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import gzip
 import io
 import logging
 import threading
@@ -166,6 +167,19 @@ def assert_error(response, status: int) -> dict:
     error = response.json()["error"]
     assert error["type"] and error["message"]
     return error
+
+
+@pytest.mark.parametrize("route", ["/", "/v1/captions"])
+def test_a_compressed_body_is_refused_as_such(client, route: str) -> None:
+    """A gzipped upload was read as a broken image (415 "not a supported image format") or as JSON
+    that is not UTF-8 (400): the coding is named, as RFC 9110's 415 says."""
+    packed = gzip.compress(photo("coffee.jpg").read_bytes())
+    for headers in ({"content-type": "image/jpeg"}, {"content-type": "application/json"}):
+        answer = client.post(route, content=packed, headers={**headers, "content-encoding": "GZIP"})
+        assert "'GZIP' is not supported: send the body uncompressed" in assert_error(answer, 415)["message"]
+        assert answer.headers["accept-encoding"] == "identity"
+    plain = {"content-type": "image/jpeg", "content-encoding": "identity"}
+    assert client.post(route, content=photo("coffee.jpg").read_bytes(), headers=plain).status_code == 200
 
 
 def test_a_body_of_the_wrong_type_or_broken_json_says_what_it_got(client) -> None:
