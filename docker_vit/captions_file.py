@@ -143,8 +143,11 @@ class CaptionsFile:
             pass
 
     def _write(self, text: str) -> None:
-        self._file.write(text.encode(**_ENCODING))
-        self._file.flush()
+        try:
+            self._file.write(text.encode(**_ENCODING))
+            self._file.flush()
+        except OSError as exc:  # a full disk, a file size limit: said with the file's name
+            raise CaptionsFileError(f"cannot write {self.path}: {exc.strerror or exc}") from None
 
     def _resume(self) -> set[str]:
         """Read the paths already captioned and cut off a last record that a kill left unfinished."""
@@ -214,6 +217,10 @@ def _json_rows(lines: _Lines, name: str) -> Iterator[Any]:
         except ValueError:
             if not lines.ended and (line.startswith(RECORD_START) or RECORD_START.startswith(line)):
                 return  # a record cut short by a kill: dropped, and its image captioned again
+            if line.startswith("path,caption"):
+                raise CaptionsFileError(
+                    f"{name} holds CSV captions, not JSON lines: add --format csv"
+                ) from None
             raise CaptionsFileError(f"line {number} of {name} is not JSON: is it a captions file?") from None
         lines.commit()
         yield row
@@ -232,6 +239,8 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
             if header is None:
                 header = row
                 if header[:2] != ["path", "caption"]:
+                    if header[:1] and header[0].startswith("{"):
+                        raise CaptionsFileError(f"{name} holds JSON lines, not CSV: add --format jsonl")
                     raise CaptionsFileError(f"{name} is a CSV without the columns path, caption")
                 columns[:] = header
             elif row:

@@ -20,7 +20,7 @@ from folder_handlers import Digest, Fussy, LostLater, PrepareSaysCuda
 from PIL import Image
 
 from docker_vit import cli
-from docker_vit.captions_file import CaptionsFile, CaptionsFileError, encode
+from docker_vit.captions_file import CaptionsFile, CaptionsFileError, encode, format_for
 from docker_vit.config import Settings
 from docker_vit.folder import find_images
 from docker_vit.progress import Progress
@@ -612,9 +612,29 @@ def test_a_full_disk_ends_the_run_with_one_line(tmp_path: Path) -> None:
         preexec_fn=limit,
         timeout=60,
     )
-    assert done.returncode == 1 and "File too large" in done.stderr and "Traceback" not in done.stderr, (
-        done.stderr
-    )
+    said = f"docker-vit: cannot write {tmp_path / 'o.jsonl'}: File too large"
+    assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "held", "said"),
+    [
+        ("o.csv", '{"path": "a.jpg", "caption": "x"}\n', "holds JSON lines, not CSV: add --format jsonl"),
+        (
+            "o.jsonl",
+            "path,caption,model\na.jpg,x,m\n",
+            "holds CSV captions, not JSON lines: add --format csv",
+        ),
+    ],
+)
+def test_a_captions_file_of_the_other_format_is_named_as_such(
+    name: str, held: str, said: str, tmp_path: Path
+) -> None:
+    path = tmp_path / name
+    path.write_text(held)
+    with pytest.raises(CaptionsFileError, match=said):
+        CaptionsFile(str(path), format_for(str(path), None))
+    assert path.read_text() == held
 
 
 def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
