@@ -255,7 +255,13 @@ def _download(settings: Settings, args: argparse.Namespace) -> int:
         print(os.path.abspath(settings.model))
         return 0
     try:
-        print(download(settings.model, settings.dir or None))
+        print(
+            download(
+                settings.model,
+                settings.dir or None,
+                lambda line: print(f"docker-vit: {line}", file=sys.stderr),
+            )
+        )
     except Exception as exc:  # no network, no such repository, no room: one line, not a traceback
         reason = " ".join(str(exc).split())  # one line, though the Hub's messages span several
         print(

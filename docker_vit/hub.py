@@ -3,30 +3,43 @@ no network. Its own module, so the command does not import torch and transformer
 
 from __future__ import annotations
 
+from collections.abc import Callable
 
-def download(model: str, folder: str | None = None) -> str:
+
+def download(model: str, folder: str | None = None, warn: Callable[[str], None] = lambda line: None) -> str:
     """Fetch a model's files into the Hugging Face cache (or `folder`) so later runs need no network.
 
     Weights for other frameworks (TensorFlow, Flax, Rust, ONNX, Core ML) are left out: torch never
     reads them, and a baked image would carry them (BLIP's repositories hold TensorFlow weights too).
     So are pickled torch weights beside safetensors ones, which transformers loads instead: BLIP's
-    repositories hold both, and an image would carry the model twice."""
+    repositories hold both, and an image would carry the model twice. A Hub out of reach leaves a
+    cached copy as it was: `warn` says so, since the user asked for the latest files."""
     from huggingface_hub import snapshot_download  # the Hub client, imported only when asked for
 
-    ignore = _OTHER_FRAMEWORKS + (_PICKLED if _has_safetensors(model) else [])
-    return snapshot_download(repo_id=model, local_dir=folder, ignore_patterns=ignore)
+    names = _listing(model)
+    safetensors = not isinstance(names, Exception) and any(
+        name.endswith(".safetensors") and "/" not in name for name in names
+    )
+    path = snapshot_download(
+        repo_id=model, local_dir=folder, ignore_patterns=_OTHER_FRAMEWORKS + (_PICKLED if safetensors else [])
+    )
+    if isinstance(names, Exception):
+        reason = " ".join(str(names).split())[:300]
+        warn(
+            f"could not list {model} on the Hub ({type(names).__name__}: {reason}): the files are the cached copy, not refreshed"
+        )
+    return path
 
 
-def _has_safetensors(model: str) -> bool:
-    """Whether the repository's own weights come as safetensors; when it cannot be listed (offline,
-    say), keep everything: the download then says why it fails, or serves from the cache."""
+def _listing(model: str) -> list[str] | Exception:
+    """The repository's files, or why they cannot be listed (offline, say): then everything is kept,
+    and the download says why it fails, or serves from the cache."""
     from huggingface_hub import model_info
 
     try:  # the call snapshot_download makes first: one try (list_repo_files retried for 23 s offline)
-        names = [sibling.rfilename for sibling in model_info(model).siblings or ()]
-    except Exception:
-        return False
-    return any(name.endswith(".safetensors") and "/" not in name for name in names)
+        return [sibling.rfilename for sibling in model_info(model).siblings or ()]
+    except Exception as exc:
+        return exc
 
 
 _OTHER_FRAMEWORKS = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.mlmodel"]

@@ -281,7 +281,10 @@ def test_download_leaves_out_pickled_weights_beside_safetensors(
 
     monkeypatch.setattr("huggingface_hub.model_info", listed)
     monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot)
-    hub.download("org/model")
+    warned: list[str] = []
+    hub.download("org/model", warn=warned.append)
+    assert len(warned) == isinstance(files, Exception)  # offline: served from the cache, and said
+    assert not warned or warned[0].startswith("could not list org/model on the Hub (OSError: offline)")
     skipped = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in seen)  # noqa: E731
     assert skipped("pytorch_model.bin") is pickled_skipped and skipped("tf_model.h5")
     assert not skipped("model.safetensors") and not skipped("tokenizer.json")
@@ -355,7 +358,7 @@ def test_download_names_a_misspelt_variable(monkeypatch: pytest.MonkeyPatch, cap
 
 
 def test_a_failed_download_is_one_clear_line(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
-    def offline(model: str, folder: str | None = None) -> str:
+    def offline(model: str, folder: str | None = None, warn: Any = None) -> str:
         raise OSError("no network here")
 
     monkeypatch.setattr(hub, "download", offline)
