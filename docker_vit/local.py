@@ -127,10 +127,13 @@ class LocalRunner:
             except Exception as exc:  # the file's: unreadable, or refused
                 outcome.error = describe_error(exc)
         results = self._results(items)
-        self._give_up_on_a_broken_model(broke + results)
+        # the input's fault, as a server answers it (4xx): no sign of a broken model
+        self._give_up_on_a_broken_model(broke + [result for result in results if not _refused(result)])
         for outcome, result in zip(ready, results, strict=True):
             if isinstance(result, _NotRun):
                 outcome.error = str(result)
+            elif _refused(result):
+                outcome.error = describe_error(result)
             elif isinstance(result, Exception):
                 outcome.error = f"the model failed: {type(result).__name__}: {result}"
             else:
@@ -196,6 +199,11 @@ class _Failed(Exception):
 class _NotRun(Exception):
     """An item of a split batch's other half once the device was lost: the model never saw it, so its
     line must not say the model failed on it."""
+
+
+def _refused(result: Any) -> bool:
+    """`predict` or `respond` said the input was the client's mistake (InputError, OptionsError)."""
+    return isinstance(result, InputError | OptionsError)
 
 
 def _respond(handler: Any, output: Any) -> Result | Exception:

@@ -225,8 +225,8 @@ def _refusal(status: int, request_id: str) -> tuple[list[tuple[bytes, bytes]], b
 
 
 def _head_size(scope: dict) -> int:
-    """Bytes of a parsed request line and headers, as sent (exact for `Name: value` headers; the
-    spaces around a value are not kept)."""
+    """Bytes of a parsed request line and headers, as sent: exact for `Name: value` headers and an
+    origin-form target (the parser keeps neither the spaces around a value nor a bare `?`)."""
     query = scope.get("query_string", b"")
     target = len(scope.get("raw_path") or b"") + (len(query) + 1 if query else 0)  # and its `?`
     return len(scope.get("method", "")) + target + _rest_of_head(scope.get("headers", []))

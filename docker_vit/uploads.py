@@ -38,7 +38,7 @@ async def read_inputs(
 ) -> tuple[list[bytes], dict]:
     """The request's images and options, from multipart, a raw image body, or JSON; `first_only`: the
     original's reading of several files, the first one alone (the others are neither counted nor checked)."""
-    _refuse_coded(request.headers.get("content-encoding", ""))
+    _refuse_coded(", ".join(request.headers.getlist("content-encoding")))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
@@ -68,7 +68,7 @@ async def read_inputs(
 def _refuse_coded(coding: str) -> None:
     """A compressed body (`Content-Encoding: gzip`) is refused as such, unread, rather than read as a
     broken image or JSON: RFC 9110's 415, with the one coding taken."""
-    if coding.strip().lower() not in ("", "identity"):
+    if {part.strip().lower() for part in coding.split(",")} - {"", "identity"}:  # each header, each coding
         raise errors.ApiError(
             415,
             f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",

@@ -221,6 +221,10 @@ class Misbehaving(Echo):
         return broken.get(output, Result(text=output))
 
 
+class Quoting(Misbehaving):
+    mode = "quote"  # predict refuses every input as the client's mistake
+
+
 class BadDescribe(Echo):
     def describe(self) -> dict[str, Any]:
         raise SystemExit("describe exits")

@@ -800,6 +800,27 @@ def test_ctrl_c_ends_a_run_whose_handler_keeps_a_thread_of_its_own(tmp_path: Pat
 
 
 @pytest.mark.parametrize(
+    ("handler", "text", "said"),
+    [
+        ("Misbehaving", b"respond-refuses", "client's mistake"),  # from respond
+        ("Misbehaving", b"not-yours", "client's mistake"),  # from prepare
+        ("Quoting", b"pic", "cannot read 'pic'"),  # from predict
+    ],
+)
+def test_input_the_handler_calls_the_clients_mistake_is_skipped_not_a_broken_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture, handler: str, text: bytes, said: str
+) -> None:
+    """An InputError from `predict` or `respond` (as from `prepare`) is the input's fault, as a server
+    answers it 400: each image is skipped with its reason, and the run goes on past three such batches."""
+    for index in range(5):
+        (tmp_path / f"{index}.jpg").write_bytes(text)
+    command = ["caption", str(tmp_path), "--handler", f"fake_handlers:{handler}", "--max-batch-size", "1"]
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert err.count(said) == 5 and "the model failed" not in err, err
+
+
+@pytest.mark.parametrize(
     ("handler", "reason"),
     [
         ("Broken", "RuntimeError: no such device"),

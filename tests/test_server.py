@@ -178,6 +178,9 @@ def test_a_compressed_body_is_refused_as_such(client, route: str) -> None:
         answer = client.post(route, content=packed, headers={**headers, "content-encoding": "GZIP"})
         assert "'GZIP' is not supported: send the body uncompressed" in assert_error(answer, 415)["message"]
         assert answer.headers["accept-encoding"] == "identity"
+    twice = [("content-type", "image/jpeg"), ("content-encoding", "identity"), ("content-encoding", "gzip")]
+    said = assert_error(client.post(route, content=packed, headers=twice), 415)["message"]
+    assert "'identity, gzip' is not supported" in said  # every header counts
     plain = {"content-type": "image/jpeg", "content-encoding": "identity"}
     assert client.post(route, content=photo("coffee.jpg").read_bytes(), headers=plain).status_code == 200
 
