@@ -523,6 +523,41 @@ def test_ctrl_c_while_a_caption_is_written_keeps_the_answers_waiting_behind_it(
     assert [Path(entry["path"]).name for entry in read(out)] == ["a.jpg", "b.jpg", "c.jpg"]
 
 
+class _FailsThenCaptions(_Flaky):
+    """A model error (500) on each image holding `FAIL`; the one holding `LAST` fails only once the two
+    holding `OK` have been answered."""
+
+    answered = threading.Semaphore(0)
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if b"OK" in body:
+            self._caption()
+            _FailsThenCaptions.answered.release()
+            return
+        if b"LAST" in body:
+            assert _FailsThenCaptions.answered.acquire(timeout=10)
+            assert _FailsThenCaptions.answered.acquire(timeout=10)
+            time.sleep(0.5)  # their answers read by the client
+        self._answer(500, {"error": {"type": "model_error", "message": "the model failed"}})
+
+
+def test_giving_up_on_a_broken_model_keeps_the_captions_already_back(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The run ends at the sixth failure in a row (three rounds of --concurrency 2); the answers that
+    came back behind it were dropped, and made again on resume."""
+    names = [f"a{index}.jpg" for index in range(5)] + ["a5.jpg", "b6.jpg", "b7.jpg"]
+    for name, text in zip(names, [b"FAIL"] * 5 + [b"LAST", b"OK", b"OK"], strict=True):
+        (tmp_path / name).write_bytes(text)
+    out = tmp_path / "o.jsonl"
+    with stub_server(_FailsThenCaptions) as url:
+        command = ["caption", str(tmp_path), "-o", str(out), "--url", url, "--concurrency", "2"]
+        assert cli.main(command) == 1
+    assert "the server's model failed on 6 images in a row" in capsys.readouterr().err
+    assert [Path(entry["path"]).name for entry in read(out)] == ["b6.jpg", "b7.jpg"]
+
+
 class _KeyEverywhere(_Flaky):
     """A gateway (Runpod's load-balancing endpoint, say) that wants the key on every route, probes too."""
 
