@@ -139,7 +139,7 @@ def test_download_takes_its_model_and_folder_from_variables(monkeypatch: pytest.
     from docker_vit import cli, hub
 
     calls = []
-    monkeypatch.setattr(hub, "download", lambda model, folder: calls.append((model, folder)) or "done")
+    monkeypatch.setattr(hub, "download", lambda model, folder, warn: calls.append((model, folder)) or "done")
     monkeypatch.setenv("DOCKER_VIT_MODEL", "someone/model")
     monkeypatch.setenv("DOCKER_VIT_DIR", "/tmp/here")
     assert cli.main(["download"]) == 0
