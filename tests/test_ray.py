@@ -9,6 +9,7 @@ Without the `ray` extra the module is skipped, and pytest reports why.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
 import time
@@ -263,6 +264,25 @@ def test_an_argument_left_empty_in_a_config_file_is_unset_not_the_text_none() ->
 def test_one_request_id_header_the_proxys() -> None:
     reply = TestClient(ray_adapter.create_app(Settings(), proxied=True)).get("/healthz")
     assert reply.status_code == 200 and "x-request-id" not in reply.headers
+
+
+def test_a_replica_says_the_servers_warnings(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As `serve` does: the app itself reads no environment, so the replica that loaded its settings says them."""
+    from docker_vit.environment import server_warnings
+
+    monkeypatch.setenv("DOCKER_VIT_API_KEY", "secret")
+    monkeypatch.setattr(ray_adapter.ray, "get_gpu_ids", lambda: [])  # not in a Ray worker
+    monkeypatch.setattr(ray_adapter.logs, "configure", lambda *args, **kwargs: None)
+    monkeypatch.setattr(ray_adapter.REPLICA_APP, "app", None, raising=False)
+    with caplog.at_level(logging.WARNING, logger="docker_vit"):
+        replica = ray_adapter.DockerViT.func_or_class
+        asyncio.run(
+            replica.__init__(replica.__new__(replica), {"handler": "fake_handlers:Echo"})
+        )  # ingress's: async
+    said = [record.getMessage() for record in caplog.records if record.name == "docker_vit"]
+    assert said == server_warnings(Settings()) and "open to anyone" in said[0]
 
 
 def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
