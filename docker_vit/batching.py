@@ -267,9 +267,9 @@ class Batcher:
             drop_frames(exc)  # they hold the stopped decode's caches, in a cycle with this frame
             return
         if len(batch) > 1 and live and splittable(exc):  # callers who left meanwhile are not retried
-            log.warning(
-                "batch of %d failed (%s: %s); retrying in halves", len(batch), type(exc).__name__, exc
-            )
+            refused = isinstance(exc, InputError | OptionsError)  # an input the client sent: no failure
+            failed = f"batch of {len(batch)} failed ({type(exc).__name__}: {exc}); retrying in halves"
+            log.log(logging.INFO if refused else logging.WARNING, "%s", failed)
             drop_frames(exc)  # the failed call's memory (activations, caches) must be free for the halves
             for entry in live:  # the halves' queue wait starts now: the failed call was model time
                 entry.born = time.monotonic()

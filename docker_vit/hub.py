@@ -25,9 +25,8 @@ def download(model: str, folder: str | None = None, warn: Callable[[str], None] 
     )
     if isinstance(names, Exception):
         reason = " ".join(str(names).split())[:300]
-        warn(
-            f"could not list {model} on the Hub ({type(names).__name__}: {reason}): the files are the cached copy, not refreshed"
-        )
+        kept = f"the files already in {folder}" if folder else "the files are the cached copy"
+        warn(f"could not list {model} on the Hub ({type(names).__name__}: {reason}): {kept}, not refreshed")
     return path
 
 

@@ -109,7 +109,7 @@ class LocalRunner:
         data = read_file(path, self.max_bytes)
         try:
             return contained(self.handler.prepare, data, self.options)
-        except InputError:
+        except (InputError, OptionsError):  # the client's, as a server answers them (4xx)
             raise
         except Exception as exc:  # an OSError too: the handler's own files, not the image's
             raise _Failed(exc) from None
@@ -126,6 +126,7 @@ class LocalRunner:
                 broke.append(failed.error)
             except Exception as exc:  # the file's: unreadable, or refused
                 outcome.error = describe_error(exc)
+                self._end_on_refused_options(exc)
         results = self._results(items)
         # the input's fault, as a server answers it (4xx): no sign of a broken model
         self._give_up_on_a_broken_model(broke + [result for result in results if not _refused(result)])
@@ -134,11 +135,18 @@ class LocalRunner:
                 outcome.error = str(result)
             elif _refused(result):
                 outcome.error = describe_error(result)
+                self._end_on_refused_options(result)
             elif isinstance(result, Exception):
                 outcome.error = f"the model failed: {type(result).__name__}: {result}"
             else:
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
         return outcomes
+
+    def _end_on_refused_options(self, exc: Exception) -> None:
+        """The handler refused this run's options (an OptionsError: a server's 422, which ends a
+        `--url` run): every later image would be refused too, so the run ends after this batch."""
+        if isinstance(exc, OptionsError) and self.ends is None:
+            self.ends = f"the handler refused this run's options: {exc}"
 
     def _give_up_on_a_broken_model(self, results: list[Result | Exception]) -> None:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken

@@ -67,7 +67,7 @@ async def read_inputs(
 
 def _refuse_coded(coding: str) -> None:
     """A compressed body (`Content-Encoding: gzip`) is refused as such, unread, rather than read as a
-    broken image or JSON: RFC 9110's 415, with the one coding taken."""
+    broken image or JSON: RFC 9110's 415, with the one coding taken (identity)."""
     if {part.strip().lower() for part in coding.split(",")} - {"", "identity"}:  # each header, each coding
         raise errors.ApiError(
             415,

@@ -225,6 +225,19 @@ class Quoting(Misbehaving):
     mode = "quote"  # predict refuses every input as the client's mistake
 
 
+class RefusesOptions(Echo):
+    """Finds this run's options out of bounds in `prepare` (STAGE=prepare) or `predict`: an
+    OptionsError, a server's 422."""
+
+    def prepare(self, data: bytes, options: Hashable) -> Any:
+        if os.environ.get("STAGE") == "prepare":
+            raise OptionsError("this option does not fit this image")
+        return super().prepare(data, options)
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        raise OptionsError("num_beams must be 1..8 for this model")
+
+
 class BadDescribe(Echo):
     def describe(self) -> dict[str, Any]:
         raise SystemExit("describe exits")

@@ -290,6 +290,17 @@ def test_download_leaves_out_pickled_weights_beside_safetensors(
     assert not skipped("model.safetensors") and not skipped("tokenizer.json")
 
 
+def test_download_into_a_folder_offline_says_the_folder_was_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    def offline(repo_id: str) -> Any:
+        raise OSError("offline")
+
+    monkeypatch.setattr("huggingface_hub.model_info", offline)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: kwargs["local_dir"])
+    warned: list[str] = []
+    assert hub.download("org/model", "/models/x", warn=warned.append) == "/models/x"
+    assert warned[0].endswith("(OSError: offline): the files already in /models/x, not refreshed")
+
+
 def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     image = str(photo("coffee.jpg"))
     assert cli.main(["caption", image, "--model", str(tmp_path / "missing")]) == 1

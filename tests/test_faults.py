@@ -367,14 +367,19 @@ def test_a_handler_breaking_the_interface_gets_one_answer_on_every_route() -> No
         assert client.post("/", content=b"fine", headers={"content-type": "image/x"}).text == "fine"
 
 
-def test_a_client_error_from_respond_is_a_4xx_and_no_failure_in_the_log(
+def test_a_client_error_from_respond_or_predict_is_a_4xx_and_no_failure_in_the_log(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """From `respond`; from `predict` on a batch of two, which is halved to find the image (said at INFO)."""
     settings = Settings()
     with serving(settings, Misbehaving(settings)) as client, caplog.at_level(logging.INFO):
         refused = client.post("/", content=b"respond-refuses", headers={"content-type": "image/x"})
+        two = [("file", ("a", b"a", "image/x")), ("file", ("b", b"b", "image/x"))]
+        quoted = client.post("/v1/captions?mode=quote", files=two)
     assert refused.status_code == 400 and "client's mistake" in refused.json()["error"]["message"]
-    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+    assert quoted.status_code == 400 and "cannot read" in quoted.json()["error"]["message"]
+    assert any("retrying in halves" in record.getMessage() for record in caplog.records)
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
 
 
 def _failed_warm_up(handler_class: type) -> str:

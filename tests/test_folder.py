@@ -821,6 +821,23 @@ def test_input_the_handler_calls_the_clients_mistake_is_skipped_not_a_broken_mod
 
 
 @pytest.mark.parametrize(
+    ("stage", "said"), [("prepare", "this option does not fit"), ("predict", "num_beams must be 1..8")]
+)
+def test_options_the_handler_refuses_end_the_run_as_a_servers_422_does(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, stage: str, said: str
+) -> None:
+    """Every image would be refused alike: one batch, then the run ends (a `--url` run ends at the 422)."""
+    monkeypatch.setenv("STAGE", stage)
+    for index in range(5):
+        (tmp_path / f"{index}.jpg").write_bytes(b"pic")
+    command = ["caption", str(tmp_path), "--handler", "fake_handlers:RefusesOptions", "--max-batch-size", "1"]
+    assert cli.main(command) == 1
+    err = capsys.readouterr().err
+    assert err.count(said) == 2 and f"the handler refused this run's options: {said}" in err, err
+    assert "skipping" in err and err.count("skipping") == 1 and "the model failed" not in err, err
+
+
+@pytest.mark.parametrize(
     ("handler", "reason"),
     [
         ("Broken", "RuntimeError: no such device"),
