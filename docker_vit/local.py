@@ -116,7 +116,7 @@ class LocalRunner:
 
     def _predict(self, prepared: list[tuple[str, Future]]) -> list[Outcome]:
         outcomes = [Outcome(path) for path, _ in prepared]
-        ready, items, broke = [], [], []
+        ready, items, broke, refused = [], [], [], []
         for outcome, (_, future) in zip(outcomes, prepared, strict=True):
             try:
                 items.append(future.result())
@@ -126,7 +126,7 @@ class LocalRunner:
                 broke.append(failed.error)
             except Exception as exc:  # the file's: unreadable, or refused
                 outcome.error = describe_error(exc)
-                self._end_on_refused_options(exc)
+                refused.append(exc)
         results = self._results(items)
         # the input's fault, as a server answers it (4xx): no sign of a broken model
         self._give_up_on_a_broken_model(broke + [result for result in results if not _refused(result)])
@@ -135,18 +135,21 @@ class LocalRunner:
                 outcome.error = str(result)
             elif _refused(result):
                 outcome.error = describe_error(result)
-                self._end_on_refused_options(result)
+                refused.append(result)
             elif isinstance(result, Exception):
                 outcome.error = f"the model failed: {type(result).__name__}: {result}"
             else:
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
+        self._end_on_refused_options(refused, len(outcomes))
         return outcomes
 
-    def _end_on_refused_options(self, exc: Exception) -> None:
-        """The handler refused this run's options (an OptionsError: a server's 422, which ends a
-        `--url` run): every later image would be refused too, so the run ends after this batch."""
-        if isinstance(exc, OptionsError) and self.ends is None:
-            self.ends = f"the handler refused this run's options: {exc}"
+    def _end_on_refused_options(self, refused: list[Exception], images: int) -> None:
+        """The handler refused this run's options for every image of the batch (OptionsError: a
+        server's 422, which ends a `--url` run): every later image would be refused too, so the run
+        ends after this batch. Options refused for some images only skip those."""
+        options = [exc for exc in refused if isinstance(exc, OptionsError)]
+        if options and len(options) == images and self.ends is None:
+            self.ends = f"the handler refused this run's options: {options[-1]}"
 
     def _give_up_on_a_broken_model(self, results: list[Result | Exception]) -> None:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken

@@ -226,16 +226,19 @@ class Quoting(Misbehaving):
 
 
 class RefusesOptions(Echo):
-    """Finds this run's options out of bounds in `prepare` (STAGE=prepare) or `predict`: an
-    OptionsError, a server's 422."""
+    """Finds this run's options out of bounds (an OptionsError, a server's 422): in `prepare` for every
+    input (STAGE=prepare) or for the input `odd` (STAGE=one), or in `predict` (STAGE=predict)."""
 
     def prepare(self, data: bytes, options: Hashable) -> Any:
-        if os.environ.get("STAGE") == "prepare":
+        stage = os.environ.get("STAGE")
+        if stage == "prepare" or (stage == "one" and data == b"odd"):
             raise OptionsError("this option does not fit this image")
         return super().prepare(data, options)
 
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
-        raise OptionsError("num_beams must be 1..8 for this model")
+        if os.environ.get("STAGE") == "predict":
+            raise OptionsError("num_beams must be 1..8 for this model")
+        return super().predict(items, options)
 
 
 class BadDescribe(Echo):

@@ -837,6 +837,20 @@ def test_options_the_handler_refuses_end_the_run_as_a_servers_422_does(
     assert "skipping" in err and err.count("skipping") == 1 and "the model failed" not in err, err
 
 
+def test_options_refused_for_one_image_skip_that_image_alone(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's options are not at fault: a rerun would otherwise stop at that image every time."""
+    monkeypatch.setenv("STAGE", "one")
+    for index in range(5):
+        (tmp_path / f"{index}.jpg").write_bytes(b"odd" if index == 0 else b"pic")
+    command = ["caption", str(tmp_path), "--handler", "fake_handlers:RefusesOptions", "--max-batch-size", "2"]
+    assert cli.main(command) == 1
+    out, err = capsys.readouterr()
+    assert err.count("skipping") == 1 and "refused this run's options" not in err, err
+    assert out.count(": pic") == 4
+
+
 @pytest.mark.parametrize(
     ("handler", "reason"),
     [
