@@ -22,6 +22,7 @@ import pytest
 from conftest import finished, killed_after
 from PIL import Image
 
+from docker_vit import errors
 from docker_vit.captioner import Captioner
 from docker_vit.config import Settings
 from docker_vit.handler import Handler
@@ -108,6 +109,30 @@ def test_data_url_and_generation_options(worker):
         run(worker, {"input": {"image": "DATA:image/png;base64," + png(7, 7)}})["captions"][0]["text"][:3]
         == "7x7"
     )
+
+
+def test_base64_broken_into_lines_or_spaced_out_is_read(worker):
+    """MIME's 76 columns, `base64` without -w0, blanks before a data URL; and whitespace costs one copy of
+    the text, not an object per piece (`"ab ab ab ..."` took twenty times its size before the 413)."""
+    from docker_vit import payloads
+
+    text = png(9, 9)
+    lined = "\r\n".join(text[start : start + 76] for start in range(0, len(text), 76))
+    for image in (lined, "\t" + text + "\n", "  data:image/png;base64," + " ".join(text)):
+        assert run(worker, {"input": {"image": image}})["captions"][0]["text"].startswith("9x9")
+    assert payloads.decode_base64("YW Jj\nZA==", 0, 10) == b"abcd"
+    with pytest.raises(errors.ApiError, match="over 30 bytes"):
+        payloads.decode_base64("ab " * 100, 0, 30)  # counted without its blanks, refused before decoding
+    with pytest.raises(errors.ApiError, match="not valid base64"):
+        payloads.decode_base64("YWJj\u3000ZA==", 0, 10)  # only ASCII whitespace is passed over
+
+
+def test_unknown_fields_are_named_a_few_and_short(worker):
+    """A job of a million long keys got an answer of millions of bytes, logged whole."""
+    job = {"input": {"image": png(), **{f"{index:03}" + "k" * 1000: 1 for index in range(300)}}}
+    message = run(worker, job)["error"]["message"]
+    assert message.startswith("unknown input field(s): 000" + "k" * 97 + ", 001") and len(message) < 700
+    assert message.endswith("(and 295 more)")
 
 
 def test_base64_is_decoded_off_the_loop_that_runs_the_batches(worker, monkeypatch):
