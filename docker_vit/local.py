@@ -73,6 +73,7 @@ class LocalRunner:
         self.batch_size = batch_size(self.handler, settings)
         self.max_bytes = settings.max_bytes
         self.failed_in_a_row = 0  # batches in which the model failed on every image
+        self.refused_in_a_row = 0  # batches that captioned nothing, the handler refusing their options
         self.lost: Exception | None = None  # what failed the device for good: nothing more runs on it
         self.ends: str | None = None  # why the run ends once this batch's outcomes are out
 
@@ -140,16 +141,21 @@ class LocalRunner:
                 outcome.error = f"the model failed: {type(result).__name__}: {result}"
             else:
                 outcome.entry = record(outcome.path, result.text, self.handler.name, self.params, result.data)
-        self._end_on_refused_options(refused, len(outcomes))
+        self._end_on_refused_options(refused, captioned=any(outcome.entry for outcome in outcomes))
         return outcomes
 
-    def _end_on_refused_options(self, refused: list[Exception], images: int) -> None:
-        """The handler refused this run's options for every image of the batch (OptionsError: a
-        server's 422, which ends a `--url` run): every later image would be refused too, so the run
-        ends after this batch. Options refused for some images only skip those."""
+    def _end_on_refused_options(self, refused: list[Exception], captioned: bool) -> None:
+        """Options the handler refuses (OptionsError: a server's 422, which ends a `--url` run) in
+        GIVE_UP_AFTER batches in a row that captioned nothing are this run's: every later image would
+        be refused too, so the run ends. Options refused for an image or two only skip those."""
         options = [exc for exc in refused if isinstance(exc, OptionsError)]
-        if options and len(options) == images and self.ends is None:
-            self.ends = f"the handler refused this run's options: {options[-1]}"
+        if captioned:
+            self.refused_in_a_row = 0
+        elif options:  # a batch of files that never reached the handler tells nothing
+            self.refused_in_a_row += 1
+            if self.refused_in_a_row >= GIVE_UP_AFTER and self.ends is None:
+                said = f"the handler refused this run's options in {GIVE_UP_AFTER} batches in a row"
+                self.ends = f"{said}: {options[-1]}"
 
     def _give_up_on_a_broken_model(self, results: list[Result | Exception]) -> None:
         """A poison image fails alone; a model that fails on every image of batch after batch is broken

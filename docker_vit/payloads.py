@@ -28,7 +28,7 @@ def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
     """One base64 image (or a `data:` URL) to bytes; oversized ones are refused before decoding.
     Whitespace goes in one copy of the bytes: splitting the text made an object of each piece, so
     `"ab ab ab ..."` cost twenty times its size before the size test."""
-    text = text.lstrip()
+    text = text.lstrip(_WHITESPACE.decode())
     if text[:5].lower() == "data:":  # a data URL (the scheme is case-blind): its data follow the comma
         _, comma, text = text.partition(",")
         if not comma:

@@ -826,25 +826,35 @@ def test_input_the_handler_calls_the_clients_mistake_is_skipped_not_a_broken_mod
 def test_options_the_handler_refuses_end_the_run_as_a_servers_422_does(
     tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, stage: str, said: str
 ) -> None:
-    """Every image would be refused alike: one batch, then the run ends (a `--url` run ends at the 422)."""
+    """Every image would be refused alike: three batches that caption nothing, then the run ends (a
+    `--url` run ends at the 422); a file that cannot be read among them changes nothing."""
     monkeypatch.setenv("STAGE", stage)
-    for index in range(5):
+    for index in range(6):
         (tmp_path / f"{index}.jpg").write_bytes(b"pic")
-    command = ["caption", str(tmp_path), "--handler", "fake_handlers:RefusesOptions", "--max-batch-size", "1"]
-    assert cli.main(command) == 1
+    (tmp_path / "1.jpg").write_bytes(b"x" * 100)  # over --max-bytes: never reaches the handler
+    command = ["caption", str(tmp_path), "--handler", "fake_handlers:RefusesOptions", "--max-bytes", "50"]
+    assert cli.main([*command, "--max-batch-size", "1"]) == 1
     err = capsys.readouterr().err
-    assert err.count(said) == 2 and f"the handler refused this run's options: {said}" in err, err
-    assert "skipping" in err and err.count("skipping") == 1 and "the model failed" not in err, err
+    assert f"the handler refused this run's options in 3 batches in a row: {said}" in err, err
+    assert err.count("skipping") == 4 and "5.jpg" not in err and "the model failed" not in err, err
 
 
+@pytest.mark.parametrize("batch", ["1", "2"])
 def test_options_refused_for_one_image_skip_that_image_alone(
-    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, batch: str
 ) -> None:
     """The run's options are not at fault: a rerun would otherwise stop at that image every time."""
     monkeypatch.setenv("STAGE", "one")
     for index in range(5):
         (tmp_path / f"{index}.jpg").write_bytes(b"odd" if index == 0 else b"pic")
-    command = ["caption", str(tmp_path), "--handler", "fake_handlers:RefusesOptions", "--max-batch-size", "2"]
+    command = [
+        "caption",
+        str(tmp_path),
+        "--handler",
+        "fake_handlers:RefusesOptions",
+        "--max-batch-size",
+        batch,
+    ]
     assert cli.main(command) == 1
     out, err = capsys.readouterr()
     assert err.count("skipping") == 1 and "refused this run's options" not in err, err
