@@ -44,6 +44,7 @@ class RequestContext:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        scope = _origin_form(scope)
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
@@ -155,3 +156,14 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
         return int(headers.get(b"content-length", b"0"))
     except ValueError:
         return 0
+
+
+def _origin_form(scope: dict) -> dict:
+    """A target in absolute form (`GET http://host/path`, as proxies send it, which RFC 9112 has a
+    server accept) by its path: httptools parses it so, h11 leaves it whole, and no route matched."""
+    raw, path = scope.get("raw_path") or b"", scope.get("path", "")
+    absolute = (b"http://", b"https://")
+    if not (raw[:8].lower().startswith(absolute) and path[:8].lower().startswith(("http://", "https://"))):
+        return scope
+    after_host = path.split("//", 1)[1].partition("/")[2]  # both hold `//`: their schemes say so
+    return {**scope, "path": "/" + after_host, "raw_path": b"/" + raw.split(b"//", 1)[1].partition(b"/")[2]}

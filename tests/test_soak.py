@@ -418,6 +418,15 @@ def test_oversized_headers_in_one_chunk_are_refused(each_parser: str, size: int)
     answered_promptly(each_parser)
 
 
+@pytest.mark.parametrize("target", [b"http://x/healthz", b"HTTPS://x:1/healthz?q=1"])
+def test_a_target_in_absolute_form_is_served_by_its_path(each_parser: str, target: bytes) -> None:
+    """What proxies send (RFC 9112 has a server accept it): h11 left it whole, and no route matched."""
+    with connect(each_parser) as sock:
+        sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        answer = closed_by_server(sock, PROMPT)
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b'{"status":"ok"}'), answer[:300]
+
+
 @pytest.mark.parametrize("target", [b"/healthz", b"/healthz?q=1"])
 def test_the_header_cap_holds_to_the_byte(each_parser: str, target: bytes) -> None:
     """64 KiB of request line and headers, the blank line that ends them included, is served; one byte
