@@ -28,7 +28,7 @@ from typing import Any
 from docker_vit.abandon import Abandoned
 from docker_vit.calls import WrongOutputs, device_lost, drop_frames, splittable
 from docker_vit.device import DeviceThread
-from docker_vit.errors import InputError, OptionsError, QueueFull, TooManyItems
+from docker_vit.errors import CLIENT_ERRORS, QueueFull, TooManyItems
 
 log = logging.getLogger("docker_vit.batching")
 
@@ -267,7 +267,7 @@ class Batcher:
             drop_frames(exc)  # they hold the stopped decode's caches, in a cycle with this frame
             return
         if len(batch) > 1 and live and splittable(exc):  # callers who left meanwhile are not retried
-            refused = isinstance(exc, InputError | OptionsError)  # an input the client sent: no failure
+            refused = isinstance(exc, CLIENT_ERRORS)  # an input the client sent: no failure
             failed = f"batch of {len(batch)} failed ({type(exc).__name__}: {exc}); retrying in halves"
             log.log(logging.INFO if refused else logging.WARNING, "%s", failed)
             drop_frames(exc)  # the failed call's memory (activations, caches) must be free for the halves
@@ -277,7 +277,7 @@ class Batcher:
             for half in (live[:middle], live[middle:]):
                 await self._execute(half, options)  # drops an empty half, and callers gone since
             return
-        if isinstance(exc, InputError | OptionsError):  # a handler refusing an input in predict: 4xx
+        if isinstance(exc, CLIENT_ERRORS):  # a handler refusing an input in predict: 4xx
             log.info("model call refused its input: %s: %s", type(exc).__name__, exc)
         else:
             log.error("model call failed", exc_info=exc)

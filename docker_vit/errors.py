@@ -62,6 +62,10 @@ class OptionsError(ValueError):
     """A request's options are out of bounds or malformed (HTTP 422)."""
 
 
+# What a handler raises for the client's mistake, from any hook: answered 4xx, never logged as a failure
+CLIENT_ERRORS = (InputError, OptionsError)
+
+
 class QueueFull(Exception):
     """The queue holds `max_queue` items already; the caller should answer 503 and retry later."""
 

@@ -24,7 +24,7 @@ from docker_vit.calls import (
 )
 from docker_vit.captions_file import record
 from docker_vit.config import Settings
-from docker_vit.errors import InputError, OptionsError
+from docker_vit.errors import CLIENT_ERRORS, OptionsError
 from docker_vit.handler import Result
 from docker_vit.loader import batch_size, load_handler, sync_result
 from docker_vit.process import cpu_threads
@@ -110,7 +110,7 @@ class LocalRunner:
         data = read_file(path, self.max_bytes)
         try:
             return contained(self.handler.prepare, data, self.options)
-        except (InputError, OptionsError):  # the client's, as a server answers them (4xx)
+        except CLIENT_ERRORS:  # the client's, as a server answers them (4xx)
             raise
         except Exception as exc:  # an OSError too: the handler's own files, not the image's
             raise _Failed(exc) from None
@@ -130,11 +130,13 @@ class LocalRunner:
                 refused.append(exc)
         results = self._results(items)
         # the input's fault, as a server answers it (4xx): no sign of a broken model
-        self._give_up_on_a_broken_model(broke + [result for result in results if not _refused(result)])
+        self._give_up_on_a_broken_model(
+            broke + [result for result in results if not isinstance(result, CLIENT_ERRORS)]
+        )
         for outcome, result in zip(ready, results, strict=True):
             if isinstance(result, _NotRun):
                 outcome.error = str(result)
-            elif _refused(result):
+            elif isinstance(result, CLIENT_ERRORS):  # `predict` or `respond` refused the input
                 outcome.error = describe_error(result)
                 refused.append(result)
             elif isinstance(result, Exception):
@@ -216,11 +218,6 @@ class _Failed(Exception):
 class _NotRun(Exception):
     """An item of a split batch's other half once the device was lost: the model never saw it, so its
     line must not say the model failed on it."""
-
-
-def _refused(result: Any) -> bool:
-    """`predict` or `respond` said the input was the client's mistake (InputError, OptionsError)."""
-    return isinstance(result, InputError | OptionsError)
 
 
 def _respond(handler: Any, output: Any) -> Result | Exception:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from docker_vit.config import GENERATION, flag_name
-from docker_vit.errors import InputError, OptionsError, TooLarge
+from docker_vit.errors import CLIENT_ERRORS, InputError, TooLarge
 
 
 class CaptionError(Exception):
@@ -54,7 +54,7 @@ def describe_error(exc: BaseException) -> str:
         return exc.strerror
     if isinstance(exc, TooLarge) and exc.setting:  # a photo of 48 megapixels, say: the user may allow it
         return f"{exc} ({flag_name(exc.setting)} raises it)"
-    return str(exc) if isinstance(exc, InputError | OptionsError) else f"{type(exc).__name__}: {exc}"
+    return str(exc) if isinstance(exc, CLIENT_ERRORS) else f"{type(exc).__name__}: {exc}"
 
 
 def generation_defaults(info: Mapping[str, Any]) -> dict[str, Any]:

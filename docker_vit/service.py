@@ -16,7 +16,7 @@ from docker_vit.batching import Batcher
 from docker_vit.calls import contained, description, predict_all, read_options, respond
 from docker_vit.closing import closed
 from docker_vit.config import Settings
-from docker_vit.errors import InputError, NotServing, OptionsError, TooLarge
+from docker_vit.errors import CLIENT_ERRORS, InputError, NotServing, TooLarge
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import batch_size, check_attributes, sync_result
 from docker_vit.metrics import Metrics
@@ -234,7 +234,7 @@ class Service:
         jobs = [asyncio.ensure_future(one(index, data)) for index, data in enumerate(inputs)]
         try:
             return list(await asyncio.gather(*jobs))
-        except (InputError, OptionsError):  # the client's: answered 4xx, as from options()
+        except CLIENT_ERRORS:  # the client's: answered 4xx, as from options()
             raise
         except Exception:
             log.exception("prepare failed")  # the client gets a 500: the log says why
@@ -275,7 +275,7 @@ class Service:
     def _respond(self, outputs: Sequence[Any]) -> list[Result]:
         try:
             return [respond(self.handler, output) for output in outputs]
-        except (InputError, OptionsError):  # the client's, answered 4xx: no failure to log
+        except CLIENT_ERRORS:  # the client's, answered 4xx: no failure to log
             raise
         except Exception:
             log.exception("respond failed")
