@@ -161,9 +161,8 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
 def _origin_form(scope: dict) -> dict:
     """A target in absolute form (`GET http://host/path`, as proxies send it, which RFC 9112 has a
     server accept) by its path: httptools parses it so, h11 leaves it whole, and no route matched."""
-    raw, path = scope.get("raw_path") or b"", scope.get("path", "")
-    absolute = (b"http://", b"https://")
-    if not (raw[:8].lower().startswith(absolute) and path[:8].lower().startswith(("http://", "https://"))):
+    raw = scope.get("raw_path") or b""
+    if not raw[:8].lower().startswith((b"http://", b"https://")):
         return scope
-    after_host = path.split("//", 1)[1].partition("/")[2]  # both hold `//`: their schemes say so
+    after_host = scope["path"].split("//", 1)[1].partition("/")[2]  # the path is the raw one, unquoted
     return {**scope, "path": "/" + after_host, "raw_path": b"/" + raw.split(b"//", 1)[1].partition(b"/")[2]}
