@@ -1,6 +1,6 @@
 """Captioning many images without a server: `docker-vit caption PATH... [--output FILE]`.
 
-Folders are walked in a stable order, images go through the configured handler in batches (or to a
+Folders are walked in a stable order (walk.py), images go through the configured handler in batches (or to a
 server with `--url`; local.py and client.py), and captions go to stdout or to a captions file that a second
 run resumes. One unreadable file costs a warning line, never the run.
 
@@ -16,10 +16,9 @@ import contextlib
 import csv
 import io
 import os
-import stat
 import sys
 from collections import Counter
-from collections.abc import Callable, Collection, Generator, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Generator, Mapping, Sequence
 from functools import partial
 from typing import Any
 
@@ -28,35 +27,7 @@ from docker_vit.config import Settings
 from docker_vit.handler import HandlerError
 from docker_vit.progress import Progress
 from docker_vit.runner import CaptionError, Outcome, Runner
-
-IMAGE_EXTENSIONS = frozenset(
-    {
-        ".jpg",
-        ".jpeg",
-        ".jpe",
-        ".jfif",
-        ".mpo",
-        ".png",
-        ".apng",
-        ".gif",
-        ".webp",
-        ".bmp",
-        ".tif",
-        ".tiff",
-        ".ico",
-        ".ppm",
-        ".pgm",
-        ".pbm",
-        ".pnm",
-        ".tga",
-    }
-)  # what the intake decodes (images.FORMATS)
-# Pictures the intake does not decode (HEIC needs a plugin, RAW a developer, AVIF a size check): passed
-# over, but counted, so that a phone's folder does not end in a bare "no images found".
-OTHER_PICTURES = frozenset(
-    {".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd"}
-    | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef"}  # cameras' RAW
-)
+from docker_vit.walk import IMAGE_EXTENSIONS, find_images
 
 # Output names that promise something else than the JSON lines they get (`json.load` refuses them, a
 # spreadsheet looks for tabs): told so once the file is open.
@@ -228,58 +199,6 @@ def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Cal
     from docker_vit.local import LocalRunner
 
     return LocalRunner(settings, params, chosen, warn).run
-
-
-def find_images(
-    paths: Sequence[str], warn: Callable[[str], None], passed: Counter[str] | None = None
-) -> list[str]:
-    """Files as given; folders walked, sorted, image extensions only, hidden entries left out;
-    `passed` counts the pictures in a folder that the intake does not read, by extension.
-
-    Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
-    joined under the argument as given, so the same command finds the same strings again.
-    """
-    found: dict[str, None] = {}
-    visited: set[tuple[int, int]] = set()
-    passed = Counter() if passed is None else passed
-    for argument in paths:
-        path = os.path.normpath(argument)
-        try:  # said now, not after a model load (a download, even) for nothing
-            folder = stat.S_ISDIR(os.stat(path).st_mode)
-        except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
-            warn(f"skipping {path}: {exc.strerror or exc}")
-            continue
-        found.update(dict.fromkeys(_walk(path, visited, warn, passed) if folder else [path]))
-    return list(found)
-
-
-def _walk(
-    root: str, visited: set[tuple[int, int]], warn: Callable[[str], None], passed: Counter[str]
-) -> Iterator[str]:
-    stack = [iter([root])]
-    while stack:
-        path = next(stack[-1], None)
-        if path is None:
-            stack.pop()
-        elif os.path.isdir(path):
-            entries = _entries(path, visited, warn)
-            stack.append(iter([os.path.join(path, name) for name in entries]))
-        elif (ext := os.path.splitext(path)[1].lower()) in IMAGE_EXTENSIONS:
-            yield path
-        elif ext in OTHER_PICTURES:
-            passed[ext] += 1
-
-
-def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> list[str]:
-    try:
-        info = os.stat(folder)
-        if (info.st_dev, info.st_ino) in visited:
-            return []
-        visited.add((info.st_dev, info.st_ino))
-        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
-    except OSError as exc:
-        warn(f"skipping folder {folder}: {exc.strerror or exc}")
-        return []
 
 
 class _Stdout:

@@ -22,8 +22,8 @@ from PIL import Image
 from docker_vit import cli
 from docker_vit.captions_file import CaptionsFile, CaptionsFileError, encode, format_for
 from docker_vit.config import Settings
-from docker_vit.folder import find_images
 from docker_vit.progress import Progress
+from docker_vit.walk import find_images
 
 TESTS = Path(__file__).parent
 DIGEST = ["--handler", "folder_handlers:Digest", "--max-batch-size", "3"]

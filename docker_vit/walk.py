@@ -1,0 +1,92 @@
+"""Which files of the paths given to `docker-vit caption` are images: files as given, folders walked.
+
+The order is stable (sorted names, each folder once), so a rerun finds the same strings and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".mpo",
+        ".png",
+        ".apng",
+        ".gif",
+        ".webp",
+        ".bmp",
+        ".tif",
+        ".tiff",
+        ".ico",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+    }
+)  # what the intake decodes (images.FORMATS)
+# Pictures the intake does not decode (HEIC needs a plugin, RAW a developer, AVIF a size check): passed
+# over, but counted, so that a phone's folder does not end in a bare "no images found".
+OTHER_PICTURES = frozenset(
+    {".heic", ".heif", ".avif", ".jxl", ".jp2", ".svg", ".psd"}
+    | {".dng", ".cr2", ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2", ".pef"}  # cameras' RAW
+)
+
+
+def find_images(
+    paths: Sequence[str], warn: Callable[[str], None], passed: Counter[str] | None = None
+) -> list[str]:
+    """Files as given; folders walked, sorted, image extensions only, hidden entries left out;
+    `passed` counts the pictures in a folder that the intake does not read, by extension.
+
+    Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
+    joined under the argument as given, so the same command finds the same strings again.
+    """
+    found: dict[str, None] = {}
+    visited: set[tuple[int, int]] = set()
+    passed = Counter() if passed is None else passed
+    for argument in paths:
+        path = os.path.normpath(argument)
+        try:  # said now, not after a model load (a download, even) for nothing
+            folder = stat.S_ISDIR(os.stat(path).st_mode)
+        except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
+            warn(f"skipping {path}: {exc.strerror or exc}")
+            continue
+        found.update(dict.fromkeys(_walk(path, visited, warn, passed) if folder else [path]))
+    return list(found)
+
+
+def _walk(
+    root: str, visited: set[tuple[int, int]], warn: Callable[[str], None], passed: Counter[str]
+) -> Iterator[str]:
+    stack = [iter([root])]
+    while stack:
+        path = next(stack[-1], None)
+        if path is None:
+            stack.pop()
+        elif os.path.isdir(path):
+            entries = _entries(path, visited, warn)
+            stack.append(iter([os.path.join(path, name) for name in entries]))
+        elif (ext := os.path.splitext(path)[1].lower()) in IMAGE_EXTENSIONS:
+            yield path
+        elif ext in OTHER_PICTURES:
+            passed[ext] += 1
+
+
+def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> list[str]:
+    try:
+        info = os.stat(folder)
+        if (info.st_dev, info.st_ino) in visited:
+            return []
+        visited.add((info.st_dev, info.st_ino))
+        return sorted(name for name in os.listdir(folder) if not name.startswith("."))
+    except OSError as exc:
+        warn(f"skipping folder {folder}: {exc.strerror or exc}")
+        return []
