@@ -29,7 +29,8 @@ _ENCODING = {"encoding": "utf-8", "errors": "surrogateescape"}
 
 
 class CaptionsFileError(Exception):
-    """The output file exists but is not a captions file this command can append to."""
+    """The output file exists but is not a captions file this command can append to (or it cannot be
+    written); each message names the file."""
 
 
 def record(path: str, caption: str, model: str, params: Mapping[str, Any], data: Mapping[str, Any]) -> dict:
@@ -122,7 +123,7 @@ class CaptionsFile:
     def _check_kind(self, mode: int) -> None:
         """A file, or /dev/null: resuming reads the output, and a device such as /dev/zero never ends."""
         if not stat.S_ISREG(mode) and os.path.realpath(self.path) != os.devnull:
-            raise CaptionsFileError("not a regular file (for captions on stdout: -o - or no -o)")
+            raise CaptionsFileError(f"{self.path} is not a regular file (for captions on stdout: -o - or no -o)")
 
     def _lock(self) -> None:
         """One run a file: two would each caption every image not yet in it, and write it twice.

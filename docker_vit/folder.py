@@ -55,8 +55,11 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
         )
     except BrokenPipeError:  # stdout's reader left before the CSV header went out
         return _reader_left(progress)
-    except (OSError, CaptionsFileError) as exc:
-        progress.warn(f"cannot use {output}: {exc}")
+    except CaptionsFileError as exc:  # its message names the file
+        progress.warn(str(exc))
+        return 1
+    except OSError as exc:
+        progress.warn(f"cannot use {output}: {exc.strerror or exc}")
         return 1
     with sink:
         if output:  # only now: a first run's file exists once opened

@@ -616,6 +616,24 @@ def test_a_full_disk_ends_the_run_with_one_line(tmp_path: Path) -> None:
     assert done.returncode == 1 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def test_an_output_that_cannot_be_opened_or_written_is_named_once(library: Path, tmp_path: Path) -> None:
+    """One line naming the file once: a folder that is not there, a CSV header past a size limit."""
+    missing = tmp_path / "nowhere" / "o.csv"
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    command = [sys.executable, "-m", "docker_vit.cli", "caption", str(library), *DIGEST[:2], "-o"]
+    done = subprocess.run([*command, str(missing)], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    assert f"docker-vit: cannot use {missing}: No such file or directory\n" in done.stderr, done.stderr
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))  # noqa: E731
+    out = tmp_path / "o.csv"
+    done = subprocess.run(
+        [*command, str(out)], env=env, capture_output=True, text=True, preexec_fn=limit, timeout=60
+    )
+    assert done.returncode == 1
+    assert f"docker-vit: cannot write {out}: File too large\n" in done.stderr, done.stderr
+    assert "cannot use" not in done.stderr
+
+
 @pytest.mark.parametrize(
     ("name", "held", "said"),
     [
@@ -700,14 +718,14 @@ def test_an_output_that_is_a_pipe_is_refused_with_the_hint(library: Path, tmp_pa
     env = {**os.environ, "PYTHONPATH": str(TESTS)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 1
-    assert "cannot use /dev/stdout: not a regular file (for captions on stdout: -o - or no -o)" in done.stderr
+    assert "/dev/stdout is not a regular file (for captions on stdout: -o - or no -o)" in done.stderr
 
 
 @pytest.mark.parametrize("device", ["/dev/zero", "/dev/full"])
 def test_an_output_that_is_a_device_is_refused(library: Path, device: str, capsys) -> None:
     """Resuming reads the output first, and /dev/zero never ends: refused before reading."""
     assert cli.main(["caption", str(library), "-o", device, *DIGEST]) != 0
-    assert f"cannot use {device}: not a regular file" in capsys.readouterr().err
+    assert f"{device} is not a regular file" in capsys.readouterr().err
     assert (
         cli.main(["caption", str(library), "-o", os.devnull, *DIGEST]) == 1
     )  # broken.jpg; /dev/null is fine
