@@ -123,7 +123,9 @@ class CaptionsFile:
     def _check_kind(self, mode: int) -> None:
         """A file, or /dev/null: resuming reads the output, and a device such as /dev/zero never ends."""
         if not stat.S_ISREG(mode) and os.path.realpath(self.path) != os.devnull:
-            raise CaptionsFileError(f"{self.path} is not a regular file (for captions on stdout: -o - or no -o)")
+            raise CaptionsFileError(
+                f"{self.path} is not a regular file (for captions on stdout: -o - or no -o)"
+            )
 
     def _lock(self) -> None:
         """One run a file: two would each caption every image not yet in it, and write it twice.

@@ -42,7 +42,7 @@ async def read_inputs(
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
-        inputs, fields = await _read_form(request, settings.max_images, first_only)
+        inputs, fields = await _read_form(request, settings, first_only)
         options.update(fields)
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         inputs = [await _read_image_body(request, settings.max_bytes)]
@@ -60,7 +60,7 @@ async def read_inputs(
         raise errors.ApiError(400, f"no image: send it {how}")
     for data in inputs:
         if len(data) > settings.max_bytes:
-            raise errors.ApiError(413, f"an image is {len(data)} bytes; the limit is {settings.max_bytes}")
+            raise _too_large(len(data), settings.max_bytes)
     request.state.images = len(inputs)
     return inputs, options
 
@@ -76,11 +76,14 @@ def _refuse_coded(coding: str) -> None:
         )
 
 
-async def _read_form(request: Request, most: int, first_only: bool) -> tuple[list[bytes], dict[str, str]]:
-    """The form's `file` parts (at most `most`, or only the first is kept) and its other fields. File
-    parts under other names are ignored, not counted as images. Starlette has parsed the whole form
-    by then (bounded by the body limit and MAX_FORM_FILES); it keeps a file part past 1 MiB in a
-    temporary file, so a full disk is the server's want of room, for the client to retry (503)."""
+async def _read_form(
+    request: Request, settings: Settings, first_only: bool
+) -> tuple[list[bytes], dict[str, str]]:
+    """The form's `file` parts (at most `max_images`, or only the first is kept) and its other fields.
+    File parts under other names are ignored, not counted as images. Starlette has parsed the whole
+    form by then (bounded by the body limit and MAX_FORM_FILES); it keeps a file part past 1 MiB in a
+    temporary file, so a full disk is the server's want of room, for the client to retry (503), and a
+    part past `max_bytes` is refused there, never read into memory."""
     try:
         form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
     except HTTPException as exc:
@@ -99,13 +102,20 @@ async def _read_form(request: Request, most: int, first_only: bool) -> tuple[lis
         if first_only:
             files = files[:1]
         else:
-            payloads.count_images(len(files), most)
+            payloads.count_images(len(files), settings.max_images)
+        for upload in files:
+            if upload.size is not None and upload.size > settings.max_bytes:
+                raise _too_large(upload.size, settings.max_bytes)
         fields = {key: value for key, value in form.items() if isinstance(value, str)}
         return [await upload.read() for upload in files], fields
     except OSError as exc:
         raise _no_room(exc) from None
     finally:
         await form.close()
+
+
+def _too_large(size: int, max_bytes: int, headers: dict[str, str] | None = None) -> errors.ApiError:
+    return errors.ApiError(413, f"an image is {size} bytes; the limit is {max_bytes}", headers=headers)
 
 
 def _no_room(exc: OSError) -> errors.ApiError:
@@ -119,9 +129,7 @@ async def _read_image_body(request: Request, max_bytes: int) -> bytes:
     after the whole request body limit has been read into memory."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise errors.ApiError(
-            413, f"an image is {int(declared)} bytes; the limit is {max_bytes}", headers=errors.CLOSE
-        )
+        raise _too_large(int(declared), max_bytes, errors.CLOSE)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)

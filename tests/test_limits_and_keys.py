@@ -57,6 +57,30 @@ def test_bytes_pixels_and_images_limits_are_413() -> None:
         assert client.post("/v1/captions", files=[("file", png())] * 2).status_code == 200
 
 
+def test_a_file_part_past_max_bytes_is_refused_unread(monkeypatch) -> None:
+    """Starlette spools a part past 1 MiB to disk and counts its size: one past the limit is a 413
+    without its bytes ever read into memory (the limit is per image, the body's is 21 times that)."""
+    from starlette.datastructures import UploadFile
+
+    read = []
+    real = UploadFile.read
+
+    async def counted(self, size: int = -1) -> bytes:
+        read.append(self.size)
+        return await real(self, size)
+
+    monkeypatch.setattr(UploadFile, "read", counted)
+    settings = Settings(max_bytes=2_000_000, max_images=4)
+    with serving(settings, Pictures(settings)) as client:
+        big = png() + bytes(3_000_000)
+        for route in ("/", "/v1/captions"):
+            error = assert_error(client.post(route, files={"file": big}), 413, "payload_too_large")
+            assert error["message"] == f"an image is {len(big)} bytes; the limit is 2000000"
+            answer = client.post(route, files=[("file", png()), ("file", big)])
+            assert answer.status_code == (200 if route == "/" else 413)  # the original reads the first
+        assert max(read) < 2_000_000
+
+
 def test_form_fields_past_starlettes_bounds_are_413() -> None:
     """Options are small: a non-file field past 1 MiB, or more than 64 of them, is too much, not malformed."""
     settings = Settings()
