@@ -44,7 +44,7 @@ class Settings:
     model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL)
     handler: str = _opt("", "run a custom handler, as module:Class (default: the captioner)", MODEL)
     device: str = _opt(
-        "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps or xpu", MODEL, any_case=True
+        "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N", MODEL, any_case=True
     )
     dtype: str = _opt(
         "auto",
@@ -63,7 +63,7 @@ class Settings:
     max_pixels: int = _opt(40_000_000, "largest accepted image, in pixels (decompression bombs)", MODEL)
     jpeg_draft: bool = _opt(
         False,
-        "decode big JPEGs (2048 px or more a side for a model input of up to 512) at a reduced scale "
+        "decode big JPEGs (2048 px or more on both sides for a model input of up to 512) at a reduced scale "
         "that divides both sides, keeping twice the larger of 512 and the input, before the model's "
         "resize: faster, but a caption near a tie can change, so off by default (every image decoded "
         "whole, as the model's own processor and the original do)",
@@ -171,7 +171,9 @@ class Settings:
 
     def _check_choices(self) -> None:
         if not DEVICE.fullmatch(self.device):
-            raise ValueError(f"device must be auto, cpu, cuda, cuda:N, mps or xpu, got {self.device!r}")
+            raise ValueError(
+                f"device must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N, got {self.device!r}"
+            )
         for name, spec in options().items():
             choices, value = spec.metadata.get("choices"), getattr(self, name)
             if choices and value not in choices and value != spec.default:

@@ -119,7 +119,7 @@ def _open_routes(app: FastAPI, service: Service) -> None:
             raise _not_ready(service)
         return Response(status_code=204)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)  # Prometheus text, on the OpenAPI page too
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=service.metrics.content_type)
 

@@ -355,7 +355,9 @@ def test_not_ready_until_loaded_and_warmed_up() -> None:
         ):  # load balancers probe with HEAD
             head = client.head(path)
             assert head.status_code == 200 and head.content == b"", path
-        assert set(client.get("/openapi.json").json()["paths"]["/metrics"]) == {"get"}
+        schema = client.get("/openapi.json").json()["paths"]["/metrics"]
+        assert set(schema) == {"get"}
+        assert set(schema["get"]["responses"]["200"]["content"]) == {"text/plain"}  # Prometheus text
 
 
 class BrokenLoading(SlowLoading):
