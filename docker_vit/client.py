@@ -107,6 +107,9 @@ class RemoteRunner:
             known = names if isinstance(names, list) else chosen
             self.params = {name: value for name, value in params.items() if name in chosen and name in known}
             self.recorded = {**generation_defaults(model), **self.params}
+        elif isinstance(model.get("error"), str):  # a Docker-ViT server whose handler could not say
+            self.warn(f"{self.url}/v1/model failed ({model['error'][:200]}): sending only the options set")
+            self.params = self.recorded = {name: value for name, value in params.items() if name in chosen}
         else:  # a server that won't say its defaults gets ours, so that records stay true
             self.params = self.recorded = dict(params)
         limits = model.get("limits") if isinstance(model.get("limits"), dict) else {}
@@ -210,11 +213,15 @@ class RemoteRunner:
         raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")
 
     def _model(self) -> dict[str, Any]:
-        """What the server says of itself (`GET /v1/model`): its defaults and limits; {} if it won't."""
+        """What the server says of itself (`GET /v1/model`): its defaults and limits; `{"error": message}`
+        where it answers with Docker-ViT's error (its handler's `describe()` failed); {} if it won't."""
         try:
             request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
             with _open(request, timeout=30) as response:
                 model = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            body, message = _error(exc)
+            return {"error": message} if isinstance(body.get("error"), dict) else {}
         except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
             return {}
         return model if isinstance(model, dict) else {}

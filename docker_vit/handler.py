@@ -69,7 +69,8 @@ class Result:
 
 
 class Handler:
-    """Base class for models served by Docker-ViT. Override `load`, `prepare` and `predict`.
+    """Base class for models served by Docker-ViT. Override `prepare` and `predict` (they have no
+    default), and `load` where the model is loaded once before serving.
 
     `max_batch_size` caps how many items `predict` receives at once; None defers to the server's
     `--max-batch-size`. `option_names` lists the request fields `options` reads: the Runpod worker

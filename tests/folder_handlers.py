@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, ClassVar
 
 from docker_vit.handler import Handler, OptionsError
@@ -32,6 +32,18 @@ class Digest(Handler):
     def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
         Digest.batches.append(len(items))
         return [f"picture {item}" for item in items]
+
+
+class Mute(Digest):
+    """Takes no options at all, and cannot say what it is: its describe() fails."""
+
+    def options(self, raw: Mapping[str, Any]) -> Hashable:
+        if raw:
+            raise OptionsError(f"takes no options, got {sorted(raw)}")
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        raise RuntimeError("describe is broken")
 
 
 class Lines(Digest):

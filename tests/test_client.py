@@ -157,6 +157,21 @@ def test_url_and_local_runs_record_alike_for_a_handler_of_other_options(
         assert read(remote) == read(local) and "num_beams" not in read(local)[0]
 
 
+def test_a_server_whose_describe_fails_gets_only_the_options_set(
+    pictures: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """/v1/model answers Docker-ViT's error (the handler's describe() failed): the captioner's own
+    defaults are neither sent (a handler of no options refuses them) nor recorded, as locally."""
+    common = ["caption", str(pictures / "sub"), "--handler", "folder_handlers:Mute"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert cli.main([*common, "-o", str(local)]) == 0
+    with live_server(Settings(handler="folder_handlers:Mute")) as url:
+        assert cli.main([*common, "-o", str(remote), "--url", url]) == 0
+    assert read(remote) == read(local) and read(local)[0].keys() == {"path", "caption", "model"}
+    said = capsys.readouterr().err
+    assert "/v1/model failed (" in said and "describe is broken): sending only the options set" in said
+
+
 def test_url_holds_the_servers_limits_not_the_clients(
     vit_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
