@@ -165,6 +165,8 @@ class CaptionsFile:
             path = row.get("path") if isinstance(row, dict) else None
             if not isinstance(path, str):
                 raise CaptionsFileError(f"{self.path} has a record without a path: is it a captions file?")
+            if "\0" in path:  # no file name holds one: zeros written over records, say by a crash
+                raise CaptionsFileError(f"{self.path} has a path with a NUL byte: is it a captions file?")
             done.add(path)
             self.makers.add(_maker(row))
         if reader.complete < reader.read:

@@ -655,6 +655,22 @@ def test_a_captions_file_of_the_other_format_is_named_as_such(
     assert path.read_text() == held
 
 
+@pytest.mark.parametrize(
+    ("name", "held"),
+    [
+        ("o.jsonl", '{"path": "a.jpg", "caption": "x"}\n{"path": "b\\u0000.jpg", "caption": "y"}\n'),
+        ("o.csv", "path,caption,model\na.jpg,x,m\n\0\0\0\0,y,m\nc.jpg,z,m\n"),  # zeros over a record
+    ],
+)
+def test_a_path_with_a_nul_byte_is_no_captions_file(name: str, held: str, tmp_path: Path) -> None:
+    """No file name holds a NUL: one line, not the traceback of the resume's path lookups."""
+    path = tmp_path / name
+    path.write_text(held)
+    with pytest.raises(CaptionsFileError, match="has a path with a NUL byte: is it a captions file"):
+        CaptionsFile(str(path), format_for(str(path), None))
+    assert path.read_text() == held
+
+
 def test_two_runs_never_write_one_file_at_once(tmp_path: Path) -> None:
     path = tmp_path / "o.jsonl"
     first = CaptionsFile(str(path), "jsonl")
