@@ -48,11 +48,7 @@ def caption(settings: Settings, paths: Sequence[str], chosen: Collection[str] = 
     if passed:  # a note, not a failure: they were never images of this run
         progress.warn(_passed_over(passed))
     try:
-        sink = (
-            CaptionsFile(output, format_for(output, fmt), progress.warn)
-            if output
-            else _Stdout(fmt, images, paths)
-        )
+        sink = CaptionsFile(output, format_for(output, fmt), progress.warn) if output else _Stdout(fmt, paths)
     except BrokenPipeError:  # stdout's reader left before the CSV header went out
         return _reader_left(progress)
     except CaptionsFileError as exc:  # its message names the file
@@ -207,10 +203,11 @@ def _runner(settings: Settings, params: dict, chosen: Collection[str], warn: Cal
 class _Stdout:
     """Captions on stdout, as before `--output` existed: text (with paths for several), JSON lines or CSV."""
 
-    def __init__(self, fmt: str | None, images: list[str], paths: Sequence[str]) -> None:
+    def __init__(self, fmt: str | None, paths: Sequence[str]) -> None:
         self.format = fmt or "text"
         self.done: set[str] = set()
-        self.with_path = len(images) > 1 or any(os.path.isdir(path) for path in paths)
+        # by the command alone, not by which of its files exist: a script's lines keep their shape
+        self.with_path = len(paths) > 1 or any(os.path.isdir(path) for path in paths)
         self.ascii_only = False  # JSON lines in JSON's own escapes, on a stdout that is not UTF-8
         if isinstance(sys.stdout, io.TextIOWrapper):  # a name that is not UTF-8 goes out as its bytes,
             # as in an output file, not as an error; where stdout is not UTF-8 (a Windows redirect, a

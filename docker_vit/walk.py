@@ -54,10 +54,10 @@ def find_images(
     passed = Counter() if passed is None else passed
     for argument in paths:
         path = os.path.normpath(argument)
-        try:  # said now, not after a model load (a download, even) for nothing
-            folder = stat.S_ISDIR(os.stat(path).st_mode)
+        try:  # said now, not after a model load (a download, even) for nothing; as given, as `ls` has
+            folder = stat.S_ISDIR(os.stat(argument).st_mode)  # it: "" is no folder, "a.jpg/" no file
         except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
-            warn(f"skipping {path}: {exc.strerror or exc}")
+            warn(f"skipping {argument or repr(argument)}: {exc.strerror or exc}")
             continue
         found.update(dict.fromkeys(_walk(path, visited, warn, passed) if folder else [path]))
     return list(found)

@@ -76,6 +76,14 @@ def test_find_images_walks_folders_in_a_stable_order(library: Path) -> None:
     assert find_images([str(library) + "/"], print) == found[:-1]  # normalized: a trailing slash matches
 
 
+def test_an_empty_path_or_a_file_named_as_a_folder_is_no_path(library: Path, monkeypatch) -> None:
+    """`caption "$PHOTOS"` with the variable unset is not the current folder; `b.png/` is not b.png."""
+    monkeypatch.chdir(library)
+    warnings: list[str] = []
+    assert find_images(["", "b.png/"], warnings.append) == []
+    assert warnings == ["skipping '': No such file or directory", "skipping b.png/: Not a directory"]
+
+
 def test_jsonl_output_skips_unreadable_files_and_carries_on(
     library: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -308,6 +316,9 @@ def test_stdout_keeps_the_old_behaviour(library: Path, capsys: pytest.CaptureFix
     assert capsys.readouterr().out.startswith("picture ")
     assert cli.main(["caption", one, str(library / "a.JPG"), *DIGEST]) == 0
     assert capsys.readouterr().out.splitlines()[0].startswith(f"{one}: picture ")
+    assert cli.main(["caption", one, str(library / "missing.png"), *DIGEST]) == 1
+    [line] = capsys.readouterr().out.splitlines()
+    assert line.startswith(f"{one}: picture ")  # the command's shape, whichever of its files exist
     cli.main(["caption", str(library / "z"), *DIGEST])  # a folder always prints paths
     assert capsys.readouterr().out.startswith(str(library / "z" / "last.bmp") + ": picture")
     cli.main(["caption", str(library / "z"), "--json", *DIGEST])
