@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import random
 import sys
 import threading
@@ -155,7 +156,7 @@ class RemoteRunner:
 
     def _send(self, data: bytes) -> dict[str, Any]:
         query = urllib.parse.urlencode(self.params)
-        failures, deadline = 0, time.monotonic() + BUSY_WAIT
+        failures, busy, deadline = 0, 0, time.monotonic() + BUSY_WAIT
         while True:
             request = urllib.request.Request(
                 f"{self.url}/v1/captions{'?' if query else ''}{query}",
@@ -177,7 +178,8 @@ class RemoteRunner:
                 if exc.code not in (429, 502, 503, 504):
                     raise _Skip(f"the server answered {problem}", broke=exc.code >= 500) from None
                 failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
-                delay = _retry_after(exc, failures)
+                busy += exc.code in (429, 503)
+                delay = _retry_after(exc, busy if exc.code in (429, 503) else failures)
                 last = failures >= ATTEMPTS or time.monotonic() + delay > deadline  # a slow 504 too
                 if last and exc.code == 504:  # the server is up and answers: this image outruns it
                     raise _Skip(f"the server answered {problem} on the last try", broke=True) from None
@@ -265,10 +267,13 @@ class RemoteRunner:
 
 
 def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:
+    """The server's Retry-After where it says a second or more; else (0, a date, none) the doubling
+    backoff: every worker trying again at once, again and again, only adds to a busy server's load."""
     try:
-        return min(max(float(exc.headers.get("Retry-After", "")), 0.0), MAX_DELAY)
+        seconds = float(exc.headers.get("Retry-After", ""))
     except ValueError:
-        return _backoff(attempt)
+        seconds = 0.0
+    return min(seconds, MAX_DELAY) if 1.0 <= seconds < math.inf else _backoff(attempt)
 
 
 def _problem(exc: Exception) -> str:

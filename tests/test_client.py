@@ -8,6 +8,7 @@ import json
 import socket
 import threading
 import time
+import types
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -347,6 +348,38 @@ def test_503_with_retry_after_is_retried(tmp_path: Path) -> None:
         "path,caption,model,num_beams,max_new_tokens",
         f"{photo('coffee.jpg')},a stub caption,stub,4,15",  # no /v1/model to ask: ours sent and recorded
     ]
+
+
+@pytest.mark.parametrize("retry_after", ["0", "-5", "nan", "a date", None, "3", "1e9"])
+def test_a_busy_server_is_retried_after_its_retry_after_or_a_doubling_backoff(
+    retry_after: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second or more is the server's to say; a 0 (or nothing usable) is no reason to hammer it."""
+
+    class Busy(_Flaky):
+        refusals = 4
+
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            if Busy.refusals > 0:
+                Busy.refusals -= 1
+                said = {} if retry_after is None else {"Retry-After": retry_after}
+                self._answer(503, {"error": {"type": "overloaded", "message": "busy"}}, said)
+            else:
+                self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+
+    waits: list[float] = []
+    clock = types.SimpleNamespace(monotonic=time.monotonic, sleep=waits.append)
+    with stub_server(Busy) as url:
+        monkeypatch.setattr(client, "time", clock)
+        assert (
+            cli.main(["caption", str(photo("coffee.jpg")), "-o", str(tmp_path / "o.csv"), "--url", url]) == 0
+        )
+    if retry_after in ("3", "1e9"):
+        assert waits == [float(retry_after) if retry_after == "3" else client.MAX_DELAY] * 4
+    else:
+        assert len(waits) == 4, waits  # doubling, jittered: 0.5-1 s, then 1-2 s, 2-4 s, 4-8 s
+        assert all(0.25 * 2**tries <= wait <= 0.5 * 2**tries for tries, wait in enumerate(waits, 1)), waits
 
 
 class _Stranger(_Flaky):
