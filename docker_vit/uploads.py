@@ -94,6 +94,10 @@ async def _read_form(
             raise errors.ApiError(413, f"more than {MAX_FORM_FIELDS} form fields in one request") from None
         if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MiB
             raise errors.ApiError(413, f"a form field that is not a file is over 1 MiB: {detail}") from None
+        if bound := _parsers_bound(exc):
+            raise errors.ApiError(
+                413, f"a multipart part's headers are over the parser's bound: {bound}"
+            ) from None
         raise errors.ApiError(400, f"malformed multipart body: {detail}") from None
     except OSError as exc:
         raise _no_room(exc) from None
@@ -112,6 +116,18 @@ async def _read_form(
         raise _no_room(exc) from None
     finally:
         await form.close()
+
+
+def _parsers_bound(exc: BaseException) -> str | None:
+    """python-multipart's own bound on a part's headers (a file name of thousands of characters),
+    which Starlette reports as "Invalid multipart data." with the parser's error behind it."""
+    for _ in range(4):
+        exc = exc.__cause__ or exc.__context__
+        if exc is None:
+            return None
+        if str(exc).startswith("Maximum header"):  # "... size exceeded", "... count exceeded"
+            return str(exc)
+    return None
 
 
 def _too_large(size: int, max_bytes: int, headers: dict[str, str] | None = None) -> errors.ApiError:

@@ -81,6 +81,23 @@ def test_a_file_part_past_max_bytes_is_refused_unread(monkeypatch) -> None:
         assert max(read) < 2_000_000
 
 
+def test_a_part_header_past_the_multipart_parsers_bound_is_413() -> None:
+    """A well-formed request over a bound: its own status, not "malformed" (a 4,000-character file
+    name passes; python-multipart stops a part's header near 4 KiB, and at 8 headers)."""
+    settings = Settings()
+    with serving(settings, Pictures(settings)) as client:
+        assert client.post("/", files={"file": ("a" * 4000 + ".png", png())}).text == "16x16"
+        error = assert_error(
+            client.post("/", files={"file": ("a" * 8000 + ".png", png())}), 413, "payload_too_large"
+        )
+        assert error["message"].startswith("a multipart part's headers are over the parser's bound: Maximum")
+        extra = "".join(f"X-{n}: {n}\r\n" for n in range(9)).encode()
+        body = b"--b\r\nContent-Disposition: form-data; name=file; filename=a.png\r\n" + extra
+        body += b"\r\n" + png() + b"\r\n--b--\r\n"
+        many = client.post("/", content=body, headers={"content-type": "multipart/form-data; boundary=b"})
+        assert assert_error(many, 413)["message"].endswith("Maximum header count exceeded")
+
+
 def test_form_fields_past_starlettes_bounds_are_413() -> None:
     """Options are small: a non-file field past 1 MiB, or more than 64 of them, is too much, not malformed."""
     settings = Settings()
