@@ -119,7 +119,7 @@ async def _read_form(
 
 
 def _parsers_bound(exc: BaseException) -> str | None:
-    """python-multipart's own bound on a part's headers (a file name of thousands of characters),
+    """python-multipart's own bound on a part's headers (a file name past about 4,000 characters),
     which Starlette reports as "Invalid multipart data." with the parser's error behind it."""
     for _ in range(4):
         exc = exc.__cause__ or exc.__context__
