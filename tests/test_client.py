@@ -296,18 +296,25 @@ def test_an_unreachable_server_fails_fast(pictures: Path, capsys: pytest.Capture
 
 
 class _Flaky(BaseHTTPRequestHandler):
-    """Ready at once; answers 503 with Retry-After to the first two caption requests, then captions."""
+    """Ready at once; answers 503 with Retry-After to the first two caption requests, then captions
+    (a subclass sets its own count, status, body and headers: a class of its own counts its own)."""
 
     refusals = 2
+    refused: tuple[int, object, dict] = (
+        503,
+        {"error": {"type": "overloaded", "message": "busy"}},
+        {"Retry-After": "0"},
+    )
 
     def do_GET(self) -> None:
         self._answer(200, {"status": "ready"})
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        if _Flaky.refusals > 0:
-            _Flaky.refusals -= 1
-            self._answer(503, {"error": {"type": "overloaded", "message": "busy"}}, {"Retry-After": "0"})
+        kind = type(self)
+        if kind.refusals > 0:
+            kind.refusals -= 1
+            self._answer(*kind.refused)
         else:
             self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption", "score": 1}]})
 
@@ -358,15 +365,8 @@ def test_a_busy_server_is_retried_after_its_retry_after_or_a_doubling_backoff(
 
     class Busy(_Flaky):
         refusals = 4
-
-        def do_POST(self) -> None:
-            self.rfile.read(int(self.headers["Content-Length"]))
-            if Busy.refusals > 0:
-                Busy.refusals -= 1
-                said = {} if retry_after is None else {"Retry-After": retry_after}
-                self._answer(503, {"error": {"type": "overloaded", "message": "busy"}}, said)
-            else:
-                self._answer(200, {"model": "stub", "captions": [{"text": "a stub caption"}]})
+        said = {} if retry_after is None else {"Retry-After": retry_after}
+        refused = (503, {"error": {"type": "overloaded", "message": "busy"}}, said)
 
     waits: list[float] = []
     clock = types.SimpleNamespace(monotonic=time.monotonic, sleep=waits.append)
@@ -444,14 +444,7 @@ class _Gateway(_Flaky):
     """A proxy whose backend restarts: 502 to the first caption request, then captions."""
 
     refusals = 1
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        if _Gateway.refusals > 0:
-            _Gateway.refusals -= 1
-            self._answer(502, {"error": "bad gateway"})
-        else:
-            self._caption()
+    refused = (502, {"error": "bad gateway"}, {})
 
 
 def test_a_proxys_502_is_retried_saying_so_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
