@@ -30,6 +30,11 @@ def build(folder: Path | str = DEFAULT_FOLDER, *, seed: int = 0, tiny: bool = Fa
     marker = folder / _STAMP
     if marker.exists() and json.loads(marker.read_text()) == stamp:
         return folder
+    if folder.is_dir() and any(folder.iterdir()) and not marker.exists():  # `--model-dir` of a real model
+        raise SystemExit(
+            f"{folder} holds files but is no benchmark model folder (no {_STAMP}): refusing to write a "
+            "random-weight model over them; give a new or empty folder"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     _save_model(folder, seed, tiny)
     tokenizer().save_pretrained(folder)

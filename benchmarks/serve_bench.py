@@ -3,9 +3,10 @@
     python benchmarks/serve_bench.py [--quick] [--concurrency 1,4,16] [--requests N] [--beams 4]
                                      [--no-greedy] [--device cpu] [--out benchmarks/RESULTS.md]
 
-Builds (or reuses) a random-weight model with vit-gpt2's exact architecture, then serves it in turn
-with (a) the baseline (Flask under gunicorn, one sync worker, `model.generate` per request) and (b)
-`docker-vit serve`, drives each with the same closed-loop client at each concurrency, and prints
+Builds (or reuses) a random-weight model with vit-gpt2's exact architecture, then serves it with (a)
+the baseline (Flask under gunicorn, one sync worker, `model.generate` per request) and (b) `docker-vit
+serve`, both started at once and driven in turn, level by level, with the same closed-loop client at
+each concurrency (so that the machine's drift falls on both alike), and prints
 throughput, p50/p95 latency, ratios, resident memory and the share of the compute bound reached.
 """
 

@@ -34,6 +34,14 @@ def test_flops_count_vit_gpt2_by_hand() -> None:
     )
 
 
+def test_build_never_writes_over_a_folder_of_other_files(tmp_path: Path) -> None:
+    """`--model-dir` naming the user's own model must not replace it with random weights."""
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(SystemExit, match="no benchmark model folder"):
+        model.build(tmp_path, tiny=True)
+    assert [path.name for path in tmp_path.iterdir()] == ["config.json"]
+
+
 def test_shape_of_reads_a_saved_config(tmp_path: Path) -> None:
     encoder = {
         "hidden_size": 64,
