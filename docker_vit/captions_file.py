@@ -252,4 +252,8 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
                 yield dict(zip(header, row, strict=False))
     except csv.Error as exc:
         if lines.read < lines.size or header is None:  # broken in the middle, or no captions file at all
+            if "NUL" in str(exc):  # Python 3.10's reader refuses one itself ("line contains NUL")
+                raise CaptionsFileError(
+                    f"{name} has a path with a NUL byte: is it a captions file?"
+                ) from None
             raise CaptionsFileError(f"{name} is not a valid CSV file: {exc}") from None

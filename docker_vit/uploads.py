@@ -11,6 +11,7 @@ import json
 from typing import Any
 
 from fastapi import Request
+from python_multipart.exceptions import FormParserError
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -86,19 +87,8 @@ async def _read_form(
     part past `max_bytes` is refused there, never read into memory."""
     try:
         form = await request.form(max_files=MAX_FORM_FILES, max_fields=MAX_FORM_FIELDS)
-    except HTTPException as exc:
-        detail = str(exc.detail)
-        if "Too many files" in detail:
-            raise errors.ApiError(413, f"more than {MAX_FORM_FILES} file parts in one form") from None
-        if "Too many fields" in detail:
-            raise errors.ApiError(413, f"more than {MAX_FORM_FIELDS} form fields in one request") from None
-        if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MiB
-            raise errors.ApiError(413, f"a form field that is not a file is over 1 MiB: {detail}") from None
-        if bound := _parsers_bound(exc):
-            raise errors.ApiError(
-                413, f"a multipart part's headers are over the parser's bound: {bound}"
-            ) from None
-        raise errors.ApiError(400, f"malformed multipart body: {detail}") from None
+    except (HTTPException, FormParserError) as exc:
+        raise _refused_form(exc) from None
     except OSError as exc:
         raise _no_room(exc) from None
     try:
@@ -118,15 +108,30 @@ async def _read_form(
         await form.close()
 
 
-def _parsers_bound(exc: BaseException) -> str | None:
+def _refused_form(exc: Exception) -> errors.ApiError:
+    """Starlette's word on a form it would not parse, or python-multipart's own error: Starlette 1.7
+    and later report it as "Invalid multipart data.", earlier ones let it through."""
+    detail = str(exc.detail) if isinstance(exc, HTTPException) else "Invalid multipart data."
+    if "Too many files" in detail:
+        return errors.ApiError(413, f"more than {MAX_FORM_FILES} file parts in one form")
+    if "Too many fields" in detail:
+        return errors.ApiError(413, f"more than {MAX_FORM_FIELDS} form fields in one request")
+    if "exceeded maximum size" in detail:  # a field that is not a file, past Starlette's 1 MiB
+        return errors.ApiError(413, f"a form field that is not a file is over 1 MiB: {detail}")
+    if bound := _parsers_bound(exc):
+        return errors.ApiError(413, f"a multipart part's headers are over the parser's bound: {bound}")
+    return errors.ApiError(400, f"malformed multipart body: {detail}")
+
+
+def _parsers_bound(exc: BaseException | None) -> str | None:
     """python-multipart's own bound on a part's headers (a file name past about 4,000 characters),
-    which Starlette reports as "Invalid multipart data." with the parser's error behind it."""
+    in its error or behind Starlette's."""
     for _ in range(4):
-        exc = exc.__cause__ or exc.__context__
         if exc is None:
             return None
         if str(exc).startswith("Maximum header"):  # "... size exceeded", "... count exceeded"
             return str(exc)
+        exc = exc.__cause__ or exc.__context__
     return None
 
 

@@ -98,6 +98,27 @@ def test_a_part_header_past_the_multipart_parsers_bound_is_413() -> None:
         assert assert_error(many, 413)["message"].endswith("Maximum header count exceeded")
 
 
+@pytest.mark.parametrize(
+    ("raised", "status", "said"),
+    [
+        ("Maximum header size exceeded", 413, "headers are over the parser's bound: Maximum header size"),
+        ("Did not find boundary character", 400, "malformed multipart body: Invalid multipart data."),
+    ],
+)
+def test_the_multipart_parsers_own_error_is_a_4xx(monkeypatch, raised: str, status: int, said: str) -> None:
+    """Starlette before 1.7 lets python-multipart's error through, unwrapped: a 4xx all the same."""
+    from python_multipart.exceptions import MultipartParseError
+    from starlette.requests import Request
+
+    async def form(self, **limits) -> None:
+        raise MultipartParseError(raised)
+
+    monkeypatch.setattr(Request, "form", form)
+    settings = Settings()
+    with serving(settings, Pictures(settings)) as client:
+        assert said in assert_error(client.post("/", files={"file": png()}), status)["message"]
+
+
 def test_form_fields_past_starlettes_bounds_are_413() -> None:
     """Options are small: a non-file field past 1 MiB, or more than 64 of them, is too much, not malformed."""
     settings = Settings()

@@ -28,7 +28,7 @@ def test_no_extras_is_the_dependencies_alone() -> None:
 def test_an_extra_and_the_projects_own_extras_inside_another() -> None:
     assert "runpod>=1.6" in requirements(" runpod ").stdout.split()
     test = requirements("test").stdout.split()
-    assert {"pytest>=8", "ray[serve]>=2.30", "runpod>=1.6", "efficientnet-lite-pytorch>=0.1"} <= set(test)
+    assert {"pytest>=8", "ray[serve]>=2.56.1", "runpod>=1.6", "efficientnet-lite-pytorch>=0.1"} <= set(test)
     assert not [line for line in test if line.startswith("docker-vit")]  # expanded, not installed from PyPI
     assert len(test) == len(set(test))
 
