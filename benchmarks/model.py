@@ -36,6 +36,7 @@ def build(folder: Path | str = DEFAULT_FOLDER, *, seed: int = 0, tiny: bool = Fa
             "random-weight model over them; give a new or empty folder"
         )
     folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"building": True}))  # first: a build cut short is rebuilt next time
     _save_model(folder, seed, tiny)
     tokenizer().save_pretrained(folder)
     from transformers import ViTImageProcessor

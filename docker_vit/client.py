@@ -43,6 +43,7 @@ from docker_vit.runner import (
 ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection
 BUSY_WAIT = 600.0  # seconds an image keeps being offered to a server answering 503 (queue full) or 429
 MAX_DELAY = 30.0  # seconds, the longest wait between two tries, whatever Retry-After says
+DESCRIBE_WAIT = 30.0  # seconds for `/v1/model`: a server without it answers 404 at once
 TIMEOUT = 300.0  # seconds for one request: the server's own request_timeout answers long before
 MARGIN = 30.0  # seconds past a server's own longer request_timeout (its /v1/model says) for one request
 READY_WAIT = 600.0  # seconds to wait for a server that is still loading its model
@@ -216,15 +217,21 @@ class RemoteRunner:
 
     def _model(self) -> dict[str, Any]:
         """What the server says of itself (`GET /v1/model`): its defaults and limits; `{"error": message}`
-        where it answers with Docker-ViT's error (its handler's `describe()` failed); {} if it won't."""
+        where its handler's `describe()` failed (Docker-ViT's 5xx) or hangs (no answer in DESCRIBE_WAIT);
+        {} if it won't say."""
+        hung = {"error": f"no answer in {DESCRIBE_WAIT:g} s"}
         try:
             request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
-            with _open(request, timeout=30) as response:
+            with _open(request, timeout=DESCRIBE_WAIT) as response:
                 model = json.loads(response.read())
         except urllib.error.HTTPError as exc:
             body, message = _error(exc)
-            return {"error": message} if isinstance(body.get("error"), dict) else {}
-        except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError):
+            return {"error": message} if exc.code >= 500 and isinstance(body.get("error"), dict) else {}
+        except TimeoutError:
+            return hung
+        except urllib.error.URLError as exc:
+            return hung if isinstance(exc.reason, TimeoutError) else {}
+        except (OSError, http.client.HTTPException, ValueError):
             return {}
         return model if isinstance(model, dict) else {}
 

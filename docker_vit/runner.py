@@ -1,5 +1,5 @@
 """What `docker-vit caption`'s two runners (local.py: a model in this process; client.py: a server at
-`--url`) hand folder.py, which finds the images and writes the records: one `Outcome` per image, a
+`--url`) hand folder.py, which writes the records of the images walk.py found: one `Outcome` per image, a
 batch at a time, or a `CaptionError` that ends the run; and what both share to make them (reading a
 file within its limit, saying why one was skipped, the generation defaults a record carries)."""
 

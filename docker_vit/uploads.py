@@ -136,6 +136,7 @@ def _parsers_bound(exc: BaseException | None) -> str | None:
 
 
 def _too_large(size: int, max_bytes: int, headers: dict[str, str] | None = None) -> errors.ApiError:
+    """One wording for an image over the limit, however it came (a form part, a body, base64)."""
     return errors.ApiError(413, f"an image is {size} bytes; the limit is {max_bytes}", headers=headers)
 
 

@@ -66,6 +66,8 @@ def find_images(
 def _walk(
     root: str, visited: set[tuple[int, int]], warn: Callable[[str], None], passed: Counter[str]
 ) -> Iterator[str]:
+    """Depth first with a stack of iterators, not recursion: a tree deeper than Python's recursion
+    limit (or a long chain of links) is walked all the same."""
     stack = [iter([root])]
     while stack:
         path = next(stack[-1], None)
@@ -81,6 +83,8 @@ def _walk(
 
 
 def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], None]) -> list[str]:
+    """A folder's names, sorted, or none where it was entered before (by another name, a link) or
+    cannot be read: a folder costs a warning, never the run."""
     try:
         info = os.stat(folder)
         if (info.st_dev, info.st_ino) in visited:

@@ -42,6 +42,21 @@ def test_build_never_writes_over_a_folder_of_other_files(tmp_path: Path) -> None
     assert [path.name for path in tmp_path.iterdir()] == ["config.json"]
 
 
+def test_a_build_cut_short_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C (or a full disk) after the weights: the folder is the benchmark's own, not a user's."""
+    real = model.tokenizer
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(model, "tokenizer", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        model.build(tmp_path, tiny=True)
+    monkeypatch.setattr(model, "tokenizer", real)
+    assert model.build(tmp_path, tiny=True) == tmp_path
+    assert json.loads((tmp_path / "bench-model.json").read_text())["tiny"]
+
+
 def test_shape_of_reads_a_saved_config(tmp_path: Path) -> None:
     encoder = {
         "hidden_size": 64,

@@ -173,6 +173,39 @@ def test_a_server_whose_describe_fails_gets_only_the_options_set(
     assert "/v1/model failed (" in said and "describe is broken): sending only the options set" in said
 
 
+def test_a_server_whose_describe_hangs_gets_only_the_options_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """No answer at /v1/model within the wait (a describe() that hangs; the server's own 504 comes
+    only after its request timeout): as when it fails, the captioner's defaults are not sent."""
+    sent: list[str] = []
+
+    class Hanging(_Flaky):
+        refusals = 0
+
+        def do_GET(self) -> None:
+            if self.path == "/v1/model":
+                time.sleep(1.0)  # the client has left: nothing to answer
+                return
+            self._answer(200, {"status": "ready"})
+
+        def do_POST(self) -> None:
+            sent.append(self.path)
+            super().do_POST()
+
+    monkeypatch.setattr(client, "DESCRIBE_WAIT", 0.2)
+    with stub_server(Hanging) as url:
+        assert (
+            cli.main(["caption", str(photo("coffee.jpg")), "-o", str(tmp_path / "o.jsonl"), "--url", url])
+            == 0
+        )
+    assert (
+        sent == ["/v1/captions"]
+        and not {"num_beams", "max_new_tokens"} & read(tmp_path / "o.jsonl")[0].keys()
+    )
+    assert "/v1/model failed (no answer in 0.2 s): sending only the options set" in capsys.readouterr().err
+
+
 def test_url_holds_the_servers_limits_not_the_clients(
     vit_gpt2_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
@@ -228,6 +261,7 @@ def test_a_url_naming_the_route_gets_a_hint(
 ) -> None:
     assert cli.main(["caption", str(pictures), "--url", f"{server}/v1/captions"]) == 1
     assert "404" in (err := capsys.readouterr().err) and "give --url without /v1/captions" in err
+    assert "/v1/model failed" not in err  # a 404 there is no describe() that failed
 
 
 @pytest.mark.parametrize(
