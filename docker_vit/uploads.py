@@ -40,6 +40,7 @@ async def read_inputs(
     """The request's images and options, from multipart, a raw image body, or JSON; `first_only`: the
     original's reading of several files, the first one alone (the others are neither counted nor checked)."""
     _refuse_coded(", ".join(request.headers.getlist("content-encoding")))
+    _refuse_transfer_coded(", ".join(request.headers.getlist("transfer-encoding")))
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
@@ -74,6 +75,17 @@ def _refuse_coded(coding: str) -> None:
             415,
             f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",
             headers={**errors.CLOSE, "Accept-Encoding": "identity"},
+        )
+
+
+def _refuse_transfer_coded(coding: str) -> None:
+    """A body sent in a transfer coding besides chunked (`gzip, chunked`): h11 refuses it, httptools
+    hands the coded bytes on as if plain; refused alike (400 here: a 4xx, where RFC 9112 has 501)."""
+    if {part.strip().lower() for part in coding.split(",")} - {"", "chunked"}:
+        raise errors.ApiError(
+            400,
+            f"Transfer-Encoding {coding[:40]!r} is not supported: send the body plain or chunked",
+            headers=errors.CLOSE,
         )
 
 

@@ -185,6 +185,15 @@ def test_a_compressed_body_is_refused_as_such(client, route: str) -> None:
     assert client.post(route, content=photo("coffee.jpg").read_bytes(), headers=plain).status_code == 200
 
 
+@pytest.mark.parametrize("route", ["/", "/v1/captions"])
+def test_a_transfer_coding_besides_chunked_is_refused(client, route: str) -> None:
+    """httptools hands on a `gzip, chunked` body's bytes as if plain (h11 refuses it): refused alike."""
+    headers = {"content-type": "image/jpeg", "transfer-encoding": "gzip, chunked"}
+    answer = client.post(route, content=photo("coffee.jpg").read_bytes(), headers=headers)
+    assert "'gzip, chunked' is not supported" in assert_error(answer, 400)["message"]
+    assert answer.headers["connection"] == "close"
+
+
 def test_a_body_of_the_wrong_type_or_broken_json_says_what_it_got(client) -> None:
     """`curl -d '{"images": ...}'` sends a form; `base64` without -w0 breaks a JSON string's line."""
     form = {"content-type": "application/x-www-form-urlencoded"}
