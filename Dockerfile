@@ -92,7 +92,10 @@ RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     && pip install $PIP_EXTRA_ARGS -c /opt/venv/torch-constraint.txt -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt
 
-COPY . /src
+# The package alone: with `COPY .` whatever the checkout holds (photos, captions files, a Runpod
+# test_input.json) would ride in this layer of the pushed image, though the next step deletes /src.
+COPY pyproject.toml README.md /src/
+COPY docker_vit /src/docker_vit
 RUN --mount=type=secret,id=pip.conf,target=/etc/pip.conf \
     pip install $PIP_EXTRA_ARGS --no-deps -c /opt/venv/torch-constraint.txt /src \
     && pip check \
