@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import http.client
 import json
-import math
-import random
 import sys
 import threading
 import time
@@ -39,42 +37,15 @@ from docker_vit.runner import (
     generation_defaults,
     read_file,
 )
+from docker_vit.transport import backoff, connection_problem, error_of, open_url, redirected, retry_after
 
 ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection
 BUSY_WAIT = 600.0  # seconds an image keeps being offered to a server answering 503 (queue full) or 429
-MAX_DELAY = 30.0  # seconds, the longest wait between two tries, whatever Retry-After says
 DESCRIBE_WAIT = 30.0  # seconds for `/v1/model`: a server without it answers 404 at once
 TIMEOUT = 300.0  # seconds for one request: the server's own request_timeout answers long before
 MARGIN = 30.0  # seconds past a server's own longer request_timeout (its /v1/model says) for one request
 READY_WAIT = 600.0  # seconds to wait for a server that is still loading its model
 FATAL = (401, 403, 404, 405, 422, 501)  # every other image would get the same answer
-
-
-class _NoRedirects(urllib.request.HTTPRedirectHandler):
-    """A redirect is an error: urllib would follow it with the API key to whatever host it names,
-    and turn an upload into an empty GET."""
-
-    def redirect_request(self, *args: Any) -> None:
-        return None
-
-
-_open = urllib.request.build_opener(_NoRedirects).open
-
-
-def _redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
-    """A redirect's error, naming the --url to give instead (the target less the route asked for)."""
-    if not 300 <= exc.code < 400:
-        return None
-    location = exc.headers.get("Location")
-    if not location:
-        return CaptionError(f"{url} answered {exc.code}, a redirect without a Location")
-    target = urllib.parse.urljoin(exc.url, location)
-    place = target.split("?")[0]
-    route = exc.url[len(url) :].split("?")[0]  # /readyz, /v1/model or /v1/captions
-    base = place.removesuffix(route) if route else ""
-    usable = base.startswith(("http://", "https://")) and base not in (url, place)
-    hint = f": give --url {base}" if usable else ""
-    return CaptionError(f"{url} answered {exc.code}, redirecting to {target}{hint}")
 
 
 class _Skip(Exception):
@@ -103,17 +74,8 @@ class RemoteRunner:
             self.headers["Authorization"] = f"Bearer {settings.api_key}"
         self._said_retrying = threading.Event()  # one line per run, not one per image
         self._wait_ready()
-        model = self._model()
-        if isinstance(model.get("model"), str):  # a Docker-ViT /v1/model: its defaults hold for the rest
-            names = model.get("options")  # the fields its handler reads, when it says
-            known = names if isinstance(names, list) else chosen
-            self.params = {name: value for name, value in params.items() if name in chosen and name in known}
-            self.recorded = {**generation_defaults(model), **self.params}
-        elif isinstance(model.get("error"), str):  # a Docker-ViT server whose handler could not say
-            self.warn(f"{self.url}/v1/model failed ({model['error'][:200]}): sending only the options set")
-            self.params = self.recorded = {name: value for name, value in params.items() if name in chosen}
-        else:  # a server that won't say its defaults gets ours, so that records stay true
-            self.params = self.recorded = dict(params)
+        model, failed = self._model()
+        self.params, self.recorded = self._options(model, failed, params, chosen)
         limits = model.get("limits") if isinstance(model.get("limits"), dict) else {}
         # a server that may take longer than TIMEOUT answers its own 504 (a skip), not our timeout (an end)
         served = limits.get("request_timeout")
@@ -121,8 +83,9 @@ class RemoteRunner:
         self.timeout = max(TIMEOUT, served + MARGIN) if usable else TIMEOUT
         limit = limits.get("max_bytes")
         # the server's limit holds; one of this run's own (a flag, a variable) holds where it is lower
-        lower = "max_bytes" in chosen and (not isinstance(limit, int) or settings.max_bytes < limit)
-        self.servers_limit = isinstance(limit, int) and limit > 0 and not lower
+        limit = limit if isinstance(limit, int) and not isinstance(limit, bool) else None
+        lower = "max_bytes" in chosen and (limit is None or settings.max_bytes < limit)
+        self.servers_limit = limit is not None and limit > 0 and not lower
         self.max_bytes = limit if self.servers_limit else settings.max_bytes
 
     def run(self, paths: list[str]) -> Generator[list[Outcome], None, None]:
@@ -166,12 +129,14 @@ class RemoteRunner:
                 method="POST",
             )
             try:
-                with _open(request, timeout=self.timeout) as response:
-                    return self._captions(response.read())
+                with open_url(request, timeout=self.timeout) as response:
+                    return self._captions(
+                        response.read(), framed=response.chunked or response.length is not None
+                    )
             except urllib.error.HTTPError as exc:
-                if redirect := _redirected(exc, self.url):
+                if redirect := redirected(exc, self.url):
                     raise redirect from None
-                problem = f"{exc.code} {_error(exc)[1]}"
+                problem = f"{exc.code} {error_of(exc)[1]}"
                 if exc.code in FATAL:
                     routed = exc.code == 404 and self.url.rstrip("/").endswith("/v1/captions")
                     hint = " (give --url without /v1/captions: it is added)" if routed else ""
@@ -180,14 +145,14 @@ class RemoteRunner:
                     raise _Skip(f"the server answered {problem}", broke=exc.code >= 500) from None
                 failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
                 busy += exc.code in (429, 503)
-                delay = _retry_after(exc, busy if exc.code in (429, 503) else failures)
+                delay = retry_after(exc, busy if exc.code in (429, 503) else failures)
                 last = failures >= ATTEMPTS or time.monotonic() + delay > deadline  # a slow 504 too
                 if last and exc.code == 504:  # the server is up and answers: this image outruns it
                     raise _Skip(f"the server answered {problem} on the last try", broke=True) from None
             except (urllib.error.URLError, OSError, http.client.HTTPException) as exc:
-                problem = _problem(exc)  # a dropped connection or a cut-off answer: try again
+                problem = connection_problem(exc)  # a dropped connection or a cut-off answer: try again
                 failures += 1
-                delay = _backoff(failures)
+                delay = backoff(failures)
             if failures >= ATTEMPTS or time.monotonic() + delay > deadline:
                 raise CaptionError(f"{self.url} still failing: {problem}")
             self._say_retrying(problem)
@@ -204,36 +169,56 @@ class RemoteRunner:
                 "full queue is no failure)"
             )
 
-    def _captions(self, body: bytes) -> dict[str, Any]:
+    def _captions(self, body: bytes, framed: bool = True) -> dict[str, Any]:
         """The server's answer, if it has the shape of one: anything else stops the run, as every
-        other request would get the same."""
+        other request would get the same; but an answer without a length that ends at a closed
+        connection may be one cut short (its head, even): tried again, as a dropped connection is."""
         try:
             answer = json.loads(body)
             if len(answer["captions"]) == 1 and isinstance(answer["captions"][0]["text"], str):
                 return answer  # one image sent, one caption back
         except (ValueError, LookupError, TypeError):
-            pass
+            if not framed:
+                raise http.client.IncompleteRead(body) from None
         raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")
 
-    def _model(self) -> dict[str, Any]:
-        """What the server says of itself (`GET /v1/model`): its defaults and limits; `{"error": message}`
-        where its handler's `describe()` failed (Docker-ViT's 5xx) or hangs (no answer in DESCRIBE_WAIT);
-        {} if it won't say."""
-        hung = {"error": f"no answer in {DESCRIBE_WAIT:g} s"}
+    def _options(
+        self, model: dict[str, Any], failed: str | None, params: Mapping[str, Any], chosen: Collection[str]
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The options sent and those records show. A Docker-ViT server's own defaults hold for what
+        the user did not set (and of what was set, only the fields its handler reads, when it names
+        them), also where its handler cannot say them; a server without the route gets the client's
+        own, so that records stay true."""
+        if isinstance(model.get("model"), str):
+            names = model.get("options")
+            known = names if isinstance(names, list) else chosen
+            sent = {name: value for name, value in params.items() if name in chosen and name in known}
+            return sent, {**generation_defaults(model), **sent}
+        if failed is not None:
+            self.warn(f"{self.url}/v1/model failed ({failed[:200]}): sending only the options set")
+            sent = {name: value for name, value in params.items() if name in chosen}
+            return sent, sent
+        return dict(params), dict(params)
+
+    def _model(self) -> tuple[dict[str, Any], str | None]:
+        """What the server says of itself (`GET /v1/model`): its defaults and limits ({} if it won't
+        say), and why its handler's `describe()` could not say them: Docker-ViT's 5xx, or no answer in
+        DESCRIBE_WAIT (a server without the route answers 404 at once)."""
+        hung = f"no answer in {DESCRIBE_WAIT:g} s"
         try:
             request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
-            with _open(request, timeout=DESCRIBE_WAIT) as response:
+            with open_url(request, timeout=DESCRIBE_WAIT) as response:
                 model = json.loads(response.read())
         except urllib.error.HTTPError as exc:
-            body, message = _error(exc)
-            return {"error": message} if exc.code >= 500 and isinstance(body.get("error"), dict) else {}
+            body, message = error_of(exc)
+            return {}, message if exc.code >= 500 and isinstance(body.get("error"), dict) else None
         except TimeoutError:
-            return hung
+            return {}, hung
         except urllib.error.URLError as exc:
-            return hung if isinstance(exc.reason, TimeoutError) else {}
+            return {}, hung if isinstance(exc.reason, TimeoutError) else None
         except (OSError, http.client.HTTPException, ValueError):
-            return {}
-        return model if isinstance(model, dict) else {}
+            return {}, None
+        return (model if isinstance(model, dict) else {}), None
 
     def _wait_ready(self) -> None:
         """Fail fast on a wrong URL; wait (bounded) while the server loads its model."""
@@ -241,13 +226,13 @@ class RemoteRunner:
         while True:
             try:
                 probe = urllib.request.Request(f"{self.url}/readyz", headers=self.headers)  # a gateway's key
-                with _open(probe, timeout=30) as response:
+                with open_url(probe, timeout=30) as response:
                     response.read()
                 return
             except urllib.error.HTTPError as exc:
-                if redirect := _redirected(exc, self.url):
+                if redirect := redirected(exc, self.url):
                     raise redirect from None
-                body, message = _error(exc)
+                body, message = error_of(exc)
                 if exc.code == 404:
                     return  # no readiness probe there (a proxy in front?): the captions will tell
                 passing = exc.code in (502, 503, 504) and body.get("status") != "failed"  # loading, or
@@ -269,40 +254,5 @@ class RemoteRunner:
                     if refused
                     else ""
                 )
-                raise CaptionError(f"cannot reach {self.url}: {_problem(exc)}{hint}") from None
+                raise CaptionError(f"cannot reach {self.url}: {connection_problem(exc)}{hint}") from None
             time.sleep(1.0)
-
-
-def _retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:
-    """The server's Retry-After where it says a second or more; else (0, a date, none) the doubling
-    backoff: every worker trying again at once, again and again, only adds to a busy server's load."""
-    try:
-        seconds = float(exc.headers.get("Retry-After", ""))
-    except ValueError:
-        seconds = 0.0
-    return min(seconds, MAX_DELAY) if 1.0 <= seconds < math.inf else _backoff(attempt)
-
-
-def _problem(exc: Exception) -> str:
-    """What went wrong with a connection, in words: the reason, or what kind of broken answer came."""
-    if isinstance(exc, http.client.HTTPException):
-        return f"not a complete HTTP answer ({type(exc).__name__})"
-    return str(getattr(exc, "reason", exc))
-
-
-def _backoff(attempt: int) -> float:
-    """Doubling, and jittered: images that failed in one batch are not sent back into one batch again."""
-    return min(0.5 * 2**attempt, MAX_DELAY) * random.uniform(0.5, 1.0)
-
-
-def _error(exc: urllib.error.HTTPError) -> tuple[dict[str, Any], str]:
-    """The error's JSON body (read once) and its message: the server's `error.message`, else the reason."""
-    try:
-        body = json.loads(exc.read() or b"{}")
-    except (ValueError, OSError, http.client.HTTPException):
-        body = {}
-    finally:
-        exc.close()
-    body = body if isinstance(body, dict) else {}
-    error = body.get("error")
-    return body, str(error.get("message")) if isinstance(error, dict) else str(exc.reason)

@@ -20,7 +20,7 @@ import uvicorn
 from conftest import photo
 from PIL import Image
 
-from docker_vit import cli, client, ordered
+from docker_vit import cli, client, ordered, transport
 from docker_vit.config import Settings
 from docker_vit.progress import Progress
 from docker_vit.server import create_app
@@ -204,6 +204,30 @@ def test_a_server_whose_describe_hangs_gets_only_the_options_set(
         and not {"num_beams", "max_new_tokens"} & read(tmp_path / "o.jsonl")[0].keys()
     )
     assert "/v1/model failed (no answer in 0.2 s): sending only the options set" in capsys.readouterr().err
+
+
+def test_odd_words_of_a_server_on_itself_are_not_taken_for_limits_or_messages(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A Docker-ViT-shaped 500 without a message says its reason, not "None"; `max_bytes: true` is
+    no byte limit (a bool is an int to Python): the image is sent, not skipped as over `True` bytes."""
+
+    class Odd(_Flaky):
+        refusals = 0
+        answers = [(500, {"error": {}}), (200, {"model": "m", "limits": {"max_bytes": True}})]
+
+        def do_GET(self) -> None:
+            if self.path == "/v1/model":
+                self._answer(*Odd.answers.pop())
+            else:
+                self._answer(200, {"status": "ready"})
+
+    for _ in range(2):
+        with stub_server(Odd) as url:
+            assert cli.main(["caption", str(photo("coffee.jpg")), "-o", "-", "--json", "--url", url]) == 0
+    said = capsys.readouterr()
+    assert said.out.count('"caption": "a stub caption"') == 2
+    assert "/v1/model failed (Internal Server Error): sending only the options set" in said.err
 
 
 def test_url_holds_the_servers_limits_not_the_clients(
@@ -410,7 +434,7 @@ def test_a_busy_server_is_retried_after_its_retry_after_or_a_doubling_backoff(
             cli.main(["caption", str(photo("coffee.jpg")), "-o", str(tmp_path / "o.csv"), "--url", url]) == 0
         )
     if retry_after in ("3", "1e9"):
-        assert waits == [float(retry_after) if retry_after == "3" else client.MAX_DELAY] * 4
+        assert waits == [float(retry_after) if retry_after == "3" else transport.MAX_DELAY] * 4
     else:
         assert len(waits) == 4, waits  # doubling, jittered: 0.5-1 s, then 1-2 s, 2-4 s, 4-8 s
         assert all(0.25 * 2**tries <= wait <= 0.5 * 2**tries for tries, wait in enumerate(waits, 1)), waits
@@ -742,18 +766,16 @@ def test_a_server_still_loading_is_waited_for_saying_so(capsys: pytest.CaptureFi
 
 
 class _CutShort(_Flaky):
-    """Its first caption answer breaks off after 14 of the 500 bytes it announced; then it captions."""
+    """Its first caption answers break off: after 14 of the 500 bytes announced, and (with no length
+    to tell) inside the head and inside the body; then it captions."""
 
-    cuts = 1
+    cuts = [b'HTTP/1.1 200 OK\r\nContent-Length: 500\r\n\r\n{"captions": [', b"HTTP/1.1 200 OK\r\n"]
+    cuts.append(b'HTTP/1.0 200 OK\r\nContent-Type: application/json\r\n\r\n{"model": "stub/mo')
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        if _CutShort.cuts > 0:
-            _CutShort.cuts -= 1
-            self.send_response(200)
-            self.send_header("Content-Length", "500")
-            self.end_headers()
-            self.wfile.write(b'{"captions": [')
+        if _CutShort.cuts:
+            self.wfile.write(_CutShort.cuts.pop())
             self.close_connection = True
         else:
             self._caption()
@@ -763,7 +785,7 @@ def test_an_answer_cut_short_is_retried(tmp_path: Path) -> None:
     with stub_server(_CutShort) as url:
         out = tmp_path / "out.jsonl"
         assert cli.main(["caption", str(photo("coffee.jpg")), "-o", str(out), "--url", url]) == 0
-    assert _CutShort.cuts == 0 and json.loads(out.read_text())["caption"] == "a stub caption"
+    assert _CutShort.cuts == [] and json.loads(out.read_text())["caption"] == "a stub caption"
 
 
 def test_a_peer_that_does_not_speak_http_is_one_line(capsys: pytest.CaptureFixture) -> None:

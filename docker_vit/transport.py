@@ -1,0 +1,81 @@
+"""HTTP for `docker-vit caption --url`, standard library only: an opener that never follows a
+redirect, what a failed call says, and when to try again.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import random
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+from docker_vit.runner import CaptionError
+
+MAX_DELAY = 30.0  # seconds, the longest wait between two tries, whatever Retry-After says
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would follow it with the API key to whatever host it names,
+    and turn an upload into an empty GET."""
+
+    def redirect_request(self, *args: Any) -> None:
+        return None
+
+
+open_url = urllib.request.build_opener(_NoRedirects).open
+
+
+def redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
+    """A redirect's error, naming the --url to give instead (the target less the route asked for)."""
+    if not 300 <= exc.code < 400:
+        return None
+    location = exc.headers.get("Location")
+    if not location:
+        return CaptionError(f"{url} answered {exc.code}, a redirect without a Location")
+    target = urllib.parse.urljoin(exc.url, location)
+    place = target.split("?")[0]
+    route = exc.url[len(url) :].split("?")[0]  # /readyz, /v1/model or /v1/captions
+    base = place.removesuffix(route) if route else ""
+    usable = base.startswith(("http://", "https://")) and base not in (url, place)
+    hint = f": give --url {base}" if usable else ""
+    return CaptionError(f"{url} answered {exc.code}, redirecting to {target}{hint}")
+
+
+def retry_after(exc: urllib.error.HTTPError, attempt: int) -> float:
+    """The server's Retry-After where it says a second or more; else (0, a date, none) the doubling
+    backoff: every worker trying again at once, again and again, only adds to a busy server's load."""
+    try:
+        seconds = float(exc.headers.get("Retry-After", ""))
+    except ValueError:
+        seconds = 0.0
+    return min(seconds, MAX_DELAY) if 1.0 <= seconds < math.inf else backoff(attempt)
+
+
+def connection_problem(exc: Exception) -> str:
+    """What went wrong with a connection, in words: the reason, or what kind of broken answer came."""
+    if isinstance(exc, http.client.HTTPException):
+        return f"not a complete HTTP answer ({type(exc).__name__})"
+    return str(getattr(exc, "reason", exc))
+
+
+def backoff(attempt: int) -> float:
+    """Doubling, and jittered: images that failed in one batch are not sent back into one batch again."""
+    return min(0.5 * 2**attempt, MAX_DELAY) * random.uniform(0.5, 1.0)
+
+
+def error_of(exc: urllib.error.HTTPError) -> tuple[dict[str, Any], str]:
+    """The error's JSON body (read once) and its message: the server's `error.message`, else the reason."""
+    try:
+        body = json.loads(exc.read() or b"{}")
+    except (ValueError, OSError, http.client.HTTPException):
+        body = {}
+    finally:
+        exc.close()
+    body = body if isinstance(body, dict) else {}
+    error = body.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    return body, str(message) if message else str(exc.reason)
