@@ -143,7 +143,7 @@ class Settings:
                 raise ValueError(f"{name} cannot be negative, got {getattr(self, name)}")
         if self.max_wait_ms >= 1000 * self.request_timeout:  # a lone request would time out waiting
             raise ValueError(
-                f"max_wait_ms {self.max_wait_ms:g} must be shorter than request_timeout {self.request_timeout:g} s"
+                f"max_wait_ms {self.max_wait_ms:g} ms must be shorter than request_timeout {self.request_timeout:g} s"
             )
 
     def _check_secrets(self) -> None:
