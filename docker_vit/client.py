@@ -177,9 +177,11 @@ class RemoteRunner:
             answer = json.loads(body)
             if len(answer["captions"]) == 1 and isinstance(answer["captions"][0]["text"], str):
                 return answer  # one image sent, one caption back
-        except (ValueError, LookupError, TypeError):
-            if not framed:
+        except ValueError:
+            if not framed and body.lstrip()[:1] in (b"", b"{"):  # JSON cut short, not another page
                 raise http.client.IncompleteRead(body) from None
+        except (LookupError, TypeError):
+            pass
         raise CaptionError(f"{self.url}/v1/captions did not answer with captions: is it a Docker-ViT server?")
 
     def _options(

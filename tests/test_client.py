@@ -441,13 +441,17 @@ def test_a_busy_server_is_retried_after_its_retry_after_or_a_doubling_backoff(
 
 
 class _Stranger(_Flaky):
-    """Some other server: answers 200, but not with captions."""
+    """Some other server: answers 200, but not with captions (bytes: as HTTP/1.0, with no length)."""
 
     body: object = {"status": "ok"}
 
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers["Content-Length"]))
-        self._answer(200, self.body)
+        if isinstance(self.body, bytes):
+            self.wfile.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/html\r\n\r\n" + self.body)
+            self.close_connection = True
+        else:
+            self._answer(200, self.body)
 
 
 @pytest.mark.parametrize(
@@ -458,6 +462,8 @@ class _Stranger(_Flaky):
         {"captions": []},
         {"captions": [{"text": 3}]},
         {"captions": [{"text": "one"}, {"text": "two"}]},  # two captions for the one image sent
+        b"<html><h1>Welcome to nginx!</h1></html>",  # whole, though no length says so: not retried
+        b'{"status": "ok"}',
     ],
 )
 def test_a_200_without_captions_stops_the_run_with_a_clear_error(
