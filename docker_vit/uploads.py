@@ -39,8 +39,18 @@ async def read_inputs(
 ) -> tuple[list[bytes], dict]:
     """The request's images and options, from multipart, a raw image body, or JSON; `first_only`: the
     original's reading of several files, the first one alone (the others are neither counted nor checked)."""
-    _refuse_coded(", ".join(request.headers.getlist("content-encoding")))
-    _refuse_transfer_coded(", ".join(request.headers.getlist("transfer-encoding")))
+    if coding := _coded(request, "content-encoding", "identity"):  # compressed: RFC 9110's 415
+        raise errors.ApiError(
+            415,
+            f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",
+            headers={**errors.CLOSE, "Accept-Encoding": "identity"},
+        )
+    if coding := _coded(request, "transfer-encoding", "chunked"):  # h11 refuses it; httptools passes it
+        raise errors.ApiError(  # on as if plain. A 4xx, where RFC 9112 has 501
+            400,
+            f"Transfer-Encoding {coding[:40]!r} is not supported: send the body plain or chunked",
+            headers=errors.CLOSE,
+        )
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
@@ -67,26 +77,12 @@ async def read_inputs(
     return inputs, options
 
 
-def _refuse_coded(coding: str) -> None:
-    """A compressed body (`Content-Encoding: gzip`) is refused as such, unread, rather than read as a
-    broken image or JSON: RFC 9110's 415, with the one coding taken (identity)."""
-    if {part.strip().lower() for part in coding.split(",")} - {"", "identity"}:  # each header, each coding
-        raise errors.ApiError(
-            415,
-            f"Content-Encoding {coding[:40]!r} is not supported: send the body uncompressed",
-            headers={**errors.CLOSE, "Accept-Encoding": "identity"},
-        )
-
-
-def _refuse_transfer_coded(coding: str) -> None:
-    """A body sent in a transfer coding besides chunked (`gzip, chunked`): h11 refuses it, httptools
-    hands the coded bytes on as if plain; refused alike (400 here: a 4xx, where RFC 9112 has 501)."""
-    if {part.strip().lower() for part in coding.split(",")} - {"", "chunked"}:
-        raise errors.ApiError(
-            400,
-            f"Transfer-Encoding {coding[:40]!r} is not supported: send the body plain or chunked",
-            headers=errors.CLOSE,
-        )
+def _coded(request: Request, header: str, plain: str) -> str:
+    """The codings a body was sent in (every `header` of the request, each coding it lists), where
+    any is other than `plain`; else "". A body so coded is refused unread, not read as a broken image
+    or JSON."""
+    coding = ", ".join(request.headers.getlist(header))
+    return coding if {part.strip().lower() for part in coding.split(",")} - {"", plain} else ""
 
 
 async def _read_form(
