@@ -166,7 +166,7 @@ class CaptionsFile:
             if not isinstance(path, str):
                 raise CaptionsFileError(f"{self.path} has a record without a path: is it a captions file?")
             if "\0" in path:  # no file name holds one: zeros written over records, say by a crash
-                raise CaptionsFileError(f"{self.path} has a path with a NUL byte: is it a captions file?")
+                raise _nul_in_a_path(self.path)
             done.add(path)
             self.makers.add(_maker(row))
         if reader.complete < reader.read:
@@ -253,7 +253,10 @@ def _csv_rows(lines: _Lines, name: str, columns: list[str]) -> Iterator[dict]:
     except csv.Error as exc:
         if lines.read < lines.size or header is None:  # broken in the middle, or no captions file at all
             if "NUL" in str(exc):  # Python 3.10's reader refuses one itself ("line contains NUL")
-                raise CaptionsFileError(
-                    f"{name} has a path with a NUL byte: is it a captions file?"
-                ) from None
+                raise _nul_in_a_path(name) from None
             raise CaptionsFileError(f"{name} is not a valid CSV file: {exc}") from None
+
+
+def _nul_in_a_path(name: str) -> CaptionsFileError:
+    """No file name holds a NUL: zeros written over records (a crash), or no captions file at all."""
+    return CaptionsFileError(f"{name} has a path with a NUL byte: is it a captions file?")
