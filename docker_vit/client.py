@@ -143,9 +143,9 @@ class RemoteRunner:
                     raise CaptionError(f"{self.url} answered {problem}{hint}") from None
                 if exc.code not in (429, 502, 503, 504):
                     raise _Skip(f"the server answered {problem}", broke=exc.code >= 500) from None
-                failures += exc.code in (502, 504)  # a busy server (429, 503) is waited for, up to BUSY_WAIT
-                busy += exc.code in (429, 503)
-                delay = retry_after(exc, busy if exc.code in (429, 503) else failures)
+                waiting = exc.code in (429, 503)  # a busy server is waited for, up to BUSY_WAIT
+                failures, busy = failures + (not waiting), busy + waiting
+                delay = retry_after(exc, busy if waiting else failures)
                 last = failures >= ATTEMPTS or time.monotonic() + delay > deadline  # a slow 504 too
                 if last and exc.code == 504:  # the server is up and answers: this image outruns it
                     raise _Skip(f"the server answered {problem} on the last try", broke=True) from None
