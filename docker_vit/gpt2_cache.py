@@ -99,13 +99,7 @@ class Gpt2Stepper:
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
             return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
         q = self._heads(self._linear(attn.q_attn, h), self.batch)  # [batch, heads, beams, head_dim]
-        # Each beam is a query of length 1, as in `generate`: SDPA's kernel rounds a longer query
-        # otherwise (a product of more rows). The K/V stay one per image, read once per beam.
-        rows = [
-            F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=attn.scaling)
-            for j in range(q.shape[2])
-        ]
-        out = rows[0] if len(rows) == 1 else torch.cat(rows, dim=2)  # greedy: one row, nothing to join
+        out = products.beam_attention(attn, q, k, v, attn.scaling)  # the K/V stay one per image
         return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
 
     def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

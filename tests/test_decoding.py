@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import tiny_models
 import torch
+import torch.nn.functional as F
 from conftest import photo
 from PIL import Image
 from transformers import (
@@ -169,6 +170,29 @@ def test_beam_search_rounds_as_generate_does(near_ties) -> None:
     for batch in (1, 3, 6):
         px = torch.randn(batch, 3, 64, 64, generator=generator) * 2.0
         assert _mismatches(near_ties, px, configs) == []
+    grouped = [products._verdicts[b.crossattention] for b in near_ties.decoder.transformer.h]
+    assert all(grouped) and all(all(v.values()) for v in grouped), "the grouped beams must really have run"
+
+
+@pytest.mark.parametrize("images, beams, length", [(1, 4, 197), (16, 4, 197), (3, 5, 577), (6, 2, 50)])
+def test_beams_as_grouped_heads_round_as_one_query_each(images: int, beams: int, length: int) -> None:
+    """One attention call with the beams as grouped query heads gives every bit of one call per beam,
+    and is then used; one beam (greedy) and other dtypes keep the plain call."""
+    torch.manual_seed(images * beams)
+    attn = torch.nn.Module()
+    q = torch.randn(images, beams, 12, 64).transpose(1, 2)  # as the stepper views its query rows
+    k, v = (torch.randn(images, length, 12, 64).transpose(1, 2) for _ in range(2))
+    want = torch.cat(
+        [F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=0.125) for j in range(beams)], dim=2
+    )
+    for _ in range(3):  # checked both ways, then in the race
+        assert torch.equal(products.beam_attention(attn, q, k, v, 0.125), want)
+    assert products._verdicts[attn] == {("grouped", images * beams, torch.get_num_threads()): True}
+    assert torch.equal(products._grouped(q, k, v, 0.125), want)
+    lone = torch.nn.Module()
+    products.beam_attention(lone, q[:, :, :1], k, v, 0.125)
+    products.beam_attention(lone, q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125)
+    assert lone not in products._verdicts
 
 
 @pytest.mark.parametrize("name", ["sharp", "eos_model", "near_ties"])
