@@ -10,13 +10,14 @@ caption 0.71x the time; on an AVX-512 Xeon MKL already shares them, and the halv
 - bits: splitting changes no arithmetic, but a BLAS may pick another kernel for another shape (or thread
   count), so the first product of each matrix and row count is computed both ways and the split form
   stays in the running only if every bit matched. The default decode path stays token-exact anywhere.
-- speed: the next calls of each shape and row count alternate the two forms, timed, and the faster by
-  median is used from then on (the 16-row halves lost on the Xeon, and a greedy batch of 16 decoded in
-  0.87x the time).
+- speed: the next calls of each shape and row count go to the exact forms in turn, timed, and the
+  fastest by median is used from then on (the 16-row halves lost on the Xeon, and a greedy batch of 16
+  decoded in 0.87x the time; quarters beat halves at 64 rows on a Zen 5 EPYC).
 """
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 import weakref
@@ -29,50 +30,57 @@ VOCAB_BLOCK = 1024
 """Output-embedding rows per block: 3 MB of weights, where the whole 154 MB matrix in one product
 had poor cache reuse."""
 
-HALVES_MAX_ROWS = 128
-"""Above this many rows one product already keeps every core busy, and the halves cost more than they
-save (at 256 rows they were 10% slower here)."""
+SPLIT_MAX_ROWS = 128
+"""Above this many rows one product already keeps every core busy: the column parts cost more than they
+save (at 256 rows they were 10% slower here), and the vocabulary's batched blocks, whose temporary grows
+with the rows, are not tried."""
 
-STACKED_VOCAB_MAX_ROWS = 32
-"""Up to this many rows the vocabulary blocks go to the threads as one batched product; above it, one
-product per block, each already spread over the threads (the batched form was slower at 64 rows)."""
+COLUMN_PARTS = {"halves": 2, "quarters": 4}
+"""The Conv1D column splits raced against the plain product. Halves won at 4-16 rows on an older EPYC,
+quarters at 64 rows on a Zen 5 EPYC (1.80 against 2.10 ms for [768 x 3072], in a decode); on a Xeon the
+plain product won at 16 rows."""
 
 RACE_CALLS = 8
-"""Timed calls of each form before the faster is chosen: the shapes recur in every layer of every
+"""Timed calls of each form before the fastest is chosen: the shapes recur in every layer of every
 step, so this is decided within the first batch or two."""
 
-# Per module: (form, rows, ...) -> whether the split form matched the module's own product bit for bit.
+Form = Callable[[], torch.Tensor]
+
+# Per module: (form, rows, threads) -> whether the split form matched the module's own product bit for bit.
 _verdicts: weakref.WeakKeyDictionary[torch.nn.Module, dict[Hashable, bool]] = weakref.WeakKeyDictionary()
 
 
 def conv1d(conv: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's Conv1D on a 2-D input (`addmm(bias, x, weight)`), in two column halves where exact."""
+    """GPT-2's Conv1D on a 2-D input (`addmm(bias, x, weight)`), in column parts where exact."""
     weight = conv.weight
 
     def plain() -> torch.Tensor:
         return torch.addmm(conv.bias, x, weight)
 
-    if (
-        not _checkable(weight)
-        or not weight.is_contiguous()
-        or weight.shape[1] % 2
-        or x.shape[0] > HALVES_MAX_ROWS
-    ):
+    if not _checkable(weight) or not weight.is_contiguous() or x.shape[0] > SPLIT_MAX_ROWS:
         return plain()
-    key = ("halves", x.shape[0])
-    return _exact(conv, key, weight.shape, plain, lambda: _halves(conv.bias, x, weight))
+    splits = {
+        name: functools.partial(_columns, conv.bias, x, weight, parts)
+        for name, parts in COLUMN_PARTS.items()
+        if weight.shape[1] % parts == 0
+    }
+    return _fastest(conv, x.shape[0], weight.shape, plain, splits)
 
 
 def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """`head(x)` for the output embedding (a Linear without bias), in vocabulary blocks where exact."""
+    """`head(x)` for the output embedding (a Linear without bias), in vocabulary blocks where exact.
+
+    The blocks go one product at a time, or as one batched product (which won at 64 rows on a Zen 5
+    EPYC and a Xeon, 29 ms a step against 38 and 31 for the plain product; an older EPYC preferred the
+    loop, 48 against 54)."""
     weight = getattr(head, "weight", None)
     bare = type(head) is torch.nn.Linear and head.bias is None
     if not bare or not _checkable(weight) or weight.shape[0] <= VOCAB_BLOCK:
         return head(x)
-    stack = x.shape[0] <= STACKED_VOCAB_MAX_ROWS and weight.is_contiguous()
-    blocks = _stacked if stack else _looped
-    key = (blocks.__name__, x.shape[0], VOCAB_BLOCK)
-    return _exact(head, key, weight.shape, lambda: head(x), lambda: blocks(weight, x))
+    splits = {("looped", VOCAB_BLOCK): functools.partial(_looped, weight, x)}
+    if x.shape[0] <= SPLIT_MAX_ROWS and weight.is_contiguous():
+        splits["stacked", VOCAB_BLOCK] = functools.partial(_stacked, weight, x)
+    return _fastest(head, x.shape[0], weight.shape, lambda: head(x), splits)
 
 
 def beam_attention(
@@ -93,8 +101,8 @@ def beam_attention(
 
     if beams == 1 or not _checkable(k):
         return plain()
-    key = ("grouped", q.shape[0] * beams)
-    return _exact(attn, key, tuple(k.shape[1:]), plain, lambda: _grouped(q, k, v, scale))
+    grouped = functools.partial(_grouped, q, k, v, scale)
+    return _fastest(attn, q.shape[0] * beams, tuple(k.shape[1:]), plain, {"grouped": grouped})
 
 
 def _checkable(weight: torch.Tensor) -> bool:
@@ -103,58 +111,61 @@ def _checkable(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def _exact(
-    module: torch.nn.Module,
-    key: Hashable,
-    shape: tuple[int, ...],
-    plain: Callable[[], torch.Tensor],
-    split: Callable[[], torch.Tensor],
+def _fastest(
+    module: torch.nn.Module, rows: int, shape: tuple[int, ...], plain: Form, splits: dict[Hashable, Form]
 ) -> torch.Tensor:
-    """The plain product, or the split one where its first result for `key` matched every bit and it
-    runs faster on this machine. The thread count is part of `key`: MKL splits some sums over the
+    """The plain product, or the fastest here of the split forms whose first result for this many rows
+    matched it in every bit. The thread count is part of the key: MKL splits some sums over the
     threads, so the plain product's bits change with it."""
-    key = (*key, torch.get_num_threads())
-    seen = _verdicts.setdefault(module, {})
-    if key not in seen:
-        want = plain()
-        seen[key] = torch.equal(want, split())
-        return want
-    if not seen[key]:
+    if not splits:
         return plain()
-    race = _races.setdefault((key, tuple(shape)), _Race())
-    return race.run(plain, split)
+    threads = torch.get_num_threads()
+    seen = _verdicts.setdefault(module, {})
+    unchecked = [name for name in splits if (name, rows, threads) not in seen]
+    if unchecked:
+        want = plain()
+        for name in unchecked:
+            seen[name, rows, threads] = torch.equal(want, splits[name]())
+        return want
+    exact = [name for name in splits if seen[name, rows, threads]]
+    if not exact:
+        return plain()
+    race = _races.setdefault((tuple(exact), rows, threads, tuple(shape)), _Race(1 + len(exact)))
+    return race.run((plain, *(splits[name] for name in exact)))
 
 
 class _Race:
-    """Which of two exact forms of one product is faster here, from their first calls in turn."""
+    """Which of the exact forms of one product is fastest here, from their first calls in turn."""
 
-    def __init__(self) -> None:
-        self.seconds: tuple[list[float], list[float]] = ([], [])
+    def __init__(self, forms: int) -> None:
+        self.seconds: list[list[float]] = [[] for _ in range(forms)]
         self.winner: int | None = None
 
-    def run(self, plain: Callable[[], torch.Tensor], split: Callable[[], torch.Tensor]) -> torch.Tensor:
-        forms = (plain, split)
+    def run(self, forms: tuple[Form, ...]) -> torch.Tensor:
         if self.winner is not None:
             return forms[self.winner]()
-        turn = int(len(self.seconds[0]) > len(self.seconds[1]))
+        turn = min(range(len(forms)), key=lambda i: len(self.seconds[i]))
         start = time.perf_counter()
         out = forms[turn]()  # a CPU product: done when it returns
         self.seconds[turn].append(time.perf_counter() - start)
-        if len(self.seconds[1]) >= RACE_CALLS:
-            plain_s, split_s = (statistics.median(s) for s in self.seconds)
-            self.winner = int(split_s < plain_s)
+        if len(self.seconds[-1]) >= RACE_CALLS:
+            medians = [statistics.median(s) for s in self.seconds]
+            self.winner = medians.index(min(medians))  # a tie keeps the plain product
         return out
 
 
-# Per (form key, operand shape): the race between the plain and the split form.
+# Per (exact forms, rows, threads, operand shape): the race among the plain and the exact split forms.
 _races: dict[Hashable, _Race] = {}
 
 
-def _halves(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """[rows, k] x [k, n] + bias as one batched product of two [k, n/2] column halves (views, no copy)."""
+def _columns(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """[rows, k] x [k, n] + bias as one batched product of `parts` [k, n/parts] column blocks (views,
+    no copy), which torch's threads share."""
     rows, (k, n) = x.shape[0], weight.shape
-    half = n // 2
-    out = torch.baddbmm(bias.view(2, 1, half), x.expand(2, rows, k), weight.view(k, 2, half).permute(1, 0, 2))
+    width = n // parts
+    out = torch.baddbmm(
+        bias.view(parts, 1, width), x.expand(parts, rows, k), weight.view(k, parts, width).permute(1, 0, 2)
+    )
     return out.transpose(0, 1).reshape(rows, n)
 
 

@@ -258,20 +258,22 @@ def test_split_products_keep_parity(sharp, eos_model, pixels, monkeypatch) -> No
 
 @pytest.mark.parametrize("rows", [1, 4, 16, 32, 64])
 def test_full_vocabulary_projection_is_blocked_and_exact(rows: int) -> None:
-    """At vit-gpt2's size (50,257 x 768) the first product of a row count is checked both ways, and
-    this CPU's bits match, so the blocks are used from then on; a head with a bias is left alone."""
+    """At vit-gpt2's size (50,257 x 768) the first product of a row count is checked every way, and
+    this CPU's bits match, so the blocks are in the race from then on; a head with a bias is left alone."""
     torch.manual_seed(rows)
     head = torch.nn.Linear(768, 50257, bias=False)
     x = torch.randn(rows, 768)
-    assert torch.equal(products.vocabulary(head, x), head(x))  # checked both ways
-    assert list(products._verdicts[head].values()) == [True]
-    assert torch.equal(products.vocabulary(head, x), head(x))  # blocked
+    assert torch.equal(products.vocabulary(head, x), head(x))  # checked every way
+    forms = [("looped", products.VOCAB_BLOCK), ("stacked", products.VOCAB_BLOCK)]
+    assert products._verdicts[head] == {(form, rows, 1): True for form in forms}
+    for _ in range(3):
+        assert torch.equal(products.vocabulary(head, x), head(x))  # the race's forms
     biased = torch.nn.Linear(768, 50257)
     products.vocabulary(biased, torch.randn(2, 768))
     assert biased not in products._verdicts
 
 
-def test_conv1d_halves_are_exact_at_gpt2_shapes() -> None:
+def test_conv1d_column_parts_are_exact_at_gpt2_shapes() -> None:
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
@@ -282,19 +284,25 @@ def test_conv1d_halves_are_exact_at_gpt2_shapes() -> None:
             want = torch.addmm(conv.bias, x, conv.weight)
             assert torch.equal(products.conv1d(conv, x), want)  # checked both ways
             assert torch.equal(products.conv1d(conv, x), want)  # the verdict's choice
-        assert set(products._verdicts[conv]) == {("halves", rows, 1) for rows in (1, 4, 16, 64)}
+        forms = products.COLUMN_PARTS
+        assert set(products._verdicts[conv]) == {(form, rows, 1) for form in forms for rows in (1, 4, 16, 64)}
 
 
 def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     """The safety net: where the split form differs in a single bit, the plain product stays."""
     from transformers.pytorch_utils import Conv1D
 
-    monkeypatch.setattr(products, "_halves", lambda bias, x, weight: torch.addmm(bias, x, weight) * 1.0001)
+    monkeypatch.setattr(
+        products, "_columns", lambda bias, x, weight, parts: torch.addmm(bias, x, weight) * 1.0001
+    )
     conv = Conv1D(64, 32)
     x = torch.randn(3, 32)
     for _ in range(2):
         assert torch.equal(products.conv1d(conv, x), torch.addmm(conv.bias, x, conv.weight))
-    assert products._verdicts[conv] == {("halves", 3, 1): False}
+    assert products._verdicts[conv] == {("halves", 3, 1): False, ("quarters", 3, 1): False}
+    six = Conv1D(66, 32)  # halves, but no quarters
+    products.conv1d(six, x)
+    assert products._verdicts[six] == {("halves", 3, 1): False}
     odd = Conv1D(63, 32)  # no even halves: the plain product, nothing recorded
     assert torch.equal(products.conv1d(odd, x), torch.addmm(odd.bias, x, odd.weight))
     assert odd not in products._verdicts
@@ -302,9 +310,9 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     strided.weight = torch.nn.Parameter(torch.randn(64, 32).t())
     assert torch.equal(products.conv1d(strided, x), torch.addmm(strided.bias, x, strided.weight))
     assert strided not in products._verdicts
-    many = torch.randn(products.HALVES_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
+    many = torch.randn(products.SPLIT_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
     assert torch.equal(products.conv1d(conv, many), torch.addmm(conv.bias, many, conv.weight))
-    assert len(products._verdicts[conv]) == 1
+    assert len(products._verdicts[conv]) == 2
 
 
 def test_verdicts_are_per_thread_count_and_float32_only() -> None:
@@ -319,7 +327,9 @@ def test_verdicts_are_per_thread_count_and_float32_only() -> None:
         products.conv1d(conv, x)
     finally:
         torch.set_num_threads(1)
-    assert set(products._verdicts[conv]) == {("halves", 3, 1), ("halves", 3, 2)}
+    assert set(products._verdicts[conv]) == {
+        (form, 3, threads) for form in products.COLUMN_PARTS for threads in (1, 2)
+    }
     half = Conv1D(64, 32).to(torch.bfloat16)
     head = torch.nn.Linear(32, 4 * products.VOCAB_BLOCK, bias=False).to(torch.bfloat16)
     hx = x.to(torch.bfloat16)
@@ -328,8 +338,8 @@ def test_verdicts_are_per_thread_count_and_float32_only() -> None:
     assert half not in products._verdicts and head not in products._verdicts
 
 
-def test_of_two_exact_forms_the_faster_is_kept() -> None:
-    """Both forms are timed in turn for `RACE_CALLS` calls each, then only the faster one runs."""
+def test_of_the_exact_forms_the_fastest_is_kept() -> None:
+    """Every form is timed in turn for `RACE_CALLS` calls, then only the fastest one runs."""
     calls: list[str] = []
 
     def form(name: str, pause: float):
@@ -340,40 +350,39 @@ def test_of_two_exact_forms_the_faster_is_kept() -> None:
 
         return run
 
-    for slow_first in (True, False):
+    for forms in itertools.permutations((form("slow", 0.004), form("fast", 0.0), form("middling", 0.002))):
         calls.clear()
-        race = products._Race()
-        slow, fast = form("slow", 0.003), form("fast", 0.0)
-        forms = (slow, fast) if slow_first else (fast, slow)
-        for _ in range(2 * products.RACE_CALLS):
-            race.run(*forms)
-        assert calls.count("slow") == calls.count("fast") == products.RACE_CALLS
+        race = products._Race(len(forms))
+        for _ in range(3 * products.RACE_CALLS):
+            race.run(forms)
+        assert calls.count("slow") == calls.count("fast") == calls.count("middling") == products.RACE_CALLS
         calls.clear()
         for _ in range(3):
-            race.run(*forms)
+            race.run(forms)
         assert calls == ["fast"] * 3
 
 
 def test_an_exact_split_that_runs_slower_is_dropped(monkeypatch) -> None:
-    """On a CPU where MKL already spreads few-row products over the cores, the halves only cost."""
+    """On a CPU where MKL already spreads few-row products over the cores, the column parts only cost."""
     from transformers.pytorch_utils import Conv1D
 
-    halves = products._halves
+    columns = products._columns
     used: list[int] = []
 
-    def slow_halves(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        used.append(1)
+    def slow_columns(bias: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, parts: int) -> torch.Tensor:
+        used.append(parts)
         time.sleep(0.003)
-        return halves(bias, x, weight)
+        return columns(bias, x, weight, parts)
 
-    monkeypatch.setattr(products, "_halves", slow_halves)
+    monkeypatch.setattr(products, "_columns", slow_columns)
     monkeypatch.setattr(products, "_races", {})
     conv = Conv1D(64, 32)
     x = torch.randn(3, 32)
     want = torch.addmm(conv.bias, x, conv.weight)
-    for _ in range(1 + 2 * products.RACE_CALLS):  # the bit check, then the race
+    for _ in range(1 + 3 * products.RACE_CALLS):  # the bit checks, then the race
         assert torch.equal(products.conv1d(conv, x), want)
-    assert products._verdicts[conv] == {("halves", 3, 1): True} and len(used) == 1 + products.RACE_CALLS
+    assert products._verdicts[conv] == {("halves", 3, 1): True, ("quarters", 3, 1): True}
+    assert sorted(used) == [2] * (1 + products.RACE_CALLS) + [4] * (1 + products.RACE_CALLS)
     used.clear()
     for _ in range(3):
         assert torch.equal(products.conv1d(conv, x), want)
