@@ -6,7 +6,8 @@
 Builds (or reuses) a random-weight model with vit-gpt2's exact architecture, then serves it with (a)
 the baseline (Flask under gunicorn, one sync worker, `model.generate` per request) and (b) `docker-vit
 serve`, both started at once and driven in turn, level by level, with the same closed-loop client at
-each concurrency (so that the machine's drift falls on both alike), and prints
+each concurrency (so that the machine's drift falls on both alike; each level after one untimed round of
+its concurrency's requests), and prints
 throughput, p50/p95 latency, ratios, resident memory and the share of the compute bound reached.
 """
 
@@ -133,6 +134,10 @@ def _level_and_rate(args, server, images, c: int, fields: dict | None = None) ->
 
 
 def _level(args, server: load.Server, images, c: int, fields: dict | None = None) -> load.Level:
+    """One untimed round of `c` requests, then the timed level: the server's steady state is measured,
+    not its first batch of a new size (docker-vit checks and races its exact forms of a product once per
+    row count, benchmarks/NOTES.md; the baseline has nothing of the kind, and gets the same round)."""
+    load.drive(server.port, images, c, c, fields=fields, deadline_s=args.deadline)
     level = load.drive(server.port, images, c, _count(args, c), fields=fields, deadline_s=args.deadline)
     _progress(server.name + (" greedy" if fields else ""), level)
     return level
