@@ -3,7 +3,7 @@
 Why this exists: `generate` expands the encoder output to every beam, so each beam recomputes the
 cross-attention keys/values and carries its own copy of them, and the self-attention cache grows by
 `torch.cat` every step. On a CPU the cross K/V here are computed once per image, and every beam of the
-image attends to that one copy (one query row at a time, as `generate` rounds it), so nothing is
+image attends to that one copy (each beam one query row, as `generate` rounds it), so nothing is
 duplicated. On a GPU the kernels split their sums by the row count they are given, so in bfloat16 fewer
 rows gave other bits than `generate` (an H200, benchmarks/RESULTS.md); there the encoder states come
 repeated per beam, as `generate` expands them, the K/V are computed from them (`per_beam`), and the

@@ -1,4 +1,5 @@
-"""The decoder's few-row matrix products, in forms that use every CPU core, where they are exact and faster.
+"""The decoder's few-row matrix products (and its cross-attention), in forms that use every CPU core,
+where they are exact and faster.
 
 A decode step multiplies a few rows (images x beams) by every weight matrix of the decoder. Whether
 MKL spreads a product of so few rows over the cores depends on the CPU: on an AVX2 AMD EPYC it ran
@@ -8,7 +9,7 @@ caption 0.71x the time; on an AVX-512 Xeon MKL already shares them, and the halv
 (benchmarks/NOTES.md). So each split form must pass two checks, per machine:
 
 - bits: splitting changes no arithmetic, but a BLAS may pick another kernel for another shape (or thread
-  count), so the first product of each matrix and row count is computed both ways and the split form
+  count), so the first product of each matrix and row count is computed every way and a split form
   stays in the running only if every bit matched. The default decode path stays token-exact anywhere.
 - speed: the next calls of each shape and row count go to the exact forms in turn, timed, and the
   fastest by median is used from then on (the 16-row halves lost on the Xeon, and a greedy batch of 16
