@@ -48,7 +48,7 @@ class AttendedPerBeam(Gpt2Stepper):
         return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(rows, self.dim))
 
 
-# name: (the form `decoding._per_beam` is made to pick, None: the device's own; the stepper class)
+# name: (per beam or not, the form `decoding.kv_per_image` is made to pick, None: its own; the stepper class)
 VARIANTS = {
     "shipped": (None, Gpt2Stepper),
     "per-image K/V": (False, Gpt2Stepper),
@@ -60,14 +60,14 @@ VARIANTS = {
 def _decode(model, px: torch.Tensor, cfg: GenerationConfig, variant: str) -> torch.Tensor:
     """`decoding.generate` in one of the forms, put back as shipped afterwards."""
     per_beam, stepper = VARIANTS[variant]
-    own = decoding._per_beam, decoding.Gpt2Stepper
+    own = decoding.kv_per_image, decoding.Gpt2Stepper
     if per_beam is not None:
-        decoding._per_beam = lambda device: per_beam
+        decoding.kv_per_image = lambda decoder, states, beams: not per_beam
     decoding.Gpt2Stepper = stepper
     try:
         return decoding.generate(model, px, cfg)
     finally:
-        decoding._per_beam, decoding.Gpt2Stepper = own
+        decoding.kv_per_image, decoding.Gpt2Stepper = own
 
 
 EOS = 299

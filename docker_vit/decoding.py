@@ -4,8 +4,8 @@
 plain beam search, with EOS/pad/length-penalty/early-stopping/min-length); anything else must go to
 `model.generate`. `generate()` mirrors transformers' `_sample` (greedy) and `_beam_search` step by
 step -- same scores, same top-k calls, same finished-hypothesis bookkeeping -- so ties break the same
-way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU; per beam
-elsewhere, `_per_beam`) and drives the decoder through `Gpt2Stepper` with a preallocated cache and
+way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU, where that
+gives `generate`'s bits; per beam elsewhere, `gpt2_cache.kv_per_image`) and drives the decoder through `Gpt2Stepper` with a preallocated cache and
 little Python per step.
 """
 
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from docker_vit.gpt2_cache import Gpt2Stepper
+from docker_vit.gpt2_cache import Gpt2Stepper, kv_per_image
 
 if TYPE_CHECKING:  # transformers is imported where a model is loaded, not here
     from transformers import GenerationConfig, VisionEncoderDecoderModel
@@ -138,17 +138,20 @@ def supports(model: VisionEncoderDecoderModel, generation_config: GenerationConf
     return 1 < p.max_len <= n_pos + 1 and p.beams >= 1 and (p.beams == 1 or vocab >= _kept(p))
 
 
-def _encode(model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, copies: int = 1) -> torch.Tensor:
-    """Encoder states as the decoder sees them (incl. the optional enc->dec projection).
-
-    `copies` > 1 repeats each image's states (per beam) before the projection, where `generate` does."""
+def _encode(
+    model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, beams: int
+) -> tuple[torch.Tensor, bool]:
+    """Encoder states as the decoder sees them (incl. the optional enc->dec projection), and whether
+    they are per beam: repeated per beam before the projection, where `generate` does, unless the beams
+    may share their image's cross-attention K/V (`gpt2_cache.kv_per_image`)."""
     enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
-    if copies > 1:
-        enc = enc.repeat_interleave(copies, dim=0)
+    per_beam = not kv_per_image(model.decoder, enc, beams)
+    if per_beam and beams > 1:
+        enc = enc.repeat_interleave(beams, dim=0)
     proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
     if proj_needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
         enc = model.enc_to_dec_proj(enc)
-    return enc
+    return enc, per_beam
 
 
 def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
@@ -174,23 +177,12 @@ def generate(
     p = _plan(model, generation_config)
     param = next(model.parameters())
     px = pixel_values.to(device=param.device, dtype=param.dtype)
-    per_beam = _per_beam(px.device)
-    enc = _encode(model, px, p.beams if per_beam else 1)
+    enc, per_beam = _encode(model, px, p.beams)
     stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1, per_beam=per_beam)
     batch, device = px.shape[0], enc.device
     del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search
     return run(stepper, p, batch, device, between_steps or _nothing)
-
-
-def _per_beam(device: torch.device) -> bool:
-    """Cross-attention K/V per beam, as `generate` has them, except on a CPU (per image there).
-
-    A GPU's kernels split their sums by the rows they get: on an H200 in bfloat16 the per-image K/V
-    gave `generate`'s ids in only some configurations (at 197 and 577 encoder tokens), a prototype of
-    the per-beam K/V in all (benchmarks/cuda_parity.py). On a CPU the per-image form is exact and
-    saves what its memory-bound steps are short of, the reading of one K/V copy per beam."""
-    return device.type != "cpu"
 
 
 def _nothing() -> None:

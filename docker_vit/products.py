@@ -1,5 +1,4 @@
-"""The decoder's few-row matrix products (and its cross-attention), in forms that use every CPU core,
-where they are exact and faster.
+"""The decoder's few-row matrix products, in forms that use every CPU core, where they are exact and faster.
 
 A decode step multiplies a few rows (images x beams) by every weight matrix of the decoder. Whether
 MKL spreads a product of so few rows over the cores depends on the CPU: on an AVX2 AMD EPYC it ran
@@ -82,28 +81,6 @@ def vocabulary(head: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     if x.shape[0] <= SPLIT_MAX_ROWS and weight.is_contiguous():
         splits["stacked", VOCAB_BLOCK] = functools.partial(_stacked, weight, x)
     return _fastest(head, x.shape[0], weight.shape, lambda: head(x), splits)
-
-
-def beam_attention(
-    attn: torch.nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Each image's beams ([images, heads, beams, head_dim]) against that image's one cross K/V.
-
-    `generate` gives every beam its own query of length 1, and SDPA's kernel rounds a longer query
-    otherwise (a product of more rows), so the plain form is one call per beam, each reading every
-    image's K/V. The grouped form is one call with the beams as grouped query heads: each is still one
-    row, and an image's K/V is read once for all its beams while it is in cache (2.5x faster at 16
-    images x 4 beams on an EPYC)."""
-    beams = q.shape[2]
-
-    def plain() -> torch.Tensor:
-        rows = [F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=scale) for j in range(beams)]
-        return rows[0] if beams == 1 else torch.cat(rows, dim=2)
-
-    if beams == 1 or not _checkable(k):
-        return plain()
-    grouped = functools.partial(_grouped, q, k, v, scale)
-    return _fastest(attn, q.shape[0] * beams, tuple(k.shape[1:]), plain, {"grouped": grouped})
 
 
 def _checkable(weight: torch.Tensor) -> bool:
@@ -189,11 +166,3 @@ def _looped(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     for start in range(0, weight.shape[0], VOCAB_BLOCK):
         out[:, start : start + VOCAB_BLOCK] = F.linear(x, weight[start : start + VOCAB_BLOCK])
     return out
-
-
-def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """One SDPA call in which query head h * beams + j is beam j's head h, sharing K/V head h."""
-    images, heads, beams, dim = q.shape
-    grouped = q.reshape(images, heads * beams, 1, dim)
-    out = F.scaled_dot_product_attention(grouped, k, v, scale=scale, enable_gqa=True)
-    return out.view(images, heads, beams, dim)

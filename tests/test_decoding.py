@@ -21,7 +21,7 @@ from transformers import (
     ViTConfig,
 )
 
-from docker_vit import decoding, products
+from docker_vit import decoding, gpt2_cache, products
 
 PHOTOS = ["astronaut.jpg", "chelsea.jpg", "coffee.jpg", "french_bulldog.jpg"]
 
@@ -170,29 +170,56 @@ def test_beam_search_rounds_as_generate_does(near_ties) -> None:
     for batch in (1, 3, 6):
         px = torch.randn(batch, 3, 64, 64, generator=generator) * 2.0
         assert _mismatches(near_ties, px, configs) == []
-    grouped = [products._verdicts[b.crossattention] for b in near_ties.decoder.transformer.h]
-    assert all(grouped) and all(all(v.values()) for v in grouped), "the grouped beams must really have run"
 
 
-@pytest.mark.parametrize("images, beams, length", [(1, 4, 197), (16, 4, 197), (3, 5, 577), (6, 2, 50)])
-def test_beams_as_grouped_heads_round_as_one_query_each(images: int, beams: int, length: int) -> None:
-    """One attention call with the beams as grouped query heads gives every bit of one call per beam,
-    and is then used; one beam (greedy) and other dtypes keep the plain call."""
-    torch.manual_seed(images * beams)
-    attn = torch.nn.Module()
-    q = torch.randn(images, beams, 12, 64).transpose(1, 2)  # as the stepper views its query rows
-    k, v = (torch.randn(images, length, 12, 64).transpose(1, 2) for _ in range(2))
-    want = torch.cat(
-        [F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=0.125) for j in range(beams)], dim=2
+def test_beam_search_rounds_as_generate_does_on_two_threads(near_ties) -> None:
+    """With more than one thread a cross-attention cell can round otherwise on one thread than on
+    another, and `generate` hands the cells to the threads by beam: the beams share their image's K/V
+    only where that gives the same bits (on 2 threads here, an even number of images)."""
+    generator = torch.Generator().manual_seed(9)
+    configs = [_cfg(near_ties, num_beams=beams, max_new_tokens=5) for beams in (3, 4, 5)]
+    torch.set_num_threads(2)
+    try:
+        for batch in (1, 4, 7):
+            px = torch.randn(batch, 3, 64, 64, generator=generator) * 2.0
+            assert _mismatches(near_ties, px, configs) == []
+    finally:
+        torch.set_num_threads(1)
+
+
+def test_beams_share_an_image_kv_only_where_exact(near_ties) -> None:
+    """The check runs once per shape and thread count; a GPU, greedy and reduced precision skip it."""
+    decoder = near_ties.decoder
+    states = torch.zeros(3, 17, 256)
+    assert gpt2_cache.kv_per_image(decoder, states, 4)  # one thread: every cell on the same thread
+    assert gpt2_cache.kv_per_image(decoder, states, 1)
+    assert gpt2_cache.kv_per_image(decoder, states.bfloat16(), 4)
+    assert not gpt2_cache.kv_per_image(decoder, torch.zeros(3, 17, 256, device="meta"), 4)
+    torch.set_num_threads(2)
+    try:
+        gpt2_cache.kv_per_image(decoder, states, 4)
+    finally:
+        torch.set_num_threads(1)
+    heads, scale = (
+        decoder.transformer.h[0].crossattention.num_heads,
+        decoder.transformer.h[0].crossattention.scaling,
     )
-    for _ in range(3):  # checked both ways, then in the race
-        assert torch.equal(products.beam_attention(attn, q, k, v, 0.125), want)
-    assert products._verdicts[attn] == {("grouped", images * beams, torch.get_num_threads()): True}
-    assert torch.equal(products._grouped(q, k, v, 0.125), want)
-    lone = torch.nn.Module()
-    products.beam_attention(lone, q[:, :, :1], k, v, 0.125)
-    products.beam_attention(lone, q.bfloat16(), k.bfloat16(), v.bfloat16(), 0.125)
-    assert lone not in products._verdicts
+    assert {k for k in gpt2_cache._shares_exact if k[:6] == (3, 4, heads, 17, 256 // heads, scale)} == {
+        (3, 4, heads, 17, 256 // heads, scale, threads) for threads in (1, 2)
+    }
+
+
+def test_shared_kv_are_read_as_one_query_row_per_beam() -> None:
+    """The grouped call equals one call per beam (each a query of length 1) at one thread."""
+    torch.manual_seed(0)
+    for images, beams, length in [(1, 4, 197), (16, 4, 197), (3, 5, 577), (6, 2, 50)]:
+        q = torch.randn(images, beams, 12, 64).transpose(1, 2)  # as the stepper views its query rows
+        kv = torch.randn(images, length, 2 * 768)
+        k, v = (t.reshape(-1, 768).view(images, -1, 12, 64).transpose(1, 2) for t in kv.split(768, 2))
+        per_beam = [
+            F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=0.125) for j in range(beams)
+        ]
+        assert torch.equal(gpt2_cache._grouped(q, k, v, 0.125), torch.cat(per_beam, dim=2))
 
 
 @pytest.mark.parametrize("name", ["sharp", "eos_model", "near_ties"])
@@ -207,7 +234,7 @@ def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monke
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(decoding, "_per_beam", lambda device: True)
+    monkeypatch.setattr(decoding, "kv_per_image", lambda decoder, states, beams: False)
     monkeypatch.setattr(decoding, "Gpt2Stepper", Recording)
     px = (
         pixels
@@ -234,12 +261,6 @@ def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monke
                 assert rows and set(rows) == {px.shape[0] * 4}, rows
         finally:
             hook.remove()
-
-
-def test_cross_attention_is_per_image_on_a_cpu_and_per_beam_elsewhere() -> None:
-    assert decoding._per_beam(torch.device("cpu")) is False
-    assert decoding._per_beam(torch.device("cuda", 0)) is True
-    assert decoding._per_beam(torch.device("mps")) is True
 
 
 def test_split_products_keep_parity(sharp, eos_model, pixels, monkeypatch) -> None:
