@@ -73,7 +73,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-baseline", action="store_true")
     p.add_argument("--model-dir", default="", help=f"default {model.DEFAULT_FOLDER} (-tiny with --tiny)")
     p.add_argument("--images", default=str(IMAGES))
-    p.add_argument("--deadline", type=float, default=600.0, help="most seconds per level")
+    p.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        help="most seconds per level's timed round (its untimed round gets as long again)",
+    )
     p.add_argument("--out", default="", help="append the results, with the machine, to this markdown file")
     return p
 

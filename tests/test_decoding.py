@@ -303,7 +303,7 @@ def test_conv1d_column_parts_are_exact_at_gpt2_shapes() -> None:
         for rows in (1, 4, 16, 64):
             x = torch.randn(rows, n_in)
             want = torch.addmm(conv.bias, x, conv.weight)
-            assert torch.equal(products.conv1d(conv, x), want)  # checked both ways
+            assert torch.equal(products.conv1d(conv, x), want)  # checked every way
             assert torch.equal(products.conv1d(conv, x), want)  # the verdict's choice
         forms = products.COLUMN_PARTS
         assert set(products._verdicts[conv]) == {(form, rows, 1) for form in forms for rows in (1, 4, 16, 64)}
@@ -331,6 +331,10 @@ def test_a_split_that_changes_bits_is_never_used(monkeypatch) -> None:
     strided.weight = torch.nn.Parameter(torch.randn(64, 32).t())
     assert torch.equal(products.conv1d(strided, x), torch.addmm(strided.bias, x, strided.weight))
     assert strided not in products._verdicts
+    broken = Conv1D(64, 32)  # a form this torch build cannot run is not used, and breaks nothing
+    monkeypatch.setattr(products, "_columns", lambda bias, x, weight, parts: torch.bmm(x, weight))
+    assert torch.equal(products.conv1d(broken, x), torch.addmm(broken.bias, x, broken.weight))
+    assert products._verdicts[broken] == {("halves", 3, 1): False, ("quarters", 3, 1): False}
     many = torch.randn(products.SPLIT_MAX_ROWS + 1, 32)  # enough rows to fill the cores unsplit
     assert torch.equal(products.conv1d(conv, many), torch.addmm(conv.bias, many, conv.weight))
     assert len(products._verdicts[conv]) == 2
