@@ -98,12 +98,9 @@ class Gpt2Stepper:
             q = self._heads(self._linear(attn.q_attn, h), x.shape[0])  # [rows, heads, 1, head_dim]
             out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
             return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
-        q = self._heads(self._linear(attn.q_attn, h), self.batch)  # [batch, heads, beams, head_dim]
-        if self.beams == 1:
-            out = F.scaled_dot_product_attention(q, k, v, scale=attn.scaling)
-        else:  # one K/V per image, shared by its beams: only where `kv_per_image` found it exact
-            out = _grouped(q, k, v, attn.scaling)
-        return x + self._linear(attn.c_proj, out.transpose(1, 2).reshape(x.shape[0], self.dim))
+        # one K/V per image, shared by its beams: only where `kv_per_image` found it exact
+        out = _shared(self._linear(attn.q_attn, h), k, v, self.beams, attn.scaling)
+        return x + self._linear(attn.c_proj, out)
 
     def _mlp(self, block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
         mlp, ln = block.mlp, block.ln_2
@@ -125,15 +122,29 @@ class Gpt2Stepper:
         return products.vocabulary(self.lm_head, x).float()
 
 
-def _grouped(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """Each image's beams ([images, heads, beams, head_dim]) against its one K/V, in one SDPA call
-    where query head h * beams + j is beam j's head h, sharing K/V head h: each beam is still a query of
-    length 1, as in `generate` (SDPA's kernel rounds a longer query otherwise), and an image's K/V is
-    read once for all its beams while it is in cache."""
-    images, heads, beams, dim = q.shape
-    grouped = q.reshape(images, heads * beams, 1, dim)
-    out = F.scaled_dot_product_attention(grouped, k, v, scale=scale, enable_gqa=True)
-    return out.view(images, heads, beams, dim)
+def _shared(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beams: int, scale: float) -> torch.Tensor:
+    """Cross-attention of every beam's query row ([images * beams, dim]) to its image's one K/V
+    ([images, heads, length, head_dim]), each beam a query of length 1 as in `generate` (SDPA's kernel
+    rounds a longer query otherwise): [images * beams, dim].
+
+    One image's K/V stand for every row by a stride of 0, so the cells are `generate`'s, in its order.
+    Several images' beams go in as grouped query heads (head h * beams + j is beam j's head h, on K/V
+    head h): an image's K/V is read once for all its beams while it is in cache."""
+    images, heads, _, head_dim = k.shape
+    rows = q_rows.shape[0]
+    if images == 1 or beams == 1:
+        q = q_rows.view(rows, 1, heads, head_dim).transpose(1, 2)
+        k, v = k.expand(rows, -1, -1, -1), v.expand(rows, -1, -1, -1)
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        q = (
+            q_rows.view(images, beams, heads, head_dim)
+            .transpose(1, 2)
+            .reshape(images, heads * beams, 1, head_dim)
+        )
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+        out = out.view(images, heads, beams, head_dim)
+    return out.transpose(1, 2).reshape(rows, heads * head_dim)
 
 
 # (images, beams, heads, length, head_dim, scale, threads) -> whether the shared K/V give `generate`'s bits
@@ -146,12 +157,12 @@ def kv_per_image(decoder: torch.nn.Module, states: torch.Tensor, beams: int) -> 
 
     On a CPU torch's attention kernel hands its (row, head) cells to the threads in order, and a cell
     can round otherwise on one thread than on another (MKL's code path per thread's buffer). `generate`
-    orders an image's cells by beam, the shared form by head, so with more than one thread they agree
-    only where each thread's share ends on a whole image (on 2 threads: an even number of images). So
-    the shared form is checked against `generate`'s layout once per shape and thread count, on random
-    values (which thread takes a cell depends on the shapes alone). On a GPU the kernels split their
-    sums by the rows they get: per beam there (benchmarks/NOTES.md). Reduced precision on a CPU, an
-    opt-in mode whose numbers differ anyway, shares them."""
+    orders an image's cells by beam, the grouped form of several images by head, so with more than one
+    thread they agree only where each thread's share ends on a whole image (on 2 threads: an even
+    number of images). So the shared form is checked against `generate`'s layout once per shape and
+    thread count, on random values (which thread takes a cell depends on the shapes alone). On a GPU
+    the kernels split their sums by the rows they get: per beam there (benchmarks/NOTES.md). Reduced
+    precision on a CPU, an opt-in mode whose numbers differ anyway, shares them."""
     if states.device.type != "cpu":
         return False
     if beams == 1 or states.dtype != torch.float32:
@@ -168,11 +179,11 @@ def _shared_as_generate(
     images: int, beams: int, heads: int, length: int, head_dim: int, scale: float
 ) -> bool:
     """One cross-attention call both ways, in the stepper's layouts: the K/V as `c_attn` splits them,
-    per image (shared, `_grouped`) and repeated per beam (`generate`'s, one query row per beam)."""
+    once per image (`_shared`) and repeated per beam (`generate`'s)."""
     dim, rows = heads * head_dim, images * beams
     gen = torch.Generator().manual_seed(0)
     kv = torch.randn(images, length, 2 * dim, generator=gen)
-    q = torch.randn(rows, dim, generator=gen)
+    q_rows = torch.randn(rows, dim, generator=gen)
 
     def split(kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         groups = kv.shape[0]
@@ -180,8 +191,9 @@ def _shared_as_generate(
             t.reshape(-1, dim).view(groups, -1, heads, head_dim).transpose(1, 2) for t in kv.split(dim, 2)
         )
 
-    k, v = split(kv)
-    shared = _grouped(q.view(images, beams, heads, head_dim).transpose(1, 2), k, v, scale)
+    shared = _shared(q_rows, *split(kv), beams, scale)
     k, v = split(kv.repeat_interleave(beams, dim=0))
-    own = F.scaled_dot_product_attention(q.view(rows, 1, heads, head_dim).transpose(1, 2), k, v, scale=scale)
-    return torch.equal(shared.transpose(1, 2).reshape(rows, dim), own.transpose(1, 2).reshape(rows, dim))
+    own = F.scaled_dot_product_attention(
+        q_rows.view(rows, 1, heads, head_dim).transpose(1, 2), k, v, scale=scale
+    )
+    return torch.equal(shared, own.transpose(1, 2).reshape(rows, dim))

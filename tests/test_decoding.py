@@ -210,16 +210,19 @@ def test_beams_share_an_image_kv_only_where_exact(near_ties) -> None:
 
 
 def test_shared_kv_are_read_as_one_query_row_per_beam() -> None:
-    """The grouped call equals one call per beam (each a query of length 1) at one thread."""
+    """The shared forms (one image's K/V by a stride of 0, several images' beams as grouped heads)
+    equal one call per beam, each a query of length 1, at one thread."""
     torch.manual_seed(0)
-    for images, beams, length in [(1, 4, 197), (16, 4, 197), (3, 5, 577), (6, 2, 50)]:
-        q = torch.randn(images, beams, 12, 64).transpose(1, 2)  # as the stepper views its query rows
+    for images, beams, length in [(1, 4, 197), (16, 4, 197), (3, 5, 577), (6, 2, 50), (5, 1, 197)]:
+        q_rows = torch.randn(images * beams, 768)
+        q = q_rows.view(images, beams, 12, 64).transpose(1, 2)
         kv = torch.randn(images, length, 2 * 768)
         k, v = (t.reshape(-1, 768).view(images, -1, 12, 64).transpose(1, 2) for t in kv.split(768, 2))
         per_beam = [
             F.scaled_dot_product_attention(q[:, :, j : j + 1], k, v, scale=0.125) for j in range(beams)
         ]
-        assert torch.equal(gpt2_cache._grouped(q, k, v, 0.125), torch.cat(per_beam, dim=2))
+        want = torch.cat(per_beam, dim=2).transpose(1, 2).reshape(images * beams, 768)
+        assert torch.equal(gpt2_cache._shared(q_rows, k, v, beams, 0.125), want)
 
 
 @pytest.mark.parametrize("name", ["sharp", "eos_model", "near_ties"])
