@@ -4,7 +4,8 @@ Why this exists: `generate` expands the encoder output to every beam, so each be
 cross-attention keys/values and carries its own copy of them, and the self-attention cache grows by
 `torch.cat` every step. On a CPU the cross K/V here are computed once per image, and every beam of the
 image attends to that one copy (each beam one query row, as `generate` rounds it), so nothing is
-duplicated. On a GPU the kernels split their sums by the row count they are given, so in bfloat16 fewer
+duplicated, for every batch shape where that gives `generate`'s bits at the thread count
+(`kv_per_image`; the others take the per-beam form below). On a GPU the kernels split their sums by the row count they are given, so in bfloat16 fewer
 rows gave other bits than `generate` (an H200, benchmarks/RESULTS.md); there the encoder states come
 repeated per beam, as `generate` expands them, the K/V are computed from them (`per_beam`), and the
 saving that matters on a launch-bound GPU, the few ops a step, stays. The self-attention cache is one
