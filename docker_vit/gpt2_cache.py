@@ -157,11 +157,12 @@ def kv_per_image(decoder: torch.nn.Module, states: torch.Tensor, beams: int) -> 
     `generate` holds them), for these encoder states ([images, length, dim]).
 
     On a CPU torch's attention kernel hands its (row, head) cells to the threads in order, and a cell
-    can round otherwise on one thread than on another (MKL's code path per thread's buffer). `generate`
-    orders an image's cells by beam, the grouped form of several images by head, so with more than one
-    thread they agree only where each thread's share ends on a whole image (on 2 threads: an even
-    number of images). So the shared form is checked against `generate`'s layout once per shape and
-    thread count, on random values (which thread takes a cell depends on the shapes alone). On a GPU
+    can round otherwise on one thread than on another (MKL's code path per thread's buffer), for some
+    values and not others. `generate` orders an image's cells by beam, the grouped form of several
+    images by head, so they are shared only where every thread's share ends on a whole image (on 2
+    threads: an even number of images), or for one image (its K/V by a stride of 0, in `generate`'s
+    order); and then, once per shape and thread count, if one call on random values gives `generate`'s
+    bits too. On a GPU
     the kernels split their sums by the rows they get: per beam there (benchmarks/NOTES.md). Reduced
     precision on a CPU, an opt-in mode whose numbers differ anyway, shares them."""
     if states.device.type != "cpu":
@@ -172,8 +173,18 @@ def kv_per_image(decoder: torch.nn.Module, states: torch.Tensor, beams: int) -> 
     key = (states.shape[0], beams, attn.num_heads, states.shape[1], attn.head_dim, attn.scaling)
     key += (torch.get_num_threads(),)
     if key not in _shares_exact:
-        _shares_exact[key] = _shared_as_generate(*key[:-1])
+        images, heads, threads = states.shape[0], attn.num_heads, key[-1]
+        same = _same_thread_map(images, beams, heads, threads)
+        _shares_exact[key] = same and _shared_as_generate(*key[:-1])
     return _shares_exact[key]
+
+
+def _same_thread_map(images: int, beams: int, heads: int, threads: int) -> bool:
+    """Whether every image's cells fall to the same thread in the shared form as in `generate`'s: the
+    kernel's `parallel_for` gives each thread one run of ceil(cells / threads) cells in order."""
+    cells = images * beams * heads
+    share = -(-cells // min(threads, cells))
+    return images == 1 or share >= cells or share % (beams * heads) == 0
 
 
 def _shared_as_generate(

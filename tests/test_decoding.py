@@ -187,6 +187,34 @@ def test_beam_search_rounds_as_generate_does_on_two_threads(near_ties) -> None:
         torch.set_num_threads(1)
 
 
+def test_a_thread_share_that_cuts_an_image_keeps_kv_per_beam() -> None:
+    """Whether a cell rounds otherwise on another thread depends on its values too, so no check on
+    random values can vouch for a batch whose thread shares cut an image: 7 images x 3 beams x 2 heads
+    on 2 threads (21 cells each, an image is 6) gave a token of its own in this model before."""
+    model = tiny_models.vit_gpt2(512, 511, seed=2, image_size=64, n_embd=32, n_head=2).eval()
+    with torch.no_grad():
+        for weight in model.decoder.parameters():
+            if weight.dim() > 1:
+                weight.mul_(2.0)
+        rows = model.decoder.lm_head.weight
+        for token in range(10, 60, 5):
+            rows[token] = torch.randn(32) * 0.5
+            rows[token + 1] = rows[token]
+            rows[token + 1, 0] = torch.nextafter(rows[token, 0], torch.tensor(1e9))
+    config = _cfg(model, num_beams=3, max_new_tokens=8, early_stopping=False)
+    generator = torch.Generator().manual_seed(3)
+    torch.set_num_threads(2)
+    try:
+        for _ in range(2):
+            px = torch.randn(7, 3, 64, 64, generator=generator) * 2.0
+            assert _mismatches(model, px, [config]) == []
+        assert not gpt2_cache.kv_per_image(model.decoder, torch.zeros(7, 17, 32), 3)
+        assert gpt2_cache.kv_per_image(model.decoder, torch.zeros(4, 17, 32), 3)  # 12 cells each: 2 images
+        assert gpt2_cache.kv_per_image(model.decoder, torch.zeros(1, 17, 32), 3)  # one image: a stride of 0
+    finally:
+        torch.set_num_threads(1)
+
+
 def test_beams_share_an_image_kv_only_where_exact(near_ties) -> None:
     """The check runs once per shape and thread count; a GPU, greedy and reduced precision skip it."""
     decoder = near_ties.decoder
