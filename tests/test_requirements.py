@@ -21,7 +21,7 @@ def requirements(extras: str) -> subprocess.CompletedProcess:
 
 def test_no_extras_is_the_dependencies_alone() -> None:
     lines = requirements("").stdout.split()
-    assert "fastapi>=0.115.3" in lines and "torch>=2.1" in lines
+    assert "fastapi>=0.115.3" in lines and "torch>=2.6" in lines
     assert not [line for line in lines if line.startswith(("runpod", "ray", "pytest"))]
 
 
