@@ -203,7 +203,10 @@ def _shared_as_generate(
             t.reshape(-1, dim).view(groups, -1, heads, head_dim).transpose(1, 2) for t in kv.split(dim, 2)
         )
 
-    shared = _shared(q_rows, *split(kv), beams, scale)
+    try:
+        shared = _shared(q_rows, *split(kv), beams, scale)
+    except (RuntimeError, NotImplementedError, TypeError):  # a torch whose SDPA lacks `enable_gqa`
+        return False
     k, v = split(kv.repeat_interleave(beams, dim=0))
     own = F.scaled_dot_product_attention(
         q_rows.view(rows, 1, heads, head_dim).transpose(1, 2), k, v, scale=scale

@@ -237,6 +237,16 @@ def test_beams_share_an_image_kv_only_where_exact(near_ties) -> None:
     }
 
 
+def test_a_torch_without_the_shared_form_keeps_kv_per_beam(monkeypatch) -> None:
+    """An attention that refuses the grouped call (a torch without `enable_gqa`) only means per beam."""
+
+    def refuse(*args, **kwargs):
+        raise TypeError("scaled_dot_product_attention() got an unexpected keyword argument 'enable_gqa'")
+
+    monkeypatch.setattr(gpt2_cache, "_shared", refuse)
+    assert gpt2_cache._shared_as_generate(2, 4, 12, 197, 64, 0.125) is False
+
+
 def test_shared_kv_are_read_as_one_query_row_per_beam() -> None:
     """The shared forms (one image's K/V by a stride of 0, several images' beams as grouped heads)
     equal one call per beam, each a query of length 1, at one thread."""
