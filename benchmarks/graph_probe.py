@@ -51,8 +51,8 @@ def shape_row(net, batch: int, beams: int, steps: int, args) -> str:
     cfg = copy.deepcopy(net.generation_config)  # the model's own token ids
     cfg.num_beams, cfg.max_new_tokens = beams, steps
     whole = flops.median_seconds(lambda: decoding.generate(net, px, cfg), args.repeats, args.device)
-    enc, per_beam = decoding._encode(net, px, beams)  # the form `decoding.generate` takes here
-    stepper = Gpt2Stepper(net.decoder, enc, beams, steps, per_beam=per_beam)
+    enc, kv = decoding._encode(net, px, beams)  # the form `decoding.generate` takes here
+    stepper = Gpt2Stepper(net.decoder, enc, beams, steps, kv=kv)
     tokens = torch.randint(0, net.decoder.config.vocab_size, (batch * beams,), device=args.device)
 
     def eager() -> torch.Tensor:

@@ -4,8 +4,9 @@
 plain beam search, with EOS/pad/length-penalty/early-stopping/min-length); anything else must go to
 `model.generate`. `generate()` mirrors transformers' `_sample` (greedy) and `_beam_search` step by
 step -- same scores, same top-k calls, same finished-hypothesis bookkeeping -- so ties break the same
-way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU, where that
-gives `generate`'s bits; per beam elsewhere, `gpt2_cache.kv_per_image`) and drives the decoder through `Gpt2Stepper` with a preallocated cache and
+way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU; shared by the
+beams where that gives `generate`'s bits, `gpt2_cache.kv_per_image`, else copied per beam; per beam
+from repeated states elsewhere) and drives the decoder through `Gpt2Stepper` with a preallocated cache and
 little Python per step.
 """
 
@@ -140,18 +141,26 @@ def supports(model: VisionEncoderDecoderModel, generation_config: GenerationConf
 
 def _encode(
     model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, beams: int
-) -> tuple[torch.Tensor, bool]:
-    """Encoder states as the decoder sees them (incl. the optional enc->dec projection), and whether
-    they are per beam: repeated per beam before the projection, where `generate` does, unless the beams
-    may share their image's cross-attention K/V (`gpt2_cache.kv_per_image`)."""
+) -> tuple[torch.Tensor, str]:
+    """Encoder states as the decoder sees them (incl. the optional enc->dec projection), and the form of
+    the cross-attention K/V (`Gpt2Stepper`'s `kv`): "shared" by an image's beams where
+    `gpt2_cache.kv_per_image` allows, else one copy per beam as `generate` holds them. On a GPU the
+    states are repeated per beam before the projection, as `generate` does ("expanded"); on a CPU each
+    image's K/V are computed once and copied per beam ("repeated"), a product's rows rounding there
+    alike whatever rows are around them."""
     enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
-    per_beam = not kv_per_image(model.decoder, enc, beams)
-    if per_beam and beams > 1:
+    form = "shared" if kv_per_image(model.decoder, enc, beams) else _copies(enc.device)
+    if form == "expanded":
         enc = enc.repeat_interleave(beams, dim=0)
     proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
     if proj_needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
         enc = model.enc_to_dec_proj(enc)
-    return enc, per_beam
+    return enc, form
+
+
+def _copies(device: torch.device) -> str:
+    """How a batch gets one K/V copy per beam on this device (`_encode`)."""
+    return "repeated" if device.type == "cpu" else "expanded"
 
 
 def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
@@ -177,8 +186,8 @@ def generate(
     p = _plan(model, generation_config)
     param = next(model.parameters())
     px = pixel_values.to(device=param.device, dtype=param.dtype)
-    enc, per_beam = _encode(model, px, p.beams)
-    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1, per_beam=per_beam)
+    enc, kv = _encode(model, px, p.beams)
+    stepper = Gpt2Stepper(model.decoder, enc, p.beams, p.max_len - 1, kv=kv)
     batch, device = px.shape[0], enc.device
     del enc  # the stepper holds what the decoder needs (cross K/V); the states are dead weight now
     run = _greedy if p.beams == 1 else _beam_search

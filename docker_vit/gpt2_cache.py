@@ -33,16 +33,17 @@ class Gpt2Stepper:
         beams: int,
         max_steps: int,
         *,
-        per_beam: bool = False,
+        kv: str = "shared",
     ) -> None:
         self.gpt = decoder.transformer
         self.lm_head = decoder.lm_head
         self.blocks = list(self.gpt.h)
         first = self.blocks[0].attn
         self.heads, self.head_dim, self.dim = first.num_heads, first.head_dim, first.embed_dim
-        # per_beam: the states hold one row per beam (image-major), as `generate` expands them
-        self.batch, self.beams = encoder_states.shape[0] // (beams if per_beam else 1), beams
-        self.per_beam = per_beam
+        # kv: "shared" (one K/V per image), "repeated" (one per beam, copied from the image's) or
+        # "expanded" (one per beam from states that hold one row per beam, as `generate` expands them)
+        self.batch, self.beams = encoder_states.shape[0] // (beams if kv == "expanded" else 1), beams
+        self.per_beam, self.repeat = kv != "shared", beams if kv == "repeated" else 1
         self.cross = [self._cross_kv(b.crossattention, encoder_states) for b in self.blocks]
         rows = self.batch * beams
         shape = (len(self.blocks), 2, rows, self.heads, max(max_steps, 1), self.head_dim)
@@ -55,9 +56,11 @@ class Gpt2Stepper:
     def _cross_kv(self, attn: torch.nn.Module, enc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Cross-attention K/V of one layer, per image (or per beam): [groups, heads, enc_len, head_dim]."""
         kv = attn.c_attn(enc)  # the module's own Conv1D, exactly as GPT-2 does it
+        if self.repeat > 1:
+            kv = kv.repeat_interleave(self.repeat, dim=0)  # `generate`'s layout, one copy per beam
         k, v = kv.split(self.dim, dim=2)
-        return self._heads(k.reshape(-1, self.dim), enc.shape[0]), self._heads(
-            v.reshape(-1, self.dim), enc.shape[0]
+        return self._heads(k.reshape(-1, self.dim), kv.shape[0]), self._heads(
+            v.reshape(-1, self.dim), kv.shape[0]
         )
 
     def reorder(self, rows: torch.Tensor, length: int) -> None:

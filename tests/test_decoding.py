@@ -263,10 +263,12 @@ def test_shared_kv_are_read_as_one_query_row_per_beam() -> None:
         assert torch.equal(gpt2_cache._shared(q_rows, k, v, beams, 0.125), want)
 
 
+@pytest.mark.parametrize("form", ["expanded", "repeated"])
 @pytest.mark.parametrize("name", ["sharp", "eos_model", "near_ties"])
-def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monkeypatch) -> None:
-    """The form a GPU gets (cross K/V per beam, one attention call, as `generate` shapes them) keeps
-    every token too; it is chosen by the device, so here it is forced."""
+def test_per_beam_cross_attention_keeps_parity(name: str, form: str, request, pixels, monkeypatch) -> None:
+    """The per-beam forms (cross K/V per beam, one attention call, as `generate` shapes them: from
+    states repeated per beam, a GPU's, or copied from each image's K/V, a CPU's where the beams may not
+    share them) keep every token too; here they are forced."""
     model = request.getfixturevalue(name)
     made = []
 
@@ -276,6 +278,7 @@ def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monke
             made.append(self)
 
     monkeypatch.setattr(decoding, "kv_per_image", lambda decoder, states, beams: False)
+    monkeypatch.setattr(decoding, "_copies", lambda device: form)
     monkeypatch.setattr(decoding, "Gpt2Stepper", Recording)
     px = (
         pixels
@@ -287,7 +290,9 @@ def test_per_beam_cross_attention_keeps_parity(name: str, request, pixels, monke
     assert _mismatches(model, px, configs) == []
     assert made and all(s.per_beam and s.batch == px.shape[0] for s in made)
     assert made[-1].cross[0][0].shape[0] == px.shape[0] * 4  # K/V rows: images x beams
-    if name == "near_ties":  # a 32-wide encoder, a 256-wide decoder: both project the per-beam states
+    if (
+        name == "near_ties" and form == "expanded"
+    ):  # a 32-wide encoder, a 256-wide decoder: both project the per-beam states
         rows: list[int] = []
         hook = model.enc_to_dec_proj.register_forward_hook(lambda mod, args, out: rows.append(out.shape[0]))
         try:
