@@ -6,8 +6,9 @@
     python benchmarks/cuda_parity.py --quick         # a narrow model, to check the script (any device)
 
 `generate` repeats the encoder states per beam, so its cross-attention K/V product and attention run
-on batch x beams rows. On a CPU the decode path computes the K/V once per image and attends to that
-copy; on a GPU the kernels split their sums by row count (a long key sequence especially: at 384
+on batch x beams rows. On a CPU the decode path computes the K/V once per image and, where that gives
+`generate`'s bits, attends to that copy (the "per-image" variants here run that shared form, since
+2026-12-01 one grouped call, not the call per beam the recorded H200 runs measured); on a GPU the kernels split their sums by row count (a long key sequence especially: at 384
 pixels ViT-B/16 gives 577 tokens, vit-gpt2's 224 gives 197), so there it keeps them per beam. The
 variants force one form or the other ("shipped": what `decoding` picks for the device). Random
 weights (near-ties everywhere: the strictest case) and the decoder sharpened, so that beams finish at

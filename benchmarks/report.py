@@ -64,7 +64,8 @@ def markdown(
         f"(15 new tokens); model: random-weight vit-gpt2 architecture{' (TINY)' if args.tiny else ''}.",
         f"Load average (1 min) {facts['load_start']:.1f} at the start, {facts['load_end']:.1f} at the end; "
         f"run took {facts['minutes']:.1f} min. Command: `{' '.join(sys.argv)}`",
-        "Each level is timed after one untimed round of as many requests as it has clients, on both servers.",
+        "Each level is timed after one untimed round of as many requests as it has clients"
+        + ("." if args.skip_baseline else ", on both servers."),
         "",
         "| clients | baseline img/s | docker-vit img/s | ratio | baseline p50 / p95 s | docker-vit p50 / p95 s |",
         "|---:|---:|---:|---:|---:|---:|",

@@ -151,7 +151,7 @@ def _shared(q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beams: int, 
     return out.transpose(1, 2).reshape(rows, heads * head_dim)
 
 
-# (images, beams, heads, length, head_dim, scale, threads) -> whether the shared K/V give `generate`'s bits
+# (images, beams, heads, length, head_dim, scale, dtype, threads) -> whether the shared K/V give `generate`'s bits
 _shares_exact: dict[tuple, bool] = {}
 
 
@@ -170,10 +170,10 @@ def kv_per_image(decoder: torch.nn.Module, states: torch.Tensor, beams: int) -> 
     precision on a CPU, an opt-in mode whose numbers differ anyway, shares them."""
     if states.device.type != "cpu":
         return False
-    if beams == 1 or states.dtype != torch.float32:
+    if beams == 1 or states.dtype in (torch.bfloat16, torch.float16):
         return True
     attn = decoder.transformer.h[0].crossattention
-    key = (states.shape[0], beams, attn.num_heads, states.shape[1], attn.head_dim, attn.scaling)
+    key = (states.shape[0], beams, attn.num_heads, states.shape[1], attn.head_dim, attn.scaling, states.dtype)
     key += (torch.get_num_threads(),)
     if key not in _shares_exact:
         images, heads, threads = states.shape[0], attn.num_heads, key[-1]
@@ -191,14 +191,14 @@ def _same_thread_map(images: int, beams: int, heads: int, threads: int) -> bool:
 
 
 def _shared_as_generate(
-    images: int, beams: int, heads: int, length: int, head_dim: int, scale: float
+    images: int, beams: int, heads: int, length: int, head_dim: int, scale: float, dtype: torch.dtype
 ) -> bool:
     """One cross-attention call both ways, in the stepper's layouts: the K/V as `c_attn` splits them,
     once per image (`_shared`) and repeated per beam (`generate`'s)."""
     dim, rows = heads * head_dim, images * beams
     gen = torch.Generator().manual_seed(0)
-    kv = torch.randn(images, length, 2 * dim, generator=gen)
-    q_rows = torch.randn(rows, dim, generator=gen)
+    kv = torch.randn(images, length, 2 * dim, generator=gen, dtype=dtype)
+    q_rows = torch.randn(rows, dim, generator=gen, dtype=dtype)
 
     def split(kv: torch.Tensor) -> tuple[torch.Tensor, ...]:
         groups = kv.shape[0]

@@ -216,24 +216,29 @@ def test_a_thread_share_that_cuts_an_image_keeps_kv_per_beam() -> None:
 
 
 def test_beams_share_an_image_kv_only_where_exact(near_ties) -> None:
-    """The check runs once per shape and thread count; a GPU, greedy and reduced precision skip it."""
+    """The check runs once per shape, dtype and thread count; a GPU, greedy and reduced precision skip it."""
     decoder = near_ties.decoder
+    attn = decoder.transformer.h[0].crossattention
+    shape = (4, attn.num_heads, 17, attn.head_dim, attn.scaling)  # 4 beams, 17 encoder tokens
     states = torch.zeros(3, 17, 256)
+    gpt2_cache._shares_exact.clear()
     assert gpt2_cache.kv_per_image(decoder, states, 4)  # one thread: every cell on the same thread
     assert gpt2_cache.kv_per_image(decoder, states, 1)
     assert gpt2_cache.kv_per_image(decoder, states.bfloat16(), 4)
     assert not gpt2_cache.kv_per_image(decoder, torch.zeros(3, 17, 256, device="meta"), 4)
+    assert set(gpt2_cache._shares_exact) == {(3, *shape, torch.float32, 1)}  # the others skip the check
     torch.set_num_threads(2)
     try:
-        gpt2_cache.kv_per_image(decoder, states, 4)
+        assert not gpt2_cache.kv_per_image(decoder, states, 4)  # 48 cells, 24 each: image 2 is cut
+        assert gpt2_cache.kv_per_image(decoder, torch.zeros(2, 17, 256), 4)  # 16 cells an image
+        gpt2_cache.kv_per_image(decoder, states.double(), 4)
     finally:
         torch.set_num_threads(1)
-    heads, scale = (
-        decoder.transformer.h[0].crossattention.num_heads,
-        decoder.transformer.h[0].crossattention.scaling,
-    )
-    assert {k for k in gpt2_cache._shares_exact if k[:6] == (3, 4, heads, 17, 256 // heads, scale)} == {
-        (3, 4, heads, 17, 256 // heads, scale, threads) for threads in (1, 2)
+    assert set(gpt2_cache._shares_exact) == {
+        (3, *shape, torch.float32, 1),
+        (3, *shape, torch.float32, 2),
+        (2, *shape, torch.float32, 2),
+        (3, *shape, torch.float64, 2),
     }
 
 
@@ -244,7 +249,7 @@ def test_a_torch_without_the_shared_form_keeps_kv_per_beam(monkeypatch) -> None:
         raise TypeError("scaled_dot_product_attention() got an unexpected keyword argument 'enable_gqa'")
 
     monkeypatch.setattr(gpt2_cache, "_shared", refuse)
-    assert gpt2_cache._shared_as_generate(2, 4, 12, 197, 64, 0.125) is False
+    assert gpt2_cache._shared_as_generate(2, 4, 12, 197, 64, 0.125, torch.float32) is False
 
 
 def test_shared_kv_are_read_as_one_query_row_per_beam() -> None:
