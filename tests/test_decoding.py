@@ -345,6 +345,24 @@ def test_full_vocabulary_projection_is_blocked_and_exact(rows: int) -> None:
     assert biased not in products._verdicts
 
 
+@pytest.mark.parametrize("vocab", [1025, 2049, 2050, 3072])
+def test_a_short_rest_of_the_vocabulary_joins_the_last_block(vocab: int) -> None:
+    """A one-row last product rounded some values otherwise than the plain product, so a split that
+    passed its first check at 2 rows could differ later (vocabulary 1025, a review); a short rest now
+    joins the last whole block, and every later call keeps the plain product's bits."""
+    torch.manual_seed(vocab)
+    blocks = products._whole_blocks(vocab)
+    assert blocks == {1025: 0, 2049: 1, 2050: 1, 3072: 3}[vocab]
+    head = torch.nn.Linear(32, vocab, bias=False)
+    for _ in range(100):
+        x = torch.randn(2, 32)
+        assert torch.equal(products.vocabulary(head, x), head(x))
+        if blocks:
+            assert torch.equal(products._looped(head.weight, x), head(x))
+            assert torch.equal(products._stacked(head.weight, x), head(x))
+    assert (head in products._verdicts) == bool(blocks)
+
+
 def test_conv1d_column_parts_are_exact_at_gpt2_shapes() -> None:
     from transformers.pytorch_utils import Conv1D
 
