@@ -142,21 +142,25 @@ def test_single_image_and_output_type(plain, pixels: torch.Tensor) -> None:
     assert torch.equal(out, plain.generate(pixel_values=pixels[:1], generation_config=cfg))
 
 
-@pytest.fixture(scope="module")
-def near_ties() -> VisionEncoderDecoderModel:
+def _near_tie_model(width: int, heads: int) -> VisionEncoderDecoderModel:
     """A decoder whose output embedding holds pairs of tokens one float step apart: any rounding that
     differs from `generate`'s, however small, picks the other token of a pair."""
-    model = tiny_models.vit_gpt2(512, 511, seed=2, image_size=64, n_embd=256, n_head=4).eval()
+    model = tiny_models.vit_gpt2(512, 511, seed=2, image_size=64, n_embd=width, n_head=heads).eval()
     with torch.no_grad():
         for weight in model.decoder.parameters():
             if weight.dim() > 1:
                 weight.mul_(2.0)
         rows = model.decoder.lm_head.weight
         for token in range(10, 60, 5):
-            rows[token] = torch.randn(256) * 0.5
+            rows[token] = torch.randn(width) * 0.5
             rows[token + 1] = rows[token]
             rows[token + 1, 0] = torch.nextafter(rows[token, 0], torch.tensor(1e9))
     return model
+
+
+@pytest.fixture(scope="module")
+def near_ties() -> VisionEncoderDecoderModel:
+    return _near_tie_model(256, 4)
 
 
 def test_beam_search_rounds_as_generate_does(near_ties) -> None:
@@ -191,16 +195,7 @@ def test_a_thread_share_that_cuts_an_image_keeps_kv_per_beam() -> None:
     """Whether a cell rounds otherwise on another thread depends on its values too, so no check on
     random values can vouch for a batch whose thread shares cut an image: 7 images x 3 beams x 2 heads
     on 2 threads (21 cells each, an image is 6) gave a token of its own in this model before."""
-    model = tiny_models.vit_gpt2(512, 511, seed=2, image_size=64, n_embd=32, n_head=2).eval()
-    with torch.no_grad():
-        for weight in model.decoder.parameters():
-            if weight.dim() > 1:
-                weight.mul_(2.0)
-        rows = model.decoder.lm_head.weight
-        for token in range(10, 60, 5):
-            rows[token] = torch.randn(32) * 0.5
-            rows[token + 1] = rows[token]
-            rows[token + 1, 0] = torch.nextafter(rows[token, 0], torch.tensor(1e9))
+    model = _near_tie_model(32, 2)
     config = _cfg(model, num_beams=3, max_new_tokens=8, early_stopping=False)
     generator = torch.Generator().manual_seed(3)
     torch.set_num_threads(2)
