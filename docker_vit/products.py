@@ -112,7 +112,8 @@ def _fastest(
     exact = [name for name in splits if seen[name, rows, threads]]
     if not exact:
         return plain()
-    race = _races.setdefault((tuple(exact), rows, threads, tuple(shape)), _Race(1 + len(exact)))
+    key = (tuple(exact), rows, threads, tuple(shape))
+    race = _races.get(key) or _races.setdefault(key, _Race(1 + len(exact)))  # made once, not per call
     return race.run((plain, *(splits[name] for name in exact)))
 
 
