@@ -40,9 +40,8 @@ with the rows, are not tried."""
 
 COLUMN_PARTS = {"halves": 2, "quarters": 4}
 """The Conv1D column splits raced against the plain product. Halves won at 4-16 rows on an older EPYC,
-quarters at 64 rows on a Zen 5 EPYC (1.76-1.82 ms against 1.81-1.88 for halves and 2.14-2.22
-plain, [768 x 3072] in a decode); on a Xeon the
-plain product won at 16 rows."""
+quarters at 64 rows on a Zen 5 EPYC (1.76-1.82 ms against 1.81-1.88 for halves and 2.14-2.22 plain,
+[768 x 3072] in a decode); on a Xeon the plain product won at 16 rows."""
 
 RACE_CALLS = 8
 """Timed calls of each form before the fastest is chosen: the shapes recur in every layer of every
