@@ -58,6 +58,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     model's own resize still decides the pixels it sees.
     """
     scans = _check_before_opening(data, max_bytes, max_pixels)
+    _let_pillow_open(max_pixels)
     with _refusals(max_pixels):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         _check_pixels(image, max_pixels, scans)
@@ -80,6 +81,15 @@ def _check_before_opening(data: bytes, max_bytes: int, max_pixels: int) -> int:
     return _check_decoding_work(data)
 
 
+def _let_pillow_open(max_pixels: int) -> None:
+    """Pillow refuses a picture over twice its `MAX_IMAGE_PIXELS` (~179 M) as it opens it, before our
+    own limit is read: a `max_pixels` set higher than that raises Pillow's cap to match, and ours,
+    checked right after opening, stays the one that holds."""
+    cap = Image.MAX_IMAGE_PIXELS
+    if cap is not None and 2 * cap < max_pixels:
+        Image.MAX_IMAGE_PIXELS = max_pixels // 2 + 1
+
+
 @contextmanager
 def _refusals(max_pixels: int) -> Iterator[None]:
     """Pillow's failures on a client's bytes, as the client's errors; its warnings (a truncated
@@ -90,9 +100,8 @@ def _refusals(max_pixels: int) -> Iterator[None]:
             yield
     except ImageError:
         raise
-    except Image.DecompressionBombError:  # Pillow's own cap, ~179 M pixels, met before ours
-        limit = min(max_pixels, 2 * (Image.MAX_IMAGE_PIXELS or max_pixels))
-        raise TooLarge(f"image has too many pixels; the limit is {limit}") from None
+    except Image.DecompressionBombError:  # Pillow's own cap, met before ours (`_let_pillow_open`)
+        raise TooLarge(f"image has too many pixels; the limit is {max_pixels}", "max_pixels") from None
     except UnidentifiedImageError:  # its own message names an object's memory address
         raise NotAnImage(UNSUPPORTED) from None
     except (OSError, SyntaxError, ValueError) as exc:
