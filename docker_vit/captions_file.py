@@ -58,12 +58,17 @@ def encode(
     `ascii_only`: JSON's own escapes for the rest, for a stream that cannot encode it."""
     if fmt == "jsonl":
         return json.dumps(entry, ensure_ascii=ascii_only).translate(_LINE_BREAKS) + "\n"
-    row = [entry.get(column, "") for column in columns]
+    # A NUL (a model can emit any character) is a character Python 3.10's csv cannot write or read.
+    row = [_no_nul(entry.get(column, "")) for column in columns]
     # csv quotes a field holding "\n" (the line end here) but not a lone "\r", which its reader refuses
     quoting = csv.QUOTE_ALL if any("\r" in str(value) for value in row) else csv.QUOTE_MINIMAL
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n", quoting=quoting).writerow(row)
     return buffer.getvalue()
+
+
+def _no_nul(value: Any) -> Any:
+    return value.replace("\0", "\ufffd") if isinstance(value, str) else value
 
 
 class CaptionsFile:

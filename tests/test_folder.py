@@ -290,6 +290,17 @@ def test_a_carriage_return_in_a_name_or_caption_resumes_from_csv(tmp_path: Path)
         assert file.done == {"a\rb.png", "c.png"}
 
 
+def test_a_nul_in_a_caption_is_written_to_csv_as_a_replacement_character(tmp_path: Path) -> None:
+    """Python 3.10's csv can neither write a NUL nor read one back; a model may emit any character."""
+    path = tmp_path / "out.csv"
+    with CaptionsFile(str(path), "csv") as file:
+        file.write([{"path": "a.png", "caption": "x\0y", "num_beams": 4}])
+    assert "\0" not in path.read_text() and "x\ufffdy" in path.read_text()
+    with CaptionsFile(str(path), "csv") as file:
+        assert file.done == {"a.png"}
+    assert json.loads(encode({"caption": "x\0y"}, "jsonl"))["caption"] == "x\0y"  # JSON keeps it
+
+
 def test_a_spreadsheets_byte_order_mark_does_not_hide_the_header(tmp_path: Path) -> None:
     path = tmp_path / "saved.csv"
     path.write_bytes("\ufeffpath,caption\r\nx.png,a\r\n".encode())
