@@ -15,7 +15,6 @@ answer. Files over the server's byte limit are skipped without being sent.
 from __future__ import annotations
 
 import http.client
-import json
 import sys
 import threading
 import time
@@ -37,7 +36,15 @@ from docker_vit.runner import (
     generation_defaults,
     read_file,
 )
-from docker_vit.transport import backoff, connection_problem, error_of, open_url, redirected, retry_after
+from docker_vit.transport import (
+    backoff,
+    connection_problem,
+    error_of,
+    open_url,
+    parse_json,
+    redirected,
+    retry_after,
+)
 
 ATTEMPTS = 8  # tries per image while the server answers 504 or drops the connection
 BUSY_WAIT = 600.0  # seconds an image keeps being offered to a server answering 503 (queue full) or 429
@@ -174,7 +181,7 @@ class RemoteRunner:
         other request would get the same; but an answer without a length that ends at a closed
         connection may be one cut short (its head, even): tried again, as a dropped connection is."""
         try:
-            answer = json.loads(body)
+            answer = parse_json(body)
             if len(answer["captions"]) == 1 and isinstance(answer["captions"][0]["text"], str):
                 return answer  # one image sent, one caption back
         except ValueError:
@@ -210,7 +217,7 @@ class RemoteRunner:
         try:
             request = urllib.request.Request(f"{self.url}/v1/model", headers=self.headers)
             with open_url(request, timeout=DESCRIBE_WAIT) as response:
-                model = json.loads(response.read())
+                model = parse_json(response.read())
         except urllib.error.HTTPError as exc:
             body, message = error_of(exc)
             return {}, message if exc.code >= 500 and isinstance(body.get("error"), dict) else None

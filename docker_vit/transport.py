@@ -29,6 +29,15 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 open_url = urllib.request.build_opener(_NoRedirects).open
 
 
+def parse_json(data: bytes) -> Any:
+    """`json.loads`, where an answer nested deeper than Python's stack (a broken or hostile server's)
+    is bad JSON like any other, not a RecursionError that ends the run with a traceback."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
 def redirected(exc: urllib.error.HTTPError, url: str) -> CaptionError | None:
     """A redirect's error, naming the --url to give instead (the target less the route asked for)."""
     if not 300 <= exc.code < 400:
@@ -70,7 +79,7 @@ def backoff(attempt: int) -> float:
 def error_of(exc: urllib.error.HTTPError) -> tuple[dict[str, Any], str]:
     """The error's JSON body (read once) and its message: the server's `error.message`, else the reason."""
     try:
-        body = json.loads(exc.read() or b"{}")
+        body = parse_json(exc.read() or b"{}")
     except (ValueError, OSError, http.client.HTTPException):
         body = {}
     finally:

@@ -464,6 +464,7 @@ class _Stranger(_Flaky):
         {"captions": [{"text": "one"}, {"text": "two"}]},  # two captions for the one image sent
         b"<html><h1>Welcome to nginx!</h1></html>",  # whole, though no length says so: not retried
         b'{"status": "ok"}',
+        b"[" * 200_000,  # nested past Python's stack: bad JSON like any other, not a RecursionError
     ],
 )
 def test_a_200_without_captions_stops_the_run_with_a_clear_error(
