@@ -40,13 +40,18 @@ def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, 
     """The settings a variable (from `env`; None: this process's) or a flag sets, parsed: what differs
     from "left at its default"."""
     env = os.environ if env is None else env
+    given = {k: v for k, v in overrides.items() if v is not None}  # a flag wins, a bad variable too
     values: dict[str, Any] = {}
     for name, spec in options().items():
         raw = env.get(env_name(name))
-        if raw and not service_link(env_name(name), raw) and (names is None or name in names):
+        if (
+            raw
+            and name not in given
+            and not service_link(env_name(name), raw)
+            and (names is None or name in names)
+        ):
             values[name] = parse(spec, raw)
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    return values
+    return values | given
 
 
 def open_by_mistake(settings: Settings, env: Mapping[str, str] | None = None) -> str | None:

@@ -28,6 +28,14 @@ def test_environment_then_flags() -> None:
     )
 
 
+def test_a_flag_wins_over_a_variable_that_would_not_parse() -> None:
+    env = {"DOCKER_VIT_PORT": "abc", "DOCKER_VIT_MAX_WAIT_MS": "soon", "DOCKER_VIT_NUM_BEAMS": "2"}
+    settings = Settings.load(env, port=9001, max_wait_ms=3.0)
+    assert (settings.port, settings.max_wait_ms, settings.num_beams) == (9001, 3.0, 2)
+    with pytest.raises(ValueError, match="DOCKER_VIT_PORT='abc' is not a valid int"):
+        Settings.load(env, max_wait_ms=3.0)  # without the flag, the variable is read, and refused
+
+
 def test_every_option_has_a_variable_and_a_flag() -> None:
     commands = _parser()._subparsers._group_actions[0].choices
     flags = {
