@@ -30,7 +30,7 @@ from docker_vit.config import (
     options,
 )
 from docker_vit.environment import chosen, ignored_variables, server_warnings
-from docker_vit.naming import named
+from docker_vit.naming import named, unflagged
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
     import uvicorn
@@ -56,8 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(settings, args)
-    except HandlerError as exc:
-        _fail(args.parser, exc)
+    except HandlerError as exc:  # it names `--handler`: the variable instead, where that set it
+        _fail(args.parser, unflagged(str(exc), flag_name if "handler" in args.flagged else env_name))
 
 
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:

@@ -801,6 +801,18 @@ def test_a_bad_handler_is_a_usage_error_as_under_serve(tmp_path: Path, capsys: p
     assert "error: cannot import no_such_module for --handler" in capsys.readouterr().err
 
 
+def test_a_bad_handler_set_by_its_variable_is_named_by_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    picture(tmp_path / "a.png", 1)
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "no_such_module:Handler")
+    with pytest.raises(SystemExit) as stopped:
+        cli.main(["caption", str(tmp_path / "a.png")])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: cannot import no_such_module for DOCKER_VIT_HANDLER no_such_module:Handler" in err
+
+
 @pytest.mark.parametrize("output", [["--json"], ["--format", "csv"]])
 def test_a_reader_that_leaves_ends_the_run_quietly(tmp_path: Path, output: list[str]) -> None:
     """`docker-vit caption folder | head -1`: no "Broken pipe" error, the shell's SIGPIPE status; also
