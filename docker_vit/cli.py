@@ -104,7 +104,11 @@ def _add_settings(
         metavar = spec.metadata.get("metavar")
         if kind is tuple:
             parser.add_argument(
-                *flags, dest=name, action="append", metavar=metavar, help=help + "; repeatable"
+                *flags,
+                dest=name,
+                action="append",
+                metavar=metavar,
+                help=help + ", comma-separated there; repeatable",
             )
         elif kind is bool:
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help)
