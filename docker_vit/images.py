@@ -39,6 +39,8 @@ FEW_JPEG_SCANS = 16  # always taken; past it, the scans' passes over the picture
 MAX_JPEG_SCAN_PIXELS = 1_000_000_000  # ~1 s of decoding here (256 scans of 40 MP: 8 s from 248 KB)
 MAX_JPEG_SEGMENTS = 4096  # tables, comments, metadata: a photo has tens (a big ICC profile, a few more)
 MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
+MAX_PNG_PROFILES = 64  # iCCP chunks (one a picture), each inflated up to 1 MB as the file opens
+MAX_JPEG_JUNK = 65_536  # bytes outside any segment before the first scan (fill bytes: read one by one)
 MAX_TIFF_PIECES = 50_000  # strips or tiles, each read in Python (~4 us): a scanner's TIFF has hundreds
 # libtiff decodes a TIFF's JPEG strips itself, allowing 100 scans each (past FEW_JPEG_SCANS, the
 # scans of a JPEG are bounded by the picture's size): the same few for a strip. A decoder's knob, which
@@ -76,9 +78,10 @@ def _check_before_opening(data: bytes, max_bytes: int, max_pixels: int) -> int:
         raise TooLarge(f"image is {len(data)} bytes; the limit is {max_bytes}", "max_bytes")
     if not data:  # missing input (400), rather than bytes that are not a picture (415)
         raise InputError("image is empty: it has no bytes")
-    if structure.ico_pixels(data) > max_pixels:
+    scans = _check_decoding_work(data)  # first: it bounds the icon's chunks read below
+    if structure.ico_pixels(data, MAX_PNG_CHUNKS) > max_pixels:
         raise TooLarge(f"an icon in the file has more pixels than the limit, {max_pixels}", "max_pixels")
-    return _check_decoding_work(data)
+    return scans
 
 
 def _let_pillow_open(max_pixels: int) -> None:
@@ -161,13 +164,18 @@ def _check_decoding_work(data: bytes) -> int:
     other clients' images need. Returns a JPEG's scans, which are bounded again once its size is known."""
     scans = 0
     if data[:2] == b"\xff\xd8":
-        scans, segments = structure.jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
+        scans, segments, junk = structure.jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
         if scans > MAX_JPEG_SCANS:
             raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
         if segments > MAX_JPEG_SEGMENTS:
             raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
-    if structure.png_chunks(data, MAX_PNG_CHUNKS + 1) > MAX_PNG_CHUNKS:
+        if junk > MAX_JPEG_JUNK:
+            raise TooLarge(f"the JPEG has {junk} bytes between its segments; the limit is {MAX_JPEG_JUNK}")
+    chunks = structure.png_chunks(data, MAX_PNG_CHUNKS + 1)
+    if chunks.total() > MAX_PNG_CHUNKS:
         raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
+    if chunks[b"iCCP"] > MAX_PNG_PROFILES:
+        raise TooLarge(f"the PNG has {chunks[b'iCCP']} color profiles; the limit is {MAX_PNG_PROFILES}")
     if structure.tiff_pieces(data) > MAX_TIFF_PIECES:
         raise TooLarge(f"the TIFF has more than {MAX_TIFF_PIECES} strips or tiles")
     return scans

@@ -9,6 +9,7 @@ here is bounded too, whatever the file says of itself: a count stops at the limi
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 
 import numpy as np
@@ -22,13 +23,18 @@ TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: one value per strip or ti
 _JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
 
 
-def jpeg_segments(data: bytes, stop: int) -> tuple[int, int]:
+def jpeg_segments(data: bytes, stop: int) -> tuple[int, int, int]:
     """Scans and segments of a JPEG up to its end (EOI), as the decoder walks them: each segment is
     skipped by its length (a comment may hold any bytes), scan data is searched for the next marker
-    (it escapes every 0xFF). At most `stop` segments are walked."""
-    scans = segments = 0
+    (it escapes every 0xFF). At most `stop` segments are walked. Also the bytes before the first scan
+    that belong to no segment (fill bytes, junk), which Pillow reads one at a time."""
+    scans = segments = junk = 0
     pos = 2
-    while segments < stop and (found := _JPEG_MARKER.search(data, pos)):
+    while segments < stop:
+        found = _JPEG_MARKER.search(data, pos)
+        junk += 0 if scans else max(0, (found.start() if found else len(data)) - pos)
+        if not found:
+            break
         marker, pos = found.group(1)[0], found.end()
         if marker == 0xD9:  # the picture's end: a trailer (a phone's video, an MPO's next frame)
             break  # is never decoded
@@ -36,29 +42,30 @@ def jpeg_segments(data: bytes, stop: int) -> tuple[int, int]:
         scans += marker == 0xDA
         if marker != 0x01 and marker != 0xD8:  # the rest carry their length (SOS: its header's)
             pos += int.from_bytes(data[pos : pos + 2], "big")
-    return scans, segments
+    return scans, segments, junk
 
 
-def png_chunks(data: bytes, stop: int) -> int:
+def png_chunks(data: bytes, stop: int) -> Counter[bytes]:
     """Chunks of a PNG, or of all the PNG pictures of an icon together (its directory may name 65,535),
-    counted up to `stop`; 0 for other files."""
+    by type, up to `stop` in all; empty for other files."""
     starts = {0} if data[:8] == PNG_MAGIC else _ico_pngs(data) if data[:4] == ICO_MAGIC else set()
-    count = 0
+    kinds: Counter[bytes] = Counter()
     for start in starts:
-        count += _png_chunks(data, start, stop - count)
-        if count >= stop:
+        kinds.update(kind for kind, _ in _png_walk(data, start, stop - kinds.total()))
+        if kinds.total() >= stop:
             break
-    return count
+    return kinds
 
 
-def _png_chunks(data: bytes, start: int, stop: int) -> int:
-    """Chunks in the PNG at `start` up to its end (IEND), counted up to `stop`: each is 12 bytes of
-    framing around its length's data."""
-    count, pos = 0, start + len(PNG_MAGIC)
-    while pos + 8 <= len(data) and count < stop and data[pos + 4 : pos + 8] != b"IEND":
+def _png_walk(data: bytes, start: int, stop: int) -> Iterator[tuple[bytes, int]]:
+    """The type and data offset of each chunk of the PNG at `start` up to its end (IEND), at most
+    `stop` of them: each is 12 bytes of framing around its length's data."""
+    pos = start + len(PNG_MAGIC)
+    for _ in range(stop):
+        if pos + 8 > len(data) or data[pos + 4 : pos + 8] == b"IEND":
+            return
+        yield data[pos + 4 : pos + 8], pos + 8
         pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
-        count += 1
-    return count
 
 
 def tiff_pieces(data: bytes) -> int:
@@ -86,22 +93,38 @@ def tiff_pieces(data: bytes) -> int:
     return int(counts.max()) if counts.size else 0
 
 
-def ico_pixels(data: bytes) -> int:
+def ico_pixels(data: bytes, stop: int) -> int:
     """The pixels of the largest picture in an ICO file, from the pictures' own headers (Pillow
     decodes the largest one while opening the file, before its size could be checked, and the
-    directory's sizes, at most 256 x 256, need not be true); 0 for other files."""
+    directory's sizes, at most 256 x 256, need not be true); 0 for other files. At most `stop` chunks
+    of its PNG pictures are read in all."""
     if data[:4] != ICO_MAGIC:
         return 0
     largest = 0
-    for offset in _ico_entries(data):
+    for offset in dict.fromkeys(_ico_entries(data)):  # a picture named twice is read once
         head = data[offset : offset + 24]
-        if head[:8] == PNG_MAGIC:  # width and height in the IHDR chunk, big-endian
-            width, height = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+        if head[:8] == PNG_MAGIC:
+            pixels, read = _png_pixels(data, offset, stop)
+            largest, stop = max(largest, pixels), stop - read
         else:  # a DIB header, whose height counts the picture and its mask
             width = abs(int.from_bytes(head[4:8], "little", signed=True))
             height = abs(int.from_bytes(head[8:12], "little", signed=True)) // 2
-        largest = max(largest, width * height)
+            largest = max(largest, width * height)
     return largest
+
+
+def _png_pixels(data: bytes, start: int, stop: int) -> tuple[int, int]:
+    """The largest size an IHDR chunk (width and height, big-endian) of the PNG at `start` gives
+    before its pixels, and the chunks read: Pillow takes the last IHDR it meets, not the first."""
+    largest = read = 0
+    for kind, at in _png_walk(data, start, stop):
+        read += 1
+        if kind in (b"IDAT", b"fdAT"):
+            break
+        if kind == b"IHDR":
+            size = int.from_bytes(data[at : at + 4], "big") * int.from_bytes(data[at + 4 : at + 8], "big")
+            largest = max(largest, size)
+    return largest, read
 
 
 def _ico_entries(data: bytes) -> Iterator[int]:

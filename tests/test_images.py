@@ -119,6 +119,45 @@ def test_an_icon_hiding_a_huge_png_is_refused_before_pillow_decodes_it() -> None
     assert open_image(bitmap.getvalue(), max_bytes=10**6, max_pixels=64 * 64).size[0] == 64
 
 
+@pytest.mark.parametrize("text_first", [False, True])
+def test_an_icons_png_whose_size_stands_in_a_later_header_is_refused(text_first: bool) -> None:
+    """Pillow takes the last IHDR before the pixels: a 1 x 1 one first hid a 3000 x 3000 picture,
+    decoded whole while the icon opened (a review: 583 MB for 12000 x 12000 from 688 KB)."""
+    one = chunk(b"IHDR", struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))
+    big = chunk(b"IHDR", struct.pack(">IIBBBBB", 3_000, 3_000, 8, 2, 0, 0, 0))
+    before = chunk(b"tEXt", b"k\x00v") if text_first else b""
+    picture = (
+        b"\x89PNG\r\n\x1a\n" + one + before + big + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    directory = struct.pack("<HHH", 0, 1, 1) + struct.pack("<BBBBHHII", 16, 16, 0, 0, 1, 32, len(picture), 22)
+    with pytest.raises(TooLarge, match="icon"):
+        open_image(directory + picture, max_bytes=10**7, max_pixels=1_000_000)
+
+
+def test_a_png_of_many_color_profiles_is_refused_before_decoding() -> None:
+    """Pillow inflates each iCCP chunk (up to 1 MB) as it opens the file: 18,553 of them in 19.5 MB
+    held a decoding thread 46-56 s (a review). The spec allows one."""
+    head = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 8, 8, 8, 0, 0, 0, 0))
+    pixels = chunk(b"IDAT", zlib.compress(b"".join(b"\x00" + bytes(8) for _ in range(8)))) + chunk(
+        b"IEND", b""
+    )
+    profile = chunk(b"iCCP", b"p\x00\x00" + zlib.compress(bytes(1000)))
+    assert open_image(head + profile + pixels, **LIMITS).size == (8, 8)
+    with pytest.raises(TooLarge, match="65 color profiles; the limit is 64"):
+        open_image(head + profile * 65 + pixels, **LIMITS)
+
+
+@pytest.mark.parametrize("tail", [False, True])
+def test_a_jpeg_padded_between_its_segments_is_refused_before_decoding(tail: bool) -> None:
+    """Pillow reads bytes outside a segment one at a time: 19 MB of 0xFF fill after the start
+    marker held a thread ~9 s (a review). A few fill bytes, as the format allows, are read."""
+    jpeg = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG")
+    assert open_image(jpeg[:2] + b"\xff" * 10 + jpeg[2:], **LIMITS).size == (16, 16)
+    padded = jpeg[:2] + b"\xff" * 70_000 + (jpeg[2:] if tail else b"")
+    with pytest.raises(TooLarge, match="70000 bytes between its segments"):
+        open_image(padded, **LIMITS)
+
+
 def test_one_bit_image() -> None:
     result = open_image(encode(Image.new("1", (9, 9), 1)), **LIMITS)
     assert result.getpixel((4, 4)) == (255, 255, 255)
