@@ -1,9 +1,9 @@
 """Dynamic batching: concurrent requests become one model call.
 
-Items wait in a bounded queue grouped by their options. One worker per device takes the group whose
-first item is oldest (so steady traffic in one group never starves another), lets it fill for at most
-`max_wait` seconds (not at all when full), and runs it on the device's thread (device.py), so the next
-batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
+Items wait in a bounded queue grouped by their options. One worker per device takes, of the groups
+that are full or have waited `max_wait` seconds to fill, the one whose first item is oldest (so steady
+traffic in one group never starves another, and a full group never waits behind one still filling), and
+runs it on the device's thread (device.py), so the next batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
 the model sees them, and a running batch whose callers have all gone stops at its `predict`'s next step.
 
 Two refinements keep batches full under steady load. The wait counts only idle device time: items
@@ -183,15 +183,14 @@ class Batcher:
         return self._idle_before + spell
 
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
-        """The oldest group, once it is full or its first item has waited `max_wait` of idle device
-        (chosen again as it waits: callers who give up leave their group at once)."""
+        """The oldest group that is full or whose first item has waited `max_wait` of idle device
+        (chosen again as they wait: callers who give up leave their group at once)."""
         while self._groups:
-            options, group = min(self._groups.items(), key=lambda pair: pair[1][0].born)
-            if len(group) >= self.max_batch_size:
-                break
-            waited = self._idle_clock() - group[0].idle_mark
-            held = self._incoming[options] and self.max_wait > 0 and waited < self.max_wait + HOLD
-            if waited >= self.max_wait and not held:
+            ready = [
+                (options, group) for options, group in self._groups.items() if self._ready(options, group)
+            ]
+            if ready:
+                options, group = min(ready, key=lambda pair: pair[1][0].born)
                 break
             await asyncio.sleep(0.001)
         else:
@@ -205,6 +204,13 @@ class Batcher:
         if not group:
             del self._groups[options]
         return options, batch
+
+    def _ready(self, options: Hashable, group: deque[_Entry]) -> bool:
+        if len(group) >= self.max_batch_size:
+            return True
+        waited = self._idle_clock() - group[0].idle_mark
+        held = self._incoming[options] and self.max_wait > 0 and waited < self.max_wait + HOLD
+        return waited >= self.max_wait and not held
 
     def _leave(self, entry: _Entry) -> None:
         """A caller's future is done. One that gave up while queued takes its item out of the queue at

@@ -208,6 +208,27 @@ def test_a_group_whose_callers_all_left_holds_no_other_batch_back() -> None:
     assert results == ["b1", "b2"] and waited < 2.5  # not held for A's 5 s wait
 
 
+def test_a_full_group_does_not_wait_behind_an_older_one_still_filling() -> None:
+    """A review: a lone item of one group, waiting to fill, held a full batch of another group with
+    the device idle, for the whole of the lone item's wait."""
+
+    async def main():
+        recorder = Recorder()
+        batcher = make(recorder, max_batch_size=2, max_wait=5.0)
+        batcher.start()
+        lone = batcher.submit(["a"], "A")
+        await asyncio.sleep(0.01)
+        started = time.monotonic()
+        results = await asyncio.gather(*batcher.submit(["b1", "b2"], "B"))  # full: goes at once
+        waited = time.monotonic() - started
+        pending = not lone[0].done()
+        await batcher.stop()
+        return results, waited, pending
+
+    results, waited, pending = run(main())
+    assert results == ["b1:B", "b2:B"] and waited < 2.5 and pending  # A still waits its turn to fill
+
+
 def test_out_of_memory_splits_the_batch() -> None:
     async def main():
         recorder = Recorder(oom_above=1)
