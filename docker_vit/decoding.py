@@ -13,97 +13,16 @@ little Python per step.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from docker_vit import products
+from docker_vit.generation_plan import Plan, resolve
 from docker_vit.gpt2_cache import Gpt2Stepper, kv_per_image
 
 if TYPE_CHECKING:  # transformers is imported where a model is loaded, not here
     from transformers import GenerationConfig, VisionEncoderDecoderModel
-
-# Config fields that must keep their neutral value: anything else adds a logits processor, a
-# stopping criterion, another decoding mode or extra outputs that we do not reproduce.
-_NEUTRAL = {
-    "do_sample": (None, False),
-    "num_beam_groups": (None, 1),
-    "diversity_penalty": (None, 0.0),
-    "constraints": (None,),
-    "force_words_ids": (None,),
-    "penalty_alpha": (None, 0.0),
-    "repetition_penalty": (None, 1.0),
-    "encoder_repetition_penalty": (None, 1.0),
-    "no_repeat_ngram_size": (None, 0),
-    "encoder_no_repeat_ngram_size": (None, 0),
-    "bad_words_ids": (None,),
-    "sequence_bias": (None,),
-    "guidance_scale": (None, 1.0),
-    "forced_bos_token_id": (None,),
-    "forced_eos_token_id": (None,),
-    "remove_invalid_values": (None, False),
-    "exponential_decay_length_penalty": (None,),
-    "suppress_tokens": (None,),
-    "begin_suppress_tokens": (None,),
-    "watermarking_config": (None,),
-    "renormalize_logits": (None, False),
-    "num_return_sequences": (None, 1),
-    "output_attentions": (None, False),
-    "output_hidden_states": (None, False),
-    "output_scores": (None, False),
-    "output_logits": (None, False),
-    "return_dict_in_generate": (None, False),
-    "max_time": (None,),
-    "stop_strings": (None,),
-    "token_healing": (None, False),
-    "prompt_lookup_num_tokens": (None,),
-    "use_mtp": (None, False),
-    "assistant_early_exit": (None,),
-    "dola_layers": (None,),
-    "low_memory": (None, False),
-    "prefill_chunk_size": (None,),
-    "cache_implementation": (None,),
-    "is_assistant": (None, False),
-}
-
-
-@dataclass
-class _Plan:
-    """The generation parameters exactly as `generate` resolves them for a 1-token decoder prompt."""
-
-    beams: int
-    max_len: int
-    min_len: int
-    start: int
-    eos: torch.Tensor | None  # 1-D
-    pad: int | None
-    length_penalty: float  # kept as given (int or float): `len ** lp` must match bit for bit
-    early_stopping: bool | str
-
-
-def _plan(model: VisionEncoderDecoderModel, cfg: GenerationConfig | None) -> _Plan:
-    """Merge `cfg` with the model defaults the way `generate` does, then resolve lengths and ids."""
-    g = model._prepare_generation_config(cfg)[0]
-    for name, allowed in _NEUTRAL.items():
-        if getattr(g, name, None) not in allowed:
-            raise ValueError(f"unsupported generation option {name}={getattr(g, name)!r}")
-    model_gc = model.generation_config
-    if g.max_new_tokens is not None:
-        max_len = g.max_new_tokens + 1
-    elif (cfg is None or cfg.max_length is None) and model_gc.max_length is None:
-        max_len = g.max_length + 1  # generate's "20 new tokens by default" rule
-        mpe = getattr(model.config, "max_position_embeddings", None)
-        max_len = min(max_len, mpe) if mpe is not None else max_len
-    else:
-        max_len = g.max_length
-    min_len = g.min_new_tokens + 1 if g.min_new_tokens is not None else (g.min_length or 0)
-    start = g.decoder_start_token_id if g.decoder_start_token_id is not None else g.bos_token_id
-    eos = None if g.eos_token_id is None else torch.tensor(g.eos_token_id, dtype=torch.long).view(-1)
-    pad = g.pad_token_id if g.pad_token_id is not None else (None if eos is None else int(eos[0]))
-    early = g.early_stopping
-    if not isinstance(start, int) or early not in (True, False, "never") or g.use_cache is False:
-        raise ValueError("unsupported start token / early_stopping / use_cache")
-    return _Plan(g.num_beams or 1, max_len, min_len, start, eos, pad, g.length_penalty, early)
 
 
 def _decoder_ok(model: VisionEncoderDecoderModel) -> bool:
@@ -131,7 +50,7 @@ def supports(model: VisionEncoderDecoderModel, generation_config: GenerationConf
     try:
         if not _decoder_ok(model):
             return False
-        p = _plan(model, generation_config)
+        p = resolve(model, generation_config)
     except Exception:  # any surprise in the config means: let transformers handle (or reject) it
         return False
     n_pos = model.decoder.config.n_positions
@@ -143,27 +62,49 @@ def _encode(
     model: VisionEncoderDecoderModel, pixel_values: torch.Tensor, beams: int
 ) -> tuple[torch.Tensor, str]:
     """Encoder states as the decoder sees them (incl. the optional enc->dec projection), and the form of
-    the cross-attention K/V (`Gpt2Stepper`'s `kv`): "shared" by an image's beams where
-    `gpt2_cache.kv_per_image` allows, else one copy per beam as `generate` holds them. On a GPU the
-    states are repeated per beam before the projection, as `generate` does ("expanded"); on a CPU each
-    image's K/V are computed once and copied per beam ("repeated"), a product's rows rounding there
-    alike whatever rows are around them."""
+    the cross-attention K/V (`Gpt2Stepper`'s `kv`). On a CPU they are computed once per image where that
+    gives the bits `generate` computes per beam, then "shared" by an image's beams where
+    `gpt2_cache.kv_per_image` allows, else "repeated" (copied per beam, as `generate` holds them). On a
+    GPU, or where a product of each image's rows rounds otherwise, the states are repeated per beam
+    before the projection, as `generate` does ("expanded")."""
     enc = model.encoder(pixel_values=pixel_values, return_dict=True).last_hidden_state
-    form = "shared" if kv_per_image(model.decoder, enc, beams) else _copies(enc.device)
+    proj = _projection(model)
+    form = _kv_form(model, proj, enc, beams)
     if form == "expanded":
         enc = enc.repeat_interleave(beams, dim=0)
-    proj_needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
-    if proj_needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
-        enc = model.enc_to_dec_proj(enc)
-    return enc, form
+    return (enc if proj is None else proj(enc)), form
+
+
+def _projection(model: VisionEncoderDecoderModel) -> torch.nn.Module | None:
+    """The enc->dec projection `VisionEncoderDecoderModel` applies, where the widths differ."""
+    needed = model.encoder.config.hidden_size != model.decoder.config.hidden_size
+    if needed and getattr(model.decoder.config, "cross_attention_hidden_size", None) is None:
+        return model.enc_to_dec_proj
+    return None
+
+
+def _kv_form(
+    model: VisionEncoderDecoderModel, proj: torch.nn.Module | None, enc: torch.Tensor, beams: int
+) -> str:
+    """`_encode`'s form. Per image only where the projection and the cross-attention K/V product on
+    each image's rows give the bits `generate` gets from the rows repeated per beam
+    (`products.per_image`: not so for few rows, and more of them the more threads); reduced precision,
+    an opt-in mode, is not checked."""
+    if enc.device.type != "cpu":
+        return "expanded"
+    if beams > 1 and enc.dtype not in (torch.bfloat16, torch.float16):
+        c_attn = model.decoder.transformer.h[0].crossattention.c_attn  # every layer has its shape
+        if not products.per_image([c_attn] if proj is None else [proj, c_attn], enc, beams):
+            return "expanded"
+    return "shared" if kv_per_image(model.decoder, enc, beams) else _copies(enc.device)
 
 
 def _copies(device: torch.device) -> str:
-    """How a batch gets one K/V copy per beam on this device (`_encode`)."""
+    """How a batch whose products allow it gets one K/V copy per beam on this device (`_kv_form`)."""
     return "repeated" if device.type == "cpu" else "expanded"
 
 
-def _min_length(scores: torch.Tensor, p: _Plan, cur_len: int) -> torch.Tensor:
+def _min_length(scores: torch.Tensor, p: Plan, cur_len: int) -> torch.Tensor:
     """MinLengthLogitsProcessor: EOS is impossible before `min_len` tokens (incl. the start token)."""
     if p.eos is None or cur_len >= p.min_len:
         return scores
@@ -183,7 +124,7 @@ def generate(
 
     `between_steps` runs before each new token: what it raises stops the decode (the batch's callers
     have all gone, say)."""
-    p = _plan(model, generation_config)
+    p = resolve(model, generation_config)
     param = next(model.parameters())
     px = pixel_values.to(device=param.device, dtype=param.dtype)
     enc, kv = _encode(model, px, p.beams)
@@ -199,7 +140,7 @@ def _nothing() -> None:
 
 
 def _greedy(
-    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, between_steps: Callable[[], None]
+    stepper: Gpt2Stepper, p: Plan, batch: int, device: torch.device, between_steps: Callable[[], None]
 ) -> torch.LongTensor:
     """transformers' `_sample` with do_sample=False: argmax, pad after EOS, stop when all are done."""
     out = torch.full((batch, p.max_len), p.start, dtype=torch.long, device=device)
@@ -225,7 +166,7 @@ def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return torch.take_along_dim(t, idx.view(*idx.shape, *([1] * (t.dim() - 2))), dim=1)
 
 
-def _beam_log_probs(stepper: Gpt2Stepper, p: _Plan, run_seq: torch.Tensor, cur: int) -> torch.Tensor:
+def _beam_log_probs(stepper: Gpt2Stepper, p: Plan, run_seq: torch.Tensor, cur: int) -> torch.Tensor:
     """Per-beam next-token log-probs, [batch, beams, vocab].
 
     Every beam is a row, the first step too, where all beams of an image still hold the same prefix
@@ -237,13 +178,13 @@ def _beam_log_probs(stepper: Gpt2Stepper, p: _Plan, run_seq: torch.Tensor, cur: 
     return _min_length(torch.log_softmax(logits, dim=-1), p, cur).view(batch, beams, -1)
 
 
-def _kept(p: _Plan) -> int:
+def _kept(p: Plan) -> int:
     """Candidates `_beam_search` takes per image each step: enough that `beams` survive every EOS."""
     return max(2, 1 + (0 if p.eos is None else p.eos.numel())) * p.beams
 
 
 def _beam_search(
-    stepper: Gpt2Stepper, p: _Plan, batch: int, device: torch.device, between_steps: Callable[[], None]
+    stepper: Gpt2Stepper, p: Plan, batch: int, device: torch.device, between_steps: Callable[[], None]
 ) -> torch.LongTensor:
     """transformers' `_beam_search` (vectorised, fixed-shape) with the same ops in the same order."""
     k, lp_pow, early = p.beams, p.length_penalty, p.early_stopping

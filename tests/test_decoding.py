@@ -191,6 +191,27 @@ def test_beam_search_rounds_as_generate_does_on_two_threads(near_ties) -> None:
         torch.set_num_threads(1)
 
 
+def test_beam_search_rounds_as_generate_does_on_many_threads(near_ties) -> None:
+    """MKL rounds a product of few rows otherwise than the same rows in a larger one, more of them the
+    more threads: at 16 threads one image's 17 encoder rows gave other K/V bits than `generate`'s 68
+    repeated rows, and other tokens (a review: 7 of 24 decodes). Such batches take `generate`'s form."""
+    generator = torch.Generator().manual_seed(9)
+    configs = [_cfg(near_ties, num_beams=beams, max_new_tokens=8) for beams in (2, 4, 5)]
+    torch.set_num_threads(16)
+    try:
+        for _ in range(3):
+            px = torch.randn(1, 3, 64, 64, generator=generator) * 2.0
+            assert _mismatches(near_ties, px, configs) == []
+        state = torch.randn(1, 17, 256, generator=generator)
+        c_attn = near_ties.decoder.transformer.h[0].crossattention.c_attn
+        assert not products.per_image([c_attn], state, 4)  # 17 rows alone round otherwise here
+        assert decoding._encode(near_ties, px, 4)[1] == "expanded"
+    finally:
+        torch.set_num_threads(1)
+    assert products.per_image([c_attn], state, 4)  # on one thread they do not
+    assert decoding._encode(near_ties, px, 4)[1] == "shared"
+
+
 def test_a_thread_share_that_cuts_an_image_keeps_kv_per_beam() -> None:
     """Whether a cell rounds otherwise on another thread depends on its values too, so no check on
     random values can vouch for a batch whose thread shares cut an image: 7 images x 3 beams x 2 heads
