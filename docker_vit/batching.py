@@ -3,8 +3,9 @@
 Items wait in a bounded queue grouped by their options. One worker per device takes, of the groups
 that are full or have waited `max_wait` seconds to fill, the one whose first item is oldest (so steady
 traffic in one group never starves another, and a full group never waits behind one still filling), and
-runs it on the device's thread (device.py), so the next batch forms during the current one. Items whose caller gave up (timeout, disconnect) are dropped before
-the model sees them, and a running batch whose callers have all gone stops at its `predict`'s next step.
+runs it on the device's thread (device.py), so the next batch forms during the current one. Items
+whose caller gave up (timeout, disconnect) are dropped before the model sees them, and a running batch
+whose callers have all gone stops at its `predict`'s next step.
 
 Two refinements keep batches full under steady load. The wait counts only idle device time: items
 queued during a batch still wait `max_wait` once it ends (clients it answered have a moment to send

@@ -4,10 +4,10 @@
 plain beam search, with EOS/pad/length-penalty/early-stopping/min-length); anything else must go to
 `model.generate`. `generate()` mirrors transformers' `_sample` (greedy) and `_beam_search` step by
 step -- same scores, same top-k calls, same finished-hypothesis bookkeeping -- so ties break the same
-way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU; shared by the
-beams where that gives `generate`'s bits, `gpt2_cache.kv_per_image`, else copied per beam; per beam
-from repeated states elsewhere) and drives the decoder through `Gpt2Stepper` with a preallocated cache and
-little Python per step.
+way, but it runs the encoder once, computes cross-attention K/V once per image (on a CPU, where each
+image's rows give `generate`'s bits; shared by the beams where that does too, `gpt2_cache.kv_per_image`,
+else copied per beam; per beam from repeated states elsewhere) and drives the decoder through
+`Gpt2Stepper` with a preallocated cache and little Python per step.
 """
 
 from __future__ import annotations
