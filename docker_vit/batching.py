@@ -73,6 +73,7 @@ class Batcher:
         self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
         self._queued = 0
         self._incoming: Counter[Hashable] = Counter()  # admitted items still being prepared, by options
+        self._passed: set[_Entry] = set()  # first items of groups a younger, fuller group went ahead of
         self._idle_since: float | None = time.monotonic()  # None while a batch runs
         self._idle_before = 0.0  # seconds of idle device before the current idle spell
         self._wake: asyncio.Event | None = None
@@ -184,14 +185,16 @@ class Batcher:
         return self._idle_before + spell
 
     async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
-        """The oldest group that is full or whose first item has waited `max_wait` of idle device
-        (chosen again as they wait: callers who give up leave their group at once)."""
+        """The oldest group that is ready (`_ready`), chosen again as they wait: callers who give up
+        leave their group at once."""
         while self._groups:
             ready = [
                 (options, group) for options, group in self._groups.items() if self._ready(options, group)
             ]
             if ready:
                 options, group = min(ready, key=lambda pair: pair[1][0].born)
+                oldest = min(self._groups.values(), key=lambda waiting: waiting[0].born)
+                self._passed.add(oldest[0])  # passed over (or taken): it goes next, filled or not
                 break
             await asyncio.sleep(0.001)
         else:
@@ -207,7 +210,9 @@ class Batcher:
         return options, batch
 
     def _ready(self, options: Hashable, group: deque[_Entry]) -> bool:
-        if len(group) >= self.max_batch_size:
+        """Full, or done waiting; or passed over once for a younger group that was (its wait counts
+        idle device time, which back-to-back batches of another group would never give it)."""
+        if len(group) >= self.max_batch_size or group[0] in self._passed:
             return True
         waited = self._idle_clock() - group[0].idle_mark
         held = self._incoming[options] and self.max_wait > 0 and waited < self.max_wait + HOLD
@@ -227,6 +232,7 @@ class Batcher:
     def _dequeue(self, entry: _Entry) -> None:
         """An item leaves the count when taken for a batch, or as soon as its caller gives up, so
         abandoned requests never hold queue room that live ones need."""
+        self._passed.discard(entry)
         if entry.queued:
             entry.queued = False
             self._queued -= 1

@@ -229,6 +229,40 @@ def test_a_full_group_does_not_wait_behind_an_older_one_still_filling() -> None:
     assert results == ["b1:B", "b2:B"] and waited < 2.5 and pending  # A still waits its turn to fill
 
 
+def test_a_group_passed_over_for_a_full_one_goes_next() -> None:
+    """Steady traffic that fills every batch of one group does not starve another: its wait counts
+    idle device time, which back-to-back full batches never give it (a review: 70 batches ahead of
+    it, and none at a 10 ms wait), so once passed over it goes next."""
+
+    async def main():
+        calls = []
+
+        def predict(items, options):
+            calls.append(options)
+            time.sleep(0.01)
+            return list(items)
+
+        batcher = make(predict, max_batch_size=4, max_wait=0.05)
+        batcher.start()
+        running = True
+
+        async def client() -> None:  # one of a dozen, each sending its next item once answered
+            while running:
+                await asyncio.gather(*batcher.submit(["b"], "B"))
+
+        clients = [asyncio.ensure_future(client()) for _ in range(12)]
+        await asyncio.sleep(0.2)
+        before = len(calls)
+        await asyncio.wait_for(asyncio.gather(*batcher.submit(["a"], "A")), 2.0)
+        ahead = calls[before:].index("A")
+        running = False
+        await asyncio.gather(*clients)
+        await batcher.stop()
+        return ahead
+
+    assert run(main()) <= 4  # the B batches already queued or running, then A
+
+
 def test_out_of_memory_splits_the_batch() -> None:
     async def main():
         recorder = Recorder(oom_above=1)
