@@ -21,6 +21,8 @@ TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: one value per strip or ti
 # A marker: 0xFF and a byte that is not 0x00 (an escaped 0xFF in scan data), a restart marker (inside a
 # scan) or 0xFF (fill before the marker). One 0xFF only: a pattern with a run of them backtracks.
 _JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
+# Markers without a length after them, as Pillow reads them (what follows is read a byte at a time).
+_JPEG_BARE = {0x01, 0xC8, 0xD8, 0xD9, *range(0xF0, 0xFE)}
 
 
 def jpeg_segments(data: bytes, stop: int) -> tuple[int, int, int]:
@@ -36,11 +38,11 @@ def jpeg_segments(data: bytes, stop: int) -> tuple[int, int, int]:
         if not found:
             break
         marker, pos = found.group(1)[0], found.end()
-        if marker == 0xD9:  # the picture's end: a trailer (a phone's video, an MPO's next frame)
-            break  # is never decoded
+        if marker == 0xD9 and scans:  # the picture's end: a trailer (a phone's video, an MPO's next
+            break  # frame) is never decoded; before a scan, Pillow reads on
         segments += 1
         scans += marker == 0xDA
-        if marker != 0x01 and marker != 0xD8:  # the rest carry their length (SOS: its header's)
+        if marker not in _JPEG_BARE:  # the rest carry their length (SOS: its header's)
             pos += int.from_bytes(data[pos : pos + 2], "big")
     return scans, segments, junk
 

@@ -158,6 +158,19 @@ def test_a_jpeg_padded_between_its_segments_is_refused_before_decoding(tail: boo
         open_image(padded, **LIMITS)
 
 
+@pytest.mark.parametrize(
+    "marker",
+    [b"\xff\xd9", b"\xff\xc8\xff\xff", b"\xff\xf0\xff\xff"],  # EOI, JPG, JPG0 before any scan
+)
+def test_a_marker_pillow_reads_no_length_after_does_not_hide_padding(marker: bytes) -> None:
+    """Pillow reads on past an EOI before the first scan, and reads no length after JPG and JPGn
+    markers: what follows them is read a byte at a time (a review: ~5 s for 19 MB), so it counts."""
+    jpeg = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG")
+    padded = jpeg[:2] + marker + b"\xff" * 70_000 + jpeg[2:]
+    with pytest.raises(TooLarge, match="bytes between its segments"):
+        open_image(padded, **LIMITS)
+
+
 def test_one_bit_image() -> None:
     result = open_image(encode(Image.new("1", (9, 9), 1)), **LIMITS)
     assert result.getpixel((4, 4)) == (255, 255, 255)
