@@ -30,7 +30,7 @@ from docker_vit.config import (
     options,
 )
 from docker_vit.environment import chosen, ignored_variables, server_warnings
-from docker_vit.naming import named, unflagged
+from docker_vit.naming import named
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
     import uvicorn
@@ -56,8 +56,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(settings, args)
-    except HandlerError as exc:  # it names `--handler`: the variable instead, where that set it
-        _fail(args.parser, unflagged(str(exc), flag_name if "handler" in args.flagged else env_name))
+    except HandlerError as exc:  # it opens naming `--handler`: the variable instead, where that set it
+        said = "--handler" if "handler" in args.flagged else env_name("handler")
+        _fail(args.parser, str(exc).replace("--handler", said, 1))
 
 
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:

@@ -811,6 +811,13 @@ def test_a_bad_handler_set_by_its_variable_is_named_by_it(
     assert stopped.value.code == 2
     err = capsys.readouterr().err
     assert "error: cannot import no_such_module for DOCKER_VIT_HANDLER no_such_module:Handler" in err
+    (tmp_path / "flagged_words.py").write_text("raise ValueError('give --model a folder')\n")
+    monkeypatch.chdir(tmp_path)  # the current folder is importable
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "flagged_words:Handler")
+    with pytest.raises(SystemExit):
+        cli.main(["caption", str(tmp_path / "a.png")])
+    err = capsys.readouterr().err  # the module's own words are its own: only the loader's flag is renamed
+    assert "for DOCKER_VIT_HANDLER flagged_words:Handler: ValueError: give --model a folder" in err
 
 
 @pytest.mark.parametrize("output", [["--json"], ["--format", "csv"]])
