@@ -41,6 +41,7 @@ MAX_JPEG_SEGMENTS = 4096  # tables, comments, metadata: a photo has tens (a big 
 MAX_PNG_CHUNKS = 50_000  # Pillow reads chunks in Python (~13 us each); encoders write 8-64 KB chunks
 MAX_PNG_PROFILES = 64  # iCCP chunks (one a picture), each inflated up to 1 MB as the file opens
 MAX_JPEG_JUNK = 65_536  # bytes outside any segment before the first scan (fill bytes: read one by one)
+MAX_EXIF_BYTES = 1_000_000  # Pillow joins a JPEG's Exif segments and parses the block whole
 MAX_TIFF_PIECES = 50_000  # strips or tiles, each read in Python (~4 us): a scanner's TIFF has hundreds
 # libtiff decodes a TIFF's JPEG strips itself, allowing 100 scans each (past FEW_JPEG_SCANS, the
 # scans of a JPEG are bounded by the picture's size): the same few for a strip. A decoder's knob, which
@@ -64,6 +65,7 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     with _refusals(max_pixels):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         _check_pixels(image, max_pixels, scans)
+        _check_exif(len(image.info.get("exif") or b""))  # a PNG's or WebP's, read as the file opens
         scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
         if scale > 1:
             image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
@@ -164,13 +166,19 @@ def _check_decoding_work(data: bytes) -> int:
     other clients' images need. Returns a JPEG's scans, which are bounded again once its size is known."""
     scans = 0
     if data[:2] == b"\xff\xd8":
-        scans, segments, junk = structure.jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
+        walk = structure.jpeg_segments(data, MAX_JPEG_SEGMENTS + 1)
+        scans = walk.scans
         if scans > MAX_JPEG_SCANS:
             raise TooLarge(f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS}")
-        if segments > MAX_JPEG_SEGMENTS:
+        if walk.segments > MAX_JPEG_SEGMENTS:
             raise TooLarge(f"the JPEG has more than {MAX_JPEG_SEGMENTS} segments")
-        if junk > MAX_JPEG_JUNK:
-            raise TooLarge(f"the JPEG has {junk} bytes between its segments; the limit is {MAX_JPEG_JUNK}")
+        if walk.junk > MAX_JPEG_JUNK:
+            raise TooLarge(
+                f"the JPEG has {walk.junk} bytes between its segments; the limit is {MAX_JPEG_JUNK}"
+            )
+        if walk.frames > 1:  # libjpeg refuses a second one, after Pillow has read them all
+            raise NotAnImage(f"cannot decode the image: the JPEG has {walk.frames} frame headers (SOF)")
+        _check_exif(walk.exif)
     chunks = structure.png_chunks(data, MAX_PNG_CHUNKS + 1)
     if chunks.total() > MAX_PNG_CHUNKS:
         raise TooLarge(f"the PNG has more than {MAX_PNG_CHUNKS} chunks")
@@ -179,6 +187,13 @@ def _check_decoding_work(data: bytes) -> int:
     if structure.tiff_pieces(data) > MAX_TIFF_PIECES:
         raise TooLarge(f"the TIFF has more than {MAX_TIFF_PIECES} strips or tiles")
     return scans
+
+
+def _check_exif(size: int) -> None:
+    """Pillow parses an EXIF block whole, a Python object per value of a tag: 19 MB of one RATIONAL
+    tag took ~4 s and ~500 MB (a review). A camera's fits one 64 KB segment."""
+    if size > MAX_EXIF_BYTES:
+        raise TooLarge(f"the image's EXIF block is {size} bytes; the limit is {MAX_EXIF_BYTES}")
 
 
 def _check_pixels(image: Image.Image, max_pixels: int, scans: int = 0) -> None:

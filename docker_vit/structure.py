@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 
@@ -23,14 +24,24 @@ TIFF_PIECES = (273, 324)  # StripOffsets, TileOffsets: one value per strip or ti
 _JPEG_MARKER = re.compile(rb"\xff([^\x00\xd0-\xd7\xff])")
 # Markers without a length after them, as Pillow reads them (what follows is read a byte at a time).
 _JPEG_BARE = {0x01, 0xC8, 0xD8, 0xD9, *range(0xF0, 0xFE)}
+_JPEG_FRAMES = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
 
-def jpeg_segments(data: bytes, stop: int) -> tuple[int, int, int]:
+class JpegWalk(NamedTuple):
+    """What `jpeg_segments` counts of a JPEG."""
+
+    scans: int
+    segments: int
+    junk: int  # bytes before the first scan in no segment (fill, junk), which Pillow reads one by one
+    frames: int  # frame headers (SOF) before the first scan: Pillow keeps a tuple per 3 bytes of each
+    exif: int  # bytes of Exif APP1 segments, which Pillow joins and parses whole
+
+
+def jpeg_segments(data: bytes, stop: int) -> JpegWalk:
     """Scans and segments of a JPEG up to its end (EOI), as the decoder walks them: each segment is
     skipped by its length (a comment may hold any bytes), scan data is searched for the next marker
-    (it escapes every 0xFF). At most `stop` segments are walked. Also the bytes before the first scan
-    that belong to no segment (fill bytes, junk), which Pillow reads one at a time."""
-    scans = segments = junk = 0
+    (it escapes every 0xFF). At most `stop` segments are walked."""
+    scans = segments = junk = frames = exif = 0
     pos = 2
     while segments < stop:
         found = _JPEG_MARKER.search(data, pos)
@@ -42,9 +53,13 @@ def jpeg_segments(data: bytes, stop: int) -> tuple[int, int, int]:
             break  # frame) is never decoded; before a scan, Pillow reads on
         segments += 1
         scans += marker == 0xDA
-        if marker not in _JPEG_BARE:  # the rest carry their length (SOS: its header's)
-            pos += int.from_bytes(data[pos : pos + 2], "big")
-    return scans, segments, junk
+        if marker in _JPEG_BARE:
+            continue
+        length = int.from_bytes(data[pos : pos + 2], "big")  # the rest carry one (SOS: its header's)
+        frames += not scans and marker in _JPEG_FRAMES
+        exif += length if marker == 0xE1 and data[pos + 2 : pos + 8] == b"Exif\0\0" else 0
+        pos += length
+    return JpegWalk(scans, segments, junk, frames, exif)
 
 
 def png_chunks(data: bytes, stop: int) -> Counter[bytes]:

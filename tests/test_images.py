@@ -171,6 +171,42 @@ def test_a_marker_pillow_reads_no_length_after_does_not_hide_padding(marker: byt
         open_image(padded, **LIMITS)
 
 
+def _exif_of_one_rational_tag(tag: int, values: int) -> bytes:
+    """A little-endian TIFF block whose one entry, `tag`, is RATIONAL with `values` values."""
+    head = b"II*\x00" + (8).to_bytes(4, "little") + (1).to_bytes(2, "little")
+    entry = struct.pack("<HHII", tag, 5, values, 8 + 2 + 12 + 4)
+    return head + entry + bytes(4) + bytes(8 * values)
+
+
+def test_an_exif_block_past_its_bound_is_refused_before_pillow_parses_it() -> None:
+    """Pillow makes an object per value of an EXIF tag, and joins a JPEG's Exif segments: 19 MB of an
+    orientation tag took ~4 s and ~500 MB a picture of 16 x 16 (a review)."""
+    exif = b"Exif\x00\x00" + _exif_of_one_rational_tag(0x0112, 150_000)  # 1.2 MB
+    jpeg = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG")
+    pieces = [exif[i : i + 60_000] for i in range(0, len(exif), 60_000)]
+    segments = b"".join(b"\xff\xe1" + (len(part) + 2).to_bytes(2, "big") + part for part in pieces[:1])
+    segments += b"".join(  # the rest, each its own segment, as Pillow joins them
+        b"\xff\xe1" + (len(part) + 8).to_bytes(2, "big") + b"Exif\x00\x00" + part for part in pieces[1:]
+    )
+    with pytest.raises(TooLarge, match="EXIF block"):
+        open_image(jpeg[:2] + segments + jpeg[2:], **LIMITS)
+    png = encode(Image.new("RGB", (16, 16), (1, 2, 3)), exif=exif[6:])
+    with pytest.raises(TooLarge, match="EXIF block"):
+        open_image(png, **LIMITS)
+    small = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG", exif=Image.Exif())
+    assert open_image(small, **LIMITS).size == (16, 16)
+
+
+def test_a_jpeg_of_many_frame_headers_is_refused_before_pillow_reads_them() -> None:
+    """Pillow keeps a tuple per 3 bytes of every frame header (SOF): 303 of 65 KB took ~580 MB before
+    libjpeg refused the second one (a review)."""
+    jpeg = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG")
+    start = jpeg.index(b"\xff\xc0")
+    frame = jpeg[start : start + 2 + int.from_bytes(jpeg[start + 2 : start + 4], "big")]
+    with pytest.raises(NotAnImage, match="2 frame headers"):
+        open_image(jpeg[:start] + frame + jpeg[start:], **LIMITS)
+
+
 def test_one_bit_image() -> None:
     result = open_image(encode(Image.new("1", (9, 9), 1)), **LIMITS)
     assert result.getpixel((4, 4)) == (255, 255, 255)
