@@ -818,6 +818,19 @@ def test_a_bad_handler_set_by_its_variable_is_named_by_it(
         cli.main(["caption", str(tmp_path / "a.png")])
     err = capsys.readouterr().err  # the module's own words are its own: only the loader's flag is renamed
     assert "for DOCKER_VIT_HANDLER flagged_words:Handler: ValueError: give --model a folder" in err
+    (tmp_path / "own_words.py").write_text(
+        "from docker_vit.handler import Handler\n"
+        "class H(Handler):\n"
+        "    @property\n"
+        "    def name(self):\n"
+        "        raise RuntimeError('pass the name after --handler')\n"
+        "    def prepare(self, data, options): return data\n"
+        "    def predict(self, items, options): return items\n"
+    )
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "own_words:H")
+    with pytest.raises(SystemExit):
+        cli.main(["caption", str(tmp_path / "a.png")])
+    assert "RuntimeError: pass the name after --handler" in capsys.readouterr().err  # its words first
 
 
 @pytest.mark.parametrize("output", [["--json"], ["--format", "csv"]])
