@@ -65,12 +65,12 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
     with _refusals(max_pixels):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         _check_pixels(image, max_pixels, scans)
-        _check_exif(len(image.info.get("exif") or b""))  # a PNG's or WebP's, read as the file opens
         scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
         if scale > 1:
             image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
         with decode_budget.hold(image.width * image.height):
             image.load()
+            _check_exif(len(image.info.get("exif") or b""))  # a PNG's eXIf may follow its pixels
             return _to_rgb(_orient(image))
 
 

@@ -193,6 +193,11 @@ def test_an_exif_block_past_its_bound_is_refused_before_pillow_parses_it() -> No
     png = encode(Image.new("RGB", (16, 16), (1, 2, 3)), exif=exif[6:])
     with pytest.raises(TooLarge, match="EXIF block"):
         open_image(png, **LIMITS)
+    plain = encode(Image.new("RGB", (16, 16), (1, 2, 3)))
+    end = plain.rindex(b"IEND") - 4  # an eXIf chunk after the pixels, which Pillow reads as it loads them
+    late = plain[:end] + chunk(b"eXIf", exif[6:]) + plain[end:]
+    with pytest.raises(TooLarge, match="EXIF block"):
+        open_image(late, **LIMITS)
     small = encode(Image.new("RGB", (16, 16), (1, 2, 3)), "JPEG", exif=Image.Exif())
     assert open_image(small, **LIMITS).size == (16, 16)
 
