@@ -96,12 +96,13 @@ def _kv_form(
         c_attn = model.decoder.transformer.h[0].crossattention.c_attn  # every layer has its shape
         if not products.per_image([c_attn] if proj is None else [proj, c_attn], enc, beams):
             return "expanded"
-    return "shared" if kv_per_image(model.decoder, enc, beams) else _copies(enc.device)
+    return "shared" if kv_per_image(model.decoder, enc, beams) else _copies()
 
 
-def _copies(device: torch.device) -> str:
-    """How a batch whose products allow it gets one K/V copy per beam on this device (`_kv_form`)."""
-    return "repeated" if device.type == "cpu" else "expanded"
+def _copies() -> str:
+    """How a CPU batch whose beams may not share their image's K/V, but whose products allow one copy
+    per image, holds them per beam: each image's K/V copied (`_kv_form`; a GPU never gets here)."""
+    return "repeated"
 
 
 def _min_length(scores: torch.Tensor, p: Plan, cur_len: int) -> torch.Tensor:

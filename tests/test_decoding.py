@@ -299,7 +299,7 @@ def test_per_beam_cross_attention_keeps_parity(name: str, form: str, request, pi
             made.append(self)
 
     monkeypatch.setattr(decoding, "kv_per_image", lambda decoder, states, beams: False)
-    monkeypatch.setattr(decoding, "_copies", lambda device: form)
+    monkeypatch.setattr(decoding, "_copies", lambda: form)
     monkeypatch.setattr(decoding, "Gpt2Stepper", Recording)
     px = (
         pixels
