@@ -194,7 +194,8 @@ class Batcher:
             if ready:
                 options, group = min(ready, key=lambda pair: pair[1][0].born)
                 oldest = min(self._groups.values(), key=lambda waiting: waiting[0].born)
-                self._passed.add(oldest[0])  # passed over (or taken): it goes next, filled or not
+                if oldest is not group:
+                    self._passed.add(oldest[0])  # passed over: it goes next, filled or not
                 break
             await asyncio.sleep(0.001)
         else:
