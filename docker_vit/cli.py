@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import re
 import signal
 import sys
 import threading
@@ -57,13 +56,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.run(settings, args)
-    except HandlerError as exc:  # the loader's own `--handler`: the variable instead, where that set it
-        said = "--handler" if "handler" in args.flagged else env_name("handler")
-        _fail(args.parser, _LOADERS_FLAG.sub(lambda found: found.group(1) + said, str(exc), count=1))
-
-
-# How the loader's messages name the setting (loader.py); a handler's own words may follow.
-_LOADERS_FLAG = re.compile(r"^(cannot import \S+ for )?--handler\b")
+    except HandlerError as exc:  # the setting named as it was set: the flag, or the variable
+        _fail(args.parser, exc.said_as("--handler" if "handler" in args.flagged else env_name("handler")))
 
 
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:

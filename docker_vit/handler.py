@@ -51,6 +51,20 @@ def shown(value: Any, limit: int = 60) -> str:
 class HandlerError(ValueError):
     """`--handler` names nothing that can be served; the CLI prints it instead of a traceback."""
 
+    def __init__(self, message: str, around: tuple[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.around = around  # the words before and after the setting's name, where the message names it
+
+    @classmethod
+    def of_setting(cls, before: str, after: str) -> HandlerError:
+        """A message naming the setting itself, which each front end spells as its user set it."""
+        return cls(f"{before}--handler{after}", (before, after))
+
+    def said_as(self, name: str) -> str:
+        """The message with the setting called `name` (a variable, Ray's argument); a handler's own
+        words, quoted after it, stay as they are."""
+        return str(self) if self.around is None else name.join(self.around)
+
 
 class HandlerBug(RuntimeError):
     """A handler broke the interface (an unhashable options value, a wrong output count, a `respond`

@@ -22,7 +22,7 @@ def load_handler(settings: Settings) -> Handler:
     try:
         handler = cls(settings)
     except (Exception, SystemExit) as exc:  # SystemExit too: it would end the command without a word
-        raise HandlerError(f"--handler {settings.handler}: {type(exc).__name__}: {exc}") from None
+        raise HandlerError.of_setting("", f" {settings.handler}: {type(exc).__name__}: {exc}") from None
     check_attributes(handler, settings)  # refuse mistakes now, not at the first request
     return handler
 
@@ -37,21 +37,22 @@ def handler_class(settings: Settings) -> type[Handler]:
     if module_name.endswith(".py"):  # a file name: the module is its dotted path without .py
         path = os.path.relpath(module_name)
         dotted = (os.path.basename(path) if path.startswith("..") else path).removesuffix(".py")
-        raise HandlerError(
-            f"--handler names a module, not a file: {dotted.replace(os.sep, '.')}:{class_name or 'Class'} "
-            f"(importable from the current folder or PYTHONPATH), not {settings.handler}"
+        raise HandlerError.of_setting(
+            "",
+            f" names a module, not a file: {dotted.replace(os.sep, '.')}:{class_name or 'Class'} "
+            f"(importable from the current folder or PYTHONPATH), not {settings.handler}",
         )
     if not module_name or not class_name:
-        raise HandlerError(f"--handler must look like module:Class, got {settings.handler!r}")
+        raise HandlerError.of_setting("", f" must look like module:Class, got {settings.handler!r}")
     if "" not in sys.path:
         sys.path.insert(0, "")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except AttributeError:
-        raise HandlerError(f"--handler {settings.handler}: {module_name} has no {class_name}") from None
+        raise HandlerError.of_setting("", f" {settings.handler}: {module_name} has no {class_name}") from None
     except (Exception, SystemExit) as exc:  # not found, or raised while importing: the module is unusable
-        raise HandlerError(
-            f"cannot import {module_name} for --handler {settings.handler}: {type(exc).__name__}: {exc}"
+        raise HandlerError.of_setting(
+            f"cannot import {module_name} for ", f" {settings.handler}: {type(exc).__name__}: {exc}"
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Handler)):
         raise HandlerError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")

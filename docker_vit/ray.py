@@ -34,7 +34,6 @@ from docker_vit.config import SERVING, Settings, options
 from docker_vit.environment import parse, server_warnings
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
-from docker_vit.naming import unflagged
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
 
@@ -145,8 +144,8 @@ def app(args: Mapping[str, Any]) -> serve.Application:
 
 
 def _as_argument(exc: HandlerError) -> str:
-    """The loader's message, which names the CLI's `--handler` flag, naming the argument it is here."""
-    return unflagged(str(exc), lambda name: name)
+    """The loader's message naming the argument, not the CLI's flag."""
+    return exc.said_as("handler")
 
 
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from docker_vit import errors, frontend, memory, payloads
-from docker_vit.config import SERVING, Settings
+from docker_vit.config import SERVING, Settings, env_name
 from docker_vit.environment import ignored_variables
 from docker_vit.handler import Handler, HandlerError
 from docker_vit.loader import load_handler
@@ -188,7 +188,9 @@ def _worker() -> Worker:
         for line in ignored_variables(names=SERVING):
             logging.getLogger("docker_vit").warning(line)
         return Worker(settings)
-    except (ValueError, TypeError, HandlerError) as exc:
+    except HandlerError as exc:
+        sys.exit(f"docker_vit.runpod: error: {exc.said_as(env_name('handler'))}")
+    except (ValueError, TypeError) as exc:
         sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
 
 

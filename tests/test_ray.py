@@ -216,6 +216,7 @@ def test_max_ongoing_requests_below_the_batch_size_is_warned_of(caplog: pytest.L
             "cannot import no_such_module for handler no_such_module:Handler",
         ),
         ({"handler": "fake_handlers"}, "handler must look like module:Class"),
+        ({"handler": "loud_import:H"}, "for handler loud_import:H: ValueError: give --model a folder"),
         ({"handler": "fake_handlers:WordBatch"}, "WordBatch.max_batch_size must be a positive int, got '8'"),
         ({"handler": "fake_handlers:AsyncPrepare"}, "AsyncPrepare.prepare is an async def"),
         ({"handler": "fake_handlers:OnlyPredicts"}, "OnlyPredicts does not implement prepare()"),

@@ -394,10 +394,16 @@ def test_a_stop_during_the_local_test_job_is_no_success() -> None:
         ("NUM_BEAMS", "abc", "DOCKER_VIT_NUM_BEAMS='abc' is not a valid int"),
         ("NUM_BEAMS", "0", "DOCKER_VIT_NUM_BEAMS must be positive, got 0"),
         ("HANDLER", "nomod:X", "cannot import nomod for DOCKER_VIT_HANDLER nomod:X: ModuleNotFoundError"),
+        (
+            "HANDLER",
+            "loud_import:H",
+            "cannot import loud_import for DOCKER_VIT_HANDLER loud_import:H: ValueError: give --model a folder",
+        ),
     ],
 )
 def test_bad_worker_settings_are_one_line(name: str, value: str, said: str):
-    done = run_main({f"DOCKER_VIT_{name}": value})
+    """A handler's own words are quoted as they are, flags and all."""
+    done = run_main({f"DOCKER_VIT_{name}": value, "PYTHONPATH": str(ROOT / "tests")})
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert line.startswith(f"docker_vit.runpod: error: {said}")
