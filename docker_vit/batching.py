@@ -1,18 +1,11 @@
 """Dynamic batching: concurrent requests become one model call.
 
-Items wait in a bounded queue grouped by their options. One worker per device takes, of the groups
-that are full or have waited `max_wait` seconds to fill, the one whose first item is oldest (so steady
-traffic in one group never starves another, and a full group never waits behind one still filling), and
-runs it on the device's thread (device.py), so the next batch forms during the current one. Items
-whose caller gave up (timeout, disconnect) are dropped before the model sees them, and a running batch
-whose callers have all gone stops at its `predict`'s next step.
-
-Two refinements keep batches full under steady load. The wait counts only idle device time: items
-queued during a batch still wait `max_wait` once it ends (clients it answered have a moment to send
-their next images), while an item that has had its wait goes as soon as the device is free. And items
-of the same options admitted but still being decoded are waited for, at most `HOLD` seconds longer,
-rather than left to trail in a batch of their own (not when `max_wait` is 0). A lone request pays
-neither. Admission counts the items being decoded too, so a burst is refused before decoding.
+Items wait in a bounded queue grouped by their options (waiting.py, which also decides which group goes
+next and when). One worker per device takes the next batch and runs it on the device's thread
+(device.py), so the next batch forms during the current one. Items whose caller gave up (timeout,
+disconnect) are dropped before the model sees them, and a running batch whose callers have all gone
+stops at its `predict`'s next step. A batch that fails is retried in halves, so one poison item fails
+only itself.
 """
 
 from __future__ import annotations
@@ -20,31 +13,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 from docker_vit.abandon import Abandoned
 from docker_vit.calls import WrongOutputs, device_lost, drop_frames, splittable
 from docker_vit.device import DeviceThread
-from docker_vit.errors import CLIENT_ERRORS, QueueFull, TooManyItems
+from docker_vit.errors import CLIENT_ERRORS
+from docker_vit.waiting import Entry, Waiting
 
 log = logging.getLogger("docker_vit.batching")
 
 Predict = Callable[[Sequence[Any], Hashable], Sequence[Any]]
-HOLD = 0.1  # seconds a batch may wait beyond max_wait for images still being decoded
-
-
-@dataclass(eq=False)  # found in its group by identity: an item (a tensor) has no plain `==`
-class _Entry:
-    item: Any
-    future: asyncio.Future
-    options: Hashable
-    idle_mark: float  # the batcher's idle clock when the item arrived
-    born: float = field(default_factory=time.monotonic)
-    queued: bool = True
 
 
 class Batcher:
@@ -63,25 +44,21 @@ class Batcher:
         on_device_lost: Callable[[Exception], None] = lambda exc: None,
     ) -> None:
         self.predict = predict
-        self.max_batch_size = max_batch_size
-        self.max_wait = max_wait
-        self.max_queue = max_queue
+        self.waiting = Waiting(max_batch_size=max_batch_size, max_wait=max_wait, max_queue=max_queue)
         self.on_batch = on_batch  # a model call starts: the seconds each of its items waited in the queue
         self.on_call = on_call  # it ended (or failed) after this many seconds on the device
         self.on_outputs = on_outputs  # it gave this many outputs, also for callers gone meanwhile
         self.on_device_lost = on_device_lost  # it failed so that no later call can run (`device_lost`)
-        self._groups: OrderedDict[Hashable, deque[_Entry]] = OrderedDict()
-        self._queued = 0
-        self._incoming: Counter[Hashable] = Counter()  # admitted items still being prepared, by options
-        self._passed: set[_Entry] = set()  # first items of groups a younger, fuller group went ahead of
-        self._idle_since: float | None = time.monotonic()  # None while a batch runs
-        self._idle_before = 0.0  # seconds of idle device before the current idle spell
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task | None = None
         self.device = DeviceThread()  # where every batch (and the model's load) runs
         self._batch_started: float | None = None  # monotonic start of the batch on the device
-        self._running: list[_Entry] = []  # the batch taken for the device, for stop() to answer
+        self._running: list[Entry] = []  # the batch taken for the device, for stop() to answer
         self._refusal: Callable[[], Exception] | None = None  # set by `refuse`: no model call runs now
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.waiting.max_batch_size
 
     @property
     def running_for(self) -> float:
@@ -92,12 +69,12 @@ class Batcher:
     @property
     def depth(self) -> int:
         """Items waiting for the model (not counting the batch it is running)."""
-        return self._queued
+        return self.waiting.depth
 
     @property
     def pending(self) -> int:
         """Items admitted, not yet in a model call (queued or being decoded): what `max_queue` bounds."""
-        return self._queued + self._incoming.total()
+        return self.waiting.pending
 
     def start(self) -> None:
         self._wake = asyncio.Event()
@@ -110,11 +87,10 @@ class Batcher:
         if self._task:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        for entry in [*(e for group in self._groups.values() for e in group), *running]:
-            entry.queued = False  # counted out here: the cancellations' callbacks must not again
+        entries = [*self.waiting, *running]
+        self.waiting.clear()
+        for entry in entries:
             entry.future.cancel()  # no-op for the answered ones
-        self._groups.clear()
-        self._queued = 0
         return self.device.shutdown(last)
 
     def refuse(self, error: Callable[[], Exception]) -> None:
@@ -122,53 +98,38 @@ class Batcher:
         (the other half of one retried in halves), gets a fresh `error()` at once. For a device that
         failed for good, which would fail them too, but only later and one model call each."""
         self._refusal = error
-        for entry in [e for group in self._groups.values() for e in group]:
+        for entry in self.waiting:
             if not entry.future.done():
                 entry.future.set_exception(error())
 
     def admit(self, count: int, options: Hashable) -> None:
         """Hold room for `count` items that are still being prepared (decoded), or raise QueueFull: load
         is shed before the costly preparation. `withdraw` gives the room back, then `submit` queues."""
-        self._check_room(count)
-        self._incoming[options] += count
+        self.waiting.admit(count, options)
 
     def withdraw(self, count: int, options: Hashable) -> None:
-        self._incoming[options] -= count
-        if self._incoming[options] <= 0:
-            del self._incoming[options]
-
-    def _check_room(self, count: int) -> None:
-        if count > self.max_queue:
-            raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
-        taken = self.pending
-        if taken + count > self.max_queue:
-            raise QueueFull(f"the queue is full ({taken} image{'s' * (taken != 1)} waiting or being decoded)")
+        self.waiting.withdraw(count, options)
 
     def submit(self, items: Sequence[Any], options: Hashable) -> list[asyncio.Future]:
         """Queue all of one request's items, or none of them when they don't fit."""
         if self._task is None or self._wake is None:
             raise RuntimeError("Batcher.start() has not been called")
-        self._check_room(len(items))
+        self.waiting.check_room(len(items))
         if not items:
             return []
-        loop = asyncio.get_running_loop()
-        entries = [_Entry(item, loop.create_future(), options, self._idle_clock()) for item in items]
-        for entry in entries:
-            entry.future.add_done_callback(lambda _, entry=entry: self._leave(entry))
-        self._groups.setdefault(options, deque()).extend(entries)
-        self._queued += len(entries)
+        futures = self.waiting.add(items, options)
         self._wake.set()
-        return [entry.future for entry in entries]
+        return futures
 
     async def _run(self) -> None:
         assert self._wake is not None
         while True:
             await self._wake.wait()
-            if not self._groups:
+            if not self.waiting:
                 self._wake.clear()
                 continue
-            options, batch = await self._next_batch()
-            if not self._groups:
+            options, batch = await self.waiting.next_batch()
+            if not self.waiting:
                 self._wake.clear()
             self._running = batch  # with the retried halves of it, should it fail: for stop() to answer
             try:
@@ -179,66 +140,7 @@ class Batcher:
             finally:
                 self._running = batch = []  # a done batch's items are not kept until the next one
 
-    def _idle_clock(self) -> float:
-        """Seconds the device has sat idle since the batcher was made."""
-        spell = 0.0 if self._idle_since is None else time.monotonic() - self._idle_since
-        return self._idle_before + spell
-
-    async def _next_batch(self) -> tuple[Hashable, list[_Entry]]:
-        """The oldest group that is ready (`_ready`), chosen again as they wait: callers who give up
-        leave their group at once."""
-        while self._groups:
-            ready = [
-                (options, group) for options, group in self._groups.items() if self._ready(options, group)
-            ]
-            if ready:
-                options, group = min(ready, key=lambda pair: pair[1][0].born)
-                oldest = min(self._groups.values(), key=lambda waiting: waiting[0].born)
-                if oldest is not group:
-                    self._passed.add(oldest[0])  # passed over: it goes next, filled or not
-                break
-            await asyncio.sleep(0.001)
-        else:
-            return None, []  # every caller gave up
-        batch: list[_Entry] = []
-        while group and len(batch) < self.max_batch_size:
-            entry = group.popleft()
-            self._dequeue(entry)
-            if not entry.future.done():  # a caller that gave up costs nothing more
-                batch.append(entry)
-        if not group:
-            del self._groups[options]
-        return options, batch
-
-    def _ready(self, options: Hashable, group: deque[_Entry]) -> bool:
-        """Full, or done waiting; or passed over once for a younger group that was (its wait counts
-        idle device time, which back-to-back batches of another group would never give it)."""
-        if len(group) >= self.max_batch_size or group[0] in self._passed:
-            return True
-        waited = self._idle_clock() - group[0].idle_mark
-        held = self._incoming[options] and self.max_wait > 0 and waited < self.max_wait + HOLD
-        return waited >= self.max_wait and not held
-
-    def _leave(self, entry: _Entry) -> None:
-        """A caller's future is done. One that gave up while queued takes its item out of the queue at
-        once: kept until a batch came, the items of callers that time out or leave while the device is
-        busy would pile up without bound, each having freed its room."""
-        if entry.queued:
-            group = self._groups[entry.options]
-            group.remove(entry)
-            if not group:
-                del self._groups[entry.options]
-        self._dequeue(entry)
-
-    def _dequeue(self, entry: _Entry) -> None:
-        """An item leaves the count when taken for a batch, or as soon as its caller gives up, so
-        abandoned requests never hold queue room that live ones need."""
-        self._passed.discard(entry)
-        if entry.queued:
-            entry.queued = False
-            self._queued -= 1
-
-    async def _execute(self, batch: list[_Entry], options: Hashable) -> None:
+    async def _execute(self, batch: list[Entry], options: Hashable) -> None:
         batch = [entry for entry in batch if not entry.future.done()]  # callers gone since: not run
         if self._refusal is not None:
             for entry in batch:
@@ -248,8 +150,7 @@ class Batcher:
             return
         started = time.monotonic()
         _report(self.on_batch, [started - entry.born for entry in batch])  # before the state changes
-        self._idle_before = self._idle_clock()
-        self._idle_since = None
+        self.waiting.busy()
         self._batch_started = started
         failure: Exception | None = None
         try:
@@ -261,9 +162,9 @@ class Batcher:
         except Exception as exc:
             failure = exc
         finally:
-            self._idle_since = time.monotonic()
+            self.waiting.idle()
             self._batch_started = None
-            _report(self.on_call, self._idle_since - started)
+            _report(self.on_call, time.monotonic() - started)
         if failure is not None:  # retried outside the except block, which would hold the failure's frames
             await self._recover(batch, options, failure)
             return
@@ -272,7 +173,7 @@ class Batcher:
             if not entry.future.done():
                 entry.future.set_result(output)
 
-    async def _recover(self, batch: list[_Entry], options: Hashable, exc: Exception) -> None:
+    async def _recover(self, batch: list[Entry], options: Hashable, exc: Exception) -> None:
         """Split a failed batch in halves and retry, so one poison item or an out-of-memory error
         fails only the items that really cannot run."""
         live = [entry for entry in batch if not entry.future.done()]
@@ -309,7 +210,7 @@ def _report(callback: Callable[[Any], None], value: Any) -> None:
         log.exception("metrics callback %s failed", getattr(callback, "__qualname__", callback))
 
 
-def _fail(entries: Sequence[_Entry], exc: Exception) -> None:
+def _fail(entries: Sequence[Entry], exc: Exception) -> None:
     for entry in entries:
         if not entry.future.done():
             entry.future.set_exception(exc)

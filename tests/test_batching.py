@@ -10,8 +10,10 @@ import weakref
 
 import pytest
 
-from docker_vit.batching import HOLD, Batcher, QueueFull
+from docker_vit.batching import Batcher
+from docker_vit.errors import QueueFull
 from docker_vit.images import InputError
+from docker_vit.waiting import HOLD
 
 
 class Recorder:
@@ -183,7 +185,7 @@ def test_callers_who_give_up_while_the_device_is_busy_leave_nothing_queued() -> 
             (future,) = batcher.submit([bytearray(1000)], "fast")
             future.cancel()
             await asyncio.sleep(0)
-            kept.append(sum(len(group) for group in batcher._groups.values()))
+            kept.append(sum(len(group) for group in batcher.waiting._groups.values()))
         await asyncio.gather(*slow)
         await batcher.stop()
         return kept

@@ -183,7 +183,9 @@ def test_a_request_of_many_slow_images_leaves_decoding_room_for_others() -> None
         )
         heavy.start()
         deadline = time.monotonic() + 10
-        while client.app.state.service.batcher._incoming.total() == 0:  # the heavy request is decoding
+        while (
+            client.app.state.service.batcher.waiting._incoming.total() == 0
+        ):  # the heavy request is decoding
             assert time.monotonic() < deadline
             time.sleep(0.002)
         small = client.post("/", content=b"small", headers={"content-type": "image/x"})
