@@ -220,6 +220,13 @@ def deployment_options(
             raise ValueError(f"min_replicas={scaling['min_replicas']} needs max_replicas as large or larger")
         # Ray's default target (2) would scale out long before a replica's batches fill.
         scaling.setdefault("target_ongoing_requests", min(batch, result["max_ongoing_requests"]))
+        if scaling["target_ongoing_requests"] > result["max_ongoing_requests"]:
+            logging.getLogger("docker_vit").warning(
+                "target_ongoing_requests=%g is above max_ongoing_requests=%d: requests wait in Ray's "
+                "queue before another replica is started",
+                scaling["target_ongoing_requests"],
+                result["max_ongoing_requests"],
+            )
         result["autoscaling_config"] = scaling
     if not scaling or auto:
         result["num_replicas"] = deployment.get("num_replicas", 1)

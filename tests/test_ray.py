@@ -196,6 +196,17 @@ def test_max_ongoing_requests_below_the_batch_size_is_warned_of(caplog: pytest.L
     assert "below the batch size" not in caplog.text
 
 
+def test_a_scaling_target_above_what_a_replica_takes_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    _, high = ray_adapter.split_args({"target_ongoing_requests": "40", "max_replicas": "3"})
+    with caplog.at_level("WARNING", logger="docker_vit"):
+        options = ray_adapter.deployment_options(Settings(max_batch_size=16), high)
+    assert options["autoscaling_config"]["target_ongoing_requests"] == 40
+    assert "target_ongoing_requests=40 is above max_ongoing_requests=32" in caplog.text
+    caplog.clear()
+    ray_adapter.deployment_options(Settings(max_batch_size=16), {"max_replicas": 3})
+    assert "target_ongoing_requests" not in caplog.text
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
