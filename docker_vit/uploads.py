@@ -55,13 +55,13 @@ async def read_inputs(
     options: dict[str, Any] = dict(request.query_params)
     if content_type == "multipart/form-data":
         inputs, fields = await _read_form(request, settings, first_only)
-        options.update(fields)
+        options.update(_given(fields))
     elif content_type.startswith("image/") or content_type == "application/octet-stream":
         inputs = [await _read_image_body(request, settings.max_bytes)]
     elif content_type == "application/json" and json_allowed:
         # parsing and base64 of a large body take CPU seconds: off the loop, other clients go on
         inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
-        options.update(fields)
+        options.update(_given(fields))
     else:
         raise errors.ApiError(400, _unreadable(request.headers.get("content-type"), json_allowed))
     if not inputs:
@@ -75,6 +75,12 @@ async def read_inputs(
             raise _too_large(len(data), settings.max_bytes)
     request.state.images = len(inputs)
     return inputs, options
+
+
+def _given(fields: dict[str, Any]) -> dict[str, Any]:
+    """The body's options that hold a value: a blank form field (an HTML form sends every field) or a
+    JSON null is no value, so the query's, else the default, holds."""
+    return {name: value for name, value in fields.items() if value not in ("", None)}
 
 
 def _coded(request: Request, header: str, plain: str) -> str:

@@ -92,6 +92,18 @@ def test_generation_parameters_from_query_form_and_json(client, vit_gpt2_dir, bu
     assert plain.text == expected
 
 
+def test_a_blank_form_field_or_json_null_leaves_the_querys_value(client, vit_gpt2_dir, bulldog) -> None:
+    """An HTML form sends its empty fields too: they hold no value, so the query's holds."""
+    expected = original_caption(vit_gpt2_dir, bulldog, num_beams=2, max_length=6)
+    blank = {"num_beams": "", "max_new_tokens": ""}
+    form = client.post("/?num_beams=2&max_new_tokens=5", files={"file": bulldog}, data=blank)
+    assert form.text == expected
+    body = {"images": [base64.b64encode(bulldog).decode()], "num_beams": None, "max_new_tokens": None}
+    as_json = client.post("/v1/captions?num_beams=2&max_new_tokens=5", json=body)
+    assert as_json.json()["captions"][0]["text"] == expected
+    assert_error(client.post("/?num_beams=99", files={"file": bulldog}, data=blank), 422)  # not hidden
+
+
 @pytest.mark.parametrize(
     "query",
     [
