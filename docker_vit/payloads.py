@@ -29,20 +29,24 @@ def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
     Whitespace goes in one copy of the bytes: splitting the text made an object of each piece, so
     `"ab ab ab ..."` cost twenty times its size before the size test."""
     text = text.lstrip(_WHITESPACE.decode())
+    invalid = f"image {index} is not valid base64"
     if text[:5].lower() == "data:":  # a data URL (the scheme is case-blind): its data follow the comma
-        _, comma, text = text.partition(",")
+        header, comma, text = text.partition(",")
         if not comma:
             raise ApiError(400, f"image {index} is a data URL without data")
+        if "base64" not in (part.strip().lower() for part in header.split(";")[1:]):
+            # percent-encoded bytes (RFC 2397) are not read; base64 without the marker is
+            invalid = f"image {index} is a data URL without ;base64: send its bytes base64-encoded"
     try:
         packed = text.encode("ascii").translate(None, _WHITESPACE)
     except UnicodeEncodeError:
-        raise ApiError(400, f"image {index} is not valid base64") from None
+        raise ApiError(400, invalid) from None
     if len(packed) // 4 * 3 > max_bytes + 3:
         raise ApiError(413, f"image {index} is over {max_bytes} bytes")
     try:
         data = base64.b64decode(packed, validate=True)
     except (binascii.Error, ValueError):
-        raise ApiError(400, f"image {index} is not valid base64") from None
+        raise ApiError(400, invalid) from None
     if len(data) > max_bytes:  # the length test above lets up to 2 bytes more through, by the padding
         raise ApiError(413, f"image {index} is {len(data)} bytes; the limit is {max_bytes}")
     return data

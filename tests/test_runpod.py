@@ -127,6 +127,18 @@ def test_base64_broken_into_lines_or_spaced_out_is_read(worker):
         payloads.decode_base64("YWJj\u3000ZA==", 0, 10)  # only ASCII whitespace is passed over
 
 
+def test_a_data_url_without_its_base64_marker_is_read_if_it_is_base64():
+    """RFC 2397's other form, percent-encoded bytes, is not read: said so, not "not valid base64"."""
+    from docker_vit import payloads
+
+    assert payloads.decode_base64("data:image/png,YWJjZA==", 0, 10) == b"abcd"
+    assert payloads.decode_base64("DATA:image/png; Base64 ,YWJjZA==", 0, 10) == b"abcd"
+    with pytest.raises(errors.ApiError, match="image 2 is a data URL without ;base64: send its bytes base64"):
+        payloads.decode_base64("data:image/png,%89PNG%0D%0A", 2, 10)
+    with pytest.raises(errors.ApiError, match="image 0 is not valid base64$"):
+        payloads.decode_base64("data:image/png;base64,%89PNG", 0, 10)
+
+
 def test_unknown_fields_are_named_a_few_and_short(worker):
     """A job of a million long keys got an answer of millions of bytes, logged whole."""
     job = {"input": {"image": png(), **{f"{index:03}" + "k" * 1000: 1 for index in range(300)}}}
