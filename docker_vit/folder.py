@@ -27,7 +27,7 @@ from docker_vit.config import Settings
 from docker_vit.handler import HandlerError
 from docker_vit.progress import Progress
 from docker_vit.runner import CaptionError, Outcome, Runner
-from docker_vit.walk import IMAGE_EXTENSIONS, find_images
+from docker_vit.walk import IMAGE_EXTENSIONS, Places, find_images
 
 # Output names that promise something else than the JSON lines they get (`json.load` refuses them, a
 # spreadsheet looks for tabs): told so once the file is open.
@@ -105,7 +105,7 @@ def _not_done(images: list[str], done: set[str]) -> list[str]:
     others = [path for path in done if path not in current]
     if not others:  # the usual resume: the same command again
         return [path for path in images if path not in done]
-    place = _Places()
+    place = Places()
     places = {place(path) for path in others}
     here = {place(path) for path in images}
     files = {os.path.realpath(path) for path in others if place(path) not in here}
@@ -114,17 +114,6 @@ def _not_done(images: list[str], done: set[str]) -> list[str]:
         for path in images
         if path not in done and place(path) not in places and not (files and os.path.realpath(path) in files)
     ]
-
-
-class _Places(dict):
-    """A file's name in its folder's real location (the folder's links resolved, not the file's),
-    each folder resolved once: a run may hold 100,000 images in a few folders."""
-
-    def __call__(self, path: str) -> str:
-        folder, name = os.path.split(path)
-        if folder not in self:
-            self[folder] = os.path.realpath(folder or ".")
-        return os.path.join(self[folder], name)
 
 
 def _run(make: Callable[[], Runner], todo: list[str], sink: Any, progress: Progress) -> int:

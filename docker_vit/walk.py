@@ -47,9 +47,11 @@ def find_images(
     `passed` counts the pictures in a folder that the intake does not read, by extension.
 
     Each folder is entered once (by device and inode), so symlink loops end. Paths are normalized and
-    joined under the argument as given, so the same command finds the same strings again.
+    joined under the argument as given, so the same command finds the same strings again. An image
+    named twice (`a.jpg $PWD/a.jpg`, a folder and a file in it) is found once, by its first name.
     """
-    found: dict[str, None] = {}
+    found: dict[str, str] = {}  # an image's place (`Places`): the first name it was found by
+    place = Places()
     visited: set[tuple[int, int]] = set()
     passed = Counter() if passed is None else passed
     for argument in paths:
@@ -59,8 +61,9 @@ def find_images(
         except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
             warn(f"skipping {argument or repr(argument)}: {exc.strerror or exc}")
             continue
-        found.update(dict.fromkeys(_walk(path, visited, warn, passed) if folder else [path]))
-    return list(found)
+        for image in _walk(path, visited, warn, passed) if folder else [path]:
+            found.setdefault(place(image), image)  # `a.jpg $PWD/a.jpg`: one image, captioned once
+    return list(found.values())
 
 
 def _walk(
@@ -94,3 +97,14 @@ def _entries(folder: str, visited: set[tuple[int, int]], warn: Callable[[str], N
     except OSError as exc:
         warn(f"skipping folder {folder}: {exc.strerror or exc}")
         return []
+
+
+class Places(dict):
+    """A file's name in its folder's real location (the folder's links resolved, not the file's),
+    each folder resolved once: a run may hold 100,000 images in a few folders."""
+
+    def __call__(self, path: str) -> str:
+        folder, name = os.path.split(path)
+        if folder not in self:
+            self[folder] = os.path.realpath(folder or ".")
+        return os.path.join(self[folder], name)

@@ -76,6 +76,16 @@ def test_find_images_walks_folders_in_a_stable_order(library: Path) -> None:
     assert find_images([str(library) + "/"], print) == found[:-1]  # normalized: a trailing slash matches
 
 
+def test_an_image_named_twice_is_found_once_by_its_first_name(library: Path, monkeypatch) -> None:
+    """Relative and absolute, a folder and a file in it, a linked folder: one image, one record (as a
+    resumed run already took them), while a link to a file keeps a name of its own."""
+    monkeypatch.chdir(library.parent)
+    os.symlink(library / "z", library.parent / "z-link")
+    os.symlink(library / "b.png", library / "z" / "b-link.png")
+    found = find_images(["photos/b.png", str(library / "b.png"), "photos/z", "z-link/last.bmp"], print)
+    assert found == ["photos/b.png", "photos/z/b-link.png", "photos/z/last.bmp"]
+
+
 def test_an_empty_path_or_a_file_named_as_a_folder_is_no_path(library: Path, monkeypatch) -> None:
     """`caption "$PHOTOS"` with the variable unset is not the current folder; `b.png/` is not b.png."""
     monkeypatch.chdir(library)
