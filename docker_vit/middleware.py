@@ -23,6 +23,12 @@ log = logging.getLogger("docker_vit.access")
 _SAFE_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces: UUIDs, hex and base64 ids alike
 
 
+def request_id_of(scope: dict) -> str:
+    """The client's `X-Request-ID` where it is a plain token, else a fresh one."""
+    given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+    return given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+
+
 class RequestContext:
     """Gives each request an id, enforces the body's size and arrival time, and reports its outcome."""
 
@@ -47,8 +53,7 @@ class RequestContext:
         scope = _origin_form(scope)
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        given = headers.get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
+        request_id = request_id_of(scope)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         if not self.proxied:  # for the answer to an unhandled error, sent from outside this middleware

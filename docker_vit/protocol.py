@@ -18,7 +18,7 @@ from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
 from docker_vit.errors import TYPES, error_body
 from docker_vit.metrics import Metrics
-from docker_vit.middleware import report
+from docker_vit.middleware import report, request_id_of
 
 log = logging.getLogger("docker_vit.access")
 
@@ -106,7 +106,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     async def _headers_too_large(self, scope: dict, receive: Any, send: Any) -> None:
         """A 431 in uvicorn's own response cycle, so that a pipelined one waits for its turn."""
-        request_id = uuid.uuid4().hex
+        request_id = request_id_of(scope)  # the head was parsed: the client's id is known
         head, body = _refusal(431, request_id)
         await send({"type": "http.response.start", "status": 431, "headers": head})
         await send({"type": "http.response.body", "body": body})
