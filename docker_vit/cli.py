@@ -6,6 +6,7 @@ Every flag is generated from `Settings`, so each one also reads its `DOCKER_VIT_
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import signal
@@ -44,7 +45,9 @@ REMOTE_ONLY = set(names_of(CLIENT)) - {"url"}  # --api-key, --concurrency: a for
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args, unknown = _parser().parse_known_args(argv)
+    if unknown:
+        args.parser.error(_unrecognized(unknown, args.parser))
     flags = {name: getattr(args, name, None) for name in options()}
     try:  # only the variables of this command's settings are read
         values = chosen(None, args.names, **flags)
@@ -58,6 +61,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(settings, args)
     except HandlerError as exc:  # the setting named as it was set: the flag, or the variable
         _fail(args.parser, exc.said_as("--handler" if "handler" in args.flagged else env_name("handler")))
+
+
+def _unrecognized(tokens: list[str], parser: argparse.ArgumentParser) -> str:
+    """argparse's message without the values of unknown flags: `--api-keys SECRET` is a key."""
+    known = {flag.lstrip("-"): flag for action in parser._actions for flag in action.option_strings}
+    shown, valued, hint = [], False, ""
+    for token in tokens:
+        if token.startswith("-") and token != "-":
+            flag, equals, _ = token.partition("=")
+            shown.append(flag + ("=..." if equals else ""))
+            valued = not equals
+            close = difflib.get_close_matches(flag.lstrip("-"), known, n=1, cutoff=0.75)
+            hint = hint or (f" (did you mean {known[close[0]]}?)" if close else "")
+        else:
+            shown.append("..." if valued else token)  # what follows an unknown flag may be its value
+            valued = False
+    return f"unrecognized arguments: {' '.join(shown)}{hint}"
 
 
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:

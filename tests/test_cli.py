@@ -226,6 +226,29 @@ def test_bad_options_are_usage_errors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert info.value.code == 2
 
 
+@pytest.mark.parametrize(
+    ("argv", "said"),
+    [
+        (
+            ["serve", "--api-keys", "s3cret"],
+            "unrecognized arguments: --api-keys ... (did you mean --api-key?)",
+        ),
+        (
+            ["serve", "--api-keys=s3cret", "--bogus"],
+            "unrecognized arguments: --api-keys=... --bogus (did you",
+        ),
+        (["caption", "a.jpg", "--jsn"], "unrecognized arguments: --jsn (did you mean --json?)"),
+        (["serve", "extra"], "unrecognized arguments: extra\n"),
+    ],
+)
+def test_an_unknown_flag_is_named_without_its_value(argv: list[str], said: str, capsys) -> None:
+    """A mistyped key flag (the variable is DOCKER_VIT_API_KEYS) must not print the key to the log."""
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and said in err and "s3cret" not in err, err
+
+
 def listing(names: list[str]) -> Any:
     """What the Hub's model_info answers, as far as download reads it."""
     return SimpleNamespace(siblings=[SimpleNamespace(rfilename=name) for name in names])
