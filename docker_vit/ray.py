@@ -30,7 +30,7 @@ from fastapi import FastAPI
 from ray import serve  # the real Ray: absolute imports never resolve to this module
 
 from docker_vit import logs
-from docker_vit.config import SERVING, Settings, options
+from docker_vit.config import SERVING, Settings, env_name, options
 from docker_vit.environment import parse, server_warnings
 from docker_vit.handler import HandlerError
 from docker_vit.loader import check_methods, handler_class, own_batch_size
@@ -95,13 +95,18 @@ class DockerViT:
             handler_class(settings)
         except HandlerError as exc:  # the builder found it on `serve run`'s path, this worker did not
             raise HandlerError(
-                f"{_as_argument(exc)} (in a replica: ship the module with `serve run --working-dir .`, or a config's "
-                "runtime_env working_dir, or install it where Ray's workers run)"
+                f"{_as_argument(exc, overrides)} (in a replica: ship the module with `serve run --working-dir .`, "
+                "or a config's runtime_env working_dir, or install it where Ray's workers run)"
             ) from None
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
         for line in server_warnings(settings):
             logging.getLogger("docker_vit").warning(line)
-        web = create_app(settings, proxied=True)  # Ray's proxy gives the request ids, cancels for the gone
+        try:
+            web = create_app(
+                settings, proxied=True
+            )  # Ray's proxy gives the request ids, cancels for the gone
+        except HandlerError as exc:  # the handler's own constructor failed
+            raise HandlerError(_as_argument(exc, overrides)) from None
         self.service = web.state.service
         self.load_timeout_s = load_timeout_s
         REPLICA_APP.app = web
@@ -134,7 +139,7 @@ def app(args: Mapping[str, Any]) -> serve.Application:
         # Checked here: the replicas would refuse a bad one, each with a traceback, and `serve run` exit 0.
         check_methods(cls)
     except HandlerError as exc:
-        raise HandlerError(_as_argument(exc)) from None
+        raise HandlerError(_as_argument(exc, overrides)) from None
     size = getattr(cls, "max_batch_size", None)  # a class attribute, as documented
     # A property is read per instance, by the replicas.
     size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
@@ -143,9 +148,9 @@ def app(args: Mapping[str, Any]) -> serve.Application:
     return DockerViT.options(**options).bind(overrides, load_timeout_s)
 
 
-def _as_argument(exc: HandlerError) -> str:
-    """The loader's message naming the argument, not the CLI's flag."""
-    return exc.said_as("handler")
+def _as_argument(exc: HandlerError, given: Mapping[str, Any]) -> str:
+    """The loader's message naming the setting as it was set here: the argument, or the variable."""
+    return exc.said_as("handler" if "handler" in given else env_name("handler"))
 
 
 def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -476,3 +476,10 @@ class DescribesOptions(Echo):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "options": ["zzz"], "handler": "mine"}
+
+
+class BrokenInit(Echo):
+    """A handler whose constructor fails, in words that name another flag."""
+
+    def __init__(self, settings: Any) -> None:
+        raise RuntimeError("set --model to a folder")

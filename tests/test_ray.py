@@ -297,6 +297,23 @@ def test_a_replica_says_the_servers_warnings(
     assert said == server_warnings(Settings()) and "open to anyone" in said[0]
 
 
+def test_the_handler_setting_is_named_as_it_was_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An argument as the argument, a variable as the variable; a handler's own words as they are, also
+    from a replica, where the handler is built."""
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "nosuch:X")
+    with pytest.raises(ValueError, match="^cannot import nosuch for DOCKER_VIT_HANDLER nosuch:X: "):
+        ray_adapter.app({})
+    monkeypatch.setattr(ray_adapter.ray, "get_gpu_ids", lambda: [])  # not in a Ray worker
+    monkeypatch.setattr(ray_adapter.logs, "configure", lambda *args, **kwargs: None)
+    replica = ray_adapter.DockerViT.func_or_class
+    for given, said in ((None, "DOCKER_VIT_HANDLER"), ("fake_handlers:BrokenInit", "handler")):
+        monkeypatch.setenv("DOCKER_VIT_HANDLER", "fake_handlers:BrokenInit")
+        overrides = {} if given is None else {"handler": given}
+        with pytest.raises(ValueError) as failed:
+            asyncio.run(replica.__init__(replica.__new__(replica), overrides))
+        assert str(failed.value) == f"{said} fake_handlers:BrokenInit: RuntimeError: set --model to a folder"
+
+
 def test_health_check_waits_for_the_load_then_reports_its_outcome() -> None:
     check = ray_adapter.DockerViT.func_or_class.check_health
 
