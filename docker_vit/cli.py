@@ -6,13 +6,12 @@ Every flag is generated from `Settings`, so each one also reads its `DOCKER_VIT_
 from __future__ import annotations
 
 import argparse
-import difflib
 import logging
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from docker_vit.config import (
@@ -24,13 +23,13 @@ from docker_vit.config import (
     OUTPUT,
     SERVER,
     Settings,
-    any_case,
     env_name,
     flag_name,
     names_of,
     options,
 )
 from docker_vit.environment import chosen, ignored_variables, server_warnings
+from docker_vit.flags import PrintVersion, add_settings, before_command, unrecognized
 from docker_vit.naming import named
 
 if TYPE_CHECKING:  # imported where used: `caption` and `download` start without the web stack
@@ -42,12 +41,17 @@ if TYPE_CHECKING:  # imported where used: `caption` and `download` start without
 # the server's byte limit holds, or a lower --max-bytes given to the run, or the default where it says none)
 LOCAL_ONLY = set(names_of(MODEL)) - {*GENERATION, "max_bytes"}
 REMOTE_ONLY = set(names_of(CLIENT)) - {"url"}  # --api-key, --concurrency: a forgotten --url loads a model
+COMMANDS = ("serve", "caption", "download")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, unknown = _parser().parse_known_args(argv)
-    if unknown:
-        args.parser.error(_unrecognized(unknown, args.parser))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    if said := before_command(argv, COMMANDS):
+        parser.error(said)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # said by argparse, it would quote a value given to a mistyped flag: a key, maybe
+        parser.error(unrecognized(unknown, [flag_name(name) for name in args.names if name in options()]))
     flags = {name: getattr(args, name, None) for name in options()}
     try:  # only the variables of this command's settings are read
         values = chosen(None, args.names, **flags)
@@ -63,23 +67,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail(args.parser, exc.said_as("--handler" if "handler" in args.flagged else env_name("handler")))
 
 
-def _unrecognized(tokens: list[str], parser: argparse.ArgumentParser) -> str:
-    """argparse's message without the values of unknown flags: `--api-keys SECRET` is a key."""
-    known = {flag.lstrip("-"): flag for action in parser._actions for flag in action.option_strings}
-    shown, valued, hint = [], False, ""
-    for token in tokens:
-        if token.startswith("-") and token != "-":
-            flag, equals, _ = token.partition("=")
-            shown.append(flag + ("=..." if equals else ""))
-            valued = not equals
-            close = difflib.get_close_matches(flag.lstrip("-"), known, n=1, cutoff=0.75)
-            hint = hint or (f" (did you mean {known[close[0]]}?)" if close else "")
-        else:
-            shown.append("..." if valued else token)  # what follows an unknown flag may be its value
-            valued = False
-    return f"unrecognized arguments: {' '.join(shown)}{hint}"
-
-
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:
     """A bad setting in one line (argparse's own errors, a bad flag, still show the usage)."""
     parser.exit(2, f"{parser.prog}: error: {exc}\n")
@@ -87,55 +74,24 @@ def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="docker-vit", description="Send a picture, get a sentence.")
-    parser.add_argument("--version", action=_PrintVersion, help="print the installed version and exit")
+    parser.add_argument("--version", action=PrintVersion, help="print the installed version and exit")
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="serve the model over HTTP")
-    _add_settings(serve, groups={MODEL, SERVER}, run=_serve)
+    add_settings(serve, groups={MODEL, SERVER}, run=_serve)
 
     caption = commands.add_parser("caption", help="caption images and folders, locally or through --url")
     caption.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files or folders (walked recursively)"
     )
-    _add_settings(caption, groups={MODEL, CLIENT, OUTPUT}, run=_caption)
+    add_settings(caption, groups={MODEL, CLIENT, OUTPUT}, run=_caption)
 
     download = commands.add_parser("download", help="fetch a model's files so later runs need no network")
     download.add_argument(
         "model", nargs="?", help=f"Hugging Face Hub id (default: {DEFAULT_MODEL}; env {env_name('model')})"
     )
-    _add_settings(download, groups={DOWNLOAD}, run=_download, extra=("model",))
+    add_settings(download, groups={DOWNLOAD}, run=_download, extra=("model",))
     return parser
-
-
-def _add_settings(
-    parser: argparse.ArgumentParser, groups: set[str], run: Callable[..., int], extra: tuple[str, ...] = ()
-) -> None:
-    """A flag per setting of `groups`; the command reads only those settings' variables (and `extra`'s)."""
-    names, fields = names_of(*groups), options()
-    parser.set_defaults(run=run, parser=parser, names={*names, *extra})
-    for name in names:
-        spec = fields[name]
-        flags = [flag_name(name), *spec.metadata.get("short", ())]
-        kind = type(spec.default)
-        shown = spec.default not in ("", ()) and spec.default is not False  # 0 == False: test identity
-        value = f"{spec.default:g}" if isinstance(spec.default, float) else repr(spec.default)  # 5, not 5.0
-        default = f"default: {value}; " if shown else ""
-        help = f"{spec.metadata['help']} ({default}env {env_name(name)})"
-        metavar = spec.metadata.get("metavar")
-        if kind is tuple:
-            parser.add_argument(
-                *flags,
-                dest=name,
-                action="append",
-                metavar=metavar,
-                help=help + ", comma-separated there; repeatable",
-            )
-        elif kind is bool:
-            parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help)
-        else:
-            choices = spec.metadata.get("choices")
-            kind = str.lower if any_case(spec) else kind  # --log-level INFO means info
-            parser.add_argument(*flags, dest=name, type=kind, choices=choices, metavar=metavar, help=help)
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -244,19 +200,6 @@ def _joined_at_exit() -> bool:
     """Threads that a normal exit waits for are alive: the pools' workers, a handler's own threads."""
     ours = (threading.main_thread(), threading.current_thread())  # cli.main may run on a test's thread
     return any(t not in ours and not t.daemon and t.is_alive() for t in threading.enumerate())
-
-
-class _PrintVersion(argparse.Action):
-    """`--version`, looked up only when asked."""
-
-    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
-        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
-
-    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
-        from docker_vit.process import version
-
-        print(f"{parser.prog} {version()}")
-        parser.exit()
 
 
 def _set_sigterm(handler: Any) -> Any:
