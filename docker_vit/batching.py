@@ -150,7 +150,7 @@ class Batcher:
             return
         started = time.monotonic()
         _report(self.on_batch, [started - entry.born for entry in batch])  # before the state changes
-        self.waiting.busy()
+        self.waiting.device_busy()
         self._batch_started = started
         failure: Exception | None = None
         try:
@@ -162,7 +162,7 @@ class Batcher:
         except Exception as exc:
             failure = exc
         finally:
-            self.waiting.idle()
+            self.waiting.device_idle()
             self._batch_started = None
             _report(self.on_call, time.monotonic() - started)
         if failure is not None:  # retried outside the except block, which would hold the failure's frames

@@ -49,7 +49,9 @@ def shown(value: Any, limit: int = 60) -> str:
 
 
 class HandlerError(ValueError):
-    """`--handler` names nothing that can be served; the CLI prints it instead of a traceback."""
+    """`--handler` names nothing that can be served; the CLI prints it instead of a traceback. A message
+    that names the setting itself keeps the words `around` it, so that each front end names the setting
+    as its user set it (`said_as`): the flag, the variable, Ray's argument."""
 
     def __init__(self, message: str, around: tuple[str, str] | None = None) -> None:
         super().__init__(message)

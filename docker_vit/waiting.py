@@ -67,15 +67,18 @@ class Waiting:
         return iter([entry for group in self._groups.values() for entry in group])
 
     def admit(self, count: int, options: Hashable) -> None:
+        """Room for items still being decoded (counted by options: a batch of theirs waits for them)."""
         self.check_room(count)
         self._incoming[options] += count
 
     def withdraw(self, count: int, options: Hashable) -> None:
+        """The room of `admit` given back: the items are queued now, or failed to decode."""
         self._incoming[options] -= count
         if self._incoming[options] <= 0:
             del self._incoming[options]
 
     def check_room(self, count: int) -> None:
+        """Refuse a request's items all together, before any is decoded, when they cannot fit."""
         if count > self.max_queue:
             raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
         taken = self.pending
@@ -99,12 +102,12 @@ class Waiting:
         self._groups.clear()
         self._queued = 0
 
-    def busy(self) -> None:
-        """A batch starts on the device: the idle clock stops."""
+    def device_busy(self) -> None:
+        """A batch starts on the device: the idle clock, by which items wait, stops."""
         self._idle_before = self._idle_clock()
         self._idle_since = None
 
-    def idle(self) -> None:
+    def device_idle(self) -> None:
         self._idle_since = time.monotonic()
 
     async def next_batch(self) -> tuple[Hashable, list[Entry]]:

@@ -133,7 +133,10 @@ def test_a_data_url_without_its_base64_marker_is_read_if_it_is_base64():
 
     assert payloads.decode_base64("data:image/png,YWJjZA==", 0, 10) == b"abcd"
     assert payloads.decode_base64("DATA:image/png; Base64 ,YWJjZA==", 0, 10) == b"abcd"
-    with pytest.raises(errors.ApiError, match="image 2 is a data URL without ;base64: send its bytes base64"):
+    with pytest.raises(
+        errors.ApiError,
+        match=r"image 2 is not valid base64 \(a data URL without ;base64: its bytes must be base64",
+    ):
         payloads.decode_base64("data:image/png,%89PNG%0D%0A", 2, 10)
     with pytest.raises(errors.ApiError, match="image 0 is not valid base64$"):
         payloads.decode_base64("data:image/png;base64,%89PNG", 0, 10)
