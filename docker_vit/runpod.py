@@ -134,6 +134,29 @@ def _read_job(
     return payloads.decode_images(images, settings.max_bytes), options
 
 
+_shared: Worker | None = None  # `handler`'s worker, made at its first job
+_making = threading.Lock()
+
+
+async def handler(job: Mapping[str, Any]) -> dict[str, Any]:
+    """Runpod's handler as the module-level function its examples call `handler`, for a start script of
+    one's own (`runpod.serverless.start({"handler": docker_vit.runpod.handler})`): the worker the
+    `DOCKER_VIT_*` settings describe, made and warmed at the first job, which waits for it. `main` (the
+    image's command) is the worker with everything around it: jobs held at once, a failed load's exit."""
+    return await (await asyncio.to_thread(_shared_worker)).handle(job)
+
+
+def _shared_worker() -> Worker:
+    global _shared
+    with _making:
+        if _shared is None:
+            worker = Worker(Settings.load(None, SERVING))
+            atexit.register(worker.close)
+            worker.wait_ready()  # a failed load answers each job with its error, as a server's 503
+            _shared = worker
+    return _shared
+
+
 def main() -> None:
     try:
         import runpod  # the optional extra

@@ -91,6 +91,29 @@ def run(worker: Worker, job: dict) -> dict:
     return asyncio.run(worker.handle(job))
 
 
+def test_the_module_level_handler_is_the_worker_its_variables_describe(monkeypatch):
+    """`runpod.serverless.start({"handler": docker_vit.runpod.handler})`, as Runpod's examples name it:
+    one worker, made at the first job, which waits for its load; concurrent first jobs share it."""
+    from docker_vit import runpod as adapter
+
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "fake_handlers:Echo")
+    monkeypatch.setenv("DOCKER_VIT_MAX_NEW_TOKENS", "7")
+    monkeypatch.setattr(adapter, "_shared", None)
+
+    async def two_jobs() -> list[dict]:
+        jobs = [{"id": str(n), "input": {"image": base64.b64encode(b"x" * n).decode()}} for n in (1, 2)]
+        return await asyncio.gather(*(adapter.handler(job) for job in jobs))
+
+    try:
+        answers = asyncio.run(two_jobs())
+        assert [answer["captions"][0]["text"] for answer in answers] == ["x", "xx"]
+        assert adapter._shared is not None and adapter._shared.settings.max_new_tokens == 7
+        assert asyncio.run(adapter.handler({"input": {}}))["error"]["type"] == "invalid_request"
+    finally:
+        if adapter._shared is not None:
+            adapter._shared.close()
+
+
 def test_one_image(worker):
     answer = run(worker, {"id": "1", "input": {"image": png(32, 24)}})
     assert answer == {"captions": [{"text": "32x24 beams=4 tokens=15"}], "model": "stub-model"}
