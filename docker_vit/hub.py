@@ -25,8 +25,11 @@ def download(model: str, folder: str | None = None, warn: Callable[[str], None] 
     )
     if isinstance(names, Exception):
         reason = " ".join(str(names).split())[:300]
-        kept = f"the files already in {folder}" if folder else "the files are the cached copy"
-        warn(f"could not list {model} on the Hub ({type(names).__name__}: {reason}): {kept}, not refreshed")
+        kept = f"the files already in {folder}" if folder else "the cached copy"
+        warn(  # the download may have reached the Hub all the same (a listing refused once, a 429)
+            f"could not list {model} on the Hub ({type(names).__name__}: {reason}): pickled weights were not "
+            f"left out; if the Hub is out of reach, these are {kept}, not refreshed"
+        )
     return path
 
 

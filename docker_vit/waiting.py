@@ -80,7 +80,7 @@ class Waiting:
     def check_room(self, count: int) -> None:
         """Refuse a request's items all together, before any is decoded, when they cannot fit."""
         if count > self.max_queue:
-            raise TooManyItems(f"{count} images in one request; the queue holds at most {self.max_queue}")
+            raise TooManyItems(f"{count} images at once; the queue holds at most {self.max_queue}")
         taken = self.pending
         if taken + count > self.max_queue:
             raise QueueFull(f"the queue is full ({taken} image{'s' * (taken != 1)} waiting or being decoded)")

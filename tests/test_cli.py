@@ -325,7 +325,9 @@ def test_download_into_a_folder_offline_says_the_folder_was_kept(monkeypatch: py
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: kwargs["local_dir"])
     warned: list[str] = []
     assert hub.download("org/model", "/models/x", warn=warned.append) == "/models/x"
-    assert warned[0].endswith("(OSError: offline): the files already in /models/x, not refreshed")
+    assert warned[0].endswith(
+        "(OSError: offline): pickled weights were not left out; if the Hub is out of reach, these are the files already in /models/x, not refreshed"
+    )
 
 
 def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
