@@ -28,7 +28,7 @@ from docker_vit.config import (
     names_of,
     options,
 )
-from docker_vit.environment import chosen, ignored_variables, server_warnings
+from docker_vit.environment import chosen, ignored_variables, platform_port, server_warnings
 from docker_vit.flags import PrintVersion, add_settings, before_command, unrecognized
 from docker_vit.naming import named
 
@@ -133,7 +133,7 @@ def _server(settings: Settings) -> tuple[uvicorn.Server, Service]:
     from docker_vit.server import create_app
 
     logs.configure(settings.log_format, settings.log_level)
-    for line in server_warnings(settings):
+    for line in [*server_warnings(settings), *platform_port(settings)]:
         logging.getLogger("docker_vit").warning(line)
     app = create_app(settings)
     config = uvicorn.Config(

@@ -77,6 +77,19 @@ def server_warnings(settings: Settings, env: Mapping[str, str] | None = None) ->
     return ([mistake] if mistake else []) + ignored_variables(env, names=SERVING)
 
 
+def platform_port(settings: Settings, env: Mapping[str, str] | None = None) -> list[str]:
+    """A line for each port a platform told this container to listen on (Runpod's load-balancing
+    endpoints probe `PORT` and `PORT_HEALTH`, Cloud Run sends to `PORT`) that is not the one served:
+    its probes would never reach the server, which would never be counted healthy, without a word."""
+    env = os.environ if env is None else env
+    return [
+        f"{name}={env[name]} is set (a platform's port) but the server listens on {settings.port}: "
+        f"set {env_name('port')}={env[name]} to serve there"
+        for name in ("PORT", "PORT_HEALTH")
+        if env.get(name, "").strip().isdigit() and int(env[name]) != settings.port
+    ]
+
+
 def ignored_variables(
     env: Mapping[str, str] | None = None, names: Collection[str] | None = None
 ) -> list[str]:

@@ -179,3 +179,15 @@ def test_a_handler_attribute_in_a_settings_error_is_not_renamed() -> None:
     assert named(ValueError("max_batch_size must be positive, got 0"), flags=False) == (
         "DOCKER_VIT_MAX_BATCH_SIZE must be positive, got 0"
     )
+
+
+def test_a_platforms_port_other_than_the_one_served_is_said() -> None:
+    """Runpod's load balancer probes PORT and PORT_HEALTH: a server on another port is never healthy."""
+    from docker_vit.environment import platform_port
+
+    said = platform_port(Settings(port=8000), {"PORT": "5000", "PORT_HEALTH": "8000", "DOCKER_VIT_X": "1"})
+    assert said == [
+        "PORT=5000 is set (a platform's port) but the server listens on 8000: set DOCKER_VIT_PORT=5000 to serve there"
+    ]
+    assert platform_port(Settings(port=5000), {"PORT": "5000", "PORT_HEALTH": "5000"}) == []
+    assert platform_port(Settings(), {"PORT": "http", "PORT_HEALTH": ""}) == []  # not a port: not ours
