@@ -44,10 +44,11 @@ class Worker:
 
     def __init__(self, settings: Settings, handler: Handler | None = None) -> None:
         self.settings = settings
+        handler = handler or load_handler(settings)  # a bad one fails before the loop's thread starts
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="docker-vit-runpod", daemon=True)
         self._thread.start()
-        self.service = Service(settings, handler or load_handler(settings))
+        self.service = Service(settings, handler)
         self.on_refresh: Any = lambda: None  # main(): have the SDK itself stop taking jobs and exit
         self._submit(self.service.start()).result()
 
@@ -147,10 +148,12 @@ async def handler(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _shared_worker() -> Worker:
+    """One worker for every job, made once: concurrent first jobs wait for it under the lock. Logs go
+    to the `docker_vit` logger alone, as in a Ray replica: the process's logging is the script's."""
     global _shared
     with _making:
         if _shared is None:
-            worker = Worker(Settings.load(None, SERVING))
+            worker = _configured(logger="docker_vit")
             atexit.register(worker.close)
             worker.wait_ready()  # a failed load answers each job with its error, as a server's 503
             _shared = worker
@@ -206,15 +209,24 @@ def main() -> None:
 def _worker() -> Worker:
     """The worker its settings describe, or exit with one line naming the bad setting."""
     try:
+        return _configured()
+    except ValueError as exc:
+        sys.exit(f"docker_vit.runpod: error: {exc}")
+
+
+def _configured(logger: str = "") -> Worker:
+    """The worker the `DOCKER_VIT_*` variables describe, its logging set up, unknown variables said; a
+    bad setting is a ValueError naming the variable, not a flag."""
+    try:
         settings = Settings.load(None, SERVING)
-        configure(settings.log_format, settings.log_level)
+        configure(settings.log_format, settings.log_level, logger=logger)
         for line in ignored_variables(names=SERVING):
             logging.getLogger("docker_vit").warning(line)
         return Worker(settings)
     except HandlerError as exc:
-        sys.exit(f"docker_vit.runpod: error: {exc.said_as(env_name('handler'))}")
+        raise ValueError(exc.said_as(env_name("handler"))) from None
     except (ValueError, TypeError) as exc:
-        sys.exit(f"docker_vit.runpod: error: {named(exc, flags=False)}")
+        raise ValueError(named(exc, flags=False)) from None
 
 
 if __name__ == "__main__":

@@ -104,6 +104,12 @@ def test_the_module_level_handler_is_the_worker_its_variables_describe(monkeypat
         jobs = [{"id": str(n), "input": {"image": base64.b64encode(b"x" * n).decode()}} for n in (1, 2)]
         return await asyncio.gather(*(adapter.handler(job) for job in jobs))
 
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "nosuch:X")  # refused at each job, named as it was set
+    for _ in range(2):
+        with pytest.raises(ValueError, match="^cannot import nosuch for DOCKER_VIT_HANDLER nosuch:X: "):
+            asyncio.run(adapter.handler({"input": {"image": "eA=="}}))
+    assert not any(thread.name == "docker-vit-runpod" for thread in threading.enumerate())  # none left
+    monkeypatch.setenv("DOCKER_VIT_HANDLER", "fake_handlers:Echo")
     try:
         answers = asyncio.run(two_jobs())
         assert [answer["captions"][0]["text"] for answer in answers] == ["x", "xx"]
