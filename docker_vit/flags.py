@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from docker_vit.config import any_case, env_name, flag_name, names_of, options
 
-TOP_LEVEL = ("-h", "--help", "--version")  # the flags `docker-vit` itself takes, before its command
+TOP_LEVEL = ("-h", "--help", "--version")
+_FLAG = re.compile(
+    r"--[A-Za-z0-9-]*"
+)  # a long flag's name: what follows it (`=KEY`, `＝KEY`) is a value  # the flags `docker-vit` itself takes, before its command
 
 
 def add_settings(
@@ -67,7 +71,7 @@ def before_command(argv: Sequence[str], commands: Collection[str]) -> str | None
         if token in commands:
             break
         head.append(token)
-    if not head or not head[0].startswith("-") or any(token in TOP_LEVEL for token in head):
+    if not head or not head[0].startswith("-") or head[0] in TOP_LEVEL:
         return None  # a mistyped command (`docker-vit serv`), or help and version: argparse says it
     return f"{unrecognized(head, ())}: give the command first, then its flags"
 
@@ -82,9 +86,10 @@ def unrecognized(tokens: Sequence[str], known: Collection[str]) -> str:
             values += 1  # a path or a stray word, or the value of the unknown flag before it
             valued = False
         else:
-            name, equals, _ = token.partition("=")
-            flags.append(name + ("=..." if equals else ""))
-            valued = not equals and token != "--"
+            name = _FLAG.match(token).group(0) if token.startswith("--") else token[:2]  # -kVALUE: -k
+            attached = token[len(name) :]
+            flags.append(name + ("=..." if attached.startswith("=") else "..." if attached else ""))
+            valued = not attached and token != "--"
     said = [" ".join(flags)] if flags else []
     if values:
         said.append(f"{values} value{'s' * (values != 1)}, not shown")

@@ -242,6 +242,15 @@ _NOT_SHOWN = "unrecognized arguments: --api-keys and 1 value, not shown"
         (["--api-keys", "s3cret", "serve"], f"{_NOT_SHOWN}: give the command first, then its flags"),
         (["caption", "a.jpg", "--jsn"], "unrecognized arguments: --jsn (did you mean --json?)"),
         (["serve", "--", "s3cret"], "unrecognized arguments: -- and 1 value, not shown\n"),
+        (
+            ["--api-keys", "s3cret", "-h"],
+            "unrecognized arguments: --api-keys -h and 1 value, not shown: give",
+        ),
+        (["serve", "-ks3cret"], "unrecognized arguments: -k...\n"),
+        (
+            ["serve", "--api-keys\uff1ds3cret"],
+            "unrecognized arguments: --api-keys... (did you mean --api-key?)",
+        ),
     ],
 )
 def test_an_unknown_flag_is_named_without_its_value(argv: list[str], said: str, capsys) -> None:
