@@ -83,10 +83,12 @@ def platform_port(settings: Settings, env: Mapping[str, str] | None = None) -> l
     its probes would never reach the server, which would never be counted healthy, without a word."""
     env = os.environ if env is None else env
     return [
-        f"{name}={env[name]} is set (a platform's port) but the server listens on {settings.port}: "
-        f"set {env_name('port')}={env[name]} to serve there"
+        f"{name}={env[name].strip()} is set (a platform's port) but the server listens on {settings.port}: "
+        f"set {name}={settings.port}, or serve on {env[name].strip()}"
         for name in ("PORT", "PORT_HEALTH")
-        if env.get(name, "").strip().isdigit() and int(env[name]) != settings.port
+        if env.get(name, "").strip().isascii()
+        and env[name].strip().isdecimal()
+        and int(env[name]) != settings.port
     ]
 
 

@@ -25,12 +25,18 @@ def download(model: str, folder: str | None = None, warn: Callable[[str], None] 
     )
     if isinstance(names, Exception):
         reason = " ".join(str(names).split())[:300]
-        kept = f"the files already in {folder}" if folder else "the cached copy"
-        warn(  # the download may have reached the Hub all the same (a listing refused once, a 429)
-            f"could not list {model} on the Hub ({type(names).__name__}: {reason}): pickled weights were not "
-            f"left out; if the Hub is out of reach, these are {kept}, not refreshed"
-        )
+        kept = f"the files already in {folder}" if folder else "the files are the cached copy"
+        # out of reach, the download served what was there; refused (a 429), it may have reached the Hub
+        said = f"{kept}, not refreshed" if _out_of_reach(names) else "pickled weights were not left out"
+        warn(f"could not list {model} on the Hub ({type(names).__name__}: {reason}): {said}")
     return path
+
+
+def _out_of_reach(exc: Exception) -> bool:
+    """No answer from the Hub at all (offline, a name that does not resolve, a timeout)."""
+    import httpx  # the Hub client's own transport
+
+    return isinstance(exc, OSError | httpx.TransportError)  # OSError: also the client's offline mode
 
 
 def _listing(model: str) -> list[str] | Exception:

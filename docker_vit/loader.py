@@ -22,7 +22,10 @@ def load_handler(settings: Settings) -> Handler:
     try:
         handler = cls(settings)
     except (Exception, SystemExit) as exc:  # SystemExit too: it would end the command without a word
-        raise HandlerError.of_setting("", f" {settings.handler}: {type(exc).__name__}: {exc}") from None
+        failed = f"{type(exc).__name__}: {exc}"
+        if not settings.handler:  # the default captioner: no setting of the user's to name
+            raise HandlerError(f"{cls.__name__}: {failed}") from None
+        raise HandlerError.of_setting("", f" {settings.handler}: {failed}") from None
     check_attributes(handler, settings)  # refuse mistakes now, not at the first request
     return handler
 

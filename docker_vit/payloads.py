@@ -36,7 +36,7 @@ def decode_base64(text: str, index: int, max_bytes: int) -> bytes:
             raise ApiError(400, f"image {index} is a data URL without data")
         if "base64" not in (part.strip().lower() for part in header.split(";")[1:]):
             # percent-encoded bytes (RFC 2397) are not read; base64 without the marker is
-            invalid = f"image {index} is not valid base64 (a data URL without ;base64: its bytes must be base64 all the same)"
+            invalid += " (a data URL without ;base64: its bytes must be base64 all the same)"
     try:
         packed = text.encode("ascii").translate(None, _WHITESPACE)
     except UnicodeEncodeError:

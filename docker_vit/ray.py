@@ -101,10 +101,8 @@ class DockerViT:
         logs.configure(settings.log_format, settings.log_level, logger="docker_vit")
         for line in server_warnings(settings):
             logging.getLogger("docker_vit").warning(line)
-        try:
-            web = create_app(
-                settings, proxied=True
-            )  # Ray's proxy gives the request ids, cancels for the gone
+        try:  # proxied: Ray's proxy gives the request ids, and cancels the requests of clients gone
+            web = create_app(settings, proxied=True)
         except HandlerError as exc:  # the handler's own constructor failed
             raise HandlerError(_as_argument(exc, overrides)) from None
         self.service = web.state.service

@@ -320,10 +320,27 @@ def test_download_leaves_out_pickled_weights_beside_safetensors(
     warned: list[str] = []
     hub.download("org/model", warn=warned.append)
     assert len(warned) == isinstance(files, Exception)  # offline: served from the cache, and said
-    assert not warned or warned[0].startswith("could not list org/model on the Hub (OSError: offline)")
+    assert not warned or warned[0] == (
+        "could not list org/model on the Hub (OSError: offline): the files are the cached copy, not refreshed"
+    )
     skipped = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in seen)  # noqa: E731
     assert skipped("pytorch_model.bin") is pickled_skipped and skipped("tf_model.h5")
     assert not skipped("model.safetensors") and not skipped("tokenizer.json")
+
+
+def test_a_listing_refused_by_a_reachable_hub_is_not_called_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 429 to the listing, then a download that reached the Hub: its files are fresh, unfiltered."""
+
+    def refused(repo_id: str) -> Any:
+        raise RuntimeError("429 Too Many Requests")
+
+    monkeypatch.setattr("huggingface_hub.model_info", refused)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: "/cache/x")
+    warned: list[str] = []
+    hub.download("org/model", warn=warned.append)
+    assert warned == [
+        "could not list org/model on the Hub (RuntimeError: 429 Too Many Requests): pickled weights were not left out"
+    ]
 
 
 def test_download_into_a_folder_offline_says_the_folder_was_kept(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -334,9 +351,7 @@ def test_download_into_a_folder_offline_says_the_folder_was_kept(monkeypatch: py
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: kwargs["local_dir"])
     warned: list[str] = []
     assert hub.download("org/model", "/models/x", warn=warned.append) == "/models/x"
-    assert warned[0].endswith(
-        "(OSError: offline): pickled weights were not left out; if the Hub is out of reach, these are the files already in /models/x, not refreshed"
-    )
+    assert warned[0].endswith("(OSError: offline): the files already in /models/x, not refreshed")
 
 
 def test_a_model_that_cannot_load_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

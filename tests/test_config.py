@@ -187,7 +187,24 @@ def test_a_platforms_port_other_than_the_one_served_is_said() -> None:
 
     said = platform_port(Settings(port=8000), {"PORT": "5000", "PORT_HEALTH": "8000", "DOCKER_VIT_X": "1"})
     assert said == [
-        "PORT=5000 is set (a platform's port) but the server listens on 8000: set DOCKER_VIT_PORT=5000 to serve there"
+        "PORT=5000 is set (a platform's port) but the server listens on 8000: set PORT=8000, or serve on 5000"
     ]
     assert platform_port(Settings(port=5000), {"PORT": "5000", "PORT_HEALTH": "5000"}) == []
-    assert platform_port(Settings(), {"PORT": "http", "PORT_HEALTH": ""}) == []  # not a port: not ours
+    assert platform_port(Settings(), {"PORT": "http", "PORT_HEALTH": "\u00b2"}) == []  # not a port: not ours
+
+
+def test_a_default_captioner_that_cannot_be_built_names_no_handler_setting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Only a handler the user named is `--handler X` (or DOCKER_VIT_HANDLER X) in the message."""
+    from docker_vit import captioner
+    from docker_vit.handler import HandlerError
+    from docker_vit.loader import load_handler
+
+    def no_engine(*args: object) -> None:
+        raise RuntimeError("no such device")
+
+    monkeypatch.setattr(captioner, "CaptionEngine", no_engine)
+    with pytest.raises(HandlerError) as failed:
+        load_handler(Settings())
+    assert failed.value.said_as("DOCKER_VIT_HANDLER") == "Captioner: RuntimeError: no such device"
