@@ -82,13 +82,12 @@ def platform_port(settings: Settings, env: Mapping[str, str] | None = None) -> l
     endpoints probe `PORT` and `PORT_HEALTH`, Cloud Run sends to `PORT`) that is not the one served:
     its probes would never reach the server, which would never be counted healthy, without a word."""
     env = os.environ if env is None else env
+    given = {name: env.get(name, "").strip() for name in ("PORT", "PORT_HEALTH")}
     return [
-        f"{name}={env[name].strip()} is set (a platform's port) but the server listens on {settings.port}: "
-        f"set {name}={settings.port}, or serve on {env[name].strip()}"
-        for name in ("PORT", "PORT_HEALTH")
-        if env.get(name, "").strip().isascii()
-        and env[name].strip().isdecimal()
-        and int(env[name]) != settings.port
+        f"{name}={port} is set (a platform's port) but the server listens on {settings.port}: "
+        f"set {name}={settings.port}, or serve on {port}"
+        for name, port in given.items()
+        if port.isascii() and port.isdecimal() and int(port) != settings.port  # "" and "²" are no port
     ]
 
 

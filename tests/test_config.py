@@ -191,6 +191,7 @@ def test_a_platforms_port_other_than_the_one_served_is_said() -> None:
     ]
     assert platform_port(Settings(port=5000), {"PORT": "5000", "PORT_HEALTH": "5000"}) == []
     assert platform_port(Settings(), {"PORT": "http", "PORT_HEALTH": "\u00b2"}) == []  # not a port: not ours
+    assert platform_port(Settings(), {}) == []  # neither set: the usual case
 
 
 def test_a_default_captioner_that_cannot_be_built_names_no_handler_setting(
