@@ -85,7 +85,7 @@ def platform_port(settings: Settings, env: Mapping[str, str] | None = None) -> l
     given = {name: env.get(name, "").strip() for name in ("PORT", "PORT_HEALTH")}
     return [
         f"{name}={port} is set (a platform's port) but the server listens on {settings.port}: "
-        f"set {name}={settings.port}, or serve on {port}"
+        f"set {name}={settings.port}, or serve on {port} ({env_name('port')}={port})"
         for name, port in given.items()
         if port.isascii() and port.isdecimal() and int(port) != settings.port  # "" and "²" are no port
     ]

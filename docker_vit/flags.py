@@ -13,10 +13,8 @@ from typing import Any
 
 from docker_vit.config import any_case, env_name, flag_name, names_of, options
 
-TOP_LEVEL = ("-h", "--help", "--version")
-_FLAG = re.compile(
-    r"--[A-Za-z0-9-]*"
-)  # a long flag's name: what follows it (`=KEY`, `＝KEY`) is a value  # the flags `docker-vit` itself takes, before its command
+TOP_LEVEL = ("-h", "--help", "--version")  # the flags `docker-vit` itself takes, before its command
+_FLAG = re.compile(r"--[\w-]*")  # a long flag's name (`--max_batch_size` too): after it, `=KEY` is a value
 
 
 def add_settings(

@@ -33,10 +33,10 @@ def download(model: str, folder: str | None = None, warn: Callable[[str], None] 
 
 
 def _out_of_reach(exc: Exception) -> bool:
-    """No answer from the Hub at all (offline, a name that does not resolve, a timeout)."""
-    import httpx  # the Hub client's own transport
-
-    return isinstance(exc, OSError | httpx.TransportError)  # OSError: also the client's offline mode
+    """No answer from the Hub at all (offline, a name that does not resolve, a timeout): an OSError (the
+    client's offline mode too), or its HTTP library's transport error, by name, as the Hub client's
+    versions use httpx or httpx2, and neither need be importable here."""
+    return isinstance(exc, OSError) or any(cls.__name__ == "TransportError" for cls in type(exc).__mro__)
 
 
 def _listing(model: str) -> list[str] | Exception:

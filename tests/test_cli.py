@@ -247,6 +247,7 @@ _NOT_SHOWN = "unrecognized arguments: --api-keys and 1 value, not shown"
             "unrecognized arguments: --api-keys -h and 1 value, not shown: give",
         ),
         (["serve", "-ks3cret"], "unrecognized arguments: -k...\n"),
+        (["serve", "--api_keys=s3cret"], "unrecognized arguments: --api_keys=... (did you mean --api-key?)"),
         (
             ["serve", "--api-keys\uff1ds3cret"],
             "unrecognized arguments: --api-keys... (did you mean --api-key?)",
@@ -326,6 +327,29 @@ def test_download_leaves_out_pickled_weights_beside_safetensors(
     skipped = lambda name: any(fnmatch.fnmatch(name, pattern) for pattern in seen)  # noqa: E731
     assert skipped("pytorch_model.bin") is pickled_skipped and skipped("tf_model.h5")
     assert not skipped("model.safetensors") and not skipped("tokenizer.json")
+
+
+def test_a_hub_out_of_reach_is_said_so_whatever_the_clients_http_library(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """huggingface_hub 2 raises its transport's errors (httpx2), which are no OSError."""
+
+    class TransportError(Exception):  # as httpx and httpx2 name it
+        pass
+
+    class ConnectError(TransportError):
+        pass
+
+    def unreachable(repo_id: str) -> Any:
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr("huggingface_hub.model_info", unreachable)
+    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: "/cache/x")
+    warned: list[str] = []
+    hub.download("org/model", warn=warned.append)
+    assert warned[0].endswith(
+        "(ConnectError: [Errno -2] Name or service not known): the files are the cached copy, not refreshed"
+    )
 
 
 def test_a_listing_refused_by_a_reachable_hub_is_not_called_offline(monkeypatch: pytest.MonkeyPatch) -> None:

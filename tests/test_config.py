@@ -187,7 +187,7 @@ def test_a_platforms_port_other_than_the_one_served_is_said() -> None:
 
     said = platform_port(Settings(port=8000), {"PORT": "5000", "PORT_HEALTH": "8000", "DOCKER_VIT_X": "1"})
     assert said == [
-        "PORT=5000 is set (a platform's port) but the server listens on 8000: set PORT=8000, or serve on 5000"
+        "PORT=5000 is set (a platform's port) but the server listens on 8000: set PORT=8000, or serve on 5000 (DOCKER_VIT_PORT=5000)"
     ]
     assert platform_port(Settings(port=5000), {"PORT": "5000", "PORT_HEALTH": "5000"}) == []
     assert platform_port(Settings(), {"PORT": "http", "PORT_HEALTH": "\u00b2"}) == []  # not a port: not ours
