@@ -329,42 +329,33 @@ def test_download_leaves_out_pickled_weights_beside_safetensors(
     assert not skipped("model.safetensors") and not skipped("tokenizer.json")
 
 
-def test_a_hub_out_of_reach_is_said_so_whatever_the_clients_http_library(
-    monkeypatch: pytest.MonkeyPatch,
+class TransportError(Exception):  # as httpx and httpx2 name it
+    pass
+
+
+class ConnectError(TransportError):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("failure", "said"),
+    [  # huggingface_hub 2 raises its transport's errors (httpx2), which are no OSError
+        (ConnectError("no route"), "(ConnectError: no route): the files are the cached copy, not refreshed"),
+        # a 429 to the listing, then a download that reached the Hub: its files are fresh, unfiltered
+        (RuntimeError("429 Too Many"), "(RuntimeError: 429 Too Many): pickled weights were not left out"),
+    ],
+)
+def test_a_failed_listing_is_said_as_what_it_was(
+    monkeypatch: pytest.MonkeyPatch, failure: Exception, said: str
 ) -> None:
-    """huggingface_hub 2 raises its transport's errors (httpx2), which are no OSError."""
+    def listing(repo_id: str) -> Any:
+        raise failure
 
-    class TransportError(Exception):  # as httpx and httpx2 name it
-        pass
-
-    class ConnectError(TransportError):
-        pass
-
-    def unreachable(repo_id: str) -> Any:
-        raise ConnectError("[Errno -2] Name or service not known")
-
-    monkeypatch.setattr("huggingface_hub.model_info", unreachable)
+    monkeypatch.setattr("huggingface_hub.model_info", listing)
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: "/cache/x")
     warned: list[str] = []
     hub.download("org/model", warn=warned.append)
-    assert warned[0].endswith(
-        "(ConnectError: [Errno -2] Name or service not known): the files are the cached copy, not refreshed"
-    )
-
-
-def test_a_listing_refused_by_a_reachable_hub_is_not_called_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A 429 to the listing, then a download that reached the Hub: its files are fresh, unfiltered."""
-
-    def refused(repo_id: str) -> Any:
-        raise RuntimeError("429 Too Many Requests")
-
-    monkeypatch.setattr("huggingface_hub.model_info", refused)
-    monkeypatch.setattr("huggingface_hub.snapshot_download", lambda **kwargs: "/cache/x")
-    warned: list[str] = []
-    hub.download("org/model", warn=warned.append)
-    assert warned == [
-        "could not list org/model on the Hub (RuntimeError: 429 Too Many Requests): pickled weights were not left out"
-    ]
+    assert warned == [f"could not list org/model on the Hub {said}"]
 
 
 def test_download_into_a_folder_offline_says_the_folder_was_kept(monkeypatch: pytest.MonkeyPatch) -> None:
