@@ -12,6 +12,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from typing import Any
 
 from docker_vit.errors import CLIENT_GONE, CLOSE, ApiError
@@ -23,9 +24,9 @@ log = logging.getLogger("docker_vit.access")
 _SAFE_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces: UUIDs, hex and base64 ids alike
 
 
-def request_id_of(scope: dict) -> str:
+def request_id_of(headers: Mapping[bytes, bytes]) -> str:
     """The client's `X-Request-ID` where it is a plain token, else a fresh one."""
-    given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
+    given = headers.get(b"x-request-id", b"").decode("latin-1")
     return given if _SAFE_ID.fullmatch(given) else uuid.uuid4().hex
 
 
@@ -53,7 +54,7 @@ class RequestContext:
         scope = _origin_form(scope)
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        request_id = request_id_of(scope)
+        request_id = request_id_of(headers)
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         if not self.proxied:  # for the answer to an unhandled error, sent from outside this middleware

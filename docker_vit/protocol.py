@@ -106,7 +106,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
 
     async def _headers_too_large(self, scope: dict, receive: Any, send: Any) -> None:
         """A 431 in uvicorn's own response cycle, so that a pipelined one waits for its turn."""
-        request_id = request_id_of(scope)  # the head was parsed: the client's id is known
+        request_id = request_id_of(dict(scope.get("headers") or []))  # the head was parsed: the id is known
         head, body = _refusal(431, request_id)
         await send({"type": "http.response.start", "status": 431, "headers": head})
         await send({"type": "http.response.body", "body": body})
