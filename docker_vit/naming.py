@@ -1,12 +1,11 @@
 """Settings named the way a user sets them: a settings error says `--max-batch-size
-(DOCKER_VIT_MAX_BATCH_SIZE)`, not the field `max_batch_size`, and a front end without flags (the Runpod
-worker, Ray) says its own spelling where a shared message names a flag.
+(DOCKER_VIT_MAX_BATCH_SIZE)`, not the field `max_batch_size`, and the Runpod worker, which has no
+flags, names the variable where a shared message names a flag.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 
 from docker_vit.config import env_name, flag_name, options
 
@@ -23,15 +22,15 @@ def named(exc: Exception, flags: bool = True) -> str:
 
     # not an attribute (`MyHandler.max_batch_size`): only settings named on their own
     text = re.sub(r"^[a-z]+\b|(?<!\.)\b[a-z]+(?:_[a-z]+)+\b", user_name, str(exc))
-    return text if flags else unflagged(text, env_name)
+    return text if flags else _unflagged(text)
 
 
-def unflagged(text: str, spell: Callable[[str], str]) -> str:
-    """A message's flags (the loader names `--handler`) spelled as `spell` names their settings, for
-    a front end without flags: the Runpod worker's variables, Ray's arguments."""
+def _unflagged(text: str) -> str:
+    """A settings message's flags (`send a key with --api-key instead`) as the variables they set, for
+    the Runpod worker, which has none."""
 
     def setting(match: re.Match) -> str:
         name = match.group(0)[2:].replace("-", "_")
-        return spell(name) if name in options() and flag_name(name) == match.group(0) else match.group(0)
+        return env_name(name) if name in options() and flag_name(name) == match.group(0) else match.group(0)
 
     return re.sub(r"(?<![\w-])--[a-z][a-z0-9-]*", setting, text)
