@@ -194,7 +194,7 @@ class LocalRunner:
         if self.lost is not None:  # the other half of a split batch, after the first lost the device
             return [_Failed(_NotRun("not run: the device failed before its turn"))] * len(items)
         try:  # the handler's code, whatever it raises (SystemExit too): an error, not a traceback
-            return predict_all(self.handler, items, self.options)
+            return predict_all(self.handler, list(items), self.options)  # a copy: predict may consume it
         except Exception as exc:
             failure = exc
         drop_frames(failure)  # the failed call's memory must be free for the halves

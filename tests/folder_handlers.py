@@ -188,3 +188,17 @@ class RespondBroken(Digest):
 
     def respond(self, output: Any) -> Any:
         return str(output)
+
+
+class Consuming(Digest):
+    """Takes its batch's items off the list as it goes (a queue of work), and fails on a picture in
+    `Fussy.refused`: the list it was given is empty, or half gone, when it raises."""
+
+    def predict(self, items: Sequence[Any], options: Hashable) -> Sequence[Any]:
+        done = []
+        while items:
+            item = items.pop(0)  # type: ignore[attr-defined]
+            if item in Fussy.refused:
+                raise RuntimeError("this picture breaks the model")
+            done.append(f"picture {item}")
+        return done

@@ -138,6 +138,22 @@ def test_an_image_the_model_fails_on_is_skipped_and_the_run_carries_on(
     assert [Path(entry["path"]).name for entry in lines(out)][-1] == "a.JPG" and len(lines(out)) == 5
 
 
+def test_a_predict_that_consumes_its_list_still_gets_whole_halves(library: Path, tmp_path: Path) -> None:
+    """`predict` may take its items off the list it was given: the halves of a failed batch are cut
+    from the batch, not from what the failed call left of it, so each caption goes with its picture."""
+    Fussy.refused = {Fussy(Settings()).prepare((library / "a.JPG").read_bytes(), None)}
+    out = tmp_path / "captions.jsonl"
+    try:
+        code = cli.main(["caption", str(library), "-o", str(out), "--handler", "folder_handlers:Consuming"])
+    finally:
+        Fussy.refused = set()
+    assert code == 1  # a.JPG and broken.jpg skipped
+    digest = Digest(Settings())
+    for entry in lines(out):
+        assert entry["caption"] == f"picture {digest.prepare(Path(entry['path']).read_bytes(), None)}"
+    assert {Path(entry["path"]).name for entry in lines(out)} == {"c.gif", "beach.webp", "b.png", "last.bmp"}
+
+
 def test_resume_captions_only_new_images(library: Path, tmp_path: Path) -> None:
     out = tmp_path / "captions.jsonl"
     cli.main(["caption", str(library), "--output", str(out), *DIGEST])
