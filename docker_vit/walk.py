@@ -55,7 +55,7 @@ def find_images(
     visited: set[tuple[int, int]] = set()
     passed = Counter() if passed is None else passed
     for argument in paths:
-        path = os.path.normpath(argument)
+        path = _tidied(argument)
         try:  # said now, not after a model load (a download, even) for nothing; as given, as `ls` has
             folder = stat.S_ISDIR(os.stat(argument).st_mode)  # it: "" is no folder, "a.jpg/" no file
         except OSError as exc:  # missing, a folder on the way that cannot be searched, a name too long
@@ -64,6 +64,16 @@ def find_images(
         for image in _walk(path, visited, warn, passed) if folder else [path]:
             found.setdefault(place(image), image)  # `a.jpg $PWD/a.jpg`: one image, captioned once
     return list(found.values())
+
+
+def _tidied(path: str) -> str:
+    """`os.path.normpath` but for `..`: `link/..` is the parent of the link's target, not the folder
+    holding the link, so a `..` after a name is kept as the OS reads it."""
+    if ".." not in path.split(os.sep):
+        return os.path.normpath(path)
+    head = os.sep if path.startswith(os.sep) else ""
+    parts = [part for part in path.split(os.sep) if part not in ("", ".")]
+    return head + os.sep.join(parts) if parts else (head or ".")
 
 
 def _walk(

@@ -86,6 +86,26 @@ def test_an_image_named_twice_is_found_once_by_its_first_name(library: Path, mon
     assert found == ["photos/b.png", "photos/z/b-link.png", "photos/z/last.bmp"]
 
 
+def test_a_dot_dot_after_a_linked_folder_reads_what_the_os_reads(tmp_path: Path, monkeypatch) -> None:
+    """`link/..` is the parent of the link's target, as `ls` and `cat` take it, not the folder that holds
+    the link: a lexical tidy-up would read (or walk) another file than the one named."""
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    shutil.copy(photo("chelsea.jpg"), tmp_path / "real" / "deep" / "x.jpg")
+    shutil.copy(photo("coffee.jpg"), tmp_path / "real" / "y.jpg")
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "x.jpg").write_text("not an image")
+    (tmp_path / "z.jpg").write_text("not an image either")
+    os.symlink(tmp_path / "real" / "deep", tmp_path / "dlink")
+    monkeypatch.chdir(tmp_path)
+    found = find_images(["dlink/../deep/x.jpg"], print)
+    assert len(found) == 1 and Path(found[0]).read_bytes() == (tmp_path / "real/deep/x.jpg").read_bytes()
+    walked = find_images(["dlink/.."], print)
+    assert sorted(os.path.realpath(path) for path in walked) == [
+        str(tmp_path / "real" / "deep" / "x.jpg"),
+        str(tmp_path / "real" / "y.jpg"),
+    ]
+
+
 def test_an_empty_path_or_a_file_named_as_a_folder_is_no_path(library: Path, monkeypatch) -> None:
     """`caption "$PHOTOS"` with the variable unset is not the current folder; `b.png/` is not b.png."""
     monkeypatch.chdir(library)
