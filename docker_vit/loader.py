@@ -26,7 +26,7 @@ def load_handler(settings: Settings) -> Handler:
         if not settings.handler:  # the default captioner: no setting of the user's to name
             raise HandlerError(f"{cls.__name__}: {failed}") from None
         raise HandlerError.of_setting("", f" {settings.handler}: {failed}") from None
-    check_attributes(handler, settings)  # refuse mistakes now, not at the first request
+    check_attributes(handler)  # refuse mistakes now, not at the first request
     return handler
 
 
@@ -58,7 +58,7 @@ def handler_class(settings: Settings) -> type[Handler]:
             f"cannot import {module_name} for ", f" {settings.handler}: {type(exc).__name__}: {exc}"
         ) from None
     if not (isinstance(cls, type) and issubclass(cls, Handler)):
-        raise HandlerError(f"{settings.handler} is not a docker_vit.handler.Handler subclass")
+        raise HandlerError.of_setting("", f" {settings.handler} is not a docker_vit.handler.Handler subclass")
     return cls
 
 
@@ -102,21 +102,21 @@ def sync_result(name: str, result: Any) -> Any:
     return result
 
 
-def check_attributes(handler: Handler, settings: Settings) -> None:
+def check_attributes(handler: Handler) -> None:
     """Refuse a handler whose methods, `name`, `option_names` or `max_batch_size` no front end could use."""
     check_methods(handler)
     title = type(handler).__name__
-    try:
-        name, names = handler.name, handler.option_names
+    try:  # properties, maybe: what they raise is the handler's error, said in one line
+        name, names, size = handler.name, handler.option_names, handler.max_batch_size
     except Exception as exc:
         raise HandlerError(
-            f"{title}: reading name or option_names raised {type(exc).__name__}: {exc}"
+            f"{title}: reading name, option_names or max_batch_size raised {type(exc).__name__}: {exc}"
         ) from None
     if not isinstance(name, str):
         raise HandlerError(f"{title}.name must be a str, got {name!r}")
     if names is not None and not (isinstance(names, tuple | list) and all(isinstance(n, str) for n in names)):
         raise HandlerError(f"{title}.option_names must be a tuple or a list of str, or None; got {names!r}")
-    batch_size(handler, settings)
+    own_batch_size(size, title)
 
 
 def _inherited(method: Any, base: Any) -> bool:

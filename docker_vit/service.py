@@ -46,7 +46,7 @@ class Service:
     """One handler, its batcher and its readiness."""
 
     def __init__(self, settings: Settings, handler: Handler) -> None:
-        check_attributes(handler, settings)  # a handler object handed in directly, too
+        check_attributes(handler)  # a handler object handed in directly, too
         self.settings = settings
         self.handler = handler
         self.metrics = Metrics()

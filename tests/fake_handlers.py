@@ -143,6 +143,12 @@ class RaisingName(Echo):
         raise RuntimeError("no name yet")
 
 
+class RaisingBatchSize(Echo):
+    @property
+    def max_batch_size(self) -> int:  # type: ignore[override]
+        raise RuntimeError("no size yet")
+
+
 class NoSettings(Echo):
     def __init__(self) -> None:  # type: ignore[override]  # the interface passes settings
         super().__init__(None)

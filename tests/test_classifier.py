@@ -146,7 +146,10 @@ def test_cli_reads_the_handler_from_the_environment() -> None:
         ("no_colon", "must look like module:Class"),
         ("no_such_module:Model", "cannot import no_such_module"),
         ("examples.minimal_handler:Missing", "has no Missing"),
-        ("docker_vit.config:Settings", "is not a docker_vit.handler.Handler subclass"),
+        (
+            "docker_vit.config:Settings",
+            "--handler docker_vit.config:Settings is not a docker_vit.handler.Handler",
+        ),
         ("fake_handlers:NegativeBatch", "max_batch_size must be a positive int, got -1"),
         ("fake_handlers:WordBatch", "max_batch_size must be a positive int, got '8'"),
         ("fake_handlers:NoSettings", "fake_handlers:NoSettings: TypeError"),
@@ -157,7 +160,11 @@ def test_cli_reads_the_handler_from_the_environment() -> None:
         ),
         ("fake_handlers:AsyncPrepare", "AsyncPrepare.prepare is an async def: handler methods are plain"),
         ("fake_handlers:NumberName", "name must be a str, got 7"),
-        ("fake_handlers:RaisingName", "reading name or option_names raised RuntimeError"),
+        ("fake_handlers:RaisingName", "reading name, option_names or max_batch_size raised RuntimeError"),
+        (
+            "fake_handlers:RaisingBatchSize",
+            "reading name, option_names or max_batch_size raised RuntimeError: no",
+        ),
         (
             "examples/minimal_handler.py:ColorNamer",
             "names a module, not a file: examples.minimal_handler:ColorNamer",

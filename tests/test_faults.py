@@ -585,8 +585,8 @@ def test_a_handler_module_that_exits_on_import_is_a_load_error(tmp_path, monkeyp
 
 def test_a_handler_missing_a_method_is_refused_at_load_naming_it() -> None:
     with pytest.raises(HandlerError, match=r"OnlyPredicts does not implement prepare\(\)"):
-        check_attributes(OnlyPredicts(Settings()), Settings())
-    check_attributes(PreparesInInit(Settings()), Settings())
+        check_attributes(OnlyPredicts(Settings()))
+    check_attributes(PreparesInInit(Settings()))
 
 
 def test_a_handler_class_is_checked_as_far_as_a_class_can_be() -> None:
