@@ -10,12 +10,14 @@ from __future__ import annotations
 TYPES = {
     400: "invalid_request",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     408: "request_timeout",
     413: "payload_too_large",
     415: "unsupported_media_type",
     422: "invalid_parameters",
+    429: "too_many_requests",
     431: "request_headers_too_large",
     499: "client_closed_request",
     500: "internal_error",
@@ -99,9 +101,7 @@ def from_service(exc: Exception) -> ApiError:
         return exc
     if isinstance(exc, InputError):  # a client's mistake, whatever status or type a handler gave it
         if type(exc.status) is int and 400 <= exc.status <= 499:
-            return ApiError(
-                exc.status, str(exc), exc.type if isinstance(exc.type, str) and exc.type else None
-            )
+            return ApiError(exc.status, str(exc), _own_type(exc))
         return ApiError(400, str(exc))  # its type went with the status it named
     if isinstance(exc, OptionsError):
         return ApiError(422, str(exc))
@@ -112,6 +112,19 @@ def from_service(exc: Exception) -> ApiError:
     if isinstance(exc, QueueFull):
         return ApiError(503, str(exc), "overloaded", headers={"Retry-After": "1"})
     return ApiError(500, f"the model failed: {type(exc).__name__}: {exc}", "model_error")
+
+
+def _own_type(exc: InputError) -> str | None:
+    """The `type` a handler's error names, unless it came with another status than the error's own: a
+    subclass that sets only `status = 404` is a "not_found", not its base's "invalid_request"."""
+    if "type" not in vars(exc) and "status" in vars(exc):
+        return None
+    owners = [
+        next(i for i, c in enumerate(type(exc).__mro__) if name in vars(c)) for name in ("status", "type")
+    ]
+    if "type" not in vars(exc) and owners[0] < owners[1]:  # `status` set below the class that set `type`
+        return None
+    return exc.type if isinstance(exc.type, str) and exc.type else None
 
 
 def error_body(type: str, message: str) -> dict[str, dict[str, str]]:

@@ -612,6 +612,33 @@ def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(statu
     assert errors.from_service(Odd("slow down")).status == 429  # a 4xx of its choice stands
 
 
+def test_an_input_error_of_its_own_status_gets_that_status_type() -> None:
+    """A subclass that sets only `status = 404` is a "not_found", not its base's "invalid_request";
+    a `type` set beside its status, or on the instance, stands."""
+    from docker_vit import errors
+    from docker_vit.handler import InputError
+
+    class Missing(InputError):
+        status = 404
+
+    class Refused(InputError):
+        status, type = 403, "no_cats"
+
+    class Stricter(Refused):
+        pass
+
+    assert (errors.from_service(Missing("no such album")).status, errors.from_service(Missing("x")).type) == (
+        404,
+        "not_found",
+    )
+    assert errors.from_service(Refused("x")).type == errors.from_service(Stricter("x")).type == "no_cats"
+    odd = InputError("x")
+    odd.status = 422  # type: ignore[misc]
+    assert errors.from_service(odd).type == "invalid_parameters"
+    odd.type = "mine"  # type: ignore[misc]
+    assert errors.from_service(odd).type == "mine"
+
+
 @pytest.mark.parametrize(
     ("outputs", "words"),
     [
