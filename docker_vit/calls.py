@@ -19,7 +19,6 @@ import threading
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
-from docker_vit.abandon import Abandoned
 from docker_vit.abandon import stop_if_abandoned as stop_if_abandoned  # the path docs once gave
 from docker_vit.errors import OptionsError
 from docker_vit.handler import Handler, HandlerBug, Result
@@ -32,8 +31,9 @@ class WrongOutputs(RuntimeError):
 
 
 def splittable(exc: BaseException) -> bool:
-    """Whether a failed batch is worth retrying in halves (a poison item, an out-of-memory error)."""
-    return not isinstance(exc, WrongOutputs | Abandoned) and not device_lost(exc)
+    """Whether a failed batch is worth retrying in halves (a poison item, an out-of-memory error). An
+    `Abandoned` counts as one where callers still wait for the batch: the handler raised it itself."""
+    return not isinstance(exc, WrongOutputs) and not device_lost(exc)
 
 
 # Torch's words for the faults that poison a GPU's context (CUDA's "sticky" errors), after which every

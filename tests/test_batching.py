@@ -147,6 +147,25 @@ def test_a_poison_item_fails_alone() -> None:
     assert isinstance(results[2], ValueError)
 
 
+def test_an_abandoned_a_handler_raises_itself_fails_only_its_item() -> None:
+    """`Abandoned` means every caller has gone; raised while callers still wait, it is the handler's
+    own failure of one item, and its batch-mates are answered, as for any poison item."""
+    from docker_vit.abandon import Abandoned
+
+    def gives_up_on_3(items, options):
+        if 3 in items:
+            raise Abandoned("handler raised it itself")
+        return [f"{item}:{options}" for item in items]
+
+    async def main():
+        batcher = make(gives_up_on_3)
+        batcher.start()
+        return await asyncio.gather(*batcher.submit([1, 2, 3, 4], "a"), return_exceptions=True)
+
+    results = run(main())
+    assert results[:2] == ["1:a", "2:a"] and results[3] == "4:a" and isinstance(results[2], Abandoned)
+
+
 def test_a_wrong_output_count_fails_the_batch_without_retries() -> None:
     """Batches of one would pass, so halving would hide a predict that answers once per batch."""
     calls: list[int] = []
