@@ -158,11 +158,11 @@ class Settings:
                 "url cannot hold a user or password (user:pw@): send a key with --api-key instead"
             )
         if self.url and not _http_url(self.url):
-            shown = (
-                "a URL holding an @ (not shown: a password may be in it)"
-                if "@" in self.url
-                else repr(self.url)
-            )
+            shown = repr(self.url)
+            if "@" in self.url:
+                shown = "a URL holding an @ (not shown: a password may be in it)"
+            elif "?" in self.url or "#" in self.url:  # a gateway's `?token=` must not reach a CI log
+                shown = f"{re.split(r'[?#]', self.url, maxsplit=1)[0]!r} and a query (not shown: a key may be in it)"
             raise ValueError(
                 f"url must be http:// or https://, a host and an optional path (no query), got {shown}"
             )

@@ -336,6 +336,18 @@ def test_a_url_with_a_password_is_refused_without_echoing_it(url: str, capsys: p
     assert "cannot hold a user or password" in err or "a URL holding an @ (not shown" in err
 
 
+@pytest.mark.parametrize("url", ["http://h/?token=SECRET", "http://h/x#SECRET", "http://h:9/?a=1&key=SECRET"])
+def test_a_url_with_a_query_is_refused_without_echoing_the_query(
+    url: str, capsys: pytest.CaptureFixture
+) -> None:
+    """A gateway may take its key as `?token=`: the refusal, which lands in CI logs, names the rest."""
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["caption", "x.jpg", "--url", url])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "SECRET" not in err and "a query (not shown" in err
+    assert repr(url.split("?")[0].split("#")[0]) in err
+
+
 def test_an_at_sign_past_the_host_is_no_user() -> None:
     from docker_vit.config import _user_info
 
