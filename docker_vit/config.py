@@ -41,7 +41,7 @@ def _opt(default: Any, help: str, group: str = SERVER, *, secret: bool = False, 
 class Settings:
     """The configuration of one Docker-ViT process."""
 
-    model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL)
+    model: str = _opt(DEFAULT_MODEL, "Hub id or local folder of an image-to-text model", MODEL, trimmed=True)
     handler: str = _opt("", "run a custom handler, as module:Class (default: the captioner)", MODEL)
     device: str = _opt(
         "auto", "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps, xpu or xpu:N", MODEL, any_case=True
@@ -70,7 +70,7 @@ class Settings:
         MODEL,
     )
 
-    host: str = _opt("127.0.0.1", "address to listen on")
+    host: str = _opt("127.0.0.1", "address to listen on", trimmed=True)
     port: int = _opt(8000, "port to listen on")
     max_wait_ms: float = _opt(
         5.0,
@@ -95,7 +95,9 @@ class Settings:
     )
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
 
-    url: str = _opt("", "caption through a Docker-ViT server at this URL, not a local model", CLIENT)
+    url: str = _opt(
+        "", "caption through a Docker-ViT server at this URL, not a local model", CLIENT, trimmed=True
+    )
     api_key: str = _opt("", "API key sent to --url as 'Authorization: Bearer KEY'", CLIENT, secret=True)
     concurrency: int = _opt(16, "requests in flight at once with --url (a server batch's worth)", CLIENT)
 

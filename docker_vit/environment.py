@@ -142,6 +142,8 @@ def parse(spec: dataclasses.Field, raw: str) -> Any:
             return _BOOLEANS[raw.strip().lower()]
         if any_case(spec):
             return raw.strip().lower()  # LOG_LEVEL=INFO means info
+        if spec.metadata.get("trimmed"):  # a blank pasted into a template's field, unseen in any log
+            return raw.strip()
         return kind(raw)
     except (ValueError, KeyError):
         raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

@@ -28,6 +28,20 @@ def test_environment_then_flags() -> None:
     )
 
 
+def test_a_host_model_or_url_variable_is_read_without_blanks_at_either_end() -> None:
+    """A blank pasted after a value in a template's field breaks a listen or a load, and no log shows it;
+    ports and numbers were already read so."""
+    env = {
+        "DOCKER_VIT_HOST": "0.0.0.0 ",
+        "DOCKER_VIT_MODEL": " nlpconnect/vit-gpt2-image-captioning\n",
+        "DOCKER_VIT_URL": "http://127.0.0.1:9 ",
+        "DOCKER_VIT_OUTPUT": "captions.jsonl ",  # a file name may end in a blank
+    }
+    settings = Settings.load(env)
+    assert (settings.host, settings.model, settings.url) == ("0.0.0.0", DEFAULT_MODEL, "http://127.0.0.1:9")
+    assert settings.output == "captions.jsonl "
+
+
 def test_a_flag_wins_over_a_variable_that_would_not_parse() -> None:
     env = {"DOCKER_VIT_PORT": "abc", "DOCKER_VIT_MAX_WAIT_MS": "soon", "DOCKER_VIT_NUM_BEAMS": "2"}
     settings = Settings.load(env, port=9001, max_wait_ms=3.0)
