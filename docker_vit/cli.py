@@ -46,6 +46,7 @@ COMMANDS = ("serve", "caption", "download")
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    _open_closed_streams()
     parser = _parser()
     if said := before_command(argv, COMMANDS):
         parser.error(said)
@@ -65,6 +66,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.run(settings, args)
     except HandlerError as exc:  # the setting named as it was set: the flag, or the variable
         _fail(args.parser, exc.said_as("--handler" if "handler" in args.flagged else env_name("handler")))
+
+
+def _open_closed_streams() -> None:
+    """`>&-` and `2>&-` leave Python no stdout or stderr (None): what would go there goes nowhere, as the
+    shell was told, and the work is still done, where a `None` would end it in a traceback."""
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115  # the process's, to its end
 
 
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:

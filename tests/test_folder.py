@@ -580,6 +580,32 @@ def test_a_fifo_or_an_endless_file_is_skipped_not_waited_on(library: Path, tmp_p
     assert len(lines(out)) == 5
 
 
+@pytest.mark.parametrize(("closed", "fmt"), [(">&-", []), (">&-", ["--format", "csv"]), ("2>&-", ["-o"])])
+def test_a_closed_stdout_or_stderr_costs_what_went_there_not_the_run(
+    library: Path, tmp_path: Path, closed: str, fmt: list[str]
+) -> None:
+    """`>&-` and `2>&-` leave Python a None stream: a traceback (or, for stderr, a silent exit 1 with no
+    file written) where the shell only asked for quiet."""
+    out = tmp_path / "o.jsonl"
+    args = [str(out)] if fmt == ["-o"] else []
+    command = [
+        sys.executable,
+        "-m",
+        "docker_vit.cli",
+        "caption",
+        str(library / "b.png"),
+        *fmt,
+        *args,
+        *DIGEST,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    done = subprocess.run(
+        ["bash", "-c", f'"$@" {closed}', "-", *command], env=env, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0 and b"Traceback" not in done.stderr + done.stdout
+    assert len(lines(out)) == 1 if args else not out.exists()
+
+
 @pytest.mark.parametrize("fmt", [[], ["--json"], ["--format", "csv"]])
 def test_a_file_name_that_is_not_utf8_is_printed_as_its_bytes(tmp_path: Path, fmt: list[str]) -> None:
     """On stdout too (a strict UTF-8 stdout could not print it, and the whole run stopped)."""
