@@ -6,6 +6,7 @@ Every flag is generated from `Settings`, so each one also reads its `DOCKER_VIT_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -188,6 +189,8 @@ def _caption(settings: Settings, args: argparse.Namespace) -> int:
     remote = sorted(flag_name(name) for name in args.flagged & REMOTE_ONLY)
     if not settings.url and remote:
         print(f"docker-vit: {', '.join(remote)} ignored without --url: the model runs here", file=sys.stderr)
+    if "json" in args.flagged and "format" not in args.flagged:  # the flag wins over DOCKER_VIT_FORMAT
+        settings = dataclasses.replace(settings, format="jsonl" if settings.json else "")
     previous = _set_sigterm(stop)
     try:
         code = folder.caption(settings, args.paths, args.chosen)

@@ -786,6 +786,16 @@ def test_no_json_undoes_the_variable(library: Path, monkeypatch: pytest.MonkeyPa
     assert capsys.readouterr().out.startswith("picture ")
 
 
+@pytest.mark.parametrize(("flag", "starts"), [("--json", '{"path"'), ("--no-json", "picture ")])
+def test_the_json_flag_wins_over_a_format_variable(
+    library: Path, monkeypatch: pytest.MonkeyPatch, capsys, flag: str, starts: str
+) -> None:
+    """Flags win over variables: `--json` or `--no-json` with DOCKER_VIT_FORMAT=csv set is not CSV."""
+    monkeypatch.setenv("DOCKER_VIT_FORMAT", "csv")
+    assert cli.main(["caption", str(library / "b.png"), flag, *DIGEST]) == 0
+    assert capsys.readouterr().out.startswith(starts)
+
+
 @pytest.mark.parametrize("fragment", ["{", '{"pa', '{"path"', '{"path": "b.png", "capt'])
 def test_a_record_cut_anywhere_is_dropped_without_leaving_a_blank_line(tmp_path: Path, fragment: str) -> None:
     path = tmp_path / "o.jsonl"
