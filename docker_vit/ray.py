@@ -179,12 +179,31 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
                 deployment[name] = kind(text)
         except ValueError:  # named as the argument it is, not as the variable `parse` would name
             raise ValueError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    _check_ranges(deployment)
+    return overrides, deployment
+
+
+# The least each deployment argument may be: Ray refuses less in a page of pydantic's words, and only
+# after the tuning warnings that a value it refuses would set off.
+_LEAST = {"num_replicas": 1, "min_replicas": 0, "max_replicas": 1, "num_gpus": 0, "num_cpus": 0}
+_LEAST |= {"max_ongoing_requests": 1, "max_queued_requests": 1}
+
+
+def _check_ranges(deployment: Mapping[str, Any]) -> None:
+    """Each deployment argument in its range, refused in one line naming it."""
     for name, value in deployment.items():  # Ray checks its own options, but not for nan or inf
         if isinstance(value, float) and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
-    if deployment.get("load_timeout_s", LOAD_TIMEOUT_S) <= 0:
-        raise ValueError(f"load_timeout_s must be positive, got {deployment['load_timeout_s']}")
-    return overrides, deployment
+        if name == "max_queued_requests" and value == -1:  # Ray's "no limit"
+            continue
+        if name in _LEAST and value != "auto" and value < _LEAST[name]:
+            least = (
+                "-1 (no limit) or at least 1" if name == "max_queued_requests" else f"at least {_LEAST[name]}"
+            )
+            raise ValueError(f"{name} must be {least}, got {value}")
+    for name in ("target_ongoing_requests", "load_timeout_s"):
+        if deployment.get(name, 1) <= 0:
+            raise ValueError(f"{name} must be positive, got {deployment[name]}")
 
 
 def deployment_options(

@@ -222,6 +222,12 @@ def test_a_scaling_target_above_what_a_replica_takes_is_warned_of(caplog: pytest
         ({"num_replicas": "auto", "min_replicas": "101"}, "min_replicas=101 needs max_replicas"),
         ({"load_timeout_s": "nan"}, "load_timeout_s must be a finite number"),
         ({"target_ongoing_requests": "inf"}, "target_ongoing_requests must be a finite number"),
+        ({"target_ongoing_requests": "0"}, "target_ongoing_requests must be positive, got 0"),
+        ({"max_ongoing_requests": "0"}, "max_ongoing_requests must be at least 1, got 0"),
+        ({"num_replicas": "-1"}, "num_replicas must be at least 1, got -1"),
+        ({"max_queued_requests": "0"}, "max_queued_requests must be -1 (no limit) or at least 1, got 0"),
+        ({"min_replicas": "-2"}, "min_replicas must be at least 0, got -2"),
+        ({"num_gpus": "-0.5"}, "num_gpus must be at least 0, got -0.5"),
         (
             {"handler": "no_such_module:Handler"},
             "cannot import no_such_module for handler no_such_module:Handler",
