@@ -94,7 +94,11 @@ class Captioner(Handler):
         )
 
     def prepare(self, data: bytes, options: Hashable) -> Any:
-        image = self.open_image(data, draft=self._draft())
+        return self.open_image(data, draft=self._draft(), then=self._pixels)
+
+    def _pixels(self, image: Image.Image) -> Any:
+        """The model's input, made while the decode budget counts the picture: the processor's resize
+        holds full-size copies of it."""
         width, height = self.engine.resized(*image.size)
         limit = max(self.settings.max_pixels, RESIZE_LIMIT)
         if width * height > limit:

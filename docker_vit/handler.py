@@ -13,7 +13,7 @@ once, after the last `predict`.
 from __future__ import annotations
 
 import io
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -131,10 +131,13 @@ class Handler:
         of a `caption` run), after the last `predict` and on its thread; only after a `load` that
         returned. A server waits for it, and for a model call still running before it, at most 10 s."""
 
-    def open_image(self, data: bytes, draft: int | None = None) -> Image.Image:
-        """The server's own image intake and limits (`--max-bytes`, `--max-pixels`), for vision handlers."""
+    def open_image(
+        self, data: bytes, draft: int | None = None, then: Callable[[Image.Image], Any] | None = None
+    ) -> Any:
+        """The server's own image intake and limits (`--max-bytes`, `--max-pixels`), for vision handlers:
+        an RGB image, or what `then` makes of it within the decode's memory budget (a preprocess)."""
         s = self.settings
-        return open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=draft)
+        return open_image(data, max_bytes=s.max_bytes, max_pixels=s.max_pixels, draft=draft, then=then)
 
     def example(self) -> bytes:
         """An input for the warm-up call that proves the model works before `/readyz` says so."""

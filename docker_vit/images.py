@@ -14,8 +14,9 @@ import os
 import threading
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -53,12 +54,21 @@ os.environ.setdefault("LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER", str(FEW_JPEG_SCANS
 DECODING_PIXELS = 80_000_000
 
 
-def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | None = None) -> Image.Image:
+def open_image(
+    data: bytes,
+    *,
+    max_bytes: int,
+    max_pixels: int,
+    draft: int | None = None,
+    then: Callable[[Image.Image], Any] | None = None,
+) -> Any:
     """Decode `data` into an RGB image, refusing what is too big or not a picture.
 
     `draft` lets JPEGs decode at a reduced DCT scale when they are far larger than the model input:
     the result stays at least twice `draft` on each side, by a scale that divides both sides, so the
-    model's own resize still decides the pixels it sees.
+    model's own resize still decides the pixels it sees. `then` (a processor's resize, say) runs on the
+    image, and its result is returned, while the decode budget still counts the image: the full-size
+    copies a processor makes cost more memory, and longer, than the decode itself.
     """
     scans = _check_before_opening(data, max_bytes, max_pixels)
     _let_pillow_open(max_pixels)
@@ -71,7 +81,8 @@ def open_image(data: bytes, *, max_bytes: int, max_pixels: int, draft: int | Non
         with decode_budget.hold(image.width * image.height):
             image.load()
             _check_exif(len(image.info.get("exif") or b""))  # a PNG's eXIf may follow its pixels
-            return _to_rgb(_orient(image))
+            rgb = _to_rgb(_orient(image))
+            return rgb if then is None else then(rgb)
 
 
 def _check_before_opening(data: bytes, max_bytes: int, max_pixels: int) -> int:

@@ -187,6 +187,21 @@ def _jpeg(size: tuple[int, int]) -> bytes:
     return buffer.getvalue()
 
 
+def test_the_processor_runs_while_the_decode_budget_counts_the_picture(git_dir: Path, bulldog: bytes) -> None:
+    """The processor's resize holds full-size copies of the picture, longer than its decode: a budget
+    that let go before it would let twice the pictures it means into memory."""
+    from docker_vit import images
+
+    captioner = Captioner(Settings(model=str(git_dir)))
+    captioner.load()
+    held: list[int] = []
+    pixels = captioner.engine.pixels
+    captioner.engine.pixels = lambda image: held.append(images.decode_budget.taken) or pixels(image)  # type: ignore[method-assign]
+    captioner.prepare(bulldog, captioner.options({}))
+    width, height = Image.open(io.BytesIO(bulldog)).size
+    assert held == [width * height] and images.decode_budget.taken == 0
+
+
 def test_photos_are_decoded_whole_unless_far_larger_than_any_model_input(
     git_dir: Path, bulldog: bytes
 ) -> None:
