@@ -27,6 +27,11 @@ LINGER = 2.0  # seconds a connection answered below the app reads and drops what
 # httptools parses a request pipelined behind a running one as its bytes come (h11 waits, and
 # bounds headers itself): those headers must be counted too.
 PARSES_AHEAD = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
+# h11 parses a chunked body in Python, ~8 us a chunk: one client's 1-byte chunks at ~1 MB/s held the
+# event loop, and every other request with it. A chunked body of more chunks than this, averaging
+# under SMALL_CHUNK bytes, is refused (400, closed); curl's and httpx's chunks are kilobytes.
+MAX_SMALL_CHUNKS = 1024
+SMALL_CHUNK = 512
 
 
 def header_deadline(timeout: float, metrics: Metrics | None = None) -> type[HeaderDeadline]:
@@ -53,6 +58,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     _header_bytes = 0
     _h11_status = 400
     _refused = False
+    _chunks: list[int] | None = None  # h11: a chunked body's chunks and bytes so far (None: not chunked)
 
     def data_received(self, data: bytes) -> None:
         """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
@@ -138,10 +144,22 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         a body's line (a chunk size past the limit) is not about headers: that stays a 400."""
         reading_head = self.conn.their_state is h11.IDLE
         try:
-            return self._h11_next_event()
+            event = self._h11_next_event()
         except h11.RemoteProtocolError as exc:  # answered by uvicorn
             self._h11_status = exc.error_status_hint if reading_head else 400
             raise
+        if isinstance(event, h11.Request):
+            chunked = any(
+                name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in event.headers
+            )
+            self._chunks = [0, 0] if chunked else None
+        elif isinstance(event, h11.Data) and self._chunks is not None:
+            self._chunks[0] += 1
+            self._chunks[1] += len(event.data)
+            if self._chunks[0] > MAX_SMALL_CHUNKS and self._chunks[1] < self._chunks[0] * SMALL_CHUNK:
+                self._h11_status = 400
+                raise h11.RemoteProtocolError("a chunked body in too many small chunks", 400)
+        return event
 
     def _refuse(self, status: int) -> None:
         """Answer below the app, then close once the client has had the answer: a socket closed

@@ -360,6 +360,32 @@ def test_endless_headers_behind_a_running_request_are_cut_off(
     answered_promptly(each_parser)
 
 
+def test_a_chunked_body_of_tiny_chunks_is_refused_not_parsed_chunk_by_chunk(
+    each_parser: str, request: pytest.FixtureRequest
+) -> None:
+    """h11 parses each chunk in Python: one client's 1-byte chunks at ~1 MB/s held the event loop, and
+    every other request with it. Under h11 such a body is a 400 after 1,024 chunks; chunks of
+    kilobytes, as clients send them, are read (httptools parses in C, and reads both)."""
+    h11 = request.node.callspec.params["each_parser"] == "h11"
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with connect(each_parser) as sock:
+        sock.sendall(head + b"1\r\nA\r\n" * 3000 + b"0\r\n\r\n")
+        answer = closed_by_server(sock, PROMPT) if h11 else sock.recv(65536)
+    if h11:
+        assert answer.startswith(b"HTTP/1.1 400") and b"application/json" in answer, answer[:200]
+    else:
+        assert answer.startswith(b"HTTP/1.1 200") and answer.endswith(b"A" * 3000), answer[:200]
+    body = b"".join(b"%x\r\n%s\r\n" % (1024, b"B" * 1024) for _ in range(1100)) + b"0\r\n\r\n"
+    with connect(each_parser) as sock:
+        sock.sendall(head + body)
+        sock.settimeout(PROMPT)
+        answer = b""
+        while len(answer) < 2_000_000 and not answer.endswith(b"B" * 100):
+            answer += sock.recv(1 << 20)
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]  # 1,100 chunks of 1 KiB: an upload
+    answered_promptly(each_parser)
+
+
 def test_a_websocket_upgrade_is_answered_as_plain_http(each_parser: str) -> None:
     """No route takes WebSockets: uvicorn must not answer the upgrade itself (an empty 403 or a text
     405, no request id, no log line), the app answers it like any request."""
