@@ -300,7 +300,7 @@ def test_a_url_naming_the_route_gets_a_hint(
         "http://h x",
         "http://127.0.0.1:notaport",
         "http://h:99999",
-        "http://h\n",
+        "http://h\nx",  # inside: blanks at either end of the variable are trimmed
         "http://127.0.0.1:9106?x=1",
         "http://h/#top",
     ],
