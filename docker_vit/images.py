@@ -78,11 +78,12 @@ def open_image(
         scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
         if scale > 1:
             image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
-        with decode_budget.hold(image.width * image.height):
+    with decode_budget.hold(image.width * image.height):
+        with _refusals(max_pixels):  # Pillow's failures are the client's; what `then` raises is not
             image.load()
             _check_exif(len(image.info.get("exif") or b""))  # a PNG's eXIf may follow its pixels
             rgb = _to_rgb(_orient(image))
-            return rgb if then is None else then(rgb)
+        return rgb if then is None else then(rgb)
 
 
 def _check_before_opening(data: bytes, max_bytes: int, max_pixels: int) -> int:
@@ -134,9 +135,22 @@ class Budget:
         self.total, self.taken = total, 0
         self._changed = threading.Condition()
         self._line: deque[object] = deque()  # first come, first served: a big share is not starved
+        self._holding = threading.local()  # a thread's hold inside its own (a `then` that decodes)
 
     @contextmanager
     def hold(self, amount: int) -> Iterator[None]:
+        if getattr(self._holding, "yes", False):  # queued behind others while holding, it would wait
+            yield  # for ever: within its thread's first share, it runs on that share
+            return
+        self._holding.yes = True
+        try:
+            with self._share(amount):
+                yield
+        finally:
+            self._holding.yes = False
+
+    @contextmanager
+    def _share(self, amount: int) -> Iterator[None]:
         amount = min(amount, self.total)  # one bigger than all of it runs alone
         ticket = object()
         with self._changed:

@@ -471,6 +471,41 @@ def test_draft_decodes_huge_jpegs_smaller_but_never_below_twice_the_input() -> N
     assert open_image(big, **LIMITS).size == (4000, 3000)
 
 
+def test_what_then_raises_is_its_own_error_not_the_clients(bulldog: bytes) -> None:
+    """A processor's failure (out of memory on a big picture) is the server's 500, not a 415."""
+
+    def fails(image: Image.Image) -> None:
+        raise MemoryError("DefaultCPUAllocator: can't allocate memory")
+
+    with pytest.raises(MemoryError):
+        open_image(bulldog, max_bytes=10**8, max_pixels=10**8, then=fails)
+    assert images.decode_budget.taken == 0
+
+
+def test_a_then_that_decodes_again_runs_on_its_threads_share() -> None:
+    """Queued behind another thread's wait while holding its own share, a nested hold waited for ever."""
+    budget = images.Budget(100)
+    done: list[str] = []
+
+    def outer() -> None:
+        with budget.hold(60):
+            time.sleep(0.2)  # meanwhile `waiter` queues for more than is left
+            with budget.hold(30):
+                done.append("nested")
+
+    def waiter() -> None:
+        time.sleep(0.05)
+        with budget.hold(80):
+            done.append("waiter")
+
+    threads = [threading.Thread(target=outer), threading.Thread(target=waiter)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert done == ["nested", "waiter"] and budget.taken == 0
+
+
 def test_decoding_holds_its_pixels_of_a_shared_budget_and_gives_them_back() -> None:
     """Pictures at the pixel limit cost 0.5-0.8 GB each to decode: cores x that was the only bound."""
     budget = images.Budget(100)
