@@ -28,8 +28,8 @@ LINGER = 2.0  # seconds a connection answered below the app reads and drops what
 # bounds headers itself): those headers must be counted too.
 PARSES_AHEAD = AutoHTTPProtocol.__name__ == "HttpToolsProtocol"
 # h11 parses a chunked body in Python, ~8 us a chunk: one client's 1-byte chunks at ~1 MB/s held the
-# event loop, and every other request with it. A chunked body of more chunks than this, averaging
-# under SMALL_CHUNK bytes, is refused (400, closed); curl's and httpx's chunks are kilobytes.
+# event loop, and every other request with it. A chunked body of more chunks than this under
+# SMALL_CHUNK bytes each is refused (400, closed); curl's and httpx's chunks are kilobytes.
 MAX_SMALL_CHUNKS = 1024
 SMALL_CHUNK = 512
 
@@ -58,7 +58,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     _header_bytes = 0
     _h11_status = 400
     _refused = False
-    _chunks: list[int] | None = None  # h11: a chunked body's chunks and bytes so far (None: not chunked)
+    _chunks: list[int] | None = None  # h11: a chunked body's small chunks, and the bytes of the last one
 
     def data_received(self, data: bytes) -> None:
         """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
@@ -154,12 +154,24 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             )
             self._chunks = [0, 0] if chunked else None
         elif isinstance(event, h11.Data) and self._chunks is not None:
-            self._chunks[0] += 1
-            self._chunks[1] += len(event.data)
-            if self._chunks[0] > MAX_SMALL_CHUNKS and self._chunks[1] < self._chunks[0] * SMALL_CHUNK:
+            return self._counted(event)
+        return event
+
+    def _counted(self, data: Any) -> Any:
+        """A piece of a chunked body (h11 gives a chunk that arrives over several reads in as many
+        pieces): refused once too many of its chunks were small."""
+        chunks = self._chunks
+        chunks[1] = len(data.data) + (0 if data.chunk_start else chunks[1])
+        if data.chunk_end and chunks[1] < SMALL_CHUNK:
+            chunks[0] += 1
+            if chunks[0] > MAX_SMALL_CHUNKS:
+                if self.cycle is not None and self.cycle.response_complete:  # answered early: no
+                    self._refused = True  # second answer on the connection, only its end
+                    self.transport.close()
+                    return h11.NEED_DATA
                 self._h11_status = 400
                 raise h11.RemoteProtocolError("a chunked body in too many small chunks", 400)
-        return event
+        return data
 
     def _refuse(self, status: int) -> None:
         """Answer below the app, then close once the client has had the answer: a socket closed
