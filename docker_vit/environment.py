@@ -44,6 +44,8 @@ def chosen(env: Mapping[str, str] | None, names: Collection[str] | None = None, 
     values: dict[str, Any] = {}
     for name, spec in options().items():
         raw = env.get(env_name(name))
+        if raw is not None and spec.metadata.get("trimmed"):  # blanks alone are no value, as ""
+            raw = raw.strip()  # is none: `DOCKER_VIT_HOST=" "` must not listen everywhere
         if (
             raw
             and name not in given

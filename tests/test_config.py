@@ -40,6 +40,8 @@ def test_a_host_model_or_url_variable_is_read_without_blanks_at_either_end() -> 
     settings = Settings.load(env)
     assert (settings.host, settings.model, settings.url) == ("0.0.0.0", DEFAULT_MODEL, "http://127.0.0.1:9")
     assert settings.output == "captions.jsonl "
+    blank = Settings.load({"DOCKER_VIT_HOST": " ", "DOCKER_VIT_MODEL": "\t", "DOCKER_VIT_URL": "  "})
+    assert (blank.host, blank.model, blank.url) == ("127.0.0.1", DEFAULT_MODEL, "")  # unset, not ""
 
 
 def test_a_flag_wins_over_a_variable_that_would_not_parse() -> None:
