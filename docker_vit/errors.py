@@ -7,6 +7,9 @@ http_errors.py), and nothing of the package is imported, so every layer can rais
 
 from __future__ import annotations
 
+import re
+from http import HTTPStatus
+
 TYPES = {
     400: "invalid_request",
     401: "unauthorized",
@@ -81,6 +84,16 @@ class TooManyItems(Exception):
     """One request holds more items than the whole queue: retrying can never help (413)."""
 
 
+def type_of(status: int) -> str:
+    """The error type of a status: ours, else HTTP's own name for it (`conflict` for 409)."""
+    if status in TYPES:
+        return TYPES[status]
+    try:
+        return re.sub(r"\W+", "_", HTTPStatus(status).phrase.lower())
+    except ValueError:  # a status HTTP does not name
+        return "invalid_request" if 400 <= status <= 499 else "error"
+
+
 class ApiError(Exception):
     """Raise anywhere in request handling to answer `status` with the standard error body."""
 
@@ -90,7 +103,7 @@ class ApiError(Exception):
         message = message.encode("utf-8", "backslashreplace").decode()  # JSON carries no lone surrogate
         super().__init__(message)
         self.status = status
-        self.type = type or TYPES.get(status, "error")
+        self.type = type or type_of(status)
         self.message = message
         self.headers = headers
 

@@ -632,6 +632,17 @@ def test_an_input_error_of_its_own_status_gets_that_status_type() -> None:
         "not_found",
     )
     assert errors.from_service(Refused("x")).type == errors.from_service(Stricter("x")).type == "no_cats"
+
+    class Conflict(InputError):
+        status = 409
+
+    class Unnamed(InputError):
+        status = 460
+
+    assert (errors.from_service(Conflict("x")).type, errors.from_service(Unnamed("x")).type) == (
+        "conflict",
+        "invalid_request",
+    )
     odd = InputError("x")
     odd.status = 422  # type: ignore[misc]
     assert errors.from_service(odd).type == "invalid_parameters"
