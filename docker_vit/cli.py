@@ -72,9 +72,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _open_closed_streams() -> None:
     """`>&-` and `2>&-` leave Python no stdout or stderr (None): what would go there goes nowhere, as the
     shell was told, and the work is still done, where a `None` would end it in a traceback."""
-    for name in ("stdout", "stderr"):
-        if getattr(sys, name) is None:
-            setattr(sys, name, open(os.devnull, "w"))  # noqa: SIM115  # the process's, to its end
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        if getattr(sys, name) is None:  # the descriptor itself, too: a file opened later would take
+            null = os.open(os.devnull, os.O_WRONLY)  # it, and a library's own writes to 2 with it
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, "w", closefd=False))  # noqa: SIM115  # the process's, to its end
 
 
 def _fail(parser: argparse.ArgumentParser, exc: Exception | str) -> NoReturn:

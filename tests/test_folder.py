@@ -7,6 +7,7 @@ import io
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import subprocess
@@ -604,6 +605,19 @@ def test_a_closed_stdout_or_stderr_costs_what_went_there_not_the_run(
     )
     assert done.returncode == 0 and b"Traceback" not in done.stderr + done.stdout
     assert len(lines(out)) == 1 if args else not out.exists()
+
+
+def test_closed_streams_leave_no_descriptor_for_a_file_to_take(tmp_path: Path) -> None:
+    """`<&- >&- 2>&-`: descriptor 2 left free would be the next file's (the captions file), and a
+    library's own writes to stderr would land in it."""
+    script = (
+        "import os; from docker_vit.cli import _open_closed_streams; _open_closed_streams(); "
+        f"f = open({str(tmp_path / 'out.txt')!r}, 'w'); os.write(2, b'native stderr'); f.write('rows'); f.close()"
+    )
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(script)} <&- >&- 2>&-"
+    env = {**os.environ, "PYTHONPATH": str(TESTS)}
+    assert subprocess.run(["bash", "-c", command], env=env, timeout=60).returncode == 0
+    assert (tmp_path / "out.txt").read_text() == "rows"
 
 
 @pytest.mark.parametrize("fmt", [[], ["--json"], ["--format", "csv"]])
