@@ -41,11 +41,13 @@ class RequestContext:
         max_body: int,
         read_timeout: float,
         proxied: bool = False,
+        max_body_at: Mapping[str, int] | None = None,
     ) -> None:
         self.app = app
         self.proxied = proxied  # Ray's proxy: it sets X-Request-ID, and cancels requests whose client left
         self.metrics = metrics
         self.max_body = max_body
+        self.max_body_at = dict(max_body_at or {})  # paths whose bodies hold less (`POST /`: one image)
         self.read_timeout = read_timeout
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -61,6 +63,7 @@ class RequestContext:
             state["echoed_id"] = request_id
         status, answered = 500, False
         declared = _declared_length(headers)
+        max_body = self._max_body_of(scope)
 
         async def send_with_id(message: dict) -> None:
             nonlocal status, answered
@@ -69,13 +72,13 @@ class RequestContext:
                 given = list(message.get("headers", []))
                 extra = [] if self.proxied else [(b"x-request-id", request_id.encode())]
                 closing = any(name.lower() == b"connection" for name, _ in given)
-                if declared > self.max_body and not closing:  # a body too large to read, on a route
+                if declared > max_body and not closing:  # a body too large to read, on a route
                     extra.append((b"connection", b"close"))  # that never read it: no next request
                 message["headers"] = [*given, *extra]
             await send(message)
 
         try:
-            limited = self._limited(receive, started + self.read_timeout, declared)
+            limited = self._limited(receive, started + self.read_timeout, declared, max_body)
             await self.app(scope, limited, send_with_id)
         except asyncio.CancelledError:
             # uvicorn cancels the requests still running when the shutdown timeout is up: they get a
@@ -91,7 +94,12 @@ class RequestContext:
         finally:
             self._report(scope, request_id, status, time.perf_counter() - started)
 
-    def _limited(self, receive: Any, deadline: float, declared: int) -> Any:
+    def _max_body_of(self, scope: dict) -> int:
+        """The body limit of the request's path, as routed (without a prefix: Ray's)."""
+        path, prefix = scope.get("path", ""), scope.get("root_path", "")
+        return self.max_body_at.get((path.removeprefix(prefix) if prefix else path) or "/", self.max_body)
+
+    def _limited(self, receive: Any, deadline: float, declared: int, max_body: int) -> Any:
         """Count body bytes as they arrive and give up on a client whose body is not in by `deadline`
         (a total, not a per-chunk wait: a trickle of bytes does not keep a request alive forever).
 
@@ -99,13 +107,13 @@ class RequestContext:
         routing and the API-key check, so a stranger gets 401 and the refusal counts for its route."""
         received = 0
         complete = False
-        too_large = f"request body exceeds {self.max_body} bytes"  # as declared, or as it arrives
+        too_large = f"request body exceeds {max_body} bytes"  # as declared, or as it arrives
 
         async def wrapped() -> dict:
             nonlocal received, complete
             if complete:  # the body is in: later calls only wait for a disconnect
                 return await receive()
-            if declared > self.max_body:
+            if declared > max_body:
                 raise ApiError(413, too_large, headers=CLOSE)
             try:
                 message = await asyncio.wait_for(receive(), deadline - time.perf_counter())
@@ -115,7 +123,7 @@ class RequestContext:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 complete = not message.get("more_body", False)
-                if received > self.max_body:
+                if received > max_body:
                     raise ApiError(413, too_large, headers=CLOSE)
             return message
 

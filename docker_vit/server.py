@@ -47,7 +47,8 @@ def create_app(settings: Settings, handler: Handler | None = None, proxied: bool
     app.add_middleware(
         RequestContext,
         metrics=service.metrics,
-        max_body=_max_body(settings),
+        max_body=_max_body(settings, settings.max_images),
+        max_body_at={"/": _max_body(settings, 1)},  # the original's one image: the rest is never read
         read_timeout=settings.read_timeout,
         proxied=proxied,
     )
@@ -166,9 +167,9 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-def _max_body(settings: Settings) -> int:
-    """Room for every allowed image in base64 (4/3) plus multipart or JSON framing."""
-    return settings.max_bytes * settings.max_images * 4 // 3 + 1_000_000
+def _max_body(settings: Settings, images: int) -> int:
+    """Room for `images` images in base64 (4/3) plus multipart or JSON framing."""
+    return settings.max_bytes * images * 4 // 3 + 1_000_000
 
 
 _ERROR = {  # every error answer's body (http_errors.error_response)

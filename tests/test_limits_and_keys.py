@@ -166,6 +166,21 @@ def test_declared_and_streamed_bodies_over_the_limit_are_413_and_close() -> None
         assert response.headers["connection"] == "close"
 
 
+def test_post_root_reads_one_images_worth_of_body_not_a_whole_requests() -> None:
+    """`POST /` captions one image: more files than that were parsed and spooled for nothing, up to the
+    body limit of 16 images (427 MB by default). Its body holds one image's room, as a 413."""
+    settings = Settings(max_bytes=600_000, max_images=4)  # `/`: 1_800_000 bytes; `/v1/captions`: 4_200_000
+    with serving(settings, Echo(settings)) as client:
+        files = [("file", ("a", b"a" * 500_000, "image/x")), ("file", ("b", b"b" * 500_000, "image/x"))]
+        assert client.post("/", files=files).text == "a" * 500_000  # two files: the first, as before
+        four = files + [
+            ("file", ("c", b"c" * 500_000, "image/x")),
+            ("file", ("d", b"d" * 500_000, "image/x")),
+        ]
+        assert "exceeds 1800000 bytes" in assert_error(client.post("/", files=four), 413)["message"]
+        assert len(client.post("/v1/captions", files=four).json()["captions"]) == 4
+
+
 def test_a_body_declared_too_large_meets_the_key_check_first_and_counts_for_its_route() -> None:
     settings = Settings(max_bytes=1_000, max_images=1, api_keys=("k" * 20,))
     with serving(settings, Echo(settings)) as client:
