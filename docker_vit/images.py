@@ -236,7 +236,11 @@ def _check_pixels(image: Image.Image, max_pixels: int, scans: int = 0) -> None:
 
 
 def _orient(image: Image.Image) -> Image.Image:
-    """Apply the EXIF orientation; a broken EXIF block is ignored rather than fatal."""
+    """Apply the EXIF orientation; a broken EXIF block is ignored rather than fatal. Pillow also turns
+    by an XMP packet's `tiff:Orientation` where the EXIF names none (a stripper that kept the XMP):
+    no EXIF rotation, and not what the original service did, so the XMP is set aside first."""
+    for key in ("xmp", "XML:com.adobe.xmp"):
+        image.info.pop(key, None)
     try:
         return ImageOps.exif_transpose(image, in_place=True) or image  # no copy of an upright one
     except Exception:

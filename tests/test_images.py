@@ -471,6 +471,22 @@ def test_draft_decodes_huge_jpegs_smaller_but_never_below_twice_the_input() -> N
     assert open_image(big, **LIMITS).size == (4000, 3000)
 
 
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_an_orientation_in_xmp_alone_does_not_turn_the_picture(fmt: str) -> None:
+    """Only EXIF's orientation is applied (README): Pillow also read XMP's `tiff:Orientation` when the
+    EXIF had none, and turned a picture the original captioned as it was stored."""
+    xmp = (
+        b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+        b'<rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" tiff:Orientation="6"/></rdf:RDF></x:xmpmeta>'
+    )
+    limits = {"max_bytes": 10**8, "max_pixels": 10**8}
+    picture = Image.new("RGB", (60, 40), (200, 30, 30))
+    assert open_image(encode(picture, fmt, xmp=xmp), **limits).size == (60, 40)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    assert open_image(encode(picture, fmt, exif=exif, xmp=xmp), **limits).size == (40, 60)  # EXIF: turned
+
+
 def test_what_then_raises_is_its_own_error_not_the_clients(bulldog: bytes) -> None:
     """A processor's failure (out of memory on a big picture) is the server's 500, not a 415."""
 
