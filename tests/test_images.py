@@ -487,6 +487,35 @@ def test_an_orientation_in_xmp_alone_does_not_turn_the_picture(fmt: str) -> None
     assert open_image(encode(picture, fmt, exif=exif, xmp=xmp), **limits).size == (40, 60)  # EXIF: turned
 
 
+def test_a_drafted_progressive_jpeg_counts_its_full_size_coefficients(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """libjpeg keeps a progressive JPEG's coefficients at full size at any DCT scale: counted at its
+    drafted size, 32 of them (238 MB each at 40 MP) fit the budget at once."""
+    held: list[int] = []
+    budget = images.Budget(images.DECODING_PIXELS)
+    monkeypatch.setattr(images, "decode_budget", budget)
+    monkeypatch.setattr(budget, "hold", lambda amount: held.append(amount) or images.Budget(10**12).hold(0))
+    picture = Image.new("RGB", (4096, 4096), (90, 120, 150))
+    limits = {"max_bytes": 10**8, "max_pixels": 10**8, "draft": 224}
+    assert open_image(encode(picture, "JPEG", progressive=True), **limits).size == (512, 512)
+    assert open_image(encode(picture, "JPEG"), **limits).size == (512, 512)
+    assert held == [4096 * 4096 // 3, 512 * 512]  # a baseline JPEG's drafted decode is its own size
+
+
+def test_a_big_pictures_freed_memory_goes_back_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each decoding thread's heap kept its largest picture, and a busy server never pauses to trim:
+    on a many-core host, cores x a picture stayed held. A picture of an eighth of the budget or more
+    hands its memory back once decoded; small ones cost no trim."""
+    trims: list[int] = []
+    monkeypatch.setattr(images.memory, "release_free_memory", lambda: trims.append(1))
+    limits = {"max_bytes": 10**8, "max_pixels": 10**8}
+    open_image(encode(Image.new("RGB", (640, 480), (1, 2, 3))), **limits)
+    assert trims == []
+    open_image(encode(Image.new("RGB", (4000, 2500), (1, 2, 3))), **limits)
+    assert trims == [1]
+
+
 def test_what_then_raises_is_its_own_error_not_the_clients(bulldog: bytes) -> None:
     """A processor's failure (out of memory on a big picture) is the server's 500, not a 415."""
 
