@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from docker_vit.errors import CLIENT_GONE, TYPES, ApiError, error_body
+from docker_vit.errors import CLIENT_GONE, ApiError, error_body, type_of
 
 log = logging.getLogger("docker_vit.errors")
 
@@ -18,7 +18,7 @@ log = logging.getLogger("docker_vit.errors")
 def error_response(
     status: int, message: str, type: str | None = None, headers: dict | None = None
 ) -> JSONResponse:
-    body = error_body(type or TYPES.get(status, "error"), message)
+    body = error_body(type or type_of(status), message)
     return JSONResponse(body, status_code=status, headers=headers)
 
 

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import io
 import os
-import threading
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from docker_vit import memory, structure
+from docker_vit.budget import Budget
 from docker_vit.errors import ImageError, InputError, NotAnImage, TooLarge
 
 # Formats worth accepting from strangers; the rest of Pillow's zoo stays closed. (MPO, the stereo
@@ -79,11 +78,12 @@ def open_image(
         if scale > 1:
             image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
     pixels = _decoding_pixels(image, scale)
-    result = _decoded(image, pixels, max_pixels, then)
-    del image  # its pixels, freed now, go back to the OS below
-    if pixels >= DECODING_PIXELS // 8:  # a decoding thread's heap keeps what its picture freed, and a
-        memory.release_free_memory()  # busy server never pauses to trim: cores x a picture, kept
-    return result
+    try:
+        return _decoded(image, pixels, max_pixels, then)
+    finally:  # its copies are freed (the picture too, unless it is what is returned): back to the OS,
+        del image  # as a decoding thread's heap would keep them, and a busy server never pauses to
+        if pixels >= DECODING_PIXELS // 8:  # trim: on a many-core host, cores x a picture, kept
+            memory.release_free_memory()
 
 
 def _decoding_pixels(image: Image.Image, scale: int) -> int:
@@ -102,6 +102,7 @@ def _decoded(
     """`image` decoded to RGB, and `then` run on it, while the budget counts `pixels`."""
     with decode_budget.hold(pixels):
         with _refusals(max_pixels):  # Pillow's failures are the client's; what `then` raises is not
+            _drop_xmp(image)  # before `load`: a TIFF's caches the orientation it finds there
             image.load()
             _check_exif(len(image.info.get("exif") or b""))  # a PNG's eXIf may follow its pixels
             rgb = _to_rgb(_orient(image))
@@ -147,48 +148,6 @@ def _refusals(max_pixels: int) -> Iterator[None]:
         raise NotAnImage(f"cannot decode the image: {exc}") from None
     except Exception:  # Pillow raises many more types for broken files: all mean "not an image"
         raise NotAnImage(UNSUPPORTED) from None
-
-
-class Budget:
-    """An amount (pixels being decoded) shared by threads: `hold` waits its turn, then until its share
-    fits."""
-
-    def __init__(self, total: int) -> None:
-        self.total, self.taken = total, 0
-        self._changed = threading.Condition()
-        self._line: deque[object] = deque()  # first come, first served: a big share is not starved
-        self._holding = threading.local()  # a thread's hold inside its own (a `then` that decodes)
-
-    @contextmanager
-    def hold(self, amount: int) -> Iterator[None]:
-        if getattr(self._holding, "yes", False):  # queued behind others while holding, it would wait
-            yield  # for ever: within its thread's first share, it runs on that share
-            return
-        self._holding.yes = True
-        try:
-            with self._share(amount):
-                yield
-        finally:
-            self._holding.yes = False
-
-    @contextmanager
-    def _share(self, amount: int) -> Iterator[None]:
-        amount = min(amount, self.total)  # one bigger than all of it runs alone
-        ticket = object()
-        with self._changed:
-            self._line.append(ticket)
-            try:
-                self._changed.wait_for(lambda: self._line[0] is ticket and self.taken + amount <= self.total)
-            finally:
-                self._line.remove(ticket)
-                self._changed.notify_all()  # the next in line may fit too (or may be first now)
-            self.taken += amount
-        try:
-            yield
-        finally:
-            with self._changed:
-                self.taken -= amount
-                self._changed.notify_all()
 
 
 decode_budget = Budget(DECODING_PIXELS)  # the memory of decoding is bounded by it, not by cores x pixel limit
@@ -260,13 +219,19 @@ def _check_pixels(image: Image.Image, max_pixels: int, scans: int = 0) -> None:
 def _orient(image: Image.Image) -> Image.Image:
     """Apply the EXIF orientation; a broken EXIF block is ignored rather than fatal. Pillow also turns
     by an XMP packet's `tiff:Orientation` where the EXIF names none (a stripper that kept the XMP):
-    no EXIF rotation, and not what the original service did, so the XMP is set aside first."""
-    for key in ("xmp", "XML:com.adobe.xmp"):
-        image.info.pop(key, None)
+    no EXIF rotation, and not what the original service did, so the XMP is set aside first (again:
+    a PNG's may come after its pixels)."""
+    _drop_xmp(image)
     try:
         return ImageOps.exif_transpose(image, in_place=True) or image  # no copy of an upright one
     except Exception:
         return image
+
+
+def _drop_xmp(image: Image.Image) -> None:
+    """Pillow's keys for an XMP packet (JPEG, WebP and TIFF "xmp"; PNG both)."""
+    for key in ("xmp", "XML:com.adobe.xmp"):
+        image.info.pop(key, None)
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

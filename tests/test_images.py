@@ -11,7 +11,7 @@ import zlib
 import conftest
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin, TiffImagePlugin
 
 from docker_vit import images
 from docker_vit.images import FORMATS, WHITE, InputError, NotAnImage, TooLarge, open_image
@@ -471,7 +471,7 @@ def test_draft_decodes_huge_jpegs_smaller_but_never_below_twice_the_input() -> N
     assert open_image(big, **LIMITS).size == (4000, 3000)
 
 
-@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "WEBP", "TIFF"])
 def test_an_orientation_in_xmp_alone_does_not_turn_the_picture(fmt: str) -> None:
     """Only EXIF's orientation is applied (README): Pillow also read XMP's `tiff:Orientation` when the
     EXIF had none, and turned a picture the original captioned as it was stored."""
@@ -481,7 +481,7 @@ def test_an_orientation_in_xmp_alone_does_not_turn_the_picture(fmt: str) -> None
     )
     limits = {"max_bytes": 10**8, "max_pixels": 10**8}
     picture = Image.new("RGB", (60, 40), (200, 30, 30))
-    assert open_image(encode(picture, fmt, xmp=xmp), **limits).size == (60, 40)
+    assert open_image(encode(picture, fmt, **_xmp_params(fmt, xmp)), **limits).size == (60, 40)
     exif = Image.Exif()
     exif[0x0112] = 6
     assert open_image(encode(picture, fmt, exif=exif, xmp=xmp), **limits).size == (40, 60)  # EXIF: turned
@@ -514,6 +514,19 @@ def test_a_big_pictures_freed_memory_goes_back_at_once(monkeypatch: pytest.Monke
     assert trims == []
     open_image(encode(Image.new("RGB", (4000, 2500), (1, 2, 3))), **limits)
     assert trims == [1]
+
+
+def _xmp_params(fmt: str, xmp: bytes) -> dict[str, object]:
+    """How each format's encoder takes an XMP packet (PNG as an iTXt chunk, TIFF as tag 700)."""
+    if fmt == "PNG":
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", xmp.decode())
+        return {"pnginfo": info}
+    if fmt == "TIFF":
+        tags = TiffImagePlugin.ImageFileDirectory_v2()
+        tags[700] = xmp
+        return {"tiffinfo": tags}
+    return {"xmp": xmp}
 
 
 def test_what_then_raises_is_its_own_error_not_the_clients(bulldog: bytes) -> None:
