@@ -130,12 +130,12 @@ def from_service(exc: Exception) -> ApiError:
 def _own_type(exc: InputError) -> str | None:
     """The `type` a handler's error names, unless it came with another status than the error's own: a
     subclass that sets only `status = 404` is a "not_found", not its base's "invalid_request"."""
-    if "type" not in vars(exc) and "status" in vars(exc):
-        return None
-    owners = [
-        next(i for i, c in enumerate(type(exc).__mro__) if name in vars(c)) for name in ("status", "type")
-    ]
-    if "type" not in vars(exc) and owners[0] < owners[1]:  # `status` set below the class that set `type`
+
+    def set_at(name: str) -> int:  # how far from the error the attribute was set: -1 on the error itself
+        mro = type(exc).__mro__
+        return -1 if name in vars(exc) else next(i for i, c in enumerate(mro) if name in vars(c))
+
+    if set_at("status") < set_at("type"):  # `status` set below where `type` was: not its type
         return None
     return exc.type if isinstance(exc.type, str) and exc.type else None
 

@@ -58,7 +58,8 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     _header_bytes = 0
     _h11_status = 400
     _refused = False
-    _chunks: list[int] | None = None  # h11: a chunked body's small chunks, and the bytes of the last one
+    _small_chunks: int | None = None  # h11: a chunked body's chunks under SMALL_CHUNK (None: not chunked)
+    _chunk_bytes = 0  # the bytes of its chunk being read
 
     def data_received(self, data: bytes) -> None:
         """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
@@ -152,19 +153,18 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             chunked = any(
                 name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in event.headers
             )
-            self._chunks = [0, 0] if chunked else None
-        elif isinstance(event, h11.Data) and self._chunks is not None:
+            self._small_chunks = 0 if chunked else None
+        elif isinstance(event, h11.Data) and self._small_chunks is not None:
             return self._counted(event)
         return event
 
     def _counted(self, data: Any) -> Any:
         """A piece of a chunked body (h11 gives a chunk that arrives over several reads in as many
         pieces): refused once too many of its chunks were small."""
-        chunks = self._chunks
-        chunks[1] = len(data.data) + (0 if data.chunk_start else chunks[1])
-        if data.chunk_end and chunks[1] < SMALL_CHUNK:
-            chunks[0] += 1
-            if chunks[0] > MAX_SMALL_CHUNKS:
+        self._chunk_bytes = len(data.data) + (0 if data.chunk_start else self._chunk_bytes)
+        if data.chunk_end and self._chunk_bytes < SMALL_CHUNK:
+            self._small_chunks += 1
+            if self._small_chunks > MAX_SMALL_CHUNKS:
                 if self.cycle is not None and self.cycle.response_complete:  # answered early: no
                     self._refused = True  # second answer on the connection, only its end
                     self.transport.close()

@@ -185,8 +185,15 @@ def split_args(args: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]
 
 # The least each deployment argument may be: Ray refuses less in a page of pydantic's words, and only
 # after the tuning warnings that a value it refuses would set off.
-_LEAST = {"num_replicas": 1, "min_replicas": 0, "max_replicas": 1, "num_gpus": 0, "num_cpus": 0}
-_LEAST |= {"max_ongoing_requests": 1, "max_queued_requests": 1}
+_LEAST = {
+    "num_replicas": 1,
+    "min_replicas": 0,
+    "max_replicas": 1,
+    "num_gpus": 0,
+    "num_cpus": 0,
+    "max_ongoing_requests": 1,
+    "max_queued_requests": 1,
+}
 
 
 def _check_ranges(deployment: Mapping[str, Any]) -> None:
