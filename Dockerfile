@@ -50,10 +50,10 @@ WORKDIR /home/app
 EXPOSE 8000
 # Healthy once the model is loaded and warm (GET /readyz answers 503 until then). Plain Python, so
 # it works on slim images without curl; it follows DOCKER_VIT_PORT, and DOCKER_VIT_HOST when that is
-# one address rather than all of them; it asks the server directly, never through an http_proxy set
-# for the Hub.
+# one address rather than all of them, each trimmed of blanks and line ends as the server trims them;
+# it asks the server directly, never through an http_proxy set for the Hub.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request as u; h = (os.environ.get('DOCKER_VIT_HOST') or '').strip() or '0.0.0.0'; h = {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(h) or ('[%s]' % h if ':' in h else h); u.build_opener(u.ProxyHandler({})).open('http://%s:%s/readyz' % (h, os.environ.get('DOCKER_VIT_PORT') or '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request as u; h = (os.environ.get('DOCKER_VIT_HOST') or '').strip() or '0.0.0.0'; h = {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(h) or ('[%s]' % h if ':' in h else h); u.build_opener(u.ProxyHandler({})).open('http://%s:%s/readyz' % (h, (os.environ.get('DOCKER_VIT_PORT') or '').strip() or '8000'), timeout=4)"]
 # Exec form: the server is PID 1 and receives SIGTERM itself (graceful drain, exit 0). No --host or
 # --port here, so DOCKER_VIT_* variables keep their say. No entrypoint (and none inherited from a CUDA
 # base image): a start command, such as Runpod's `python -m docker_vit.runpod`, replaces all of it.
