@@ -227,7 +227,8 @@ def deployment_options(
     result: dict[str, Any] = {
         # One batch runs while the next one forms; more would only wait in this replica's queue
         # instead of Ray's router, which can still send them to a less busy replica (and never more
-        # than that queue holds, or the replica answers 503 while another has room).
+        # than that queue holds, or the replica answers 503 while another has room; counted in
+        # requests, so that holds for one-image requests: several images each can still fill it).
         "max_ongoing_requests": deployment.get("max_ongoing_requests", min(2 * batch, settings.max_queue)),
         # Requests wait in Ray's router before a replica's own queue limit can see them: bound them too.
         "max_queued_requests": deployment.get("max_queued_requests", settings.max_queue),
