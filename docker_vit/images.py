@@ -74,6 +74,7 @@ def open_image(
     with _refusals(max_pixels):
         image = Image.open(io.BytesIO(data), formats=FORMATS)
         _check_pixels(image, max_pixels, scans)
+        _scale_png_transparency(image)
         scale = _draft_scale(image.size, 2 * draft) if draft and image.format == "JPEG" else 1
         if scale > 1:
             image.draft("RGB", (image.width // scale, image.height // scale))  # Pillow picks `scale`
@@ -151,6 +152,19 @@ def _refusals(max_pixels: int) -> Iterator[None]:
 
 
 decode_budget = Budget(DECODING_PIXELS)  # the memory of decoding is bounded by it, not by cores x pixel limit
+
+
+def _scale_png_transparency(image: Image.Image) -> None:
+    """A PNG's transparent color (tRNS) in the scale of its decoded pixels. Pillow keeps a 2- or 4-bit
+    gray's and a 16-bit RGB's as the file writes it, while it decodes those pixels to 8 bits: the gray
+    matched no pixel, and Pillow compares the RGB by its low bytes (a key of 0x4000 made black white).
+    A 16-bit key is compared by its high bytes, the ones Pillow decodes."""
+    rawmode = image.tile[0][3] if image.format == "PNG" and image.tile else None
+    key = image.info.get("transparency")
+    if rawmode in ("L;2", "L;4") and isinstance(key, int):
+        image.info["transparency"] = key * 255 // (2 ** int(rawmode[-1]) - 1)  # as Pillow scales them
+    elif rawmode == "RGB;16B" and isinstance(key, tuple):
+        image.info["transparency"] = tuple(value >> 8 for value in key)
 
 
 def _draft_scale(size: tuple[int, int], least: int) -> int:
@@ -236,7 +250,7 @@ def _drop_xmp(image: Image.Image) -> None:
 
 def _to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode to 8-bit RGB: alpha composited on white, deep grays scaled, not clipped."""
-    if "transparency" in image.info and image.mode in ("P", "L", "RGB"):  # a transparent color (tRNS)
+    if "transparency" in image.info and image.mode in ("P", "1", "L", "RGB"):  # a transparent color (tRNS)
         image = image.convert("RGBA")
     if image.mode == "RGB":
         return image

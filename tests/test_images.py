@@ -75,6 +75,38 @@ def test_a_transparent_value_of_a_16_bit_gray_png_is_composited_on_white() -> No
     assert result.getpixel((0, 0)) == WHITE and result.getpixel((1, 1)) == (116, 116, 116)  # 30000 // 257
 
 
+def _png_with_transparent_color(depth: int, color_type: int, rows: list[bytes], key: bytes) -> bytes:
+    """A PNG Pillow cannot write: 2- or 4-bit gray, or 16-bit RGB, with a transparent color (tRNS)."""
+    width = 8 * len(rows[0]) // depth // (3 if color_type == 2 else 1)
+    head = struct.pack(">IIBBBBB", width, len(rows), depth, color_type, 0, 0, 0)
+    pixels = zlib.compress(b"".join(b"\0" + row for row in rows))
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", head) + chunk(b"tRNS", key)
+    return png + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+@pytest.mark.parametrize("depth", [2, 4])
+def test_a_transparent_gray_of_a_png_of_few_bits_is_composited_on_white(depth: int) -> None:
+    samples = 8 // depth  # a byte of 1s, then a byte of 0s: the gray 1 is transparent, black is not
+    data = _png_with_transparent_color(depth, 0, [bytes([int(f"{1:0{depth}b}" * samples, 2), 0])], b"\0\1")
+    result = open_image(data, **LIMITS)
+    assert result.getpixel((0, 0)) == WHITE and result.getpixel((samples, 0)) == (0, 0, 0)
+
+
+def test_a_transparent_black_of_a_one_bit_png_is_composited_on_white() -> None:
+    image = Image.new("1", (8, 8), 0)
+    image.putpixel((1, 1), 1)
+    result = open_image(encode(image, transparency=0), **LIMITS)
+    assert result.getpixel((0, 0)) == WHITE and result.getpixel((1, 1)) == WHITE
+    assert open_image(encode(image), **LIMITS).getpixel((0, 0)) == (0, 0, 0)  # opaque without the key
+
+
+def test_a_transparent_color_of_a_16_bit_rgb_png_is_composited_on_white_and_black_stays() -> None:
+    key = struct.pack(">3H", 0x4000, 0x8000, 0xC000)  # whose low bytes, all 0, Pillow compared alone
+    data = _png_with_transparent_color(16, 2, [key + bytes(6)], key)
+    result = open_image(data, **LIMITS)
+    assert result.getpixel((0, 0)) == WHITE and result.getpixel((1, 0)) == (0, 0, 0)
+
+
 def test_plain_palette_keeps_its_colors() -> None:
     image = Image.new("P", (6, 6), 1)
     image.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
