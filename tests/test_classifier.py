@@ -303,3 +303,34 @@ def test_the_classifier_takes_threads_and_an_apple_gpu_from_the_settings(
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+TEAMS = """
+import os, threading, torch
+from PIL import Image
+from examples.imagenet_classifier import pixels
+torch.set_num_threads(2)  # a team wherever a parallel op runs, even on a one-core machine
+torch.ones(256, 256) @ torch.ones(256, 256)  # this thread's team, as the device thread has one
+done, hold = threading.Event(), threading.Event()
+def decode():
+    pixels(Image.new("RGB", (640, 480), (90, 120, 150)))
+    done.set()
+    hold.wait()  # alive, as a pool's thread stays, with any team it started
+before = len(os.listdir("/proc/self/task"))
+worker = threading.Thread(target=decode)
+worker.start()
+done.wait()
+print(len(os.listdir("/proc/self/task")) - before - 1)
+hold.set()
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts this process's threads in /proc")
+def test_the_classifier_prepares_without_an_openmp_team() -> None:
+    """The README's advice, kept by its own example: no parallel torch op in `prepare`, whose every
+    thread would keep an OpenMP team (a batch-1 predict took 25-70% longer beside two of them)."""
+    result = subprocess.run(
+        [sys.executable, "-c", TEAMS], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0", "threads the decoding thread started"
