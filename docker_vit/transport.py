@@ -1,9 +1,11 @@
 """HTTP for `docker-vit caption --url`, standard library only: an opener that never follows a
-redirect, what a failed call says, and when to try again.
+redirect and reads an answer given before the upload was in, what a failed call says, and when to try
+again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import math
@@ -26,7 +28,40 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
         return None
 
 
-open_url = urllib.request.build_opener(_NoRedirects).open
+class _ReadsEarlyAnswers:
+    """A connection that reads the server's answer when the upload breaks off. A server (or a proxy
+    in front of it) may refuse a request from its head alone, a wrong key (401) or a body over its
+    limit (413), answer, and close without reading the rest: sending the rest of a photo then fails
+    with a broken pipe or a reset, which would be retried as a dropped connection, the answer never
+    read. Where the server gave none, reading fails as such a dropped connection, tried again."""
+
+    def send(self, data: Any) -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # getresponse() reads what
+            super().send(data)  # the server said before it closed, or fails as a dropped connection
+
+
+class _Connection(_ReadsEarlyAnswers, http.client.HTTPConnection):
+    pass
+
+
+class _HTTP(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_Connection, req)
+
+
+_handlers: list[Any] = [_NoRedirects, _HTTP]
+if hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
+
+    class _TLSConnection(_ReadsEarlyAnswers, http.client.HTTPSConnection):
+        pass
+
+    class _HTTPS(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(_TLSConnection, req, context=self._context)
+
+    _handlers.append(_HTTPS)
+
+open_url = urllib.request.build_opener(*_handlers).open
 
 
 def parse_json(data: bytes) -> Any:

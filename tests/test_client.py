@@ -807,6 +807,42 @@ def test_an_answer_cut_short_is_retried(tmp_path: Path) -> None:
     assert _CutShort.cuts == [] and json.loads(out.read_text())["caption"] == "a stub caption"
 
 
+class _RefusesFromTheHead(_Flaky):
+    """A proxy's way with a big upload: refused from its head (401 for a wrong key, else 413) and the
+    connection closed with the body unread, so the client's upload meets a broken pipe or a reset."""
+
+    def do_POST(self) -> None:
+        if int(self.headers["Content-Length"]) > 1_000_000:
+            wrong = self.headers.get("Authorization") != "Bearer sesame"
+            status, message = (401, "missing or invalid API key") if wrong else (413, "over 1 MB")
+            self._answer(status, {"error": {"type": "refused", "message": message}}, {"Connection": "close"})
+            self.close_connection = True
+        else:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self._caption()
+
+
+def test_an_answer_given_before_the_upload_was_in_is_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A phone's photo refused from the head is that answer (a skip, a wrong key), not a connection
+    dropped again and again until the run ends saying "Broken pipe"."""
+    monkeypatch.setattr(client, "ATTEMPTS", 2)  # the old way: two broken pipes, then the run's end
+    (tmp_path / "a_big.jpg").write_bytes(b"\xff" * 12_000_000)
+    (tmp_path / "coffee.jpg").write_bytes(photo("coffee.jpg").read_bytes())
+    out = tmp_path / "out.jsonl"
+    with stub_server(_RefusesFromTheHead) as url:
+        argv = ["caption", str(tmp_path), "-o", str(out), "--url", url]
+        assert cli.main([*argv, "--api-key", "sesame"]) == 1
+        err = capsys.readouterr().err
+        assert "skipping" in err and "a_big.jpg: the server answered 413 over 1 MB" in err
+        assert [record["caption"] for record in read(out)] == ["a stub caption"]  # the run went on
+        out.unlink()
+        assert cli.main([*argv, "--api-key", "nope"]) == 1
+    err = capsys.readouterr().err
+    assert "answered 401 missing or invalid API key" in err and "Broken pipe" not in err
+
+
 def test_a_peer_that_does_not_speak_http_is_one_line(capsys: pytest.CaptureFixture) -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
