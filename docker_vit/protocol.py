@@ -150,6 +150,13 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._h11_status = exc.error_status_hint if reading_head else 400
             raise
         if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}  # h11 gives them in lower case
+            if {b"transfer-encoding", b"content-length"} <= names:
+                # Two framings (RFC 9112 6.3: a smuggling attempt, and the connection must close): h11
+                # reads the chunks and keeps the connection, so a proxy that went by the length passes
+                # the rest on as another request. httptools refuses it: alike here.
+                self._h11_status = 400
+                raise h11.RemoteProtocolError("both Transfer-Encoding and Content-Length", 400)
             chunked = any(
                 name == b"transfer-encoding" and b"chunked" in value.lower() for name, value in event.headers
             )

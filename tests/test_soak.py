@@ -532,6 +532,21 @@ def test_malformed_http_with_much_behind_it_is_still_400(each_parser: str, reque
     assert last.startswith(b"HTTP/1.1 400 ") and b'"invalid_request"' in last, answer[:300]
 
 
+def test_a_body_framed_by_both_length_and_chunks_is_refused_and_closed(each_parser: str) -> None:
+    """RFC 9112 6.3: both framings mean a smuggling attempt, and the connection must close. h11 read
+    the chunks, kept the connection and answered the bytes behind them as a request of its own, which
+    a proxy that went by the length would have sent on as another client's."""
+    with connect(each_parser) as sock:
+        sock.sendall(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        answer = closed_by_server(sock, LINGER + PROMPT)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"malformed HTTP request" in answer, answer[:300]
+    assert answer.count(b"HTTP/1.1 ") == 1, answer[:600]
+    answered_promptly(each_parser)
+
+
 def test_a_refusal_reaches_a_client_that_is_still_sending(each_parser: str) -> None:
     """A megabyte of header bytes in one send: the 431 went out at the cap and the socket closed
     with the rest unread, and the reset that followed often overtook the answer (ECONNRESET)."""
