@@ -35,9 +35,11 @@ class _ReadsEarlyAnswers:
     with a broken pipe or a reset, which would be retried as a dropped connection, the answer never
     read. Where the server gave none, reading fails as such a dropped connection, tried again."""
 
+    broken: tuple[type[OSError], ...] = (BrokenPipeError, ConnectionResetError)
+
     def send(self, data: Any) -> None:
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # getresponse() reads what
-            super().send(data)  # the server said before it closed, or fails as a dropped connection
+        with contextlib.suppress(*self.broken):  # getresponse() reads what the server said
+            super().send(data)  # before it closed, or fails as a dropped connection
 
 
 class _Connection(_ReadsEarlyAnswers, http.client.HTTPConnection):
@@ -51,9 +53,11 @@ class _HTTP(urllib.request.HTTPHandler):
 
 _handlers: list[Any] = [_NoRedirects, _HTTP]
 if hasattr(urllib.request, "HTTPSHandler"):  # Python built with ssl
+    import ssl
 
     class _TLSConnection(_ReadsEarlyAnswers, http.client.HTTPSConnection):
-        pass
+        # OpenSSL mostly reports the closed socket as an EOF, not as the reset or broken pipe
+        broken = (*_ReadsEarlyAnswers.broken, ssl.SSLEOFError)
 
     class _HTTPS(urllib.request.HTTPSHandler):
         def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:

@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 import threading
 import time
 import types
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -405,12 +410,14 @@ class _Flaky(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def stub_server(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A stand-in server on a free loopback port, answering with `handler`; its URL."""
+def stub_server(handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None) -> Iterator[str]:
+    """A stand-in server on a free loopback port, answering with `handler` (over TLS with `tls`); its URL."""
     stub = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    if tls is not None:
+        stub.socket = tls.wrap_socket(stub.socket, server_side=True)
     threading.Thread(target=stub.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{stub.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://127.0.0.1:{stub.server_address[1]}"
     finally:
         stub.shutdown()
         stub.server_close()
@@ -841,6 +848,46 @@ def test_an_answer_given_before_the_upload_was_in_is_read(
         assert cli.main([*argv, "--api-key", "nope"]) == 1
     err = capsys.readouterr().err
     assert "answered 401 missing or invalid API key" in err and "Broken pipe" not in err
+
+
+class _DropsTheUpload(_RefusesFromTheHead):
+    """A big upload's connection closed with no answer at all."""
+
+    def do_POST(self) -> None:
+        self.close_connection = True
+
+
+def _trusted_certificate(folder: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A server context for 127.0.0.1 whose certificate the client's default context trusts."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+        + ["-days", "1", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+        + ["-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="makes its certificate with openssl")
+def test_an_answer_given_before_the_upload_was_in_is_read_over_tls_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Over TLS the broken upload is mostly an SSLEOFError, not a broken pipe or a reset: the 401 went
+    unread, and the image was retried as a dropped connection. No answer at all still is one."""
+    tls = _trusted_certificate(tmp_path, monkeypatch)
+    for handler, status in ((_RefusesFromTheHead, 401), (_DropsTheUpload, None)):
+        with stub_server(handler, tls) as url:
+            upload = urllib.request.Request(f"{url}/v1/captions", data=b"\xff" * 12_000_000, method="POST")
+            with pytest.raises((OSError, http.client.HTTPException)) as caught:
+                transport.open_url(upload, timeout=10).close()
+        assert getattr(caught.value, "code", None) == status, repr(caught.value)
+        assert not isinstance(getattr(caught.value, "reason", caught.value), TimeoutError)  # no wait
 
 
 def test_a_peer_that_does_not_speak_http_is_one_line(capsys: pytest.CaptureFixture) -> None:
