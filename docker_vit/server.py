@@ -72,7 +72,12 @@ def _caption_routes(app: FastAPI, service: Service, settings: Settings) -> None:
             results = await _run(request, service, inputs, raw)
         return PlainTextResponse(results[0].text)
 
-    @app.post("/v1/captions", dependencies=[authorized], openapi_extra=_upload_doc(names, json=True))
+    @app.post(
+        "/v1/captions",
+        dependencies=[authorized],
+        openapi_extra=_upload_doc(names, json=True),
+        responses={200: {"content": {"application/json": {"schema": _CAPTIONS}}}},
+    )
     async def captions(request: Request) -> JSONResponse:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
         with memory.in_use:
@@ -182,6 +187,13 @@ _ERROR = {  # every error answer's body (http_errors.error_response)
     },
 }
 _JSON_ERROR = {"application/json": {"schema": _ERROR}}
+# `/v1/captions`' answer: a result per image, in input order; a handler's own data rides beside `text`
+_RESULT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+_CAPTIONS = {
+    "type": "object",
+    "properties": {"model": {"type": "string"}, "captions": {"type": "array", "items": _RESULT}},
+    "required": ["model", "captions"],
+}
 _NOT_READY = {"description": "loading, failed (to load, or the device), or stalled", "content": _JSON_ERROR}
 _UNHEALTHY = {"description": "failed (to load, or the device), or stalled", "content": _JSON_ERROR}
 _ERRORS = {
@@ -209,9 +221,13 @@ def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, 
         "image/*": {"schema": binary},
         "application/octet-stream": {"schema": binary},
     }
-    if json:
-        images = {"type": "array", "items": {"type": "string", "format": "byte"}}
-        content["application/json"] = {"schema": {"type": "object", "properties": {"images": images}}}
+    if json:  # the options ride in the body too (uploads._read_json passes its other keys on)
+        item = {"type": "string", "description": "an image in base64, or a data: URL of one"}
+        images = {"type": "array", "items": item, "minItems": 1}
+        body = {"images": images, **{name: {} for name in option_names}}
+        content["application/json"] = {
+            "schema": {"type": "object", "properties": body, "required": ["images"]}
+        }
     answers = {status: {"description": text, "content": _JSON_ERROR} for status, text in _ERRORS.items()}
     return {
         "requestBody": {"content": content, "required": True},

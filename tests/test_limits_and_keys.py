@@ -728,6 +728,26 @@ def test_docs_list_the_fields_the_handlers_options_read_not_the_captioners() -> 
     assert set(form) == {"file", "shout"}
 
 
+def test_docs_describe_the_json_body_and_the_answer_as_the_route_reads_and_writes_them() -> None:
+    """The JSON body takes the handler's option fields beside `images` (the README's `num_beams` in the
+    body), and the answer is `{"model", "captions": [{"text"}]}`: a client generated from the page
+    (or a test that checks answers against it) must see both."""
+    from fake_handlers import OwnFields
+
+    settings = Settings()
+    with serving(settings, OwnFields(settings)) as client:
+        upload = client.get("/openapi.json").json()["paths"]["/v1/captions"]["post"]
+        body = {"images": [base64.b64encode(png()).decode()], "shout": True}
+        answer = client.post("/v1/captions", json=body)
+    schema = upload["requestBody"]["content"]["application/json"]["schema"]
+    assert set(schema["properties"]) == {"images", "shout"} and schema["required"] == ["images"]
+    assert answer.status_code == 200
+    ok = upload["responses"]["200"]["content"]["application/json"]["schema"]
+    assert set(ok["required"]) == set(answer.json()) == {"model", "captions"}
+    (result,) = answer.json()["captions"]
+    assert set(ok["properties"]["captions"]["items"]["required"]) <= set(result)
+
+
 def test_a_request_without_a_method_logs_a_dash_in_text_and_null_in_json(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
