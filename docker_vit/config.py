@@ -172,6 +172,12 @@ class Settings:
             raise ValueError("api_key is not printable ASCII or has blanks at either end")
 
     def _check_choices(self) -> None:
+        # A blank variable is no value (environment.chosen), but a flag's is given as it is: `--host
+        # "$HOST"` with HOST unset would listen on every address (uvicorn binds "" so), IPv6 too.
+        if not self.host.strip():
+            raise ValueError("host cannot be blank: give 0.0.0.0 to listen on every address")
+        if not self.model.strip():
+            raise ValueError("model cannot be blank: give a Hub id or a local folder")
         if not DEVICE.fullmatch(self.device):
             raise ValueError(
                 f"device must be auto, cpu, cuda, cuda:N, mps, xpu or xpu:N, got {self.device!r}"

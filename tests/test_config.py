@@ -130,6 +130,16 @@ def test_a_command_reads_only_the_variables_of_its_own_settings(
             {"DOCKER_VIT_PORT": "99999"},
             "--port (DOCKER_VIT_PORT) must be between 1 and 65535, got 99999",
         ),
+        (  # `--host "$HOST"` with HOST unset: uvicorn would bind "" (every address), IPv6 too
+            ["serve", "--host", ""],
+            {},
+            "--host (DOCKER_VIT_HOST) cannot be blank: give 0.0.0.0 to listen on every address",
+        ),
+        (
+            ["caption", "x.jpg", "--model", " "],
+            {},
+            "--model (DOCKER_VIT_MODEL) cannot be blank: give a Hub id or a local folder",
+        ),
         (
             ["caption", "x.jpg", "--num-beams", "0"],
             {},
