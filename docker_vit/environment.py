@@ -119,6 +119,27 @@ def ignored_variables(
     return lines
 
 
+_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")  # what an HTTP request's options take (captioner._INTEGER)
+
+
+def number(kind: type, raw: str) -> Any:
+    """An int or float setting from text, in ASCII digits: Python's own `int("1_0")` is 10 and
+    `int("٣")` is 3, which a request's options refuse, and no one means in a port or a limit."""
+    if not raw.isascii() or "_" in raw or (kind is int and not _WHOLE.fullmatch(raw)):
+        raise ValueError(raw)
+    return kind(raw)
+
+
+def flag_type(kind: type) -> Any:
+    """`number` for argparse, which names the type by its `__name__` ("invalid int value: '1_0'")."""
+
+    def read(raw: str) -> Any:
+        return number(kind, raw)
+
+    read.__name__ = kind.__name__
+    return read
+
+
 _BOOLEANS = {
     "1": True,
     "true": True,
@@ -146,6 +167,6 @@ def parse(spec: dataclasses.Field, raw: str) -> Any:
             return raw.strip().lower()  # LOG_LEVEL=INFO means info
         if spec.metadata.get("trimmed"):  # a blank pasted into a template's field, unseen in any log
             return raw.strip()
-        return kind(raw)
+        return number(kind, raw) if kind in (int, float) else kind(raw)
     except (ValueError, KeyError):
         raise ValueError(f"{env_name(spec.name)}={raw!r} is not a valid {kind.__name__}") from None

@@ -12,6 +12,7 @@ from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from docker_vit.config import any_case, env_name, flag_name, names_of, options
+from docker_vit.environment import flag_type
 
 TOP_LEVEL = ("-h", "--help", "--version")  # the flags `docker-vit` itself takes, before its command
 _FLAG = re.compile(r"--[\w-]*")  # a long flag's name (`--max_batch_size` too): after it, `=KEY` is a value
@@ -44,7 +45,10 @@ def add_settings(
             parser.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction, help=help)
         else:
             choices = spec.metadata.get("choices")
-            kind = str.lower if any_case(spec) else kind  # --log-level INFO means info
+            if any_case(spec):
+                kind = str.lower  # --log-level INFO means info
+            elif kind in (int, float):
+                kind = flag_type(kind)  # ASCII digits, as the variables and a request's options
             parser.add_argument(*flags, dest=name, type=kind, choices=choices, metavar=metavar, help=help)
 
 

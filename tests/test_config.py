@@ -100,6 +100,22 @@ def test_bad_values_are_refused_with_the_variable_named(env: dict[str, str]) -> 
         Settings.load(env)
 
 
+@pytest.mark.parametrize("value", ["1_0", "\u0663", "\uff12"])  # 10, Arabic-Indic 3, fullwidth 2
+def test_numbers_are_read_in_ascii_digits_as_a_requests_options_are(
+    value: str, capsys: pytest.CaptureFixture
+) -> None:
+    """Python's int() and float() read these; HTTP's `num_beams` refuses them (captioner._INTEGER)."""
+    from docker_vit import cli
+
+    for name in ("num_beams", "max_wait_ms"):
+        with pytest.raises(ValueError, match=f"{env_name(name)}='{value}' is not a valid"):
+            Settings.load({env_name(name): value})
+        with pytest.raises(SystemExit) as exit:
+            cli.main(["serve", "--" + name.replace("_", "-"), value])
+        assert exit.value.code == 2 and "invalid" in capsys.readouterr().err
+    assert Settings.load({"DOCKER_VIT_NUM_BEAMS": " +2 ", "DOCKER_VIT_MAX_WAIT_MS": "2.5e0"}).num_beams == 2
+
+
 def test_a_command_reads_only_the_variables_of_its_own_settings(
     tmp_path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
