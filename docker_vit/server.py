@@ -22,7 +22,7 @@ from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
 from docker_vit.process import version
-from docker_vit.service import LOADING, READY, Service
+from docker_vit.service import FAILED, LOADING, READY, STALLED, Service
 
 
 def create_app(settings: Settings, handler: Handler | None = None, proxied: bool = False) -> FastAPI:
@@ -97,7 +97,7 @@ def _open_routes(app: FastAPI, service: Service) -> None:
         },
     }
 
-    @app.get("/v1/model", responses=described)
+    @app.get("/v1/model", responses={200: {"content": {"application/json": {"schema": _MODEL}}}, **described})
     async def model() -> JSONResponse:  # and what serves it, as Triton's server metadata says
         server = {"name": "docker-vit", "version": app.version}
         return JSONResponse({**await frontend.model_info(service), "server": server})
@@ -189,6 +189,33 @@ _ERROR = {  # every error answer's body (http_errors.error_response)
 _JSON_ERROR = {"application/json": {"schema": _ERROR}}
 # `/v1/captions`' answer: a result per image, in input order; a handler's own data rides beside `text`
 _RESULT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
+
+
+def _numbers(*names: str) -> dict[str, Any]:
+    """An object that holds at least these numbers: the server's own, beside what a handler adds."""
+    return {
+        "type": "object",
+        "properties": {name: {"type": "number"} for name in names},
+        "required": [*names],
+    }
+
+
+# `/v1/model`: what every answer holds (a handler's describe() adds to it, and may say its own `model`)
+_MODEL = {
+    "type": "object",
+    "properties": {
+        "handler": {"type": "string"},
+        "options": {"type": "array", "items": {"type": "string"}},
+        "limits": _numbers("max_bytes", "max_pixels", "max_images", "max_queue", "request_timeout"),
+        "batching": _numbers("max_batch_size", "max_wait_ms"),
+        "status": {"type": "string", "enum": [LOADING, READY, STALLED, FAILED]},
+        "server": {
+            "type": "object",
+            "properties": {"name": {"type": "string"}, "version": {"type": "string"}},
+        },
+    },
+    "required": ["model", "handler", "limits", "batching", "status", "server"],
+}
 _CAPTIONS = {
     "type": "object",
     "properties": {"model": {"type": "string"}, "captions": {"type": "array", "items": _RESULT}},

@@ -748,6 +748,17 @@ def test_docs_describe_the_json_body_and_the_answer_as_the_route_reads_and_write
     assert set(ok["properties"]["captions"]["items"]["required"]) <= set(result)
 
 
+def test_the_model_route_answers_what_its_schema_requires() -> None:
+    settings = Settings()
+    with serving(settings, Echo(settings)) as client:
+        schema = client.get("/openapi.json").json()["paths"]["/v1/model"]["get"]["responses"]["200"]
+        info = client.get("/v1/model").json()
+    schema = schema["content"]["application/json"]["schema"]
+    assert set(schema["required"]) <= set(info) and info["status"] in schema["properties"]["status"]["enum"]
+    for part in ("limits", "batching"):
+        assert set(schema["properties"][part]["required"]) <= set(info[part])
+
+
 def test_a_request_without_a_method_logs_a_dash_in_text_and_null_in_json(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
