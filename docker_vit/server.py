@@ -242,7 +242,8 @@ def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, 
     the fields the handler's `options` reads (in the query, or as form fields)."""
     binary = {"type": "string", "format": "binary"}
     params = [{"name": name, "in": "query", "required": False, "schema": {}} for name in option_names]
-    fields = {"file": binary, **{name: {} for name in option_names}}
+    files = {"type": "array", "items": binary} if json else binary  # `/v1/captions` takes `file` repeated
+    fields = {"file": files, **{name: {} for name in option_names}}
     content: dict[str, Any] = {
         "multipart/form-data": {"schema": {"type": "object", "properties": fields}},
         "image/*": {"schema": binary},

@@ -741,6 +741,8 @@ def test_docs_describe_the_json_body_and_the_answer_as_the_route_reads_and_write
         answer = client.post("/v1/captions", json=body)
     schema = upload["requestBody"]["content"]["application/json"]["schema"]
     assert set(schema["properties"]) == {"images", "shout"} and schema["required"] == ["images"]
+    form = upload["requestBody"]["content"]["multipart/form-data"]["schema"]["properties"]
+    assert form["file"]["type"] == "array"  # repeated, one image each
     assert answer.status_code == 200
     ok = upload["responses"]["200"]["content"]["application/json"]["schema"]
     assert set(ok["required"]) == set(answer.json()) == {"model", "captions"}
