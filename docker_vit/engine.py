@@ -50,8 +50,7 @@ class CaptionEngine:
         if self.threads:
             torch.set_num_threads(self.threads)
         source = os.path.expanduser(self.model_id)  # a Hub id stays as it is
-        if self.model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(source):
-            raise FileNotFoundError(f"no model folder at {self.model_id}")  # not the Hub's "repo id" error
+        _check_folder(self.model_id, source)
         checkpoints.check_available(self.device)
         if self.device.type == "cpu":
             memory.keep_freed_blocks()
@@ -141,6 +140,22 @@ class CaptionEngine:
             "device": str(self.device),
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+
+def _check_folder(model_id: str, source: str) -> None:
+    """A local path that is no model folder, said as such. transformers reads a file given as the model
+    as its config and then as pickled weights (its "Weights only load failed" line suggests an unsafe
+    retry), and a folder without config.json as one whose config lacks a `model_type`."""
+    if os.path.exists(source) and not os.path.isdir(source):
+        raise NotADirectoryError(
+            f"no model folder at {model_id}: it is a file (give the folder holding config.json)"
+        )
+    if model_id.startswith(("/", "./", "../", "~")) and not os.path.isdir(source):
+        raise FileNotFoundError(f"no model folder at {model_id}")  # not the Hub's "repo id" error
+    if os.path.isdir(source) and not os.path.exists(os.path.join(source, "config.json")):
+        raise FileNotFoundError(
+            f"no config.json in {model_id}: not a saved model folder (save_pretrained writes one)"
+        )
 
 
 def _positions_taken(model: Any) -> int:

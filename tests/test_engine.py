@@ -392,6 +392,25 @@ def test_a_damaged_model_folder_fails_to_load_in_one_line(
     assert "\n" not in str(refused.value) and len(str(refused.value)) < 500
 
 
+def test_a_path_that_is_no_model_folder_is_said_as_such(
+    vit_gpt2_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file, by any path (transformers reads one as pickled weights, and its "Weights only load
+    failed" suggests an unsafe retry), and a folder without config.json (transformers: "Should have a
+    `model_type` key in its config.json")."""
+    no_config = tmp_path / "no-config"
+    shutil.copytree(vit_gpt2_dir, no_config)
+    (no_config / "config.json").unlink()
+    monkeypatch.chdir(tmp_path)
+    for given in ("no-config", str(no_config)):
+        with pytest.raises(FileNotFoundError, match=f"^no config.json in {given}: not a saved model folder"):
+            CaptionEngine(given, device="cpu").load()
+    shutil.copy(vit_gpt2_dir / "config.json", tmp_path / "config.json")
+    for given in ("config.json", str(tmp_path / "config.json")):
+        with pytest.raises(NotADirectoryError, match=f"^no model folder at {given}: it is a file"):
+            CaptionEngine(given, device="cpu").load()
+
+
 def test_requests_stop_where_the_models_positions_do(git_dir: Path, tmp_path: Path, caplog) -> None:
     """The tiny GIT has 64 positions: beyond 64 new tokens is a 422, not the model's IndexError; and a
     model that sets its own max_length captions without a warning per batch."""
