@@ -283,8 +283,10 @@ class Service:
 
 
 def _said(exc: Exception) -> str:
-    """A failure's reason as `/readyz` can carry it (JSON holds no lone surrogate)."""
-    return f"{type(exc).__name__}: {exc}".encode("utf-8", "backslashreplace").decode()
+    """A failure's reason as `/readyz` can carry it (JSON holds no lone surrogate), in one line, as the
+    log says it: transformers' "couldn't connect" and others span lines."""
+    said = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return said.encode("utf-8", "backslashreplace").decode()
 
 
 def _cancel(futures: Sequence[asyncio.Future]) -> None:

@@ -399,6 +399,33 @@ def test_a_failed_load_is_reported_by_every_probe_in_json() -> None:
         assert_error(client.post("/", files={"file": b"abc"}), 503)
 
 
+class OfflineLoading(SlowLoading):
+    def load(self) -> None:  # transformers' words when the Hub is out of reach, over two lines
+        raise OSError(
+            "We couldn't connect to 'https://huggingface.co' to load the files.\nCheck your internet"
+        )
+
+
+def test_a_failed_load_is_said_in_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    """README: a model that cannot be fetched fails "after huggingface_hub's retries, then one line"."""
+    from conftest import serving
+
+    with (
+        caplog.at_level(logging.ERROR, "docker_vit"),
+        serving(Settings(), OfflineLoading(Settings()), wait=False) as client,
+    ):
+        deadline = time.monotonic() + 10
+        while "connect" not in client.get("/readyz").text:  # 503 "loading" until the load fails
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        message = assert_error(client.get("/readyz"), 503)["message"]
+    assert "to load the files. Check your internet" in message and "\n" not in message
+    said = [
+        record.getMessage() for record in caplog.records if "loading the model failed" in record.getMessage()
+    ]
+    assert len(said) == 1 and "\n" not in said[0] and said[0].endswith("load the files. Check your internet")
+
+
 def test_concurrent_requests_are_batched_with_the_same_captions(serve) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
