@@ -63,12 +63,18 @@ class DeviceUnavailable(OSError):
 def read(source: str, model_id: str, dtype: torch.dtype) -> tuple[Any, Any, Any]:
     """The model, its image processor and its tokenizer, from a Hub id or a local folder, checked."""
     try:
-        model = _pretrained(AutoModelForImageTextToText, source, dtype=dtype)
-        processor = _pretrained(AutoProcessor, source)
+        try:
+            model = AutoModelForImageTextToText.from_pretrained(source, local_files_only=True, dtype=dtype)
+            cached = True
+        except OSError:  # not (fully) in the cache: fetched, so the Hub answers for the processor too
+            model, cached = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype), False
+        # Asked of the cache alone right after the model's fetch, the processor would fail as
+        # "Unrecognized processing class" (a ValueError): the cache holds the model's files only.
+        processor = _pretrained(AutoProcessor, source, cached)
         # A vit-gpt2 folder has no processor class: AutoProcessor then yields only the tokenizer.
         image_processor = getattr(processor, "image_processor", None)
         if image_processor is None:
-            image_processor = _pretrained(AutoImageProcessor, source)
+            image_processor = _pretrained(AutoImageProcessor, source, cached)
     except Exception as exc:
         unreadable = _unreadable(source)
         if unreadable:  # transformers reports a file it may not read as missing
@@ -115,15 +121,17 @@ def _unreadable(folder: str) -> list[str]:
     return [path for path in paths if os.path.isfile(path) and not os.access(path, os.R_OK)]
 
 
-def _pretrained(auto: Any, model_id: str, **kwargs: Any) -> Any:
-    """`auto.from_pretrained`, from the Hub cache alone when the model is there (`docker-vit download`).
+def _pretrained(auto: Any, model_id: str, cached: bool) -> Any:
+    """`auto.from_pretrained`, from the Hub cache alone when the model was there (`docker-vit download`).
 
     Otherwise the Hub is asked about every optional file the cache lacks, each with retries: offline,
     a cached model took minutes to start. A model not (fully) cached is fetched as usual."""
-    try:
-        return auto.from_pretrained(model_id, local_files_only=True, **kwargs)
-    except OSError:
-        return auto.from_pretrained(model_id, **kwargs)
+    if cached:
+        try:
+            return auto.from_pretrained(model_id, local_files_only=True)
+        except OSError:
+            pass
+    return auto.from_pretrained(model_id)
 
 
 def _one_line(exc: Exception) -> str:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import other_models
@@ -158,6 +161,58 @@ def test_a_model_in_the_hub_cache_starts_without_asking_the_hub(vit_gpt2_dir: Pa
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100)
     assert done.stdout == "ok\n", done.stderr
     assert "Retrying" not in done.stderr
+
+
+def _hub_of(folder: Path) -> type[BaseHTTPRequestHandler]:
+    """Enough of the Hub's API for transformers to fetch `folder` as any repository, at one commit."""
+    commit = "0" * 40
+
+    class Hub(BaseHTTPRequestHandler):
+        def do_HEAD(self) -> None:
+            self._answer(body=False)
+
+        def do_GET(self) -> None:
+            self._answer(body=True)
+
+        def _answer(self, body: bool) -> None:
+            path, data, headers = self.path.split("?")[0], None, {}
+            if path.startswith("/api/models/") and "/tree/" not in path:
+                files = [{"rfilename": file.name} for file in folder.iterdir()]
+                data = json.dumps({"sha": commit, "siblings": files}).encode()
+            elif "/resolve/" in path:
+                file = folder / path.split("/resolve/")[1].split("/", 1)[1]
+                if file.is_file():
+                    data = file.read_bytes()
+                    headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": commit}
+            self.send_response(404 if data is None else 200)
+            headers = {"X-Error-Code": "EntryNotFound"} if data is None else headers
+            for name, value in {**headers, "Content-Length": str(len(data or b""))}.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if body and data:
+                self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Hub
+
+
+def test_a_model_not_in_the_cache_is_fetched_with_its_processor(vit_gpt2_dir: Path, tmp_path: Path) -> None:
+    """The quick start's first run: the model's fetch leaves only its own files in the cache, so a
+    processor asked of the cache alone failed ("Unrecognized processing class") and never served."""
+    hub = ThreadingHTTPServer(("127.0.0.1", 0), _hub_of(vit_gpt2_dir))
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"}
+    env.pop("HF_HUB_OFFLINE", None)
+    code = "from docker_vit.engine import CaptionEngine; CaptionEngine('someone/tiny').load(); print('ok')"
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100
+        )
+    finally:
+        hub.shutdown()
+    assert done.stdout == "ok\n", done.stderr[-2000:]
 
 
 def test_serve_exits_with_a_clear_error_when_the_model_cannot_be_fetched(tmp_path: Path) -> None:
