@@ -125,11 +125,13 @@ def _pretrained(auto: Any, model_id: str, cached: bool) -> Any:
     """`auto.from_pretrained`, from the Hub cache alone when the model was there (`docker-vit download`).
 
     Otherwise the Hub is asked about every optional file the cache lacks, each with retries: offline,
-    a cached model took minutes to start. A model not (fully) cached is fetched as usual."""
+    a cached model took minutes to start. A model not (fully) cached is fetched as usual, and so is a
+    processor the cache lacks beside its model (an earlier run's, or another program's, cache): that
+    one transformers reports as "Unrecognized processing class", a ValueError."""
     if cached:
         try:
             return auto.from_pretrained(model_id, local_files_only=True)
-        except OSError:
+        except (OSError, ValueError):
             pass
     return auto.from_pretrained(model_id)
 

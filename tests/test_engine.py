@@ -198,14 +198,21 @@ def _hub_of(folder: Path) -> type[BaseHTTPRequestHandler]:
     return Hub
 
 
-def test_a_model_not_in_the_cache_is_fetched_with_its_processor(vit_gpt2_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("before", ["", "AutoModelForImageTextToText.from_pretrained('someone/tiny'); "])
+def test_a_model_not_in_the_cache_is_fetched_with_its_processor(
+    vit_gpt2_dir: Path, tmp_path: Path, before: str
+) -> None:
     """The quick start's first run: the model's fetch leaves only its own files in the cache, so a
-    processor asked of the cache alone failed ("Unrecognized processing class") and never served."""
+    processor asked of the cache alone failed ("Unrecognized processing class") and never served.
+    So did a cache left holding the model alone (an earlier run's, or another program's)."""
     hub = ThreadingHTTPServer(("127.0.0.1", 0), _hub_of(vit_gpt2_dir))
     threading.Thread(target=hub.serve_forever, daemon=True).start()
     env = {**os.environ, "HF_HOME": str(tmp_path), "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_port}"}
     env.pop("HF_HUB_OFFLINE", None)
-    code = "from docker_vit.engine import CaptionEngine; CaptionEngine('someone/tiny').load(); print('ok')"
+    code = (
+        "from transformers import AutoModelForImageTextToText; from docker_vit.engine import CaptionEngine; "
+    )
+    code += before + "CaptionEngine('someone/tiny').load(); print('ok')"
     try:
         done = subprocess.run(
             [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=100
