@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -11,7 +10,7 @@ from PIL import Image
 
 from docker_vit.abandon import stop_if_abandoned
 from docker_vit.checkpoints import Unservable, shown_id
-from docker_vit.config import GENERATION, Settings
+from docker_vit.config import GENERATION, WHOLE_NUMBER, Settings
 from docker_vit.engine import OUT_OF_MEMORY, CaptionEngine
 from docker_vit.errors import OptionsError, TooLarge
 from docker_vit.handler import Handler, Result, shown
@@ -126,14 +125,13 @@ class Captioner(Handler):
 
 
 MAX_DIGITS = 100  # Python refuses to read past 4,300 digits; no count needs a hundred
-_INTEGER = re.compile(r"\s*[+-]?[0-9]+\s*")  # as a form or query field writes one: "4", " 04", "+4"
 
 
 def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int:
     value = raw.get(name)
     if value is None or value == "":
         return default
-    if isinstance(value, str) and len(value) > MAX_DIGITS and _INTEGER.fullmatch(value):  # int() refuses
+    if isinstance(value, str) and len(value) > MAX_DIGITS and WHOLE_NUMBER.fullmatch(value):  # int() refuses
         raise OptionsError(
             f"{name} must be between 1 and {limit}, got a number of {len(value.strip())} characters"
         )
@@ -144,7 +142,7 @@ def _bounded(raw: Mapping[str, Any], name: str, default: int, limit: int) -> int
         whole = isinstance(value, float) and value.is_integer()
         if isinstance(value, bool) or (isinstance(value, float) and not whole):
             raise ValueError
-        if isinstance(value, str) and not _INTEGER.fullmatch(value):
+        if isinstance(value, str) and not WHOLE_NUMBER.fullmatch(value):
             raise ValueError
     except (TypeError, ValueError, OverflowError):  # OverflowError: int(inf)
         raise OptionsError(f"{name} must be an integer, got {shown(value)}") from None

@@ -23,6 +23,9 @@ ENV_PREFIX = "DOCKER_VIT_"
 DEFAULT_MODEL = "nlpconnect/vit-gpt2-image-captioning"
 TOKEN = re.compile(r"[!-~]([ -~]*[!-~])?")
 DEVICE = re.compile(r"auto|cpu|mps|(cuda|xpu)(:\d+)?")
+# A whole number as text, the way a form field, a query, a flag or a variable writes one: "4", " 04",
+# "+4"; not "1_0" nor other digits than 0-9, which Python's int() would take.
+WHOLE_NUMBER = re.compile(r"\s*[+-]?[0-9]+\s*")
 
 # Groups decide which subcommand shows a flag: "model" options apply wherever a model runs; "client"
 # ones only where `docker-vit caption --url` talks to a server; "output" ones to `caption`'s results;

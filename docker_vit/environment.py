@@ -12,7 +12,7 @@ import re
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from docker_vit.config import ENV_PREFIX, SERVING, Settings, any_case, env_name, options
+from docker_vit.config import ENV_PREFIX, SERVING, WHOLE_NUMBER, Settings, any_case, env_name, options
 
 # What Kubernetes sets in every pod for each Service of its namespace (unless `enableServiceLinks:
 # false`): a Service named docker-vit gives DOCKER_VIT_SERVICE_HOST, DOCKER_VIT_PORT_8000_TCP_ADDR, ...
@@ -119,13 +119,10 @@ def ignored_variables(
     return lines
 
 
-_WHOLE = re.compile(r"\s*[+-]?[0-9]+\s*")  # what an HTTP request's options take (captioner._INTEGER)
-
-
 def number(kind: type, raw: str) -> Any:
     """An int or float setting from text, in ASCII digits: Python's own `int("1_0")` is 10 and
     `int("٣")` is 3, which a request's options refuse, and no one means in a port or a limit."""
-    if not raw.isascii() or "_" in raw or (kind is int and not _WHOLE.fullmatch(raw)):
+    if not raw.isascii() or "_" in raw or (kind is int and not WHOLE_NUMBER.fullmatch(raw)):
         raise ValueError(raw)
     return kind(raw)
 
