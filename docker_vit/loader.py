@@ -112,6 +112,25 @@ def check_attributes(handler: Handler) -> None:
         raise HandlerError(
             f"{title}: reading name, option_names or max_batch_size raised {type(exc).__name__}: {exc}"
         ) from None
+    check_knobs(title, name, names, size)
+
+
+def check_class_knobs(cls: type[Handler]) -> int | None:
+    """Ray's builder has a class, not a handler: check the knobs it sets as class attributes (a
+    property, or any descriptor, is read per instance, by the replicas), so that a mistake is one line
+    from `serve run` rather than a traceback from every replica it starts. Returns its own
+    `max_batch_size`."""
+    unread = {"name": "", "option_names": None, "max_batch_size": None}  # what passes, for a descriptor
+    name, names, size = (
+        unread[knob] if hasattr(inspect.getattr_static(cls, knob), "__get__") else getattr(cls, knob)
+        for knob in unread
+    )
+    check_knobs(cls.__name__, name, names, size)
+    return size
+
+
+def check_knobs(title: str, name: Any, names: Any, size: Any) -> None:
+    """Refuse a `name`, `option_names` or `max_batch_size` (of class `title`) no front end could use."""
     if not isinstance(name, str):
         raise HandlerError(f"{title}.name must be a str, got {name!r}")
     if names is not None and not (isinstance(names, tuple | list) and all(isinstance(n, str) for n in names)):

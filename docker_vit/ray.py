@@ -33,7 +33,7 @@ from docker_vit import logs
 from docker_vit.config import SERVING, Settings, env_name, options
 from docker_vit.environment import parse, server_warnings
 from docker_vit.handler import HandlerError
-from docker_vit.loader import check_methods, handler_class, own_batch_size
+from docker_vit.loader import check_class_knobs, check_methods, handler_class
 from docker_vit.server import create_app
 from docker_vit.service import LOADING
 
@@ -136,11 +136,9 @@ def app(args: Mapping[str, Any]) -> serve.Application:
         cls = handler_class(settings)
         # Checked here: the replicas would refuse a bad one, each with a traceback, and `serve run` exit 0.
         check_methods(cls)
+        size = check_class_knobs(cls)  # name, option_names, max_batch_size: class attributes, as documented
     except HandlerError as exc:
         raise HandlerError(_as_argument(exc, overrides)) from None
-    size = getattr(cls, "max_batch_size", None)  # a class attribute, as documented
-    # A property is read per instance, by the replicas.
-    size = None if isinstance(size, property) else own_batch_size(size, cls.__name__)
     load_timeout_s = deployment.pop("load_timeout_s", LOAD_TIMEOUT_S)
     options = deployment_options(settings, deployment, size)
     return DockerViT.options(**options).bind(overrides, load_timeout_s)

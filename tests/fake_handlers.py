@@ -149,6 +149,18 @@ class RaisingBatchSize(Echo):
         raise RuntimeError("no size yet")
 
 
+class CachedKnobs(Echo):
+    """Knobs computed once per instance: Ray's builder, which has only the class, leaves them alone."""
+
+    @functools.cached_property
+    def name(self) -> str:  # type: ignore[override]
+        return "cached"
+
+    @functools.cached_property
+    def max_batch_size(self) -> int:  # type: ignore[override]
+        return 4
+
+
 class NoSettings(Echo):
     def __init__(self) -> None:  # type: ignore[override]  # the interface passes settings
         super().__init__(None)

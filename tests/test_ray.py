@@ -237,6 +237,12 @@ def test_a_scaling_target_above_what_a_replica_takes_is_warned_of(caplog: pytest
         ({"handler": "fake_handlers:WordBatch"}, "WordBatch.max_batch_size must be a positive int, got '8'"),
         ({"handler": "fake_handlers:AsyncPrepare"}, "AsyncPrepare.prepare is an async def"),
         ({"handler": "fake_handlers:OnlyPredicts"}, "OnlyPredicts does not implement prepare()"),
+        # as `docker-vit serve` refuses them, in one line, not in a traceback from every replica
+        ({"handler": "fake_handlers:NumberName"}, "NumberName.name must be a str, got 7"),
+        (
+            {"handler": "fake_handlers:OneStringOfNames"},
+            "OneStringOfNames.option_names must be a tuple or a list of str, or None; got 'shout'",
+        ),
     ],
 )
 def test_bad_arguments_fail_in_the_builder(args: dict, message: str) -> None:
@@ -254,6 +260,17 @@ def test_the_builder_builds_no_handler(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Captioner, "__init__", refuse)
     application = ray_adapter.app({"num_replicas": "1"})
     assert application._bound_deployment.num_replicas == 1  # built all the same
+
+
+def test_the_builder_leaves_a_handlers_properties_to_its_replicas() -> None:
+    """A property is read per instance (it may raise before `load`): the replicas check it."""
+    for handler in (
+        "fake_handlers:RaisingName",
+        "fake_handlers:RaisingBatchSize",
+        "fake_handlers:CachedKnobs",
+    ):
+        application = ray_adapter.app({"handler": handler})
+        assert application._bound_deployment.max_ongoing_requests == 2 * 16  # the setting's batch size
 
 
 def test_a_handlers_own_batch_size_sizes_the_replicas_concurrency() -> None:
