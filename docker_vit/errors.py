@@ -54,7 +54,8 @@ class TooLarge(ImageError):
     status = 413
     type = "payload_too_large"
 
-    def __init__(self, message: str, setting: str | None = None) -> None:
+    # A default message, as its bases have: a handler's bare `raise TooLarge` is a 413, not a TypeError (500).
+    def __init__(self, message: str = "the input is too large", setting: str | None = None) -> None:
         super().__init__(message)
         self.setting = setting  # the setting that raises the limit, where one does: `caption` says so
 

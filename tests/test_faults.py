@@ -612,6 +612,29 @@ def test_an_input_error_with_a_status_outside_4xx_is_still_the_clients_400(statu
     assert errors.from_service(Odd("slow down")).status == 429  # a 4xx of its choice stands
 
 
+def test_a_bare_client_error_raised_by_a_handler_keeps_its_status() -> None:
+    """`raise TooLarge` with no message, as a handler may write it (InputError and OptionsError
+    take none either), is the client's 413, not a TypeError's 500."""
+    from docker_vit.handler import Handler, TooLarge
+
+    class Refuses(Handler):
+        def example(self) -> bytes:
+            return b"ok"
+
+        def prepare(self, data: bytes, options: object) -> bytes:
+            if data == b"big":
+                raise TooLarge
+            return data
+
+        def predict(self, items: list, options: object) -> list:
+            return [item.decode() for item in items]
+
+    with serving(Settings(), Refuses(Settings())) as client:
+        answer = client.post("/v1/captions", files={"file": ("big.txt", b"big")})
+    assert answer.status_code == 413
+    assert answer.json()["error"] == {"type": "payload_too_large", "message": "the input is too large"}
+
+
 def test_an_input_error_of_its_own_status_gets_that_status_type() -> None:
     """A subclass that sets only `status = 404` is a "not_found", not its base's "invalid_request";
     a `type` set beside its status, or on the instance, stands."""
