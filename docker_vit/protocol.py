@@ -60,6 +60,9 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
     _refused = False
     _small_chunks: int | None = None  # h11: a chunked body's chunks under SMALL_CHUNK (None: not chunked)
     _chunk_bytes = 0  # the bytes of its chunk being read
+    _in_message = False  # httptools: between a request's headers and its end (its body, its trailers)
+    _body_bytes = 0  # httptools: body bytes parsed on this connection
+    _not_body = 0  # httptools: bytes of a message since the last read that held any of its body
 
     def data_received(self, data: bytes) -> None:
         """httptools sets no bound on header size: cap the bytes sent while headers are incomplete,
@@ -77,9 +80,40 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
             self._ahead_of, self._header_bytes = current, 0
         if waiting and self._deadline is None:  # the next request starts on a kept-alive connection
             self._arm()
+        in_body, body_before = PARSES_AHEAD and self._in_message, self._body_bytes
         super().data_received(data)
-        if (waiting or ahead) and not self.transport.is_closing() and not self._refused:
+        if self.transport.is_closing() or self._refused:
+            return
+        if (waiting or ahead) and not in_body:
             self._measure(current, 0 if leftover else len(data))
+        elif in_body and self._in_message:
+            self._between_chunks(len(data), self._body_bytes > body_before)
+
+    def _between_chunks(self, received: int, with_body: bool) -> None:
+        """httptools keeps a chunked body's trailer fields (header lines after its last chunk) as
+        headers, uncounted, and builds a long one by joining its pieces, a copy per read: one client
+        held the event loop for seconds and the heap grew by gigabytes within the read timeout. Reads
+        of a message that bring none of its body are bounded as headers are (h11 refuses past 16 KiB);
+        a read with body bytes starts the count again, so chunk lines between chunks never add up."""
+        self._not_body = 0 if with_body else self._not_body + received
+        if self._not_body <= MAX_HEADER_BYTES:
+            return
+        log.debug("closing a connection that sent over %d bytes between chunks", MAX_HEADER_BYTES)
+        if self.cycle is not None and self.cycle.response_complete:  # answered early: no second
+            self._refused = True  # answer on the connection, only its end (as for tiny chunks)
+            self.transport.close()
+        else:
+            self._refuse(400)
+
+    def on_headers_complete(self) -> None:
+        """httptools: a request's body (and trailers) follow."""
+        super().on_headers_complete()
+        self._in_message, self._not_body = True, 0
+
+    def on_body(self, body: bytes) -> None:
+        """httptools: counted before uvicorn drops the rest of a body answered early."""
+        self._body_bytes += len(body)
+        super().on_body(body)
 
     def _measure(self, before: Any, received: int) -> None:
         """Bytes received while headers are still incomplete (the cycle is still `before`) count;
@@ -123,6 +157,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         """httptools' end of a request: uvicorn leaves `more_body` set on a request answered before
         its body was read, so the end of that body (Content-Length or chunked) is marked here:
         what follows is the next request's headers, and counted."""
+        self._in_message = False
         if self.cycle is not None and self.cycle.response_complete:
             self.cycle.more_body = False
         super().on_message_complete()

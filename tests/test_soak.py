@@ -360,6 +360,35 @@ def test_endless_headers_behind_a_running_request_are_cut_off(
     answered_promptly(each_parser)
 
 
+@pytest.mark.parametrize("long_line", [False, True])
+def test_endless_trailers_are_cut_off(each_parser: str, long_line: bool) -> None:
+    """Header lines after a chunked body's last chunk (trailer fields): httptools kept them all,
+    uncounted, and joined one long line's pieces a copy per read, so one client held the event loop
+    for seconds and the heap grew by gigabytes within the read timeout (an audit). They are refused
+    as headers are (h11 refuses them itself)."""
+    head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Type: image/x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    limit = 4_000_000
+    with connect(each_parser) as sock:
+        sock.sendall(head + b"1\r\nA\r\n0\r\n")
+        if long_line:
+            sock.sendall(b"X-Trailer: ")
+            sent, answered = 0, b""
+            try:
+                while sent < limit and not answered:
+                    sock.sendall(b"a" * 65536)
+                    sent += 65536
+                    if select.select([sock], [], [], 0)[0]:
+                        answered = sock.recv(65536)
+                answered += closed_by_server(sock, PROMPT)
+            except OSError:  # reset, broken pipe: the server hung up
+                pass
+        else:
+            sent, answered = flooded(sock, limit), b""
+    assert sent < limit
+    assert not answered or answered.startswith(b"HTTP/1.1 400"), answered[:200]
+    answered_promptly(each_parser)
+
+
 def test_a_chunked_body_of_tiny_chunks_is_refused_not_parsed_chunk_by_chunk(
     each_parser: str, request: pytest.FixtureRequest
 ) -> None:
