@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Collection, Iterable
 
 from docker_vit.errors import ApiError
 
@@ -14,6 +15,17 @@ def count_images(count: int, limit: int, per: str = "request") -> None:
     """Too many images are refused before any is decoded, however they came."""
     if count > limit:
         raise ApiError(413, f"{count} images in one {per}; the limit is {limit}")
+
+
+def refuse_unknown(fields: Iterable[str], known: Collection[str] | None, what: str) -> None:
+    """A JSON request's (or a Runpod job's) fields that the handler does not read are a 422: the body is
+    the client's own document, where a misspelt `num_beam` would otherwise change nothing, unsaid. None:
+    the handler reads every field. A few names, each cut short (a million long keys: no huge answer)."""
+    unknown = sorted(set(fields) - set(fields if known is None else known))
+    if unknown:
+        named = ", ".join(name[:100] for name in unknown[:5])
+        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
+        raise ApiError(422, f"unknown {what}(s): {named}{more}")
 
 
 def decode_images(texts: list[str], max_bytes: int) -> list[bytes]:

@@ -127,11 +127,7 @@ def _read_job(
         raise errors.ApiError(400, '"image" must be a base64 string and "images" a non-empty list of them')
     payloads.count_images(len(images), settings.max_images, "job")  # a 413 before a 422, as HTTP answers
     options = {name: value for name, value in payload.items() if name not in ("image", "images")}
-    unknown = sorted(set(options) - set(options if option_names is None else option_names))
-    if unknown:  # a few names, each cut short: a job of a million long keys gets no million-byte answer
-        named = ", ".join(name[:100] for name in unknown[:5])
-        more = f" (and {len(unknown) - 5} more)" if len(unknown) > 5 else ""
-        raise errors.ApiError(422, f"unknown input field(s): {named}{more}")
+    payloads.refuse_unknown(options, option_names, "input field")
     return payloads.decode_images(images, settings.max_bytes), options
 
 

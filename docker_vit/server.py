@@ -81,7 +81,9 @@ def _caption_routes(app: FastAPI, service: Service, settings: Settings) -> None:
     async def captions(request: Request) -> JSONResponse:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
         with memory.in_use:
-            inputs, raw = await uploads.read_inputs(request, settings, json_allowed=True)
+            inputs, raw = await uploads.read_inputs(
+                request, settings, json_allowed=True, option_names=service.handler.option_names
+            )
             results = await _run(request, service, inputs, raw)
         return JSONResponse({"model": service.handler.name, "captions": [r.to_json() for r in results]})
 

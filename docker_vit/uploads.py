@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Collection
 from typing import Any
 
 from fastapi import Request
@@ -35,10 +36,16 @@ def _short_int(text: str) -> int:
 
 
 async def read_inputs(
-    request: Request, settings: Settings, json_allowed: bool, first_only: bool = False
+    request: Request,
+    settings: Settings,
+    json_allowed: bool,
+    first_only: bool = False,
+    option_names: Collection[str] | None = None,
 ) -> tuple[list[bytes], dict]:
     """The request's images and options, from multipart, a raw image body, or JSON; `first_only`: the
-    original's reading of several files, the first one alone (the others are neither counted nor checked)."""
+    original's reading of several files, the first one alone (the others are neither counted nor checked).
+    A JSON body's fields besides `images` must be among `option_names` (None: any), as a Runpod job's;
+    the query and a form stay lenient (a cache-busting parameter, an HTML form's submit button)."""
     if coding := _coded(request, "content-encoding", "identity"):  # compressed: RFC 9110's 415
         raise errors.ApiError(
             415,
@@ -60,7 +67,7 @@ async def read_inputs(
         inputs = [await _read_image_body(request, settings.max_bytes)]
     elif content_type == "application/json" and json_allowed:
         # parsing and base64 of a large body take CPU seconds: off the loop, other clients go on
-        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings)
+        inputs, fields = await asyncio.to_thread(_read_json, await request.body(), settings, option_names)
         options.update(_given(fields))
     else:
         raise errors.ApiError(400, _unreadable(request.headers.get("content-type"), json_allowed))
@@ -189,7 +196,9 @@ def _unreadable(content_type: str | None, json_allowed: bool) -> str:
     return f"{got} holds no image: send it as multipart field 'file'{json_too}, or {either}"
 
 
-def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, Any]]:
+def _read_json(
+    body: bytes, settings: Settings, option_names: Collection[str] | None = None
+) -> tuple[list[bytes], dict[str, Any]]:
     # Each JSON value costs the parser far more than its bytes, and it holds the interpreter lock
     # (the event loop stops too): millions of tiny values froze the server for seconds. Values are
     # separated by commas, and base64 has none: a body of images and options has few.
@@ -209,5 +218,6 @@ def _read_json(body: bytes, settings: Settings) -> tuple[list[bytes], dict[str, 
     if not isinstance(images, list) or not all(isinstance(item, str) for item in images):
         raise errors.ApiError(400, 'JSON body must be {"images": [base64 strings]}')
     payloads.count_images(len(images), settings.max_images)  # before decoding any of them
-    inputs = payloads.decode_images(images, settings.max_bytes)
-    return inputs, {key: value for key, value in payload.items() if key != "images"}
+    fields = {key: value for key, value in payload.items() if key != "images"}
+    payloads.refuse_unknown(fields, option_names, "JSON field")  # a 413 first, as a Runpod job's
+    return payloads.decode_images(images, settings.max_bytes), fields

@@ -104,6 +104,17 @@ def test_a_blank_form_field_or_json_null_leaves_the_querys_value(client, vit_gpt
     assert_error(client.post("/?num_beams=99", files={"file": bulldog}, data=blank), 422)  # not hidden
 
 
+def test_a_json_field_the_handler_does_not_read_is_a_422_as_in_a_runpod_job(client, bulldog) -> None:
+    """A misspelt `num_beam` in a JSON body would change nothing, unsaid (the Runpod worker refuses it);
+    the query and a form stay lenient: a cache-busting parameter, an HTML form's submit button."""
+    image = base64.b64encode(bulldog).decode()
+    typo = assert_error(client.post("/v1/captions", json={"images": [image], "num_beam": 2}), 422)
+    assert typo["message"] == "unknown JSON field(s): num_beam"
+    assert client.post("/v1/captions?num_beam=2&_=1", json={"images": [image]}).status_code == 200
+    form = client.post("/v1/captions", files={"file": bulldog}, data={"submit": "Caption"})
+    assert form.status_code == 200
+
+
 @pytest.mark.parametrize(
     "query",
     [
