@@ -55,6 +55,12 @@ READY_WAIT = 600.0  # seconds to wait for a server that is still loading its mod
 FATAL = (401, 403, 404, 405, 422, 501)  # every other image would get the same answer
 
 
+def _plain(value: Any) -> bool:
+    """A default a query can carry as the server wrote it (odd values of a handler's describe() are
+    recorded as they are, never sent back)."""
+    return isinstance(value, int | str) and not isinstance(value, bool)
+
+
 class _Skip(Exception):
     """This image was refused or failed on the server; the others may still go through."""
 
@@ -197,12 +203,16 @@ class RemoteRunner:
         """The options sent and those records show. A Docker-ViT server's own defaults hold for what
         the user did not set (and of what was set, only the fields its handler reads, when it names
         them), also where its handler cannot say them; a server without the route gets the client's
-        own, so that records stay true."""
+        own, so that records stay true. The defaults it says, of the options its handler names, are
+        sent too, as read now: a server restarted mid-run with other defaults still captions as the
+        records say (or refuses them, a 422 that ends the run), never otherwise."""
         if isinstance(model.get("model"), str):
             names = model.get("options")
             known = names if isinstance(names, list) else chosen
             sent = {name: value for name, value in params.items() if name in chosen and name in known}
-            return sent, {**generation_defaults(model), **sent}
+            recorded = {**generation_defaults(model), **sent}
+            pinned = {name: value for name, value in recorded.items() if name in known and _plain(value)}
+            return {**pinned, **sent}, recorded
         if failed is not None:
             self.warn(f"{self.url}/v1/model failed ({failed[:200]}): sending only the options set")
             sent = {name: value for name, value in params.items() if name in chosen}

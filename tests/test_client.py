@@ -14,6 +14,7 @@ import threading
 import time
 import types
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -947,3 +948,36 @@ def test_in_order_closed_early_hands_over_the_work_done_behind() -> None:
     assert next(results) == 0
     results.close()
     assert ahead == [10, 20]
+
+
+class _Restarted(_Flaky):
+    """A Docker-ViT server of 2 beams by default that, after its first caption, is restarted with 1 beam
+    by default (a redeploy mid-run): each caption says the beams it was made with."""
+
+    defaults = {"num_beams": 2, "max_new_tokens": 5}
+
+    def do_GET(self) -> None:
+        if self.path == "/v1/model":
+            generation = dict(_Restarted.defaults)
+            self._answer(200, {"model": "stub", "generation": generation, "options": list(generation)})
+        else:
+            super().do_GET()
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers["Content-Length"]))
+        sent = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+        beams = sent["num_beams"][0] if "num_beams" in sent else _Restarted.defaults["num_beams"]
+        _Restarted.defaults = {**_Restarted.defaults, "num_beams": 1}
+        self._answer(200, {"model": "stub", "captions": [{"text": f"at {beams} beams"}]})
+
+
+def test_a_server_restarted_with_other_defaults_mid_run_is_not_recorded_wrongly(tmp_path: Path) -> None:
+    """The records name the server's defaults read at the start: those are sent with every image, so a
+    server restarted with others mid-run still captions as the records say."""
+    out = tmp_path / "out.jsonl"
+    pictures = [str(photo(name)) for name in ("astronaut.jpg", "chelsea.jpg", "coffee.jpg")]
+    with stub_server(_Restarted) as url:
+        assert cli.main(["caption", *pictures, "-o", str(out), "--url", url, "--concurrency", "1"]) == 0
+    records = read(out)
+    assert len(records) == 3
+    assert all(entry["caption"] == f"at {entry['num_beams']} beams" for entry in records), records
