@@ -34,6 +34,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 # Bases without a usable python3 + venv (CUDA runtime images) get them from the distribution. A login
 # shell (`bash -l`, as KubeRay before 1.4 starts `ray start`) resets PATH: profile.d puts the venv back.
+# The Hub cache exists and is the app user's: Docker gives a new named volume mounted there
+# (`-v hf-cache:/home/app/.cache/huggingface`) the owner of the image's folder, root where it is missing.
 RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
         apt-get update \
         && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \
@@ -43,7 +45,8 @@ RUN if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then \
     && python3 -m venv /opt/venv \
     && printf 'export PATH=/opt/venv/bin:$PATH\n' > /etc/profile.d/docker-vit-venv.sh \
     && (getent group app >/dev/null || groupadd --system --gid 10001 app) \
-    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app
+    && useradd --system --uid 10001 --gid app --home-dir /home/app --create-home --shell /usr/sbin/nologin app \
+    && install -d -o app -g app /home/app/.cache "$HF_HOME"
 
 # Metadata first: it never changes, and every step after the big layers costs a commit.
 WORKDIR /home/app

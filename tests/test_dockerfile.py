@@ -69,3 +69,16 @@ def test_the_healthcheck_fails_where_nothing_is_ready(ready_port: int) -> None:
     with ThreadingHTTPServer(("127.0.0.1", 0), Ready) as other:  # bound, not serving: nothing answers
         other_port = other.server_address[1]
     assert probe(str(other_port)) != 0
+
+
+def test_the_hub_cache_is_the_app_users_in_the_image() -> None:
+    """Docker gives a new named volume the owner of the image's folder it is mounted on, root when the
+    folder is missing: `-v hf-cache:/home/app/.cache/huggingface` must be writable by the server's user,
+    so the image makes HF_HOME for it before `USER app` (scripts/test-container checks the built image)."""
+    text = DOCKERFILE.read_text(encoding="utf-8").replace("\\\n", " ")
+    home = re.search(r"\bHF_HOME=(\S+)", text).group(1)
+    before_user = text[: text.index("\nUSER app")]
+    made = re.search(r"install -d -o app -g app ([^&\n]*)", before_user)
+    assert made, "the Dockerfile does not make the Hub cache folder for the app user"
+    folders = made.group(1).replace('"$HF_HOME"', home).split()
+    assert home in folders and home.rsplit("/", 1)[0] in folders  # the parent too: ~/.cache is root's
