@@ -99,11 +99,17 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if self._not_body <= MAX_HEADER_BYTES:
             return
         log.debug("closing a connection that sent over %d bytes between chunks", MAX_HEADER_BYTES)
-        if self.cycle is not None and self.cycle.response_complete:  # answered early: no second
-            self._refused = True  # answer on the connection, only its end (as for tiny chunks)
-            self.transport.close()
-        else:
+        if not self._closed_if_answered():
             self._refuse(400)
+
+    def _closed_if_answered(self) -> bool:
+        """A request answered early (before its body was in) gets no second answer on its
+        connection when the rest of its body is refused, only the connection's end."""
+        if self.cycle is None or not self.cycle.response_complete:
+            return False
+        self._refused = True
+        self.transport.close()
+        return True
 
     def on_headers_complete(self) -> None:
         """httptools: a request's body (and trailers) follow."""
@@ -207,9 +213,7 @@ class HeaderDeadline(AutoHTTPProtocol):  # type: ignore[misc, valid-type]
         if data.chunk_end and self._chunk_bytes < SMALL_CHUNK:
             self._small_chunks += 1
             if self._small_chunks > MAX_SMALL_CHUNKS:
-                if self.cycle is not None and self.cycle.response_complete:  # answered early: no
-                    self._refused = True  # second answer on the connection, only its end
-                    self.transport.close()
+                if self._closed_if_answered():
                     return h11.NEED_DATA
                 self._h11_status = 400
                 raise h11.RemoteProtocolError("a chunked body in too many small chunks", 400)
