@@ -76,7 +76,7 @@ def _caption_routes(app: FastAPI, service: Service, settings: Settings) -> None:
         "/v1/captions",
         dependencies=[authorized],
         openapi_extra=_upload_doc(names, json=True),
-        responses={200: {"content": {"application/json": {"schema": _CAPTIONS}}}},
+        responses=_answer(_CAPTIONS),
     )
     async def captions(request: Request) -> JSONResponse:
         """One or more images (repeated multipart `file`, or JSON `{"images": [base64, ...]}`)."""
@@ -99,7 +99,7 @@ def _open_routes(app: FastAPI, service: Service) -> None:
         },
     }
 
-    @app.get("/v1/model", responses={200: {"content": {"application/json": {"schema": _MODEL}}}, **described})
+    @app.get("/v1/model", responses={**_answer(_MODEL), **described})
     async def model() -> JSONResponse:  # and what serves it, as Triton's server metadata says
         server = {"name": "docker-vit", "version": app.version}
         return JSONResponse({**await frontend.model_info(service), "server": server})
@@ -193,6 +193,11 @@ _JSON_ERROR = {"application/json": {"schema": _ERROR}}
 _RESULT = {"type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}
 
 
+def _answer(schema: dict[str, Any]) -> dict[int, Any]:
+    """A route's 200 answer in the OpenAPI page: JSON of this schema."""
+    return {200: {"content": {"application/json": {"schema": schema}}}}
+
+
 def _numbers(*names: str) -> dict[str, Any]:
     """An object that holds at least these numbers: the server's own, beside what a handler adds."""
     return {
@@ -245,7 +250,8 @@ def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, 
     binary = {"type": "string", "format": "binary"}
     params = [{"name": name, "in": "query", "required": False, "schema": {}} for name in option_names]
     files = {"type": "array", "items": binary} if json else binary  # `/v1/captions` takes `file` repeated
-    fields = {"file": files, **{name: {} for name in option_names}}
+    options = {name: {} for name in option_names}
+    fields = {"file": files, **options}
     content: dict[str, Any] = {
         "multipart/form-data": {"schema": {"type": "object", "properties": fields}},
         "image/*": {"schema": binary},
@@ -254,7 +260,7 @@ def _upload_doc(option_names: tuple[str, ...], json: bool = False) -> dict[str, 
     if json:  # the options ride in the body too (uploads._read_json passes its other keys on)
         item = {"type": "string", "description": "an image in base64, or a data: URL of one"}
         images = {"type": "array", "items": item, "minItems": 1}
-        body = {"images": images, **{name: {} for name in option_names}}
+        body = {"images": images, **options}
         content["application/json"] = {
             "schema": {"type": "object", "properties": body, "required": ["images"]}
         }
