@@ -104,7 +104,7 @@ def test_bad_values_are_refused_with_the_variable_named(env: dict[str, str]) -> 
 def test_numbers_are_read_in_ascii_digits_as_a_requests_options_are(
     value: str, capsys: pytest.CaptureFixture
 ) -> None:
-    """Python's int() and float() read these; HTTP's `num_beams` refuses them (captioner._INTEGER)."""
+    """Python's int() and float() read these; HTTP's `num_beams` refuses them (config.WHOLE_NUMBER)."""
     from docker_vit import cli
 
     for name in ("num_beams", "max_wait_ms"):
