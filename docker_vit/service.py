@@ -66,12 +66,17 @@ class Service:
             max_batch_size=batch_size(handler, settings),
             max_wait=settings.max_wait_ms / 1000,
             max_queue=settings.max_queue,
-            on_batch=self.metrics.batch_started,
-            on_call=self.metrics.model_seconds.observe,
-            on_outputs=self.metrics.images.inc,
+            on_batch=self._served(self.metrics.batch_started),
+            on_call=self._served(self.metrics.model_seconds.observe),
+            on_outputs=self._served(self.metrics.images.inc),
             on_device_lost=self._lose_device,
         )
         self.metrics.queue_depth.set_function(lambda: self.batcher.pending)
+
+    def _served(self, record: Callable[[Any], None]) -> Callable[[Any], None]:
+        """A batch metric that leaves out the warm-up's call: no client sent it (the captioning routes
+        refuse while loading), and a counter of images captioned must count clients' images only."""
+        return lambda value: None if self.state == LOADING else record(value)
 
     async def start(self) -> None:
         """Start batching and load the model in the background; probes answer meanwhile."""

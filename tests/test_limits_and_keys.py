@@ -531,9 +531,11 @@ def test_metrics_count_routes_statuses_batches_and_images() -> None:
         metrics = client.get("/metrics").text
     assert 'docker_vit_requests_total{route="/v1/captions",status="200"} 1.0' in metrics
     assert 'docker_vit_requests_total{route="/",status="400"} 1.0' in metrics
-    assert "docker_vit_images_total 3.0" in metrics  # the warm-up image counts too
+    assert "docker_vit_images_total 2.0" in metrics  # the clients' images: not the warm-up's
     assert 'docker_vit_request_seconds_count{route="/v1/captions"} 1.0' in metrics
-    assert "docker_vit_batch_size_sum" in metrics and "docker_vit_queue_depth 0.0" in metrics
+    assert "docker_vit_batch_size_count 1.0" in metrics and "docker_vit_batch_size_sum 2.0" in metrics
+    assert "docker_vit_model_seconds_count 1.0" in metrics and "docker_vit_queue_seconds_count 2.0" in metrics
+    assert "docker_vit_queue_depth 0.0" in metrics
     assert "docker_vit_model_load_seconds" in metrics
 
 
