@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from docker_vit import memory, structure
+from docker_vit import libtiff, memory, structure
 from docker_vit.budget import Budget
 from docker_vit.errors import ImageError, InputError, NotAnImage, TooLarge
 
@@ -47,6 +47,7 @@ MAX_TIFF_PIECES = 50_000  # strips or tiles, each read in Python (~4 us): a scan
 # scans of a JPEG are bounded by the picture's size): the same few for a strip. A decoder's knob, which
 # libtiff reads from the environment as each strip is decoded; one set by the user stays.
 os.environ.setdefault("LIBTIFF_JPEG_MAX_ALLOWED_SCAN_NUMBER", str(FEW_JPEG_SCANS))
+libtiff.quiet_errors()  # its errors, written to stderr past the logging: a client's broken TIFF
 # Pixels decoded at once, over every thread: a picture at the pixel limit costs 0.5-0.8 GB to decode and
 # convert (a lossless WebP of it is 1.6 KB), and there is a decoding thread per core. Two such at once;
 # photos of ordinary size (12 megapixels, or a draft of a bigger JPEG) six at once.

@@ -379,6 +379,19 @@ def test_a_tiffs_jpeg_strip_of_many_scans_is_refused() -> None:
         open_image(_tiff_of_one_jpeg_strip(many, 64, 64), **LIMITS)
 
 
+def test_a_broken_tiff_is_refused_without_a_line_on_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    """libtiff writes its errors to descriptor 2 itself (`ZIPDecode: Decoding error ...`): the one line
+    of a server's output, set off by a client's file, that was not JSON under `--log-format json`."""
+    tiff = encode(Image.new("RGB", (64, 64), (1, 2, 3)), "TIFF", compression="tiff_deflate")
+    tags = TiffImagePlugin.TiffImageFile(io.BytesIO(tiff)).tag_v2
+    end = tags[273][0] + tags[279][0]  # the one deflated strip's end: its checksum's last byte
+    broken = tiff[: end - 4] + bytes(b ^ 0xFF for b in tiff[end - 4 : end]) + tiff[end:]
+    capfd.readouterr()
+    with pytest.raises(NotAnImage, match="cannot decode the image"):
+        open_image(broken, **LIMITS)
+    assert capfd.readouterr() == ("", "")
+
+
 def test_a_tiff_of_a_million_strips_is_refused_before_decoding() -> None:
     """Pillow reads each strip in Python: 1.8 million one-row strips (20 MB, 1.8 megapixels) held a
     decode thread for 7.6 s. A TIFF of ordinary strips, or of tiles, decodes."""
