@@ -174,9 +174,14 @@ def _declared_length(headers: dict[bytes, bytes]) -> int:
 
 def _origin_form(scope: dict) -> dict:
     """A target in absolute form (`GET http://host/path`, as proxies send it, which RFC 9112 has a
-    server accept) by its path: httptools parses it so, h11 leaves it whole, and no route matched."""
-    raw = scope.get("raw_path") or b""
-    if not raw[:8].lower().startswith((b"http://", b"https://")):
+    server accept) by its path: httptools parses it so, h11 leaves it whole, and no route matched.
+
+    Leading slashes count as one (`POST //` is `POST /`), as the original's Flask (Werkzeug) routed
+    them: a script's `curl -F file=@x "$URL/"` with a `URL` that ends in `/` got its caption there."""
+    path, raw = scope.get("path", ""), scope.get("raw_path") or b""
+    if raw[:8].lower().startswith((b"http://", b"https://")):
+        path = path.split("//", 1)[1].partition("/")[2]  # the path is the raw one, unquoted
+        raw = raw.split(b"//", 1)[1].partition(b"/")[2]
+    elif not path.startswith("//"):
         return scope
-    after_host = scope["path"].split("//", 1)[1].partition("/")[2]  # the path is the raw one, unquoted
-    return {**scope, "path": "/" + after_host, "raw_path": b"/" + raw.split(b"//", 1)[1].partition(b"/")[2]}
+    return {**scope, "path": "/" + path.lstrip("/"), "raw_path": b"/" + raw.lstrip(b"/")}

@@ -65,6 +65,18 @@ def test_raw_image_body_gives_the_same_caption(client, bulldog) -> None:
     assert raw.status_code == 200 and raw.text == multipart.text
 
 
+@pytest.mark.parametrize("path", ["//", "///", "//?num_beams=4"])
+def test_leading_slashes_count_as_one_as_in_the_original(client, bulldog, path: str) -> None:
+    """`curl -F file=@x "$URL/"` with a `URL` ending in `/` posts to `//`, which the original's Flask
+    (Werkzeug) routed to `/`: the same caption, not a 404."""
+    expected = client.post("/", files={"file": ("a.jpg", bulldog, "image/jpeg")})
+    url = "http://testserver" + path  # a bare `//...` is a URL's host to httpx, not its path
+    answer = client.post(url, files={"file": ("a.jpg", bulldog, "image/jpeg")})
+    assert answer.status_code == 200 and answer.content == expected.content
+    assert client.get("http://testserver//healthz").json() == {"status": "ok"}
+    assert_error(client.post("/v1//captions", files={"file": bulldog}), 404)  # only the leading ones
+
+
 def test_json_route_keeps_input_order(client) -> None:
     datas = [photo(name).read_bytes() for name in PHOTOS]
     singles = [client.post("/", files={"file": data}).text for data in datas]

@@ -505,9 +505,12 @@ def test_oversized_headers_in_one_chunk_are_refused(each_parser: str, size: int)
     answered_promptly(each_parser)
 
 
-@pytest.mark.parametrize("target", [b"http://x/healthz", b"HTTPS://x:1/healthz?q=1"])
+@pytest.mark.parametrize(
+    "target", [b"http://x/healthz", b"HTTPS://x:1/healthz?q=1", b"//healthz", b"http://x//healthz"]
+)
 def test_a_target_in_absolute_form_is_served_by_its_path(each_parser: str, target: bytes) -> None:
-    """What proxies send (RFC 9112 has a server accept it): h11 left it whole, and no route matched."""
+    """What proxies send (RFC 9112 has a server accept it): h11 left it whole, and no route matched.
+    Leading slashes count as one, in either form (the original's Flask routed `//` to `/`)."""
     with connect(each_parser) as sock:
         sock.sendall(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         answer = closed_by_server(sock, PROMPT)
