@@ -206,7 +206,7 @@ class RemoteRunner:
         own, so that records stay true. The defaults it says, of the options its handler names, are
         sent too, as read now: a server restarted mid-run with other defaults still captions as the
         records say (or refuses them, a 422 that ends the run), never otherwise."""
-        if isinstance(model.get("model"), str):
+        if _docker_vit(model):
             names = model.get("options")
             known = names if isinstance(names, list) else chosen
             sent = {name: value for name, value in params.items() if name in chosen and name in known}
@@ -275,3 +275,12 @@ class RemoteRunner:
                 )
                 raise CaptionError(f"cannot reach {self.url}: {connection_problem(exc)}{hint}") from None
             time.sleep(1.0)
+
+
+def _docker_vit(model: Mapping[str, Any]) -> bool:
+    """Whether a `GET /v1/model` answer is Docker-ViT's: its `server` entry, which no handler replaces,
+    says so (its `model` is what the handler's describe() makes it, any JSON: an id and a revision,
+    say); a server from before that entry, by the model id it gave."""
+    server = model.get("server")
+    named = isinstance(server, dict) and server.get("name") == "docker-vit"
+    return named or isinstance(model.get("model"), str)

@@ -46,6 +46,14 @@ class Mute(Digest):
         raise RuntimeError("describe is broken")
 
 
+class Versioned(Mute):
+    """Takes no options, and names its model by an id and a revision: `/v1/model`'s `model` is then
+    no string, which a handler's describe() may make it."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"model": {"id": "digest", "revision": "abc123"}}
+
+
 class Lines(Digest):
     """Captions of several lines, as a model that writes markdown gives them."""
 

@@ -179,6 +179,20 @@ def test_a_server_whose_describe_fails_gets_only_the_options_set(
     assert "/v1/model failed (" in said and "describe is broken): sending only the options set" in said
 
 
+def test_a_handler_whose_model_is_no_string_still_gets_only_the_options_set(
+    pictures: Path, tmp_path: Path
+) -> None:
+    """The server is known by its own `server` entry, not by `model`, which a handler's describe() may
+    make any JSON: its records and options are the local run's, not the captioner's defaults (which
+    this handler of no options would refuse with a 422, ending the run)."""
+    common = ["caption", str(pictures / "sub"), "--handler", "folder_handlers:Versioned"]
+    local, remote = tmp_path / "local.jsonl", tmp_path / "remote.jsonl"
+    assert cli.main([*common, "-o", str(local)]) == 0
+    with live_server(Settings(handler="folder_handlers:Versioned")) as url:
+        assert cli.main([*common, "-o", str(remote), "--url", url]) == 0
+    assert read(remote) == read(local) and read(local)[0].keys() == {"path", "caption", "model"}
+
+
 def test_a_server_whose_describe_hangs_gets_only_the_options_set(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
