@@ -83,7 +83,9 @@ class Settings:
     max_queue: int = _opt(256, "most images waiting for the model; beyond it requests get 503")
     max_images: int = _opt(16, "most images in one request")
     request_timeout: float = _opt(60.0, "seconds a request may wait for its captions (then 504)")
-    read_timeout: float = _opt(30.0, "seconds to receive a request's headers and body (then 408)")
+    read_timeout: float = _opt(
+        30.0, "seconds to receive a request's headers and body (then 408; headers still arriving: closed)"
+    )
     idle_timeout: float = _opt(5.0, "seconds an idle keep-alive connection stays open")
     shutdown_timeout: float = _opt(30.0, "seconds to finish requests in flight after SIGTERM")
     api_keys: tuple[str, ...] = _opt(
