@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import TextIO
@@ -57,12 +58,25 @@ class Progress:
         self._drawn = now = time.monotonic()
         rate = self.done / max(now - self.started, 1e-9)
         left = _clock((self.total - self.done) / rate) if rate > 0 else "?"
-        width = 24
-        filled = width * self.done // max(self.total, 1)
-        bar = "#" * filled + "-" * (width - filled)
-        line = f"\r[{bar}] {self.done}/{self.total} {rate:.1f} images/s, {left} left"
-        self.stream.write(line + "\033[K")
+        figures = f"{self.done}/{self.total} {rate:.1f} images/s, {left} left"
+        # A line wider than the terminal wraps, and "\r" then goes back only to its last row: each
+        # redraw would leave a row behind (a narrow pane filling with bars). The bar gives way first.
+        columns = self._columns() - 1  # some terminals wrap on writing the last column
+        width = min(24, columns - len(figures) - 3)
+        if width >= 5:
+            filled = width * self.done // max(self.total, 1)
+            line = f"[{'#' * filled}{'-' * (width - filled)}] {figures}"
+        else:
+            line = figures[: max(columns, 1)]
+        self.stream.write(f"\r{line}\033[K")
         self.stream.flush()
+
+    def _columns(self) -> int:
+        """The terminal's width (80 where the stream cannot say)."""
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns or 80
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is both of the last
+            return 80
 
 
 def _clock(seconds: float) -> str:

@@ -434,6 +434,31 @@ class _Terminal(io.StringIO):
         return True
 
 
+class _NarrowTerminal(_Terminal):
+    def fileno(self) -> int:
+        return 2
+
+
+@pytest.mark.parametrize("columns", [80, 60, 40, 20])
+def test_the_bar_fits_a_narrow_terminal(monkeypatch: pytest.MonkeyPatch, columns: int) -> None:
+    """A line wider than the terminal wraps, and the next "\\r" redraws only its last row: a 40-column
+    pane filled up with bars, one row per redraw."""
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd: os.terminal_size((columns, 24)))
+    now = [0.0]
+    monkeypatch.setattr("docker_vit.progress.time.monotonic", lambda: now[0])
+    stream = _NarrowTerminal()
+    progress = Progress(stream, enabled=True)
+    progress.start(100_000)
+    now[0] = 10.0  # 12,345 images in 10 s: 1234.5 images/s, 1:11 left
+    progress.advance(12_345)
+    progress.stop()
+    drawn = [line.removesuffix("\033[K") for line in stream.getvalue().strip("\n").split("\r") if line]
+    assert drawn and all(0 < len(line) < columns for line in drawn)
+    assert "12345/100000" in drawn[-1]
+    assert "1234.5 images/s" in drawn[-1] or columns < 40
+    assert ("[" in drawn[-1]) == (columns >= 60)  # the bar gives way first, then the figures' end
+
+
 @pytest.mark.parametrize("stdout_is_a_terminal", [False, True])
 def test_the_bar_shows_when_captions_are_redirected_not_when_printed_on_the_terminal(
     library: Path, monkeypatch: pytest.MonkeyPatch, stdout_is_a_terminal: bool
