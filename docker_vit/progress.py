@@ -7,11 +7,15 @@ import sys
 import time
 from typing import TextIO
 
+# C0 controls but tab, DEL and C1, as escapes: a file name (or a server's message) holding ESC would
+# drive the terminal a warning names it on (retitle it, clear it), and a line break would split the line.
+_CONTROLS = {code: f"\\x{code:02x}" for code in [*range(0x09), *range(0x0A, 0x20), *range(0x7F, 0xA0)]}
+
 
 class Progress:
     """One line on a terminal's stderr (done/total, images/s, time left); silent when not a terminal.
 
-    Warnings always print, as their own lines above the bar.
+    Warnings always print, as their own lines above the bar, control characters escaped.
     """
 
     def __init__(self, stream: TextIO | None = None, enabled: bool | None = None) -> None:
@@ -33,7 +37,7 @@ class Progress:
 
     def warn(self, message: str) -> None:
         self._clear()
-        print(f"docker-vit: {message}", file=self.stream, flush=True)
+        print(f"docker-vit: {message.translate(_CONTROLS)}", file=self.stream, flush=True)
         if self._active:
             self._draw()
 

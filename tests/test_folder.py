@@ -429,6 +429,17 @@ def test_progress_bar_on_a_terminal_and_quiet_elsewhere(library: Path, capsys: p
     assert capsys.readouterr().err == ""  # not a terminal: not a word on stderr
 
 
+def test_a_warning_shows_control_characters_escaped(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A file name is anyone's text (a downloaded data set's): one holding ESC sequences retitled or
+    cleared the terminal its warning line was printed on, and a line break split that line."""
+    name = "\x1b]0;pwned\x07\x1b[2J\x9b31m\nx\tb.jpg"
+    (tmp_path / name).write_bytes(b"not a picture")
+    assert cli.main(["caption", str(tmp_path), "-o", str(tmp_path / "out.jsonl"), *DIGEST]) == 1
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "\x07" not in err and "\x9b" not in err and err.count("\n") == 1
+    assert "\\x1b]0;pwned\\x07\\x1b[2J\\x9b31m\\x0ax\tb.jpg" in err  # a tab is harmless: kept
+
+
 class _Terminal(io.StringIO):
     def isatty(self) -> bool:
         return True
