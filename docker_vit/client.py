@@ -28,6 +28,7 @@ from docker_vit.captions_file import record
 from docker_vit.config import Settings
 from docker_vit.errors import InputError
 from docker_vit.ordered import in_order
+from docker_vit.process import NAME
 from docker_vit.runner import (
     GIVE_UP_AFTER,
     CaptionError,
@@ -282,5 +283,5 @@ def _docker_vit(model: Mapping[str, Any]) -> bool:
     says so (its `model` is what the handler's describe() makes it, any JSON: an id and a revision,
     say); a server from before that entry, by the model id it gave."""
     server = model.get("server")
-    named = isinstance(server, dict) and server.get("name") == "docker-vit"
+    named = isinstance(server, dict) and server.get("name") == NAME
     return named or isinstance(model.get("model"), str)

@@ -12,6 +12,8 @@ import sys
 import threading
 from typing import NoReturn
 
+NAME = "docker-vit"  # the distribution, and the server's name in `/v1/model`, by which a client knows it
+
 
 class Stopped(KeyboardInterrupt):
     """A stop the process asked for itself (`caption` on SIGTERM), raised on the main thread: it
@@ -65,6 +67,6 @@ def version() -> str:
     from importlib import metadata
 
     try:
-        return metadata.version("docker-vit")
+        return metadata.version(NAME)
     except metadata.PackageNotFoundError:  # run from a checkout on PYTHONPATH, never installed
         return "unknown (not installed)"

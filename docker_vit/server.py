@@ -21,7 +21,7 @@ from docker_vit.config import Settings
 from docker_vit.handler import Handler, Result
 from docker_vit.loader import load_handler
 from docker_vit.middleware import RequestContext
-from docker_vit.process import version
+from docker_vit.process import NAME, version
 from docker_vit.service import FAILED, LOADING, READY, STALLED, Service
 
 
@@ -101,7 +101,7 @@ def _open_routes(app: FastAPI, service: Service) -> None:
 
     @app.get("/v1/model", responses={**_answer(_MODEL), **described})
     async def model() -> JSONResponse:  # and what serves it, as Triton's server metadata says
-        server = {"name": "docker-vit", "version": app.version}
+        server = {"name": NAME, "version": app.version}
         return JSONResponse({**await frontend.model_info(service), "server": server})
 
     @app.get("/healthz")
