@@ -7,6 +7,7 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,16 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def ready(url: str) -> bool:
+    """The server at `url` is loaded and warmed up (`/readyz` 200); False while it is not, or not
+    listening yet. (The warm-up's call is not in /metrics: readiness is asked here.)"""
+    try:
+        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def finished(process: subprocess.Popen, timeout: float) -> tuple[str, str]:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-from conftest import photo
+from conftest import photo, ready
 from PIL import Image
 
 from docker_vit import cli, client, ordered, transport
@@ -47,7 +47,7 @@ def live_server(settings: Settings) -> Iterator[str]:
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
     try:
         deadline = time.monotonic() + 60
-        while not (server.started and _ready(url)):
+        while not (server.started and ready(url)):
             assert time.monotonic() < deadline and thread.is_alive(), "the server never became ready"
             time.sleep(0.05)
         yield url
@@ -55,14 +55,6 @@ def live_server(settings: Settings) -> Iterator[str]:
         server.should_exit = True
         thread.join(30)
         sock.close()
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{url}/readyz", timeout=5) as response:
-            return response.status == 200
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")

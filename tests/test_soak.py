@@ -22,7 +22,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import free_port
+from conftest import free_port, ready
 
 from docker_vit.process import cpu_threads
 from docker_vit.protocol import LINGER, MAX_HEADER_BYTES
@@ -678,7 +678,7 @@ def test_shutdown_timeout_bounds_a_long_model_call() -> None:
     url, answers = f"http://127.0.0.1:{port}", []
     try:
         deadline = time.monotonic() + 60
-        while not _ready(url):  # warmed up
+        while not ready(url):  # warmed up
             assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
             time.sleep(0.1)
         slow = threading.Thread(
@@ -714,7 +714,7 @@ def stuck_server(handler: str, warmed: bool = True) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
-        while not (_ready(url) if warmed else "docker_vit_" in _metrics(url)):
+        while not (ready(url) if warmed else "docker_vit_" in _metrics(url)):
             assert process.poll() is None and time.monotonic() < deadline, "the server never became ready"
             time.sleep(0.1)
         yield url
@@ -765,14 +765,6 @@ def test_a_stuck_describe_times_out_alone_and_does_not_keep_the_process_alive() 
             assert answer.status_code == 504 and "describe()" in answer.json()["error"]["message"]
         captioned = httpx.post(f"{url}/v1/captions", json={"images": ["aGk="]}, timeout=30)
         assert captioned.status_code == 200 and httpx.get(f"{url}/readyz", timeout=5).status_code == 200
-
-
-def _ready(url: str) -> bool:
-    """Loaded and warmed up (the warm-up's call is not in /metrics)."""
-    try:
-        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _metrics(url: str) -> str:
